@@ -1,0 +1,1 @@
+"""Neural network parts: DINOv2 encoder, ALPNet prototype matching, SAM refinement."""
