@@ -1,0 +1,307 @@
+"""The ProtoSAM engine: one support slice + query slices -> coarse and refined masks.
+
+Frames and sizes: user slices are ``[H, W]`` float32 arrays (already intensity-normalised).
+Inside, every slice is resized bilinearly to ``S x S`` (``S`` = ``input_size``, 672 in the
+paper), DINOv2 sees ``S//14*14`` pixels, ALPNet scores on the patch grid (at least 32 x 32),
+coarse logits come back at ``S``; SAM works at 1024 x 1024 and its union mask returns to ``S``
+by nearest neighbour. Results are given back at each query's own ``[H, W]``.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .cache import EmbeddingCache
+from .errors import CancelledError, InputError
+from .models.alpnet import ALPNetConfig, Prototypes, compute_prototypes, mask_to_grid, score_queries
+from .models.dinov2 import load_dinov2
+from .models.sam import SAM_ARCHITECTURES, SAM_IMAGE_SIZE, SamRefiner, load_sam
+from .presets import Preset, get_preset
+from .prompts import ComponentPrompt, extract_prompts
+from .validation import as_binary_mask, as_float_slices
+from .weights import resolve_checkpoint
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ModelSelection", "Engine", "SliceResults", "RefinedSlice", "resolve_device"]
+
+# ALPNet's prototype pooling assumes at least a 32 x 32 grid (smaller grids are upsampled).
+MIN_FEATURE_GRID = 32
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ModelSelection:
+    """Which models to run. ``*_checkpoint`` None means the official file from the cache."""
+
+    dinov2: str = "dinov2_vitb14"
+    dinov2_checkpoint: Optional[str] = None
+    sam: str = "vit_b"
+    sam_checkpoint: Optional[str] = None
+    input_size: int = 672
+
+    def __post_init__(self):
+        if not isinstance(self.input_size, int) or self.input_size < 14:
+            raise ValueError(f"input_size must be an integer >= 14, not {self.input_size!r}")
+
+
+@dataclass
+class RefinedSlice:
+    """SAM refinement of one slice at ``S x S``: mask and the prompts sent (1024 frame)."""
+
+    mask: torch.Tensor  # [S, S] bool
+    prompts: List[ComponentPrompt] = field(default_factory=list)
+    scores: list = field(default_factory=list)
+
+
+@dataclass
+class SliceResults:
+    """Outputs for N query slices, each at the query's own size ``[H, W]``.
+
+    ``coarse_prob``: ``[N, H, W]`` float32 foreground probability; ``coarse_mask`` and ``mask``:
+    ``[N, H, W]`` uint8; ``prompts``: per query, the list of prompt sets sent to SAM (empty when
+    the coarse mask is empty or SAM was not run).
+    """
+
+    coarse_prob: np.ndarray
+    coarse_mask: np.ndarray
+    mask: np.ndarray
+    prompts: List[List[ComponentPrompt]]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; otherwise the named device (checked)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("Device 'cuda' was requested but no CUDA GPU is available: use --device cpu or auto.")
+    return resolved
+
+
+def _check_cancel(cancel: Optional[threading.Event]) -> None:
+    if cancel is not None and cancel.is_set():
+        raise CancelledError("Cancelled by the user.")
+
+
+class Engine:
+    """Loaded models plus the method's steps; reuse one Engine for many jobs.
+
+    Args:
+        models: model names, checkpoint paths and the input size ``S``.
+        preset: ``"paper"``, ``"default"`` or a :class:`Preset`.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        download: fetch missing official weights into the cache (else raise with instructions).
+        weights_home: cache folder override (default ``$PROTOSAM_HOME`` or ``~/.protosam``).
+        batch_size: slices per encoder call (default 8 on CUDA, 1 on CPU).
+        cache_bytes: memory bound of the encoder-output cache reused across runs (0 = off).
+    """
+
+    def __init__(
+        self,
+        models: ModelSelection = ModelSelection(),
+        preset="default",
+        device: str = "auto",
+        *,
+        cca: Optional[bool] = None,
+        download: bool = True,
+        weights_home=None,
+        batch_size: Optional[int] = None,
+        cache_bytes: int = 0,
+        download_progress: Optional[ProgressCallback] = None,
+    ):
+        if batch_size is not None and batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.models = models
+        self.preset: Preset = get_preset(preset, cca=cca)
+        self.device = resolve_device(device)
+        # Batching pays on a GPU; on a CPU it only raises peak memory.
+        self.batch_size = batch_size or (8 if self.device.type == "cuda" else 1)
+        self.cache = EmbeddingCache(cache_bytes)
+        self.alpnet = ALPNetConfig()
+        dinov2_path = resolve_checkpoint(
+            models.dinov2, models.dinov2_checkpoint, download=download, progress=download_progress, home=weights_home
+        )
+        sam_path = resolve_checkpoint(
+            models.sam, models.sam_checkpoint, download=download, progress=download_progress, home=weights_home
+        )
+        self.encoder = load_dinov2(models.dinov2, dinov2_path, device=str(self.device))
+        if models.sam not in SAM_ARCHITECTURES:
+            raise ValueError(f"Unknown SAM model '{models.sam}'; choose one of {', '.join(SAM_ARCHITECTURES)}")
+        self.refiner = SamRefiner(
+            load_sam(models.sam, sam_path, device=str(self.device)), medsam=SAM_ARCHITECTURES[models.sam].medsam
+        )
+        logger.info(
+            "ProtoSAM engine ready: %s + %s at %d px on %s, preset %s",
+            models.dinov2, models.sam, models.input_size, self.device, self.preset.name,
+        )
+
+    # ----------------------------------------------------------------- sizes and precision
+    @property
+    def input_size(self) -> int:
+        return self.models.input_size
+
+    @property
+    def encoder_input_size(self) -> int:
+        return self.input_size // 14 * 14
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        precision = self.preset.precision
+        if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    # ----------------------------------------------------------------- steps of the method
+    def to_model_input(self, slices: np.ndarray) -> torch.Tensor:
+        """``[N, H, W]`` float32 -> ``[N, 3, S, S]`` on the device (bilinear resize, 3 channels)."""
+        images = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None].to(self.device)
+        if tuple(images.shape[-2:]) != (self.input_size, self.input_size):
+            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        return images.expand(-1, 3, -1, -1)
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """DINOv2 patch features ``[N, C, g, g]`` float32 (g >= 32) for ``[N, 3, S, S]`` images."""
+        outputs = []
+        dtype = self.autocast_dtype
+        for start in range(0, images.shape[0], self.batch_size):
+            batch = images[start:start + self.batch_size]
+            if batch.shape[-1] != self.encoder_input_size:
+                size = (self.encoder_input_size, self.encoder_input_size)
+                batch = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
+            with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                features = self.encoder.patch_features(batch).float()
+            if features.shape[-1] < MIN_FEATURE_GRID:
+                features = F.interpolate(features, size=(MIN_FEATURE_GRID, MIN_FEATURE_GRID), mode="bilinear", align_corners=False)
+            outputs.append(features)
+        return torch.cat(outputs)
+
+    def prototypes_from_features(self, support_features: torch.Tensor, support_mask: np.ndarray) -> Prototypes:
+        """Prototypes from support features ``[C, g, g]`` and a bool mask ``[H, W]``."""
+        mask = torch.from_numpy(np.ascontiguousarray(support_mask, dtype=np.float32)).to(support_features.device)
+        return compute_prototypes(support_features, mask_to_grid(mask, support_features.shape[-2:]), self.alpnet)
+
+    def support_prototypes(self, support_image: np.ndarray, support_mask: np.ndarray) -> Prototypes:
+        """Prototypes of one support slice ``[H, W]`` with its bool mask ``[H, W]``."""
+        features = self.encode(self.to_model_input(support_image[None]))[0]
+        return self.prototypes_from_features(features, support_mask)
+
+    @torch.inference_mode()
+    def coarse_logits(self, prototypes: Prototypes, features: torch.Tensor) -> torch.Tensor:
+        """ALPNet logits ``[N, 2, S, S]`` (bg, fg) for query features ``[N, C, g, g]``."""
+        grid_logits = score_queries(features, prototypes, self.alpnet)
+        return F.interpolate(grid_logits, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+
+    def sam_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, S, S]`` -> ``[N, 3, 1024, 1024]`` (bilinear, as the reference upsamples)."""
+        if images.shape[-1] == SAM_IMAGE_SIZE:
+            return images
+        return F.interpolate(images, size=(SAM_IMAGE_SIZE, SAM_IMAGE_SIZE), mode="bilinear", align_corners=False)
+
+    def sam_embedding(self, image: torch.Tensor) -> torch.Tensor:
+        """SAM image embedding ``[1, C, 64, 64]`` for one ``[3, S, S]`` model-input slice."""
+        return self.refiner.embed(self.sam_images(image[None]), autocast_dtype=self.autocast_dtype)
+
+    @torch.inference_mode()
+    def refine(self, logits: torch.Tensor, embedding_for_slice: Callable[[], torch.Tensor]) -> RefinedSlice:
+        """Prompts from coarse logits ``[2, S, S]`` -> SAM -> mask ``[S, S]``.
+
+        ``embedding_for_slice`` is called only when the coarse mask is not empty, so slices
+        without the structure never pay for SAM's image encoder.
+        """
+        logits_1024 = F.interpolate(logits[None].float(), size=(SAM_IMAGE_SIZE, SAM_IMAGE_SIZE), mode="bilinear", align_corners=False)
+        prob = F.softmax(logits_1024, dim=1)[0]
+        fg_mask = prob.argmax(dim=0) == 1
+        size = (self.input_size, self.input_size)
+        if not bool(fg_mask.any()):
+            return RefinedSlice(torch.zeros(size, dtype=torch.bool, device=logits.device))
+        prompts = extract_prompts(
+            prob[1].cpu().numpy(),
+            fg_mask.cpu().numpy(),
+            keep_largest_only=self.preset.keep_largest_component,
+            negative_points=self.preset.negative_points,
+        )
+        union, scores = self.refiner.decode(
+            embedding_for_slice(),
+            prompts,
+            multimask_output=self.preset.effective_multimask,
+            pick_best_score=self.preset.pick_best_score,
+            batch_prompts=self.preset.batch_prompts,
+        )
+        mask = F.interpolate(union[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
+        return RefinedSlice(mask, prompts, scores)
+
+    # ----------------------------------------------------------------- slice-level job
+    def segment_slices(
+        self,
+        support_image,
+        support_mask,
+        queries,
+        *,
+        coarse_only: bool = False,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[threading.Event] = None,
+    ) -> SliceResults:
+        """Segment N query slices from one support slice.
+
+        Args:
+            support_image: ``[H, W]`` float32, preprocessed (no intensity change is made here).
+            support_mask: ``[H, W]``, non-zero = structure.
+            queries: ``[N, H', W']`` float32 slices (any size; all resized to ``S``).
+            coarse_only: stop after ALPNet (``mask`` = coarse mask, CCA applied if enabled).
+        """
+        support_image = as_float_slices(support_image, "support image", 2)
+        support_mask = as_binary_mask(support_mask, "support mask", support_image.shape)
+        queries = as_float_slices(queries, "queries", 3)
+        if not support_mask.any():
+            raise InputError("The support mask is empty: paint the structure on the support slice.")
+        prototypes = self.support_prototypes(support_image, support_mask)
+        count, height, width = queries.shape
+        coarse_prob = np.zeros((count, height, width), np.float32)
+        coarse_mask = np.zeros((count, height, width), np.uint8)
+        final_mask = np.zeros((count, height, width), np.uint8)
+        all_prompts: List[List[ComponentPrompt]] = [[] for _ in range(count)]
+        for start in range(0, count, self.batch_size):
+            _check_cancel(cancel)
+            images = self.to_model_input(queries[start:start + self.batch_size])
+            logits = self.coarse_logits(prototypes, self.encode(images))
+            at_query_size = logits
+            if (height, width) != (self.input_size, self.input_size):
+                at_query_size = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+            prob = F.softmax(at_query_size, dim=1)
+            coarse_prob[start:start + len(images)] = prob[:, 1].cpu().numpy()
+            coarse_mask[start:start + len(images)] = (prob.argmax(dim=1) == 1).cpu().numpy()
+            for offset in range(len(images)):
+                index = start + offset
+                _check_cancel(cancel)
+                if coarse_only:
+                    mask_s = self._coarse_mask_only(logits[offset])
+                else:
+                    refined = self.refine(logits[offset], lambda i=offset: self.sam_embedding(images[i]))
+                    mask_s, all_prompts[index] = refined.mask, refined.prompts
+                final_mask[index] = self.to_slice_size(mask_s, (height, width))
+                if progress is not None:
+                    progress(index + 1, count)
+        return SliceResults(coarse_prob, coarse_mask, final_mask, all_prompts)
+
+    def _coarse_mask_only(self, logits: torch.Tensor) -> torch.Tensor:
+        prob = F.softmax(logits[None], dim=1)[0]
+        mask = prob.argmax(dim=0) == 1
+        if self.preset.keep_largest_component and bool(mask.any()):
+            kept = extract_prompts(prob[1].cpu().numpy(), mask.cpu().numpy(), keep_largest_only=True)
+            mask = torch.from_numpy(kept[0].mask).to(mask.device)
+        return mask
+
+    @staticmethod
+    def to_slice_size(mask: torch.Tensor, hw) -> np.ndarray:
+        """Nearest-neighbour resize of a ``[S, S]`` bool mask to ``hw``; uint8 numpy."""
+        if tuple(mask.shape) != tuple(hw):
+            mask = F.interpolate(mask[None, None].float(), size=tuple(hw), mode="nearest")[0, 0] > 0.5
+        return mask.cpu().numpy().astype(np.uint8)

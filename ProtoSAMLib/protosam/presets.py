@@ -1,0 +1,66 @@
+"""Behaviour presets: ``paper`` reproduces the published reference, ``default`` is for users.
+
+Every field that differs between the two is explained in the README ("Presets").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Dict, Optional
+
+__all__ = ["Preset", "PRESETS", "get_preset"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    # CCA: keep only the coarse component with the largest foreground-probability mass.
+    keep_largest_component: bool = False
+    # Ask SAM for 3 masks per prompt set (ignored with CCA, as in the reference).
+    multimask_output: bool = True
+    # Of SAM's 3 masks keep the best-scoring one; False keeps index 0 (the reference quirk).
+    pick_best_score: bool = True
+    negative_points: bool = False
+    # Decode all prompt sets of a slice in one SAM decoder call (same masks up to float rounding).
+    batch_prompts: bool = True
+    # Volume propagation: walk outwards from the support slice and stop once the structure
+    # has been absent for ``stop_after_empty`` consecutive slices.
+    auto_extent: bool = True
+    stop_after_empty: int = 3
+    # Reduced-precision autocast for the encoders: "fp32", "bf16", or "auto" (bf16 on CUDA only).
+    precision: str = "auto"
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"precision must be fp32, bf16 or auto, not {self.precision!r}")
+        if self.stop_after_empty < 1:
+            raise ValueError("stop_after_empty must be at least 1")
+
+    @property
+    def effective_multimask(self) -> bool:
+        return self.multimask_output and not self.keep_largest_component
+
+
+PRESETS: Dict[str, Preset] = {
+    "paper": Preset(
+        name="paper",
+        pick_best_score=False,
+        batch_prompts=False,
+        auto_extent=False,
+        precision="fp32",
+    ),
+    "default": Preset(name="default"),
+}
+
+
+def get_preset(preset, *, cca: Optional[bool] = None) -> Preset:
+    """Look up a preset by name (or pass a Preset through), optionally overriding CCA."""
+    if isinstance(preset, Preset):
+        chosen = preset
+    else:
+        try:
+            chosen = PRESETS[preset]
+        except KeyError:
+            raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}") from None
+    if cca is not None and cca != chosen.keep_largest_component:
+        chosen = replace(chosen, keep_largest_component=cca)
+    return chosen

@@ -1,0 +1,132 @@
+"""Prompts for SAM taken from a coarse foreground map.
+
+All arrays here are one 2-D slice at SAM's input scale (1024 x 1024 in the pipeline), in
+row/column ``[y, x]`` indexing; points and boxes are returned in SAM's ``(x, y)`` convention.
+
+Rules (published ProtoSAM defaults, see docs/ALGORITHM.md): 8-connected components of the
+coarse mask; per component a tight XYXY box (inclusive pixel indices, no padding) and two
+positive points: the pixel of highest foreground probability inside the component and the
+component's centroid (which may fall outside a non-convex component). Optional negatives:
+the highest-background-probability pixel in a 10-step 3x3 dilation ring around the component,
+and the global highest-background-probability pixel among pixels with background
+probability >= 0.95. Optional CCA keeps only the component with the largest foreground mass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+__all__ = ["ComponentPrompt", "connected_components", "extract_prompts"]
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+NEGATIVE_RING_DILATIONS = 10
+GLOBAL_NEGATIVE_MIN_BG_PROB = 0.95
+
+
+@dataclass(frozen=True)
+class ComponentPrompt:
+    """Prompt set for one connected component.
+
+    ``box``: ``(4,)`` float64 XYXY; ``points``: ``(P, 2)`` float64 ``(x, y)``;
+    ``point_labels``: ``(P,)`` int64, 1 = positive, 0 = negative; ``mask``: ``(H, W)`` bool
+    pixels of the component; ``mass``: sum of foreground probability over the component.
+    """
+
+    box: np.ndarray
+    points: np.ndarray
+    point_labels: np.ndarray
+    mask: np.ndarray
+    mass: float
+
+
+def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """8-connected labelling of a 2-D bool mask: ``(labels int32 [H, W], count)``.
+
+    Labels are numbered in raster order of each component's first pixel, as OpenCV does.
+    """
+    labels, count = ndimage.label(mask.astype(bool), structure=_EIGHT_CONNECTED)
+    return labels.astype(np.int32), int(count)
+
+
+def _top1_pixel_xy(values: np.ndarray, region: np.ndarray) -> Optional[np.ndarray]:
+    """(x, y) of the largest ``values`` pixel inside bool ``region``; None if region is empty.
+
+    torch.topk over the region's pixels in row-major order, so ties resolve exactly as the
+    reference implementation does.
+    """
+    rows, cols = np.nonzero(region)
+    if rows.size == 0:
+        return None
+    best = int(torch.topk(torch.from_numpy(np.ascontiguousarray(values[rows, cols])), 1).indices[0])
+    return np.array([cols[best], rows[best]], dtype=np.float64)
+
+
+def _centroid_xy(component: np.ndarray) -> np.ndarray:
+    rows, cols = np.nonzero(component)
+    # Integer sums divided once: the same double OpenCV's connectedComponentsWithStats gives.
+    return np.array([cols.sum(dtype=np.int64) / cols.size, rows.sum(dtype=np.int64) / rows.size])
+
+
+def _box_xyxy(component: np.ndarray) -> np.ndarray:
+    rows, cols = np.nonzero(component)
+    return np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=np.float64)
+
+
+def extract_prompts(
+    fg_prob: np.ndarray,
+    fg_mask: np.ndarray,
+    *,
+    keep_largest_only: bool = False,
+    negative_points: bool = False,
+) -> List[ComponentPrompt]:
+    """Prompt sets for every connected component of ``fg_mask`` (or only the largest by mass).
+
+    Args:
+        fg_prob: ``[H, W]`` float foreground probability (background = 1 - fg_prob).
+        fg_mask: ``[H, W]`` bool coarse foreground (argmax of the two classes).
+        keep_largest_only: CCA — keep the component with the largest foreground mass
+            (first one in raster order on ties).
+        negative_points: add the ring and global background points (label 0) when found.
+    Returns:
+        One :class:`ComponentPrompt` per kept component, in component order. Empty list
+        when ``fg_mask`` is empty.
+    """
+    if fg_prob.shape != fg_mask.shape or fg_prob.ndim != 2:
+        raise ValueError(f"fg_prob {fg_prob.shape} and fg_mask {fg_mask.shape} must be the same 2-D shape")
+    labels, count = connected_components(fg_mask)
+    if count == 0:
+        return []
+    component_ids = list(range(1, count + 1))
+    masses = ndimage.sum_labels(fg_prob.astype(np.float64), labels, component_ids)
+    if keep_largest_only:
+        best = 0
+        for index in range(1, count):
+            if masses[index] > masses[best]:
+                best = index
+        component_ids = [component_ids[best]]
+        masses = [masses[best]]
+
+    bg_prob = 1.0 - fg_prob
+    global_negative = None
+    if negative_points:
+        global_negative = _top1_pixel_xy(bg_prob, bg_prob >= GLOBAL_NEGATIVE_MIN_BG_PROB)
+
+    prompts = []
+    for component_id, mass in zip(component_ids, masses):
+        component = labels == component_id
+        positives = [_top1_pixel_xy(fg_prob, component), _centroid_xy(component)]
+        negatives = []
+        if negative_points:
+            ring = ndimage.binary_dilation(
+                component, structure=_EIGHT_CONNECTED, iterations=NEGATIVE_RING_DILATIONS
+            ) & ~component
+            ring_negative = _top1_pixel_xy(bg_prob, ring)
+            negatives = [p for p in (ring_negative, global_negative) if p is not None]
+        points = np.stack(positives + negatives)
+        point_labels = np.array([1] * len(positives) + [0] * len(negatives), dtype=np.int64)
+        prompts.append(ComponentPrompt(_box_xyxy(component), points, point_labels, component, float(mass)))
+    return prompts

@@ -1,0 +1,326 @@
+"""Whole-volume propagation: one painted slice per structure -> every slice of a volume.
+
+Arrays are in the caller's index order (e.g. Slicer's KJI, or SimpleITK's ZYX) and ``axis``
+names the slicing axis. Work is shared: each query slice is encoded once by DINOv2 and at
+most once by SAM, whatever the number of structures; support features are computed once per
+support slice; SAM never runs on a slice whose coarse mask is empty. With ``auto_extent``
+(the ``default`` preset) each structure is followed outwards from its support slice(s) and
+dropped after it has been absent for ``stop_after_empty`` consecutive slices.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .cache import volume_fingerprint
+from .errors import CancelledError, InputError
+from .models.alpnet import Prototypes
+from .pipeline import Engine
+from .preprocessing import normalize_volume
+from .validation import as_binary_mask, as_float_slices
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["VolumeResult", "segment_volume", "largest_area_slice"]
+
+SupportSlices = Mapping[Hashable, Union[int, Sequence[int]]]
+
+
+@dataclass
+class VolumeResult:
+    """``masks``: uint8 volumes with the query's shape, one per structure key;
+    ``support_slices``: the support slice indices used per key (along ``axis``);
+    ``processed_slices``: query slices the engine ran on per key (sorted);
+    ``seconds``: wall time of the run."""
+
+    masks: Dict[Hashable, np.ndarray]
+    support_slices: Dict[Hashable, List[int]]
+    processed_slices: Dict[Hashable, List[int]]
+    seconds: float
+
+
+def largest_area_slice(mask: np.ndarray) -> int:
+    """Index along axis 0 of the slice where ``mask`` ``[N, H, W]`` has the most voxels."""
+    return int(np.argmax(mask.reshape(mask.shape[0], -1).sum(axis=1)))
+
+
+class _SliceStore:
+    """Per-run access to one volume's slices: model input, DINOv2 features, SAM embedding.
+
+    Features are computed in batches along the walking direction and dropped once used,
+    so a run never holds features for the whole volume (the engine's bounded cache may).
+    """
+
+    def __init__(self, engine: Engine, volume: np.ndarray):
+        self.engine = engine
+        self.volume = volume
+        self.fingerprint = volume_fingerprint(volume) if engine.cache.max_bytes else ""
+        self._features: Dict[int, torch.Tensor] = {}
+        self._embeddings: Dict[int, torch.Tensor] = {}
+
+    def image(self, index: int) -> torch.Tensor:
+        return self.engine.to_model_input(self.volume[index:index + 1])[0]
+
+    def features(self, index: int, upcoming: Sequence[int] = ()) -> torch.Tensor:
+        if index not in self._features:
+            wanted = [index] + [k for k in upcoming if k not in self._features][: self.engine.batch_size - 1]
+            missing = []
+            for k in wanted:
+                cached = self.engine.cache.get(("dinov2", self.fingerprint, k)) if self.fingerprint else None
+                if cached is not None:
+                    self._features[k] = cached
+                else:
+                    missing.append(k)
+            if missing:
+                encoded = self.engine.encode(self.engine.to_model_input(self.volume[missing]))
+                for k, feats in zip(missing, encoded):
+                    self._features[k] = feats
+                    if self.fingerprint:
+                        self.engine.cache.put(("dinov2", self.fingerprint, k), feats)
+        return self._features[index]
+
+    def sam_embedding(self, index: int) -> torch.Tensor:
+        if index not in self._embeddings:
+            key = ("sam", self.fingerprint, index)
+            cached = self.engine.cache.get(key) if self.fingerprint else None
+            if cached is None:
+                cached = self.engine.sam_embedding(self.image(index))
+                if self.fingerprint:
+                    self.engine.cache.put(key, cached)
+            self._embeddings[index] = cached
+        return self._embeddings[index]
+
+    def release(self, index: int) -> None:
+        self._features.pop(index, None)
+        self._embeddings.pop(index, None)
+
+
+@dataclass
+class _Structure:
+    key: Hashable
+    support_indices: List[int]  # support slices the user's mask is taken from
+    seeds: List[int]  # query slices where propagation starts
+    copied: Dict[int, np.ndarray]  # query slices whose mask is the user's own (same volume)
+    prototypes_by_seed: Dict[int, Prototypes]
+    output: np.ndarray  # [N, H, W] uint8, query order with the slice axis first
+    processed: List[int]
+
+    def nearest_prototypes(self, index: int) -> Prototypes:
+        seed = min(self.prototypes_by_seed, key=lambda s: (abs(s - index), s))
+        return self.prototypes_by_seed[seed]
+
+
+class _Progress:
+    def __init__(self, total: int, callback: Optional[Callable[[int, int], None]]):
+        self.total, self.done, self.callback = max(total, 1), 0, callback
+
+    def advance(self, count: int = 1) -> None:
+        self.done = min(self.total, self.done + count)
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+    def finish(self) -> None:
+        if self.done < self.total:
+            self.advance(self.total - self.done)
+
+
+def _as_index_list(value, name: str, length: int) -> List[int]:
+    values = [value] if np.isscalar(value) else list(value)
+    if not values:
+        raise InputError(f"No support slice given for {name}.")
+    result = []
+    for v in values:
+        if int(v) != v or not 0 <= int(v) < length:
+            raise InputError(f"Support slice {v} for {name} is outside the volume (0..{length - 1}).")
+        result.append(int(v))
+    return sorted(set(result))
+
+
+def segment_volume(
+    engine: Engine,
+    query_volume,
+    support_volume,
+    support_masks: Mapping[Hashable, np.ndarray],
+    *,
+    axis: int = 0,
+    support_slices: Optional[SupportSlices] = None,
+    slice_range: Optional[Tuple[int, int]] = None,
+    modality: str = "auto",
+    auto_extent: Optional[bool] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+    cancel: Optional[threading.Event] = None,
+) -> VolumeResult:
+    """Segment every structure of ``support_masks`` through ``query_volume``.
+
+    Args:
+        query_volume: 3-D array to segment (raw intensities; see ``modality``).
+        support_volume: 3-D array the masks were painted on; ``None`` or the query itself
+            for propagation within one volume (the painted slices are then kept as painted).
+        support_masks: key -> 3-D mask (non-zero = structure) with the support's shape.
+        axis: slicing axis of both arrays (0, 1 or 2).
+        support_slices: key -> slice index or indices along ``axis``; default: the slice
+            where the structure is largest. Each query slice uses the nearest support slice.
+        slice_range: inclusive ``(first, last)`` query slices to process; default all.
+        modality: intensity preprocessing, "auto" | "ct" | "mri" | "none".
+        auto_extent: stop following a structure once absent (default: the preset's choice).
+        progress: called with ``(done, total)`` slices; monotonic, ends at ``total``.
+        cancel: set it from another thread to stop; raises :class:`CancelledError`.
+    """
+    started = time.perf_counter()
+    if axis not in (0, 1, 2):
+        raise ValueError(f"axis must be 0, 1 or 2, not {axis!r}")
+    if not support_masks:
+        raise InputError("No structure to segment: give at least one support mask.")
+    query = np.moveaxis(as_float_slices(query_volume, "query volume", 3), axis, 0)
+    same_volume = support_volume is None or support_volume is query_volume
+    if not same_volume:
+        support = np.moveaxis(as_float_slices(support_volume, "support volume", 3), axis, 0)
+        same_volume = support.shape == query.shape and np.array_equal(support, query)
+    query = normalize_volume(query, modality)
+    support = query if same_volume else normalize_volume(support, modality)
+    count = query.shape[0]
+    first, last = _check_range(slice_range, count)
+    use_auto_extent = engine.preset.auto_extent if auto_extent is None else auto_extent
+
+    masks = {
+        key: np.moveaxis(as_binary_mask(mask, f"support mask '{key}'", np.moveaxis(support, 0, axis).shape), axis, 0)
+        for key, mask in support_masks.items()
+    }
+    query_store = _SliceStore(engine, query)
+    support_store = query_store if same_volume else _SliceStore(engine, support)
+    structures = [
+        _prepare_structure(engine, key, mask, support_store, support_slices, same_volume, query.shape, (first, last))
+        for key, mask in masks.items()
+    ]
+    plans = [_plan(s, first, last, use_auto_extent) for s in structures]
+    tracker = _Progress(sum(len(p.fixed) + len(p.up) + len(p.down) for p in plans), progress)
+
+    def run_slice(index: int, active: List[Tuple[_Structure, "_Plan"]], upcoming: Sequence[int]) -> Dict[int, bool]:
+        if cancel is not None and cancel.is_set():
+            raise CancelledError("Cancelled by the user; no result was written.")
+        features = query_store.features(index, upcoming)
+        found = {}
+        for position, (structure, _) in enumerate(active):
+            logits = engine.coarse_logits(structure.nearest_prototypes(index), features[None])[0]
+            refined = engine.refine(logits, lambda: query_store.sam_embedding(index))
+            mask = engine.to_slice_size(refined.mask, query.shape[1:])
+            structure.output[index] = mask
+            structure.processed.append(index)
+            found[position] = bool(mask.any())
+        query_store.release(index)
+        tracker.advance(len(active))
+        return found
+
+    # Slices every structure must visit (between its seeds, or everything without auto extent).
+    fixed_slices = sorted(set().union(*[p.fixed for p in plans]))
+    for i, index in enumerate(fixed_slices):
+        active = [(s, p) for s, p in zip(structures, plans) if index in p.fixed]
+        run_slice(index, active, fixed_slices[i + 1:])
+    # Outward walks, all structures in one sweep per direction so slices are shared.
+    for direction in ("up", "down"):
+        _sweep(structures, plans, direction, run_slice, tracker, engine.preset.stop_after_empty)
+    tracker.finish()
+
+    results = {}
+    for structure in structures:
+        for index, painted in structure.copied.items():
+            structure.output[index] = painted
+        results[structure.key] = np.ascontiguousarray(np.moveaxis(structure.output, 0, axis))
+    seconds = time.perf_counter() - started
+    logger.info("Propagated %d structure(s) over %d slices in %.1f s", len(structures), count, seconds)
+    return VolumeResult(
+        masks=results,
+        support_slices={s.key: list(s.support_indices) for s in structures},
+        processed_slices={s.key: sorted(set(s.processed)) for s in structures},
+        seconds=seconds,
+    )
+
+
+@dataclass
+class _Plan:
+    fixed: set
+    up: List[int]
+    down: List[int]
+    alive: Dict[str, bool]
+    empty_run: Dict[str, int]
+    seen: Dict[str, bool]
+
+
+def _check_range(slice_range, count) -> Tuple[int, int]:
+    if slice_range is None:
+        return 0, count - 1
+    first, last = (int(v) for v in slice_range)
+    if not (0 <= first <= last < count):
+        raise InputError(f"Slice range {slice_range} is outside the volume's slices 0..{count - 1} (or reversed).")
+    return first, last
+
+
+def _prepare_structure(engine, key, mask, support_store, support_slices, same_volume, query_shape, bounds):
+    if not mask.any():
+        raise InputError(f"Support mask '{key}' is empty: paint the structure on at least one slice.")
+    support_count = mask.shape[0]
+    if support_slices is not None and key in support_slices:
+        indices = _as_index_list(support_slices[key], f"'{key}'", support_count)
+    else:
+        indices = [largest_area_slice(mask)]
+    for index in indices:
+        if not mask[index].any():
+            raise InputError(f"Support mask '{key}' is empty on support slice {index}: choose a slice where it is painted.")
+    query_count = query_shape[0]
+    prototypes = {}
+    copied = {}
+    for index in indices:
+        proto = engine.prototypes_from_features(support_store.features(index), mask[index])
+        # Within one volume the painted slice is the seed; across volumes, the slice at the
+        # same relative position of the query volume is.
+        seed = index if same_volume else int(round(index * (query_count - 1) / max(support_count - 1, 1)))
+        prototypes[seed] = proto
+        if same_volume and bounds[0] <= index <= bounds[1]:
+            copied[index] = mask[index].astype(np.uint8)
+    return _Structure(key, indices, sorted(prototypes), copied, prototypes, np.zeros(query_shape, np.uint8), [])
+
+
+def _plan(structure: _Structure, first: int, last: int, auto_extent: bool) -> _Plan:
+    low, high = min(structure.seeds), max(structure.seeds)
+    if auto_extent:
+        fixed = set(range(max(low, first), min(high, last) + 1))
+        up = list(range(max(high + 1, first), last + 1))
+        down = list(range(min(low - 1, last), first - 1, -1))
+    else:
+        fixed, up, down = set(range(first, last + 1)), [], []
+    fixed -= set(structure.copied)
+    # Within one volume the structure is known to be present at its seeds.
+    seen = bool(structure.copied)
+    return _Plan(fixed, up, down, {"up": True, "down": True}, {"up": 0, "down": 0}, {"up": seen, "down": seen})
+
+
+def _sweep(structures, plans, direction, run_slice, tracker, stop_after: int) -> None:
+    """Walk all structures outwards in one direction, sharing each slice's encoders."""
+    step = 1 if direction == "up" else -1
+    pending = {id(p): list(getattr(p, direction)) for p in plans}
+    candidates = sorted(set().union(*[set(getattr(p, direction)) for p in plans]), reverse=(step < 0))
+    for i, index in enumerate(candidates):
+        active = []
+        for structure, plan in zip(structures, plans):
+            if plan.alive[direction] and index in pending[id(plan)]:
+                active.append((structure, plan))
+        if not active:
+            continue
+        found = run_slice(index, active, candidates[i + 1:])
+        for position, (structure, plan) in enumerate(active):
+            pending[id(plan)].remove(index)
+            if found[position]:
+                plan.seen[direction] = True
+                plan.empty_run[direction] = 0
+            elif plan.seen[direction]:
+                plan.empty_run[direction] += 1
+                if plan.empty_run[direction] >= stop_after:
+                    plan.alive[direction] = False
+                    tracker.advance(len(pending[id(plan)]))
+                    pending[id(plan)] = []
