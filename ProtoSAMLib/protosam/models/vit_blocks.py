@@ -1,0 +1,181 @@
+"""Building blocks of the DINOv2 vision transformer, with the official parameter names.
+
+Every module here is named so that its ``state_dict`` keys are exactly those of Meta's
+DINOv2 checkpoint files (``patch_embed.proj``, ``attn.qkv``, ``ls1.gamma``, ``mlp.fc1`` or
+``mlp.w12`` ...). The maths follows the official model; attention runs through
+:func:`torch.nn.functional.scaled_dot_product_attention` (a fused kernel computing the same
+softmax(q k^T / sqrt(d)) v as the official code, within float rounding).
+
+Token tensors are ``B x N x C`` float (batch, tokens, channels) throughout.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: LayerNorm epsilon of every DINOv2 norm layer.
+LAYER_NORM_EPS = 1e-6
+
+
+def swiglu_hidden_dim(mlp_hidden_dim: int) -> int:
+    """Hidden width of the official fused SwiGLU FFN given the plain MLP width.
+
+    The official rule: two thirds of ``mlp_hidden_dim``, rounded up to a multiple of 8
+    (ViT-g/14: 4 x 1536 = 6144 -> 4096).
+    """
+    return (int(mlp_hidden_dim * 2 / 3) + 7) // 8 * 8
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch projection: images ``B x 3 x H x W`` -> tokens ``B x (H/p * W/p) x C``.
+
+    Tokens are in row-major order of the patch grid (row index = H direction).
+    """
+
+    def __init__(self, *, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patch_map = self.proj(images)  # B x C x H/p x W/p
+        return patch_map.flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (official names ``qkv``, ``proj``)."""
+
+    def __init__(self, *, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embedding width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, num_tokens, dim = tokens.shape
+        head_dim = dim // self.num_heads
+        # qkv: B x N x (3 * heads * head_dim) -> 3 x B x heads x N x head_dim
+        qkv = self.qkv(tokens).reshape(batch, num_tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # default scale 1/sqrt(head_dim)
+        return self.proj(attended.transpose(1, 2).reshape(batch, num_tokens, dim))
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU (exact erf form) feed-forward network: ``fc1`` -> GELU -> ``fc2``."""
+
+    def __init__(self, *, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(tokens)))
+
+
+class SwiGLUFFN(nn.Module):
+    """SwiGLU feed-forward network of ViT-g/14: ``w12`` (both gates packed) -> silu(x1) * x2 -> ``w3``.
+
+    ``hidden_dim`` is the already-rounded SwiGLU width (see :func:`swiglu_hidden_dim`).
+    ``w12`` holds the silu branch in its first ``hidden_dim`` output rows, the linear branch
+    in the second, as in the official checkpoints.
+    """
+
+    def __init__(self, *, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden_dim)
+        self.w3 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        gate, value = self.w12(tokens).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+class LayerScale(nn.Module):
+    """Per-channel scaling of a residual branch (parameter ``gamma``, shape ``C``)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with layer scale:
+
+    ``x = x + ls1(attn(norm1(x)))``; ``x = x + ls2(mlp(norm2(x)))``.
+    """
+
+    def __init__(self, *, dim: int, num_heads: int, ffn_layer: str, mlp_hidden_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.attn = Attention(dim=dim, num_heads=num_heads)
+        self.ls1 = LayerScale(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        if ffn_layer == "mlp":
+            self.mlp: nn.Module = Mlp(dim=dim, hidden_dim=mlp_hidden_dim)
+        elif ffn_layer == "swiglufused":
+            self.mlp = SwiGLUFFN(dim=dim, hidden_dim=swiglu_hidden_dim(mlp_hidden_dim))
+        else:
+            raise ValueError(f"unknown ffn_layer {ffn_layer!r}; expected 'mlp' or 'swiglufused'")
+        self.ls2 = LayerScale(dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens + self.ls1(self.attn(self.norm1(tokens)))
+        return tokens + self.ls2(self.mlp(self.norm2(tokens)))
+
+
+def interpolate_patch_pos_embed(
+    patch_pos_embed: torch.Tensor,
+    grid_hw: Tuple[int, int],
+    *,
+    offset: float,
+    antialias: bool,
+) -> torch.Tensor:
+    """Resample the trained patch position embeddings to another patch grid, as the official model does.
+
+    Args:
+        patch_pos_embed: ``1 x (M*M) x C`` trained embeddings of an ``M x M`` grid (no class token).
+        grid_hw: target patch grid (rows, columns).
+        offset: the official ``interpolate_offset``. Non-zero: bicubic with
+            ``scale_factor = ((rows + offset) / M, (cols + offset) / M)`` -- the scale factor also
+            sets the sampling positions, so the offset changes the values, not only the size.
+            Zero: bicubic to ``size = grid_hw``.
+        antialias: the official ``interpolate_antialias`` (passed to ``F.interpolate``).
+
+    Returns:
+        ``1 x (rows*cols) x C`` float32, row-major. The input is returned unchanged when
+        ``grid_hw == (M, M)`` (the official shortcut).
+    """
+    num_patches, dim = patch_pos_embed.shape[1], patch_pos_embed.shape[2]
+    side = int(math.isqrt(num_patches))
+    if side * side != num_patches:
+        raise ValueError(f"position embedding holds {num_patches} patches, not a square grid")
+    rows, cols = grid_hw
+    if (rows, cols) == (side, side):
+        return patch_pos_embed
+    grid = patch_pos_embed.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    if offset:
+        resized = F.interpolate(
+            grid,
+            scale_factor=(float(rows + offset) / side, float(cols + offset) / side),
+            mode="bicubic",
+            antialias=antialias,
+        )
+    else:
+        resized = F.interpolate(grid, size=(rows, cols), mode="bicubic", antialias=antialias)
+    if tuple(resized.shape[-2:]) != (rows, cols):
+        raise RuntimeError(
+            f"position-embedding interpolation gave a {tuple(resized.shape[-2:])} grid instead of {(rows, cols)}"
+        )
+    return resized.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)
