@@ -1,0 +1,250 @@
+"""The ``protosam`` command line: ``slices``, ``segment``, ``weights``, ``evaluate``, ``demo``.
+
+Exit codes: 0 success, 1 a ProtoSAM error (message on stderr, no partial output file),
+2 bad command-line usage, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence, TextIO
+
+import numpy as np
+
+from . import __version__
+from .errors import CancelledError, InputError, ProtoSAMError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["main", "build_parser", "ProgressBar"]
+
+
+class ProgressBar:
+    """A one-line text progress bar with time left, for stderr."""
+
+    def __init__(self, label: str, stream: TextIO = sys.stderr, width: int = 28):
+        self.label, self.stream, self.width = label, stream, width
+        self.started = time.perf_counter()
+        self._last_draw = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done < total and now - self._last_draw < 0.2:
+            return
+        self._last_draw = now
+        fraction = done / total if total else 1.0
+        elapsed = now - self.started
+        left = elapsed / fraction - elapsed if fraction > 0 else float("nan")
+        bar = "#" * int(round(fraction * self.width))
+        self.stream.write(f"\r{self.label} [{bar:<{self.width}}] {done}/{total}  {left:5.0f} s left ")
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _add_model_options(parser: argparse.ArgumentParser, *, default_size: int = 672) -> None:
+    group = parser.add_argument_group("models")
+    group.add_argument("--preset", default="default", choices=["default", "paper"],
+                       help="'paper' reproduces the published reference exactly; 'default' is tuned for use")
+    group.add_argument("--dinov2", default="dinov2_vitb14", help="DINOv2 architecture (see 'protosam weights list')")
+    group.add_argument("--dinov2-checkpoint", default=None, metavar="FILE", help="DINOv2 checkpoint file (official format)")
+    group.add_argument("--sam", default="vit_b", help="vit_b, vit_l, vit_h or medsam_vit_b")
+    group.add_argument("--sam-checkpoint", default=None, metavar="FILE", help="SAM/MedSAM checkpoint file (official format)")
+    group.add_argument("--input-size", type=int, default=default_size, help="ALPNet/DINOv2 input size S (multiple of 14)")
+    group.add_argument("--cca", action="store_true", default=None, help="keep only the largest coarse component")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    group.add_argument("--batch-size", type=int, default=None, help="slices per encoder call (default 8 on CUDA, 1 on CPU)")
+    group.add_argument("--no-download", action="store_true", help="never download weights; fail with instructions instead")
+    group.add_argument("--weights-home", default=None, metavar="DIR", help="weights cache folder (default $PROTOSAM_HOME or ~/.protosam)")
+
+
+def _engine_from_args(args):
+    from .pipeline import Engine, ModelSelection
+
+    models = ModelSelection(
+        dinov2=args.dinov2, dinov2_checkpoint=args.dinov2_checkpoint, sam=args.sam,
+        sam_checkpoint=args.sam_checkpoint, input_size=args.input_size,
+    )
+    return Engine(
+        models, preset=args.preset, device=args.device, cca=args.cca, download=not args.no_download,
+        weights_home=args.weights_home, batch_size=args.batch_size,
+        download_progress=ProgressBar("download") if not args.no_download else None,
+    )
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(f"The {what} file does not exist: {path}") from None
+    except (ValueError, OSError) as exc:
+        raise InputError(f"Cannot read the {what} {path} as a .npy array: {exc}") from exc
+
+
+def _pad_prompts(prompts_per_query):
+    """Prompt sets per query -> fixed-shape arrays padded with NaN / -1 (no pickles in the .npz)."""
+    count = len(prompts_per_query)
+    max_sets = max((len(p) for p in prompts_per_query), default=0)
+    max_points = max((len(s.points) for p in prompts_per_query for s in p), default=0)
+    boxes = np.full((count, max_sets, 4), np.nan, np.float64)
+    points = np.full((count, max_sets, max_points, 2), np.nan, np.float64)
+    labels = np.full((count, max_sets, max_points), -1, np.int64)
+    for q, sets in enumerate(prompts_per_query):
+        for c, prompt in enumerate(sets):
+            boxes[q, c] = prompt.box
+            points[q, c, : len(prompt.points)] = prompt.points
+            labels[q, c, : len(prompt.points)] = prompt.point_labels
+    return boxes, points, labels, np.array([len(p) for p in prompts_per_query], np.int64)
+
+
+def cmd_slices(args) -> int:
+    from .io import save_npz_atomic
+
+    support_image = _load_npy(args.support_image, "support image")
+    support_mask = _load_npy(args.support_mask, "support mask")
+    queries = _load_npy(args.queries, "queries")
+    if queries.ndim == 2:
+        queries = queries[None]
+    engine = _engine_from_args(args)
+    result = engine.segment_slices(
+        support_image, support_mask, queries, coarse_only=args.coarse_only, progress=ProgressBar("slices")
+    )
+    boxes, points, point_labels, num_components = _pad_prompts(result.prompts)
+    save_npz_atomic(
+        args.out, coarse_prob=result.coarse_prob, coarse_mask=result.coarse_mask, mask=result.mask,
+        boxes=boxes, points=points, point_labels=point_labels, num_components=num_components,
+    )
+    print(f"wrote {args.out}: {len(queries)} slices, {int(result.mask.sum())} foreground pixels")
+    return 0
+
+
+def _parse_labels(text: Optional[str]) -> Optional[List[int]]:
+    if text is None:
+        return None
+    try:
+        labels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InputError(f"--labels must be comma-separated integers such as 1,3,6; got {text!r}") from None
+    if not labels or any(label <= 0 for label in labels):
+        raise InputError("--labels must list positive label values such as 1,3,6.")
+    return labels
+
+
+def cmd_segment(args) -> int:
+    from .io import check_same_geometry, read_volume, slice_axis_for_plane, write_labelmap
+    from .propagation import segment_volume
+
+    query, query_image = read_volume(args.image, "image")
+    same = args.support_image is None or Path(args.support_image).resolve() == Path(args.image).resolve()
+    support, support_image = (query, query_image) if same else read_volume(args.support_image, "support image")
+    labelmap, labelmap_image = read_volume(args.support_mask, "support mask")
+    check_same_geometry(support_image, labelmap_image, "support image", "support mask")
+    if np.issubdtype(labelmap.dtype, np.floating) and not np.array_equal(labelmap, np.round(labelmap)):
+        raise InputError("The support mask must be a label map of whole numbers (0 = background).")
+    present = sorted(int(v) for v in np.unique(labelmap) if v > 0)
+    labels = _parse_labels(args.labels) or present
+    if not present:
+        raise InputError(f"The support mask {args.support_mask} is empty: paint the structure first.")
+    missing = [label for label in labels if label not in present]
+    if missing:
+        raise InputError(f"Label(s) {missing} do not occur in {args.support_mask}; it contains {present}.")
+    axis = slice_axis_for_plane(query_image, args.axis)
+    if not same:
+        support_axis = slice_axis_for_plane(support_image, args.axis)
+        if support_axis != axis:
+            raise InputError(
+                "The support and the target volumes are sliced along different axes for this plane; "
+                "resample one into the other's orientation, or pass --axis explicitly."
+            )
+    support_slices = None
+    if args.support_slice is not None:
+        support_slices = {label: args.support_slice for label in labels}
+    engine = _engine_from_args(args)
+    cancel = threading.Event()
+    result = segment_volume(
+        engine, query, None if same else support, {label: labelmap == label for label in labels},
+        axis=axis, support_slices=support_slices, modality=args.modality,
+        progress=ProgressBar("segment"), cancel=cancel,
+    )
+    output = np.zeros(query.shape, np.uint16 if max(labels) > 255 else np.uint8)
+    # Overlaps: the label listed first keeps the voxel.
+    for label in reversed(labels):
+        output[result.masks[label] > 0] = label
+    write_labelmap(output, query_image, args.output)
+    if args.report:
+        from .evaluation.report import write_segment_report
+
+        write_segment_report(args.report, query=query, labels=output, axis=axis, result=result)
+    for label in labels:
+        print(f"label {label}: {int(result.masks[label].sum())} voxels on {len(result.processed_slices[label])} "
+              f"processed slices (support slice {result.support_slices[label]})")
+    print(f"wrote {args.output} in {result.seconds:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import weights_cli
+
+    parser = argparse.ArgumentParser(
+        prog="protosam", description="ProtoSAM one-shot segmentation: DINOv2 + ALPNet prototypes prompt SAM."
+    )
+    parser.add_argument("--version", action="version", version=f"protosam {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    slices = commands.add_parser("slices", help="segment 2-D query slices from one support slice (.npy in, .npz out)")
+    slices.add_argument("--support-image", required=True, metavar="S.npy", help="H x W float32, preprocessed")
+    slices.add_argument("--support-mask", required=True, metavar="M.npy", help="H x W, non-zero = structure")
+    slices.add_argument("--queries", required=True, metavar="Q.npy", help="N x H x W float32, preprocessed")
+    slices.add_argument("--coarse-only", action="store_true", help="skip SAM: mask = coarse ALPNet mask")
+    slices.add_argument("--out", required=True, metavar="R.npz")
+    _add_model_options(slices)
+    slices.set_defaults(func=cmd_slices)
+
+    segment = commands.add_parser("segment", help="propagate labels of a support volume through a volume")
+    segment.add_argument("--image", required=True, help="volume to segment (NIfTI, NRRD, ...)")
+    segment.add_argument("--support-image", default=None, help="volume the support labels were drawn on (default: --image)")
+    segment.add_argument("--support-mask", required=True, help="label map on the support image's grid")
+    segment.add_argument("--labels", default=None, help="comma-separated labels to propagate (default: all)")
+    segment.add_argument("--support-slice", type=int, default=None, help="support slice index (default: largest area per label)")
+    segment.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"])
+    segment.add_argument("--modality", default="auto", choices=["auto", "ct", "mri", "none"])
+    segment.add_argument("--output", required=True, help="output label map (same geometry as --image)")
+    segment.add_argument("--report", default=None, metavar="DIR", help="also write overlay pictures into DIR")
+    _add_model_options(segment)
+    segment.set_defaults(func=cmd_segment)
+
+    weights_cli.add_subcommands(commands)
+    try:
+        from .evaluation import cli as evaluation_cli
+    except ImportError:  # pragma: no cover - only while the evaluation package is absent
+        evaluation_cli = None
+    if evaluation_cli is not None:
+        evaluation_cli.add_subcommands(commands)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except CancelledError as exc:
+        print(f"protosam: cancelled: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("protosam: interrupted; no output was written.", file=sys.stderr)
+        return 130
+    except (ProtoSAMError, ValueError) as exc:
+        print(f"protosam: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
