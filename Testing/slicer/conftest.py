@@ -1,0 +1,64 @@
+"""Fixtures for tests of the Slicer extension against real MRML (PyPI slicer-core, no Slicer app).
+
+slicer-core gives the MRML library but no ``slicer.mrmlScene``, ``slicer.modules`` or
+``slicer.app``. The ``scene`` fixture builds a scene with the application, colors,
+segmentations and volumes logics bound to it, and exposes it as ``slicer.mrmlScene`` /
+``slicer.modules.<name>.logic()`` for the duration of one test.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import types
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+for _path in (REPO / "ProtoSAMSlicer" / "ProtoSAM", REPO / "ProtoSAMSlicer" / "SegmentEditorProtoSAM"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the 'slicer' package is not slicer-core (another package named 'slicer' shadows it)",
+                allow_module_level=True)
+import vtk  # noqa: E402  (comes with slicer-core)
+
+
+@pytest.fixture
+def scene():
+    """A fresh MRML scene with the logics Slicer modules would register, set as slicer.mrmlScene."""
+    mrmlScene = slicer.vtkMRMLScene()
+    appLogic = slicer.vtkSlicerApplicationLogic()
+    appLogic.SetMRMLScene(mrmlScene)
+    colorLogic = slicer.vtkSlicerColorLogic()
+    colorLogic.SetMRMLApplicationLogic(appLogic)
+    colorLogic.SetMRMLScene(mrmlScene)
+    appLogic.SetModuleLogic("Colors", colorLogic)
+    # Registers the labelmap <-> surface converters: without it AddEmptySegment returns ''.
+    segmentationsLogic = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentationsLogic.SetMRMLApplicationLogic(appLogic)
+    segmentationsLogic.SetMRMLScene(mrmlScene)
+    volumesLogic = slicer.vtkSlicerVolumesLogic()
+    volumesLogic.SetMRMLApplicationLogic(appLogic)
+    volumesLogic.SetMRMLScene(mrmlScene)
+    saved = {name: getattr(slicer, name, None) for name in ("mrmlScene", "modules")}
+    slicer.mrmlScene = mrmlScene
+    slicer.modules = types.SimpleNamespace(
+        segmentations=types.SimpleNamespace(logic=lambda: segmentationsLogic),
+        volumes=types.SimpleNamespace(logic=lambda: volumesLogic),
+        colors=types.SimpleNamespace(logic=lambda: colorLogic),
+    )
+    mrmlScene._protosamTestLogics = (appLogic, colorLogic, segmentationsLogic, volumesLogic)
+    try:
+        yield mrmlScene
+    finally:
+        mrmlScene.Clear(True)
+        for name, value in saved.items():
+            if value is None:
+                if hasattr(slicer, name):
+                    delattr(slicer, name)
+            else:
+                setattr(slicer, name, value)

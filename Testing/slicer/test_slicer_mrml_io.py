@@ -1,0 +1,150 @@
+"""Volumes and segments <-> KJI arrays against real MRML (ProtoSAMSlicerLib.mrml_io)."""
+
+import numpy as np
+import pytest
+
+import slicer
+from ProtoSAMSlicerLib import mrml_io
+from protosam.errors import InputError
+from slicer_mrml_helpers import addSegmentation, addVolume, homogeneous, ijkToRasFrom, rotationMatrix
+
+LPS = np.diag([-1.0, -1.0, 1.0])
+PERMUTED = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+GEOMETRIES = {
+    "identity": (np.eye(3), (1.0, 1.0, 1.0), None),
+    "lps_anisotropic": (LPS, (0.6, 0.8, 2.5), None),
+    "permuted": (PERMUTED, (0.7, 1.1, 1.9), None),
+    "rotated_with_parent_transform": (
+        rotationMatrix((1, 1, 0), 30), (0.9, 0.9, 3.0),
+        homogeneous(rotationMatrix((0, 0, 1), 90), (12.0, -4.0, 7.5))),
+}
+SHAPE = (7, 9, 11)  # K, J, I
+
+
+def blob(shape, center, radius):
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))
+    return (np.linalg.norm(grid - np.reshape(center, (3, 1, 1, 1)), axis=0) <= radius).astype(np.uint8)
+
+
+@pytest.fixture(params=sorted(GEOMETRIES))
+def volume(request, scene):
+    directions, spacing, parent = GEOMETRIES[request.param]
+    rng = np.random.default_rng(0)
+    array = rng.normal(size=SHAPE).astype(np.float32)
+    node = addVolume(scene, array, ijkToRasFrom(directions, spacing, (5.0, -3.0, 8.0)),
+                     name=request.param, parentTransform=parent)
+    return node, array, directions, spacing, parent
+
+
+def test_volume_array_and_world_matrix(volume):
+    node, array, directions, spacing, parent = volume
+    assert mrml_io.volumeShapeKji(node) == SHAPE
+    out = mrml_io.volumeToArray(node)
+    assert out.dtype == np.float32 and np.array_equal(out, array)
+    out[0, 0, 0] += 1  # a copy: the node is unchanged
+    assert np.array_equal(mrml_io.volumeToArray(node), array)
+    expected = ijkToRasFrom(directions, spacing, (5.0, -3.0, 8.0))
+    if parent is not None:
+        expected = parent @ expected
+    assert np.allclose(mrml_io.ijkToWorldMatrix(node), expected)
+
+
+def test_segments_round_trip_on_shared_labelmap_other_segments_untouched(scene, volume):
+    node = volume[0]
+    a = blob(SHAPE, (3, 4, 5), 2.5)
+    b = blob(SHAPE, (3, 4, 8), 2.0) * (a == 0)
+    segmentation, ids = addSegmentation(scene, node, {"a": a, "b": b})
+    segmentation.GetSegmentation().CollapseBinaryLabelmaps(False)
+    assert segmentation.GetSegmentation().GetNumberOfLayers() == 1  # one shared labelmap, two labels
+    assert np.array_equal(mrml_io.segmentToArray(segmentation, ids["a"], node), a)
+    assert np.array_equal(mrml_io.segmentToArray(segmentation, ids["b"], node), b)
+
+    new = np.zeros(SHAPE, np.uint8)
+    new[1:3, 2:5, 1:4] = 1
+    box = mrml_io.writeSegmentFromArray(new, segmentation, ids["a"], node)
+    changed = (new != a)
+    (k0, k1), (j0, j1), (i0, i1) = box
+    assert changed.sum() == changed[k0:k1, j0:j1, i0:i1].sum()  # box holds every change
+    assert np.array_equal(mrml_io.segmentToArray(segmentation, ids["a"], node), new)
+    assert np.array_equal(mrml_io.segmentToArray(segmentation, ids["b"], node), b)
+    # Writing the same mask again changes nothing.
+    assert mrml_io.writeSegmentFromArray(new, segmentation, ids["a"], node) is None
+
+
+def test_changed_box_is_tight():
+    old = np.zeros((5, 6, 7), np.uint8)
+    new = old.copy()
+    assert mrml_io.changedBox(new, old) is None
+    new[1, 2, 3] = 1
+    new[3, 4, 3] = 1
+    assert mrml_io.changedBox(new, old) == ((1, 4), (2, 5), (3, 4))
+    assert mrml_io.changedBox(new, None) == ((1, 4), (2, 5), (3, 4))
+
+
+def test_segment_resampled_from_other_geometry_and_transform(scene):
+    """Support segment stored on a 2x finer grid, under a different transform than the volume."""
+    volume = addVolume(scene, np.zeros(SHAPE, np.float32), ijkToRasFrom(LPS, (1.0, 1.0, 2.0)), "v",
+                       parentTransform=homogeneous(np.eye(3), (10.0, 0.0, 0.0)))
+    fineShape = (SHAPE[0] * 2, SHAPE[1] * 2, SHAPE[2] * 2)
+    # Same physical box; the fine grid is not transformed but shifted by the same 10 mm in R,
+    # so every coarse voxel centre falls on a fine voxel of the same region.
+    fineIjkToRas = ijkToRasFrom(LPS, (0.5, 0.5, 1.0), (10.0 + 0.25, 0.25, -0.5))
+    fine = addVolume(scene, np.zeros(fineShape, np.float32), fineIjkToRas, "fine")
+    coarseMask = np.zeros(SHAPE, np.uint8)
+    coarseMask[2:5, 3:6, 4:8] = 1
+    fineMask = coarseMask.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    segmentation, ids = addSegmentation(scene, fine, {"s": fineMask})
+    assert segmentation.GetParentTransformNode() is None
+    out = mrml_io.segmentToArray(segmentation, ids["s"], volume)
+    assert out.dtype == np.uint8
+    assert np.array_equal(out, coarseMask)
+    # Writing back through the different geometry lands on the same physical voxels.
+    newMask = np.zeros(SHAPE, np.uint8)
+    newMask[1:3, 1:4, 2:5] = 1
+    mrml_io.writeSegmentFromArray(newMask, segmentation, ids["s"], volume)
+    assert np.array_equal(mrml_io.segmentToArray(segmentation, ids["s"], volume), newMask)
+    assert np.array_equal(mrml_io.segmentToArray(segmentation, ids["s"], fine),
+                          newMask.repeat(2, 0).repeat(2, 1).repeat(2, 2))
+
+
+def test_empty_segment_reads_as_zeros(scene):
+    volume = addVolume(scene, np.zeros(SHAPE, np.float32), ijkToRasFrom(np.eye(3)), "v")
+    segmentation, ids = addSegmentation(scene, volume, {"empty": np.zeros(SHAPE, np.uint8)})
+    out = mrml_io.segmentToArray(segmentation, ids["empty"], volume)
+    assert out.shape == SHAPE and not out.any()
+
+
+def test_clear_errors(scene):
+    volume = addVolume(scene, np.zeros(SHAPE, np.float32), ijkToRasFrom(np.eye(3)), "v")
+    segmentation, _ = addSegmentation(scene, volume, {"a": np.zeros(SHAPE, np.uint8)})
+    with pytest.raises(InputError, match="not in"):
+        mrml_io.segmentToArray(segmentation, "missing", volume)
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "noimage")
+    with pytest.raises(InputError, match="no image data"):
+        mrml_io.volumeToArray(empty)
+    rgb = slicer.util.addVolumeFromArray(np.zeros((2, 3, 4, 3), np.uint8), name="rgb",
+                                         nodeClassName="vtkMRMLVectorVolumeNode")
+    with pytest.raises(InputError, match="3 components"):
+        mrml_io.volumeToArray(rgb)
+    grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
+    volume.SetAndObserveTransformNodeID(grid.GetID())
+    with pytest.raises(InputError, match="non-linear transform.*Harden"):
+        mrml_io.ijkToWorldMatrix(volume)
+    with pytest.raises(ValueError):
+        mrml_io.writeSegmentFromArray(np.zeros((1, 2, 3), np.uint8), segmentation, "a", volume)
+
+
+def test_mask_to_oriented_image_matches_volume_grid(scene):
+    parent = homogeneous(rotationMatrix((0, 0, 1), 90), (1.0, 2.0, 3.0))
+    volume = addVolume(scene, np.zeros(SHAPE, np.float32), ijkToRasFrom(LPS, (0.5, 0.5, 2.0)), "v",
+                       parentTransform=parent)
+    segmentation, _ = addSegmentation(scene, volume, {"a": np.zeros(SHAPE, np.uint8)})
+    mask = blob(SHAPE, (3, 4, 5), 2)
+    image = mrml_io.maskToOrientedImage(mask, volume, segmentation)
+    assert image.GetExtent() == (0, SHAPE[2] - 1, 0, SHAPE[1] - 1, 0, SHAPE[0] - 1)
+    # Same transform above volume and segmentation: the image frame is the volume's IJK->RAS.
+    import vtk
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    assert np.allclose(slicer.util.arrayFromVTKMatrix(matrix), ijkToRasFrom(LPS, (0.5, 0.5, 2.0)))
+    assert np.array_equal(mrml_io._imageArray(image), mask)
