@@ -128,6 +128,7 @@ def verify_file(
         return
     if use_marker and _marker_matches(path, entry, stat):
         return
+    logger.info("Checking the SHA-256 of %s (%s); this is done once per file.", path, human_size(stat.st_size))
     actual = _file_sha256(path, cancel)
     if actual != entry.sha256:
         raise IntegrityError(

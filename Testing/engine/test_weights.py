@@ -115,8 +115,9 @@ def test_home_argument_then_environment_then_user_home(tmp_path, monkeypatch):
     monkeypatch.delenv("PROTOSAM_HOME")
     assert home_dir() == Path.home() / ".protosam"
     before = dict(os.environ)
-    home_dir(), resolve_checkpoint.__doc__
-    assert dict(os.environ) == before
+    with pytest.raises(WeightsUnavailableError, match=str(tmp_path / "arg" / "weights")):
+        resolve_checkpoint("vit_b", download=False, home=tmp_path / "arg")
+    assert dict(os.environ) == before  # the home argument is never written into the environment
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -289,6 +290,32 @@ def test_two_concurrent_downloads_fetch_once(server, tmp_path):
     assert not errors and len(results) == 2 and results[0] == results[1]
     assert results[0].read_bytes() == PAYLOAD
     assert len(server.gets("/w/tiny_sam.pth")) == 1
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the helper process locks with fcntl")
+def test_lock_held_by_another_process_blocks_until_timeout_or_cancel(server, tmp_path):
+    entry = served(server, Route(PAYLOAD))
+    lock_file = weights_dir(tmp_path) / "tiny_sam.pth.lock"
+    lock_file.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('locked', flush=True); sys.stdin.read()", str(lock_file)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(WeightsUnavailableError, match="another process"):
+            download(entry, tmp_path, lock_timeout=0.5)
+        cancel = threading.Event()
+        threading.Timer(0.3, cancel.set).start()
+        with pytest.raises(CancelledError):
+            download(entry, tmp_path, cancel=cancel)
+        assert server.gets("/w/tiny_sam.pth") == []  # nothing fetched while another process holds the lock
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    assert download(entry, tmp_path, lock_timeout=5).read_bytes() == PAYLOAD  # released when the holder exits
 
 
 # ----------------------------------------------------------------------------- resolution
