@@ -62,3 +62,25 @@ def scene():
                     delattr(slicer, name)
             else:
                 setattr(slicer, name, value)
+
+
+@pytest.fixture(scope="session")
+def tinyModels(tmp_path_factory):
+    """Tiny random-weight DINOv2 + SAM checkpoints in the official formats (engine's own writer)."""
+    from protosam.testing import write_tiny_checkpoints
+
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny-checkpoints"), input_size=56)
+
+
+@pytest.fixture(scope="session")
+def tinyOptions(tinyModels):
+    """ProcessOptions running the tiny models on the CPU over every slice (deterministic cost).
+
+    The encoder cache lets a test re-run the engine on the same arrays for reference at no cost.
+    """
+    from ProtoSAMSlicerLib.logic import ProcessOptions
+    from ProtoSAMSlicerLib.worker import shutdownAllWorkers
+
+    yield ProcessOptions(models=tinyModels, preset="default", device="cpu", autoExtent=False,
+                         cacheBytes=256 * 1024 * 1024)
+    shutdownAllWorkers()

@@ -1,0 +1,425 @@
+"""Headless ProtoSAM logic: MRML in, engine on the device worker, preview segmentation out.
+
+``ProtoSAMLogic.process`` works the same from the module widget, the Segment Editor effect,
+Python scripts and tests: ``waitForCompletion=True`` blocks (polling the worker) and returns
+the result; ``False`` returns a PropagationJob at once and the caller polls ``logic.poll()``
+(the GUI does from a QTimer). No Qt anywhere; MRML is read and written on the calling (main)
+thread only, the worker receives numpy arrays.
+
+Geometry: volumes and segments are read as KJI arrays, reoriented losslessly to the canonical
+(S, A, R)-closest order (geometry.CanonicalOrientation) so that support and target volumes
+stored differently look alike to the engine, then the engine runs along the canonical axis
+that matches the slice view normal; results are oriented back to KJI before writing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+import slicer
+import protosam
+from protosam import ModelSelection
+from protosam.errors import CancelledError, InputError
+
+from . import geometry, mrml_io, results
+from .models import engineCacheForDevice
+from .worker import Job, JobState, Worker, workerForDevice
+
+logger = logging.getLogger(__name__)
+
+SupportSlices = Union[None, int, Sequence[int], Mapping[str, Union[int, Sequence[int]]]]
+AXIAL_NORMAL = (0.0, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessOptions:
+    """Engine settings of a run. ``device``: "auto", "cpu", "cuda", "cuda:1"...
+
+    allowDownload: let the run download missing official weights (the GUI downloads them first
+    through the model manager, with a progress dialog, and leaves this False).
+    autoExtent: follow each structure outwards and stop once it is gone (None: preset's choice).
+    cacheBytes: encoder-output cache kept between runs on the same volume (0: off).
+    """
+
+    models: ModelSelection = ModelSelection()
+    preset: str = "default"
+    device: str = "auto"
+    modality: str = "auto"
+    autoExtent: Optional[bool] = None
+    weightsHome: Optional[str] = None
+    allowDownload: bool = False
+    cacheBytes: int = 0
+
+
+@dataclasses.dataclass
+class PropagationResult:
+    """A finished run. Masks are in ``previewSegmentationNode`` (segment IDs = support IDs).
+
+    supportSlices / processedSlices: per support segment ID, slice indices along the slice axis
+    of the support / target volume (IJK index along ``sliceAxis.ijkAxis``).
+    """
+
+    targetVolumeNode: object
+    supportVolumeNode: object
+    supportSegmentationNode: object
+    previewSegmentationNode: object
+    segmentIds: List[str]
+    sliceAxis: geometry.SliceAxis
+    supportSlices: Dict[str, List[int]]
+    processedSlices: Dict[str, List[int]]
+    seconds: float
+
+
+@dataclasses.dataclass
+class PreparedRun:
+    """Arrays and geometry of one run, computed on the main thread (no MRML references inside
+    ``query``/``support``/``masks``; they go to the worker)."""
+
+    query: np.ndarray  # canonical float32
+    support: Optional[np.ndarray]  # canonical float32, None when support volume is the target
+    masks: Dict[str, np.ndarray]  # support segment ID -> canonical uint8
+    axis: int  # canonical slicing axis
+    supportSlices: Optional[Dict[str, List[int]]]  # canonical indices
+    sliceRange: Optional[Tuple[int, int]]  # canonical, inclusive
+    targetAxis: geometry.SliceAxis
+    supportAxis: geometry.SliceAxis
+    targetOrientation: geometry.CanonicalOrientation
+    supportOrientation: geometry.CanonicalOrientation
+    targetShape: Tuple[int, int, int]
+    supportShape: Tuple[int, int, int]
+
+
+class PropagationJob:
+    """Handle of a run submitted with ``waitForCompletion=False``.
+
+    ``result`` (PropagationResult) or ``error`` is set once ``finished``; ``progress`` is the
+    latest (done, total). ``cancel()`` stops the run within one slice; nothing is written.
+    """
+
+    def __init__(self, logic: "ProtoSAMLogic", nodes: Sequence, segmentIds: Sequence[str]):
+        self.logic = logic
+        self.nodes = [n for n in nodes if n is not None]
+        self.segmentIds = list(segmentIds)
+        self.job: Optional[Job] = None
+        self.worker: Optional[Worker] = None
+        self.result: Optional[PropagationResult] = None
+        self.error: Optional[BaseException] = None
+        self.finished = False
+        self.cancelReason = ""
+
+    @property
+    def progress(self) -> Tuple[int, int]:
+        return self.job.progress if self.job is not None else (0, 0)
+
+    def remainingSeconds(self) -> Optional[float]:
+        return self.job.remainingSeconds() if self.job is not None else None
+
+    def cancel(self, reason: str = "") -> None:
+        if reason and not self.cancelReason:
+            self.cancelReason = reason
+        if self.job is not None:
+            self.job.cancel()
+
+    def involves(self, node) -> bool:
+        return any(n is node for n in self.nodes)
+
+    def resultOrRaise(self) -> PropagationResult:
+        if not self.finished:
+            raise RuntimeError("the run has not finished yet")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def resolveDevice(device: str) -> str:
+    """"auto" -> "cuda" when available else "cpu"; other names are checked and normalised."""
+    return str(protosam.resolve_device(device))
+
+
+def sliceViewGeometry(sliceNode) -> Tuple[np.ndarray, np.ndarray]:
+    """(normal_World, point_World) of a vtkMRMLSliceNode: SliceToRAS columns 2 and 3."""
+    matrix = sliceNode.GetSliceToRAS()
+    normal = np.array([matrix.GetElement(r, 2) for r in range(3)])
+    point = np.array([matrix.GetElement(r, 3) for r in range(3)])
+    return normal, point
+
+
+class ProtoSAMLogic:
+    """Runs ProtoSAM on MRML nodes; works without the GUI (see module docstring)."""
+
+    def __init__(self, worker: Optional[Worker] = None):
+        self._worker = worker
+        self.activeJobs: List[PropagationJob] = []
+        #: Called between polls while waiting (the GUI sets slicer.app.processEvents).
+        self.idle: Optional[Callable[[], None]] = None
+        self._observedScenes = {}
+        self._usedWorkers: Dict[int, Worker] = {}
+
+    # ------------------------------------------------------------------ preparation (main)
+    def prepare(self, targetVolumeNode, supportSegmentationNode, segmentIds: Sequence[str], *,
+                supportVolumeNode=None, sliceNormal_World=AXIAL_NORMAL, supportSlices: SupportSlices = None,
+                sliceRange: Optional[Tuple[int, int]] = None) -> PreparedRun:
+        """Read and check the inputs; everything the worker needs, as canonical arrays."""
+        if targetVolumeNode is None:
+            raise InputError("Select the volume to segment.")
+        if supportSegmentationNode is None:
+            raise InputError("Select the segmentation that holds the painted support segment(s).")
+        segmentIds = list(segmentIds)
+        if not segmentIds:
+            raise InputError("Select at least one support segment.")
+        if supportVolumeNode is None:
+            supportVolumeNode = self.defaultSupportVolume(supportSegmentationNode) or targetVolumeNode
+        sameVolume = supportVolumeNode is targetVolumeNode
+
+        targetIjkToWorld = mrml_io.ijkToWorldMatrix(targetVolumeNode)
+        targetAxis = geometry.sliceAxisFromNormal(sliceNormal_World, targetIjkToWorld)
+        targetOrientation = geometry.canonicalOrientation(targetIjkToWorld)
+        targetShape = mrml_io.volumeShapeKji(targetVolumeNode)
+        query = np.ascontiguousarray(targetOrientation.toCanonical(mrml_io.volumeToArray(targetVolumeNode)))
+        if sameVolume:
+            supportAxis, supportOrientation, supportShape, support = targetAxis, targetOrientation, targetShape, None
+        else:
+            supportIjkToWorld = mrml_io.ijkToWorldMatrix(supportVolumeNode)
+            supportAxis = geometry.sliceAxisFromNormal(sliceNormal_World, supportIjkToWorld)
+            supportOrientation = geometry.canonicalOrientation(supportIjkToWorld)
+            supportShape = mrml_io.volumeShapeKji(supportVolumeNode)
+            support = np.ascontiguousarray(supportOrientation.toCanonical(mrml_io.volumeToArray(supportVolumeNode)))
+        axis = targetOrientation.canonicalAxisFromIjkAxis(targetAxis.ijkAxis)
+        if supportOrientation.canonicalAxisFromIjkAxis(supportAxis.ijkAxis) != axis:
+            raise InputError(
+                f"The view cuts '{supportVolumeNode.GetName()}' and '{targetVolumeNode.GetName()}' along different "
+                "anatomical axes (one of them is rotated by about 45 degrees); resample one volume to the other's "
+                "orientation and try again.")
+
+        masks = {}
+        for segmentId in segmentIds:
+            segment = supportSegmentationNode.GetSegmentation().GetSegment(segmentId)
+            if segment is None:
+                raise InputError(f"Segment '{segmentId}' is not in '{supportSegmentationNode.GetName()}'.")
+            mask = mrml_io.segmentToArray(supportSegmentationNode, segmentId, supportVolumeNode)
+            if not mask.any():
+                raise InputError(f"Segment '{segment.GetName()}' is empty on volume '{supportVolumeNode.GetName()}': "
+                                 "paint the structure on at least one slice first.")
+            masks[segmentId] = np.ascontiguousarray(supportOrientation.toCanonical(mask))
+
+        canonicalSupport = None
+        if supportSlices is not None:
+            if not isinstance(supportSlices, Mapping):
+                supportSlices = {segmentId: supportSlices for segmentId in segmentIds}
+            canonicalSupport = {}
+            for segmentId, indices in supportSlices.items():
+                if segmentId not in masks:
+                    raise ValueError(f"supportSlices names segment {segmentId!r}, which is not being propagated")
+                indices = [indices] if np.isscalar(indices) else list(indices)
+                size = supportShape[supportAxis.kjiAxis]
+                for index in indices:
+                    if not 0 <= int(index) < size:
+                        raise InputError(f"Support slice {index} is outside '{supportVolumeNode.GetName()}' "
+                                         f"(slices 0..{size - 1}).")
+                canonicalSupport[segmentId] = sorted(
+                    supportOrientation.canonicalIndex(supportAxis.ijkAxis, int(i), supportShape) for i in indices)
+
+        canonicalRange = None
+        if sliceRange is not None:
+            first, last = (int(v) for v in sliceRange)
+            size = targetShape[targetAxis.kjiAxis]
+            if min(first, last) < 0 or max(first, last) >= size:
+                raise InputError(f"Slice range {sliceRange} is outside '{targetVolumeNode.GetName()}' "
+                                 f"(slices 0..{size - 1}).")
+            ends = [targetOrientation.canonicalIndex(targetAxis.ijkAxis, v, targetShape) for v in (first, last)]
+            canonicalRange = (min(ends), max(ends))
+
+        return PreparedRun(query=query, support=support, masks=masks, axis=axis, supportSlices=canonicalSupport,
+                           sliceRange=canonicalRange, targetAxis=targetAxis, supportAxis=supportAxis,
+                           targetOrientation=targetOrientation, supportOrientation=supportOrientation,
+                           targetShape=targetShape, supportShape=supportShape)
+
+    @staticmethod
+    def defaultSupportVolume(segmentationNode):
+        """The volume a segmentation was painted on (its reference geometry volume), if known."""
+        if segmentationNode is None:
+            return None
+        return segmentationNode.GetNodeReference(
+            slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
+
+    # ------------------------------------------------------------------ running
+    def process(self, targetVolumeNode, supportSegmentationNode, segmentIds: Sequence[str], *,
+                supportVolumeNode=None, sliceNormal_World=AXIAL_NORMAL, supportSlices: SupportSlices = None,
+                sliceRange: Optional[Tuple[int, int]] = None, options: ProcessOptions = ProcessOptions(),
+                waitForCompletion: bool = True,
+                progressCallback: Optional[Callable[[int, int], None]] = None,
+                cancelEvent: Optional[threading.Event] = None,
+                onFinished: Optional[Callable[[PropagationJob], None]] = None):
+        """Propagate support segments through a volume into a new preview segmentation.
+
+        targetVolumeNode: volume to segment. supportSegmentationNode / segmentIds: the painted
+        support segment(s). supportVolumeNode: volume they were painted on (default: the
+        segmentation's reference volume, else the target). sliceNormal_World: slice view normal
+        (default axial); oblique views are refused. supportSlices: slice index (or indices, or
+        segment ID -> indices) along the support volume's slice axis; default the largest
+        painted slice. sliceRange: inclusive target slice indices to process (default all).
+
+        Returns a PropagationResult (waitForCompletion=True; raises the run's error, or
+        CancelledError) or a PropagationJob. progressCallback(done, total) and onFinished(job)
+        are called on this thread, from ``poll``.
+        """
+        prepared = self.prepare(targetVolumeNode, supportSegmentationNode, segmentIds,
+                                supportVolumeNode=supportVolumeNode, sliceNormal_World=sliceNormal_World,
+                                supportSlices=supportSlices, sliceRange=sliceRange)
+        if supportVolumeNode is None:
+            supportVolumeNode = self.defaultSupportVolume(supportSegmentationNode) or targetVolumeNode
+        device = resolveDevice(options.device)
+        worker = self._worker or workerForDevice(device)
+        handle = PropagationJob(self, [targetVolumeNode, supportVolumeNode, supportSegmentationNode],
+                                list(prepared.masks))
+
+        def onWorkerFinished(job: Job) -> None:
+            self._finish(handle, job, prepared, targetVolumeNode, supportVolumeNode, supportSegmentationNode)
+            if onFinished is not None:
+                onFinished(handle)
+
+        handle.job = worker.submit(
+            _engineJob(prepared, options, device), name=f"ProtoSAM {targetVolumeNode.GetName()}",
+            cancelEvent=cancelEvent,
+            onProgress=(lambda job, done, total: progressCallback(done, total)) if progressCallback else None,
+            onFinished=onWorkerFinished)
+        handle.worker = worker
+        self._usedWorkers[id(worker)] = worker
+        self.activeJobs.append(handle)
+        self._observeScene(targetVolumeNode.GetScene())
+        if not waitForCompletion:
+            return handle
+        worker.runUntilFinished(handle.job, idle=self.idle)
+        return handle.resultOrRaise()
+
+    def processBatch(self, targetVolumeNodes: Sequence, supportSegmentationNode, segmentIds: Sequence[str],
+                     **kwargs) -> List:
+        """``process`` for several volumes with the same support, queued on one worker.
+
+        With waitForCompletion=True (default) returns PropagationResults in order and raises
+        the first error after all runs have finished; otherwise returns PropagationJobs.
+        """
+        wait = kwargs.pop("waitForCompletion", True)
+        if "supportVolumeNode" not in kwargs or kwargs["supportVolumeNode"] is None:
+            kwargs["supportVolumeNode"] = self.defaultSupportVolume(supportSegmentationNode)
+            if kwargs["supportVolumeNode"] is None:
+                raise InputError("Batch runs need the support volume: select the volume the support was painted on.")
+        jobs = [self.process(volume, supportSegmentationNode, segmentIds, waitForCompletion=False, **kwargs)
+                for volume in targetVolumeNodes]
+        if not wait:
+            return jobs
+        for handle in jobs:
+            handle.worker.runUntilFinished(handle.job, idle=self.idle)
+        errors = [handle.error for handle in jobs if handle.error is not None]
+        if errors:
+            for handle in jobs:
+                if handle.result is not None:
+                    self.discard(handle.result)
+            raise errors[0]
+        return [handle.result for handle in jobs]
+
+    def poll(self) -> None:
+        """Deliver progress and completion of queued runs (call from a QTimer in the GUI)."""
+        for worker in list(self._usedWorkers.values()):
+            worker.poll()
+
+    def cancelAll(self, reason: str = "") -> None:
+        for handle in list(self.activeJobs):
+            handle.cancel(reason)
+
+    # ------------------------------------------------------------------ results (main)
+    def _finish(self, handle: PropagationJob, job: Job, prepared: PreparedRun, targetVolumeNode,
+                supportVolumeNode, supportSegmentationNode) -> None:
+        try:
+            engineResult = job.resultOrRaise()
+            for node in handle.nodes:
+                if node.GetScene() is None or not node.GetScene().IsNodePresent(node):
+                    raise CancelledError(f"'{node.GetName()}' was removed from the scene during the run; "
+                                         "nothing was written.")
+            masks = {segmentId: prepared.targetOrientation.fromCanonical(mask)
+                     for segmentId, mask in engineResult.masks.items()}
+            preview = results.createPreview(targetVolumeNode, supportSegmentationNode, masks)
+            toTarget = lambda i: prepared.targetOrientation.ijkIndex(prepared.targetAxis.ijkAxis, i, prepared.targetShape)  # noqa: E731
+            toSupport = lambda i: prepared.supportOrientation.ijkIndex(prepared.supportAxis.ijkAxis, i, prepared.supportShape)  # noqa: E731
+            handle.result = PropagationResult(
+                targetVolumeNode=targetVolumeNode, supportVolumeNode=supportVolumeNode,
+                supportSegmentationNode=supportSegmentationNode, previewSegmentationNode=preview,
+                segmentIds=list(masks), sliceAxis=prepared.targetAxis,
+                supportSlices={k: sorted(toSupport(i) for i in v) for k, v in engineResult.support_slices.items()},
+                processedSlices={k: sorted(toTarget(i) for i in v) for k, v in engineResult.processed_slices.items()},
+                seconds=engineResult.seconds)
+        except CancelledError as error:
+            handle.error = CancelledError(handle.cancelReason) if handle.cancelReason else error
+        except Exception as error:  # carried to the caller (raised by resultOrRaise)
+            handle.error = error
+        finally:
+            handle.finished = True
+            if handle in self.activeJobs:
+                self.activeJobs.remove(handle)
+
+    def accept(self, result: PropagationResult, destinationSegmentationNode=None,
+               mode: str = results.ACCEPT_NEW) -> Dict[str, str]:
+        """Copy a result into a segmentation (undoable, other segments untouched).
+
+        destinationSegmentationNode: default the support segmentation when the target is the
+        support volume, else a new segmentation named "<volume> ProtoSAM".
+        Returns support segment ID -> destination segment ID.
+        """
+        if destinationSegmentationNode is None:
+            if result.targetVolumeNode is result.supportVolumeNode:
+                destinationSegmentationNode = result.supportSegmentationNode
+            else:
+                destinationSegmentationNode = results.newSegmentationLike(
+                    result.targetVolumeNode, f"{result.targetVolumeNode.GetName()} ProtoSAM")
+        return results.acceptPreview(result.previewSegmentationNode, result.targetVolumeNode,
+                                     destinationSegmentationNode, result.supportSegmentationNode, mode)
+
+    def discard(self, result: PropagationResult) -> None:
+        """Remove a result's preview segmentation."""
+        results.removeNode(result.previewSegmentationNode)
+
+    # ------------------------------------------------------------------ scene observation
+    def _observeScene(self, scene) -> None:
+        if scene is None or id(scene) in self._observedScenes:
+            return
+        import vtk
+
+        @vtk.calldata_type(vtk.VTK_OBJECT)
+        def onNodeAboutToBeRemoved(caller, event, node):
+            for handle in list(self.activeJobs):
+                if handle.involves(node):
+                    logger.info("'%s' is being removed: cancelling the ProtoSAM run that uses it.", node.GetName())
+                    handle.cancel(f"'{node.GetName()}' was removed from the scene during the run; nothing was written.")
+
+        tag = scene.AddObserver(slicer.vtkMRMLScene.NodeAboutToBeRemovedEvent, onNodeAboutToBeRemoved)
+        self._observedScenes[id(scene)] = (scene, tag, onNodeAboutToBeRemoved)
+
+    def cleanup(self) -> None:
+        """Cancel this logic's runs and stop observing scenes (module cleanup / reload)."""
+        self.cancelAll("ProtoSAM was closed; the run was cancelled.")
+        for scene, tag, _ in self._observedScenes.values():
+            scene.RemoveObserver(tag)
+        self._observedScenes.clear()
+
+
+def _engineJob(prepared: PreparedRun, options: ProcessOptions, device: str):
+    """Job function for the device worker: only numpy arrays and plain values are captured."""
+    query, support, masks = prepared.query, prepared.support, prepared.masks
+    axis, supportSlices, sliceRange = prepared.axis, prepared.supportSlices, prepared.sliceRange
+
+    def run(progress, cancel):
+        engine = engineCacheForDevice(device).get(
+            options.models, options.preset, device, weightsHome=options.weightsHome,
+            download=options.allowDownload, cacheBytes=options.cacheBytes)
+        if cancel.is_set():
+            raise CancelledError("Cancelled before the run started; nothing was written.")
+        return protosam.segment_volume(
+            engine, query, support, masks, axis=axis, support_slices=supportSlices, slice_range=sliceRange,
+            modality=options.modality, auto_extent=options.autoExtent, progress=progress, cancel=cancel)
+
+    return run

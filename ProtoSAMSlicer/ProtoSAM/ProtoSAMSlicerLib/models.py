@@ -1,0 +1,180 @@
+"""Model choices, weights status and downloads, and a per-device engine cache (no Qt, no MRML).
+
+The Slicer module offers the official models by name; a custom checkpoint path (offline sites,
+fine-tuned MedSAM) replaces the cached official file. Weights live in the ProtoSAM cache
+(``protosam.weights``: ``$PROTOSAM_HOME`` or ``~/.protosam``, or the folder set in the module's
+settings), never inside the extension folder, so they survive extension updates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from protosam import Engine, ModelSelection
+from protosam import weights as protosamWeights
+from protosam.errors import CancelledError
+from protosam.models.dinov2 import DINOV2_ARCHITECTURES
+from protosam.models.sam import SAM_ARCHITECTURES
+
+logger = logging.getLogger(__name__)
+
+#: (name, label) of the DINOv2 encoders offered in the GUI, smallest first.
+DINOV2_CHOICES: Tuple[Tuple[str, str], ...] = (
+    ("dinov2_vits14", "DINOv2 ViT-S/14 (fastest)"),
+    ("dinov2_vitb14", "DINOv2 ViT-B/14 (default)"),
+    ("dinov2_vitl14", "DINOv2 ViT-L/14 (paper)"),
+    ("dinov2_vitg14", "DINOv2 ViT-g/14 (largest)"),
+)
+#: (name, label) of the SAM refiners offered in the GUI.
+SAM_CHOICES: Tuple[Tuple[str, str], ...] = (
+    ("vit_b", "SAM ViT-B (default)"),
+    ("vit_l", "SAM ViT-L"),
+    ("vit_h", "SAM ViT-H (paper)"),
+    ("medsam_vit_b", "MedSAM ViT-B"),
+)
+DEFAULT_DINOV2 = "dinov2_vitb14"
+DEFAULT_SAM = "vit_b"
+#: Side of the square the engine resizes slices to (the paper's value).
+DEFAULT_INPUT_SIZE = 672
+
+
+def modelSelection(dinov2: str = DEFAULT_DINOV2, sam: str = DEFAULT_SAM, *, dinov2Checkpoint: str = "",
+                   samCheckpoint: str = "", inputSize: int = DEFAULT_INPUT_SIZE) -> ModelSelection:
+    """Validated ModelSelection from GUI values; empty checkpoint strings mean "official file"."""
+    if dinov2 not in DINOV2_ARCHITECTURES:
+        raise ValueError(f"Unknown DINOv2 model {dinov2!r}; choose one of {', '.join(n for n, _ in DINOV2_CHOICES)}")
+    if sam not in SAM_ARCHITECTURES:
+        raise ValueError(f"Unknown SAM model {sam!r}; choose one of {', '.join(n for n, _ in SAM_CHOICES)}")
+    return ModelSelection(dinov2=dinov2, dinov2_checkpoint=dinov2Checkpoint.strip() or None,
+                          sam=sam, sam_checkpoint=samCheckpoint.strip() or None, input_size=int(inputSize))
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsStatus:
+    """Where the weights of one model come from and whether they are ready.
+
+    status: "custom" (explicit checkpoint path), "verified", "present" (right size, hash not
+    checked yet), "partial" (resumable download), "wrong size", "missing", or
+    "custom missing" (the explicit path does not exist).
+    """
+
+    model: str
+    family: str
+    status: str
+    path: Path
+    url: str = ""
+    sizeBytes: Optional[int] = None
+
+    @property
+    def ready(self) -> bool:
+        return self.status in ("custom", "verified", "present")
+
+
+def weightsStatus(models: ModelSelection, home: Optional[str] = None) -> List[WeightsStatus]:
+    """Status of the DINOv2 and SAM weights ``models`` needs (cheap: no hashing)."""
+    statuses = []
+    for family, name, checkpoint in (("dinov2", models.dinov2, models.dinov2_checkpoint),
+                                     ("sam", models.sam, models.sam_checkpoint)):
+        if checkpoint:
+            path = Path(checkpoint).expanduser()
+            statuses.append(WeightsStatus(name, family, "custom" if path.is_file() else "custom missing", path))
+            continue
+        if name not in protosamWeights.REGISTRY:
+            statuses.append(WeightsStatus(name, family, "custom missing", Path("")))
+            continue
+        entry = protosamWeights.REGISTRY[name]
+        statuses.append(WeightsStatus(name, family, protosamWeights.cache_status(entry, home),
+                                      protosamWeights.cache_path(entry, home), entry.url, entry.size))
+    return statuses
+
+
+def offlineInstructions(statuses: Sequence[WeightsStatus]) -> str:
+    """Plain-text steps to install missing weights by hand (firewalled or offline sites)."""
+    lines = []
+    for status in statuses:
+        if status.ready:
+            continue
+        if status.status == "custom missing":
+            lines.append(f"- {status.model}: the checkpoint file {status.path} does not exist; choose an existing "
+                         "file or clear the custom path to use the official weights.")
+        else:
+            lines.append(f"- {status.model}: download {status.url} on a computer with internet access and copy "
+                         f"it to {status.path}")
+    if not lines:
+        return "All model weights are installed."
+    return "Missing model weights:\n" + "\n".join(lines)
+
+
+def downloadWeightsFunction(models: ModelSelection, home: Optional[str] = None):
+    """Worker job function that downloads the missing official weights of ``models``.
+
+    Progress is reported in bytes over all files; cancel leaves resumable ``.part`` files.
+    Returns the list of checkpoint paths. Raises WeightsUnavailableError with offline
+    instructions when the network fails.
+    """
+    statuses = [s for s in weightsStatus(models, home) if not s.ready]
+    for status in statuses:
+        if status.status == "custom missing":
+            raise FileNotFoundError(offlineInstructions([status]))
+
+    def function(progress, cancel: threading.Event) -> List[Path]:
+        total = sum(s.sizeBytes or 0 for s in statuses)
+        finished = 0
+        paths = []
+        for status in statuses:
+            if cancel.is_set():
+                raise CancelledError("Download cancelled; it resumes where it stopped next time.")
+
+            def fileProgress(done, _total, offset=finished):
+                progress(min(offset + int(done), total), total)
+
+            paths.append(protosamWeights.download(status.model, home, progress=fileProgress, cancel=cancel))
+            finished += status.sizeBytes or 0
+        progress(total, total)
+        return paths
+
+    return function
+
+
+class EngineCache:
+    """The last Engine built, reused while models, preset and device stay the same.
+
+    Build and use it only on the device's worker thread (models stay on that thread, see
+    worker.py). One engine at a time: big models do not fit twice in GPU memory.
+    """
+
+    def __init__(self):
+        self._key = None
+        self._engine: Optional[Engine] = None
+        self._lock = threading.Lock()
+
+    def get(self, models: ModelSelection, preset: str, device: str, *, weightsHome: Optional[str] = None,
+            download: bool = False, cacheBytes: int = 0) -> Engine:
+        key = (models, preset, device, weightsHome, cacheBytes)
+        with self._lock:
+            if self._engine is None or self._key != key:
+                self._engine = None  # release the previous models before loading new ones
+                logger.info("Loading ProtoSAM models %s + %s on %s", models.dinov2, models.sam, device)
+                self._engine = Engine(models, preset=preset, device=device, download=download,
+                                      weights_home=weightsHome, cache_bytes=cacheBytes)
+                self._key = key
+            return self._engine
+
+    def clear(self) -> None:
+        with self._lock:
+            self._engine = None
+            self._key = None
+
+
+_engineCaches: Dict[str, EngineCache] = {}
+_engineCachesLock = threading.Lock()
+
+
+def engineCacheForDevice(device: str) -> EngineCache:
+    """The session-wide engine cache of a device (pairs with worker.workerForDevice)."""
+    with _engineCachesLock:
+        return _engineCaches.setdefault(device, EngineCache())

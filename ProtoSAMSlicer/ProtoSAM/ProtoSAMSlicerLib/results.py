@@ -1,0 +1,161 @@
+"""Preview segmentations and accepted results (main thread, MRML, no Qt).
+
+A run never writes into the user's segmentation: results first go to a separate *preview*
+segmentation node on the target volume's grid. Accepting copies them, in one undoable step,
+into a destination segmentation either as new segments named after the support segments, or
+by replacing the segments of the same name; colour and terminology follow the support
+segment. Discarding removes the preview. A failed or cancelled run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, Mapping, Optional
+
+import numpy as np
+
+import slicer
+from protosam.errors import InputError
+
+from . import mrml_io
+
+logger = logging.getLogger(__name__)
+
+#: Node attribute that marks ProtoSAM preview segmentations.
+PREVIEW_ATTRIBUTE = "ProtoSAM.Preview"
+ACCEPT_NEW = "new"
+ACCEPT_REPLACE = "replace"
+ACCEPT_MODES = (ACCEPT_NEW, ACCEPT_REPLACE)
+#: Suffix added to the name of a new segment when the destination already has that name.
+RESULT_NAME_SUFFIX = "ProtoSAM"
+
+
+def segmentTerminology(segment) -> str:
+    """The segment's serialized terminology entry (standard coded name), or "" if none."""
+    if hasattr(segment, "GetTerminology"):  # Slicer >= 5.4
+        return segment.GetTerminology() or ""
+    import vtk
+
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), value) else ""
+
+
+def copySegmentAppearance(source, target) -> None:
+    """Copy colour and terminology (standard coded name) from one vtkSegment to another."""
+    target.SetColor(*source.GetColor())
+    terminology = segmentTerminology(source)
+    if terminology:
+        target.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology)
+
+
+def uniqueSegmentName(segmentationNode, baseName: str) -> str:
+    """``baseName`` if unused in the segmentation, else "<base> (ProtoSAM)", "<base> (ProtoSAM 2)"..."""
+    segmentation = segmentationNode.GetSegmentation()
+    if not segmentation.GetSegmentIdBySegmentName(baseName):
+        return baseName
+    counter = 1
+    while True:
+        suffix = RESULT_NAME_SUFFIX if counter == 1 else f"{RESULT_NAME_SUFFIX} {counter}"
+        name = f"{baseName} ({suffix})"
+        if not segmentation.GetSegmentIdBySegmentName(name):
+            return name
+        counter += 1
+
+
+def newSegmentationLike(volumeNode, name: str):
+    """Empty segmentation node on a volume's grid, under the volume's parent transform."""
+    scene = volumeNode.GetScene()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+    if volumeNode.GetParentTransformNode() is not None:
+        node.SetAndObserveTransformNodeID(volumeNode.GetParentTransformNode().GetID())
+    return node
+
+
+def createPreview(targetVolumeNode, supportSegmentationNode, masks_Kji: Mapping[str, np.ndarray]):
+    """Preview segmentation with one segment per support segment ID -> (K, J, I) uint8 mask.
+
+    Preview segments keep the support segment IDs, names, colours and terminology.
+    Returns the preview node.
+    """
+    preview = newSegmentationLike(targetVolumeNode, f"{targetVolumeNode.GetName()} ProtoSAM preview")
+    preview.SetAttribute(PREVIEW_ATTRIBUTE, "1")
+    try:
+        with mrml_io.renderPaused():
+            for segmentId, mask in masks_Kji.items():
+                source = supportSegmentationNode.GetSegmentation().GetSegment(segmentId)
+                if source is None:
+                    raise InputError(f"Support segment '{segmentId}' was removed during the run.")
+                newId = preview.GetSegmentation().AddEmptySegment(segmentId, source.GetName(), source.GetColor())
+                if not newId:
+                    raise RuntimeError("Could not add a segment: the Segmentations module logic is not available.")
+                copySegmentAppearance(source, preview.GetSegmentation().GetSegment(newId))
+                mrml_io.writeSegmentFromArray(mask, preview, newId, targetVolumeNode,
+                                              previous_Kji=np.zeros_like(mask))
+    except Exception:
+        removeNode(preview)
+        raise
+    return preview
+
+
+def isPreview(node) -> bool:
+    return node is not None and node.GetAttribute(PREVIEW_ATTRIBUTE) == "1"
+
+
+def removeNode(node) -> None:
+    """Remove a node (and its display nodes) from its scene, if it is still there."""
+    if node is None or node.GetScene() is None:
+        return
+    scene = node.GetScene()
+    if scene.IsNodePresent(node):
+        scene.RemoveNode(node)
+
+
+def acceptPreview(previewNode, referenceVolumeNode, destinationNode, supportSegmentationNode,
+                  mode: str = ACCEPT_NEW) -> Dict[str, str]:
+    """Copy preview segments into ``destinationNode``; returns support segment ID -> written ID.
+
+    mode "new": add segments named after the support segments (a suffix avoids duplicates).
+    mode "replace": overwrite the segment of the same name (when the destination is the support
+    segmentation: the support segment itself), creating it if absent.
+    Other segments of the destination are not modified. One undo state is saved first.
+    The preview node is removed afterwards.
+    """
+    if mode not in ACCEPT_MODES:
+        raise ValueError(f"mode must be one of {ACCEPT_MODES}, got {mode!r}")
+    if not isPreview(previewNode):
+        raise ValueError("previewNode is not a ProtoSAM preview segmentation")
+    scene = destinationNode.GetScene()
+    previewIds = mrml_io.segmentIds(previewNode)
+    masks = {segmentId: mrml_io.segmentToArray(previewNode, segmentId, referenceVolumeNode)
+             for segmentId in previewIds}
+    if scene is not None and scene.GetUndoFlag():
+        scene.SaveStateForUndo()
+    written = {}
+    destination = destinationNode.GetSegmentation()
+    with mrml_io.renderPaused():
+        for segmentId in previewIds:
+            previewSegment = previewNode.GetSegmentation().GetSegment(segmentId)
+            source = supportSegmentationNode.GetSegmentation().GetSegment(segmentId) or previewSegment
+            name = previewSegment.GetName()
+            targetId = ""
+            if mode == ACCEPT_REPLACE:
+                if destinationNode is supportSegmentationNode and destination.GetSegment(segmentId) is not None:
+                    targetId = segmentId
+                else:
+                    targetId = destination.GetSegmentIdBySegmentName(name)
+            previous = None
+            if not targetId:
+                targetId = destination.AddEmptySegment("", uniqueSegmentName(destinationNode, name),
+                                                       previewSegment.GetColor())
+                if not targetId:
+                    raise RuntimeError("Could not add a segment: the Segmentations module logic is not available.")
+                copySegmentAppearance(source, destination.GetSegment(targetId))
+                previous = np.zeros_like(masks[segmentId])
+            mrml_io.writeSegmentFromArray(masks[segmentId], destinationNode, targetId, referenceVolumeNode,
+                                          previous_Kji=previous)
+            written[segmentId] = targetId
+    logger.info("Accepted %d ProtoSAM segment(s) into '%s' (%s)", len(written), destinationNode.GetName(), mode)
+    removeNode(previewNode)
+    return written

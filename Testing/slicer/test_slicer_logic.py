@@ -1,0 +1,187 @@
+"""ProtoSAMLogic against real MRML and the real engine with tiny random-weight models."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import protosam
+import slicer
+from ProtoSAMSlicerLib import geometry, mrml_io, results
+from ProtoSAMSlicerLib.logic import ProcessOptions, ProtoSAMLogic
+from ProtoSAMSlicerLib.models import engineCacheForDevice
+from protosam.errors import CancelledError, CheckpointError, InputError
+from slicer_mrml_helpers import addSegmentation, addVolume, homogeneous, ijkToRasFrom, rotationMatrix
+
+LPS = np.diag([-1.0, -1.0, 1.0])
+PERMUTED = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])  # I->S, J->R, K->A
+AXIAL, CORONAL = (0.0, 0.0, 1.0), (0.0, 1.0, 0.0)
+# name: directions, spacing, parent transform, KJI shape, view normal, expected IJK slice axis
+CASES = {
+    "identity_axial": (np.eye(3), (1.0, 1.0, 1.0), None, (5, 20, 24), AXIAL, 2),
+    "identity_coronal": (np.eye(3), (1.0, 1.0, 1.0), None, (20, 5, 24), CORONAL, 1),
+    "lps_anisotropic": (LPS, (0.7, 0.9, 3.0), None, (5, 20, 24), AXIAL, 2),
+    "permuted": (PERMUTED, (0.8, 1.0, 2.0), None, (20, 24, 5), AXIAL, 0),
+    "rotated_parent_transform": (rotationMatrix((0, 0, 1), 30), (0.9, 0.9, 2.5),
+                                 homogeneous(rotationMatrix((0, 0, 1), 90), (15.0, -5.0, 3.0)),
+                                 (5, 20, 24), AXIAL, 2),
+}
+PAINTED = 2  # index of the painted slice along the view axis
+
+
+def imageAndMasks(shape, kjiAxis, seed=0):
+    """A bright box on noise, the box painted on one slice ("liver"), and an untouched "spleen"."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(0, 20, size=shape).astype(np.float32)
+    box = np.zeros(shape, bool)
+    box[tuple(slice(n // 4, n // 4 + max(2, n // 2)) for n in shape)] = True
+    image[box] += 300
+    liver = np.zeros(shape, np.uint8)
+    index = [slice(None)] * 3
+    index[kjiAxis] = PAINTED
+    liver[tuple(index)] = box[tuple(index)]
+    spleen = np.zeros(shape, np.uint8)
+    spleen[0, 0:2, 0:3] = 1
+    return image, liver, spleen
+
+
+def buildCase(scene, name):
+    directions, spacing, parent, shape, normal, ijkAxis = CASES[name]
+    kjiAxis = geometry.kjiAxisFromIjkAxis(ijkAxis)
+    image, liver, spleen = imageAndMasks(shape, kjiAxis)
+    ijkToRas = ijkToRasFrom(directions, spacing, (4.0, -6.0, 9.0))
+    volume = addVolume(scene, image, ijkToRas, name=name, parentTransform=parent)
+    segmentation, ids = addSegmentation(scene, volume, {"liver": liver, "spleen": spleen},
+                                        colors={"liver": (0.8, 0.3, 0.2)})
+    ijkToWorld = ijkToRas if parent is None else parent @ ijkToRas
+    return volume, segmentation, ids, image, liver, spleen, ijkToWorld, normal, ijkAxis
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_results_land_on_the_right_voxels(scene, tinyOptions, case):
+    volume, segmentation, ids, image, liver, spleen, ijkToWorld, normal, ijkAxis = buildCase(scene, case)
+    before = {k: mrml_io.segmentToArray(segmentation, v, volume) for k, v in ids.items()}
+    progress = []
+    logic = ProtoSAMLogic()
+    result = logic.process(volume, segmentation, [ids["liver"]], sliceNormal_World=normal, options=tinyOptions,
+                           progressCallback=lambda done, total: progress.append((done, total)))
+
+    kjiAxis = geometry.kjiAxisFromIjkAxis(ijkAxis)
+    size = liver.shape[kjiAxis]
+    assert result.sliceAxis.ijkAxis == ijkAxis
+    assert result.supportSlices == {ids["liver"]: [PAINTED]}
+    assert result.processedSlices[ids["liver"]] == [k for k in range(size) if k != PAINTED]
+    assert progress[-1][0] == progress[-1][1] and [d for d, _ in progress] == sorted(d for d, _ in progress)
+
+    preview = result.previewSegmentationNode
+    assert results.isPreview(preview)
+    out = mrml_io.segmentToArray(preview, ids["liver"], volume)
+    # The painted slice comes back on exactly the painted voxels: geometry round trip.
+    index = [slice(None)] * 3
+    index[kjiAxis] = PAINTED
+    assert np.array_equal(out[tuple(index)], liver[tuple(index)])
+    # Every slice equals the engine run on the same (canonically oriented) arrays.
+    orientation = geometry.canonicalOrientation(ijkToWorld)
+    engine = engineCacheForDevice("cpu").get(tinyOptions.models, tinyOptions.preset, "cpu",
+                                             cacheBytes=tinyOptions.cacheBytes)
+    reference = protosam.segment_volume(
+        engine, np.ascontiguousarray(orientation.toCanonical(image)), None,
+        {"liver": np.ascontiguousarray(orientation.toCanonical(liver))},
+        axis=orientation.canonicalAxisFromIjkAxis(ijkAxis), auto_extent=False)
+    assert np.array_equal(out, orientation.fromCanonical(reference.masks["liver"]))
+    # Preview geometry is the target's; the user's segmentation was not touched.
+    assert preview.GetParentTransformNode() is volume.GetParentTransformNode()
+    assert np.allclose(mrml_io.ijkToWorldMatrix(volume), ijkToWorld)
+    previewSegment = preview.GetSegmentation().GetSegment(ids["liver"])
+    assert previewSegment.GetName() == "liver"
+    assert previewSegment.GetColor() == pytest.approx((0.8, 0.3, 0.2))
+    for name, segmentId in ids.items():
+        assert np.array_equal(mrml_io.segmentToArray(segmentation, segmentId, volume), before[name])
+    assert mrml_io.segmentIds(segmentation) == [ids["liver"], ids["spleen"]]
+
+
+def test_cancel_mid_run_leaves_no_partial_segment(scene, tinyOptions):
+    volume, segmentation, ids, *_ = buildCase(scene, "identity_coronal")
+    nodesBefore = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    cancel = threading.Event()
+    events = []
+
+    def onProgress(done, total):
+        events.append(done)
+        cancel.set()  # the user presses Cancel after the first slice
+
+    logic = ProtoSAMLogic()
+    with pytest.raises(CancelledError):
+        logic.process(volume, segmentation, [ids["liver"]], sliceNormal_World=CORONAL, options=tinyOptions,
+                      progressCallback=onProgress, cancelEvent=cancel)
+    assert events and events[-1] <= events[0] + 1  # stopped within one slice
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == nodesBefore
+    assert mrml_io.segmentIds(segmentation) == [ids["liver"], ids["spleen"]]
+    assert logic.activeJobs == []
+
+
+def test_removing_the_volume_during_a_run_cancels_it_cleanly(scene, tinyOptions):
+    volume, segmentation, ids, *_ = buildCase(scene, "identity_axial")
+    logic = ProtoSAMLogic()
+    finished = []
+    job = logic.process(volume, segmentation, [ids["liver"]], options=tinyOptions, waitForCompletion=False,
+                        progressCallback=lambda d, t: scene.RemoveNode(volume) if scene.IsNodePresent(volume) else None,
+                        onFinished=finished.append)
+    job.worker.runUntilFinished(job.job, timeout=120)
+    assert finished == [job] and job.result is None
+    with pytest.raises(CancelledError, match="removed from the scene"):
+        job.resultOrRaise()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    logic.cleanup()
+
+
+def test_errors_reach_the_caller(scene, tinyOptions, tmp_path):
+    volume, segmentation, ids, image, *_ = buildCase(scene, "identity_axial")
+    logic = ProtoSAMLogic()
+    empty = segmentation.GetSegmentation().AddEmptySegment("empty", "empty")
+    with pytest.raises(InputError, match="'empty' is empty"):
+        logic.process(volume, segmentation, [empty], options=tinyOptions)
+    with pytest.raises(geometry.ObliqueSliceError):
+        logic.process(volume, segmentation, [ids["liver"]], options=tinyOptions,
+                      sliceNormal_World=rotationMatrix((1, 0, 0), 25) @ np.array(AXIAL))
+    with pytest.raises(InputError, match="Slice range"):
+        logic.process(volume, segmentation, [ids["liver"]], options=tinyOptions, sliceRange=(0, 99))
+    with pytest.raises(InputError, match="Support slice"):
+        logic.process(volume, segmentation, [ids["liver"]], options=tinyOptions, supportSlices=7)
+    # An engine error raised on the worker thread (bad checkpoint) reaches the caller.
+    badModels = protosam.ModelSelection(dinov2="dinov2_tiny14", dinov2_checkpoint=str(tmp_path / "missing.pth"),
+                                        sam="sam_tiny", sam_checkpoint=tinyOptions.models.sam_checkpoint,
+                                        input_size=56)
+    with pytest.raises(CheckpointError, match="not found"):
+        logic.process(volume, segmentation, [ids["liver"]],
+                      options=ProcessOptions(models=badModels, device="cpu", autoExtent=False))
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+
+
+def test_batch_over_two_volumes_with_the_same_support_and_accept(scene, tinyOptions):
+    volume, segmentation, ids, image, liver, *_ = buildCase(scene, "identity_axial")
+    # A second scan of the same size, stored LPS and shifted: support comes from the first volume.
+    other = addVolume(scene, image[:, ::-1, ::-1].copy(), ijkToRasFrom(LPS, (1.0, 1.0, 1.0), (23.0, 19.0, 9.0)),
+                      name="other")
+    logic = ProtoSAMLogic()
+    jobs = logic.processBatch([volume, other], segmentation, [ids["liver"]], options=tinyOptions,
+                              supportVolumeNode=volume, waitForCompletion=False)
+    assert len(jobs) == 2 and jobs[0].worker is jobs[1].worker  # queued on one persistent worker
+    jobs[1].worker.runUntilFinished(jobs[1].job, timeout=300)
+    jobs[0].worker.poll()
+    first, second = (job.resultOrRaise() for job in jobs)
+    assert first.previewSegmentationNode is not second.previewSegmentationNode
+    # "other" is the same anatomy flipped in I and J: the canonical orientation makes the
+    # engine see identical arrays, so the results are the same voxels in World.
+    a = mrml_io.segmentToArray(first.previewSegmentationNode, ids["liver"], volume)
+    b = mrml_io.segmentToArray(second.previewSegmentationNode, ids["liver"], other)
+    assert a.any() and np.array_equal(a[:, ::-1, ::-1], b)
+    written = logic.accept(second)
+    destination = scene.GetFirstNodeByName("other ProtoSAM")
+    assert destination is not None and not results.isPreview(destination)
+    newSegment = destination.GetSegmentation().GetSegment(written[ids["liver"]])
+    assert newSegment.GetName() == "liver" and newSegment.GetColor() == pytest.approx((0.8, 0.3, 0.2))
+    assert np.array_equal(mrml_io.segmentToArray(destination, written[ids["liver"]], other), b)
+    assert not scene.IsNodePresent(second.previewSegmentationNode)
+    logic.discard(first)
+    assert not scene.IsNodePresent(first.previewSegmentationNode)
