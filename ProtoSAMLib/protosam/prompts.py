@@ -52,28 +52,33 @@ def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels.astype(np.int32), int(count)
 
 
-def _top1_pixel_xy(values: np.ndarray, region: np.ndarray) -> Optional[np.ndarray]:
+def _top1_pixel_xy(values: np.ndarray, region: np.ndarray, offset=(0, 0)) -> Optional[np.ndarray]:
     """(x, y) of the largest ``values`` pixel inside bool ``region``; None if region is empty.
 
     torch.topk over the region's pixels in row-major order, so ties resolve exactly as the
-    reference implementation does.
+    reference implementation does. ``offset`` (row, col) maps a cropped region back.
     """
     rows, cols = np.nonzero(region)
     if rows.size == 0:
         return None
     best = int(torch.topk(torch.from_numpy(np.ascontiguousarray(values[rows, cols])), 1).indices[0])
-    return np.array([cols[best], rows[best]], dtype=np.float64)
+    return np.array([cols[best] + offset[1], rows[best] + offset[0]], dtype=np.float64)
 
 
-def _centroid_xy(component: np.ndarray) -> np.ndarray:
+def _centroid_xy(component: np.ndarray, offset=(0, 0)) -> np.ndarray:
     rows, cols = np.nonzero(component)
     # Integer sums divided once: the same double OpenCV's connectedComponentsWithStats gives.
-    return np.array([cols.sum(dtype=np.int64) / cols.size, rows.sum(dtype=np.int64) / rows.size])
+    rows = rows.astype(np.int64) + offset[0]
+    cols = cols.astype(np.int64) + offset[1]
+    return np.array([cols.sum() / cols.size, rows.sum() / rows.size])
 
 
-def _box_xyxy(component: np.ndarray) -> np.ndarray:
+def _box_xyxy(component: np.ndarray, offset=(0, 0)) -> np.ndarray:
     rows, cols = np.nonzero(component)
-    return np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=np.float64)
+    return np.array(
+        [cols.min() + offset[1], rows.min() + offset[0], cols.max() + offset[1], rows.max() + offset[0]],
+        dtype=np.float64,
+    )
 
 
 def extract_prompts(
@@ -115,10 +120,16 @@ def extract_prompts(
     if negative_points:
         global_negative = _top1_pixel_xy(bg_prob, bg_prob >= GLOBAL_NEGATIVE_MIN_BG_PROB)
 
+    bounds = ndimage.find_objects(labels)
     prompts = []
     for component_id, mass in zip(component_ids, masses):
-        component = labels == component_id
-        positives = [_top1_pixel_xy(fg_prob, component), _centroid_xy(component)]
+        # Work inside the component's bounding box: a few pixels instead of the whole slice.
+        window = bounds[component_id - 1]
+        offset = (window[0].start, window[1].start)
+        local = labels[window] == component_id
+        component = np.zeros(labels.shape, bool)
+        component[window] = local
+        positives = [_top1_pixel_xy(fg_prob[window], local, offset), _centroid_xy(local, offset)]
         negatives = []
         if negative_points:
             ring = ndimage.binary_dilation(
@@ -128,5 +139,5 @@ def extract_prompts(
             negatives = [p for p in (ring_negative, global_negative) if p is not None]
         points = np.stack(positives + negatives)
         point_labels = np.array([1] * len(positives) + [0] * len(negatives), dtype=np.int64)
-        prompts.append(ComponentPrompt(_box_xyxy(component), points, point_labels, component, float(mass)))
+        prompts.append(ComponentPrompt(_box_xyxy(local, offset), points, point_labels, component, float(mass)))
     return prompts

@@ -1,0 +1,118 @@
+"""The slice-level engine: fidelity to the published flow, shapes, presets, errors."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import blob_slice
+from protosam import Engine, InputError
+from protosam.checkpoints import load_state_dict
+from protosam.models.dinov2 import get_dinov2_architecture
+from protosam.models.sam import load_sam
+
+
+@pytest.fixture(scope="module")
+def paper_engine(tiny_models):
+    return Engine(tiny_models, preset="paper", device="cpu")
+
+
+def _slices(size):
+    support, mask = blob_slice(size, center=(size // 2, size // 2), radius=size // 5, seed=0)
+    queries = np.stack([
+        blob_slice(size, center=(size // 2 + 6, size // 2 - 4), radius=size // 5, seed=1)[0],
+        blob_slice(size, center=(size // 3, size // 2), radius=size // 6, seed=2)[0],
+    ])
+    return support, mask, queries
+
+
+@pytest.mark.parametrize("size", [112, 224])
+def test_paper_preset_matches_an_independent_reference_flow(tiny_models, size):
+    from dinov2_reference import build_snapshot_model
+    from reference_flow import reference_paper_flow
+
+    models = replace(tiny_models, input_size=size)
+    engine = Engine(models, preset="paper", device="cpu")
+    dino = build_snapshot_model(get_dinov2_architecture(models.dinov2))
+    dino.load_state_dict(load_state_dict(models.dinov2_checkpoint), strict=True)
+    sam = load_sam(models.sam, models.sam_checkpoint)
+
+    support, mask, queries = _slices(size)
+    ours = engine.segment_slices(support, mask, queries)
+    for index, query in enumerate(queries):
+        coarse_prob, final, boxes = reference_paper_flow(dino, sam, support, mask, query)
+        # The issue's fidelity bar is 1e-3; measured here: about 1e-4 (fused vs naive attention).
+        assert np.abs(ours.coarse_prob[index] - coarse_prob).max() < 1e-3
+        np.testing.assert_array_equal(ours.coarse_mask[index], (coarse_prob > 0.5).astype(np.uint8))
+        assert ours.coarse_mask[index].any(), "test case should give a non-empty coarse mask"
+        np.testing.assert_array_equal(ours.mask[index], final.astype(np.uint8))
+        np.testing.assert_array_equal(np.array([p.box for p in ours.prompts[index]]).reshape(-1, 4), np.array(boxes).reshape(-1, 4))
+
+
+def test_outputs_come_back_at_each_query_size(paper_engine):
+    support, mask = blob_slice(80)
+    queries = np.stack([blob_slice(96, center=(40, 50), seed=s)[0] for s in range(3)])
+    result = paper_engine.segment_slices(support, mask, queries)
+    assert result.coarse_prob.shape == result.mask.shape == result.coarse_mask.shape == (3, 96, 96)
+    assert result.coarse_prob.dtype == np.float32 and result.mask.dtype == np.uint8
+    assert 0.0 <= result.coarse_prob.min() and result.coarse_prob.max() <= 1.0
+    assert len(result.prompts) == 3
+
+
+def test_coarse_only_skips_sam_and_returns_the_coarse_mask(tiny_models, monkeypatch):
+    engine = Engine(tiny_models, preset="paper", device="cpu")
+    monkeypatch.setattr(engine.refiner, "embed", lambda *a, **k: pytest.fail("SAM must not run"))
+    support, mask, queries = _slices(112)
+    result = engine.segment_slices(support, mask, queries, coarse_only=True)
+    np.testing.assert_array_equal(result.mask, result.coarse_mask)
+
+
+def test_sam_is_not_run_when_the_coarse_mask_is_empty(paper_engine):
+    logits = torch.zeros(2, 112, 112)
+    logits[0] = 5.0  # background everywhere
+    refined = paper_engine.refine(logits, lambda: pytest.fail("SAM image encoder must not run"))
+    assert not refined.mask.any() and refined.prompts == []
+
+
+def test_default_preset_differs_only_where_documented():
+    from protosam import PRESETS
+
+    paper, default = PRESETS["paper"], PRESETS["default"]
+    assert paper.pick_best_score is False and default.pick_best_score is True
+    assert paper.auto_extent is False and default.auto_extent is True
+    assert paper.keep_largest_component == default.keep_largest_component is False
+    assert paper.negative_points == default.negative_points is False
+    assert paper.precision == "fp32"
+
+
+@pytest.mark.parametrize(
+    "support_mask, queries, message",
+    [
+        (np.zeros((64, 64), np.uint8), np.zeros((1, 64, 64), np.float32), "empty"),
+        (np.ones((32, 32), np.uint8), np.zeros((1, 64, 64), np.float32), "shape"),
+        (None, np.zeros((2, 2, 64, 64), np.float32), "stack of 2-D slices"),
+        (None, np.full((1, 64, 64), np.nan, np.float32), "NaN"),
+    ],
+)
+def test_bad_slice_inputs_raise_clear_errors(paper_engine, support_mask, queries, message):
+    support, mask = blob_slice(64)
+    with pytest.raises(InputError, match=message):
+        paper_engine.segment_slices(support, mask if support_mask is None else support_mask, queries)
+
+
+def test_cancel_stops_between_slices(paper_engine):
+    import threading
+
+    from protosam import CancelledError
+
+    support, mask, queries = _slices(112)
+    cancel = threading.Event()
+    seen = []
+
+    def progress(done, total):
+        seen.append(done)
+        cancel.set()
+
+    with pytest.raises(CancelledError):
+        paper_engine.segment_slices(support, mask, queries, progress=progress, cancel=cancel)
+    assert seen == [1]

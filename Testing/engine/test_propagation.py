@@ -1,0 +1,204 @@
+"""Whole-volume propagation: scheduling, auto extent, axes, sharing, cache, cancel, errors.
+
+Most tests swap the two neural encoders for transparent stand-ins (features = local intensity;
+SAM returns the coarse components it is prompted with) so that the expected masks are known;
+ALPNet, prompts and the propagation logic under test are the real ones. The last test runs
+the real tiny models end to end.
+"""
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from protosam import CancelledError, Engine, InputError, segment_volume
+
+SLICES, SIZE = 30, 64
+PRESENT = range(8, 21)  # slices that contain the structure
+
+
+def _volume(seed=0, present=PRESENT, shift=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    volume = rng.normal(0, 0.05, (SLICES, SIZE, SIZE)).astype(np.float32)
+    truth = np.zeros(volume.shape, np.uint8)
+    for k in present:
+        radius = 12 - abs(k - 14) * 0.6
+        truth[k] = (yy - 30 - shift) ** 2 + (xx - 34) ** 2 <= radius**2
+    volume += 2.0 * truth
+    return volume, truth
+
+
+class Spy:
+    def __init__(self):
+        self.encoded = 0
+        self.sam_embeddings = 0
+
+
+@pytest.fixture
+def transparent_engine(tiny_models):
+    """A real Engine whose encoders are replaced by intensity features and an identity SAM."""
+    engine = Engine(tiny_models, preset="default", device="cpu")
+    spy = Spy()
+
+    def encode(images):
+        spy.encoded += images.shape[0]
+        intensity = F.adaptive_avg_pool2d(images[:, :1].float(), 32)
+        return torch.cat([intensity, torch.ones_like(intensity)], dim=1)
+
+    def embed(images, **_):
+        spy.sam_embeddings += images.shape[0]
+        return torch.zeros(images.shape[0], 1, 64, 64)
+
+    def decode(embedding, prompts, **_):
+        union = torch.from_numpy(np.any([p.mask for p in prompts], axis=0))
+        return union, [1.0] * len(prompts)
+
+    engine.encode = encode
+    engine.refiner.embed = embed
+    engine.refiner.decode = decode
+    engine.spy = spy
+    return engine
+
+
+def _dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def test_auto_extent_follows_the_structure_and_stops_after_three_empty_slices(transparent_engine):
+    volume, truth = _volume()
+    result = segment_volume(transparent_engine, volume, None, {"disc": truth}, support_slices={"disc": 14}, modality="none")
+    mask = result.masks["disc"]
+    assert result.support_slices == {"disc": [14]}
+    np.testing.assert_array_equal(mask[14], truth[14])  # the painted slice is kept as painted
+    assert result.processed_slices["disc"] == list(range(5, 14)) + list(range(15, 24))
+    assert mask[:5].sum() == 0 and mask[24:].sum() == 0
+    for k in PRESENT:
+        assert _dice(mask[k], truth[k]) > 0.8, k
+    # SAM only ran on slices whose coarse mask was not empty.
+    assert transparent_engine.spy.sam_embeddings == len(PRESENT) - 1
+
+
+def test_without_auto_extent_every_slice_is_processed(transparent_engine):
+    volume, truth = _volume()
+    result = segment_volume(transparent_engine, volume, None, {"disc": truth}, support_slices={"disc": 14}, modality="none", auto_extent=False)
+    assert result.processed_slices["disc"] == [k for k in range(SLICES) if k != 14]
+    assert result.masks["disc"][[0, 1, 2, 25, 29]].sum() == 0
+
+
+def test_slice_range_limits_the_work(transparent_engine):
+    volume, truth = _volume()
+    result = segment_volume(transparent_engine, volume, None, {"disc": truth}, support_slices={"disc": 14}, slice_range=(12, 17), modality="none")
+    assert result.processed_slices["disc"] == [12, 13, 15, 16, 17]
+    assert result.masks["disc"][:12].sum() == 0 and result.masks["disc"][18:].sum() == 0
+
+
+@pytest.mark.parametrize("axis", [1, 2])
+def test_any_slicing_axis_gives_the_same_result_as_axis_zero(transparent_engine, axis):
+    volume, truth = _volume()
+    reference = segment_volume(transparent_engine, volume, None, {"d": truth}, support_slices={"d": 14}, modality="none")
+    moved_volume, moved_truth = np.moveaxis(volume, 0, axis), np.moveaxis(truth, 0, axis)
+    result = segment_volume(transparent_engine, moved_volume, None, {"d": moved_truth}, axis=axis, support_slices={"d": 14}, modality="none")
+    assert result.masks["d"].shape == moved_volume.shape
+    np.testing.assert_array_equal(np.moveaxis(result.masks["d"], axis, 0), reference.masks["d"])
+
+
+def test_structures_share_each_slice_encoding(transparent_engine):
+    volume, truth = _volume()
+    second = np.zeros_like(truth)
+    second[10:19, 20:40, 20:44] = truth[10:19, 20:40, 20:44]
+    result = segment_volume(transparent_engine, volume, None, {"a": truth, "b": second}, support_slices={"a": 14, "b": 14}, modality="none", auto_extent=False)
+    distinct = set(result.processed_slices["a"]) | set(result.processed_slices["b"])
+    # One DINOv2 pass per query slice plus one for the shared support slice.
+    assert transparent_engine.spy.encoded == len(distinct) + 1
+
+
+def test_embedding_cache_makes_a_rerun_skip_the_encoders(transparent_engine):
+    from protosam.cache import EmbeddingCache
+
+    engine = transparent_engine
+    engine.cache = EmbeddingCache(64 * 2**20)
+    volume, truth = _volume()
+    first = segment_volume(engine, volume, None, {"d": truth}, support_slices={"d": 14}, modality="none")
+    encoded, embedded = engine.spy.encoded, engine.spy.sam_embeddings
+    again = segment_volume(engine, volume, None, {"d": truth}, support_slices={"d": 14}, modality="none")
+    assert (engine.spy.encoded, engine.spy.sam_embeddings) == (encoded, embedded)
+    np.testing.assert_array_equal(first.masks["d"], again.masks["d"])
+    # A corrected support (another slice) reuses every cached slice as well.
+    segment_volume(engine, volume, None, {"d": truth}, support_slices={"d": 13}, modality="none")
+    assert engine.spy.encoded == encoded and engine.spy.sam_embeddings <= embedded + 1
+    assert engine.cache.hits > 0 and engine.cache.nbytes <= engine.cache.max_bytes
+
+
+def test_progress_is_monotonic_and_complete_and_cancel_stops_the_run(transparent_engine):
+    volume, truth = _volume()
+    calls = []
+    segment_volume(transparent_engine, volume, None, {"d": truth}, support_slices={"d": 14}, modality="none", progress=lambda d, t: calls.append((d, t)))
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and calls[-1][0] == calls[-1][1] and len({t for _, t in calls}) == 1
+
+    cancel = threading.Event()
+
+    def progress(done, total):
+        if done >= 3:
+            cancel.set()
+
+    with pytest.raises(CancelledError):
+        segment_volume(transparent_engine, volume, None, {"d": truth}, support_slices={"d": 14}, modality="none", progress=progress, cancel=cancel)
+
+
+def test_another_volume_starts_at_the_same_relative_position(transparent_engine):
+    support_volume, support_truth = _volume(seed=1)
+    query_volume, query_truth = _volume(seed=2, shift=4)
+    result = segment_volume(transparent_engine, query_volume, support_volume, {"d": support_truth}, support_slices={"d": 14}, modality="none")
+    mask = result.masks["d"]
+    assert 14 in result.processed_slices["d"]
+    assert _dice(mask[8:21], query_truth[8:21]) > 0.8
+    assert mask[:5].sum() == 0 and mask[24:].sum() == 0
+
+
+def test_several_support_slices_are_all_kept_and_bound_the_fixed_part(transparent_engine):
+    volume, truth = _volume()
+    result = segment_volume(transparent_engine, volume, None, {"d": truth}, support_slices={"d": [10, 18]}, modality="none")
+    np.testing.assert_array_equal(result.masks["d"][10], truth[10])
+    np.testing.assert_array_equal(result.masks["d"][18], truth[18])
+    assert set(range(11, 18)) <= set(result.processed_slices["d"])
+
+
+def test_default_support_slice_is_the_largest_area(transparent_engine):
+    volume, truth = _volume()
+    result = segment_volume(transparent_engine, volume, None, {"d": truth}, modality="none")
+    assert result.support_slices["d"] == [14]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(masks={"d": np.zeros((SLICES, SIZE, SIZE), np.uint8)}), "empty"),
+        (dict(masks={"d": np.ones((SLICES, SIZE, 10), np.uint8)}), "shape"),
+        (dict(support_slices={"d": 40}), "outside the volume"),
+        (dict(support_slices={"d": 2}), "empty on support slice 2"),
+        (dict(slice_range=(20, 10)), "Slice range"),
+        (dict(volume=np.zeros((SIZE, SIZE), np.float32)), "stack of 2-D slices"),
+        (dict(volume=np.full((SLICES, SIZE, SIZE), np.inf, np.float32)), "NaN or infinite"),
+        (dict(masks={}), "at least one"),
+    ],
+)
+def test_bad_volume_inputs_raise_clear_errors(transparent_engine, kwargs, message):
+    volume, truth = _volume()
+    with pytest.raises(InputError, match=message):
+        segment_volume(
+            transparent_engine, kwargs.get("volume", volume), None, kwargs.get("masks", {"d": truth}),
+            support_slices=kwargs.get("support_slices"), slice_range=kwargs.get("slice_range"), modality="none",
+        )
+
+
+def test_real_tiny_models_end_to_end(tiny_models):
+    engine = Engine(tiny_models, preset="default", device="cpu")
+    volume, truth = _volume()
+    result = segment_volume(engine, volume[6:16], None, {"d": truth[6:16]}, modality="mri")
+    mask = result.masks["d"]
+    assert mask.shape == (10, SIZE, SIZE) and mask.dtype == np.uint8
+    np.testing.assert_array_equal(mask[8], truth[14])
+    assert set(np.unique(mask)) <= {0, 1}

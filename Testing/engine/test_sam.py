@@ -1,0 +1,108 @@
+"""Our SAM refinement against the official SamPredictor, with the same tiny weights."""
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamPredictor
+
+from protosam.errors import CheckpointError
+from protosam.models.sam import SamRefiner, load_sam, save_random_sam_checkpoint
+from protosam.prompts import ComponentPrompt
+
+
+@pytest.fixture(scope="module")
+def tiny_sam(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sam") / "sam_tiny.pth"
+    save_random_sam_checkpoint("sam_tiny", path, seed=3)
+    return load_sam("sam_tiny", path), path
+
+
+def _image(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    gray = torch.randn(1, 1, 64, 64, generator=generator)
+    gray = torch.nn.functional.interpolate(gray, size=(1024, 1024), mode="bilinear", align_corners=False)
+    return gray.expand(1, 3, -1, -1).clone() * 3.0 + 1.0  # [1, 3, 1024, 1024], any range
+
+
+def _official_uint8(image):
+    hwc = image[0].permute(1, 2, 0).numpy()
+    return ((hwc - hwc.min()) / (hwc.max() - hwc.min()) * 255).astype(np.uint8)
+
+
+def _prompt(box, points):
+    points = np.asarray(points, dtype=np.float64)
+    return ComponentPrompt(np.asarray(box, np.float64), points, np.ones(len(points), np.int64), np.zeros((1, 1), bool), 1.0)
+
+
+def test_embedding_equals_sam_predictor_features(tiny_sam):
+    sam, _ = tiny_sam
+    image = _image()
+    predictor = SamPredictor(sam)
+    predictor.set_image(_official_uint8(image))
+    ours = SamRefiner(sam).embed(image)
+    torch.testing.assert_close(ours, predictor.features, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("pick_best", [False, True])
+def test_decoded_masks_equal_sam_predictor(tiny_sam, pick_best):
+    sam, _ = tiny_sam
+    image = _image(seed=1)
+    refiner = SamRefiner(sam)
+    embedding = refiner.embed(image)
+    predictor = SamPredictor(sam)
+    predictor.set_image(_official_uint8(image))
+    prompts = [_prompt([100, 120, 400, 380], [[250, 260], [251.5, 249.25]]), _prompt([600, 600, 900, 800], [[700, 700], [750.0, 700.5]])]
+    expected = torch.zeros(1024, 1024, dtype=torch.bool)
+    for prompt in prompts:
+        masks, scores, _ = predictor.predict(
+            point_coords=prompt.points, point_labels=prompt.point_labels, box=prompt.box, multimask_output=True
+        )
+        index = int(np.argmax(scores)) if pick_best else 0
+        expected |= torch.from_numpy(masks[index])
+    for batch in (False, True):
+        union, scores = refiner.decode(embedding, prompts, multimask_output=True, pick_best_score=pick_best, batch_prompts=batch)
+        assert union.shape == (1024, 1024) and union.dtype == torch.bool
+        assert torch.equal(union, expected), f"batch={batch}: {int((union ^ expected).sum())} pixels differ"
+        assert len(scores) == 2
+
+
+def test_single_mask_output_matches_predictor(tiny_sam):
+    sam, _ = tiny_sam
+    image = _image(seed=2)
+    refiner = SamRefiner(sam)
+    predictor = SamPredictor(sam)
+    predictor.set_image(_official_uint8(image))
+    prompt = _prompt([200, 220, 500, 480], [[300, 300], [350.0, 350.0]])
+    masks, _, _ = predictor.predict(point_coords=prompt.points, point_labels=prompt.point_labels, box=prompt.box, multimask_output=False)
+    union, _ = refiner.decode(refiner.embed(image), [prompt], multimask_output=False, pick_best_score=False, batch_prompts=False)
+    assert torch.equal(union, torch.from_numpy(masks[0]))
+
+
+def test_constant_image_does_not_produce_nan(tiny_sam):
+    sam, _ = tiny_sam
+    embedding = SamRefiner(sam).embed(torch.zeros(1, 3, 1024, 1024))
+    assert torch.isfinite(embedding).all()
+
+
+def test_medsam_mode_uses_boxes_only_and_unit_range_input(tiny_sam):
+    sam, _ = tiny_sam
+    refiner = SamRefiner(sam, medsam=True)
+    prepared = refiner.prepare_images(_image())
+    assert prepared.min().item() == pytest.approx(0.0) and prepared.max().item() == pytest.approx(1.0)
+    embedding = refiner.embed(_image())
+    a, _ = refiner.decode(embedding, [_prompt([100, 100, 500, 500], [[300, 300], [310, 310]])], multimask_output=True, pick_best_score=True, batch_prompts=True)
+    b, _ = refiner.decode(embedding, [_prompt([100, 100, 500, 500], [[120, 900], [900, 120]])], multimask_output=True, pick_best_score=True, batch_prompts=True)
+    assert torch.equal(a, b)
+
+
+def test_checkpoint_errors_are_clear(tmp_path, tiny_sam):
+    _, good = tiny_sam
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_sam("sam_tiny", truncated)
+    with pytest.raises(CheckpointError, match="does not fit architecture 'vit_b'"):
+        load_sam("vit_b", good)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_sam("sam_tiny", tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="Unknown SAM model"):
+        load_sam("vit_x", good)
