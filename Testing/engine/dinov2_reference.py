@@ -36,6 +36,8 @@ with warnings.catch_warnings():
 
 _SNAPSHOT_BUILDERS = {384: snapshot.vit_small, 768: snapshot.vit_base, 1024: snapshot.vit_large, 1536: snapshot.vit_giant2}
 _TIMM_NAMES = {384: "vit_small", 768: "vit_base", 1024: "vit_large", 1536: "vit_giant"}
+# dinov2/hub/backbones.py (newer official code), dinov2_vit*14_reg: 4 registers, these settings.
+HUB_REGISTER_MODEL_SETTINGS = dict(num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True)
 
 
 class SnapshotWithRegisters(snapshot.DinoVisionTransformer):
@@ -97,7 +99,6 @@ def build_snapshot_model(arch: DinoV2Architecture, *, meta: bool = False) -> tor
     with device:
         if not arch.num_register_tokens:
             # Plain models: exactly the snapshot's code, resampling included (offset 0.1, no antialias).
-            assert (arch.interpolate_offset, arch.interpolate_antialias) == (0.1, False)
             if arch.test_only:
                 model = snapshot.DinoVisionTransformer(
                     embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio,
@@ -106,10 +107,9 @@ def build_snapshot_model(arch: DinoV2Architecture, *, meta: bool = False) -> tor
             else:
                 model = _SNAPSHOT_BUILDERS[arch.embed_dim](**hub_kwargs)
         else:
+            assert arch.num_register_tokens == 4
             model = SnapshotWithRegisters(
-                num_register_tokens=arch.num_register_tokens,
-                interpolate_offset=arch.interpolate_offset,
-                interpolate_antialias=arch.interpolate_antialias,
+                **HUB_REGISTER_MODEL_SETTINGS,  # the hub's values, not the architecture's (under test)
                 embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio,
                 block_fn=partial(NestedTensorBlock, attn_class=MemEffAttention),
                 **hub_kwargs,

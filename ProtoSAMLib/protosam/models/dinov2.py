@@ -170,8 +170,9 @@ class DinoV2Encoder(nn.Module):
                 multiples of 14. No normalisation is applied here.
 
         Returns:
-            ``B x C x H/14 x W/14`` features (no class or register tokens), float32, or the
-            autocast dtype under ``torch.autocast``.
+            ``B x C x H/14 x W/14`` features (no class or register tokens), on the images' device,
+            in the final LayerNorm's output dtype: float32 for a float32 model, also under
+            ``torch.autocast`` (bf16 matmuls inside, LayerNorm in float32).
         """
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -271,6 +272,8 @@ def load_dinov2(name: str, checkpoint_path: PathLike, device: Union[str, torch.d
         target = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"Invalid device {device!r}: {exc}") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Device {device!r} requested but CUDA is not available; use 'cpu'")
     state = load_state_dict(checkpoint_path)
     with torch.device("meta"):
         model = DinoV2Encoder(arch)  # shapes only; the checkpoint provides every value
