@@ -227,6 +227,7 @@ class Engine:
             fg_mask.cpu().numpy(),
             keep_largest_only=self.preset.keep_largest_component,
             negative_points=self.preset.negative_points,
+            max_components=self.preset.max_components,
         )
         union, scores = self.refiner.decode(
             embedding_for_slice(),
@@ -296,7 +297,7 @@ class Engine:
         mask = prob.argmax(dim=0) == 1
         if self.preset.keep_largest_component and bool(mask.any()):
             kept = extract_prompts(prob[1].cpu().numpy(), mask.cpu().numpy(), keep_largest_only=True)
-            mask = torch.from_numpy(kept[0].mask).to(mask.device)
+            mask = torch.from_numpy(kept[0].full_mask(tuple(mask.shape))).to(mask.device)
         return mask
 
     @staticmethod

@@ -20,6 +20,9 @@ class Preset:
     # Of SAM's 3 masks keep the best-scoring one; False keeps index 0 (the reference quirk).
     pick_best_score: bool = True
     negative_points: bool = False
+    # Prompt at most this many coarse components per slice, those of largest foreground mass
+    # (None: all, as the reference does; a noisy coarse map can have hundreds).
+    max_components: Optional[int] = 16
     # Decode all prompt sets of a slice in one SAM decoder call (same masks up to float rounding).
     batch_prompts: bool = True
     # Volume propagation: walk outwards from the support slice and stop once the structure
@@ -44,6 +47,7 @@ PRESETS: Dict[str, Preset] = {
     "paper": Preset(
         name="paper",
         pick_best_score=False,
+        max_components=None,
         batch_prompts=False,
         auto_extent=False,
         precision="fp32",

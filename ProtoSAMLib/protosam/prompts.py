@@ -14,7 +14,7 @@ probability >= 0.95. Optional CCA keeps only the component with the largest fore
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -32,15 +32,24 @@ class ComponentPrompt:
     """Prompt set for one connected component.
 
     ``box``: ``(4,)`` float64 XYXY; ``points``: ``(P, 2)`` float64 ``(x, y)``;
-    ``point_labels``: ``(P,)`` int64, 1 = positive, 0 = negative; ``mask``: ``(H, W)`` bool
-    pixels of the component; ``mass``: sum of foreground probability over the component.
+    ``point_labels``: ``(P,)`` int64, 1 = positive, 0 = negative; ``window``: the component's
+    bounding box as (row slice, column slice) and ``local_mask`` its pixels inside that box
+    (kept cropped: a noisy coarse map can have thousands of components);
+    ``mass``: sum of foreground probability over the component.
     """
 
     box: np.ndarray
     points: np.ndarray
     point_labels: np.ndarray
-    mask: np.ndarray
+    window: Tuple[slice, slice]
+    local_mask: np.ndarray
     mass: float
+
+    def full_mask(self, shape: Tuple[int, int]) -> np.ndarray:
+        """The component as a bool mask of the whole slice ``shape``."""
+        mask = np.zeros(shape, bool)
+        mask[self.window] = self.local_mask
+        return mask
 
 
 def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -81,12 +90,17 @@ def _box_xyxy(component: np.ndarray, offset=(0, 0)) -> np.ndarray:
     )
 
 
+def _grow(window: Tuple[slice, slice], margin: int, shape) -> Tuple[slice, slice]:
+    return tuple(slice(max(w.start - margin, 0), min(w.stop + margin, n)) for w, n in zip(window, shape))
+
+
 def extract_prompts(
     fg_prob: np.ndarray,
     fg_mask: np.ndarray,
     *,
     keep_largest_only: bool = False,
     negative_points: bool = False,
+    max_components: Optional[int] = None,
 ) -> List[ComponentPrompt]:
     """Prompt sets for every connected component of ``fg_mask`` (or only the largest by mass).
 
@@ -96,24 +110,29 @@ def extract_prompts(
         keep_largest_only: CCA — keep the component with the largest foreground mass
             (first one in raster order on ties).
         negative_points: add the ring and global background points (label 0) when found.
+        max_components: keep at most this many components, those of largest mass (None: all).
     Returns:
-        One :class:`ComponentPrompt` per kept component, in component order. Empty list
-        when ``fg_mask`` is empty.
+        One :class:`ComponentPrompt` per kept component, in raster order of the components.
+        Empty list when ``fg_mask`` is empty.
     """
     if fg_prob.shape != fg_mask.shape or fg_prob.ndim != 2:
         raise ValueError(f"fg_prob {fg_prob.shape} and fg_mask {fg_mask.shape} must be the same 2-D shape")
+    if max_components is not None and max_components < 1:
+        raise ValueError("max_components must be >= 1 or None")
     labels, count = connected_components(fg_mask)
     if count == 0:
         return []
-    component_ids = list(range(1, count + 1))
-    masses = ndimage.sum_labels(fg_prob.astype(np.float64), labels, component_ids)
+    masses = ndimage.sum_labels(fg_prob.astype(np.float64), labels, range(1, count + 1))
     if keep_largest_only:
         best = 0
         for index in range(1, count):
             if masses[index] > masses[best]:
                 best = index
-        component_ids = [component_ids[best]]
-        masses = [masses[best]]
+        kept = [best]
+    elif max_components is not None and count > max_components:
+        kept = sorted(sorted(range(count), key=lambda i: -masses[i])[:max_components])
+    else:
+        kept = range(count)
 
     bg_prob = 1.0 - fg_prob
     global_negative = None
@@ -122,22 +141,22 @@ def extract_prompts(
 
     bounds = ndimage.find_objects(labels)
     prompts = []
-    for component_id, mass in zip(component_ids, masses):
+    for index in kept:
+        component_id = index + 1
         # Work inside the component's bounding box: a few pixels instead of the whole slice.
-        window = bounds[component_id - 1]
+        window = bounds[index]
         offset = (window[0].start, window[1].start)
         local = labels[window] == component_id
-        component = np.zeros(labels.shape, bool)
-        component[window] = local
         positives = [_top1_pixel_xy(fg_prob[window], local, offset), _centroid_xy(local, offset)]
         negatives = []
         if negative_points:
-            ring = ndimage.binary_dilation(
-                component, structure=_EIGHT_CONNECTED, iterations=NEGATIVE_RING_DILATIONS
-            ) & ~component
-            ring_negative = _top1_pixel_xy(bg_prob, ring)
+            # The ring lies within NEGATIVE_RING_DILATIONS pixels of the component's box.
+            grown = _grow(window, NEGATIVE_RING_DILATIONS, labels.shape)
+            inside = labels[grown] == component_id
+            ring = ndimage.binary_dilation(inside, structure=_EIGHT_CONNECTED, iterations=NEGATIVE_RING_DILATIONS) & ~inside
+            ring_negative = _top1_pixel_xy(bg_prob[grown], ring, (grown[0].start, grown[1].start))
             negatives = [p for p in (ring_negative, global_negative) if p is not None]
         points = np.stack(positives + negatives)
         point_labels = np.array([1] * len(positives) + [0] * len(negatives), dtype=np.int64)
-        prompts.append(ComponentPrompt(_box_xyxy(local, offset), points, point_labels, component, float(mass)))
+        prompts.append(ComponentPrompt(_box_xyxy(local, offset), points, point_labels, window, local, float(masses[index])))
     return prompts

@@ -76,3 +76,19 @@ def test_empty_coarse_mask_gives_no_prompts_and_shapes_are_checked():
     assert extract_prompts(prob, mask) == []
     with pytest.raises(ValueError):
         extract_prompts(prob, mask[:, :3])
+
+
+def test_max_components_keeps_the_heaviest_in_raster_order_and_scales_to_noise():
+    rng = np.random.default_rng(0)
+    prob = rng.random((1024, 1024)).astype(np.float32)
+    mask = prob > 0.6  # thousands of speckle components
+    prompts = extract_prompts(prob, mask, max_components=16)
+    assert len(prompts) == 16
+    _, count = connected_components(mask)
+    assert count > 1000
+    masses = [p.mass for p in prompts]
+    everything = extract_prompts(prob, mask)
+    assert sorted(masses) == sorted(sorted(p.mass for p in everything)[-16:])
+    starts = [(p.window[0].start, p.window[1].start) for p in prompts]
+    assert all(p.full_mask((1024, 1024)).sum() == p.local_mask.sum() for p in prompts[:3])
+    assert len(starts) == 16

@@ -52,7 +52,7 @@ def transparent_engine(tiny_models):
         return torch.zeros(images.shape[0], 1, 64, 64)
 
     def decode(embedding, prompts, **_):
-        union = torch.from_numpy(np.any([p.mask for p in prompts], axis=0))
+        union = torch.from_numpy(np.any([p.full_mask((1024, 1024)) for p in prompts], axis=0))
         return union, [1.0] * len(prompts)
 
     engine.encode = encode

@@ -30,7 +30,7 @@ def _official_uint8(image):
 
 def _prompt(box, points):
     points = np.asarray(points, dtype=np.float64)
-    return ComponentPrompt(np.asarray(box, np.float64), points, np.ones(len(points), np.int64), np.zeros((1, 1), bool), 1.0)
+    return ComponentPrompt(np.asarray(box, np.float64), points, np.ones(len(points), np.int64), (slice(0, 1), slice(0, 1)), np.ones((1, 1), bool), 1.0)
 
 
 def test_embedding_equals_sam_predictor_features(tiny_sam):

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["SamArchitecture", "SAM_ARCHITECTURES", "build_sam", "load_sam", "SamRefiner", "SAM_IMAGE_SIZE"]
 
 SAM_IMAGE_SIZE = 1024
+MAX_PROMPTS_PER_CALL = 16
 _SAM_PATCH = 16
 
 
@@ -200,7 +201,9 @@ class SamRefiner:
         for index, prompt in enumerate(prompts):
             key = 0 if self.medsam else len(prompt.points)
             groups.setdefault(key if batch_prompts else index, []).append(index)
-        for indices in groups.values():
+        # The decoder repeats the image embedding per prompt set: bound the batch for memory.
+        batches = [g[i:i + MAX_PROMPTS_PER_CALL] for g in groups.values() for i in range(0, len(g), MAX_PROMPTS_PER_CALL)]
+        for indices in batches:
             masks, group_scores = self._decode_group(embedding, [prompts[i] for i in indices], multimask_output, pick_best_score)
             union |= masks.any(dim=0)
             for i, s in zip(indices, group_scores):
