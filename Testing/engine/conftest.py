@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 COLIN27_DIR = Path("/usr/share/mricron/templates")
@@ -24,12 +23,3 @@ def colin27():
     if not (image.is_file() and labels.is_file()):
         pytest.fail("Colin27/AAL not found: install Debian's mricron-data (apt-get install mricron-data); .ci/run does.")
     return image, labels
-
-
-def blob_slice(size: int = 64, center=(32, 32), radius: int = 10, seed: int = 0):
-    """A noisy 2-D slice with a bright disc -> (image float32 [H, W], mask uint8 [H, W])."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    mask = ((yy - center[0]) ** 2 + (xx - center[1]) ** 2 <= radius**2).astype(np.uint8)
-    image = (rng.normal(0, 0.3, (size, size)) + 2.0 * mask).astype(np.float32)
-    return image, mask

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import blob_slice
+from engine_helpers import blob_slice
 from protosam.cli import main
 
 SLAB = slice(24, 36)  # axial slices of the shrunk Colin27 used here

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import blob_slice
+from engine_helpers import blob_slice
 from protosam import Engine, InputError
 from protosam.checkpoints import load_state_dict
 from protosam.models.dinov2 import get_dinov2_architecture
