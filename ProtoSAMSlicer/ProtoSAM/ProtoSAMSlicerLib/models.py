@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import threading
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from protosam import Engine, ModelSelection
 from protosam import weights as protosamWeights
@@ -74,8 +74,13 @@ class WeightsStatus:
         return self.status in ("custom", "verified", "present")
 
 
-def weightsStatus(models: ModelSelection, home: Optional[str] = None) -> List[WeightsStatus]:
-    """Status of the DINOv2 and SAM weights ``models`` needs (cheap: no hashing)."""
+def weightsStatus(models: ModelSelection, home: Optional[str] = None,
+                  registry: Optional[Mapping[str, "protosamWeights.WeightsEntry"]] = None) -> List[WeightsStatus]:
+    """Status of the DINOv2 and SAM weights ``models`` needs (cheap: no hashing).
+
+    registry: the downloadable checkpoints (default: the official protosam registry).
+    """
+    registry = protosamWeights.REGISTRY if registry is None else registry
     statuses = []
     for family, name, checkpoint in (("dinov2", models.dinov2, models.dinov2_checkpoint),
                                      ("sam", models.sam, models.sam_checkpoint)):
@@ -83,10 +88,10 @@ def weightsStatus(models: ModelSelection, home: Optional[str] = None) -> List[We
             path = Path(checkpoint).expanduser()
             statuses.append(WeightsStatus(name, family, "custom" if path.is_file() else "custom missing", path))
             continue
-        if name not in protosamWeights.REGISTRY:
+        if name not in registry:
             statuses.append(WeightsStatus(name, family, "custom missing", Path("")))
             continue
-        entry = protosamWeights.REGISTRY[name]
+        entry = registry[name]
         statuses.append(WeightsStatus(name, family, protosamWeights.cache_status(entry, home),
                                       protosamWeights.cache_path(entry, home), entry.url, entry.size))
     return statuses
@@ -109,14 +114,17 @@ def offlineInstructions(statuses: Sequence[WeightsStatus]) -> str:
     return "Missing model weights:\n" + "\n".join(lines)
 
 
-def downloadWeightsFunction(models: ModelSelection, home: Optional[str] = None):
+def downloadWeightsFunction(models: ModelSelection, home: Optional[str] = None, *,
+                            registry: Optional[Mapping[str, "protosamWeights.WeightsEntry"]] = None,
+                            baseUrl: Optional[str] = None):
     """Worker job function that downloads the missing official weights of ``models``.
 
     Progress is reported in bytes over all files; cancel leaves resumable ``.part`` files.
-    Returns the list of checkpoint paths. Raises WeightsUnavailableError with offline
-    instructions when the network fails.
+    baseUrl: an institutional mirror holding the same files (still checked against the
+    published size and SHA-256). Returns the list of checkpoint paths. Raises
+    WeightsUnavailableError with offline instructions when the network fails.
     """
-    statuses = [s for s in weightsStatus(models, home) if not s.ready]
+    statuses = [s for s in weightsStatus(models, home, registry) if not s.ready]
     for status in statuses:
         if status.status == "custom missing":
             raise FileNotFoundError(offlineInstructions([status]))
@@ -132,7 +140,8 @@ def downloadWeightsFunction(models: ModelSelection, home: Optional[str] = None):
             def fileProgress(done, _total, offset=finished):
                 progress(min(offset + int(done), total), total)
 
-            paths.append(protosamWeights.download(status.model, home, progress=fileProgress, cancel=cancel))
+            paths.append(protosamWeights.download(status.model, home, progress=fileProgress, cancel=cancel,
+                                                  registry=registry, base_url=baseUrl))
             finished += status.sizeBytes or 0
         progress(total, total)
         return paths

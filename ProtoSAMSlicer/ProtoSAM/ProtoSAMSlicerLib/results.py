@@ -104,12 +104,21 @@ def isPreview(node) -> bool:
 
 
 def removeNode(node) -> None:
-    """Remove a node (and its display nodes) from its scene, if it is still there."""
+    """Remove a node and its display and storage nodes from its scene, if still there."""
     if node is None or node.GetScene() is None:
         return
     scene = node.GetScene()
-    if scene.IsNodePresent(node):
-        scene.RemoveNode(node)
+    if not scene.IsNodePresent(node):
+        return
+    helpers = []
+    for getCount, getNth in (("GetNumberOfDisplayNodes", "GetNthDisplayNode"),
+                             ("GetNumberOfStorageNodes", "GetNthStorageNode")):
+        if hasattr(node, getCount):
+            helpers += [getattr(node, getNth)(n) for n in range(getattr(node, getCount)())]
+    scene.RemoveNode(node)
+    for helper in helpers:
+        if helper is not None and scene.IsNodePresent(helper):
+            scene.RemoveNode(helper)
 
 
 def acceptPreview(previewNode, referenceVolumeNode, destinationNode, supportSegmentationNode,

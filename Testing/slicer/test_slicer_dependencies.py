@@ -1,0 +1,79 @@
+"""First-run dependency plan and install (ProtoSAMSlicerLib.dependencies)."""
+
+import pytest
+
+from ProtoSAMSlicerLib import dependencies
+from ProtoSAMSlicerLib.dependencies import DependencyError, Requirement
+
+
+def versions(**installed):
+    table = {dependencies.normalizeName(k): v for k, v in installed.items()}
+    return lambda name: table.get(dependencies.normalizeName(name))
+
+
+def test_shipped_requirements_file_parses_and_is_satisfied_here():
+    requirements = dependencies.readRequirements()
+    names = {dependencies.normalizeName(r.name) for r in requirements}
+    assert "segment-anything" in names
+    assert not names & dependencies.NEVER_PIP_INSTALL
+    # This environment runs the engine, so everything the extension would install is present.
+    assert dependencies.missingRequirements(requirements) == []
+
+
+@pytest.mark.parametrize("text", ["torch>=2.1", "numpy", "--index-url https://x", "git+https://x/y.git", "a b"])
+def test_requirements_refuse_owned_packages_options_and_urls(text):
+    with pytest.raises(ValueError):
+        dependencies.parseRequirements(text)
+
+
+def test_requirements_parsing():
+    parsed = dependencies.parseRequirements("# c\nsegment-anything==1.0  # pinned\n\nscipy >= 1.10, <2\n")
+    assert parsed == [Requirement("segment-anything", "==1.0"), Requirement("scipy", ">=1.10,<2")]
+    assert dependencies.missingRequirements(parsed, versions(**{"segment-anything": "1.0", "scipy": "2.1"})) == [
+        Requirement("scipy", ">=1.10,<2")]
+
+
+def test_plan_without_torch_installs_it_through_pytorch_utils_and_lists_everything_once():
+    plan = dependencies.installPlan([Requirement("segment-anything", "==1.0")], versions())
+    assert plan.installTorch and not plan.torchBlocked and plan.packages == [Requirement("segment-anything", "==1.0")]
+    text = plan.confirmationText()
+    assert "PyTorch" in text and "segment-anything==1.0" in text and "Nothing already installed is replaced" in text
+    pipCalls, torchCalls = [], []
+    after = versions(**{"segment-anything": "1.0"})
+    dependencies.install(plan, pipCalls.append, torchInstaller=lambda: torchCalls.append(1) or "torch", versionOf=after)
+    assert torchCalls == [1]
+    assert pipCalls == ["segment-anything==1.0 --no-deps"]
+
+
+def test_old_torch_is_never_replaced():
+    plan = dependencies.installPlan([], versions(torch="1.13.1", torchvision="0.14.1"))
+    assert not plan.installTorch and "does not replace" in plan.torchBlocked and "PyTorch Utils" in plan.torchBlocked
+    with pytest.raises(DependencyError, match="does not replace"):
+        dependencies.install(plan, pipInstall=lambda s: pytest.fail("pip must not run"),
+                             torchInstaller=lambda: pytest.fail("torch must not be installed"))
+
+
+def test_missing_torchvision_with_torch_is_reported():
+    plan = dependencies.installPlan([], versions(torch="2.3.0"))
+    assert "torchvision" in plan.torchBlocked and not plan.installTorch
+
+
+def test_good_torch_and_packages_mean_nothing_to_do():
+    plan = dependencies.installPlan([Requirement("scipy", ">=1.10")],
+                                    versions(torch="2.14.1", torchvision="0.29.1", scipy="1.17.1"))
+    assert plan.empty
+
+
+def test_cancelled_torch_install_and_still_missing_package_raise_with_instructions():
+    plan = dependencies.installPlan([Requirement("segment-anything", "==1.0")], versions())
+    with pytest.raises(DependencyError, match="PyTorch was not installed"):
+        dependencies.install(plan, lambda s: None, torchInstaller=lambda: None, versionOf=versions())
+    plan = dependencies.installPlan([Requirement("segment-anything", "==1.0")],
+                                    versions(torch="2.14.1", torchvision="0.29.1"))
+    with pytest.raises(DependencyError, match="restart Slicer"):
+        dependencies.install(plan, lambda s: None, versionOf=versions(torch="2.14.1", torchvision="0.29.1"))
+
+
+def test_pytorch_utils_absent_gives_instructions():
+    with pytest.raises(DependencyError, match="Extensions Manager"):
+        dependencies.pytorchUtilsInstaller()
