@@ -7,6 +7,9 @@ Public API::
     result = engine.segment_slices(support_image, support_mask, queries)   # 2-D slices
     volume = segment_volume(engine, query, support, {"liver": mask})       # whole volumes
 """
+import importlib
+from typing import TYPE_CHECKING
+
 from .errors import (
     CancelledError,
     CheckpointError,
@@ -15,9 +18,36 @@ from .errors import (
     ProtoSAMError,
     WeightsUnavailableError,
 )
-from .pipeline import Engine, ModelSelection, SliceResults, resolve_device
-from .presets import PRESETS, Preset, get_preset
-from .propagation import VolumeResult, largest_area_slice, segment_volume
+
+# The model classes pull in torch and segment-anything (seconds to import): load them on
+# first use so that `protosam --help` and `protosam weights ...` start instantly.
+_LAZY = {
+    "Engine": "pipeline",
+    "ModelSelection": "pipeline",
+    "SliceResults": "pipeline",
+    "resolve_device": "pipeline",
+    "Preset": "presets",
+    "PRESETS": "presets",
+    "get_preset": "presets",
+    "VolumeResult": "propagation",
+    "largest_area_slice": "propagation",
+    "segment_volume": "propagation",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pipeline import Engine, ModelSelection, SliceResults, resolve_device
+    from .presets import PRESETS, Preset, get_preset
+    from .propagation import VolumeResult, largest_area_slice, segment_volume
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'protosam' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 
