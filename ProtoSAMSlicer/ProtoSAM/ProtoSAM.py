@@ -1,0 +1,514 @@
+"""ProtoSAM Slicer module: one painted slice -> the structure on every slice (batch propagation).
+
+The widget only collects inputs and shows results; ProtoSAMSlicerLib.logic.ProtoSAMLogic does
+the work, on a background worker thread. ProtoSAMSlicerLib imports torch (through the engine),
+so it is imported only after the first-run dependency setup has made torch available.
+"""
+
+import dataclasses
+import enum
+import logging
+import os
+from typing import Annotated, Optional
+
+import qt
+import vtk
+
+import slicer
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.parameterNodeWrapper import Default, parameterNodeWrapper
+from slicer.util import VTKObservationMixin
+
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # Slicer < 5.4
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL_MS = 100
+SLICE_VIEWS = {"Red": "vtkMRMLSliceNodeRed", "Yellow": "vtkMRMLSliceNodeYellow", "Green": "vtkMRMLSliceNodeGreen"}
+
+
+class ProtoSAM(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("ProtoSAM")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["ProtoSAM developers"]
+        self.parent.helpText = _(
+            "Paint a structure on one slice (or a few) and propagate it to every slice of the volume, or of "
+            "other volumes, with DINOv2 prototypes refined by Segment Anything. Results are previewed and "
+            "accepted or discarded. The Segment Editor effect 'ProtoSAM' does the same from the editor.")
+        self.parent.acknowledgementText = _(
+            "ProtoSAM method: Ayzenberg et al., 'ProtoSAM - One-Shot Medical Image Segmentation With "
+            "Foundational Models'. Uses DINOv2 and Segment Anything (Meta AI) and MedSAM (Ma et al.).")
+        slicer.app.connect("aboutToQuit()", _shutdownWorkers)
+
+
+def _shutdownWorkers():
+    import sys
+
+    if "ProtoSAMSlicerLib.worker" in sys.modules:
+        sys.modules["ProtoSAMSlicerLib.worker"].shutdownAllWorkers(timeout=2.0)
+
+
+class SliceView(enum.Enum):
+    Red = "Red"
+    Yellow = "Yellow"
+    Green = "Green"
+
+    def label(self):
+        return {"Red": _("Red (axial)"), "Yellow": _("Yellow (sagittal)"), "Green": _("Green (coronal)")}[self.value]
+
+
+class SupportSliceMode(enum.Enum):
+    Largest = "largest"
+    Current = "current"
+
+    def label(self):
+        return _("Largest painted slice") if self is SupportSliceMode.Largest else _("Slice shown in the view")
+
+
+class RangeMode(enum.Enum):
+    Automatic = "automatic"
+    All = "all"
+    FromTo = "fromTo"
+
+    def label(self):
+        return {"automatic": _("Automatic extent"), "all": _("All slices"), "fromTo": _("From - to")}[self.value]
+
+
+class AcceptMode(enum.Enum):
+    New = "new"
+    Replace = "replace"
+
+    def label(self):
+        return _("New segments") if self is AcceptMode.New else _("Replace segments of the same name")
+
+
+@parameterNodeWrapper
+class ProtoSAMParameterNode:
+    """Scene state of the module (saved with the scene). Model choices are user settings."""
+
+    supportSegmentation: slicer.vtkMRMLSegmentationNode
+    supportVolume: slicer.vtkMRMLScalarVolumeNode
+    sliceView: SliceView = SliceView.Red
+    supportSliceMode: SupportSliceMode = SupportSliceMode.Largest
+    rangeMode: RangeMode = RangeMode.Automatic
+    firstSlice: Annotated[int, Default(0)]
+    lastSlice: Annotated[int, Default(0)]
+    acceptMode: AcceptMode = AcceptMode.New
+
+
+def readSetting(name):
+    from ProtoSAMSlicerLib import settings
+
+    return settings.read(qt.QSettings(), name)
+
+
+def writeSetting(name, value):
+    from ProtoSAMSlicerLib import settings
+
+    settings.write(qt.QSettings(), name, value)
+
+
+def optionsFromSettings(autoExtent=None):
+    """ProcessOptions from the user's settings (shared with the Segment Editor effect)."""
+    from ProtoSAMSlicerLib import settings
+
+    return settings.processOptions(qt.QSettings(), autoExtent=autoExtent)
+
+
+def ensureDependencies() -> bool:
+    """First-run setup: one confirmation listing everything, then install. True when ready."""
+    from ProtoSAMSlicerLib import dependencies
+
+    plan = dependencies.installPlan()
+    if plan.torchBlocked:
+        slicer.util.errorDisplay(plan.torchBlocked, windowTitle=_("ProtoSAM setup"))
+        return False
+    if plan.empty:
+        return True
+    if not slicer.util.confirmOkCancelDisplay(plan.confirmationText(), windowTitle=_("ProtoSAM setup")):
+        return False
+    try:
+        with slicer.util.tryWithErrorDisplay(_("Installing ProtoSAM's Python packages failed."), waitCursor=True):
+            dependencies.install(plan, pipInstall=slicer.util.pip_install)
+    except Exception:
+        return False
+    return True
+
+
+class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Collects inputs, shows progress and results; all work is done by ProtoSAMLogic."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self.jobs = []
+        self.results = []
+        self.downloadJob = None
+        self._afterDownload = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        from ProtoSAMSlicerLib import resourcePath  # light: no torch
+
+        uiWidget = slicer.util.loadUI(str(resourcePath("UI", "ProtoSAM.ui")))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.pollTimer = qt.QTimer()
+        self.pollTimer.setInterval(POLL_INTERVAL_MS)
+        self.pollTimer.connect("timeout()", self.onPoll)
+
+        self._populateModelWidgets()
+        self.ui.supportSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSupportSegmentationChanged)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.acceptButton.connect("clicked(bool)", self.onAcceptButton)
+        self.ui.discardButton.connect("clicked(bool)", self.onDiscardButton)
+        self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeightsButton)
+        for comboBox in (self.ui.dinov2ComboBox, self.ui.samComboBox, self.ui.presetComboBox,
+                         self.ui.deviceComboBox, self.ui.modalityComboBox):
+            comboBox.connect("currentIndexChanged(int)", self.onModelSettingChanged)
+        self.ui.customCheckpointPathLineEdit.connect("currentPathChanged(QString)", self.onModelSettingChanged)
+        self.ui.weightsFolderPathLineEdit.connect("currentPathChanged(QString)", self.onModelSettingChanged)
+        self.ui.targetVolumesSelector.connect("checkedNodesChanged()", self.updateGUI)
+        self.ui.supportSegmentsTableView.connect("selectionChanged(QItemSelection,QItemSelection)", self.updateGUI)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+        self.updateWeightsStatus()
+
+    def _populateModelWidgets(self):
+        # Labels only: the module must load before torch and the engine are installed.
+        choices = {
+            self.ui.dinov2ComboBox: ([("dinov2_vits14", _("DINOv2 ViT-S/14 (fastest)")),
+                                      ("dinov2_vitb14", _("DINOv2 ViT-B/14 (default)")),
+                                      ("dinov2_vitl14", _("DINOv2 ViT-L/14 (paper)")),
+                                      ("dinov2_vitg14", _("DINOv2 ViT-g/14 (largest)"))], "DINOv2"),
+            self.ui.samComboBox: ([("vit_b", _("SAM ViT-B (default)")), ("vit_l", _("SAM ViT-L")),
+                                   ("vit_h", _("SAM ViT-H (paper)")), ("medsam_vit_b", _("MedSAM ViT-B"))], "SAM"),
+            self.ui.presetComboBox: ([("default", _("default")), ("paper", _("paper"))], "Preset"),
+            self.ui.deviceComboBox: ([("auto", _("auto")), ("cuda", _("GPU (CUDA)")), ("cpu", _("CPU"))], "Device"),
+            self.ui.modalityComboBox: ([("auto", _("auto")), ("ct", _("CT")), ("mri", _("MRI")), ("none", _("none"))],
+                                       "Modality"),
+        }
+        for comboBox, (items, setting) in choices.items():
+            comboBox.blockSignals(True)
+            for name, label in items:
+                comboBox.addItem(label, name)
+            index = comboBox.findData(readSetting(setting))
+            comboBox.setCurrentIndex(max(index, 0))
+            comboBox.blockSignals(False)
+        self.ui.customCheckpointPathLineEdit.currentPath = readSetting("SAMCheckpoint")
+        self.ui.weightsFolderPathLineEdit.currentPath = readSetting("WeightsFolder")
+
+    def cleanup(self):
+        self.pollTimer.stop()
+        self.removeObservers()
+        if self.logic is not None:
+            self.logic.cleanup()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneStartClose(self, caller, event):
+        if self.logic is not None:
+            self.logic.cancelAll(_("The scene was closed; the run was cancelled."))
+        self.results = []
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(ProtoSAMParameterNode(ProtoSAMParameterLogic().getParameterNode()))
+        if not self._parameterNode.supportSegmentation:
+            self._parameterNode.supportSegmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
+            self.onSupportSegmentationChanged(self._parameterNode.supportSegmentation)
+            self.updateGUI()
+
+    # ------------------------------------------------------------------ GUI state
+    def onSupportSegmentationChanged(self, node):
+        self.ui.supportSegmentsTableView.setSegmentationNode(node)
+        if node is not None and self._parameterNode is not None and not self._parameterNode.supportVolume:
+            reference = node.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
+            if reference is not None and reference.IsA("vtkMRMLScalarVolumeNode"):
+                self._parameterNode.supportVolume = reference
+                self.ui.targetVolumesSelector.setCheckState(reference, qt.Qt.Checked)
+        self.updateGUI()
+
+    def updateGUI(self, caller=None, event=None):
+        if self._parameterNode is None:
+            return
+        running = bool(self.jobs) or self.downloadJob is not None
+        ready = (self._parameterNode.supportSegmentation is not None
+                 and len(self.ui.supportSegmentsTableView.selectedSegmentIDs()) > 0
+                 and len(self.ui.targetVolumesSelector.checkedNodes()) > 0)
+        self.ui.applyButton.enabled = running or ready
+        self.ui.applyButton.text = _("Cancel") if running else _("Propagate")
+        self.ui.applyButton.toolTip = _("Stop the run; nothing is written.") if running else _(
+            "Propagate the selected segment(s) through the checked volume(s) into a preview.")
+        fromTo = self._parameterNode.rangeMode is RangeMode.FromTo
+        self.ui.firstSliceSpinBox.visible = fromTo
+        self.ui.lastSliceSpinBox.visible = fromTo
+        self.ui.acceptButton.enabled = bool(self.results) and not running
+        self.ui.discardButton.enabled = bool(self.results) and not running
+        self.ui.inputsCollapsibleButton.enabled = not running
+        self.ui.modelsCollapsibleButton.enabled = not running
+
+    def onModelSettingChanged(self, *args):
+        writeSetting("DINOv2", self.ui.dinov2ComboBox.currentData)
+        writeSetting("SAM", self.ui.samComboBox.currentData)
+        writeSetting("Preset", self.ui.presetComboBox.currentData)
+        writeSetting("Device", self.ui.deviceComboBox.currentData)
+        writeSetting("Modality", self.ui.modalityComboBox.currentData)
+        writeSetting("SAMCheckpoint", self.ui.customCheckpointPathLineEdit.currentPath)
+        writeSetting("WeightsFolder", self.ui.weightsFolderPathLineEdit.currentPath)
+        self.updateWeightsStatus()
+
+    def updateWeightsStatus(self):
+        try:
+            from ProtoSAMSlicerLib import models
+        except ImportError:
+            self.ui.weightsStatusLabel.text = _("Python packages not installed yet: they are set up on first use.")
+            return
+        try:
+            options = optionsFromSettings()
+            self.ui.weightsStatusLabel.text = models.offlineInstructions(
+                models.weightsStatus(options.models, options.weightsHome))
+        except Exception as error:  # shown, not raised: this only refreshes a label
+            self.ui.weightsStatusLabel.text = str(error)
+
+    # ------------------------------------------------------------------ run
+    def ensureLogic(self) -> bool:
+        if not ensureDependencies():
+            return False
+        if self.logic is None:
+            from ProtoSAMSlicerLib.logic import ProtoSAMLogic
+
+            self.logic = ProtoSAMLogic()
+            self.logic.idle = slicer.app.processEvents
+        return True
+
+    def onApplyButton(self):
+        if self.jobs or self.downloadJob is not None:
+            self.cancelRuns()
+            return
+        if not self.ensureLogic():
+            return
+        from ProtoSAMSlicerLib import geometry, models, mrml_io
+        from ProtoSAMSlicerLib.logic import sliceViewGeometry
+
+        with slicer.util.tryWithErrorDisplay(_("ProtoSAM could not start."), waitCursor=True):
+            options = optionsFromSettings()
+            statuses = models.weightsStatus(options.models, options.weightsHome)
+            if not all(status.ready for status in statuses):
+                self.startDownload(options, then=self.onApplyButton)
+                return
+            self.discardResults()
+            parameters = self._parameterNode
+            segmentation = parameters.supportSegmentation
+            segmentIds = list(self.ui.supportSegmentsTableView.selectedSegmentIDs())
+            supportVolume = parameters.supportVolume
+            sliceNode = slicer.mrmlScene.GetNodeByID(SLICE_VIEWS[parameters.sliceView.value])
+            normal, point = sliceViewGeometry(sliceNode)
+            supportSlices = None
+            if parameters.supportSliceMode is SupportSliceMode.Current:
+                ijkToWorld = mrml_io.ijkToWorldMatrix(supportVolume)
+                axis = geometry.sliceAxisFromNormal(normal, ijkToWorld)
+                supportSlices = geometry.sliceIndexFromWorld(point, ijkToWorld, axis.ijkAxis,
+                                                             mrml_io.volumeShapeKji(supportVolume))
+            sliceRange = None
+            if parameters.rangeMode is RangeMode.FromTo:
+                sliceRange = (parameters.firstSlice, parameters.lastSlice)
+            options = dataclasses.replace(options, autoExtent=parameters.rangeMode is RangeMode.Automatic)
+            targets = list(self.ui.targetVolumesSelector.checkedNodes())
+            self.jobs = self.logic.processBatch(
+                targets, segmentation, segmentIds, supportVolumeNode=supportVolume, sliceNormal_World=normal,
+                supportSlices=supportSlices, sliceRange=sliceRange, options=options, waitForCompletion=False,
+                onFinished=self.onJobFinished)
+            logger.info("ProtoSAM: propagating %d segment(s) through %d volume(s).", len(segmentIds), len(targets))
+            self.ui.progressBar.visible = True
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Loading models...")
+            self.pollTimer.start()
+        self.updateGUI()
+
+    def startDownload(self, options, then):
+        from ProtoSAMSlicerLib import models
+        from ProtoSAMSlicerLib.logic import resolveDevice
+        from ProtoSAMSlicerLib.worker import workerForDevice
+
+        statuses = [s for s in models.weightsStatus(options.models, options.weightsHome) if not s.ready]
+        total = sum(s.sizeBytes or 0 for s in statuses)
+        text = _("ProtoSAM needs to download model weights ({size:.1f} GB) into {folder}.").format(
+            size=total / 1e9, folder=os.path.dirname(str(statuses[0].path))) if statuses else ""
+        if not slicer.util.confirmOkCancelDisplay(text + "\n\n" + models.offlineInstructions(statuses),
+                                                  windowTitle=_("ProtoSAM weights")):
+            return
+        function = models.downloadWeightsFunction(options.models, options.weightsHome)
+        worker = workerForDevice(resolveDevice(options.device))
+        self._afterDownload = then
+        self.downloadJob = worker.submit(function, name="ProtoSAM weights", onFinished=self.onDownloadFinished)
+        self._downloadWorker = worker
+        self.ui.progressBar.visible = True
+        self.ui.statusLabel.text = _("Downloading model weights...")
+        self.pollTimer.start()
+        self.updateGUI()
+
+    def onDownloadWeightsButton(self):
+        if not self.ensureLogic():
+            return
+        with slicer.util.tryWithErrorDisplay(_("Downloading weights failed."), waitCursor=False):
+            self.startDownload(optionsFromSettings(), then=None)
+
+    def onDownloadFinished(self, job):
+        self.downloadJob = None
+        self.updateWeightsStatus()
+        after, self._afterDownload = self._afterDownload, None
+        if job.error is not None:
+            self.ui.statusLabel.text = str(job.error)
+            if job.state.value != "cancelled":
+                slicer.util.errorDisplay(str(job.error), windowTitle=_("ProtoSAM weights"))
+        elif after is not None:
+            after()
+        self._stopPollingIfIdle()
+
+    def onPoll(self):
+        if self.logic is not None:
+            self.logic.poll()
+        if self.downloadJob is not None:
+            self._downloadWorker.poll()
+            done, total = self.downloadJob.progress
+            self.ui.progressBar.maximum = 1000
+            self.ui.progressBar.value = int(1000 * done / total) if total else 0
+            return
+        if self.jobs:
+            current = next((job for job in self.jobs if not job.finished), self.jobs[-1])
+            done, total = current.progress
+            index = self.jobs.index(current) + 1
+            self.ui.progressBar.maximum = max(total, 1)
+            self.ui.progressBar.value = done
+            remaining = current.remainingSeconds()
+            text = _("Volume {index}/{count}: {done}/{total} slices").format(
+                index=index, count=len(self.jobs), done=done, total=total)
+            if remaining is not None:
+                text += _(", about {seconds:.0f} s left").format(seconds=remaining)
+            self.ui.statusLabel.text = text
+
+    def onJobFinished(self, job):
+        from protosam.errors import CancelledError
+
+        if job.error is None:
+            self.results.append(job.result)
+            slicer.util.setSliceViewerLayers(background=job.result.targetVolumeNode)
+        elif isinstance(job.error, CancelledError):
+            self.ui.statusLabel.text = str(job.error)
+        else:
+            logger.error("ProtoSAM run failed: %s", job.error)
+            slicer.util.errorDisplay(_("ProtoSAM failed: {error}").format(error=job.error), windowTitle=_("ProtoSAM"))
+        if all(j.finished for j in self.jobs):
+            self.jobs = []
+            if self.results:
+                self.ui.statusLabel.text = _("Preview ready: Accept or Discard.")
+        self._stopPollingIfIdle()
+
+    def _stopPollingIfIdle(self):
+        if not self.jobs and self.downloadJob is None:
+            self.pollTimer.stop()
+            self.ui.progressBar.visible = False
+        self.updateGUI()
+
+    def cancelRuns(self):
+        if self.downloadJob is not None:
+            self.downloadJob.cancel()
+        for job in self.jobs:
+            job.cancel(_("Cancelled by the user; nothing was written."))
+        self.ui.statusLabel.text = _("Cancelling...")
+
+    # ------------------------------------------------------------------ results
+    def onAcceptButton(self):
+        mode = self._parameterNode.acceptMode.value
+        with slicer.util.tryWithErrorDisplay(_("Accepting the results failed."), waitCursor=True):
+            for result in self.results:
+                self.logic.accept(result, mode=mode)
+            self.results = []
+            self.ui.statusLabel.text = _("Results accepted.")
+        self.updateGUI()
+
+    def onDiscardButton(self):
+        self.discardResults()
+        self.ui.statusLabel.text = _("Results discarded.")
+        self.updateGUI()
+
+    def discardResults(self):
+        for result in self.results:
+            self.logic.discard(result)
+        self.results = []
+
+
+class ProtoSAMParameterLogic(ScriptedLoadableModuleLogic):
+    """Gives the module its parameter node; the real logic is ProtoSAMSlicerLib.logic.ProtoSAMLogic."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.moduleName = "ProtoSAM"  # parameter node of this module, not "ProtoSAMParameter"
+
+
+class ProtoSAMTest(ScriptedLoadableModuleTest):
+    """Self-test: the headless logic end to end with tiny random-weight models (no download)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_PropagationWithTinyModels()
+
+    def test_PropagationWithTinyModels(self):
+        from ProtoSAMSlicerLib import dependencies
+
+        plan = dependencies.installPlan()
+        if plan.installTorch or plan.torchBlocked or plan.packages:
+            self.skipTest("ProtoSAM's Python dependencies are not installed: " + (plan.torchBlocked or plan.confirmationText()))
+        from ProtoSAMSlicerLib import selftest
+
+        self.delayDisplay("Propagating with tiny models")
+        facts = selftest.runSelfTest(slicer.mrmlScene)
+        self.assertEqual(facts["processedSlices"], [0, 1, 3, 4])
+        self.delayDisplay("Test passed")

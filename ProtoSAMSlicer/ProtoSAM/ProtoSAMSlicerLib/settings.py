@@ -1,0 +1,51 @@
+"""User settings of ProtoSAM (models, device, weights folder), shared by module and effect.
+
+Stored in Slicer's application settings under "ProtoSAM/"; this module only needs an object
+with ``value(key)`` and ``setValue(key, value)`` (``qt.QSettings()`` in Slicer), so it has no
+Qt import of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+PREFIX = "ProtoSAM/"
+#: setting name -> default value
+DEFAULTS = {
+    "DINOv2": "dinov2_vitb14",
+    "SAM": "vit_b",
+    "SAMCheckpoint": "",
+    "DINOv2Checkpoint": "",
+    "Preset": "default",
+    "Device": "auto",
+    "Modality": "auto",
+    "WeightsFolder": "",
+}
+#: Encoder outputs kept between runs on the same volume (re-runs after a corrected support).
+DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
+
+
+def read(settings, name: str) -> str:
+    if name not in DEFAULTS:
+        raise ValueError(f"unknown ProtoSAM setting {name!r}")
+    value = settings.value(PREFIX + name)
+    return DEFAULTS[name] if value is None or str(value) == "" else str(value)
+
+
+def write(settings, name: str, value) -> None:
+    if name not in DEFAULTS:
+        raise ValueError(f"unknown ProtoSAM setting {name!r}")
+    settings.setValue(PREFIX + name, "" if value is None else str(value))
+
+
+def processOptions(settings, *, autoExtent: Optional[bool] = None):
+    """ProcessOptions from the settings (imports the engine: call after dependency setup)."""
+    from . import models
+    from .logic import ProcessOptions
+
+    selection = models.modelSelection(read(settings, "DINOv2"), read(settings, "SAM"),
+                                      dinov2Checkpoint=read(settings, "DINOv2Checkpoint"),
+                                      samCheckpoint=read(settings, "SAMCheckpoint"))
+    return ProcessOptions(models=selection, preset=read(settings, "Preset"), device=read(settings, "Device"),
+                          modality=read(settings, "Modality"), weightsHome=read(settings, "WeightsFolder") or None,
+                          autoExtent=autoExtent, cacheBytes=DEFAULT_CACHE_BYTES)

@@ -1,0 +1,98 @@
+# Every file the ProtoSAM extension installs, in one place.
+#
+# Slicer installs only what CMake lists (no globbing: a missing entry is a file missing from the
+# extension users download). Testing/slicer/test_slicer_cmake.py compares these lists with the
+# files that exist, so adding a file to the engine, the module, the effect or Resources/ makes
+# that test fail until the file is listed here (or in PROTOSAM_NOT_INSTALLED).
+#
+# Paths are relative to the folder named in each comment.
+
+set(PROTOSAM_MODULE_NAME ProtoSAM)
+set(PROTOSAM_EFFECT_MODULE_NAME SegmentEditorProtoSAM)
+
+# Relative to ProtoSAMSlicer/ProtoSAM: the module and its Qt-free library.
+set(PROTOSAM_MODULE_SCRIPTS
+  ${PROTOSAM_MODULE_NAME}.py
+  ProtoSAMSlicerLib/__init__.py
+  ProtoSAMSlicerLib/dependencies.py
+  ProtoSAMSlicerLib/effect_session.py
+  ProtoSAMSlicerLib/geometry.py
+  ProtoSAMSlicerLib/logic.py
+  ProtoSAMSlicerLib/models.py
+  ProtoSAMSlicerLib/mrml_io.py
+  ProtoSAMSlicerLib/results.py
+  ProtoSAMSlicerLib/selftest.py
+  ProtoSAMSlicerLib/settings.py
+  ProtoSAMSlicerLib/worker.py
+  )
+
+# Relative to ProtoSAMSlicer/SegmentEditorProtoSAM: the hidden module registering the effect.
+set(PROTOSAM_EFFECT_SCRIPTS
+  ${PROTOSAM_EFFECT_MODULE_NAME}.py
+  SegmentEditorProtoSAMLib/SegmentEditorEffect.py
+  SegmentEditorProtoSAMLib/__init__.py
+  )
+
+# Relative to ProtoSAMLib: the engine package "protosam", installed next to the modules.
+set(PROTOSAM_ENGINE_SCRIPTS
+  protosam/__init__.py
+  protosam/__main__.py
+  protosam/cache.py
+  protosam/checkpoints.py
+  protosam/cli.py
+  protosam/errors.py
+  protosam/evaluation/__init__.py
+  protosam/evaluation/abdominal.py
+  protosam/evaluation/cli.py
+  protosam/evaluation/datasets.py
+  protosam/evaluation/demo.py
+  protosam/evaluation/metrics.py
+  protosam/evaluation/pictures.py
+  protosam/evaluation/polyp.py
+  protosam/evaluation/protocol.py
+  protosam/evaluation/pseudo_scans.py
+  protosam/evaluation/realistic.py
+  protosam/evaluation/report.py
+  protosam/evaluation/runner.py
+  protosam/evaluation/sample_data.py
+  protosam/evaluation/segment_report.py
+  protosam/io.py
+  protosam/models/__init__.py
+  protosam/models/alpnet.py
+  protosam/models/dinov2.py
+  protosam/models/sam.py
+  protosam/models/vit_blocks.py
+  protosam/pipeline.py
+  protosam/preprocessing.py
+  protosam/presets.py
+  protosam/prompts.py
+  protosam/propagation.py
+  protosam/testing.py
+  protosam/validation.py
+  protosam/weights.py
+  protosam/weights_cli.py
+  protosam/weights_download.py
+  protosam/weights_registry.py
+  )
+
+# Relative to ProtoSAMLib: non-Python files of the engine package.
+set(PROTOSAM_ENGINE_RESOURCES
+  )
+
+# Relative to the repository root: icons, Qt Designer files and the pip requirements, installed
+# as <qt-scripted-modules>/Resources/... where both modules look for them.
+set(PROTOSAM_SHARED_RESOURCES
+  Resources/Icons/ProtoSAM.png
+  Resources/Icons/SegmentEditorProtoSAM.png
+  Resources/UI/ProtoSAM.ui
+  Resources/UI/SegmentEditorProtoSAM.ui
+  Resources/requirements.txt
+  )
+
+# Relative to the repository root: files under Resources/ that are for developers only.
+set(PROTOSAM_NOT_INSTALLED
+  Resources/Icons/make_icons.py
+  Resources/Screenshots/ProtoSAM-module.png
+  Resources/Screenshots/SegmentEditorProtoSAM-effect.png
+  Resources/Screenshots/render_ui.py
+  )

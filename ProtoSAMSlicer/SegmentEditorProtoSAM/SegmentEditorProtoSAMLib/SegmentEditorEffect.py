@@ -1,0 +1,186 @@
+"""ProtoSAM Segment Editor effect: propagate the selected segment from its painted slice(s).
+
+Thin Qt layer: widgets, a QTimer that polls the background worker, and two Segment Editor
+operations (undo state, masked segment modification) handed to the Qt-free
+ProtoSAMSlicerLib.effect_session.EffectSession, which holds the behaviour.
+"""
+
+import logging
+
+import qt
+
+import slicer
+from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
+
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # Slicer < 5.4
+    def _(text):
+        return text
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL_MS = 100
+
+
+class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
+    """Paint one slice (or a few) of a segment, click Propagate, check the preview, Apply."""
+
+    def __init__(self, scriptedEffect):
+        scriptedEffect.name = "ProtoSAM"  # untranslated: used to find the effect
+        scriptedEffect.title = _("ProtoSAM")
+        scriptedEffect.perSegment = True
+        scriptedEffect.requireSegments = True
+        AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
+        self.session = None
+        self.lastSliceNode = None
+        self.ui = None
+        self.pollTimer = qt.QTimer()
+        self.pollTimer.setInterval(POLL_INTERVAL_MS)
+        self.pollTimer.connect("timeout()", self.onPoll)
+
+    def clone(self):
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+        clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
+        clonedEffect.setPythonSource(__file__.replace("\\", "/"))
+        return clonedEffect
+
+    def icon(self):
+        from ProtoSAMSlicerLib import resourcePath
+
+        try:
+            return qt.QIcon(str(resourcePath("Icons", "SegmentEditorProtoSAM.png")))
+        except FileNotFoundError:
+            return qt.QIcon()
+
+    def helpText(self):
+        return "<html>" + _(
+            "Propagate the selected segment through the volume.<br>"
+            "<b>1.</b> Paint the structure on one slice (or a few) in a slice view aligned with the volume.<br>"
+            "<b>2.</b> Move the mouse over that view and click <b>Propagate</b>; the result appears as a preview.<br>"
+            "<b>3.</b> <b>Apply</b> adds it to the segment (one undo step; masking settings apply), "
+            "<b>Cancel</b> discards it.<br>Models are chosen in the ProtoSAM module.") + "</html>"
+
+    def setupOptionsFrame(self):
+        from ProtoSAMSlicerLib import resourcePath
+
+        uiWidget = slicer.util.loadUI(str(resourcePath("UI", "SegmentEditorProtoSAM.ui")))
+        self.scriptedEffect.addOptionsWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        self.ui.extentComboBox.addItem(_("Automatic extent"), "automatic")
+        self.ui.extentComboBox.addItem(_("All slices"), "all")
+        self.ui.propagateButton.connect("clicked()", self.onPropagate)
+        self.ui.applyButton.connect("clicked()", self.onApply)
+        self.ui.cancelButton.connect("clicked()", self.onCancel)
+
+    def activate(self):
+        self.updateGUI()
+
+    def deactivate(self):
+        if self.session is not None and self.session.state != "idle":
+            self.session.cancel()
+        self.pollTimer.stop()
+        self.updateGUI()
+
+    def cleanup(self):
+        self.pollTimer.stop()
+        self.pollTimer.disconnect("timeout()", self.onPoll)
+
+    def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
+        # Remember the slice view the user works in; never consume the event.
+        if viewWidget is not None and viewWidget.className() == "qMRMLSliceWidget":
+            self.lastSliceNode = viewWidget.mrmlSliceNode()
+        return False
+
+    # ------------------------------------------------------------------ actions
+    def _ensureSession(self):
+        if self.session is not None:
+            return True
+        from ProtoSAM import ensureDependencies
+
+        if not ensureDependencies():
+            return False
+        from ProtoSAMSlicerLib.effect_session import EffectSession
+        from ProtoSAMSlicerLib.logic import ProtoSAMLogic
+
+        logic = ProtoSAMLogic()
+        logic.idle = slicer.app.processEvents
+        self.session = EffectSession(logic, self.scriptedEffect.saveStateForUndo, self._modifySegment)
+        return True
+
+    def _modifySegment(self, labelmap, segmentId):
+        segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
+        self.scriptedEffect.modifySegmentByLabelmap(
+            segmentationNode, segmentId, labelmap, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd)
+
+    def _sourceVolume(self):
+        parameterSetNode = self.scriptedEffect.parameterSetNode()
+        if hasattr(parameterSetNode, "GetSourceVolumeNode"):
+            return parameterSetNode.GetSourceVolumeNode()
+        return parameterSetNode.GetMasterVolumeNode()  # Slicer < 5.1
+
+    def onPropagate(self):
+        if not self._ensureSession():
+            return
+        from ProtoSAM import optionsFromSettings
+
+        with slicer.util.tryWithErrorDisplay(_("ProtoSAM could not start."), waitCursor=True):
+            parameterSetNode = self.scriptedEffect.parameterSetNode()
+            sliceNode = self.lastSliceNode or slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
+            options = optionsFromSettings(autoExtent=self.ui.extentComboBox.currentData == "automatic")
+            self.session.start(self._sourceVolume(), parameterSetNode.GetSegmentationNode(),
+                               parameterSetNode.GetSelectedSegmentID(), sliceNode, options=options,
+                               onFinished=self.onFinished)
+            self.ui.statusLabel.text = _("Propagating along the {view} view...").format(view=sliceNode.GetName())
+            self.pollTimer.start()
+        self.updateGUI()
+
+    def onPoll(self):
+        if self.session is None:
+            return
+        self.session.logic.poll()
+        done, total = self.session.progress
+        if total:
+            self.ui.progressBar.maximum = total
+            self.ui.progressBar.value = done
+
+    def onFinished(self, session):
+        self.pollTimer.stop()
+        if session.lastError is not None:
+            self.ui.statusLabel.text = str(session.lastError)
+            from protosam.errors import CancelledError
+
+            if not isinstance(session.lastError, CancelledError):
+                slicer.util.errorDisplay(_("ProtoSAM failed: {error}").format(error=session.lastError))
+        else:
+            self.ui.statusLabel.text = _("Preview ready: Apply or Cancel.")
+        self.updateGUI()
+
+    def onApply(self):
+        with slicer.util.tryWithErrorDisplay(_("Applying the ProtoSAM result failed."), waitCursor=True):
+            self.session.apply()
+            self.ui.statusLabel.text = _("Applied.")
+        self.updateGUI()
+
+    def onCancel(self):
+        if self.session is not None:
+            self.session.cancel()
+            self.ui.statusLabel.text = _("Cancelling...") if self.session.state == "running" else _("Discarded.")
+        self.updateGUI()
+
+    def updateGUI(self):
+        if self.ui is None:
+            return
+        state = self.session.state if self.session is not None else "idle"
+        self.ui.propagateButton.enabled = state == "idle"
+        self.ui.applyButton.enabled = state == "preview"
+        self.ui.cancelButton.enabled = state in ("running", "preview")
+        self.ui.progressBar.visible = state == "running"
+        try:
+            from ProtoSAM import readSetting
+
+            self.ui.modelsLabel.text = _("Models: {dinov2} + {sam} (change them in the ProtoSAM module)").format(
+                dinov2=readSetting("DINOv2"), sam=readSetting("SAM"))
+        except ImportError:
+            self.ui.modelsLabel.text = ""

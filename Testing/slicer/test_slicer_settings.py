@@ -1,0 +1,45 @@
+"""User settings shared by the module and the effect (ProtoSAMSlicerLib.settings)."""
+
+import pytest
+
+from ProtoSAMSlicerLib import settings
+
+
+class MemorySettings:
+    """The two QSettings methods the settings module uses, over a dict."""
+
+    def __init__(self):
+        self.values = {}
+
+    def value(self, key):
+        return self.values.get(key)
+
+    def setValue(self, key, value):
+        self.values[key] = value
+
+
+def test_defaults_round_trip_and_options():
+    store = MemorySettings()
+    assert settings.read(store, "SAM") == "vit_b"
+    options = settings.processOptions(store)
+    assert options.models.dinov2 == "dinov2_vitb14" and options.models.sam_checkpoint is None
+    assert options.device == "auto" and options.weightsHome is None and options.autoExtent is None
+    settings.write(store, "SAM", "medsam_vit_b")
+    settings.write(store, "SAMCheckpoint", "/data/medsam_finetuned.pth")
+    settings.write(store, "WeightsFolder", "/shared/protosam")
+    settings.write(store, "Device", "cpu")
+    assert store.values["ProtoSAM/SAM"] == "medsam_vit_b"
+    options = settings.processOptions(store, autoExtent=False)
+    assert options.models.sam == "medsam_vit_b" and options.models.sam_checkpoint == "/data/medsam_finetuned.pth"
+    assert options.weightsHome == "/shared/protosam" and options.device == "cpu" and options.autoExtent is False
+
+
+def test_unknown_names_and_bad_models_are_refused():
+    store = MemorySettings()
+    with pytest.raises(ValueError):
+        settings.read(store, "Nope")
+    with pytest.raises(ValueError):
+        settings.write(store, "Nope", 1)
+    settings.write(store, "DINOv2", "dinov2_huge")
+    with pytest.raises(ValueError, match="Unknown DINOv2"):
+        settings.processOptions(store)
