@@ -120,18 +120,30 @@ def test_cancel_mid_run_leaves_no_partial_segment(scene, tinyOptions):
     assert logic.activeJobs == []
 
 
-def test_removing_the_volume_during_a_run_cancels_it_cleanly(scene, tinyOptions):
+@pytest.mark.parametrize("removed", ["volume", "segmentation", "whole scene"])
+def test_removing_inputs_during_a_run_cancels_it_cleanly(scene, tinyOptions, removed):
     volume, segmentation, ids, *_ = buildCase(scene, "identity_axial")
+
+    def remove(done, total):
+        if removed == "whole scene":
+            if scene.IsNodePresent(volume):
+                scene.Clear(False)
+        else:
+            node = volume if removed == "volume" else segmentation
+            if scene.IsNodePresent(node):
+                scene.RemoveNode(node)
+
     logic = ProtoSAMLogic()
     finished = []
     job = logic.process(volume, segmentation, [ids["liver"]], options=tinyOptions, waitForCompletion=False,
-                        progressCallback=lambda d, t: scene.RemoveNode(volume) if scene.IsNodePresent(volume) else None,
-                        onFinished=finished.append)
+                        progressCallback=remove, onFinished=finished.append)
     job.worker.runUntilFinished(job.job, timeout=120)
     assert finished == [job] and job.result is None
+    assert job.progress[0] < job.progress[1]  # stopped early, not after the last slice
     with pytest.raises(CancelledError, match="removed from the scene"):
         job.resultOrRaise()
-    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    expected = 0 if removed != "volume" else 1
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == expected  # no preview left
     logic.cleanup()
 
 
