@@ -147,6 +147,13 @@ def test_segment_report_along_another_axis(thalamus, tmp_path):
     tp, fn = int(mask[1:].sum()), int(mask[0].sum())
     assert summary["dice_3d"] == pytest.approx(2 * tp / (2 * tp + fn))
     assert _counts(tmp_path / "overview_5.png")["red"] > 300
+    # Restricted to the processed slices 2..5: Dice over that window only (here perfect).
+    write_segment_report(tmp_path / "window", query=query, axis=2, result=result, ground_truth={5: truth},
+                         slice_range=(2, 5))
+    window = json.loads((tmp_path / "window" / "report.json").read_text())["5"]
+    assert (window["first_slice"], window["last_slice"], window["dice_3d"]) == (2, 5, 1.0)
+    with pytest.raises(ValueError, match="slice_range"):
+        write_segment_report(tmp_path / "bad", query=query, axis=2, result=result, slice_range=(3, 9))
     # Labels-only mode (no VolumeResult): one entry per label value.
     labels = np.where(mask > 0, 3, 0).astype(np.uint8)
     write_segment_report(tmp_path / "labels", query=image, labels=labels)

@@ -12,7 +12,7 @@ import difflib
 import json
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -113,7 +113,7 @@ def run_demo(engine, out_dir: Path, *, structures: Sequence[str] = DEFAULT_STRUC
     flip_rows, flip_cols = axial_display_flips(image.GetDirection())
     pictures = write_segment_report(out_dir / "pictures", query=volume, axis=0, result=result,
                                     support_labels=support_masks, ground_truth=ground_truth,
-                                    flip_rows=flip_rows, flip_cols=flip_cols)
+                                    flip_rows=flip_rows, flip_cols=flip_cols, slice_range=slice_range)
     summary_path = out_dir / "demo_results.json"
     summary = {
         "sample": {"image": str(sample.image), "labels": str(sample.labels), "source": sample.source},
@@ -123,7 +123,7 @@ def run_demo(engine, out_dir: Path, *, structures: Sequence[str] = DEFAULT_STRUC
         "dice_3d": dice_3d, "dice_2d_mean": dice_2d, "fp_slices_outside": fp,
         "processed_slices": {n: len(result.processed_slices[n]) for n in values},
         "seconds": result.seconds,
-        "models": vars(engine.models).copy() if hasattr(engine, "models") else {},
+        "models": asdict(engine.models) if hasattr(engine, "models") else {},
         "preset": getattr(getattr(engine, "preset", None), "name", ""),
         "note": "Dice is measured against the AAL atlas region, the reference drawn on this brain.",
     }

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Dict, Hashable, List, Mapping, Optional
+from typing import Dict, Hashable, List, Mapping, Optional, Tuple
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -37,8 +37,8 @@ def write_segment_report(out_dir, *, query: np.ndarray, labels: Optional[np.ndar
                          axis: int = 0, result=None, support: Optional[np.ndarray] = None,
                          support_labels: Optional[Mapping[Hashable, np.ndarray]] = None,
                          ground_truth: Optional[Mapping[Hashable, np.ndarray]] = None,
-                         max_slices: int = 8, flip_rows: bool = False,
-                         flip_cols: bool = False) -> List[Path]:
+                         max_slices: int = 8, flip_rows: bool = False, flip_cols: bool = False,
+                         slice_range: Optional[Tuple[int, int]] = None) -> List[Path]:
     """Write the report files; returns their paths.
 
     Args:
@@ -50,6 +50,8 @@ def write_segment_report(out_dir, *, query: np.ndarray, labels: Optional[np.ndar
         support_labels: key -> support mask volume, to draw the painted support mask.
         ground_truth: key -> reference mask volume, for Dice.
         flip_rows, flip_cols: mirror the pictures for display only.
+        slice_range: inclusive (first, last) slices that were processed; pictures, plots
+            and Dice are restricted to them (slice numbers stay those of the volume).
     """
     query = np.moveaxis(np.asarray(query), axis, 0)
     if result is not None:
@@ -63,6 +65,11 @@ def write_segment_report(out_dir, *, query: np.ndarray, labels: Optional[np.ndar
     else:
         raise ValueError("write_segment_report needs result= or labels=")
     support_volume = query if support is None else np.moveaxis(np.asarray(support), axis, 0)
+    first, last = slice_range if slice_range is not None else (0, query.shape[0] - 1)
+    if not 0 <= first <= last < query.shape[0]:
+        raise ValueError(f"slice_range {slice_range} is outside the volume's 0..{query.shape[0] - 1}")
+    window = np.zeros(query.shape[0], bool)
+    window[first:last + 1] = True
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: List[Path] = []
@@ -72,8 +79,8 @@ def write_segment_report(out_dir, *, query: np.ndarray, labels: Optional[np.ndar
             raise ValueError(f"Mask {key!r} has shape {mask.shape}, the volume {query.shape}")
         gt = None
         if ground_truth is not None and key in ground_truth:
-            gt = np.moveaxis(np.asarray(ground_truth[key]), axis, 0) != 0
-        present = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)).tolist()
+            gt = (np.moveaxis(np.asarray(ground_truth[key]), axis, 0) != 0) & window[:, None, None]
+        present = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1) & window).tolist()
         entry: Dict[str, object] = {
             "voxels": int(np.count_nonzero(mask)),
             "first_slice": present[0] if present else None,
@@ -99,10 +106,10 @@ def write_segment_report(out_dir, *, query: np.ndarray, labels: Optional[np.ndar
                                                  title=f"structure {key}"))
         dice_by_slice = None
         if gt is not None:
-            dice_by_slice = per_slice_dice(mask, gt, axis=0)
-            entry["dice_3d"] = scan_dice_3d(mask, gt, axis=0)
+            dice_by_slice = per_slice_dice(mask, gt, axis=0, slices=range(first, last + 1))
+            entry["dice_3d"] = scan_dice_3d(mask, gt, axis=0, slices=range(first, last + 1))
             entry["dice_2d_mean"] = float(np.mean(list(dice_by_slice.values()))) if dice_by_slice else None
-        written.append(_area_plot(out_dir / f"slices_{safe}.png", mask, gt, dice_by_slice, key))
+        written.append(_area_plot(out_dir / f"slices_{safe}.png", mask, gt, dice_by_slice, key, (first, last)))
         summary[str(key)] = entry
     path = out_dir / "report.json"
     path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
@@ -112,14 +119,14 @@ def write_segment_report(out_dir, *, query: np.ndarray, labels: Optional[np.ndar
 
 
 def _area_plot(path: Path, mask: np.ndarray, gt: Optional[np.ndarray],
-               dice_by_slice: Optional[Dict[int, float]], key) -> Path:
+               dice_by_slice: Optional[Dict[int, float]], key, bounds: Tuple[int, int]) -> Path:
     figure = Figure(figsize=(7.5, 3.8), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
-    slices = np.arange(mask.shape[0])
-    axes.plot(slices, mask.reshape(mask.shape[0], -1).sum(axis=1), color="C3", label="result area (px)")
+    slices = np.arange(bounds[0], bounds[1] + 1)
+    axes.plot(slices, mask[slices].reshape(len(slices), -1).sum(axis=1), color="C3", label="result area (px)")
     if gt is not None:
-        axes.plot(slices, gt.reshape(gt.shape[0], -1).sum(axis=1), color="C2", linestyle="--",
+        axes.plot(slices, gt[slices].reshape(len(slices), -1).sum(axis=1), color="C2", linestyle="--",
                   label="reference area (px)")
     axes.set_xlabel("slice index")
     axes.set_ylabel("pixels")
