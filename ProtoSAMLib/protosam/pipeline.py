@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import EmbeddingCache
-from .errors import CancelledError, InputError
+from .errors import CancelledError, InputError, ProtoSAMError
 from .models.alpnet import ALPNetConfig, Prototypes, compute_prototypes, mask_to_grid, score_queries
 from .models.dinov2 import load_dinov2
 from .models.sam import SAM_ARCHITECTURES, SAM_IMAGE_SIZE, SamRefiner, load_sam
@@ -166,22 +166,54 @@ class Engine:
             images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         return images.expand(-1, 3, -1, -1)
 
+    def _recover_from_out_of_memory(self, error: Exception) -> None:
+        """On GPU out-of-memory: halve the batch; at batch 1, continue on the CPU.
+
+        Raises ProtoSAMError when there is nothing left to try (already on the CPU, batch 1).
+        """
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.batch_size > 1:
+            self.batch_size //= 2
+            logger.warning("Out of memory: retrying with %d slice(s) per batch.", self.batch_size)
+            return
+        if self.device.type == "cuda":
+            logger.warning("GPU out of memory even one slice at a time: continuing on the CPU (slower).")
+            self.encoder.to("cpu")
+            self.refiner.sam.to("cpu")
+            self.device = torch.device("cpu")
+            return
+        raise ProtoSAMError(
+            "Out of memory while encoding one slice: close other programs, choose smaller models "
+            "(e.g. dinov2_vitb14 and vit_b) or a smaller input size."
+        ) from error
+
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """DINOv2 patch features ``[N, C, g, g]`` float32 (g >= 32) for ``[N, 3, S, S]`` images."""
         outputs = []
-        dtype = self.autocast_dtype
-        for start in range(0, images.shape[0], self.batch_size):
-            batch = images[start:start + self.batch_size]
-            if batch.shape[-1] != self.encoder_input_size:
-                size = (self.encoder_input_size, self.encoder_input_size)
-                batch = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
-            with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                features = self.encoder.patch_features(batch).float()
-            if features.shape[-1] < MIN_FEATURE_GRID:
-                features = F.interpolate(features, size=(MIN_FEATURE_GRID, MIN_FEATURE_GRID), mode="bilinear", align_corners=False)
+        start = 0
+        while start < images.shape[0]:
+            batch = images[start:start + self.batch_size].to(self.device)
+            try:
+                features = self._encode_batch(batch)
+            except torch.cuda.OutOfMemoryError as error:
+                self._recover_from_out_of_memory(error)
+                continue
             outputs.append(features)
+            start += batch.shape[0]
         return torch.cat(outputs)
+
+    def _encode_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.shape[-1] != self.encoder_input_size:
+            size = (self.encoder_input_size, self.encoder_input_size)
+            batch = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
+        dtype = self.autocast_dtype
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            features = self.encoder.patch_features(batch).float()
+        if features.shape[-1] < MIN_FEATURE_GRID:
+            features = F.interpolate(features, size=(MIN_FEATURE_GRID, MIN_FEATURE_GRID), mode="bilinear", align_corners=False)
+        return features
 
     def prototypes_from_features(self, support_features: torch.Tensor, support_mask: np.ndarray) -> Prototypes:
         """Prototypes from support features ``[C, g, g]`` and a bool mask ``[H, W]``."""
@@ -196,6 +228,8 @@ class Engine:
     @torch.inference_mode()
     def coarse_logits(self, prototypes: Prototypes, features: torch.Tensor) -> torch.Tensor:
         """ALPNet logits ``[N, 2, S, S]`` (bg, fg) for query features ``[N, C, g, g]``."""
+        # After a GPU -> CPU fallback, prototypes made earlier may sit on the other device.
+        prototypes = prototypes.to(features.device)
         grid_logits = score_queries(features, prototypes, self.alpnet)
         return F.interpolate(grid_logits, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
 
@@ -207,7 +241,12 @@ class Engine:
 
     def sam_embedding(self, image: torch.Tensor) -> torch.Tensor:
         """SAM image embedding ``[1, C, 64, 64]`` for one ``[3, S, S]`` model-input slice."""
-        return self.refiner.embed(self.sam_images(image[None]), autocast_dtype=self.autocast_dtype)
+        while True:
+            try:
+                return self.refiner.embed(self.sam_images(image[None].to(self.device)), autocast_dtype=self.autocast_dtype)
+            except torch.cuda.OutOfMemoryError as error:
+                self.batch_size = 1
+                self._recover_from_out_of_memory(error)
 
     @torch.inference_mode()
     def refine(self, logits: torch.Tensor, embedding_for_slice: Callable[[], torch.Tensor]) -> RefinedSlice:
@@ -230,7 +269,7 @@ class Engine:
             max_components=self.preset.max_components,
         )
         union, scores = self.refiner.decode(
-            embedding_for_slice(),
+            embedding_for_slice().to(self.device),
             prompts,
             multimask_output=self.preset.effective_multimask,
             pick_best_score=self.preset.pick_best_score,

@@ -40,10 +40,12 @@ def normalize_volume(volume: np.ndarray, modality: str = "auto") -> np.ndarray:
         clipped = np.clip(volume, *CT_WINDOW_HU)
     else:
         clipped = np.minimum(volume, np.percentile(volume, MRI_UPPER_PERCENTILE))
-    std = float(clipped.std())
+    # Statistics in float64: float32 sums overflow or lose precision on extreme intensities.
+    mean = float(clipped.mean(dtype=np.float64))
+    std = float(clipped.std(dtype=np.float64))
     if std == 0.0:
         raise InputError(
             "The image has the same intensity everywhere (after windowing): there is nothing to "
             "segment. Check that the right volume was chosen, or use modality 'none'."
         )
-    return ((clipped - float(clipped.mean())) / std).astype(np.float32)
+    return ((clipped - np.float32(mean)) / np.float32(std)).astype(np.float32, copy=False)

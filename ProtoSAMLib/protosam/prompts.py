@@ -119,6 +119,7 @@ def extract_prompts(
         raise ValueError(f"fg_prob {fg_prob.shape} and fg_mask {fg_mask.shape} must be the same 2-D shape")
     if max_components is not None and max_components < 1:
         raise ValueError("max_components must be >= 1 or None")
+    fg_mask = fg_mask.astype(bool, copy=False)
     labels, count = connected_components(fg_mask)
     if count == 0:
         return []
@@ -137,7 +138,8 @@ def extract_prompts(
     bg_prob = 1.0 - fg_prob
     global_negative = None
     if negative_points:
-        global_negative = _top1_pixel_xy(bg_prob, bg_prob >= GLOBAL_NEGATIVE_MIN_BG_PROB)
+        # '& ~fg_mask' changes nothing when fg_mask is the argmax map; it guards inconsistent input.
+        global_negative = _top1_pixel_xy(bg_prob, (bg_prob >= GLOBAL_NEGATIVE_MIN_BG_PROB) & ~fg_mask)
 
     bounds = ndimage.find_objects(labels)
     prompts = []

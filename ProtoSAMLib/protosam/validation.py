@@ -27,9 +27,15 @@ def as_float_slices(array, name: str, ndim: int) -> np.ndarray:
         raise InputError(f"{name} must hold real numbers; got dtype {array.dtype}.")
     if min(array.shape) == 0:
         raise InputError(f"{name} is empty (shape {array.shape}).")
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    check_finite(array, name)
-    return array
+    if np.issubdtype(array.dtype, np.floating):
+        check_finite(array, name)
+    with np.errstate(over="ignore"):  # overflow is reported below, with advice
+        converted = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(converted).all():
+        raise InputError(
+            f"{name} has intensities beyond the float32 range (|value| > 3.4e38): rescale the image first."
+        )
+    return converted
 
 
 def as_binary_mask(array, name: str, shape) -> np.ndarray:

@@ -49,6 +49,12 @@ class Prototypes:
     foreground: torch.Tensor
     foreground_is_local: bool
 
+    def to(self, device) -> "Prototypes":
+        """The same prototypes on ``device`` (self when already there)."""
+        if self.background.device == torch.device(device):
+            return self
+        return Prototypes(self.background.to(device), self.foreground.to(device), self.foreground_is_local)
+
     @property
     def num_background(self) -> int:
         return int(self.background.shape[0])

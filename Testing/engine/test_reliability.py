@@ -1,0 +1,86 @@
+"""Engine behaviour under awkward inputs and faults: a correct result or a clear error."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from engine_helpers import blob_slice
+from protosam import Engine, InputError, ProtoSAMError, segment_volume
+from protosam.io import read_volume
+from protosam.preprocessing import normalize_volume
+from protosam.validation import as_float_slices
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models):
+    return Engine(tiny_models, preset="default", device="cpu")
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_result(tiny_models, monkeypatch):
+    engine = Engine(tiny_models, preset="default", device="cpu", batch_size=4)
+    images = engine.to_model_input(np.stack([blob_slice(64, seed=s)[0] for s in range(4)]))
+    expected = engine.encode(images)
+    real = engine._encode_batch
+    calls = []
+
+    def flaky(batch):
+        calls.append(batch.shape[0])
+        if batch.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(batch)
+
+    monkeypatch.setattr(engine, "_encode_batch", flaky)
+    torch.testing.assert_close(engine.encode(images), expected)
+    assert engine.batch_size == 1 and calls[:2] == [4, 2] and calls[2:] == [1, 1, 1, 1]
+
+
+def test_out_of_memory_at_one_slice_on_the_cpu_is_a_clear_error(engine, monkeypatch):
+    def always(batch):
+        raise torch.cuda.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(engine, "_encode_batch", always)
+    with pytest.raises(ProtoSAMError, match="Out of memory.*smaller models"):
+        engine.encode(engine.to_model_input(blob_slice(64)[0][None]))
+
+
+def test_single_slice_volumes(engine):
+    image, mask = blob_slice(64)
+    same = segment_volume(engine, image[None], None, {"d": mask[None]}, modality="mri")
+    np.testing.assert_array_equal(same.masks["d"][0], mask)
+    other = segment_volume(engine, image[None] + 0.1, image[None], {"d": mask[None]}, modality="mri")
+    assert other.processed_slices["d"] == [0] and other.masks["d"].shape == (1, 64, 64)
+
+
+def test_support_and_target_of_different_sizes(engine):
+    support, mask = blob_slice(64)
+    target = np.stack([blob_slice(90, center=(40, 50), radius=14, seed=s)[0] for s in range(3)])
+    result = segment_volume(engine, target, np.stack([support] * 3), {"d": np.stack([mask] * 3)}, support_slices={"d": 1}, modality="mri")
+    assert result.masks["d"].shape == target.shape
+
+
+def test_integer_and_extreme_intensity_volumes(engine):
+    image, mask = blob_slice(64)
+    ct = (np.stack([image] * 4) * 400 - 1000).astype(np.int16)  # HU-like integers
+    result = segment_volume(engine, ct, None, {"d": np.stack([mask] * 4)}, modality="auto", support_slices={"d": 2})
+    assert result.masks["d"].dtype == np.uint8
+    huge = np.stack([image] * 2).astype(np.float64) * 1e30
+    normalized = normalize_volume(as_float_slices(huge, "v", 3), "mri")
+    assert np.isfinite(normalized).all() and abs(float(normalized.mean())) < 1e-3
+    with pytest.raises(InputError, match="float32 range"):
+        as_float_slices(np.full((2, 4, 4), 1e300), "volume", 3)
+    with pytest.raises(InputError, match="same intensity everywhere"):
+        normalize_volume(np.zeros((2, 4, 4), np.float32), "mri")
+
+
+def test_constant_support_slice_does_not_crash(engine):
+    image, mask = blob_slice(64)
+    volume = np.stack([image, np.zeros_like(image), image])
+    result = segment_volume(engine, volume, None, {"d": np.stack([mask] * 3)}, support_slices={"d": 1}, modality="none")
+    assert result.masks["d"].shape == volume.shape
+
+
+def test_rgb_volumes_are_refused_with_advice(tmp_path):
+    rgb = sitk.Image([8, 8, 4], sitk.sitkVectorUInt8, 3)
+    sitk.WriteImage(rgb, str(tmp_path / "rgb.nrrd"))
+    with pytest.raises(InputError, match="RGB or vector"):
+        read_volume(tmp_path / "rgb.nrrd")
