@@ -195,8 +195,10 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        # Checking weights imports the engine (and torch): only when the user looks at them.
+        self.ui.modelsCollapsibleButton.connect("contentsCollapsed(bool)",
+                                                lambda collapsed: None if collapsed else self.updateWeightsStatus())
         self.initializeParameterNode()
-        self.updateWeightsStatus()
 
     def _populateModelWidgets(self):
         # Labels only: the module must load before torch and the engine are installed.
@@ -302,6 +304,11 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateWeightsStatus()
 
     def updateWeightsStatus(self):
+        from ProtoSAMSlicerLib import dependencies
+
+        if not dependencies.installPlan().empty:
+            self.ui.weightsStatusLabel.text = _("Python packages not installed yet: they are set up on first use.")
+            return
         try:
             from ProtoSAMSlicerLib import models
         except ImportError:

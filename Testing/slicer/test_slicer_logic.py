@@ -197,3 +197,19 @@ def test_batch_over_two_volumes_with_the_same_support_and_accept(scene, tinyOpti
     assert not scene.IsNodePresent(second.previewSegmentationNode)
     logic.discard(first)
     assert not scene.IsNodePresent(first.previewSegmentationNode)
+
+
+def test_batch_with_one_unusable_volume_runs_none(scene, tinyOptions):
+    volume, segmentation, ids, image, *_ = buildCase(scene, "identity_axial")
+    oblique = addVolume(scene, image, ijkToRasFrom(rotationMatrix((1, 0, 0), 30)), name="oblique")
+    logic = ProtoSAMLogic()
+    with pytest.raises(geometry.ObliqueSliceError):
+        logic.processBatch([volume, oblique], segmentation, [ids["liver"]], options=tinyOptions,
+                           supportVolumeNode=volume, waitForCompletion=False)
+    assert len(logic.activeJobs) == 1
+    handle = logic.activeJobs[0]
+    handle.worker.runUntilFinished(handle.job, timeout=120)
+    assert isinstance(handle.error, CancelledError) and handle.result is None
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    with pytest.raises(InputError, match="at least one volume"):
+        logic.processBatch([], segmentation, [ids["liver"]], options=tinyOptions, supportVolumeNode=volume)

@@ -309,8 +309,17 @@ class ProtoSAMLogic:
             kwargs["supportVolumeNode"] = self.defaultSupportVolume(supportSegmentationNode)
             if kwargs["supportVolumeNode"] is None:
                 raise InputError("Batch runs need the support volume: select the volume the support was painted on.")
-        jobs = [self.process(volume, supportSegmentationNode, segmentIds, waitForCompletion=False, **kwargs)
-                for volume in targetVolumeNodes]
+        if not targetVolumeNodes:
+            raise InputError("Select at least one volume to segment.")
+        jobs = []
+        try:
+            for volume in targetVolumeNodes:
+                jobs.append(self.process(volume, supportSegmentationNode, segmentIds, waitForCompletion=False,
+                                         **kwargs))
+        except Exception:
+            for handle in jobs:  # one volume cannot be used: run none of them
+                handle.cancel("Another volume of the batch could not be used; nothing was written.")
+            raise
         if not wait:
             return jobs
         for handle in jobs:
