@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
