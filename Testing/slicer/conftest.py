@@ -20,16 +20,20 @@ for _path in (REPO / "ProtoSAMSlicer" / "ProtoSAM", REPO / "ProtoSAMSlicer" / "S
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-slicer = pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the 'slicer' package is not slicer-core (another package named 'slicer' shadows it)",
-                allow_module_level=True)
-import vtk  # noqa: E402  (comes with slicer-core)
+
+
+def requireSlicerCore():
+    """The slicer-core package, or skip: MRML tests cannot run without it."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("the 'slicer' package is not slicer-core (another package named 'slicer' shadows it)")
+    return slicer
 
 
 @pytest.fixture
 def scene():
     """A fresh MRML scene with the logics Slicer modules would register, set as slicer.mrmlScene."""
+    slicer = requireSlicerCore()
     mrmlScene = slicer.vtkMRMLScene()
     appLogic = slicer.vtkSlicerApplicationLogic()
     appLogic.SetMRMLScene(mrmlScene)

@@ -1,5 +1,9 @@
 """First-run dependency plan and install (ProtoSAMSlicerLib.dependencies)."""
 
+import pathlib
+import subprocess
+import sys
+
 import pytest
 
 from ProtoSAMSlicerLib import dependencies
@@ -77,3 +81,14 @@ def test_cancelled_torch_install_and_still_missing_package_raise_with_instructio
 def test_pytorch_utils_absent_gives_instructions():
     with pytest.raises(DependencyError, match="Extensions Manager"):
         dependencies.pytorchUtilsInstaller()
+
+
+def test_setup_modules_import_without_torch():
+    """The module must load in a Slicer without torch: first-run setup installs it."""
+    code = ("import sys; sys.path.insert(0, 'ProtoSAMSlicer/ProtoSAM');"
+            "import ProtoSAMSlicerLib, ProtoSAMSlicerLib.dependencies, ProtoSAMSlicerLib.settings;"
+            "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'protosam', 'numpy', 'vtk')];"
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               cwd=str(pathlib.Path(__file__).resolve().parents[2]))
+    assert completed.returncode == 0, completed.stdout + completed.stderr

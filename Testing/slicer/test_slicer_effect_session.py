@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+
 import slicer
 from ProtoSAMSlicerLib import effect_session, geometry, mrml_io, results
 from ProtoSAMSlicerLib.effect_session import EffectSession

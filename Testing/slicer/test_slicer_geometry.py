@@ -5,6 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
+pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+
 from ProtoSAMSlicerLib import geometry
 from protosam.errors import InputError
 from slicer_mrml_helpers import homogeneous, ijkToRasFrom, rotationMatrix

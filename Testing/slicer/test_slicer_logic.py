@@ -5,6 +5,8 @@ import threading
 import numpy as np
 import pytest
 
+pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+
 import protosam
 import slicer
 from ProtoSAMSlicerLib import geometry, mrml_io, results

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+
 import slicer
 from ProtoSAMSlicerLib import mrml_io
 from protosam.errors import InputError

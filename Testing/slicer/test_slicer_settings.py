@@ -2,6 +2,8 @@
 
 import pytest
 
+pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+
 from ProtoSAMSlicerLib import settings
 
 
