@@ -66,7 +66,8 @@ def _engine(spec: Dict, phase: str) -> Engine:
     }[phase]
     models = ModelSelection(**spec["models"])
     cache = CACHE_BYTES if phase == "ours_cached_rerun" else 0
-    return Engine(models, preset=preset, device=spec["device"], download=False, cache_bytes=cache)
+    batch = None if phase == "naive" else spec.get("batch_size")
+    return Engine(models, preset=preset, device=spec["device"], download=False, cache_bytes=cache, batch_size=batch)
 
 
 def _warm_up(engine: Engine, volume: np.ndarray) -> float:

@@ -49,6 +49,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=256, help="slice height = width")
     p.add_argument("--input-size", type=int, default=672, help="engine input size S")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="encoder batch size of ours (default: the engine's, 8 on CUDA, 1 on CPU); the naive "
+                        "flow always encodes one slice per call")
     p.add_argument("--volume", choices=("auto", "colin27", "synthetic"), default="auto",
                    help="auto: Colin27 + AAL from /usr/share/mricron/templates when present, else synthetic")
     p.add_argument("--skip-naive", action="store_true", help="do not run the naive flow")
@@ -70,6 +73,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.worker is None:
         if args.slices < 2 or args.segments < 1 or args.size < 14:
             p.error("need --slices >= 2, --segments >= 1, --size >= 14")
+        if args.batch_size is not None and args.batch_size < 1:
+            p.error("--batch-size must be >= 1")
         if args.naive_slices is not None and not 1 <= args.naive_slices <= args.slices:
             p.error("--naive-slices must be between 1 and --slices")
     return args
@@ -217,9 +222,9 @@ def print_report(report: Dict) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if args.worker:
         return worker_main(args.worker)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     device = resolve_device(args.device)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="protosam_bench_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -246,6 +251,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                            "sam_checkpoint": checkpoints[args.sam], "input_size": args.input_size},
                 "device": str(device), "data": str(work / "data.npz"), "structures": names,
                 "support_slices": support, "naive_slices": args.naive_slices or args.slices,
+                "batch_size": args.batch_size,
                 "warmup": args.warmup == "on" or (args.warmup == "auto" and device.type == "cuda")}
         wanted = [p for p in PHASES if not (
             (p == "naive" and args.skip_naive) or (p == "ours_auto_extent" and args.skip_auto_extent)

@@ -1,0 +1,128 @@
+"""Smoke tests of benchmarks/propagation_benchmark.py with the tiny random-weight models.
+
+They run the real benchmark (naive flow, ours, ours with auto extent) on a few Colin27 slices
+and check the figures it reports and its naive-vs-ours mask identity check.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+TINY = ["--dinov2", "dinov2_tiny14", "--sam", "sam_tiny", "--size", "64", "--input-size", "112", "--volume", "colin27"]
+
+
+@pytest.fixture(scope="module")
+def bench(colin27):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import propagation_benchmark
+
+        yield propagation_benchmark
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny models' small kernels run faster on one thread (and suffer less from busy cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _check_phase(result, slices):
+    assert result["seconds"] > 0 and result["cpu_seconds"] > 0
+    assert result["slices"] == slices
+    assert result["slices_per_second"] == pytest.approx(slices / result["seconds"])
+    assert 50 < result["peak_rss_mib"] < 16384
+    assert result["rss_method"].startswith("resource.getrusage")
+
+
+def test_benchmark_in_process_reports_figures_and_identical_masks(bench, tmp_path, capsys, one_thread):
+    out = tmp_path / "bench.json"
+    args = TINY + ["--slices", "4", "--segments", "2", "--naive-slices", "2", "--in-process",
+                   "--work-dir", str(tmp_path / "work"), "--out", str(out)]
+    assert bench.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "IDENTICAL: 0 differing voxels" in printed and "EXTRAPOLATED" in printed
+
+    report = json.loads(out.read_text())
+    assert set(report["phases"]) == {"naive", "ours", "ours_auto_extent"}
+    assert report["volume"]["source"] == "colin27" and report["volume"]["shape"] == [4, 64, 64]
+    support = {name: s["support_slice"] for name, s in report["volume"]["structures"].items()}
+    assert len(support) == 2
+
+    naive, ours = report["phases"]["naive"], report["phases"]["ours"]
+    _check_phase(naive, 2)
+    _check_phase(ours, 4)
+    assert naive["preset"] == ours["preset"] == "paper"
+    assert naive["pairs"] == 2 * 2
+    # Ours (auto extent off) runs every slice except the painted support slice of each structure.
+    assert ours["pairs"] == 2 * 4 - 2
+    for name, slices in ours["processed_slices"].items():
+        assert slices == [k for k in range(4) if k != support[name]]
+    assert report["phases"]["ours_auto_extent"]["preset"] == "default"
+    assert naive["extrapolated"] is True
+    assert naive["full_volume_seconds"] == pytest.approx(naive["seconds"] * 2)
+    assert set(naive["step_seconds"]) >= {"support_dinov2", "query_dinov2", "refine"}
+
+    identity = report["identity"]
+    expected_pairs = sum(len([k for k in range(2) if k != support[n]]) for n in support)
+    assert identity["slices_compared"] == expected_pairs
+    assert identity["voxels_compared"] == expected_pairs * 64 * 64
+    assert identity["differing_voxels"] == 0
+    assert identity["foreground_voxels"] > 0  # the masks compared are not trivially empty
+
+    summary = report["summary"]
+    assert summary["naive_extrapolated"] is True
+    assert summary["speedup_ours"] == pytest.approx(naive["full_volume_seconds"] / ours["seconds"])
+    assert summary["speedup_ours_auto_extent"] > 0 and summary["cpu_time_ratio_ours"] > 0
+    assert report["machine"]["nproc"] >= 1 and report["machine"]["cpu_model"]
+
+    # The masks the report was computed from are on disk and really are equal where compared.
+    naive_masks = np.load(naive["masks_file"])
+    ours_masks = np.load(ours["masks_file"])
+    for i, name in enumerate(support):
+        common = sorted(set(naive["processed_slices"][name]) & set(ours["processed_slices"][name]))
+        np.testing.assert_array_equal(naive_masks[f"mask_{i}"][common], ours_masks[f"mask_{i}"][common])
+
+
+def test_benchmark_worker_processes(tmp_path):
+    """Default mode: each phase in its own process (its own peak RSS), exit status 0.
+    (Only the ``ours`` phase, to keep the test short; the identity check is tested above.)"""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(BENCHMARKS / "propagation_benchmark.py")] + TINY + [
+        "--slices", "2", "--segments", "1", "--skip-naive", "--skip-auto-extent", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["phases"]) == {"ours"} and "identity" not in report
+    assert "per worker process" in done.stdout
+    result = report["phases"]["ours"]
+    assert result["process_seconds"] >= result["seconds"] > 0
+    assert result["peak_rss_mib"] > 50
+    assert result["processed_slices"] == {"Precentral_L": [0]}  # slice 1 is the painted support
+
+
+def test_compare_masks_counts_differences_on_common_slices_only(bench):
+    a = {"mask_0": np.zeros((4, 8, 8), np.uint8)}
+    b = {"mask_0": np.zeros((4, 8, 8), np.uint8)}
+    a["mask_0"][1, 2:4, 2:4] = 1  # 4 voxels on slice 1
+    b["mask_0"][1, 2:4, 2:3] = 1  # 2 of them
+    b["mask_0"][3] = 1  # slice 3 is not processed by a: ignored
+    result = bench.compare_masks(a, b, {"s": [0, 1, 2]}, {"s": [1, 2, 3]}, ["s"])
+    assert result["slices_compared"] == 2
+    assert result["voxels_compared"] == 2 * 64
+    assert result["differing_voxels"] == 2
+    assert result["per_structure"]["s"]["dice"] == pytest.approx(2 * 2 / 6)
