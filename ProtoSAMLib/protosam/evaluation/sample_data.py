@@ -107,9 +107,10 @@ def find_installed_sample(search_dirs: Optional[Iterable[Path]] = None) -> Optio
 
 
 def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/protosam/samples`` (``~/.cache/protosam/samples`` by default)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "protosam" / "samples"
+    """``<ProtoSAM home>/samples``: next to the weights (``$PROTOSAM_HOME`` or ``~/.protosam``)."""
+    from ..weights import home_dir
+
+    return home_dir() / "samples"
 
 
 def sha256_of(path: Path) -> str:
