@@ -21,7 +21,7 @@ from .errors import CancelledError, InputError, ProtoSAMError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["main", "build_parser", "ProgressBar"]
+__all__ = ["main", "build_parser", "ProgressBar", "add_model_options", "engine_from_args"]
 
 
 class ProgressBar:
@@ -47,7 +47,8 @@ class ProgressBar:
         self.stream.flush()
 
 
-def _add_model_options(parser: argparse.ArgumentParser, *, default_size: int = 672) -> None:
+def add_model_options(parser: argparse.ArgumentParser, *, default_size: int = 672) -> None:
+    """The model/preset/device options shared by every command that runs the engine."""
     group = parser.add_argument_group("models")
     group.add_argument("--preset", default="default", choices=["default", "paper"],
                        help="'paper' reproduces the published reference exactly; 'default' is tuned for use")
@@ -63,7 +64,8 @@ def _add_model_options(parser: argparse.ArgumentParser, *, default_size: int = 6
     group.add_argument("--weights-home", default=None, metavar="DIR", help="weights cache folder (default $PROTOSAM_HOME or ~/.protosam)")
 
 
-def _engine_from_args(args):
+def engine_from_args(args):
+    """An :class:`Engine` from the options of :func:`add_model_options`."""
     from .pipeline import Engine, ModelSelection
 
     models = ModelSelection(
@@ -110,7 +112,7 @@ def cmd_slices(args) -> int:
     queries = _load_npy(args.queries, "queries")
     if queries.ndim == 2:
         queries = queries[None]
-    engine = _engine_from_args(args)
+    engine = engine_from_args(args)
     result = engine.segment_slices(
         support_image, support_mask, queries, coarse_only=args.coarse_only, progress=ProgressBar("slices")
     )
@@ -164,7 +166,7 @@ def cmd_segment(args) -> int:
     support_slices = None
     if args.support_slice is not None:
         support_slices = {label: args.support_slice for label in labels}
-    engine = _engine_from_args(args)
+    engine = engine_from_args(args)
     cancel = threading.Event()
     result = segment_volume(
         engine, query, None if same else support, {label: labelmap == label for label in labels},
@@ -177,9 +179,16 @@ def cmd_segment(args) -> int:
         output[result.masks[label] > 0] = label
     write_labelmap(output, query_image, args.output)
     if args.report:
+        from .evaluation.pictures import axial_display_flips
         from .evaluation.report import write_segment_report
 
-        write_segment_report(args.report, query=query, labels=output, axis=axis, result=result)
+        Path(args.report).mkdir(parents=True, exist_ok=True)
+        flip_rows, flip_cols = axial_display_flips(query_image.GetDirection()) if axis == 0 else (False, False)
+        write_segment_report(
+            args.report, query=query, labels=output, axis=axis, result=result,
+            support=None if same else support, support_labels={label: labelmap == label for label in labels},
+            flip_rows=flip_rows, flip_cols=flip_cols,
+        )
     for label in labels:
         print(f"label {label}: {int(result.masks[label].sum())} voxels on {len(result.processed_slices[label])} "
               f"processed slices (support slice {result.support_slices[label]})")
@@ -204,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     slices.add_argument("--queries", required=True, metavar="Q.npy", help="N x H x W float32, preprocessed")
     slices.add_argument("--coarse-only", action="store_true", help="skip SAM: mask = coarse ALPNet mask")
     slices.add_argument("--out", required=True, metavar="R.npz")
-    _add_model_options(slices)
+    add_model_options(slices)
     slices.set_defaults(func=cmd_slices)
 
     segment = commands.add_parser("segment", help="propagate labels of a support volume through a volume")
@@ -217,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--modality", default="auto", choices=["auto", "ct", "mri", "none"])
     segment.add_argument("--output", required=True, help="output label map (same geometry as --image)")
     segment.add_argument("--report", default=None, metavar="DIR", help="also write overlay pictures into DIR")
-    _add_model_options(segment)
+    add_model_options(segment)
     segment.set_defaults(func=cmd_segment)
 
     weights_cli.add_subcommands(commands)

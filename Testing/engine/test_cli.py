@@ -46,7 +46,7 @@ def test_segment_writes_labels_with_the_query_geometry(colin_case, tiny_models, 
     for output in (tmp_path / "out.nii.gz",):
         code = main([
             "segment", "--image", str(folder / "image.nii.gz"), "--support-mask", str(folder / "labels.nii.gz"),
-            "--output", str(output), "--modality", "mri", *_model_args(tiny_models),
+            "--output", str(output), "--modality", "mri", "--report", str(tmp_path / "report"), *_model_args(tiny_models),
         ])
         assert code == 0, capsys.readouterr().err
         query = sitk.ReadImage(str(folder / "image.nii.gz"))
@@ -63,6 +63,8 @@ def test_segment_writes_labels_with_the_query_geometry(colin_case, tiny_models, 
             k = int(np.argmax((support == label).sum(axis=(1, 2))))
             assert ((labels[k] == label) == (support[k] == label)).mean() > 0.99
         assert list(tmp_path.glob(".*part*")) == []
+        pictures = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+        assert pictures == sorted([f"overview_{l}.png" for l in chosen] + [f"slices_{l}.png" for l in chosen])
     assert "wrote" in capsys.readouterr().out
 
 

@@ -261,3 +261,14 @@ def test_pseudo_dataset_from_colin27_and_aal(installed, tmp_path):
     assert len(description["scans"]["1"]["regions"]["liver"]) == 9  # the cerebellar hemisphere
     with pytest.raises(ValueError, match="not organs"):
         build_pseudo_dataset(installed, tmp_path / "x", stand_ins={"brain": ("Thalamus",)})
+
+
+def test_structure_names_cannot_escape_the_output_folder():
+    import pytest
+
+    from protosam.evaluation.datasets import parse_label_map
+
+    assert parse_label_map('{"left kidney": 3, "Liver.v2": 6}') == {"left kidney": 3, "Liver.v2": 6}
+    for bad in ('{"../../etc/x": 1}', '{"a/b": 1}', '{"..": 2}', '{"": 1}'):
+        with pytest.raises(ValueError, match="becomes part of output file names"):
+            parse_label_map(bad)

@@ -15,15 +15,15 @@ EVALUATE_DEFAULTS = {"dinov2": "dinov2_vitl14", "sam": "vit_h", "preset": "paper
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    from ..cli import _add_model_options  # one definition of the model options for all commands
+    from ..cli import add_model_options  # one definition of the model options for all commands
 
-    _add_model_options(parser)
+    add_model_options(parser)
 
 
 def _engine(args):
-    from ..cli import _engine_from_args
+    from ..cli import engine_from_args
 
-    return _engine_from_args(args)
+    return engine_from_args(args)
 
 
 def _parse_range(text: Optional[str]) -> Optional[Tuple[int, int]]:

@@ -43,6 +43,9 @@ NORMALIZATIONS = ("dataset", "volume", "none")
 _NIFTI = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
+_STRUCTURE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.\-]*")
+
+
 def short_name(organ: str) -> str:
     """Table heading of a structure ("LK" for left_kidney, the name itself otherwise)."""
     return ORGAN_SHORT.get(organ, organ)
@@ -70,6 +73,12 @@ def parse_label_map(value: str) -> Dict[str, int]:
         raise ValueError('Label map JSON must be a non-empty object like {"liver": 6}.')
     result: Dict[str, int] = {}
     for name, label in raw.items():
+        # Names become parts of output file names: keep them from leaving the output folder.
+        if not _STRUCTURE_NAME.fullmatch(str(name)) or ".." in str(name):
+            raise ValueError(
+                f"Structure name {name!r} may use only letters, digits, space, '_', '-' and '.' "
+                "(it becomes part of output file names)."
+            )
         if isinstance(label, bool) or not isinstance(label, int) or label <= 0:
             raise ValueError(f"Label value of {name!r} must be a positive integer, got {label!r}")
         result[str(name)] = label

@@ -96,6 +96,8 @@ def run_polyp(engine, images_dir: Path, masks_dir: Path, out_dir: Path, *, seed:
     if not support_mask.any():
         raise InputError(f"The support mask {support.mask} is empty; choose another --seed.")
     name = dataset_name or Path(images_dir).resolve().parent.name or "polyp"
+    # The name becomes part of output file names: keep it inside the output folder.
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip(".") or "polyp"
     report = EvaluationReport()
     models = getattr(engine, "models", None)
     report.meta.update({
