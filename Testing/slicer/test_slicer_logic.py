@@ -215,3 +215,14 @@ def test_batch_with_one_unusable_volume_runs_none(scene, tinyOptions):
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
     with pytest.raises(InputError, match="at least one volume"):
         logic.processBatch([], segmentation, [ids["liver"]], options=tinyOptions, supportVolumeNode=volume)
+
+
+def test_worker_gets_copies_not_views_of_scene_memory(scene):
+    """Arrays handed to the worker must survive the volume being edited or freed meanwhile."""
+    volume, segmentation, ids, image, *_ = buildCase(scene, "identity_axial")  # float32, RAS: no reorder
+    prepared = ProtoSAMLogic().prepare(volume, segmentation, [ids["liver"]])
+    view = mrml_io.volumeArrayView(volume)
+    assert prepared.query.flags.c_contiguous and prepared.query.dtype == np.float32
+    assert not np.shares_memory(prepared.query, view)
+    for mask in prepared.masks.values():
+        assert mask.flags.c_contiguous and mask.dtype == np.uint8

@@ -180,7 +180,10 @@ class ProtoSAMLogic:
         targetAxis = geometry.sliceAxisFromNormal(sliceNormal_World, targetIjkToWorld)
         targetOrientation = geometry.canonicalOrientation(targetIjkToWorld)
         targetShape = mrml_io.volumeShapeKji(targetVolumeNode)
-        query = np.ascontiguousarray(targetOrientation.toCanonical(mrml_io.volumeToArray(targetVolumeNode)))
+        # One float32 copy per volume, made directly in canonical order. Always a copy: the
+        # worker must never read VTK memory that the scene may change or free meanwhile.
+        query = np.array(targetOrientation.toCanonical(mrml_io.volumeArrayView(targetVolumeNode)),
+                         dtype=np.float32, order="C", copy=True)
         if sameVolume:
             supportAxis, supportOrientation, supportShape, support = targetAxis, targetOrientation, targetShape, None
         else:
@@ -188,7 +191,8 @@ class ProtoSAMLogic:
             supportAxis = geometry.sliceAxisFromNormal(sliceNormal_World, supportIjkToWorld)
             supportOrientation = geometry.canonicalOrientation(supportIjkToWorld)
             supportShape = mrml_io.volumeShapeKji(supportVolumeNode)
-            support = np.ascontiguousarray(supportOrientation.toCanonical(mrml_io.volumeToArray(supportVolumeNode)))
+            support = np.array(supportOrientation.toCanonical(mrml_io.volumeArrayView(supportVolumeNode)),
+                               dtype=np.float32, order="C", copy=True)
         axis = targetOrientation.canonicalAxisFromIjkAxis(targetAxis.ijkAxis)
         if supportOrientation.canonicalAxisFromIjkAxis(supportAxis.ijkAxis) != axis:
             raise InputError(

@@ -74,8 +74,8 @@ def volumeShapeKji(volumeNode) -> Tuple[int, int, int]:
     return (int(dims[2]), int(dims[1]), int(dims[0]))
 
 
-def volumeToArray(volumeNode) -> np.ndarray:
-    """Copy of a scalar volume's voxels: (K, J, I) float32.
+def volumeArrayView(volumeNode) -> np.ndarray:
+    """The volume's voxels as a (K, J, I) numpy view (not a copy; original dtype). Read only.
 
     Raises InputError for vector/RGB volumes and volumes without voxels.
     """
@@ -89,8 +89,12 @@ def volumeToArray(volumeNode) -> np.ndarray:
             f"Volume '{volumeNode.GetName()}' has {scalars.GetNumberOfComponents()} components per "
             "voxel (colour or vector image). Convert it to a scalar volume (Vector to Scalar Volume "
             "module) and try again.")
-    values = numpy_support.vtk_to_numpy(scalars).reshape(shape)
-    return values.astype(np.float32, copy=True)
+    return numpy_support.vtk_to_numpy(scalars).reshape(shape)
+
+
+def volumeToArray(volumeNode) -> np.ndarray:
+    """Copy of a scalar volume's voxels: (K, J, I) float32."""
+    return volumeArrayView(volumeNode).astype(np.float32, copy=True)
 
 
 def _segmentationFrameMatrix(segmentationNode) -> np.ndarray:

@@ -180,8 +180,9 @@ class Worker:
                 with self._lock:
                     if job in self._pending:
                         self._pending.remove(job)
-                if job.onFinished is not None:
-                    job.onFinished(job)
+                callback, job.onFinished, job.onProgress = job.onFinished, None, None
+                if callback is not None:  # dropped first: closures may hold large arrays
+                    callback(job)
             delivered.append(event)
         return delivered
 
