@@ -27,19 +27,24 @@ def guess_modality(volume: np.ndarray) -> str:
 
 
 def normalize_volume(volume: np.ndarray, modality: str = "auto") -> np.ndarray:
-    """Return a float32 copy of ``volume`` (any shape) normalised for ``modality``."""
+    """Return ``volume`` (any shape) as float32 normalised for ``modality``.
+
+    ``none`` returns the float32 view of the input itself (no copy); the others return a new
+    array and never modify the input. One working copy at most: volumes of 1000+ slices
+    should not need several times their size in memory.
+    """
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
     volume = np.asarray(volume, dtype=np.float32)
     if modality == "none":
-        return volume.copy()
+        return volume
     if modality == "auto":
         modality = guess_modality(volume)
         logger.info("Intensity preprocessing: guessed modality %s", modality.upper())
     if modality == "ct":
         clipped = np.clip(volume, *CT_WINDOW_HU)
     else:
-        clipped = np.minimum(volume, np.percentile(volume, MRI_UPPER_PERCENTILE))
+        clipped = np.minimum(volume, np.float32(np.percentile(volume, MRI_UPPER_PERCENTILE)))
     # Statistics in float64: float32 sums overflow or lose precision on extreme intensities.
     mean = float(clipped.mean(dtype=np.float64))
     std = float(clipped.std(dtype=np.float64))
@@ -48,4 +53,6 @@ def normalize_volume(volume: np.ndarray, modality: str = "auto") -> np.ndarray:
             "The image has the same intensity everywhere (after windowing): there is nothing to "
             "segment. Check that the right volume was chosen, or use modality 'none'."
         )
-    return ((clipped - np.float32(mean)) / np.float32(std)).astype(np.float32, copy=False)
+    clipped -= np.float32(mean)
+    clipped /= np.float32(std)
+    return clipped

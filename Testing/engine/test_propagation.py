@@ -194,6 +194,18 @@ def test_bad_volume_inputs_raise_clear_errors(transparent_engine, kwargs, messag
         )
 
 
+def test_long_volumes_only_cost_the_structure_s_extent(transparent_engine):
+    rng = np.random.default_rng(3)
+    volume = rng.normal(0, 0.05, (1200, 48, 48)).astype(np.float32)
+    truth = np.zeros(volume.shape, np.uint8)
+    truth[600:610, 14:34, 14:34] = 1
+    volume += 2.0 * truth
+    result = segment_volume(transparent_engine, volume, None, {"d": truth}, support_slices={"d": 605}, modality="mri")
+    assert result.processed_slices["d"] == list(range(597, 605)) + list(range(606, 613))
+    assert transparent_engine.spy.encoded <= 16
+    assert result.masks["d"][:590].sum() == 0 and result.masks["d"][620:].sum() == 0
+
+
 def test_real_tiny_models_end_to_end(tiny_models):
     engine = Engine(tiny_models, preset="default", device="cpu")
     volume, truth = _volume()

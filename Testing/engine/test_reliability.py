@@ -84,3 +84,14 @@ def test_rgb_volumes_are_refused_with_advice(tmp_path):
     sitk.WriteImage(rgb, str(tmp_path / "rgb.nrrd"))
     with pytest.raises(InputError, match="RGB or vector"):
         read_volume(tmp_path / "rgb.nrrd")
+
+
+@pytest.mark.parametrize("modality", ["ct", "mri", "none", "auto"])
+def test_normalisation_keeps_float32_and_never_modifies_the_input(modality):
+    volume = (np.random.default_rng(0).normal(0, 300, (3, 8, 8)) - 500).astype(np.float32)
+    before = volume.copy()
+    out = normalize_volume(volume, modality)
+    assert out.dtype == np.float32 and out.shape == volume.shape
+    np.testing.assert_array_equal(volume, before)
+    if modality != "none":
+        assert abs(float(out.mean())) < 1e-4 and abs(float(out.std()) - 1) < 1e-3
