@@ -174,9 +174,16 @@ def cmd_segment(args) -> int:
         progress=ProgressBar("segment"), cancel=cancel,
     )
     output = np.zeros(query.shape, np.uint16 if max(labels) > 255 else np.uint8)
-    # Overlaps: the label listed first keeps the voxel.
+    # Overlaps: the label listed first keeps the voxel ...
     for label in reversed(labels):
         output[result.masks[label] > 0] = label
+    # ... but what the user painted always wins over what was propagated.
+    if same:
+        for label in labels:
+            for k in result.support_slices[label]:
+                index = (slice(None),) * axis + (k,)
+                painted = labelmap[index] == label
+                output[index][painted] = label
     write_labelmap(output, query_image, args.output)
     if args.report:
         from .evaluation.pictures import axial_display_flips

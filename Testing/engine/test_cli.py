@@ -9,19 +9,19 @@ import SimpleITK as sitk
 from engine_helpers import blob_slice
 from protosam.cli import main
 
-SLAB = slice(24, 36)  # axial slices of the shrunk Colin27 used here
+SLAB = slice(26, 34)  # axial slices of the shrunk Colin27 used here
 
 
 @pytest.fixture(scope="module")
 def colin_case(colin27, tmp_path_factory):
-    """A 12-slice, 3 mm Colin27 slab with two AAL structures, as NIfTI files on disk."""
+    """An 8-slice, 3 mm Colin27 slab with two AAL structures, as NIfTI files on disk."""
     folder = tmp_path_factory.mktemp("colin")
     image_path, labels_path = colin27
     image = sitk.Shrink(sitk.ReadImage(str(image_path)), [3, 3, 3])
     labels = sitk.Shrink(sitk.ReadImage(str(labels_path)), [3, 3, 3])
     size = list(image.GetSize())
-    image = sitk.RegionOfInterest(image, [size[0], size[1], 12], [0, 0, SLAB.start])
-    labels = sitk.RegionOfInterest(labels, [size[0], size[1], 12], [0, 0, SLAB.start])
+    image = sitk.RegionOfInterest(image, [size[0], size[1], SLAB.stop - SLAB.start], [0, 0, SLAB.start])
+    labels = sitk.RegionOfInterest(labels, [size[0], size[1], SLAB.stop - SLAB.start], [0, 0, SLAB.start])
     array = sitk.GetArrayFromImage(labels)
     values, counts = np.unique(array[array > 0], return_counts=True)
     chosen = [int(v) for v in values[np.argsort(counts)[-2:]]]
@@ -59,9 +59,10 @@ def test_segment_writes_labels_with_the_query_geometry(colin_case, tiny_models, 
         support = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labels.nii.gz")))
         assert set(np.unique(labels)) <= {0, *chosen}
         for label in chosen:
-            # Propagation within one volume keeps the painted (largest) slice exactly as painted.
+            # Propagation within one volume keeps the painted (largest) slice exactly as painted,
+            # whatever the other label's propagation put there.
             k = int(np.argmax((support == label).sum(axis=(1, 2))))
-            assert ((labels[k] == label) == (support[k] == label)).mean() > 0.99
+            np.testing.assert_array_equal(labels[k] == label, support[k] == label)
         assert list(tmp_path.glob(".*part*")) == []
         pictures = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
         assert pictures == sorted([f"overview_{l}.png" for l in chosen] + [f"slices_{l}.png" for l in chosen])
