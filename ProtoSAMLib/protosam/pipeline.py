@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .cache import EmbeddingCache
 from .errors import CancelledError, InputError, ProtoSAMError
 from .models.alpnet import ALPNetConfig, Prototypes, compute_prototypes, mask_to_grid, score_queries
-from .models.dinov2 import load_dinov2
+from .models.dinov2 import get_dinov2_architecture, load_dinov2
 from .models.sam import SAM_ARCHITECTURES, SAM_IMAGE_SIZE, SamRefiner, load_sam
 from .presets import Preset, get_preset
 from .prompts import ComponentPrompt, extract_prompts
@@ -118,6 +118,10 @@ class Engine:
     ):
         if batch_size is not None and batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        # Check both names before any download starts: a typo must not cost a 1 GB transfer.
+        get_dinov2_architecture(models.dinov2)
+        if models.sam not in SAM_ARCHITECTURES:
+            raise ValueError(f"Unknown SAM model '{models.sam}'; choose one of {', '.join(SAM_ARCHITECTURES)}")
         self.models = models
         self.preset: Preset = get_preset(preset, cca=cca)
         self.device = resolve_device(device)
@@ -132,8 +136,6 @@ class Engine:
             models.sam, models.sam_checkpoint, download=download, progress=download_progress, home=weights_home
         )
         self.encoder = load_dinov2(models.dinov2, dinov2_path, device=str(self.device))
-        if models.sam not in SAM_ARCHITECTURES:
-            raise ValueError(f"Unknown SAM model '{models.sam}'; choose one of {', '.join(SAM_ARCHITECTURES)}")
         self.refiner = SamRefiner(
             load_sam(models.sam, sam_path, device=str(self.device)), medsam=SAM_ARCHITECTURES[models.sam].medsam
         )

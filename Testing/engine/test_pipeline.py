@@ -116,3 +116,12 @@ def test_cancel_stops_between_slices(paper_engine):
     with pytest.raises(CancelledError):
         paper_engine.segment_slices(support, mask, queries, progress=progress, cancel=cancel)
     assert seen == [1]
+
+
+def test_unknown_model_names_fail_before_any_download(tmp_path):
+    from protosam import ModelSelection
+
+    for models in (ModelSelection(dinov2="dinov2_vitq14"), ModelSelection(sam="vit_q")):
+        with pytest.raises(ValueError, match="dinov2_vitb14|vit_b"):
+            Engine(models, device="cpu", weights_home=tmp_path)
+    assert list(tmp_path.rglob("*")) == []
