@@ -136,6 +136,7 @@ class Engine:
             models.sam, models.sam_checkpoint, download=download, progress=download_progress, home=weights_home
         )
         self.encoder = load_dinov2(models.dinov2, dinov2_path, device=str(self.device))
+        self.encoder.set_fused_attention(self.preset.fused_attention)
         self.refiner = SamRefiner(
             load_sam(models.sam, sam_path, device=str(self.device)), medsam=SAM_ARCHITECTURES[models.sam].medsam
         )

@@ -41,8 +41,11 @@ def test_paper_preset_matches_an_independent_reference_flow(tiny_models, size):
     ours = engine.segment_slices(support, mask, queries)
     for index, query in enumerate(queries):
         coarse_prob, final, boxes = reference_paper_flow(dino, sam, support, mask, query)
-        # The fidelity bar is 1e-3; measured here: about 1e-4 (fused vs naive attention).
-        assert np.abs(ours.coarse_prob[index] - coarse_prob).max() < 1e-3
+        # The fidelity bar is 1e-3. With the official attention order (paper preset) the
+        # features are bit-identical; what remains is float summation order in ALPNet.
+        difference = np.abs(ours.coarse_prob[index] - coarse_prob).max()
+        print(f"size {size} query {index}: max |coarse_prob difference| = {difference:.2e}")
+        assert difference < 1e-5
         np.testing.assert_array_equal(ours.coarse_mask[index], (coarse_prob > 0.5).astype(np.uint8))
         assert ours.coarse_mask[index].any(), "test case should give a non-empty coarse mask"
         np.testing.assert_array_equal(ours.mask[index], final.astype(np.uint8))

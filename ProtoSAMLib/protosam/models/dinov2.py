@@ -30,7 +30,7 @@ from torch import nn
 
 from ..checkpoints import check_state_dict_matches, load_state_dict
 from ..errors import CheckpointError, InputError
-from .vit_blocks import LAYER_NORM_EPS, Block, PatchEmbed, interpolate_patch_pos_embed, swiglu_hidden_dim
+from .vit_blocks import LAYER_NORM_EPS, Attention, Block, PatchEmbed, interpolate_patch_pos_embed, swiglu_hidden_dim
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +161,12 @@ class DinoV2Encoder(nn.Module):
             offset=self.architecture.interpolate_offset, antialias=self.architecture.interpolate_antialias,
         )
         return torch.cat((self.pos_embed[:, :1].float(), patch_pos), dim=1).to(dtype)
+
+    def set_fused_attention(self, fused: bool) -> None:
+        """Fused attention kernel (fast) or the official explicit attention (exact reference)."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fused = fused
 
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """Final-layer layer-normed patch tokens (``x_norm_patchtokens``) as a feature map.
