@@ -102,6 +102,18 @@ def test_vits14_matches_official_implementation(name, size, loaded, vits_feature
     assert max_abs(got, official_features(reference, name, state, x)) <= TOLERANCE
 
 
+@pytest.mark.parametrize("name", ["dinov2_tiny14", "dinov2_vits14"])
+def test_explicit_attention_is_bit_identical_to_the_official_code(name, checkpoint, reference):
+    """The paper preset's attention order reproduces the official features exactly at 672."""
+    ours = load_dinov2(name, checkpoint(name))
+    ours.set_fused_attention(False)
+    x = images(1, (672, 672), seed=5)
+    with torch.no_grad():
+        got = ours.patch_features(x)
+    state = torch.load(checkpoint(name), map_location="cpu", weights_only=True)
+    assert max_abs(got, official_features(reference, name, state, x)) == 0.0
+
+
 @pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("hw", [(518, 518), (672, 672), (252, 252), (518, 672), (196, 294), (14, 28)])
 def test_tiny_matches_official_implementation(name, hw, loaded, reference):
