@@ -20,6 +20,7 @@ import os
 import resource
 import sys
 import time
+from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 from typing import Dict
@@ -70,6 +71,46 @@ def _engine(spec: Dict, phase: str) -> Engine:
     return Engine(models, preset=preset, device=spec["device"], download=False, cache_bytes=cache, batch_size=batch)
 
 
+class StepMeter:
+    """Times an engine's main steps by wrapping its bound methods on the instance (no maths
+    changes): ``dinov2`` (:meth:`Engine.encode`), ``sam_embedding``, ``refine`` (prompts + SAM
+    decoding, excluding a SAM embedding computed inside it). Also counts the prompt sets
+    (connected components) sent to SAM and the refine calls with an empty coarse mask.
+    On CUDA the step times are approximate (kernels are asynchronous)."""
+
+    def __init__(self, engine: Engine):
+        self.seconds: Dict[str, float] = defaultdict(float)
+        self.calls: Dict[str, int] = defaultdict(int)
+        self.components = 0
+        self.empty = 0
+        self._nested = [0.0]
+        engine.encode = self._wrap("dinov2", engine.encode)
+        engine.sam_embedding = self._wrap("sam_embedding", engine.sam_embedding)
+        engine.refine = self._wrap("refine", engine.refine)
+
+    def _wrap(self, name: str, method):
+        def timed(*args, **kwargs):
+            self._nested.append(0.0)
+            started = time.perf_counter()
+            try:
+                result = method(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - started
+                self.seconds[name] += elapsed - self._nested.pop()
+                self._nested[-1] += elapsed
+                self.calls[name] += 1
+            if name == "refine":
+                self.components += len(result.prompts)
+                self.empty += int(not result.prompts)
+            return result
+
+        return timed
+
+    def figures(self) -> Dict:
+        return {"step_seconds": dict(self.seconds), "step_calls": dict(self.calls),
+                "sam_prompt_sets": self.components, "empty_coarse_pairs": self.empty}
+
+
 def _warm_up(engine: Engine, volume: np.ndarray) -> float:
     """One DINOv2 and one SAM encoding (kernel selection, allocator) before timing."""
     started = time.perf_counter()
@@ -114,6 +155,7 @@ def run_phase(spec: Dict) -> Dict:
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
     warmup = _warm_up(engine, volume) if spec.get("warmup") else 0.0
+    meter = StepMeter(engine)
     result: Dict = {"phase": phase, "preset": engine.preset.name, "precision": engine.preset.precision,
                     "batch_size": engine.batch_size, "model_load_seconds": load_seconds, "warmup_seconds": warmup,
                     "load_average_before": list(os.getloadavg())}
@@ -124,7 +166,7 @@ def run_phase(spec: Dict) -> Dict:
         out = naive_segment_volume(engine, volume, masks, support, slices=slices, progress=_progress(phase, started))
         _sync(engine.device)
         result.update(seconds=time.perf_counter() - started, slices=len(slices), pairs=out.pairs,
-                      empty_pairs=out.empty_pairs, step_seconds=out.step_seconds)
+                      empty_pairs=out.empty_pairs, naive_step_seconds=out.step_seconds)
         out_masks, processed = out.masks, {name: slices for name in names}
     else:
         kwargs = dict(support_slices=support, modality="none", progress=_progress(phase, started))
@@ -138,6 +180,8 @@ def run_phase(spec: Dict) -> Dict:
             result["first_run_cpu_seconds"] = cpu_seconds() - cpu_started
             cpu_started = cpu_seconds()
             hits_before = engine.cache.hits
+            result["first_run"] = meter.figures()
+            meter = StepMeter(engine)
             rerun_started = time.perf_counter()
             out = segment_volume(engine, volume, None, masks, auto_extent=None, **dict(kwargs, support_slices=moved))
             _sync(engine.device)
@@ -151,6 +195,7 @@ def run_phase(spec: Dict) -> Dict:
     # CPU time of the timed flow (with a cached re-run: the re-run); steadier than wall time
     # when other processes compete for the cores.
     result["cpu_seconds"] = cpu_seconds() - cpu_started
+    result.update(meter.figures())
     result["processed_slices"] = {name: [int(k) for k in processed[name]] for name in names}
     result["peak_rss_mib"] = peak_rss_mib()
     result["rss_method"] = "resource.getrusage(RUSAGE_SELF).ru_maxrss"

@@ -170,7 +170,7 @@ def summarise(report: Dict) -> Dict:
         naive["full_volume_seconds"] = naive["seconds"] * scale
         # The published code skips set_image when the coarse mask is empty; this naive flow does
         # not (the definition). The estimate below removes that SAM time.
-        on_empty = naive["step_seconds"].get("sam_embedding_on_empty", 0.0)
+        on_empty = naive["naive_step_seconds"].get("sam_embedding_on_empty", 0.0)
         naive["full_volume_seconds_if_sam_skipped_on_empty"] = (naive["seconds"] - on_empty) * scale
         summary["naive_seconds"] = naive["full_volume_seconds"]
         summary["naive_extrapolated"] = naive["extrapolated"]
@@ -193,7 +193,8 @@ def print_report(report: Dict) -> None:
           f"volume {v['source']} {tuple(v['shape'])}, {len(v['structures'])} segments")
     print(f"{'phase':<20}{'seconds':>10}{'CPU s':>10}{'slices':>8}{'slices/s':>10}{'peak RSS MiB':>14}  notes")
     for name, r in report["phases"].items():
-        notes = f"preset {r['preset']}, {r['pairs']} (segment, slice) pairs"
+        notes = (f"preset {r['preset']}, {r['pairs']} (segment, slice) pairs, {r['step_calls'].get('dinov2', 0)} DINOv2 + "
+                 f"{r['step_calls'].get('sam_embedding', 0)} SAM encodings, {r['sam_prompt_sets']} SAM prompt sets")
         if name == "naive" and r.get("extrapolated"):
             notes += f"; measured {r['seconds']:.1f} s on {r['slices']} slices -> EXTRAPOLATED " \
                      f"{r['full_volume_seconds']:.1f} s for {v['shape'][0]} slices"
@@ -216,6 +217,9 @@ def print_report(report: Dict) -> None:
     if bf16:
         dice = ", ".join(f"{k} {d['dice']:.4f}" for k, d in bf16["per_structure"].items())
         print(f"Masks bf16 vs fp32 (ours): {bf16['differing_voxels']} differing voxels; Dice {dice}")
+    steps = ", ".join(f"{p} " + "/".join(f"{k} {v:.0f}" for k, v in r["step_seconds"].items())
+                      for p, r in report["phases"].items())
+    print(f"Step seconds: {steps}")
     print(f"Peak RSS: {report['phases'][next(iter(report['phases']))]['rss_method']}"
           f"{' per worker process' if not c['in_process'] else ' of this process, cumulative'}")
 

@@ -74,7 +74,15 @@ def test_benchmark_in_process_reports_figures_and_identical_masks(bench, tmp_pat
     assert report["phases"]["ours_auto_extent"]["preset"] == "default"
     assert naive["extrapolated"] is True
     assert naive["full_volume_seconds"] == pytest.approx(naive["seconds"] * 2)
-    assert set(naive["step_seconds"]) >= {"support_dinov2", "query_dinov2", "refine"}
+    assert set(naive["naive_step_seconds"]) >= {"support_dinov2", "query_dinov2", "refine"}
+    # The reference's cost structure: 2 DINOv2 and 1 SAM encodings per pair; ours: 1 + 1 per
+    # slice (support slices are query slices here) and refine once per pair.
+    assert naive["step_calls"]["dinov2"] == 2 * naive["pairs"]
+    assert naive["step_calls"]["sam_embedding"] == naive["pairs"]
+    assert ours["step_calls"]["dinov2"] == 4
+    assert ours["step_calls"]["sam_embedding"] <= 4
+    assert ours["step_calls"]["refine"] == ours["pairs"]
+    assert naive["sam_prompt_sets"] >= naive["pairs"] - naive["empty_coarse_pairs"]
 
     identity = report["identity"]
     expected_pairs = sum(len([k for k in range(2) if k != support[n]]) for n in support)
