@@ -12,6 +12,7 @@ Exit status: 0 when the masks are identical (or naive skipped), 2 when they diff
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+import protosam
 from protosam import largest_area_slice, resolve_device
 from protosam.models.dinov2 import save_random_checkpoint as save_random_dinov2
 from protosam.models.sam import save_random_sam_checkpoint
@@ -68,6 +70,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=None,
                    help="folder for checkpoints and intermediate files (kept; checkpoints reused); default a temp folder")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--resume", action="store_true",
+                   help="with --work-dir: reuse a phase's stored result when its spec (data, models, options, "
+                        "engine source hash) is unchanged; delete <phase>.result.json to rerun one phase")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker is None:
@@ -75,6 +80,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             p.error("need --slices >= 2, --segments >= 1, --size >= 14")
         if args.batch_size is not None and args.batch_size < 1:
             p.error("--batch-size must be >= 1")
+        if args.resume and not args.work_dir:
+            p.error("--resume needs --work-dir")
         if args.naive_slices is not None and not 1 <= args.naive_slices <= args.slices:
             p.error("--naive-slices must be between 1 and --slices")
     return args
@@ -149,11 +156,43 @@ def compare_masks(masks_a, masks_b, processed_a, processed_b, names) -> Dict:
 def _run(spec: Dict, in_process: bool) -> Dict:
     Path(spec["spec_path"]).write_text(json.dumps(spec))
     if in_process:
-        return run_phase(spec)
+        result = run_phase(spec)
+        Path(spec["result_out"]).write_text(json.dumps(result, indent=1))
+        return result
     started = time.perf_counter()
     subprocess.run([sys.executable, str(HERE), "--worker", spec["spec_path"]], check=True)
     result = json.loads(Path(spec["result_out"]).read_text())
     result["process_seconds"] = time.perf_counter() - started
+    return result
+
+
+def source_hash(paths) -> str:
+    """Content hash of files (the engine's sources, the data): what a phase result depends on."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted(Path(p) for p in paths):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def array_hash(arrays) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for array in arrays:
+        digest.update(repr((array.shape, array.dtype.str)).encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
+def _previous_result(spec: Dict) -> Optional[Dict]:
+    """The stored result of an identical spec (same data, models, engine sources), if any."""
+    spec_path, result_path = Path(spec["spec_path"]), Path(spec["result_out"])
+    if not (spec_path.is_file() and result_path.is_file() and Path(spec["masks_out"]).is_file()):
+        return None
+    if json.loads(spec_path.read_text()) != spec:
+        return None
+    logger.info("Reusing the stored result of phase %s (same data, models and engine sources)", spec["phase"])
+    result = json.loads(result_path.read_text())
+    result["reused"] = True
     return result
 
 
@@ -198,6 +237,8 @@ def print_report(report: Dict) -> None:
         if name == "naive" and r.get("extrapolated"):
             notes += f"; measured {r['seconds']:.1f} s on {r['slices']} slices -> EXTRAPOLATED " \
                      f"{r['full_volume_seconds']:.1f} s for {v['shape'][0]} slices"
+        if r.get("reused"):
+            notes += "; STORED result (--resume)"
         if name == "ours_cached_rerun":
             notes += f"; first run {r['first_run_seconds']:.1f} s, re-run from cache ({r['cache_hits']} hits)"
         print(f"{name:<20}{r['seconds']:>10.1f}{r['cpu_seconds']:>10.1f}{r['slices']:>8}{r['slices_per_second']:>10.3f}"
@@ -241,6 +282,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         names = list(data.masks)
         support = {n: largest_area_slice(data.masks[n]) for n in names}
         np.savez(work / "data.npz", volume=volume, **{f"mask_{i}": data.masks[n] for i, n in enumerate(names)})
+        engine_sources = sorted(Path(protosam.__file__).parent.rglob("*.py"))
         report: Dict = {
             "config": {k: v for k, v in vars(args).items() if k != "worker"},
             "machine": machine_info(device),
@@ -255,7 +297,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                            "sam_checkpoint": checkpoints[args.sam], "input_size": args.input_size},
                 "device": str(device), "data": str(work / "data.npz"), "structures": names,
                 "support_slices": support, "naive_slices": args.naive_slices or args.slices,
-                "batch_size": args.batch_size,
+                "batch_size": args.batch_size, "data_hash": array_hash([volume] + [data.masks[n] for n in names]),
+                "engine_source_hash": source_hash(engine_sources),
                 "warmup": args.warmup == "on" or (args.warmup == "auto" and device.type == "cuda")}
         wanted = [p for p in PHASES if not (
             (p == "naive" and args.skip_naive) or (p == "ours_auto_extent" and args.skip_auto_extent)
@@ -264,7 +307,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             logger.info("Phase %s", phase)
             spec = dict(base, phase=phase, spec_path=str(work / f"{phase}.spec.json"),
                         result_out=str(work / f"{phase}.result.json"), masks_out=str(work / f"{phase}.masks.npz"))
-            report["phases"][phase] = _run(spec, args.in_process)
+            previous = _previous_result(spec) if args.resume else None
+            report["phases"][phase] = previous or _run(spec, args.in_process)
             if args.work_dir:
                 report["phases"][phase]["masks_file"] = spec["masks_out"]
         masks = {p: np.load(work / f"{p}.masks.npz") for p in report["phases"]}
