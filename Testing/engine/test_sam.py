@@ -106,3 +106,20 @@ def test_checkpoint_errors_are_clear(tmp_path, tiny_sam):
         load_sam("sam_tiny", tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="Unknown SAM model"):
         load_sam("vit_x", good)
+
+
+def test_head_chunked_global_attention_gives_the_same_embedding(tmp_path):
+    from protosam.models.sam import build_sam
+    from protosam.models.sam_memory import limit_global_attention_memory
+
+    path = tmp_path / "sam.pth"
+    save_random_sam_checkpoint("sam_tiny", path, seed=5)
+    assert any(hasattr(b.attn, "heads_per_chunk") for b in load_sam("sam_tiny", path).image_encoder.blocks)
+    plain, chunked = build_sam("sam_tiny"), build_sam("sam_tiny")
+    plain.load_state_dict(torch.load(path, weights_only=True))
+    chunked.load_state_dict(torch.load(path, weights_only=True))
+    limit_global_attention_memory(chunked, 1)  # the tiny model has 2 heads: 2 chunks
+    image = _image(seed=4)
+    assert torch.equal(SamRefiner(chunked).embed(image), SamRefiner(plain).embed(image))
+    with pytest.raises(ValueError):
+        limit_global_attention_memory(plain, 0)
