@@ -9,7 +9,7 @@ import dataclasses
 import enum
 import logging
 import os
-from typing import Annotated, Optional
+from typing import Annotated
 
 import qt
 import vtk

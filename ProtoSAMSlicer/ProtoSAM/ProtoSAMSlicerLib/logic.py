@@ -28,7 +28,7 @@ from protosam.errors import CancelledError, InputError
 
 from . import geometry, mrml_io, results
 from .models import engineCacheForDevice
-from .worker import Job, JobState, Worker, workerForDevice
+from .worker import Job, Worker, workerForDevice
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ segment. Discarding removes the preview. A failed or cancelled run leaves nothin
 from __future__ import annotations
 
 import logging
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping
 
 import numpy as np
 

@@ -16,8 +16,6 @@ import numpy as np
 import vtk
 from vtk.util import numpy_support
 
-import slicer
-
 from . import geometry, mrml_io, results
 from .logic import ProcessOptions, ProtoSAMLogic
 
