@@ -170,6 +170,8 @@ def run_phase(spec: Dict) -> Dict:
         out_masks, processed = out.masks, {name: slices for name in names}
     else:
         kwargs = dict(support_slices=support, modality="none", progress=_progress(phase, started))
+        if spec.get("same_slices"):
+            kwargs["slice_range"] = (0, spec["naive_slices"] - 1)
         auto = phase in ("ours_auto_extent", "ours_cached_rerun")
         out = segment_volume(engine, volume, None, masks, auto_extent=None if auto else False, **kwargs)
         _sync(engine.device)

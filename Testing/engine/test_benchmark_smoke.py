@@ -134,3 +134,21 @@ def test_compare_masks_counts_differences_on_common_slices_only(bench):
     assert result["voxels_compared"] == 2 * 64
     assert result["differing_voxels"] == 2
     assert result["per_structure"]["s"]["dice"] == pytest.approx(2 * 2 / 6)
+
+
+def _phase(seconds, cpu, slices):
+    return {"seconds": seconds, "cpu_seconds": cpu, "slices": slices, "naive_step_seconds": {}}
+
+
+@pytest.mark.parametrize("same_slices, scale", [(False, 8.0), (True, 1.0)])
+def test_summary_extrapolates_naive_only_when_ours_covers_more_slices(bench, same_slices, scale):
+    naive = _phase(100.0, 150.0, 8)
+    naive["naive_step_seconds"] = {"sam_embedding_on_empty": 20.0}
+    report = {"config": {"same_slices": same_slices}, "volume": {"shape": [64, 32, 32]},
+              "phases": {"naive": naive, "ours": _phase(50.0, 60.0, 8 if same_slices else 64)}}
+    summary = bench.summarise(report)["summary"]
+    assert naive["extrapolated"] is (not same_slices)
+    assert summary["naive_seconds"] == pytest.approx(100.0 * scale)
+    assert summary["speedup_ours"] == pytest.approx(100.0 * scale / 50.0)
+    assert summary["cpu_time_ratio_ours"] == pytest.approx(150.0 * scale / 60.0)
+    assert summary["speedup_ours_vs_sam_skipping_naive"] == pytest.approx(80.0 * scale / 50.0)
