@@ -186,12 +186,27 @@ def array_hash(arrays) -> str:
     return digest.hexdigest()
 
 
+_LOCATION_KEYS = ("spec_path", "result_out", "masks_out", "data")
+# Options that only concern ours: a naive result is reusable across them.
+_OURS_ONLY_KEYS = ("batch_size", "same_slices")
+
+
+def _comparable(spec: Dict) -> Dict:
+    """A spec without its file locations (the data itself is compared by ``data_hash``; the
+    checkpoints are always the seed-0 random weights of the named architectures), so stored
+    results can be copied to another work folder and reused there."""
+    ignored = _LOCATION_KEYS + (_OURS_ONLY_KEYS if spec.get("phase") == "naive" else ())
+    comparable = {k: v for k, v in spec.items() if k not in ignored}
+    comparable["models"] = {k: v for k, v in spec["models"].items() if not k.endswith("_checkpoint")}
+    return comparable
+
+
 def _previous_result(spec: Dict) -> Optional[Dict]:
     """The stored result of an identical spec (same data, models, engine sources), if any."""
     spec_path, result_path = Path(spec["spec_path"]), Path(spec["result_out"])
     if not (spec_path.is_file() and result_path.is_file() and Path(spec["masks_out"]).is_file()):
         return None
-    if json.loads(spec_path.read_text()) != spec:
+    if _comparable(json.loads(spec_path.read_text())) != _comparable(spec):
         return None
     logger.info("Reusing the stored result of phase %s (same data, models and engine sources)", spec["phase"])
     result = json.loads(result_path.read_text())
