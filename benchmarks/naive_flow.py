@@ -14,6 +14,13 @@ This module repeats exactly those calls through :class:`protosam.Engine`'s publi
 (no maths of its own), so with the same engine its masks must equal
 :func:`protosam.segment_volume` with ``auto_extent=False`` on every slice both processed.
 
+With ``reference_kernels=True`` (the default) it also runs the reference's kernels rather than
+ours, which give the same bits: DINOv2's explicit attention with all heads at once (the
+official code's layout), segment-anything's own all-heads global attention in SAM's encoder,
+SAM decoding through segment-anything's ``SamPredictor.predict`` one component at a time
+(three masks upsampled, index 0 kept), and the C library's default allocator (it does not go
+through :func:`protosam.segment_volume`, which keeps freed memory for reuse during a run).
+
 One deliberate simplification: the reference returns before ``set_image`` when the coarse mask
 is empty. Following the speed issue's definition of the naive flow ("every slice through SAM")
 :func:`naive_segment_volume` computes the SAM embedding for every pair by default
@@ -23,6 +30,7 @@ Masks are the same either way (the embedding of an empty pair is never decoded).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -32,7 +40,11 @@ from typing import Callable, Dict, Hashable, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from segment_anything import SamPredictor
+
 from protosam import Engine, InputError
+from protosam.models.sam import SAM_IMAGE_SIZE
+from protosam.models.sam_memory import limit_global_attention_memory, use_stock_global_attention
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +104,7 @@ def naive_segment_volume(
     *,
     slices: Optional[Sequence[int]] = None,
     sam_on_empty: bool = True,
+    reference_kernels: bool = True,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> NaiveResult:
     """Segment each structure over ``slices`` of ``volume`` the reference's way.
@@ -105,6 +118,9 @@ def naive_segment_volume(
         support_slices: key -> index of the support slice for that structure.
         slices: query slices to process, in order; default every slice (no extent logic).
         sam_on_empty: compute the SAM embedding even when the coarse mask is empty.
+        reference_kernels: run the reference's attention layouts and ``SamPredictor``
+            decoding (needs the ``paper`` preset's decoding: three masks, index 0); the
+            engine's own settings are restored afterwards.
         progress: called with ``(done, total)`` (structure, slice) pairs.
     """
     volume = np.ascontiguousarray(volume, dtype=np.float32)
@@ -114,6 +130,53 @@ def naive_segment_volume(
     order = list(range(count)) if slices is None else [int(k) for k in slices]
     if any(not 0 <= k < count for k in order):
         raise InputError(f"slices must lie in 0..{count - 1}")
+    if reference_kernels:
+        with _reference_kernels(engine) as decode:
+            return _run(engine, volume, support_masks, support_slices, order, sam_on_empty, decode, progress)
+    return _run(engine, volume, support_masks, support_slices, order, sam_on_empty, None, progress)
+
+
+@contextlib.contextmanager
+def _reference_kernels(engine: Engine):
+    """Switch ``engine`` to the reference's kernels; yields the ``SamPredictor`` decoder."""
+    preset = engine.preset
+    if not (preset.effective_multimask and not preset.pick_best_score) or engine.refiner.medsam:
+        raise ValueError("reference kernels decode like the paper preset (SAM, 3 masks, index 0): use preset 'paper'")
+    sam = engine.refiner.sam
+    chunked = {id(b): b.attn.heads_per_chunk for b in sam.image_encoder.blocks if hasattr(b.attn, "heads_per_chunk")}
+    engine.encoder.set_fused_attention(False, heads_per_chunk=None)
+    use_stock_global_attention(sam)
+    try:
+        yield _sam_predictor_decoder(sam)
+    finally:
+        engine.encoder.set_fused_attention(preset.fused_attention)
+        if chunked:
+            limit_global_attention_memory(sam, next(iter(chunked.values())))
+
+
+def _sam_predictor_decoder(sam) -> Callable[[torch.Tensor, list], torch.Tensor]:
+    """The reference's decoding: ``SamPredictor.predict`` per component, mask index 0, union."""
+    predictor = SamPredictor(sam)
+    size = (SAM_IMAGE_SIZE, SAM_IMAGE_SIZE)
+
+    def decode(embedding: torch.Tensor, prompts: list) -> torch.Tensor:
+        # The embedding is the one set_image would compute for this 1024 x 1024 image.
+        predictor.features = embedding
+        predictor.original_size = predictor.input_size = size
+        predictor.is_image_set = True
+        union = np.zeros(size, bool)
+        for prompt in prompts:
+            masks, _, _ = predictor.predict(
+                point_coords=prompt.points, point_labels=prompt.point_labels, box=prompt.box, multimask_output=True
+            )
+            union |= masks[0]
+        return torch.from_numpy(union)
+
+    return decode
+
+
+def _run(engine, volume, support_masks, support_slices, order, sam_on_empty, decode, progress) -> NaiveResult:
+    count, height, width = volume.shape
     clock = _Clock()
     masks: Dict[Hashable, np.ndarray] = {}
     total = len(order) * len(support_masks)
@@ -143,7 +206,7 @@ def naive_segment_volume(
             # 6. Prompts + SAM decoding with the engine's preset. Without ``sam_on_empty`` the
             #    engine asks for the embedding only when the coarse mask is not empty.
             lazy = _LazyEmbedding(engine, images[0], embedding)
-            refined = clock.run("refine", engine.refine, logits, lazy)
+            refined = clock.run("refine", engine.refine, logits, lazy, decode)
             coarse_empty = not refined.prompts
             clock.seconds["sam_embedding_on_empty" if coarse_empty else "sam_embedding"] += sam_seconds + lazy.seconds
             clock.seconds["refine"] -= lazy.seconds

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .allocator import reusing_freed_memory
 from .cache import EmbeddingCache
 from .errors import CancelledError, InputError, ProtoSAMError
 from .models.alpnet import ALPNetConfig, Prototypes, compute_prototypes, mask_to_grid, score_queries
@@ -252,11 +253,18 @@ class Engine:
                 self._recover_from_out_of_memory(error)
 
     @torch.inference_mode()
-    def refine(self, logits: torch.Tensor, embedding_for_slice: Callable[[], torch.Tensor]) -> RefinedSlice:
+    def refine(
+        self,
+        logits: torch.Tensor,
+        embedding_for_slice: Callable[[], torch.Tensor],
+        decode: Optional[Callable[[torch.Tensor, List[ComponentPrompt]], torch.Tensor]] = None,
+    ) -> RefinedSlice:
         """Prompts from coarse logits ``[2, S, S]`` -> SAM -> mask ``[S, S]``.
 
         ``embedding_for_slice`` is called only when the coarse mask is not empty, so slices
-        without the structure never pay for SAM's image encoder.
+        without the structure never pay for SAM's image encoder. ``decode(embedding, prompts)``
+        replaces the preset's SAM decoding (it returns the ``[1024, 1024]`` bool union; used by
+        the benchmark's reference flow to decode through segment-anything's ``SamPredictor``).
         """
         logits_1024 = F.interpolate(logits[None].float(), size=(SAM_IMAGE_SIZE, SAM_IMAGE_SIZE), mode="bilinear", align_corners=False)
         prob = F.softmax(logits_1024, dim=1)[0]
@@ -271,17 +279,22 @@ class Engine:
             negative_points=self.preset.negative_points,
             max_components=self.preset.max_components,
         )
-        union, scores = self.refiner.decode(
-            embedding_for_slice().to(self.device),
-            prompts,
-            multimask_output=self.preset.effective_multimask,
-            pick_best_score=self.preset.pick_best_score,
-            batch_prompts=self.preset.batch_prompts,
-        )
+        embedding = embedding_for_slice().to(self.device)
+        if decode is not None:
+            union, scores = decode(embedding, prompts).to(self.device), []
+        else:
+            union, scores = self.refiner.decode(
+                embedding,
+                prompts,
+                multimask_output=self.preset.effective_multimask,
+                pick_best_score=self.preset.pick_best_score,
+                batch_prompts=self.preset.batch_prompts,
+            )
         mask = F.interpolate(union[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
         return RefinedSlice(mask, prompts, scores)
 
     # ----------------------------------------------------------------- slice-level job
+    @reusing_freed_memory
     def segment_slices(
         self,
         support_image,

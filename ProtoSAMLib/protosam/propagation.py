@@ -18,6 +18,7 @@ from typing import Callable, Dict, Hashable, List, Mapping, Optional, Sequence, 
 import numpy as np
 import torch
 
+from .allocator import reusing_freed_memory
 from .cache import volume_fingerprint
 from .errors import CancelledError, InputError
 from .models.alpnet import Prototypes
@@ -142,6 +143,7 @@ def _as_index_list(value, name: str, length: int) -> List[int]:
     return sorted(set(result))
 
 
+@reusing_freed_memory
 def segment_volume(
     engine: Engine,
     query_volume,

@@ -152,3 +152,29 @@ def test_summary_extrapolates_naive_only_when_ours_covers_more_slices(bench, sam
     assert summary["speedup_ours"] == pytest.approx(100.0 * scale / 50.0)
     assert summary["cpu_time_ratio_ours"] == pytest.approx(150.0 * scale / 60.0)
     assert summary["speedup_ours_vs_sam_skipping_naive"] == pytest.approx(80.0 * scale / 50.0)
+
+
+def test_naive_reference_kernels_give_the_engine_masks_and_restore_it(bench, tiny_models):
+    """The reference's attention layouts and SamPredictor decoding change no voxel, and the
+    engine gets its own kernels back afterwards."""
+    from engine_helpers import blob_slice
+    from naive_flow import naive_segment_volume
+
+    from protosam import Engine
+
+    engine = Engine(tiny_models, preset="paper", device="cpu")
+    slices = [blob_slice(48, center=(24, 18 + 2 * k), radius=7 + k, seed=k) for k in range(4)]
+    volume = np.stack([image for image, _ in slices])
+    mask = np.zeros(volume.shape, np.uint8)
+    mask[1] = slices[1][1]
+    runs = [
+        naive_segment_volume(engine, volume, {"s": mask}, {"s": 1}, reference_kernels=reference)
+        for reference in (True, False)
+    ]
+    assert runs[0].masks["s"].any() and runs[0].pairs == 4
+    assert np.array_equal(runs[0].masks["s"], runs[1].masks["s"])
+    sam_blocks = engine.refiner.sam.image_encoder.blocks
+    assert [b.attn.heads_per_chunk for b in sam_blocks if b.window_size == 0] == [3]
+    assert all(m.heads_per_chunk == 1 for m in engine.encoder.modules() if hasattr(m, "fused") and not m.fused)
+    with pytest.raises(ValueError, match="paper"):
+        naive_segment_volume(Engine(tiny_models, preset="default", device="cpu"), volume, {"s": mask}, {"s": 1})

@@ -114,6 +114,20 @@ def test_explicit_attention_is_bit_identical_to_the_official_code(name, checkpoi
     assert max_abs(got, official_features(reference, name, state, x)) == 0.0
 
 
+def test_explicit_attention_head_chunks_are_bit_identical(checkpoint):
+    """One head at a time (the engine's default), two, or all at once: the same bits."""
+    ours = load_dinov2("dinov2_vits14", checkpoint("dinov2_vits14"))  # 6 heads
+    x = images(2, (252, 294), seed=9)
+    outputs = []
+    for heads_per_chunk in (None, 1, 4):
+        ours.set_fused_attention(False, heads_per_chunk=heads_per_chunk)
+        with torch.no_grad():
+            outputs.append(ours.patch_features(x))
+    assert all(torch.equal(outputs[0], other) for other in outputs[1:])
+    with pytest.raises(ValueError, match="heads_per_chunk"):
+        ours.set_fused_attention(False, heads_per_chunk=0)
+
+
 @pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("hw", [(518, 518), (672, 672), (252, 252), (518, 672), (196, 294), (14, 28)])
 def test_tiny_matches_official_implementation(name, hw, loaded, reference):

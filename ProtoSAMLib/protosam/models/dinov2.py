@@ -162,11 +162,18 @@ class DinoV2Encoder(nn.Module):
         )
         return torch.cat((self.pos_embed[:, :1].float(), patch_pos), dim=1).to(dtype)
 
-    def set_fused_attention(self, fused: bool) -> None:
-        """Fused attention kernel (fast) or the official explicit attention (exact reference)."""
+    def set_fused_attention(self, fused: bool, *, heads_per_chunk: Optional[int] = 1) -> None:
+        """Fused attention kernel (fast) or the official explicit attention (exact reference).
+
+        ``heads_per_chunk``: heads per step of the explicit form (``None``: all at once, the
+        official code's memory layout; results are bit-identical either way).
+        """
+        if heads_per_chunk is not None and heads_per_chunk < 1:
+            raise ValueError("heads_per_chunk must be >= 1 or None")
         for module in self.modules():
             if isinstance(module, Attention):
                 module.fused = fused
+                module.heads_per_chunk = heads_per_chunk
 
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """Final-layer layer-normed patch tokens (``x_norm_patchtokens``) as a feature map.

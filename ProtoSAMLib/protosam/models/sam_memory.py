@@ -14,7 +14,7 @@ import torch
 from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
 
-__all__ = ["limit_global_attention_memory"]
+__all__ = ["limit_global_attention_memory", "use_stock_global_attention"]
 
 
 def _attention_in_head_chunks(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,4 +41,12 @@ def limit_global_attention_memory(sam: Sam, heads_per_chunk: int = 3) -> Sam:
         if block.window_size == 0:  # windowed layers only see 14 x 14 tokens: nothing to gain
             block.attn.heads_per_chunk = heads_per_chunk
             block.attn.forward = types.MethodType(_attention_in_head_chunks, block.attn)
+    return sam
+
+
+def use_stock_global_attention(sam: Sam) -> Sam:
+    """Undo :func:`limit_global_attention_memory`: segment-anything's own all-heads attention."""
+    for block in sam.image_encoder.blocks:
+        block.attn.__dict__.pop("forward", None)
+        block.attn.__dict__.pop("heads_per_chunk", None)
     return sam

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,13 @@ class Attention(nn.Module):
 
     ``fused`` (default) runs PyTorch's fused scaled-dot-product kernel; ``fused = False`` runs
     the official code's explicit ``softmax((q * scale) @ k^T) @ v`` in the same operation
-    order, for bit-level agreement with the published reference (about 2x slower on CPU).
+    order, for bit-level agreement with the published reference.
+
+    The explicit form works ``heads_per_chunk`` heads at a time (default 1; ``None`` = all heads
+    at once, as the official code does). Each head's products and softmax are the same
+    operations either way, so the output is bit-identical; one head's attention map at 672 px
+    is 21 MB instead of 255 MB for ViT-B, which stays in cache and under glibc's mmap threshold
+    (measured: 6.5 s -> 5.1 s per ViT-B slice on 2 CPU cores).
     """
 
     def __init__(self, *, dim: int, num_heads: int) -> None:
@@ -63,6 +69,7 @@ class Attention(nn.Module):
             raise ValueError(f"embedding width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.fused = True
+        self.heads_per_chunk: Optional[int] = 1
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
@@ -74,8 +81,13 @@ class Attention(nn.Module):
         if self.fused:
             attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # default scale 1/sqrt(head_dim)
         else:
-            weights = (qkv[0] * head_dim**-0.5) @ qkv[1].transpose(-2, -1)
-            attended = weights.softmax(dim=-1) @ qkv[2]
+            step = self.heads_per_chunk or self.num_heads
+            chunks = []
+            for first in range(0, self.num_heads, step):
+                q, k, v = (t[:, first:first + step] for t in qkv)
+                weights = (q * head_dim**-0.5) @ k.transpose(-2, -1)
+                chunks.append(weights.softmax(dim=-1) @ v)
+            attended = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
         return self.proj(attended.transpose(1, 2).reshape(batch, num_tokens, dim))
 
 
