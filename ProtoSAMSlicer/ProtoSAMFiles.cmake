@@ -37,7 +37,6 @@ set(PROTOSAM_EFFECT_SCRIPTS
 set(PROTOSAM_ENGINE_SCRIPTS
   protosam/__init__.py
   protosam/__main__.py
-  protosam/allocator.py
   protosam/cache.py
   protosam/checkpoints.py
   protosam/cli.py

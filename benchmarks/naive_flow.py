@@ -18,8 +18,7 @@ With ``reference_kernels=True`` (the default) it also runs the reference's kerne
 ours, which give the same bits: DINOv2's explicit attention with all heads at once (the
 official code's layout), segment-anything's own all-heads global attention in SAM's encoder,
 SAM decoding through segment-anything's ``SamPredictor.predict`` one component at a time
-(three masks upsampled, index 0 kept), and the C library's default allocator (it does not go
-through :func:`protosam.segment_volume`, which keeps freed memory for reuse during a run).
+(three masks upsampled, index 0 kept).
 
 One deliberate simplification: the reference returns before ``set_image`` when the coarse mask
 is empty. Following the speed issue's definition of the naive flow ("every slice through SAM")

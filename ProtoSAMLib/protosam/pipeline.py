@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .allocator import reusing_freed_memory
 from .cache import EmbeddingCache
 from .errors import CancelledError, InputError, ProtoSAMError
 from .models.alpnet import ALPNetConfig, Prototypes, compute_prototypes, mask_to_grid, score_queries
@@ -294,7 +293,6 @@ class Engine:
         return RefinedSlice(mask, prompts, scores)
 
     # ----------------------------------------------------------------- slice-level job
-    @reusing_freed_memory
     def segment_slices(
         self,
         support_image,

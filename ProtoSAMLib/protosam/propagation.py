@@ -18,7 +18,6 @@ from typing import Callable, Dict, Hashable, List, Mapping, Optional, Sequence, 
 import numpy as np
 import torch
 
-from .allocator import reusing_freed_memory
 from .cache import volume_fingerprint
 from .errors import CancelledError, InputError
 from .models.alpnet import Prototypes
@@ -143,7 +142,6 @@ def _as_index_list(value, name: str, length: int) -> List[int]:
     return sorted(set(result))
 
 
-@reusing_freed_memory
 def segment_volume(
     engine: Engine,
     query_volume,

@@ -118,8 +118,14 @@ def test_head_chunked_global_attention_gives_the_same_embedding(tmp_path):
     plain, chunked = build_sam("sam_tiny"), build_sam("sam_tiny")
     plain.load_state_dict(torch.load(path, weights_only=True))
     chunked.load_state_dict(torch.load(path, weights_only=True))
-    limit_global_attention_memory(chunked, 1)  # the tiny model has 2 heads: 2 chunks
     image = _image(seed=4)
-    assert torch.equal(SamRefiner(chunked).embed(image), SamRefiner(plain).embed(image))
+    expected = SamRefiner(plain).embed(image)
+    # The tiny model has 2 heads and a 64 x 64 token grid (1 MiB of attention map per query
+    # row): one head and 16 rows, one row, 3 rows (a shorter last band), both heads at once.
+    for heads, chunk_bytes in ((1, 16 * 2**20), (1, 1), (1, 3 * 2**20), (2, 2**30)):
+        limit_global_attention_memory(chunked, heads, chunk_bytes)
+        assert torch.equal(SamRefiner(chunked).embed(image), expected), (heads, chunk_bytes)
     with pytest.raises(ValueError):
         limit_global_attention_memory(plain, 0)
+    with pytest.raises(ValueError):
+        limit_global_attention_memory(plain, 1, 0)
