@@ -142,7 +142,7 @@ def _reference_kernels(engine: Engine):
     if not (preset.effective_multimask and not preset.pick_best_score) or engine.refiner.medsam:
         raise ValueError("reference kernels decode like the paper preset (SAM, 3 masks, index 0): use preset 'paper'")
     sam = engine.refiner.sam
-    chunked = {id(b): b.attn.heads_per_chunk for b in sam.image_encoder.blocks if hasattr(b.attn, "heads_per_chunk")}
+    chunked = [(b.attn.heads_per_chunk, b.attn.chunk_bytes) for b in sam.image_encoder.blocks if "forward" in b.attn.__dict__]
     engine.encoder.set_fused_attention(False, heads_per_chunk=None)
     use_stock_global_attention(sam)
     try:
@@ -150,7 +150,7 @@ def _reference_kernels(engine: Engine):
     finally:
         engine.encoder.set_fused_attention(preset.fused_attention)
         if chunked:
-            limit_global_attention_memory(sam, next(iter(chunked.values())))
+            limit_global_attention_memory(sam, *chunked[0])
 
 
 def _sam_predictor_decoder(sam) -> Callable[[torch.Tensor, list], torch.Tensor]:

@@ -174,7 +174,11 @@ def test_naive_reference_kernels_give_the_engine_masks_and_restore_it(bench, tin
     assert runs[0].masks["s"].any() and runs[0].pairs == 4
     assert np.array_equal(runs[0].masks["s"], runs[1].masks["s"])
     sam_blocks = engine.refiner.sam.image_encoder.blocks
-    assert [b.attn.heads_per_chunk for b in sam_blocks if b.window_size == 0] == [3]
+    from protosam.models.sam_memory import CHUNK_BYTES
+
+    global_blocks = [b for b in sam_blocks if b.window_size == 0]
+    assert [(b.attn.heads_per_chunk, b.attn.chunk_bytes) for b in global_blocks] == [(1, CHUNK_BYTES)]
+    assert all("forward" in b.attn.__dict__ for b in global_blocks)
     assert all(m.heads_per_chunk == 1 for m in engine.encoder.modules() if hasattr(m, "fused") and not m.fused)
     with pytest.raises(ValueError, match="paper"):
         naive_segment_volume(Engine(tiny_models, preset="default", device="cpu"), volume, {"s": mask}, {"s": 1})
