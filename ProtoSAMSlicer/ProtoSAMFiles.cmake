@@ -61,6 +61,7 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/models/alpnet.py
   protosam/models/dinov2.py
   protosam/models/sam.py
+  protosam/models/sam_decoder.py
   protosam/models/sam_memory.py
   protosam/models/vit_blocks.py
   protosam/pipeline.py

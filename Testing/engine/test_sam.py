@@ -129,3 +129,33 @@ def test_head_chunked_global_attention_gives_the_same_embedding(tmp_path):
         limit_global_attention_memory(plain, 0)
     with pytest.raises(ValueError):
         limit_global_attention_memory(plain, 1, 0)
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+def test_shared_image_decoder_gives_the_mask_decoders_bits(tiny_sam, multimask):
+    """One prompt set per call with the image-only terms shared: the stock decoder's logits
+    and scores exactly, for several prompt sets on the same embedding and on a new one."""
+    from protosam.models.sam_decoder import SharedImageDecoder
+
+    sam = tiny_sam[0]
+    shared = SharedImageDecoder(sam)
+    rng = np.random.default_rng(3)
+    for seed in (1, 2):
+        embedding = SamRefiner(sam).embed(_image(seed=seed))
+        for _ in range(4):
+            x0, y0 = rng.uniform(0, 800, 2)
+            box = torch.tensor([[x0, y0, x0 + rng.uniform(20, 200), y0 + rng.uniform(20, 200)]], dtype=torch.float)
+            points = torch.tensor(rng.uniform(0, 1023, (1, 2, 2)), dtype=torch.float)
+            labels = torch.tensor([[1, int(rng.integers(0, 2))]], dtype=torch.int)
+            with torch.inference_mode():
+                sparse, dense = sam.prompt_encoder(points=(points, labels), boxes=box, masks=None)
+                expected = sam.mask_decoder(
+                    image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
+                )
+            got = shared.decode(embedding, sparse, multimask_output=multimask)
+            assert got[0].shape == expected[0].shape and got[1].shape == expected[1].shape
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        assert shared._terms.embedding is embedding  # terms were shared, then renewed
+    with pytest.raises(ValueError, match="one prompt set"):
+        shared.decode(embedding, torch.cat([sparse, sparse]), multimask_output=True)

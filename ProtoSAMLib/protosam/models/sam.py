@@ -22,6 +22,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 
 from ..checkpoints import check_state_dict_matches, load_state_dict
 from ..prompts import ComponentPrompt
+from .sam_decoder import SharedImageDecoder
 from .sam_memory import limit_global_attention_memory
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ class SamRefiner:
     def __init__(self, sam: Sam, *, medsam: bool = False):
         self.sam = sam
         self.medsam = medsam
+        self.shared_decoder = SharedImageDecoder(sam)
 
     @property
     def device(self) -> torch.device:
@@ -221,13 +223,18 @@ class SamRefiner:
             labels = torch.as_tensor(np.stack([p.point_labels for p in prompts]), dtype=torch.int, device=self.device)
             points = (coords, labels)
         sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
-        low_res, iou = self.sam.mask_decoder(
-            image_embeddings=embedding,
-            image_pe=self.sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-        )
+        if len(prompts) == 1:
+            # One prompt set per call (the reference's way): share the image-only terms
+            # across the calls on this embedding; same bits as the decoder below.
+            low_res, iou = self.shared_decoder.decode(embedding, sparse, multimask_output=multimask_output)
+        else:
+            low_res, iou = self.sam.mask_decoder(
+                image_embeddings=embedding,
+                image_pe=self.sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )
         # Choose each prompt set's mask before upsampling: interpolation is per channel, so this
         # gives SamPredictor's result at a third of the upsampling work.
         choice = iou.argmax(dim=1) if pick_best_score else torch.zeros(len(prompts), dtype=torch.long, device=self.device)
