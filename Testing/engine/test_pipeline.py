@@ -77,6 +77,24 @@ def test_sam_is_not_run_when_the_coarse_mask_is_empty(paper_engine):
     assert not refined.mask.any() and refined.prompts == []
 
 
+def test_default_preset_on_a_cpu_decodes_one_prompt_set_per_call(tiny_models, monkeypatch):
+    """Batched decoding is slower on CPUs: there every set goes through the shared-terms
+    decoder, never through a batched MaskDecoder call."""
+    engine = Engine(tiny_models, preset="default", device="cpu")
+    assert engine.preset.batch_prompts
+    logits = torch.zeros(2, 112, 112)
+    logits[0] = 5.0
+    logits[1, 10:30, 10:30] = 10.0  # two separate foreground squares: two prompt sets
+    logits[1, 60:90, 70:100] = 10.0
+    embedding = engine.sam_embedding(torch.zeros(3, 112, 112))
+    monkeypatch.setattr(engine.refiner.sam.mask_decoder, "forward", lambda *a, **k: pytest.fail("batched call"))
+    calls = []
+    decode_one = engine.refiner.shared_decoder.decode
+    monkeypatch.setattr(engine.refiner.shared_decoder, "decode", lambda *a, **k: calls.append(1) or decode_one(*a, **k))
+    refined = engine.refine(logits, lambda: embedding)
+    assert len(refined.prompts) == 2 and len(calls) == 2
+
+
 def test_default_preset_differs_only_where_documented():
     from protosam import PRESETS
 
