@@ -142,15 +142,18 @@ def _reference_kernels(engine: Engine):
     if not (preset.effective_multimask and not preset.pick_best_score) or engine.refiner.medsam:
         raise ValueError("reference kernels decode like the paper preset (SAM, 3 masks, index 0): use preset 'paper'")
     sam = engine.refiner.sam
-    chunked = [(b.attn.heads_per_chunk, b.attn.chunk_bytes) for b in sam.image_encoder.blocks if "forward" in b.attn.__dict__]
+    chunking = next(
+        ((b.attn.heads_per_chunk, b.attn.chunk_bytes) for b in sam.image_encoder.blocks if "forward" in b.attn.__dict__),
+        None,
+    )
     engine.encoder.set_fused_attention(False, heads_per_chunk=None)
     use_stock_global_attention(sam)
     try:
         yield _sam_predictor_decoder(sam)
     finally:
         engine.encoder.set_fused_attention(preset.fused_attention)
-        if chunked:
-            limit_global_attention_memory(sam, *chunked[0])
+        if chunking is not None:
+            limit_global_attention_memory(sam, *chunking)
 
 
 def _sam_predictor_decoder(sam) -> Callable[[torch.Tensor, list], torch.Tensor]:

@@ -154,31 +154,52 @@ def test_summary_extrapolates_naive_only_when_ours_covers_more_slices(bench, sam
     assert summary["speedup_ours_vs_sam_skipping_naive"] == pytest.approx(80.0 * scale / 50.0)
 
 
-def test_naive_reference_kernels_give_the_engine_masks_and_restore_it(bench, tiny_models):
-    """The reference's attention layouts and SamPredictor decoding change no voxel, and the
+def test_naive_reference_kernels_give_the_engine_masks_and_restore_it(bench, tiny_models, monkeypatch):
+    """While the naive flow runs with the reference's kernels, the engine really runs them
+    (all-heads DINOv2 and SAM attention, SamPredictor per component); no voxel changes, and the
     engine gets its own kernels back afterwards."""
+    import naive_flow
     from engine_helpers import blob_slice
-    from naive_flow import naive_segment_volume
 
     from protosam import Engine
+    from protosam.models.sam_memory import CHUNK_BYTES
 
     engine = Engine(tiny_models, preset="paper", device="cpu")
+    global_blocks = [b for b in engine.refiner.sam.image_encoder.blocks if b.window_size == 0]
+    explicit = [m for m in engine.encoder.modules() if hasattr(m, "heads_per_chunk")]
+
+    def kernels():
+        dinov2 = frozenset(m.heads_per_chunk for m in explicit)
+        sam = frozenset(("forward" in b.attn.__dict__, getattr(b.attn, "heads_per_chunk", None)) for b in global_blocks)
+        return dinov2, sam
+
+    seen = []
+    predictor_calls = []
+    predict = naive_flow.SamPredictor.predict
+    monkeypatch.setattr(
+        naive_flow.SamPredictor, "predict", lambda self, **kw: predictor_calls.append(1) or predict(self, **kw)
+    )
     slices = [blob_slice(48, center=(24, 18 + 2 * k), radius=7 + k, seed=k) for k in range(4)]
     volume = np.stack([image for image, _ in slices])
     mask = np.zeros(volume.shape, np.uint8)
     mask[1] = slices[1][1]
-    runs = [
-        naive_segment_volume(engine, volume, {"s": mask}, {"s": 1}, reference_kernels=reference)
-        for reference in (True, False)
-    ]
-    assert runs[0].masks["s"].any() and runs[0].pairs == 4
-    assert np.array_equal(runs[0].masks["s"], runs[1].masks["s"])
-    sam_blocks = engine.refiner.sam.image_encoder.blocks
-    from protosam.models.sam_memory import CHUNK_BYTES
-
-    global_blocks = [b for b in sam_blocks if b.window_size == 0]
-    assert [(b.attn.heads_per_chunk, b.attn.chunk_bytes) for b in global_blocks] == [(1, CHUNK_BYTES)]
-    assert all("forward" in b.attn.__dict__ for b in global_blocks)
-    assert all(m.heads_per_chunk == 1 for m in engine.encoder.modules() if hasattr(m, "fused") and not m.fused)
+    runs = {}
+    for reference in (True, False):
+        predictor_calls.clear()
+        runs[reference] = naive_flow.naive_segment_volume(
+            engine, volume, {"s": mask}, {"s": 1}, reference_kernels=reference,
+            progress=lambda done, total: seen.append((reference, kernels())),
+        )
+        calls = len(predictor_calls)
+        assert (calls > 0) if reference else (calls == 0)
+    assert runs[True].masks["s"].any() and runs[True].pairs == 4
+    assert np.array_equal(runs[True].masks["s"], runs[False].masks["s"])
+    # During the reference run: official all-heads layouts; otherwise and afterwards: ours.
+    official = (frozenset({None}), frozenset({(False, None)}))
+    ours = (frozenset({1}), frozenset({(True, 1)}))
+    assert {state for reference, state in seen if reference} == {official}
+    assert {state for reference, state in seen if not reference} == {ours}
+    assert kernels() == ours
+    assert {b.attn.chunk_bytes for b in global_blocks} == {CHUNK_BYTES}
     with pytest.raises(ValueError, match="paper"):
-        naive_segment_volume(Engine(tiny_models, preset="default", device="cpu"), volume, {"s": mask}, {"s": 1})
+        naive_flow.naive_segment_volume(Engine(tiny_models, preset="default", device="cpu"), volume, {"s": mask}, {"s": 1})

@@ -32,10 +32,8 @@ class _ImageTerms:
     """Prompt-independent decoder inputs for one ``[1, C, h, w]`` image embedding."""
 
     embedding: torch.Tensor  # the embedding these terms belong to (identity check)
-    grid_hw: Tuple[int, int]
     keys: torch.Tensor  # [1, hw, C] image tokens (embedding + no-mask embedding)
     key_pe: torch.Tensor  # [1, hw, C] their positional encoding
-    keys_with_pe: torch.Tensor  # keys + key_pe
     first_t2i_keys: torch.Tensor  # layer 0, token-to-image: k_proj(keys + pe)
     first_t2i_values: torch.Tensor  # layer 0, token-to-image: v_proj(keys)
     first_i2t_queries: torch.Tensor  # layer 0, image-to-token: q_proj(keys + pe)
@@ -77,10 +75,8 @@ class SharedImageDecoder:
         keys_with_pe = keys + key_pe
         self._terms = _ImageTerms(
             embedding=embedding,
-            grid_hw=tuple(src.shape[-2:]),
             keys=keys,
             key_pe=key_pe,
-            keys_with_pe=keys_with_pe,
             first_t2i_keys=first.cross_attn_token_to_image.k_proj(keys_with_pe),
             first_t2i_values=first.cross_attn_token_to_image.v_proj(keys),
             first_i2t_queries=first.cross_attn_image_to_token.q_proj(keys_with_pe),
@@ -137,7 +133,7 @@ class SharedImageDecoder:
         # Output heads (MaskDecoder.predict_masks after its transformer call).
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1:(1 + decoder.num_mask_tokens), :]
-        height, width = terms.grid_hw
+        height, width = embedding.shape[-2:]
         src = keys.transpose(1, 2).view(1, keys.shape[-1], height, width)
         upscaled = decoder.output_upscaling(src)
         hyper_in = torch.stack(
