@@ -393,3 +393,19 @@ def test_ctrl_c_while_writing_the_report_keeps_the_label_map_and_says_so(colin_c
     for path in (output, pictures[0]):
         assert path.stat().st_mode & 0o777 == 0o640, path
     assert not list(tmp_path.glob(".*")) and not list(report.glob(".*"))
+
+
+def test_slices_refuses_an_output_that_is_an_input_before_loading_models(tmp_path, capsys):
+    support, mask = blob_slice(112, center=(56, 56), radius=20)
+    np.save(tmp_path / "S.npy", support)
+    np.save(tmp_path / "M.npy", mask)
+    np.save(tmp_path / "Q.npy", support[None])
+    before = (tmp_path / "Q.npy").read_bytes()
+    code = main(["slices", "--support-image", str(tmp_path / "S.npy"), "--support-mask", str(tmp_path / "M.npy"),
+                 "--queries", str(tmp_path / "Q.npy"), "--out", str(tmp_path / "." / "Q.npy"), *NO_MODELS])
+    err = capsys.readouterr().err
+    assert code == 1 and "--queries" in err and "destroy your input" in err, err
+    assert (tmp_path / "Q.npy").read_bytes() == before
+    code = main(["slices", "--support-image", str(tmp_path), "--support-mask", str(tmp_path / "M.npy"),
+                 "--queries", str(tmp_path / "Q.npy"), "--out", str(tmp_path / "R.npz"), *NO_MODELS])
+    assert code == 1 and "--support-image" in capsys.readouterr().err
