@@ -11,7 +11,6 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import List, Optional, Sequence, TextIO
 
 import numpy as np

@@ -26,8 +26,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "read_volume", "write_labelmap", "check_same_geometry", "slice_axis_for_plane", "atomic_output",
-    "save_npz_atomic", "PLANES", "MAX_LABEL_VALUE", "LABELMAP_FORMATS", "labelmap_files", "volume_files", "same_file", "check_input_file",
-    "check_output_file", "check_labelmap_output", "check_report_folder", "check_segment_paths",
+    "save_npz_atomic", "PLANES", "MAX_LABEL_VALUE", "LABELMAP_FORMATS", "labelmap_files", "volume_files",
+    "same_file", "check_input_file", "check_output_file", "check_labelmap_output", "check_report_folder",
+    "check_segment_paths",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -113,8 +114,9 @@ LABELMAP_FORMATS = {
 
 
 def _format_suffix(path: Path) -> str:
-    """The ``LABELMAP_FORMATS`` key ``path`` ends with (case-insensitive), or ``''``."""
-    name = path.name.lower()
+    """The ``LABELMAP_FORMATS`` key ``path`` ends with, or ``''``. Case-sensitive, as ITK's
+    writers are (``seg.NII.GZ`` and ``seg.MHA`` fail to write)."""
+    name = path.name
     return max((suffix for suffix in LABELMAP_FORMATS if name.endswith(suffix) and len(name) > len(suffix)),
                key=len, default="")
 
@@ -138,15 +140,15 @@ def volume_files(path: PathLike) -> List[Path]:
     elif name.endswith((".mhd", ".nhdr")):
         key = re.compile(r"^\s*(ElementDataFile\s*=|data\s*file\s*:)\s*(.+?)\s*$", re.IGNORECASE)
         try:
-            with open(path, "r", encoding="latin-1") as header:
-                lines = [next(header, "") for _ in range(200)]  # headers are short; data may follow
+            with open(path, "rb") as header:
+                text = header.read(65536).decode("latin-1")  # headers are short; binary data may follow
         except OSError:
             return files
-        for line in lines:
+        for line in text.splitlines():
             match = key.match(line)
             value = match.group(2) if match else ""
             # One data file only: LOCAL (data in the header), LIST and printf patterns name several.
-            if value and value.upper() not in ("LOCAL", "LIST") and "%" not in value and " " not in value:
+            if value and value.upper() not in ("LOCAL", "LIST") and "%" not in value:
                 files.append(path.parent / value)
                 break
     return files
@@ -264,6 +266,8 @@ def atomic_output(path: PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ProtoSAMError(f"The output {path} is a folder; give a file name inside it.")
     if not folder.is_dir():
         raise ProtoSAMError(f"Output folder does not exist: {folder}. Create it first.")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -288,7 +292,9 @@ def write_labelmap(labels: np.ndarray, reference: sitk.Image, path: PathLike) ->
     Written as uint8 when every label fits, else uint16; labels must lie in 0..65535.
     """
     if labels.size and (labels.min() < 0 or labels.max() > MAX_LABEL_VALUE):
-        raise InputError(f"Label values must lie in 0..{MAX_LABEL_VALUE} to be written; got {labels.min()}..{labels.max()}.")
+        raise InputError(
+            f"Label values must lie in 0..{MAX_LABEL_VALUE} to be written; got {labels.min()}..{labels.max()}."
+        )
     dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
     image = sitk.GetImageFromArray(labels.astype(dtype, copy=False))
     image.CopyInformation(reference)

@@ -89,7 +89,7 @@ def support_labels(labelmap: np.ndarray, requested: Optional[Sequence[int]], *, 
     positive = values[values > 0]
     whole = _is_whole(positive)
     if not whole or (requested is None and len(positive) > MAX_LABELS):
-        what = (f"has values that are not whole numbers" if not whole
+        what = ("has values that are not whole numbers" if not whole
                 else f"has {len(positive):,} distinct values (more than {MAX_LABELS} labels)")
         message = f"{mask_option} {mask_path} {what}: it looks like an image, not a label map (0 = background, " \
                   "1, 2, ... = structures)."

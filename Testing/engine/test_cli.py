@@ -258,7 +258,8 @@ def _case_argv(folder, case):
         argv["--output"] = folder / "seg.nii.gz"
         expect = ["--support-mask", "looks like an image", "--labels"]
     elif case == "float_mask_is_an_image":
-        _write(sitk.GetArrayFromImage(sitk.ReadImage(str(image))) / 7.0, folder / "float.nii.gz", like=sitk.ReadImage(str(image)))
+        reference = sitk.ReadImage(str(image))
+        _write(sitk.GetArrayFromImage(reference) / 7.0, folder / "float.nii.gz", like=reference)
         argv["--image"], argv["--support-mask"] = labels, folder / "float.nii.gz"
         expect = ["--support-mask", "not whole numbers", "did you swap"]
     elif case == "label_above_65535":
@@ -303,6 +304,7 @@ def test_checks_run_without_importing_torch_and_fast(small_case):
     script = (
         "import contextlib, io, json, sys, time\n"
         "from protosam.cli import main\n"
+        "import protosam.io, protosam.validation  # what the checks use: timed below without import costs\n"
         "out = []\n"
         "for argv in json.loads(sys.argv[1]):\n"
         "    err = io.StringIO(); started = time.perf_counter()\n"
@@ -320,8 +322,9 @@ def test_checks_run_without_importing_torch_and_fast(small_case):
     for case, (argv, expect), (code, err, torch_imported, seconds) in zip(EARLY_CASES, cases, results):
         assert code == 1 and all(fragment in err for fragment in expect), (case, err)
         assert not torch_imported, f"{case}: torch was imported before the error"
-        # Tiny files: reading and checking take milliseconds; importing torch alone takes seconds.
-        assert seconds < 1.5, (case, seconds)
+        # Tiny files: reading and checking take milliseconds (measured: 2-35 ms at load 8 on 2 cores);
+        # importing torch alone takes 4 s or more there.
+        assert seconds < 1.0, (case, seconds)
 
 
 def test_many_values_pass_when_labels_are_picked(small_case, capsys):
@@ -330,8 +333,9 @@ def test_many_values_pass_when_labels_are_picked(small_case, capsys):
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(small_case / "image.nii.gz"))).astype(np.uint16)
     _write(labels, small_case / "atlas.nii.gz", like=sitk.ReadImage(str(small_case / "image.nii.gz")))
     picked = int(labels[4, 10, 10])
-    code = main(["segment", "--image", str(small_case / "image.nii.gz"), "--support-mask", str(small_case / "atlas.nii.gz"),
-                 "--labels", str(picked), "--output", str(small_case / "seg.nii.gz"), *NO_MODELS])
+    code = main(["segment", "--image", str(small_case / "image.nii.gz"),
+                 "--support-mask", str(small_case / "atlas.nii.gz"), "--labels", str(picked),
+                 "--output", str(small_case / "seg.nii.gz"), *NO_MODELS])
     err = capsys.readouterr().err
     assert code == 1 and "not found" in err and "/nonexistent/" in err, err
 
@@ -380,8 +384,9 @@ def test_ctrl_c_while_writing_the_report_keeps_the_label_map_and_says_so(colin_c
     output, report = tmp_path / "seg.nii.gz", tmp_path / "report"
     previous = os.umask(0o027)
     try:
-        code = main(["segment", "--image", str(folder / "image.nii.gz"), "--support-mask", str(folder / "labels.nii.gz"),
-                     "--output", str(output), "--report", str(report), "--modality", "mri", *_model_args(tiny_models)])
+        code = main(["segment", "--image", str(folder / "image.nii.gz"),
+                     "--support-mask", str(folder / "labels.nii.gz"), "--output", str(output),
+                     "--report", str(report), "--modality", "mri", *_model_args(tiny_models)])
     finally:
         os.umask(previous)
     err = capsys.readouterr().err
