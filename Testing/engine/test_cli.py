@@ -243,6 +243,9 @@ def _case_argv(folder, case):
     elif case == "output_format":
         argv["--output"] = folder / "seg.png"
         expect = ["--output", "format", ".nii.gz"]
+    elif case == "output_format_upper_case":  # ITK's NIfTI writer fails on it, after the whole run
+        argv["--output"] = folder / "seg.NII.GZ"
+        expect = ["--output", "format", ".nii.gz"]
     elif case == "input_is_a_directory":
         argv["--image"] = folder
         expect = ["--image", "is a directory"]
@@ -279,7 +282,7 @@ def _case_argv(folder, case):
 EARLY_CASES = [
     "output_is_image", "output_is_mask", "output_is_support_image", "relative_spelling", "dotdot_spelling",
     "symlink", "hard_link", "data_file_of_a_header", "output_is_a_directory", "output_folder_missing",
-    "output_format", "input_is_a_directory", "report_is_a_file", "swapped", "mask_is_an_image",
+    "output_format", "output_format_upper_case", "input_is_a_directory", "report_is_a_file", "swapped", "mask_is_an_image",
     "float_mask_is_an_image", "label_above_65535",
 ]
 
