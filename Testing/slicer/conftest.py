@@ -15,25 +15,25 @@ import types
 import numpy as np
 import pytest
 
+# Testing/support holds helpers shared by Testing/engine and Testing/slicer (required_modules).
+# Only that folder goes on sys.path: with Testing/ itself there, Testing/slicer would shadow the
+# real ``slicer`` package (test modules imported as slicer.test_*).
+_SUPPORT = str(pathlib.Path(__file__).resolve().parents[1] / "support")
+if _SUPPORT not in sys.path:
+    sys.path.insert(0, _SUPPORT)
+
+from required_modules import require_slicer_core  # noqa: E402 (needs the path above)
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 for _path in (REPO / "ProtoSAMSlicer" / "ProtoSAM", REPO / "ProtoSAMSlicer" / "SegmentEditorProtoSAM"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
 
-
-def requireSlicerCore():
-    """The slicer-core package, or skip: MRML tests cannot run without it."""
-    slicer = pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
-    if not hasattr(slicer, "vtkMRMLScene"):
-        pytest.skip("the 'slicer' package is not slicer-core (another package named 'slicer' shadows it)")
-    return slicer
-
-
 @pytest.fixture
 def scene():
     """A fresh MRML scene with the logics Slicer modules would register, set as slicer.mrmlScene."""
-    slicer = requireSlicerCore()
+    slicer = require_slicer_core()
     mrmlScene = slicer.vtkMRMLScene()
     appLogic = slicer.vtkSlicerApplicationLogic()
     appLogic.SetMRMLScene(mrmlScene)

@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+from required_modules import require_slicer_core
 
-pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+require_slicer_core()
 
 import slicer
 from ProtoSAMSlicerLib import effect_session, geometry, mrml_io, results
