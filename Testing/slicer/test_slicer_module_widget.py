@@ -264,3 +264,30 @@ def test_effect_module_registers_the_effect(scene, slicerApp):
     factory = standins.qSlicerSegmentEditorEffectFactory.instance()
     assert [effect.name for effect in factory.registeredEffects()] == ["ProtoSAM"]
     SegmentEditorProtoSAM.SegmentEditorProtoSAMTest().runTest()
+
+
+def test_missing_dependencies_ask_once_and_start_nothing(scene, slicerApp, monkeypatch, caplog):
+    """First run without segment-anything: one confirmation listing it; declined, nothing starts."""
+    volume, segmentation, ids, liver, other = buildCase(scene)
+    ProtoSAM, module, widget = openModule(scene)
+    selectInputs(widget, segmentation, [ids["liver"]])
+    import importlib.metadata
+
+    from ProtoSAMSlicerLib import dependencies
+
+    real = importlib.metadata.version
+
+    def version(name):
+        if dependencies.normalizeName(name) == "segment-anything":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    asked = []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kwargs: asked.append(text) or False)
+    widget.ui.applyButton.click()
+    assert len(asked) == 1 and "segment-anything==1.0" in asked[0]
+    assert widget.jobs == [] and widget.logic is None
+    widget.updateWeightsStatus()
+    assert widget.ui.weightsStatusLabel.text.startswith("Python packages not installed yet")
+    widget.cleanup()
