@@ -8,7 +8,6 @@ there before, with scene undo left off as the Slicer application leaves it.
 import numpy as np
 import pytest
 
-pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
 
 import slicer
 from ProtoSAMSlicerLib import mrml_io, results

@@ -12,8 +12,6 @@ import types
 import numpy as np
 import pytest
 
-pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
-pytest.importorskip("PySide6", reason="PySide6 is not installed")
 
 import slicer
 import slicer_app_standins as standins
