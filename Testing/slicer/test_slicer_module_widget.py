@@ -8,6 +8,7 @@ Qt event loop runs the module's QTimer, as in Slicer.
 import sys
 import time
 import types
+import unittest
 
 import numpy as np
 import pytest
@@ -243,7 +244,10 @@ def test_self_test_runs_end_to_end_or_reports_missing_dependencies(scene, slicer
 
     monkeypatch.setattr(importlib.metadata, "version", version)
     test = ProtoSAM.ProtoSAMTest()
-    test.runTest()
+    try:
+        test.runTest()
+    except unittest.SkipTest as skip:  # shows as an error in Slicer's "Reload and Test"
+        pytest.fail(f"the self-test skipped instead of reporting: {skip}")
     assert len(test.messages) == 1 and "dependencies not installed" in test.messages[0]
     assert "segment-anything==1.0" in test.messages[0]
     # The module's runTest (the "Reload and Test" entry point) finds and runs the test case.
