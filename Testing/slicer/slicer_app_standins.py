@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import sys
+import time
 import types
 import typing
 import unittest
@@ -364,6 +365,16 @@ class SlicerApplication:
 
     def processEvents(self):
         self._qapplication.processEvents()
+
+    def runEventLoopUntil(self, condition, timeout=300.0):
+        """The application's event loop (timers included) until ``condition()`` holds, so the
+        module's and the effect's QTimers poll as they do in Slicer."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the condition did not hold within {timeout} s")
+            self._qapplication.processEvents()
+            time.sleep(0.01)
 
     def testingEnabled(self):
         return True

@@ -6,7 +6,6 @@ there before, with scene undo left off as the Slicer application leaves it.
 """
 
 import numpy as np
-import pytest
 
 
 import slicer

@@ -7,8 +7,6 @@ vtkSlicerSegmentEditorLogic of slicer-core, bound to a real vtkMRMLSegmentEditor
 """
 
 import pathlib
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +16,6 @@ import slicer
 import slicer_app_standins as standins
 from ProtoSAMSlicerLib import effect_session, mrml_io
 from slicer_mrml_helpers import addSegmentation, addVolume, ijkToRasFrom
-from test_slicer_module_widget import runEventLoopUntil, slicerApp  # noqa: F401 (fixture)
 
 EFFECT_PY = (pathlib.Path(__file__).resolve().parents[2] / "ProtoSAMSlicer" / "SegmentEditorProtoSAM"
              / "SegmentEditorProtoSAMLib" / "SegmentEditorEffect.py")
@@ -28,7 +25,7 @@ IJK_TO_RAS = ijkToRasFrom(LPS, (0.8, 0.8, 2.5), (7.0, 3.0, -2.0))
 
 
 @pytest.fixture
-def editor(scene, slicerApp):  # noqa: F811
+def editor(scene, slicerApp):
     """A Segment Editor: editor node and logic (real), the ProtoSAM effect loaded from its file."""
     rng = np.random.default_rng(3)
     image = rng.normal(0, 20, SHAPE).astype(np.float32)
@@ -92,7 +89,7 @@ def test_propagate_progress_preview_apply_undo(editor):
         values.append((effect.ui.progressBar.value, effect.ui.progressBar.maximum))
         return effect.session.state == effect_session.PREVIEW
 
-    runEventLoopUntil(e["app"], inPreview)
+    e["app"].runEventLoopUntil(inPreview)
     # Determinate progress over every slice but the painted one (the last step arrives with the
     # "finished" event, after which the bar is hidden).
     assert {total for done, total in values if done} == {SHAPE[0] - 1} and max(values)[0] >= 1
@@ -115,13 +112,13 @@ def test_cancel_running_and_cancel_preview(editor):
     effect = propagate(e)
     effect.ui.cancelButton.click()
     assert effect.ui.statusLabel.text == "Cancelling..."
-    runEventLoopUntil(e["app"], lambda: effect.session.state == effect_session.IDLE)
+    e["app"].runEventLoopUntil(lambda: effect.session.state == effect_session.IDLE)
     assert effect.ui.statusLabel.text.startswith("Cancelled by the user")
     assert effect.ui.propagateButton.enabled and not effect.pollTimer.isActive()
     assert e["volume"].GetScene().GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
 
     propagate(e)
-    runEventLoopUntil(e["app"], lambda: effect.session.state == effect_session.PREVIEW)
+    e["app"].runEventLoopUntil(lambda: effect.session.state == effect_session.PREVIEW)
     preview = effect.session.result.previewSegmentationNode
     effect.ui.cancelButton.click()
     assert effect.ui.statusLabel.text == "Discarded." and not e["volume"].GetScene().IsNodePresent(preview)
@@ -135,7 +132,7 @@ def test_deactivation_mid_run_returns_to_idle(editor):
     e = editor
     effect = propagate(e)
     effect.deactivate()  # another effect, segment or module
-    runEventLoopUntil(e["app"], lambda: effect.session.state == effect_session.IDLE, timeout=120)
+    e["app"].runEventLoopUntil(lambda: effect.session.state == effect_session.IDLE, timeout=120)
     assert "deactivated" in effect.ui.statusLabel.text and effect.ui.propagateButton.enabled
     assert e["volume"].GetScene().GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
     assert np.array_equal(read(e, "liver"), e["liver"])
@@ -145,7 +142,7 @@ def test_deactivation_keeps_the_preview(editor):
     """Like Slicer's own preview effects: look elsewhere, come back, Apply."""
     e = editor
     effect = propagate(e)
-    runEventLoopUntil(e["app"], lambda: effect.session.state == effect_session.PREVIEW)
+    e["app"].runEventLoopUntil(lambda: effect.session.state == effect_session.PREVIEW)
     preview = effect.session.result.previewSegmentationNode
     effect.deactivate()
     assert e["volume"].GetScene().IsNodePresent(preview) and effect.session.state == effect_session.PREVIEW
@@ -167,7 +164,7 @@ def test_result_lands_on_another_reference_geometry(editor):
     e["editorNode"].SetSourceVolumeIntensityMask(True)
     e["editorNode"].SetSourceVolumeIntensityMaskRange(-1e6, 1e6)  # everything editable
     effect = propagate(e)
-    runEventLoopUntil(e["app"], lambda: effect.session.state == effect_session.PREVIEW)
+    e["app"].runEventLoopUntil(lambda: effect.session.state == effect_session.PREVIEW)
     preview = mrml_io.segmentToArray(effect.session.result.previewSegmentationNode, e["ids"]["liver"], e["volume"])
     effect.ui.applyButton.click()
     expected = preview.astype(bool) | e["liver"].astype(bool)
@@ -191,6 +188,6 @@ def test_failed_run_and_refused_start_are_reported(editor, tmp_path, caplog):
     qt.QSettings().setValue("ProtoSAM/SAMCheckpoint", str(broken))
     e["editorNode"].SetSelectedSegmentID(e["ids"]["liver"])
     propagate(e)
-    runEventLoopUntil(e["app"], lambda: effect.session.state == effect_session.IDLE)
+    e["app"].runEventLoopUntil(lambda: effect.session.state == effect_session.IDLE)
     assert "ProtoSAM failed" in caplog.text and effect.session.lastError is not None
     assert str(effect.session.lastError) == effect.ui.statusLabel.text

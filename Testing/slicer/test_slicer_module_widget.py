@@ -5,8 +5,6 @@ the Slicer application alone provides comes from slicer_app_standins. Buttons ar
 Qt event loop runs the module's QTimer, as in Slicer.
 """
 
-import sys
-import time
 import types
 import unittest
 
@@ -16,45 +14,11 @@ import pytest
 
 import slicer
 import slicer_app_standins as standins
-from ProtoSAMSlicerLib import mrml_io, results
+from ProtoSAMSlicerLib import mrml_io
 from slicer_mrml_helpers import addSegmentation, addVolume, ijkToRasFrom
 
 SHAPE = (5, 20, 22)
 LPS = np.diag([-1.0, -1.0, 1.0])
-SLICER_MODULES = ("ProtoSAM", "SegmentEditorProtoSAM")
-
-
-def addSliceNode(scene, layoutName, orientation="Axial"):
-    """A slice view's node with the ID the application's layout gives it (vtkMRMLSliceNode<Name>)."""
-    node = slicer.vtkMRMLSliceNode()
-    node.SetSingletonTag(layoutName)
-    node.SetLayoutName(layoutName)
-    node.SetName(layoutName)
-    node.SetOrientation(orientation)
-    scene.AddNode(node)
-    return node
-
-
-@pytest.fixture
-def slicerApp(scene, tmp_path, tinyModels):
-    """The stand-in application with the user's settings choosing the tiny models on the CPU."""
-    uninstall = standins.install(tmp_path / "settings")
-    for name in SLICER_MODULES:
-        sys.modules.pop(name, None)
-    import qt
-
-    settings = qt.QSettings()
-    for key, value in {"DINOv2": tinyModels.dinov2, "DINOv2Checkpoint": tinyModels.dinov2_checkpoint,
-                       "SAM": tinyModels.sam, "SAMCheckpoint": tinyModels.sam_checkpoint, "Device": "cpu"}.items():
-        settings.setValue("ProtoSAM/" + key, value)
-    settings.sync()
-    addSliceNode(scene, "Red")
-    try:
-        yield slicer.app
-    finally:
-        for name in SLICER_MODULES:
-            sys.modules.pop(name, None)
-        uninstall()
 
 
 def buildCase(scene):
@@ -68,15 +32,6 @@ def buildCase(scene):
     other[0, 0:3, 0:3] = 1
     segmentation, ids = addSegmentation(scene, volume, {"liver": liver, "other": other})
     return volume, segmentation, ids, liver, other
-
-
-def runEventLoopUntil(app, condition, timeout=300.0):
-    """Let Qt run (timers included) until ``condition()``; the module's QTimer does the polling."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the module"
-        app.processEvents()
-        time.sleep(0.01)
 
 
 def openModule(scene):
@@ -118,7 +73,7 @@ def test_propagate_progress_preview_accept_and_undo(scene, slicerApp):
         progress.append((widget.ui.progressBar.value, widget.ui.progressBar.maximum, widget.ui.statusLabel.text))
         return not widget.jobs
 
-    runEventLoopUntil(slicerApp, finished)
+    slicerApp.runEventLoopUntil(finished)
     assert any(text.startswith("Volume 1/1:") for _, _, text in progress)
     assert any(maximum == SHAPE[0] - 1 for _, maximum, _ in progress)  # every slice but the painted one
     assert widget.ui.statusLabel.text == "Preview ready: Accept or Discard."
@@ -147,7 +102,7 @@ def test_propagate_progress_preview_accept_and_undo(scene, slicerApp):
     centre = ijkToRasFrom(LPS, (0.9, 0.9, 2.0), (4.0, 2.0, -3.0)) @ np.array([10.0, 10.0, 2.0, 1.0])
     sliceNode.JumpSliceByOffsetting(*centre[:3])
     widget.ui.applyButton.click()
-    runEventLoopUntil(slicerApp, lambda: not widget.jobs)
+    slicerApp.runEventLoopUntil(lambda: not widget.jobs)
     (result,) = widget.results
     assert result.supportSlices == {ids["liver"]: [2]} and result.processedSlices[ids["liver"]] == [0, 1, 3]
     widget.ui.discardButton.click()
@@ -165,7 +120,7 @@ def test_cancel_writes_nothing(scene, slicerApp):
     widget.ui.applyButton.click()
     widget.ui.applyButton.click()  # now "Cancel"
     assert widget.ui.statusLabel.text == "Cancelling..."
-    runEventLoopUntil(slicerApp, lambda: not widget.jobs)
+    slicerApp.runEventLoopUntil(lambda: not widget.jobs)
     assert widget.results == [] and widget.ui.statusLabel.text.startswith("Cancelled by the user")
     assert widget.ui.applyButton.text == "Propagate"
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == segmentations
@@ -183,7 +138,7 @@ def test_failed_run_is_reported_and_leaves_nothing(scene, slicerApp, tmp_path, c
     ProtoSAM, module, widget = openModule(scene)
     selectInputs(widget, segmentation, [ids["liver"]])
     widget.ui.applyButton.click()
-    runEventLoopUntil(slicerApp, lambda: not widget.jobs)
+    slicerApp.runEventLoopUntil(lambda: not widget.jobs)
     assert widget.results == [] and "ProtoSAM failed" in caplog.text  # errorDisplay, logged in testing mode
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
     widget.cleanup()
@@ -205,7 +160,7 @@ def test_settings_weights_scene_close_and_quit(scene, slicerApp, monkeypatch):
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *args, **kwargs: True)
     widget.ui.downloadWeightsButton.click()
     assert widget.downloadJob is not None and widget.ui.applyButton.text == "Cancel"
-    runEventLoopUntil(slicerApp, lambda: widget.downloadJob is None)
+    slicerApp.runEventLoopUntil(lambda: widget.downloadJob is None)
     assert not widget.pollTimer.isActive()
     # A model choice is saved to the user's settings.
     widget.ui.presetComboBox.setCurrentIndex(widget.ui.presetComboBox.findData("paper"))
