@@ -296,9 +296,10 @@ CUSTOM_WIDGETS = {cls.__name__: cls for cls in (
 
 
 class QUiLoader(QtUiTools.QUiLoader):
-    """Slicer's ``qt.QUiLoader`` (Base/QTCore/qSlicerUtils / PythonQt's QUiLoader with Slicer's
-    designer plugins, which build the CTK and qMRML classes). The .ui <connections> between
-    those classes are made in Python after loading, as their signals carry Python objects."""
+    """``qt.QUiLoader`` in Slicer: PythonQt's wrapper of Qt's QUiLoader, which builds the CTK and
+    qMRML classes through their designer plugins (Libs/MRML/Widgets/DesignerPlugins, CTK's
+    Libs/Widgets/Plugins). The .ui <connections> between those classes are made in Python after
+    loading, as the stand-in signals carry Python objects."""
 
     def createWidget(self, className, parent=None, name=""):
         cls = CUSTOM_WIDGETS.get(className) or QT_CLASSES.get(className)
@@ -330,7 +331,9 @@ class QUiLoader(QtUiTools.QUiLoader):
 
 
 def _qtModule():
-    """Base/Python/qt.py (Slicer): QtCore, QtGui, QtWidgets and QUiLoader in one ``qt`` module."""
+    """The ``qt`` module of Slicer's Python: PythonQt's QtAll wrappers registered by CTK
+    (Libs/Scripting/Python/Core/ctkAbstractPythonManager.cpp, imported by Slicer's
+    Base/Python/slicerqt.py): QtCore, QtGui, QtWidgets and QUiLoader in one module."""
     module = types.ModuleType("qt")
     for source in (QtCore, QtGui, QtWidgets, QtUiTools):
         for name in dir(source):
