@@ -88,3 +88,45 @@ def tinyOptions(tinyModels):
     yield ProcessOptions(models=tinyModels, preset="default", device="cpu", autoExtent=False,
                          cacheBytes=256 * 1024 * 1024)
     shutdownAllWorkers()
+
+
+SLICER_MODULES = ("ProtoSAM", "SegmentEditorProtoSAM")
+
+
+def addSliceNode(scene, layoutName, orientation="Axial"):
+    """A slice view's node with the ID the application's layout gives it (vtkMRMLSliceNode<Name>)."""
+    slicer = requireSlicerCore()
+    node = slicer.vtkMRMLSliceNode()
+    node.SetSingletonTag(layoutName)
+    node.SetLayoutName(layoutName)
+    node.SetName(layoutName)
+    node.SetOrientation(orientation)
+    scene.AddNode(node)
+    return node
+
+
+@pytest.fixture
+def slicerApp(scene, tmp_path, tinyModels):
+    """The stand-in application (slicer_app_standins) with the user's settings choosing the tiny
+    models on the CPU, and a Red slice view. ProtoSAM's module files are imported afresh."""
+    import slicer_app_standins as standins
+
+    slicer = requireSlicerCore()
+    uninstall = standins.install(tmp_path / "settings")
+    for name in SLICER_MODULES:
+        sys.modules.pop(name, None)
+    import qt
+
+    settings = qt.QSettings()
+    for key, value in {"DINOv2": tinyModels.dinov2, "DINOv2Checkpoint": tinyModels.dinov2_checkpoint,
+                       "SAM": tinyModels.sam, "SAMCheckpoint": tinyModels.sam_checkpoint, "Device": "cpu"}.items():
+        settings.setValue("ProtoSAM/" + key, value)
+    settings.sync()
+    addSliceNode(scene, "Red")
+    try:
+        yield slicer.app
+    finally:
+        for name in SLICER_MODULES:
+            sys.modules.pop(name, None)
+        uninstall()
+
