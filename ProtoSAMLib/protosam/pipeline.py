@@ -324,8 +324,11 @@ class Engine:
         coarse_mask = np.zeros((count, height, width), np.uint8)
         final_mask = np.zeros((count, height, width), np.uint8)
         all_prompts: List[List[ComponentPrompt]] = [[] for _ in range(count)]
-        for start in range(0, count, self.batch_size):
+        start = 0
+        while start < count:
             _check_cancel(cancel)
+            # The batch size may shrink inside encode (out-of-memory retry): the next window
+            # starts right after this one, whatever size the following windows have.
             images = self.to_model_input(queries[start:start + self.batch_size])
             logits = self.coarse_logits(prototypes, self.encode(images))
             at_query_size = logits
@@ -345,6 +348,7 @@ class Engine:
                 final_mask[index] = self.to_slice_size(mask_s, (height, width))
                 if progress is not None:
                     progress(index + 1, count)
+            start += len(images)
         return SliceResults(coarse_prob, coarse_mask, final_mask, all_prompts)
 
     def _coarse_mask_only(self, logits: torch.Tensor) -> torch.Tensor:
