@@ -193,7 +193,8 @@ class Engine:
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """DINOv2 patch features ``[N, C, g, g]`` float32 (g >= 32) for ``[N, 3, S, S]`` images."""
+        """DINOv2 patch features ``[N, C, g, g]`` float32 (g >= 32) for ``[N, 3, S, S]`` images,
+        on ``self.device`` as it is when the call returns (the CPU after a GPU fallback)."""
         outputs = []
         start = 0
         while start < images.shape[0]:
@@ -205,7 +206,8 @@ class Engine:
                 continue
             outputs.append(features)
             start += batch.shape[0]
-        return torch.cat(outputs)
+        # After a GPU -> CPU fallback earlier batches are still on the GPU: gather on one device.
+        return torch.cat([features.to(self.device) for features in outputs])
 
     def _encode_batch(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.shape[-1] != self.encoder_input_size:

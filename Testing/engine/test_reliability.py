@@ -1,11 +1,13 @@
 """Engine behaviour under awkward inputs and faults: a correct result or a clear error."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
 from engine_helpers import blob_slice
-from protosam import Engine, InputError, ProtoSAMError, segment_volume
+from protosam import PRESETS, Engine, InputError, ProtoSAMError, segment_volume
 from protosam.io import read_volume
 from protosam.preprocessing import normalize_volume
 from protosam.validation import as_float_slices
@@ -66,6 +68,55 @@ def test_out_of_memory_in_segment_slices_still_fills_every_slice(tiny_models, mo
     # SAM's mask can only change where a rounding difference moved a prompt: here none did.
     assert [[p.box.tolist() for p in ps] for ps in result.prompts] == [[p.box.tolist() for p in ps] for ps in expected.prompts]
     np.testing.assert_array_equal(result.mask, expected.mask)
+
+
+class OnSimulatedGpu(torch.Tensor):
+    """A CPU tensor that behaves, for the calls ``Engine.encode`` makes, like one on a CUDA
+    device: ``.to("cuda")`` keeps it there, ``.to("cpu")`` gives a plain CPU tensor, and
+    ``torch.cat`` of it with CPU tensors fails as it does across real devices."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.cat and len({isinstance(t, cls) for t in args[0]}) > 1:
+            raise RuntimeError("Expected all tensors to be on the same device, but found cuda:0 and cpu (simulated)")
+        if func is torch.Tensor.to:
+            target = args[1] if len(args) > 1 else kwargs.get("device")
+            if isinstance(target, (str, torch.device)):
+                with torch._C.DisableTorchFunctionSubclass():
+                    plain = args[0].clone()
+                return plain.as_subclass(cls) if torch.device(target).type == "cuda" else plain
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_cuda_out_of_memory_fallback_to_the_cpu_inside_one_encode_call(tiny_models, monkeypatch):
+    """Batch 2 on a (simulated) GPU: the first batch succeeds there, then out of memory at 2
+    and at 1 slice: the engine moves to the CPU and returns all 4 slices' features on it."""
+    # fp32: the "GPU" batch must not ask for CUDA autocast (bf16), which needs a real GPU.
+    engine = Engine(tiny_models, preset=replace(PRESETS["default"], precision="fp32"), device="cpu", batch_size=2)
+    plain_images = engine.to_model_input(np.stack([blob_slice(64, seed=s)[0] for s in range(4)]))
+    real = engine._encode_batch
+    # The same encoder calls as the run below makes: [0, 1] together, then 2 and 3 alone.
+    expected = torch.cat([real(plain_images[0:2]), real(plain_images[2:3]), real(plain_images[3:4])])
+
+    calls = []
+
+    def gpu_then_out_of_memory(batch):
+        on_gpu = isinstance(batch, OnSimulatedGpu)
+        calls.append((batch.shape[0], on_gpu))
+        if not on_gpu:
+            return real(batch)
+        if len(calls) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(batch.to("cpu")).as_subclass(OnSimulatedGpu)
+
+    monkeypatch.setattr(engine, "_encode_batch", gpu_then_out_of_memory)
+    monkeypatch.setattr(engine, "device", torch.device("cuda"))
+    features = engine.encode(plain_images.as_subclass(OnSimulatedGpu))
+    assert calls == [(2, True), (2, True), (1, True), (1, False), (1, False)]
+    assert engine.device == torch.device("cpu") and engine.batch_size == 1
+    assert type(features) is torch.Tensor  # every output on the CPU, none left on the "GPU"
+    assert torch.equal(features, expected)
 
 
 def test_out_of_memory_at_one_slice_on_the_cpu_is_a_clear_error(engine, monkeypatch):
