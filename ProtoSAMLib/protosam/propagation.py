@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -198,7 +198,7 @@ def segment_volume(
         _prepare_structure(engine, key, mask, support_store, support_slices, same_volume, query.shape, (first, last))
         for key, mask in masks.items()
     ]
-    plans = [_plan(s, first, last, use_auto_extent) for s in structures]
+    plans = [_plan(s, first, last, use_auto_extent, same_volume) for s in structures]
     tracker = _Progress(sum(len(p.fixed) + len(p.up) + len(p.down) for p in plans), progress)
 
     def run_slice(index: int, active: List[Tuple[_Structure, "_Plan"]], upcoming: Sequence[int]) -> Dict[int, bool]:
@@ -221,7 +221,9 @@ def segment_volume(
     fixed_slices = sorted(set().union(*[p.fixed for p in plans]))
     for i, index in enumerate(fixed_slices):
         active = [(s, p) for s, p in zip(structures, plans) if index in p.fixed]
-        run_slice(index, active, fixed_slices[i + 1:])
+        found = run_slice(index, active, fixed_slices[i + 1:])
+        for position, (_, plan) in enumerate(active):
+            plan.fixed_found[index] = found[position]
     # Outward walks, all structures in one sweep per direction so slices are shared.
     for direction in ("up", "down"):
         _sweep(structures, plans, direction, run_slice, tracker, engine.preset.stop_after_empty)
@@ -250,6 +252,8 @@ class _Plan:
     alive: Dict[str, bool]
     empty_run: Dict[str, int]
     seen: Dict[str, bool]
+    # Fixed slice -> whether the structure was found there (filled as they are processed).
+    fixed_found: Dict[int, bool] = field(default_factory=dict)
 
 
 def _check_range(slice_range, count) -> Tuple[int, int]:
@@ -286,7 +290,9 @@ def _prepare_structure(engine, key, mask, support_store, support_slices, same_vo
     return _Structure(key, indices, sorted(prototypes), copied, prototypes, np.zeros(query_shape, np.uint8), [])
 
 
-def _plan(structure: _Structure, first: int, last: int, auto_extent: bool) -> _Plan:
+def _plan(structure: _Structure, first: int, last: int, auto_extent: bool, same_volume: bool) -> _Plan:
+    """Which slices a structure visits: ``fixed`` (between its seeds, or all without auto
+    extent) and the outward walks ``up`` / ``down`` (in walking order), within first..last."""
     low, high = min(structure.seeds), max(structure.seeds)
     if auto_extent:
         fixed = set(range(max(low, first), min(high, last) + 1))
@@ -295,15 +301,34 @@ def _plan(structure: _Structure, first: int, last: int, auto_extent: bool) -> _P
     else:
         fixed, up, down = set(range(first, last + 1)), [], []
     fixed -= set(structure.copied)
-    # Within one volume the structure is known to be present at its seeds.
-    seen = bool(structure.copied)
+    # Within one volume the structure is known to be present at its seeds, painted there,
+    # even when slice_range leaves them out; across volumes it must be found first.
+    seen = same_volume
     return _Plan(fixed, up, down, {"up": True, "down": True}, {"up": 0, "down": 0}, {"up": seen, "down": seen})
 
 
 def _sweep(structures, plans, direction, run_slice, tracker, stop_after: int) -> None:
-    """Walk all structures outwards in one direction, sharing each slice's encoders."""
+    """Walk all structures outwards in one direction, sharing each slice's encoders.
+
+    A walk continues the seed part: it starts with the presence seen on the fixed (and
+    painted) slices, in walking order, so a structure that ends at its seed stops after
+    ``stop_after`` empty slices instead of walking on to the end of the volume.
+    """
     step = 1 if direction == "up" else -1
     pending = {id(p): list(getattr(p, direction)) for p in plans}
+    for structure, plan in zip(structures, plans):
+        known = dict(plan.fixed_found)
+        known.update({index: True for index in structure.copied})
+        for index in sorted(known, reverse=(step < 0)):
+            if known[index]:
+                plan.seen[direction] = True
+                plan.empty_run[direction] = 0
+            elif plan.seen[direction]:
+                plan.empty_run[direction] += 1
+        if plan.empty_run[direction] >= stop_after:
+            plan.alive[direction] = False
+            tracker.advance(len(pending[id(plan)]))
+            pending[id(plan)] = []
     candidates = sorted(set().union(*[set(getattr(p, direction)) for p in plans]), reverse=(step < 0))
     for i, index in enumerate(candidates):
         active = []

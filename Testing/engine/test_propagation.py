@@ -158,6 +158,43 @@ def test_another_volume_starts_at_the_same_relative_position(transparent_engine)
     assert mask[:5].sum() == 0 and mask[24:].sum() == 0
 
 
+def _with_far_distractor(volume, index=26):
+    """A disc as bright as the structure, far from it: a walk that reaches it keeps it."""
+    volume = volume.copy()
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    volume[index] += 2.0 * ((yy - 20) ** 2 + (xx - 40) ** 2 <= 9**2)
+    return volume
+
+
+def test_auto_extent_stops_when_the_structure_ends_at_the_seed_across_volumes(transparent_engine):
+    """Across volumes the seed slice is processed like any other: finding the structure there
+    counts, so the upward walk stops 3 slices after the seed where the structure ends."""
+    support_volume, support_truth = _volume(seed=1)
+    query_volume, query_truth = _volume(seed=2, present=range(8, 15))  # ends at the seed, 14
+    query_volume = _with_far_distractor(query_volume)
+    result = segment_volume(transparent_engine, query_volume, support_volume, {"d": support_truth}, support_slices={"d": 14}, modality="none")
+    mask = result.masks["d"]
+    # Down: found on 13..8, absent on 7, 6, 5; up: absent on 15, 16, 17.
+    assert result.processed_slices["d"] == list(range(5, 18))
+    assert mask[26].sum() == 0 and mask[15:].sum() == 0 and mask[:8].sum() == 0
+    for k in range(8, 15):
+        assert _dice(mask[k], query_truth[k]) > 0.8, k
+
+
+def test_auto_extent_knows_the_painted_slice_even_outside_the_slice_range(transparent_engine):
+    """Painted on slice 20 where the structure ends, range 21..29: the structure is known to
+    be present at the seed, so the walk stops after 3 empty slices (not at the distractor)."""
+    volume, truth = _volume()
+    volume = _with_far_distractor(volume)
+    result = segment_volume(transparent_engine, volume, None, {"d": truth}, support_slices={"d": 20}, slice_range=(21, 29), modality="none")
+    assert result.processed_slices["d"] == [21, 22, 23]
+    assert result.masks["d"].sum() == 0
+    # The same from below: painted on 8 where it starts, range 0..7.
+    result = segment_volume(transparent_engine, volume, None, {"d": truth}, support_slices={"d": 8}, slice_range=(0, 7), modality="none")
+    assert result.processed_slices["d"] == [5, 6, 7]
+    assert result.masks["d"].sum() == 0
+
+
 def test_several_support_slices_are_all_kept_and_bound_the_fixed_part(transparent_engine):
     volume, truth = _volume()
     result = segment_volume(transparent_engine, volume, None, {"d": truth}, support_slices={"d": [10, 18]}, modality="none")
