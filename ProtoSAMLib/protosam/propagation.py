@@ -50,11 +50,25 @@ def largest_area_slice(mask: np.ndarray) -> int:
     return int(np.argmax(mask.reshape(mask.shape[0], -1).sum(axis=1)))
 
 
+# Host memory a run may use to keep a slice's encoder outputs for a later phase that visits it
+# again (the up and down walks of structures whose seeds differ overlap between the seeds).
+# 1 GiB holds ~90 slices of DINOv2 ViT-B features at 672 px (7 MiB) plus SAM ViT-B embeddings
+# (4 MiB); beyond it a slice is encoded again, as without keeping.
+KEEP_FOR_LATER_PHASES_BYTES = 2**30
+
+
+def _nbytes(tensor: Optional[torch.Tensor]) -> int:
+    return 0 if tensor is None else tensor.element_size() * tensor.nelement()
+
+
 class _SliceStore:
     """Per-run access to one volume's slices: model input, DINOv2 features, SAM embedding.
 
     Features are computed in batches along the walking direction and dropped once used,
-    so a run never holds features for the whole volume (the engine's bounded cache may).
+    unless a later phase of the run (see :meth:`expect`) visits the slice again: then they
+    are kept, in host memory and within ``KEEP_FOR_LATER_PHASES_BYTES``, so a run encodes
+    each slice once. A run never holds features for the whole volume (the engine's bounded
+    cache may).
     """
 
     def __init__(self, engine: Engine, volume: np.ndarray):
@@ -63,6 +77,8 @@ class _SliceStore:
         self.fingerprint = volume_fingerprint(volume) if engine.cache.max_bytes else ""
         self._features: Dict[int, torch.Tensor] = {}
         self._embeddings: Dict[int, torch.Tensor] = {}
+        self._phases: List[set] = []  # slices of the current phase, then of the later ones
+        self._kept: Dict[int, int] = {}  # slice -> bytes kept for a later phase
 
     def image(self, index: int) -> torch.Tensor:
         return self.engine.to_model_input(self.volume[index:index + 1])[0]
@@ -83,7 +99,8 @@ class _SliceStore:
                     self._features[k] = feats
                     if self.fingerprint:
                         self.engine.cache.put(("dinov2", self.fingerprint, k), feats)
-        return self._features[index]
+        # Kept features wait in host memory; no-op on the CPU.
+        return self._features[index].to(self.engine.device)
 
     def sam_embedding(self, index: int) -> torch.Tensor:
         if index not in self._embeddings:
@@ -96,7 +113,33 @@ class _SliceStore:
             self._embeddings[index] = cached
         return self._embeddings[index]
 
+    def expect(self, phases: Sequence[Sequence[int]]) -> None:
+        """The slices each phase of the run may visit, in run order (the first is current)."""
+        self._phases = [set(phase) for phase in phases]
+
     def release(self, index: int) -> None:
+        """Done with ``index`` in this phase: keep its outputs if a later phase visits it."""
+        if index in self._kept:
+            return
+        later = any(index in phase for phase in self._phases[1:])
+        size = _nbytes(self._features.get(index)) + _nbytes(self._embeddings.get(index))
+        if later and sum(self._kept.values()) + size <= KEEP_FOR_LATER_PHASES_BYTES:
+            for outputs in (self._features, self._embeddings):
+                if index in outputs:
+                    outputs[index] = outputs[index].to("cpu")
+            self._kept[index] = size
+            return
+        self._drop(index)
+
+    def end_phase(self) -> None:
+        """The current phase is over: drop what no remaining phase visits."""
+        self._phases = self._phases[1:]
+        for index in list(self._kept):
+            if not any(index in phase for phase in self._phases):
+                self._drop(index)
+
+    def _drop(self, index: int) -> None:
+        self._kept.pop(index, None)
         self._features.pop(index, None)
         self._embeddings.pop(index, None)
 
@@ -219,14 +262,17 @@ def segment_volume(
 
     # Slices every structure must visit (between its seeds, or everything without auto extent).
     fixed_slices = sorted(set().union(*[p.fixed for p in plans]))
+    query_store.expect([fixed_slices] + [set().union(*[getattr(p, d) for p in plans]) for d in ("up", "down")])
     for i, index in enumerate(fixed_slices):
         active = [(s, p) for s, p in zip(structures, plans) if index in p.fixed]
         found = run_slice(index, active, fixed_slices[i + 1:])
         for position, (_, plan) in enumerate(active):
             plan.fixed_found[index] = found[position]
+    query_store.end_phase()
     # Outward walks, all structures in one sweep per direction so slices are shared.
     for direction in ("up", "down"):
         _sweep(structures, plans, direction, run_slice, tracker, engine.preset.stop_after_empty)
+        query_store.end_phase()
     tracker.finish()
 
     results = {}

@@ -243,6 +243,79 @@ def test_long_volumes_only_cost_the_structure_s_extent(transparent_engine):
     assert result.masks["d"][:590].sum() == 0 and result.masks["d"][620:].sum() == 0
 
 
+def _count_encoded_slices(engine, volume):
+    """Count, per slice of ``volume``, the images the real DINOv2 and SAM image encoders see."""
+    from collections import Counter
+
+    references = engine.to_model_input(volume)
+    counts = {"dinov2": Counter(), "sam": Counter()}
+    model_images = {"dinov2": 0, "sam": 0}
+
+    def which(image):
+        return int(torch.stack([(image - r).abs().max() for r in references]).argmin())
+
+    encode, sam_embedding = engine.encode, engine.sam_embedding
+    patch_features, sam_encoder = engine.encoder.patch_features, engine.refiner.sam.image_encoder.forward
+
+    def counting_encode(images):
+        counts["dinov2"].update(which(image) for image in images)
+        return encode(images)
+
+    def counting_sam_embedding(image):
+        counts["sam"][which(image)] += 1
+        return sam_embedding(image)
+
+    def counting_patch_features(images):
+        model_images["dinov2"] += images.shape[0]
+        return patch_features(images)
+
+    def counting_sam_encoder(images):
+        model_images["sam"] += images.shape[0]
+        return sam_encoder(images)
+
+    engine.encode, engine.sam_embedding = counting_encode, counting_sam_embedding
+    engine.encoder.patch_features = counting_patch_features
+    engine.refiner.sam.image_encoder.forward = counting_sam_encoder
+    return counts, model_images
+
+
+def test_overlapping_walks_of_several_structures_encode_each_slice_once(tiny_models, monkeypatch):
+    """3 structures painted on slices 1, 4, 7 of a 9-slice volume: the up walks of the lower
+    ones and the down walks of the upper ones cross slices 2-6. Each slice still goes once
+    through DINOv2 and at most once through SAM (real tiny encoders, counted); without room to
+    keep them (bound 0) those slices are encoded again, with the same masks."""
+    from dataclasses import replace
+
+    from protosam import PRESETS
+    from protosam import propagation
+
+    volume, truth = _volume()
+    volume, truth = volume[8:17], truth[8:17]  # the structure is on every slice
+    seeds = {"a": 1, "b": 4, "c": 7}
+    # Walks that do not stop, so the crossing is certain whatever the random models find.
+    preset = replace(PRESETS["default"], stop_after_empty=len(volume))
+    default_bound = propagation.KEEP_FOR_LATER_PHASES_BYTES
+    runs = {}
+    for bound in (default_bound, 0):
+        monkeypatch.setattr(propagation, "KEEP_FOR_LATER_PHASES_BYTES", bound)
+        engine = Engine(tiny_models, preset=preset, device="cpu")
+        counts, model_images = _count_encoded_slices(engine, volume)
+        result = segment_volume(engine, volume, None, {k: truth for k in seeds}, support_slices=seeds, modality="none")
+        runs[bound] = result, counts, model_images
+    result, counts, model_images = runs[default_bound]
+    assert set(range(2, 7)) <= set(result.processed_slices["a"]) & set(result.processed_slices["c"])
+    assert sorted(counts["dinov2"]) == list(range(9)) and set(counts["dinov2"].values()) == {1}
+    assert counts["sam"] and set(counts["sam"].values()) == {1}
+    assert model_images == {"dinov2": 9, "sam": sum(counts["sam"].values())}
+
+    unbounded, counts_0, model_images_0 = runs[0]
+    assert {k for k, n in counts_0["dinov2"].items() if n > 1} == set(range(2, 7))
+    assert model_images_0["dinov2"] == 9 + 5
+    # Every encoder call ran one slice in both runs (batch 1 on a CPU): the same bits.
+    for key in seeds:
+        np.testing.assert_array_equal(result.masks[key], unbounded.masks[key])
+
+
 def test_real_tiny_models_end_to_end(tiny_models):
     engine = Engine(tiny_models, preset="default", device="cpu")
     volume, truth = _volume()
