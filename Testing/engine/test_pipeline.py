@@ -1,6 +1,7 @@
 """The slice-level engine: fidelity to the published flow, shapes, presets, errors."""
 from dataclasses import replace
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -62,12 +63,38 @@ def test_outputs_come_back_at_each_query_size(paper_engine):
     assert len(result.prompts) == 3
 
 
-def test_coarse_only_skips_sam_and_returns_the_coarse_mask(tiny_models, monkeypatch):
-    engine = Engine(tiny_models, preset="paper", device="cpu")
+def _opencv_heaviest_component(prob, mask):
+    """Independent CCA: OpenCV's components, the one with the largest probability mass (first on ties)."""
+    count, labels, _, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    masses = [prob[labels == k].astype(np.float64).sum() for k in range(1, count)]
+    return (labels == 1 + int(np.argmax(masses))).astype(np.uint8)
+
+
+@pytest.mark.parametrize("cca", [False, True])
+def test_coarse_only_mask_is_the_coarse_mask_at_the_query_size(tiny_models, monkeypatch, cca):
+    """Queries of another size than S (150 x 130 against 112): ``coarse_mask`` is the argmax of
+    the logits resized bilinearly to 150 x 130 (checked against the probabilities), and the
+    coarse-only ``mask`` is that same mask, or with CCA its heaviest OpenCV component."""
+    engine = Engine(tiny_models, preset="paper", device="cpu", cca=cca)
     monkeypatch.setattr(engine.refiner, "embed", lambda *a, **k: pytest.fail("SAM must not run"))
-    support, mask, queries = _slices(112)
+    support, mask, _ = _slices(112)
+    first, _ = blob_slice(150, center=(70, 60), radius=30, seed=4)
+    second, _ = blob_slice(150, center=(45, 40), radius=24, seed=5)
+    second += 2.0 * blob_slice(150, center=(115, 100), radius=12, seed=6)[1]  # a second structure
+    queries = np.stack([first[:, :130], second[:, :130]])
     result = engine.segment_slices(support, mask, queries, coarse_only=True)
-    np.testing.assert_array_equal(result.mask, result.coarse_mask)
+    assert result.coarse_prob.shape == result.mask.shape == (2, 150, 130)
+    # Two classes: argmax is foreground exactly where its probability is above one half,
+    # up to the rounding of a softmax output (pixels within 1e-6 of 0.5 are not checked).
+    decided = np.abs(result.coarse_prob - 0.5) > 1e-6
+    np.testing.assert_array_equal(result.coarse_mask[decided], (result.coarse_prob > 0.5)[decided])
+    for index in range(2):
+        coarse = result.coarse_mask[index]
+        assert coarse.any()
+        expected = _opencv_heaviest_component(result.coarse_prob[index], coarse) if cca else coarse
+        np.testing.assert_array_equal(result.mask[index], expected)
+    if cca:
+        assert (result.mask != result.coarse_mask).any(), "test case should have several components"
 
 
 def test_sam_is_not_run_when_the_coarse_mask_is_empty(paper_engine):
