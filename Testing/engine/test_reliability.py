@@ -128,26 +128,63 @@ def test_out_of_memory_at_one_slice_on_the_cpu_is_a_clear_error(engine, monkeypa
         engine.encode(engine.to_model_input(blob_slice(64)[0][None]))
 
 
+def _slice_level_masks(engine, query, support, support_mask, support_slice, indices, modality):
+    """What segment_volume must give on ``indices``: the slice-level engine on the same
+    preprocessed slices with the one support slice (same steps, one slice per call: the
+    same bits by construction)."""
+    query = normalize_volume(as_float_slices(query, "query", 3), modality)
+    support = normalize_volume(as_float_slices(support, "support", 3), modality)
+    return {
+        k: engine.segment_slices(support[support_slice], support_mask[support_slice], query[k:k + 1]).mask[0]
+        for k in indices
+    }
+
+
+def _assert_is_slice_level_result(engine, result, query, support, support_mask, support_slice, modality, painted=()):
+    mask = result.masks["d"]
+    processed = result.processed_slices["d"]
+    assert processed, "nothing was processed"
+    expected = _slice_level_masks(engine, query, support, support_mask, support_slice, processed, modality)
+    for k in range(mask.shape[0]):
+        if k in painted:
+            np.testing.assert_array_equal(mask[k], support_mask[k])
+        elif k in expected:
+            np.testing.assert_array_equal(mask[k], expected[k], err_msg=f"slice {k}")
+        else:
+            assert not mask[k].any(), f"slice {k} was not processed but is not empty"
+
+
 def test_single_slice_volumes(engine):
     image, mask = blob_slice(64)
     same = segment_volume(engine, image[None], None, {"d": mask[None]}, modality="mri")
     np.testing.assert_array_equal(same.masks["d"][0], mask)
+    assert same.processed_slices["d"] == []
     other = segment_volume(engine, image[None] + 0.1, image[None], {"d": mask[None]}, modality="mri")
     assert other.processed_slices["d"] == [0] and other.masks["d"].shape == (1, 64, 64)
+    _assert_is_slice_level_result(engine, other, image[None] + 0.1, image[None], mask[None], 0, "mri")
 
 
 def test_support_and_target_of_different_sizes(engine):
     support, mask = blob_slice(64)
     target = np.stack([blob_slice(90, center=(40, 50), radius=14, seed=s)[0] for s in range(3)])
-    result = segment_volume(engine, target, np.stack([support] * 3), {"d": np.stack([mask] * 3)}, support_slices={"d": 1}, modality="mri")
+    support_volume, support_masks = np.stack([support] * 3), np.stack([mask] * 3)
+    result = segment_volume(engine, target, support_volume, {"d": support_masks}, support_slices={"d": 1}, modality="mri")
     assert result.masks["d"].shape == target.shape
+    _assert_is_slice_level_result(engine, result, target, support_volume, support_masks, 1, "mri")
 
 
 def test_integer_and_extreme_intensity_volumes(engine):
     image, mask = blob_slice(64)
     ct = (np.stack([image] * 4) * 400 - 1000).astype(np.int16)  # HU-like integers
-    result = segment_volume(engine, ct, None, {"d": np.stack([mask] * 4)}, modality="auto", support_slices={"d": 2})
+    masks = np.stack([mask] * 4)
+    result = segment_volume(engine, ct, None, {"d": masks}, modality="auto", support_slices={"d": 2})
     assert result.masks["d"].dtype == np.uint8
+    # Integers are read as the same values in float32 (exact below 2**24): the same result.
+    as_float = segment_volume(engine, ct.astype(np.float32), None, {"d": masks}, modality="auto", support_slices={"d": 2})
+    np.testing.assert_array_equal(result.masks["d"], as_float.masks["d"])
+    assert result.processed_slices == as_float.processed_slices
+    # "auto" took these for CT (integers below -500 HU): clipped to [-125, 275], z-scored.
+    _assert_is_slice_level_result(engine, result, ct, ct, masks, 2, "ct", painted=(2,))
     huge = np.stack([image] * 2).astype(np.float64) * 1e30
     normalized = normalize_volume(as_float_slices(huge, "v", 3), "mri")
     assert np.isfinite(normalized).all() and abs(float(normalized.mean())) < 1e-3
@@ -157,11 +194,15 @@ def test_integer_and_extreme_intensity_volumes(engine):
         normalize_volume(np.zeros((2, 4, 4), np.float32), "mri")
 
 
-def test_constant_support_slice_does_not_crash(engine):
+def test_constant_support_slice_gives_the_slice_level_result(engine):
+    """A support slice of one intensity (all-zero features contrast): prototypes still form
+    (no NaN) and every processed slice gets the slice-level engine's mask."""
     image, mask = blob_slice(64)
     volume = np.stack([image, np.zeros_like(image), image])
-    result = segment_volume(engine, volume, None, {"d": np.stack([mask] * 3)}, support_slices={"d": 1}, modality="none")
+    masks = np.stack([mask] * 3)
+    result = segment_volume(engine, volume, None, {"d": masks}, support_slices={"d": 1}, modality="none")
     assert result.masks["d"].shape == volume.shape
+    _assert_is_slice_level_result(engine, result, volume, volume, masks, 1, "none", painted=(1,))
 
 
 def test_rgb_volumes_are_refused_with_advice(tmp_path):
