@@ -132,9 +132,10 @@ class _SliceStore:
         self._drop(index)
 
     def end_phase(self) -> None:
-        """The current phase is over: drop what no remaining phase visits."""
+        """The current phase is over: drop what no remaining phase visits (kept slices, and
+        slices encoded ahead for a walk that stopped before reaching them)."""
         self._phases = self._phases[1:]
-        for index in list(self._kept):
+        for index in set(self._features) | set(self._embeddings):
             if not any(index in phase for phase in self._phases):
                 self._drop(index)
 
