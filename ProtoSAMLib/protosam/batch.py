@@ -23,6 +23,7 @@ loaded once); :mod:`protosam.batch_ray` runs the same rows on a Ray cluster.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import hashlib
 import json
@@ -38,7 +39,6 @@ import numpy as np
 from . import __version__
 from .cli import ProgressBar, add_model_options, engine_from_args, propagate_labels, read_segment_inputs
 from .errors import InputError, ProtoSAMError
-from .io import atomic_output, read_volume, write_labelmap
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,9 @@ MANIFEST_COLUMNS = ("image", "output", "support_image", "support_mask")
 SIDECAR_SUFFIX = ".protosam.json"
 SIDECAR_FORMAT = 1
 HASH_BLOCK = 1 << 20
+# Support volumes kept in memory by the driver (rows usually share one; a few cover
+# manifests that alternate between supports).
+SUPPORT_FILES_KEPT = 4
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,8 @@ def save_result(job: BatchJob, labelmap: np.ndarray, reference, parameters: dict
     A crash between the two leaves a sidecar that does not match the new output's hash, so
     the row is redone; it never leaves a half-written file.
     """
+    from .io import atomic_output, write_labelmap
+
     job.output.parent.mkdir(parents=True, exist_ok=True)
     write_labelmap(labelmap, reference, job.output)
     values, counts = np.unique(labelmap[labelmap > 0], return_counts=True)
@@ -232,21 +237,27 @@ def save_result(job: BatchJob, labelmap: np.ndarray, reference, parameters: dict
 
 # ----------------------------------------------------------------------------- reading
 class SupportReader:
-    """``read(path, what)`` for :func:`read_segment_inputs` that reads each support file once.
+    """``read(path, what)`` for :func:`read_segment_inputs` that reads a shared support file once.
 
     Target images are read every time (each row has its own); support files are usually
-    shared by every row, so their arrays are kept for the whole run.
+    shared by every row, so the last :data:`SUPPORT_FILES_KEPT` are kept (a bound, for
+    manifests where every row has its own support mask).
     """
 
     def __init__(self):
-        self._volumes: Dict[str, tuple] = {}
+        self._volumes: "collections.OrderedDict[str, tuple]" = collections.OrderedDict()
 
     def __call__(self, path, what: str):
+        from .io import read_volume
+
         if what == "image":
             return read_volume(path, what)
         key = f"{what}:{os.path.abspath(path)}"
         if key not in self._volumes:
             self._volumes[key] = read_volume(path, what)
+            while len(self._volumes) > SUPPORT_FILES_KEPT:
+                self._volumes.popitem(last=False)
+        self._volumes.move_to_end(key)
         return self._volumes[key]
 
 
@@ -276,6 +287,8 @@ def default_summary_path(manifest) -> Path:
 
 def write_summary(path, outcomes: Iterable[JobOutcome]) -> None:
     """CSV, one line per row: row, image, output, status, seconds, attempts, voxels_<label>..., error."""
+    from .io import atomic_output
+
     outcomes = sorted(outcomes, key=lambda o: o.job.row)
     labels = sorted({label for o in outcomes for label in o.voxels})
     fields = ["row", "image", "output", "status", "seconds", "attempts", *[f"voxels_{l}" for l in labels], "error"]

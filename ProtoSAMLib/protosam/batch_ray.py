@@ -28,7 +28,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional
 
-from .batch import BatchJob, JobOutcome, PendingJob, Report, SupportReader, failed_outcome, read_job, save_result
+from .batch import (
+    SUPPORT_FILES_KEPT, BatchJob, JobOutcome, PendingJob, Report, SupportReader, failed_outcome, read_job, save_result,
+)
 from .cli import SegmentInputs, engine_from_args, propagate_labels
 from .errors import InputError, ProtoSAMError
 
@@ -39,8 +41,6 @@ __all__ = ["run_on_ray", "BatchWorker", "MAX_ATTEMPTS", "IN_FLIGHT_PER_WORKER"]
 MAX_ATTEMPTS = 3
 IN_FLIGHT_PER_WORKER = 2
 DEFAULT_CPUS_PER_CPU_WORKER = 4
-# How many support arrays the driver keeps in the object store (rows usually share one).
-SUPPORT_REFS_KEPT = 4
 # Engine options an actor needs (those of cli.add_model_options).
 MODEL_OPTIONS = (
     "dinov2", "dinov2_checkpoint", "sam", "sam_checkpoint", "input_size", "preset", "cca", "device", "batch_size",
@@ -119,7 +119,7 @@ def _plan_workers(ray, args: argparse.Namespace, wanted: int):
         options, device = {"num_cpus": cpus}, "cpu"
     if count < 1:
         raise InputError(
-            f"No node of the Ray cluster has {cpus} free CPU(s){' beside a GPU' if use_gpu else ''} "
+            f"No node of the Ray cluster has {cpus} CPU(s){' beside a GPU' if use_gpu else ''} "
             f"(largest: {largest}); lower --ray-cpus-per-worker."
         )
     return min(count, wanted), cpus, options, device
@@ -174,7 +174,7 @@ class _Scheduler:
     def _shared_ref(self, key: str, array):
         if key not in self.support_refs:
             self.support_refs[key] = self.ray.put(array)
-            while len(self.support_refs) > SUPPORT_REFS_KEPT:
+            while len(self.support_refs) > SUPPORT_FILES_KEPT:
                 self.support_refs.popitem(last=False)
         self.support_refs.move_to_end(key)
         return self.support_refs[key]

@@ -189,6 +189,38 @@ def test_ray_missing_gives_install_advice(monkeypatch):
         import_ray()
 
 
+class _Cluster:
+    """What :func:`protosam.batch_ray._plan_workers` reads of Ray: the nodes' resources."""
+
+    def __init__(self, *resources):
+        self.resources = resources
+
+    def nodes(self):
+        return [{"Alive": True, "Resources": dict(r)} for r in self.resources] + [{"Alive": False, "Resources": {"GPU": 8}}]
+
+
+def test_ray_workers_one_per_gpu_or_per_n_cpus():
+    from argparse import Namespace
+
+    from protosam.batch_ray import _plan_workers
+
+    def plan(cluster, device="auto", cpus=None, wanted=100):
+        return _plan_workers(cluster, Namespace(device=device, ray_cpus_per_worker=cpus), wanted)
+
+    gpu_cluster = _Cluster({"CPU": 16, "GPU": 4}, {"CPU": 2, "GPU": 2}, {"CPU": 32})
+    assert plan(gpu_cluster) == (6, 1, {"num_gpus": 1, "num_cpus": 1}, "cuda")
+    assert plan(gpu_cluster, cpus=2) == (5, 2, {"num_gpus": 1, "num_cpus": 2}, "cuda")  # the 2-CPU node fits one
+    assert plan(gpu_cluster, wanted=3)[0] == 3  # never more actors than volumes
+    assert plan(gpu_cluster, device="cpu") == (12, 4, {"num_cpus": 4}, "cpu")
+    cpu_cluster = _Cluster({"CPU": 2}, {"CPU": 3})
+    assert plan(cpu_cluster) == (1, 3, {"num_cpus": 3}, "cpu")
+    assert plan(cpu_cluster, cpus=1) == (5, 1, {"num_cpus": 1}, "cpu")
+    with pytest.raises(InputError, match="no GPU"):
+        plan(cpu_cluster, device="cuda")
+    with pytest.raises(InputError, match="lower --ray-cpus-per-worker"):
+        plan(cpu_cluster, cpus=8)
+
+
 # ----------------------------------------------------------------------------- on Ray
 @pytest.fixture(scope="session")
 def ray_instance():
