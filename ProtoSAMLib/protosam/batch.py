@@ -37,7 +37,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from . import __version__
-from .cli import ProgressBar, add_model_options, engine_from_args, propagate_labels, read_segment_inputs
+from .cli import ProgressBar, _parse_labels, add_model_options, engine_from_args, propagate_labels, read_segment_inputs
 from .errors import InputError, ProtoSAMError
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class RunParameters:
                 "input_size": args.input_size,
             },
             "preset": asdict(get_preset(args.preset, cca=args.cca)),
-            "labels": args.labels or "all",
+            "labels": _parse_labels(args.labels) or "all",  # in order: the first listed wins overlaps
             "axis": args.axis,
             "modality": args.modality,
             "support_slice": args.support_slice,
@@ -185,7 +185,7 @@ class RunParameters:
         return self._hashes[key]
 
     def for_job(self, job: BatchJob) -> dict:
-        """The job's full parameters; hashes each file once per run. Raises InputError if one is missing."""
+        """The job's full parameters (support files hashed once per run). InputError if a file is missing."""
         if not job.image.is_file():
             raise InputError(f"The image file does not exist: {job.image}")
         return dict(

@@ -232,13 +232,12 @@ class _Scheduler:
                 elif worker.in_flight:
                     task, ref = worker.in_flight[0]  # each actor finishes its rows in order
                     waiting[ref] = (worker, task)
-            if not waiting:
-                if self.queue and not self.workers:
-                    for task in self.queue:
-                        self.report(failed_outcome(task.job, ProtoSAMError(
-                            "Not run: every Ray worker was lost; see the Ray logs."), attempts=task.losses))
-                    self.queue.clear()
-                continue
+            if not waiting:  # rows left but no worker (every one lost, no replacement left)
+                for task in self.queue:
+                    self.report(failed_outcome(task.job, ProtoSAMError(
+                        "Not run: every Ray worker was lost; see the Ray logs."), attempts=task.losses))
+                self.queue.clear()
+                break
             ready, _ = ray.wait(list(waiting), num_returns=1)
             worker, task = waiting[ready[0]]
             try:
@@ -264,7 +263,13 @@ def run_on_ray(pending: List[PendingJob], args: argparse.Namespace, report: Repo
     ray = import_ray()
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=args.ray or None, logging_level=logging.WARNING)
+        try:
+            ray.init(address=args.ray or None, logging_level=logging.WARNING)
+        except ConnectionError as error:
+            raise ProtoSAMError(
+                f"Could not reach the Ray cluster at {args.ray or 'this machine'}: {error} Start it with "
+                "'ray start --head' (and 'ray start --address=HEAD:6379' on each worker node), or check --ray ADDRESS."
+            ) from error
     scheduler = None
     try:
         scheduler = _Scheduler(ray, args, pending, report)

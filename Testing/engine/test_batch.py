@@ -189,6 +189,23 @@ def test_ray_missing_gives_install_advice(monkeypatch):
         import_ray()
 
 
+def test_unreachable_ray_cluster_gives_advice(monkeypatch):
+    from argparse import Namespace
+
+    import ray
+
+    from protosam.batch_ray import run_on_ray
+
+    def no_cluster(**_):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    # Ray's own answer to `--ray auto` without a cluster, without depending on this machine's state.
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    with pytest.raises(ProtoSAMError, match="ray start --head"):
+        run_on_ray([], Namespace(ray="auto"), lambda outcome: None)
+
+
 class _Cluster:
     """What :func:`protosam.batch_ray._plan_workers` reads of Ray: the nodes' resources."""
 
