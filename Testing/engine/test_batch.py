@@ -76,12 +76,13 @@ def _manifest(path, rows):
     return path
 
 
-def _batch(manifest, folder, models, *extra):
+def _batch(manifest, folder, models, *extra, summary=None):
     code = main([
         "batch", "--manifest", str(manifest), "--support-image", str(folder / "support.nii.gz"),
         "--support-mask", str(folder / "support_labels.nii.gz"), *_model_args(models), *extra,
+        *(["--summary", str(summary)] if summary else []),
     ])
-    with open(manifest.with_name(f"{manifest.stem}.summary.csv"), newline="") as stream:
+    with open(summary or manifest.with_name(f"{manifest.stem}.summary.csv"), newline="") as stream:
         return code, {int(row["row"]): row for row in csv.DictReader(stream)}
 
 
@@ -159,7 +160,7 @@ def test_local_batch_matches_segment_resumes_and_reports_bad_rows(cohort, tiny_m
     assert _mtimes([outputs[0], outputs[2]]) == [before[0], before[2]]
 
     # A changed option changes every row's parameters: all are redone.
-    code, summary = _batch(manifest, folder, tiny_models, "--labels", str(chosen[0]))
+    code, summary = _batch(manifest, folder, tiny_models, "--labels", str(chosen[0]), summary=tmp_path / "s" / "run.csv")
     assert [summary[r]["status"] for r in range(1, 4)] == ["done"] * 3
     for output in outputs:
         assert set(np.unique(_labels(output))) <= {0, chosen[0]}
