@@ -217,7 +217,6 @@ def save_result(job: BatchJob, labelmap: np.ndarray, reference, parameters: dict
     """
     from .io import atomic_output, write_labelmap
 
-    job.output.parent.mkdir(parents=True, exist_ok=True)
     write_labelmap(labelmap, reference, job.output)
     values, counts = np.unique(labelmap[labelmap > 0], return_counts=True)
     voxels = {int(v): int(c) for v, c in zip(values, counts)}
@@ -262,10 +261,15 @@ class SupportReader:
 
 
 def read_job(job: BatchJob, args: argparse.Namespace, reader: SupportReader):
-    """(:class:`SegmentInputs`, the target's sitk header) for one row; InputError when unusable."""
-    resolved = {os.path.abspath(p) for p in (job.image, job.support_mask, job.support_image) if p is not None}
-    if os.path.abspath(job.output) in resolved:
-        raise InputError(f"Row {job.row} would overwrite one of its inputs with its output {job.output}.")
+    """(:class:`SegmentInputs`, the target's sitk header) for one row; InputError when unusable.
+
+    ``segment``'s own file checks first (inputs exist, the output is a label-map format and
+    overwrites no input); the output's folder is created.
+    """
+    from .io import check_segment_paths
+
+    job.output.parent.mkdir(parents=True, exist_ok=True)
+    check_segment_paths(job.image, job.support_mask, job.output, job.support_image)
     return read_segment_inputs(
         job.image, job.support_mask, support_image=job.support_image, labels=args.labels, plane=args.axis, read=reader
     )

@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional, Sequence, TextIO
 
 import numpy as np
@@ -109,8 +108,12 @@ def _pad_prompts(prompts_per_query):
 
 
 def cmd_slices(args) -> int:
-    from .io import save_npz_atomic
+    from .io import check_input_file, check_output_file, save_npz_atomic
 
+    inputs = {"--support-image": args.support_image, "--support-mask": args.support_mask, "--queries": args.queries}
+    for option, path in inputs.items():
+        check_input_file(path, option)
+    check_output_file(args.out, "--out", inputs)
     support_image = _load_npy(args.support_image, "support image")
     support_mask = _load_npy(args.support_mask, "support mask")
     queries = _load_npy(args.queries, "queries")
@@ -161,26 +164,25 @@ def read_segment_inputs(image, support_mask, *, support_image=None, labels: Opti
                         plane: str = "auto", read=None):
     """Read and check the volumes of a ``segment`` job -> (:class:`SegmentInputs`, the image's sitk header).
 
-    ``labels``: comma-separated text as typed (None: every label of the mask). ``read(path, what)``
-    replaces :func:`protosam.io.read_volume` (``protosam batch`` reuses one support that way).
+    No torch import. ``labels``: comma-separated text as typed (None: every label of the mask).
+    ``read(path, what)`` replaces :func:`protosam.io.read_volume` (``protosam batch`` reuses one
+    support that way). The file checks of :func:`protosam.io.check_segment_paths` come first.
     """
-    from .io import check_same_geometry, read_volume, slice_axis_for_plane
+    from .io import MAX_LABEL_VALUE, check_same_geometry, read_volume, same_file, slice_axis_for_plane
+    from .validation import support_labels
 
     read = read or read_volume
+    requested = _parse_labels(labels)
     query, query_image = read(image, "image")
-    same = support_image is None or Path(support_image).resolve() == Path(image).resolve()
+    same = support_image is None or same_file(support_image, image)
     support, support_header = (query, query_image) if same else read(support_image, "support image")
     labelmap, labelmap_image = read(support_mask, "support mask")
     check_same_geometry(support_header, labelmap_image, "support image", "support mask")
-    if np.issubdtype(labelmap.dtype, np.floating) and not np.array_equal(labelmap, np.round(labelmap)):
-        raise InputError("The support mask must be a label map of whole numbers (0 = background).")
-    present = sorted(int(v) for v in np.unique(labelmap) if v > 0)
-    chosen = _parse_labels(labels) or present
-    if not present:
-        raise InputError(f"The support mask {support_mask} is empty: paint the structure first.")
-    missing = [label for label in chosen if label not in present]
-    if missing:
-        raise InputError(f"Label(s) {missing} do not occur in {support_mask}; it contains {present}.")
+    chosen = support_labels(
+        labelmap, requested, mask_option="--support-mask", mask_path=support_mask,
+        image_option="--image" if support_image is None else "--support-image",
+        max_value=MAX_LABEL_VALUE, image_values=lambda: np.unique(support),
+    )
     axis = slice_axis_for_plane(query_image, plane)
     if not same:
         support_axis = slice_axis_for_plane(support_header, plane)
@@ -194,7 +196,11 @@ def read_segment_inputs(image, support_mask, *, support_image=None, labels: Opti
 
 def propagate_labels(engine, inputs: SegmentInputs, *, support_slice: Optional[int] = None, modality: str = "auto",
                      progress=None, cancel: Optional[threading.Event] = None):
-    """Propagate every label of ``inputs`` -> (``[k, j, i]`` uint8/uint16 label map, :class:`VolumeResult`)."""
+    """Propagate every label of ``inputs`` -> (``[k, j, i]`` uint8/uint16 label map, :class:`VolumeResult`).
+
+    Where labels overlap the one listed first keeps the voxel; within one volume the painted
+    support slices are kept exactly as painted.
+    """
     from .propagation import segment_volume
 
     labels, labelmap, axis = inputs.labels, inputs.labelmap, inputs.axis
@@ -220,8 +226,11 @@ def propagate_labels(engine, inputs: SegmentInputs, *, support_slice: Optional[i
 
 
 def cmd_segment(args) -> int:
-    from .io import write_labelmap
+    # Everything that can be checked without the models is checked first, without importing
+    # torch (seconds): files, output place, labels. Only then are the models loaded.
+    from .io import check_segment_paths, write_labelmap
 
+    check_segment_paths(args.image, args.support_mask, args.output, args.support_image, args.report)
     inputs, query_image = read_segment_inputs(
         args.image, args.support_mask, support_image=args.support_image, labels=args.labels, plane=args.axis
     )
@@ -232,18 +241,22 @@ def cmd_segment(args) -> int:
         progress=ProgressBar("segment"), cancel=cancel,
     )
     write_labelmap(output, query_image, args.output)
-    if args.report:
-        from .evaluation.pictures import axial_display_flips
-        from .evaluation.report import write_segment_report
+    try:
+        if args.report:
+            from .evaluation.pictures import axial_display_flips
+            from .evaluation.report import write_segment_report
 
-        Path(args.report).mkdir(parents=True, exist_ok=True)
-        axis = inputs.axis
-        flip_rows, flip_cols = axial_display_flips(query_image.GetDirection()) if axis == 0 else (False, False)
-        write_segment_report(
-            args.report, query=inputs.query, labels=output, axis=axis, result=result, support=inputs.support,
-            support_labels={label: inputs.labelmap == label for label in inputs.labels},
-            flip_rows=flip_rows, flip_cols=flip_cols,
-        )
+            axis = inputs.axis
+            flip_rows, flip_cols = axial_display_flips(query_image.GetDirection()) if axis == 0 else (False, False)
+            write_segment_report(
+                args.report, query=inputs.query, labels=output, axis=axis, result=result, support=inputs.support,
+                support_labels={label: inputs.labelmap == label for label in inputs.labels},
+                flip_rows=flip_rows, flip_cols=flip_cols,
+            )
+    except KeyboardInterrupt:
+        print(f"protosam: interrupted while writing the report; {args.output} was written, "
+              f"the report in {args.report} is incomplete.", file=sys.stderr)
+        return 130
     for label in inputs.labels:
         print(f"label {label}: {int(result.masks[label].sum())} voxels on {len(result.processed_slices[label])} "
               f"processed slices (support slice {result.support_slices[label]})")

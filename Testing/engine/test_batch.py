@@ -14,6 +14,9 @@ import torch
 from protosam.batch import SIDECAR_SUFFIX, read_manifest
 from protosam.cli import main
 from protosam.errors import InputError, ProtoSAMError
+from required_modules import require_module
+
+RAY_INSTALL = "pip install -e 'ProtoSAMLib[ray]' (in ProtoSAMLib[test])"
 
 SUPPORT_SLAB = (28, 32)  # axial slices of the 3 mm Colin27 the support example is cut from
 TARGET_SLABS = ((27, 31), (29, 33), (30, 34))
@@ -193,9 +196,9 @@ def test_ray_missing_gives_install_advice(monkeypatch):
 def test_unreachable_ray_cluster_gives_advice(monkeypatch):
     from argparse import Namespace
 
-    import ray
-
     from protosam.batch_ray import run_on_ray
+
+    ray = require_module("ray", RAY_INSTALL)
 
     def no_cluster(**_):
         raise ConnectionError("Could not find any running Ray instance.")
@@ -243,7 +246,7 @@ def test_ray_workers_one_per_gpu_or_per_n_cpus():
 @pytest.fixture(scope="session")
 def ray_instance():
     """One local Ray instance (2 CPUs) for the whole test session: starting Ray is slow."""
-    import ray
+    ray = require_module("ray", RAY_INSTALL)
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
