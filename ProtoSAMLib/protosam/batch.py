@@ -322,7 +322,7 @@ def run_local(pending: List[PendingJob], args: argparse.Namespace, report: Repor
         try:
             inputs, reference = read_job(job, args, reader)
         except Exception as error:
-            report(failed_outcome(job, error, time.perf_counter() - started, attempts=1))
+            report(failed_outcome(job, error, time.perf_counter() - started, attempts=0))
             continue
         if engine is None:
             loading = time.perf_counter()
