@@ -35,13 +35,14 @@ from typing import Callable, Dict, Hashable, List, Mapping, Optional, Sequence, 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from .cache import EmbeddingCache, volume_fingerprint
 from .errors import InputError
 from .models.sam import SAM_IMAGE_SIZE
 from .pipeline import Engine
 from .preprocessing import normalize_volume
-from .prompts import ComponentPrompt
+from .prompts import ComponentPrompt, connected_components
 from .propagation import (
     SUPPORT_MODES, _check_range, _propagate, _SliceStore, _Structure, combine_supports, largest_area_slice,
 )
@@ -211,6 +212,20 @@ class Session:
             self._run(list(support_masks), progress, cancel)
             return {key: self.mask(key) for key in support_masks}
 
+    def adopt(self, structure: Hashable, masks, fixed_slices: Sequence[int]) -> None:
+        """Take over a result propagated elsewhere (another process's run on this volume):
+        ``masks`` uint8 volume in the caller's order, ``fixed_slices`` the slices painted by
+        the user (they stay as they are and are supports at the next update). Such slices have
+        no recorded prompt sets: a click joins the box of the mask's component holding it and
+        only the clicked components are decoded again (see :func:`_mask_prompts`)."""
+        with self._lock:
+            mask = np.moveaxis(as_binary_mask(masks, f"mask of '{structure}'", self.raw_volume.shape), self.axis, 0)
+            state = _StructureState(structure, None)
+            state.output = mask.astype(np.uint8)
+            state.fixed = {int(k): state.output[int(k)].copy() for k in fixed_slices}
+            state.prompts = {}
+            self.structures[structure] = state
+
     def update(self, structure: Hashable, *, progress=None, cancel=None) -> np.ndarray:
         """Propagate ``structure`` again with every fixed slice as a support, from the cached
         encodings. Fixed slices keep their masks. Returns its uint8 mask volume (caller's order)."""
@@ -342,7 +357,21 @@ class Session:
         return np.ascontiguousarray(np.moveaxis(self._state(structure).output, 0, self.axis))
 
     def _redecode(self, state: _StructureState, index: int) -> np.ndarray:
-        prompts = _with_clicks(state.prompts.get(index, []), state.clicks[index], self.volume.shape[1:])
+        kept = None
+        if index in state.prompts:
+            base = state.prompts[index]
+        else:
+            # No prompt sets recorded (painted or adopted slice): the components of the mask
+            # before the clicks; those without a click keep their pixels as they are.
+            before = state.before_clicks[index][0]
+            base = _mask_prompts(before)
+        prompts = _with_clicks(base, state.clicks[index], self.volume.shape[1:])
+        if index not in state.prompts:
+            clicked = [i for i, (old, new) in enumerate(zip(base, prompts)) if len(new.points) != len(old.points)]
+            kept = before.copy()
+            for i in clicked:
+                kept[base[i].full_mask(before.shape)] = 0
+            prompts = [prompts[i] for i in clicked] + prompts[len(base):]
         size = (self.engine.input_size, self.engine.input_size)
         if not prompts:
             mask = np.zeros(self.volume.shape[1:], np.uint8)
@@ -357,6 +386,8 @@ class Session:
             mask = self.engine.to_slice_size(at_input, self.volume.shape[1:])
             # The embedding stays in the session's cache (within its budget), not in the store.
             self.store.release(index)
+        if kept is not None:
+            mask = np.maximum(mask, kept)
         state.output[index] = mask
         state.fixed[index] = mask
         return mask.copy()
@@ -406,6 +437,24 @@ def _with_clicks(prompts: List[ComponentPrompt], clicks: List[_Click], hw) -> Li
         replace(prompt, points=np.asarray(points, np.float64).reshape(-1, 2), point_labels=np.asarray(labels, np.int64))
         for prompt, points, labels in sets
     ]
+
+
+def _mask_prompts(mask: np.ndarray) -> List[ComponentPrompt]:
+    """Box-only prompt sets (SAM's 1024 frame) of the 8-connected components of an ``[H, W]``
+    mask; ``window``/``local_mask`` hold the component in the mask's own frame."""
+    labels, count = connected_components(mask.astype(bool))
+    height, width = mask.shape
+    prompts = []
+    for number, window in enumerate(ndimage.find_objects(labels), start=1):
+        rows, cols = window
+        x0, y0 = _to_sam_frame(cols.start, rows.start, mask.shape)
+        x1, y1 = _to_sam_frame(cols.stop - 1, rows.stop - 1, mask.shape)
+        # The box spans the component's voxels, edges included, at SAM's scale.
+        half_x, half_y = 0.5 * SAM_IMAGE_SIZE / width, 0.5 * SAM_IMAGE_SIZE / height
+        box = np.array([x0 - half_x + 0.5, y0 - half_y + 0.5, x1 + half_x - 0.5, y1 + half_y - 0.5])
+        prompts.append(ComponentPrompt(box, np.zeros((0, 2)), np.zeros(0, np.int64), window,
+                                       labels[window] == number, float((labels == number).sum())))
+    return prompts
 
 
 def _box_distance(box, x: float, y: float) -> float:

@@ -215,3 +215,27 @@ def test_medsam_refuses_clicks_with_a_clear_message(engine, monkeypatch):
     with pytest.raises(InputError, match="MedSAM takes boxes only"):
         session.correct("organ", 2, [[3, 3]], [1])
     session.add_support("organ", 2, truth[2])  # painting still works
+
+
+def test_adopted_result_clicks_redecode_only_the_clicked_component(engine, monkeypatch):
+    """A result propagated elsewhere (the Slicer worker) is adopted: a click joins the box of
+    the mask component under it; the other component keeps its pixels; the painted slice is
+    fixed; the slice's embedding is encoded on demand (one SAM encoding, no DINOv2)."""
+    volume, truth = _volume()
+    session = Session(engine, volume, modality="none")
+    adopted = np.zeros_like(truth)
+    adopted[4, 5:12, 5:12] = 1  # component A
+    adopted[4, 30:40, 30:40] = 1  # component B
+    adopted[5] = truth[5]
+    session.adopt("organ", adopted, fixed_slices=[5])
+    counts = _count_encodings(engine, monkeypatch)
+    changed = session.correct("organ", 4, [[35, 35]], [0])  # negative click inside B's box
+    assert counts == {"dinov2": 0, "sam": 1}
+    np.testing.assert_array_equal(changed[5:12, 5:12], 1)  # A untouched
+    np.testing.assert_array_equal(session.mask("organ")[[k for k in range(SLICES) if k != 4]],
+                                  adopted[[k for k in range(SLICES) if k != 4]])
+    assert session.fixed_slices("organ") == [4, 5]
+    np.testing.assert_array_equal(session.clear_clicks("organ", 4), adopted[4])
+    counts["sam"] = 0
+    session.correct("organ", 4, [[35, 35]], [0])
+    assert counts == {"dinov2": 0, "sam": 0}, "the embedding encoded on demand is cached"
