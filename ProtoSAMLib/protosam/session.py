@@ -92,7 +92,9 @@ class Session:
         engine: loaded models; the caches belong to its models, input size and preset.
         volume: 3-D raw intensities in the caller's order; ``axis`` is the slicing axis.
         modality: intensity preprocessing, as for ``segment_volume``.
-        cache_bytes: budget of the encoder-output cache (LRU; evicted slices are re-encoded).
+        cache_bytes: budget of the encoder-output cache (LRU; evicted slices are re-encoded);
+            None shares the engine's own cache (``Engine(cache_bytes=...)``), so a session opened
+            after an engine run in the same process finds that run's encodings.
         support_mode: "nearest" or "all" (see ``segment_volume``).
         slice_range, auto_extent: as for ``segment_volume``.
     """
@@ -104,7 +106,7 @@ class Session:
         *,
         axis: int = 0,
         modality: str = "auto",
-        cache_bytes: int = DEFAULT_SESSION_CACHE_BYTES,
+        cache_bytes: Optional[int] = DEFAULT_SESSION_CACHE_BYTES,
         support_mode: str = "nearest",
         slice_range: Optional[Tuple[int, int]] = None,
         auto_extent: Optional[bool] = None,
@@ -118,7 +120,8 @@ class Session:
         self.support_mode = support_mode
         self.slice_range = slice_range
         self.auto_extent = auto_extent
-        self.cache = EmbeddingCache(cache_bytes)
+        self._shares_engine_cache = cache_bytes is None
+        self.cache = engine.cache if cache_bytes is None else EmbeddingCache(cache_bytes)
         self.structures: Dict[Hashable, _StructureState] = {}
         self.engine = engine
         self._lock = threading.RLock()
@@ -145,6 +148,8 @@ class Session:
         with self._lock:
             if engine is not None:
                 self.engine = engine
+                if self._shares_engine_cache:
+                    self.cache = engine.cache
             if volume is not None:
                 new = normalize_volume(np.moveaxis(as_float_slices(volume, "volume", 3), self.axis, 0), self.modality)
                 if volume_fingerprint(new) != self.fingerprint:

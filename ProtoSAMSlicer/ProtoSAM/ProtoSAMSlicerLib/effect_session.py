@@ -17,13 +17,22 @@ Tests pass the same operations of ``vtkSlicerSegmentEditorLogic`` with a real
 vtkMRMLSegmentEditorNode, so the masking and undo exercised are Slicer's own.
 
 Flow: ``start`` (support = the selected segment's painted slices along the current view) ->
-preview segmentation -> ``apply`` (one undo state, segment modified once) or ``cancel``.
+preview segmentation -> optional corrections -> ``apply`` (one undo state, segment modified
+once) or ``cancel``.
+
+Corrections (while the preview is shown): ``addClick`` (World point of a slice view aligned
+with the propagation axis; positive or negative) re-decodes that slice with SAM from the
+engine's cached embedding and updates the preview's slice; ``undoClick`` / ``clearSliceClicks``;
+``updateVolume`` re-propagates with every corrected slice as a support (protosam.session). The
+clicks are drawn as control points of a markups node ("+" / "-") and kept per slice until Apply
+or Cancel. The correction session runs in this process with the engine the run used (the
+device worker's engine cache, ``ProcessOptions.cacheBytes``), so the run's encodings are hits.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -31,6 +40,7 @@ from protosam.errors import InputError
 
 from . import geometry, mrml_io, results
 from .logic import ProcessOptions, PropagationJob, PropagationResult, ProtoSAMLogic, sliceViewGeometry
+from .models import engineCacheForDevice
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +93,10 @@ class EffectSession:
         self.sourceVolumeNode = None
         self.lastError: Optional[BaseException] = None
         self._onFinished: Optional[Callable[["EffectSession"], None]] = None
+        self.options = ProcessOptions()
+        self.corrections = None  # protosam.session.Session, opened at the first click
+        self.clickMarkups = None  # vtkMRMLMarkupsFiducialNode drawing the clicks
+        self._clickOrder: List[int] = []  # slice of each click, in order (for undo)
 
     def start(self, sourceVolumeNode, segmentationNode, segmentId: str, sliceNode=None, *,
               sliceNormal_World=None, slicePoint_World=None, options: ProcessOptions = ProcessOptions(),
@@ -113,6 +127,7 @@ class EffectSession:
         support = chooseSupportSlices(paintedSlices(mask, axis.kjiAxis), current)
 
         self.segmentationNode, self.segmentId, self.sourceVolumeNode = segmentationNode, segmentId, sourceVolumeNode
+        self.options = options
         self.lastError = None
         self._onFinished = onFinished
         self.state = RUNNING
@@ -183,8 +198,133 @@ class EffectSession:
         if self.job is not None:
             self.job.cancel("The ProtoSAM effect was deactivated; the run was cancelled and nothing was changed.")
 
+    # ------------------------------------------------------------------ corrections
+    def clickTarget(self, point_World, sliceNormal_World) -> Tuple[int, int, int]:
+        """``(slice, x, y)`` of a click: the slice index along the propagation axis and the
+        voxel's column ``x`` / row ``y`` in that slice of the KJI array (the frame of
+        protosam.session). Refuses views oblique to the volume or along another axis."""
+        if self.state != PREVIEW or self.result is None:
+            raise InputError("Clicks correct a ProtoSAM preview: propagate first.")
+        ijkToWorld = mrml_io.ijkToWorldMatrix(self.sourceVolumeNode)
+        axis = geometry.sliceAxisFromNormal(sliceNormal_World, ijkToWorld)
+        if axis.ijkAxis != self.result.sliceAxis.ijkAxis:
+            raise InputError("Click in a slice view along the axis the preview was propagated on "
+                             "(the view you propagated from), not across it.")
+        ijk = np.floor(geometry.ijkFromWorld(point_World, ijkToWorld) + 0.5).astype(int)
+        kji = ijk[::-1]
+        shape = mrml_io.volumeShapeKji(self.sourceVolumeNode)
+        if np.any(kji < 0) or np.any(kji >= np.asarray(shape)):
+            raise InputError("The click is outside the volume.")
+        kjiAxis = axis.kjiAxis
+        rows, cols = [a for a in range(3) if a != kjiAxis]
+        return int(kji[kjiAxis]), int(kji[cols]), int(kji[rows])
+
+    def addClick(self, point_World, sliceNormal_World, positive: bool = True) -> int:
+        """Correct the preview on the clicked slice; returns that slice's index (along the axis)."""
+        sliceIndex, x, y = self.clickTarget(point_World, sliceNormal_World)
+        session = self._correctionSession()
+        mask = session.correct(self.segmentId, sliceIndex, [[x, y]], [1 if positive else 0])
+        self._showSlice(sliceIndex, mask)
+        self._clickOrder.append(sliceIndex)
+        self._drawClick(point_World, positive, sliceIndex)
+        return sliceIndex
+
+    def clicks(self, sliceIndex: int) -> List[Tuple[float, float, int]]:
+        """Clicks of a slice as ``(x, y, label)`` in the slice's voxel frame (see clickTarget)."""
+        if self.corrections is None:
+            return []
+        return self.corrections.clicks(self.segmentId, sliceIndex)
+
+    def undoClick(self) -> Optional[int]:
+        """Undo the last click (of any slice); returns its slice, None when there was none."""
+        if not self._clickOrder:
+            return None
+        sliceIndex = self._clickOrder.pop()
+        mask = self.corrections.undo_click(self.segmentId, sliceIndex)
+        self._showSlice(sliceIndex, mask)
+        markups = self._markups()
+        for n in reversed(range(markups.GetNumberOfControlPoints())):
+            if markups.GetNthControlPointDescription(n) == str(sliceIndex):
+                markups.RemoveNthControlPoint(n)
+                break
+        return sliceIndex
+
+    def clearSliceClicks(self, sliceIndex: int) -> None:
+        """Forget every click of one slice; the slice gets back its propagated mask."""
+        if self.corrections is None:
+            return
+        mask = self.corrections.clear_clicks(self.segmentId, sliceIndex)
+        self._showSlice(sliceIndex, mask)
+        self._clickOrder = [k for k in self._clickOrder if k != sliceIndex]
+        markups = self._markups()
+        for n in reversed(range(markups.GetNumberOfControlPoints())):
+            if markups.GetNthControlPointDescription(n) == str(sliceIndex):
+                markups.RemoveNthControlPoint(n)
+
+    def updateVolume(self, progressCallback: Optional[Callable[[int, int], None]] = None) -> None:
+        """Propagate again with every corrected slice as a support; corrected slices are kept."""
+        if self.state != PREVIEW or self.result is None:
+            raise InputError("There is no ProtoSAM preview to update.")
+        session = self._correctionSession()
+        self._writePreview(session.update(self.segmentId, progress=progressCallback))
+
+    def _correctionSession(self):
+        if self.corrections is not None:
+            return self.corrections
+        from protosam.session import Session
+
+        options = self.options
+        engine = engineCacheForDevice(options.device).get(
+            options.models, options.preset, options.device, weightsHome=options.weightsHome,
+            download=options.allowDownload, cacheBytes=options.cacheBytes)
+        axis = self.result.sliceAxis.kjiAxis
+        session = Session(engine, mrml_io.volumeToArray(self.sourceVolumeNode), axis=axis, modality=options.modality,
+                          cache_bytes=None, support_mode="nearest", auto_extent=options.autoExtent)
+        preview_Kji = mrml_io.segmentToArray(self.result.previewSegmentationNode, self.segmentId, self.sourceVolumeNode)
+        session.adopt(self.segmentId, preview_Kji, self.result.supportSlices.get(self.segmentId, []))
+        self.corrections = session
+        return session
+
+    def _showSlice(self, sliceIndex: int, mask) -> None:
+        preview = self.result.previewSegmentationNode
+        current = mrml_io.segmentToArray(preview, self.segmentId, self.sourceVolumeNode)
+        updated = current.copy()
+        index = [slice(None)] * 3
+        index[self.result.sliceAxis.kjiAxis] = sliceIndex
+        updated[tuple(index)] = mask
+        self._writePreview(updated)
+
+    def _writePreview(self, mask_Kji) -> None:
+        # The whole extent is written: a write limited to the changed box (the default of
+        # writeSegmentFromArray) was seen to clear voxels of other slices of the preview segment
+        # (flipped anisotropic volume, box = one slice); see the corrections report.
+        mask_Kji = np.asarray(mask_Kji)
+        mrml_io.writeSegmentFromArray(mask_Kji, self.result.previewSegmentationNode, self.segmentId,
+                                      self.sourceVolumeNode, previous_Kji=(mask_Kji == 0))
+
+    def _markups(self):
+        if self.clickMarkups is None or self.clickMarkups.GetScene() is None:
+            scene = self.sourceVolumeNode.GetScene()
+            node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "ProtoSAM clicks")
+            node.SetHideFromEditors(True)
+            node.SetSaveWithScene(False)
+            node.CreateDefaultDisplayNodes()
+            self.clickMarkups = node
+        return self.clickMarkups
+
+    def _drawClick(self, point_World, positive: bool, sliceIndex: int) -> None:
+        markups = self._markups()
+        n = markups.AddControlPoint(list(np.asarray(point_World, float)[:3]), "+" if positive else "-")
+        markups.SetNthControlPointDescription(n, str(sliceIndex))
+        markups.SetNthControlPointLocked(n, True)
+
     def _reset(self) -> None:
         if self.result is not None:
             results.removeNode(self.result.previewSegmentationNode)
+        if self.clickMarkups is not None:
+            results.removeNode(self.clickMarkups)
+        self.clickMarkups = None
+        self.corrections = None
+        self._clickOrder = []
         self.result = None
         self.state = IDLE
