@@ -362,6 +362,9 @@ class WorkerClient:
         return bool(self._queue or self._current is not None or self._requests)
 
     def _pump(self) -> None:
+        for job in [job for job in self._queue if job.cancelRequested]:  # never sent: nothing to stop
+            self._queue.remove(job)
+            self._finishJob(job, JobState.CANCELLED)
         if self._process is None:
             if not self._busy():
                 return
@@ -583,9 +586,6 @@ class WorkerClient:
             job.onProgress(job, done, total)
 
     def _checkCancels(self) -> None:
-        for job in [job for job in self._queue if job.cancelRequested]:
-            self._queue.remove(job)
-            self._finishJob(job, JobState.CANCELLED)
         current = self._current
         if current is None or not current.cancelRequested:
             return
