@@ -16,9 +16,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +28,7 @@ from required_modules import require_slicer_core
 
 require_slicer_core()
 
-from ProtoSAMSlicerLib import geometry, models, mrml_io
+from ProtoSAMSlicerLib import geometry, models, mrml_io, worker_client
 from ProtoSAMSlicerLib.logic import ProtoSAMLogic
 from ProtoSAMSlicerLib.worker import JobState, workerForDevice
 from ProtoSAMSlicerLib.worker_client import WorkerClient, WorkerStartError
@@ -372,12 +374,18 @@ def test_the_worker_exits_when_its_parent_dies(tmp_path):
     try:
         workerPid = int(parent.stdout.readline())
         assert processAlive(workerPid)
+        leftovers = list(Path(tempfile.gettempdir()).glob(f"{worker_client.TRANSFER_PREFIX}{parent.pid}-*"))
+        assert len(leftovers) == 1
         parent.kill()  # Slicer crashes (kill -9): no cleanup code runs
         parent.wait(10)
         deadline = time.monotonic() + 30
         while processAlive(workerPid) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not processAlive(workerPid)
+        # Its transfer folder (it may hold volume copies) goes when the next worker starts.
+        assert leftovers[0].exists()
+        worker_client.removeStaleTransferFolders()
+        assert not leftovers[0].exists()
     finally:
         if parent.poll() is None:
             parent.kill()

@@ -391,7 +391,8 @@ class WorkerClient:
 
     def _start(self) -> None:
         self.starts += 1
-        self._transferDir = Path(tempfile.mkdtemp(prefix="protosam-worker-"))
+        removeStaleTransferFolders()
+        self._transferDir = Path(tempfile.mkdtemp(prefix=f"{TRANSFER_PREFIX}{os.getpid()}-"))
         logDir = Path(tempfile.gettempdir()) / "ProtoSAM"
         logDir.mkdir(parents=True, exist_ok=True)
         self.logPath = logDir / f"worker-{os.getpid()}-{self.starts}.log"
@@ -729,6 +730,36 @@ class WorkerClient:
             self._transferDir = None
         if removeLog and self.logPath is not None:
             _removeFile(str(self.logPath))
+
+
+TRANSFER_PREFIX = "protosam-worker-"
+
+
+def removeStaleTransferFolders() -> None:
+    """Remove transfer folders left by a client process that died without cleaning up (a Slicer
+    crash): they may hold copies of volumes. The folder name carries the client's pid."""
+    for folder in Path(tempfile.gettempdir()).glob(TRANSFER_PREFIX + "*-*"):
+        pid = folder.name[len(TRANSFER_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _processExists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _processExists(pid: int) -> bool:
+    if sys.platform == "win32":
+        import ctypes
+
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        ctypes.windll.kernel32.CloseHandle(handle)
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _removeFile(path: str) -> None:
