@@ -1,4 +1,4 @@
-"""The ``protosam`` command line: ``slices``, ``segment``, ``weights``, ``evaluate``, ``demo``.
+"""The ``protosam`` command line: ``slices``, ``segment``, ``batch``, ``weights``, ``evaluate``, ``demo``.
 
 Exit codes: 0 success, 1 a ProtoSAM error (message on stderr, no partial output file),
 2 bad command-line usage, 130 interrupted.
@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, TextIO
 
 import numpy as np
@@ -20,7 +21,10 @@ from .errors import CancelledError, InputError, ProtoSAMError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["main", "build_parser", "ProgressBar", "add_model_options", "engine_from_args"]
+__all__ = [
+    "main", "build_parser", "ProgressBar", "add_model_options", "engine_from_args", "SegmentInputs",
+    "read_segment_inputs", "propagate_labels",
+]
 
 
 class ProgressBar:
@@ -140,76 +144,120 @@ def _parse_labels(text: Optional[str]) -> Optional[List[int]]:
     return labels
 
 
-def cmd_segment(args) -> int:
-    # Everything that can be checked without the models is checked first, without importing
-    # torch (seconds): files, output place, labels. Only then are the models loaded.
-    from .io import (
-        MAX_LABEL_VALUE, check_same_geometry, check_segment_paths, read_volume, same_file,
-        slice_axis_for_plane, write_labelmap,
-    )
+@dataclass
+class SegmentInputs:
+    """A checked ``segment`` job: ``[k, j, i]`` arrays as read, and what to propagate.
+
+    ``support`` is None when the labels were painted on ``query`` itself; ``labelmap`` (any
+    integer or whole-number dtype) has the support's shape; ``labels`` lists the label values
+    to propagate, first = wins overlaps; ``axis`` is the slicing axis of both arrays.
+    """
+
+    query: np.ndarray
+    support: Optional[np.ndarray]
+    labelmap: np.ndarray
+    labels: List[int]
+    axis: int
+
+
+def read_segment_inputs(image, support_mask, *, support_image=None, labels: Optional[str] = None,
+                        plane: str = "auto", read=None):
+    """Read and check the volumes of a ``segment`` job -> (:class:`SegmentInputs`, the image's sitk header).
+
+    No torch import. ``labels``: comma-separated text as typed (None: every label of the mask).
+    ``read(path, what)`` replaces :func:`protosam.io.read_volume` (``protosam batch`` reuses one
+    support that way). The file checks of :func:`protosam.io.check_segment_paths` come first.
+    """
+    from .io import MAX_LABEL_VALUE, check_same_geometry, read_volume, same_file, slice_axis_for_plane
     from .validation import support_labels
 
-    check_segment_paths(args.image, args.support_mask, args.output, args.support_image, args.report)
-    requested = _parse_labels(args.labels)
-    query, query_image = read_volume(args.image, "image")
-    same = args.support_image is None or same_file(args.support_image, args.image)
-    support, support_image = (query, query_image) if same else read_volume(args.support_image, "support image")
-    labelmap, labelmap_image = read_volume(args.support_mask, "support mask")
-    check_same_geometry(support_image, labelmap_image, "support image", "support mask")
-    labels = support_labels(
-        labelmap, requested, mask_option="--support-mask", mask_path=args.support_mask,
-        image_option="--image" if args.support_image is None else "--support-image",
+    read = read or read_volume
+    requested = _parse_labels(labels)
+    query, query_image = read(image, "image")
+    same = support_image is None or same_file(support_image, image)
+    support, support_header = (query, query_image) if same else read(support_image, "support image")
+    labelmap, labelmap_image = read(support_mask, "support mask")
+    check_same_geometry(support_header, labelmap_image, "support image", "support mask")
+    chosen = support_labels(
+        labelmap, requested, mask_option="--support-mask", mask_path=support_mask,
+        image_option="--image" if support_image is None else "--support-image",
         max_value=MAX_LABEL_VALUE, image_values=lambda: np.unique(support),
     )
-    axis = slice_axis_for_plane(query_image, args.axis)
+    axis = slice_axis_for_plane(query_image, plane)
     if not same:
-        support_axis = slice_axis_for_plane(support_image, args.axis)
+        support_axis = slice_axis_for_plane(support_header, plane)
         if support_axis != axis:
             raise InputError(
                 "The support and the target volumes are sliced along different axes for this plane; "
                 "resample one into the other's orientation, or pass --axis explicitly."
             )
-    support_slices = None
-    if args.support_slice is not None:
-        support_slices = {label: args.support_slice for label in labels}
+    return SegmentInputs(query, None if same else support, labelmap, chosen, axis), query_image
 
+
+def propagate_labels(engine, inputs: SegmentInputs, *, support_slice: Optional[int] = None, modality: str = "auto",
+                     progress=None, cancel: Optional[threading.Event] = None):
+    """Propagate every label of ``inputs`` -> (``[k, j, i]`` uint8/uint16 label map, :class:`VolumeResult`).
+
+    Where labels overlap the one listed first keeps the voxel; within one volume the painted
+    support slices are kept exactly as painted.
+    """
     from .propagation import segment_volume
 
-    engine = engine_from_args(args)
-    cancel = threading.Event()
+    labels, labelmap, axis = inputs.labels, inputs.labelmap, inputs.axis
+    support_slices = None
+    if support_slice is not None:
+        support_slices = {label: support_slice for label in labels}
     result = segment_volume(
-        engine, query, None if same else support, {label: labelmap == label for label in labels},
-        axis=axis, support_slices=support_slices, modality=args.modality,
-        progress=ProgressBar("segment"), cancel=cancel,
+        engine, inputs.query, inputs.support, {label: labelmap == label for label in labels},
+        axis=axis, support_slices=support_slices, modality=modality, progress=progress, cancel=cancel,
     )
-    output = np.zeros(query.shape, np.uint16 if max(labels) > 255 else np.uint8)
+    output = np.zeros(inputs.query.shape, np.uint16 if max(labels) > 255 else np.uint8)
     # Overlaps: the label listed first keeps the voxel ...
     for label in reversed(labels):
         output[result.masks[label] > 0] = label
     # ... but what the user painted always wins over what was propagated.
-    if same:
+    if inputs.support is None:
         for label in labels:
             for k in result.support_slices[label]:
                 index = (slice(None),) * axis + (k,)
                 painted = labelmap[index] == label
                 output[index][painted] = label
+    return output, result
+
+
+def cmd_segment(args) -> int:
+    # Everything that can be checked without the models is checked first, without importing
+    # torch (seconds): files, output place, labels. Only then are the models loaded.
+    from .io import check_segment_paths, write_labelmap
+
+    check_segment_paths(args.image, args.support_mask, args.output, args.support_image, args.report)
+    inputs, query_image = read_segment_inputs(
+        args.image, args.support_mask, support_image=args.support_image, labels=args.labels, plane=args.axis
+    )
+    engine = engine_from_args(args)
+    cancel = threading.Event()
+    output, result = propagate_labels(
+        engine, inputs, support_slice=args.support_slice, modality=args.modality,
+        progress=ProgressBar("segment"), cancel=cancel,
+    )
     write_labelmap(output, query_image, args.output)
     try:
         if args.report:
             from .evaluation.pictures import axial_display_flips
             from .evaluation.report import write_segment_report
 
+            axis = inputs.axis
             flip_rows, flip_cols = axial_display_flips(query_image.GetDirection()) if axis == 0 else (False, False)
             write_segment_report(
-                args.report, query=query, labels=output, axis=axis, result=result,
-                support=None if same else support, support_labels={label: labelmap == label for label in labels},
+                args.report, query=inputs.query, labels=output, axis=axis, result=result, support=inputs.support,
+                support_labels={label: inputs.labelmap == label for label in inputs.labels},
                 flip_rows=flip_rows, flip_cols=flip_cols,
             )
     except KeyboardInterrupt:
         print(f"protosam: interrupted while writing the report; {args.output} was written, "
               f"the report in {args.report} is incomplete.", file=sys.stderr)
         return 130
-    for label in labels:
+    for label in inputs.labels:
         print(f"label {label}: {int(result.masks[label].sum())} voxels on {len(result.processed_slices[label])} "
               f"processed slices (support slice {result.support_slices[label]})")
     print(f"wrote {args.output} in {result.seconds:.1f} s")
@@ -250,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.set_defaults(func=cmd_segment)
 
     weights_cli.add_subcommands(commands)
-    from . import worker_process
+    from . import batch, worker_process
 
+    batch.add_subcommand(commands)
     worker = commands.add_parser("worker", help="persistent worker process of a ProtoSAM client (started by Slicer)")
     worker_process.build_parser(worker).set_defaults(func=worker_process.cli_serve)
     try:
