@@ -69,6 +69,8 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/presets.py
   protosam/prompts.py
   protosam/propagation.py
+  protosam/server.py
+  protosam/server_client.py
   protosam/testing.py
   protosam/validation.py
   protosam/weights.py
