@@ -196,6 +196,13 @@ class _Job:
         self.reply: Optional[bytes] = None  # encoded JobResult / ErrorReply once finished
         self.finished_at: Optional[float] = None
         self.submitted_at = time.monotonic()
+        #: (event loop, asyncio.Event) of long-polls waiting for this job to change
+        self.waiters: set = set()
+
+    def notify(self) -> None:
+        """Wake the long-polls (called under the scheduler's lock, from any thread)."""
+        for loop, event in list(self.waiters):
+            loop.call_soon_threadsafe(event.set)
 
 
 class _UserEngines:
@@ -323,6 +330,23 @@ class JobScheduler:
         with self._lock:
             return job.state, job.done, job.total, job.reply
 
+    async def wait_for_change(self, job: _Job, done: int, timeout: float) -> None:
+        """Return once ``job`` has progressed beyond ``done`` or finished, or after ``timeout`` s
+        (an asyncio wait: a long-poll holds no thread)."""
+        event = asyncio.Event()
+        waiter = (asyncio.get_running_loop(), event)
+        with self._lock:
+            if job.reply is not None or job.done != done:
+                return
+            job.waiters.add(waiter)
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                job.waiters.discard(waiter)
+
     def health(self, user: str, message_id: str) -> protocol.Health:
         import torch
 
@@ -360,6 +384,7 @@ class JobScheduler:
         job.state = "finished"
         job.finished_at = time.monotonic()
         job.request = None  # the input arrays are not needed any more
+        job.notify()
         self._lock.notify_all()
 
     def _user_cache(self, user: str, max_bytes: int):
@@ -398,7 +423,7 @@ class JobScheduler:
         def progress(done: int, total: int) -> None:
             with self._lock:
                 job.done, job.total = int(done), int(total)
-                self._lock.notify_all()
+                job.notify()
 
         engines = _UserEngines(self.engines, self._user_cache(job.user, job.cache_bytes))  # type: ignore[attr-defined]
         try:
@@ -542,15 +567,12 @@ def create_app(scheduler: JobScheduler, tokens: Dict[str, str]):
         """One encoded message: the result or error once finished, else progress (waiting up to
         ``wait`` s for progress beyond ``done``)."""
         job = scheduler.find(user_of(request), job_id)
-        deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT_S)
-        while True:
-            state, job_done, total, reply = scheduler.snapshot(job)
-            if reply is not None:
-                return Response(content=reply, media_type=octets)
-            if job_done != done or time.monotonic() >= deadline or await request.is_disconnected():
-                return Response(content=protocol.encode(protocol.JobProgress(id=job.id, done=job_done, total=total)),
-                                media_type=octets, headers={"X-ProtoSAM-Job-State": state})
-            await asyncio.sleep(0.05)
+        await scheduler.wait_for_change(job, done, min(max(wait, 0.0), MAX_WAIT_S))
+        state, job_done, total, reply = scheduler.snapshot(job)
+        if reply is not None:
+            return Response(content=reply, media_type=octets)
+        return Response(content=protocol.encode(protocol.JobProgress(id=job.id, done=job_done, total=total)),
+                        media_type=octets, headers={"X-ProtoSAM-Job-State": state})
 
     @app.post("/v1/jobs/{job_id}/cancel", status_code=202)
     async def cancel_job(request: Request, job_id: str):
