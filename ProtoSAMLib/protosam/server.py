@@ -184,9 +184,10 @@ class TokenTable:
 
 # ----------------------------------------------------------------------------- jobs
 class _Job:
-    def __init__(self, user: str, request: protocol.JobSubmit):
+    def __init__(self, user: str, request: protocol.JobSubmit, cache_bytes: int):
         self.id = request.id
         self.user = user
+        self.cache_bytes = cache_bytes  # this user's encoder cache bound for the job
         self.request: Optional[protocol.JobSubmit] = request
         self.cancel = threading.Event()
         self.state = "queued"  # queued -> running -> finished
@@ -281,8 +282,7 @@ class JobScheduler:
         cache_bytes = min(int(request.engine.get("cache_bytes") or 0), self.config.cache_bytes_per_user)
         job_request = protocol.JobSubmit(id=secrets.token_urlsafe(24), operation=request.operation,
                                          kwargs=request.kwargs, engine=engine, name=request.name)
-        job = _Job(user, job_request)
-        job.cache_bytes = cache_bytes  # type: ignore[attr-defined]
+        job = _Job(user, job_request, cache_bytes)
         with self._lock:
             self._forget_expired()
             if self._stopping:
@@ -425,7 +425,7 @@ class JobScheduler:
                 job.done, job.total = int(done), int(total)
                 job.notify()
 
-        engines = _UserEngines(self.engines, self._user_cache(job.user, job.cache_bytes))  # type: ignore[attr-defined]
+        engines = _UserEngines(self.engines, self._user_cache(job.user, job.cache_bytes))
         try:
             value = run_job(engines, job.request, progress, job.cancel)
             if job.cancel.is_set():
@@ -460,14 +460,14 @@ class _Guard:
         self.max_request_bytes = max_request_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket"):
+        if scope["type"] == "websocket":  # the API has none
+            return await send({"type": "websocket.close", "code": 1008})
+        if scope["type"] != "http":  # lifespan
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         if scope["path"] != HEALTH_PATH:
             user = self.tokens.user_for(headers.get(b"authorization"))
-            if user is None or scope["type"] != "http":
-                if scope["type"] != "http":
-                    return await send({"type": "websocket.close", "code": 1008})
+            if user is None:
                 response = _json_error(401, "AuthenticationError", "A valid token is required: send the header "
                                        "'Authorization: Bearer <token>' (the token the server printed at its first "
                                        "start, or yours from its tokens file).", {"WWW-Authenticate": "Bearer"})
@@ -503,7 +503,7 @@ async def _read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(scheduler: JobScheduler, tokens: Dict[str, str]):
+def create_app(scheduler: JobScheduler):
     """The FastAPI application (public docs routes off; the schema only behind the token)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -606,7 +606,7 @@ def create_app(scheduler: JobScheduler, tokens: Dict[str, str]):
             raise ServerError(400, f"'{message.TYPE}' is not a request this server answers.", "ProtocolError")
         return Response(content=protocol.encode(reply), media_type=octets)
 
-    return _Guard(app, TokenTable(tokens), limit)
+    return _Guard(app, TokenTable(scheduler.config.tokens), limit)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -655,6 +655,9 @@ def _served_models(args) -> Dict[str, Any]:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    if args.preset != "default" or args.cca is not None or args.batch_size is not None:
+        raise InputError("protosam serve takes no --preset, --cca or --batch-size: each request brings its preset, "
+                         "and the engine batches slices as it does locally.")
     if not is_loopback(args.host):
         if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
             raise InputError("TLS needs both --ssl-certfile and --ssl-keyfile.")
@@ -680,7 +683,7 @@ def serve(args: argparse.Namespace) -> int:
                           max_jobs_per_user=args.max_jobs_per_user)
     scheduler = JobScheduler(config)
     scheduler.start()
-    app = create_app(scheduler, tokens)
+    app = create_app(scheduler)
     scheme = "https" if args.ssl_certfile else "http"
     print(f"ProtoSAM server {__version__}: {scheme}://{args.host}:{args.port} on {config.device}, "
           f"{len(set(tokens.values()))} user(s), models {args.dinov2} + {args.sam}", flush=True)

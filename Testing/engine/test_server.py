@@ -278,7 +278,14 @@ def test_user_engines_share_models_but_not_caches(tiny_models):
     assert alice.cache is not bob.cache and shared.get(spec).cache.max_bytes == 0
 
 
-def test_logs_hold_no_tokens_and_no_image_data(live):
+def test_logs_hold_no_tokens_and_no_image_data(live, tiny_models):
+    failing = make_request(tiny_models, slices=2)
+    failing.kwargs["axis"] = 7  # a failed job logs too
+    for request in (make_request(tiny_models, slices=2, seed=11), failing):
+        try:
+            run_forwarded(live, request, "bob")
+        except (InputError, ValueError):
+            pass
     log = live.log()
     assert "queued" in log and "finished" in log  # the log is the server's, with its job lines
     for token in live.tokens.values():
@@ -302,6 +309,8 @@ def test_non_loopback_addresses_need_tls_or_insecure(capsys):
     assert "Refusing to serve plain HTTP" in capsys.readouterr().err
     assert cli.main(["serve", "--host", "192.0.2.1", "--token", "t" * 20, "--ssl-certfile", "x.pem"]) == 1
     assert "both --ssl-certfile and --ssl-keyfile" in capsys.readouterr().err
+    assert cli.main(["serve", "--preset", "paper", "--token", "t" * 20]) == 1
+    assert "each request brings its preset" in capsys.readouterr().err
     assert server.is_loopback("127.0.0.1") and server.is_loopback("::1") and not server.is_loopback("0.0.0.0")
 
 
