@@ -383,12 +383,13 @@ class WorkerService:
                     continue
                 job = self.running = _RunningJob(request)
             try:
-                self._execute(job)
+                reply = self._execute(job)
             finally:
                 with self._lock:
                     self.running = None
+            self._reply(reply)  # after clearing: a health request right after the reply sees no job
 
-    def _execute(self, job: _RunningJob) -> None:
+    def _execute(self, job: _RunningJob) -> protocol.Message:
         request = job.request
         last_sent = [0.0]
 
@@ -407,14 +408,13 @@ class WorkerService:
         except CancelledError as error:
             reply = protocol.reply_for_exception(request.id, error, details={
                 "done_at_cancel": job.done_at_cancel, "done_at_stop": job.done})
-        except MemoryError as error:
-            value = None
+        except MemoryError as error:  # the job's arrays are gone by now: give the memory back
             _return_memory_to_the_system()
             reply = protocol.reply_for_exception(request.id, error, traceback.format_exc())
         except Exception as error:  # reported to the client, which raises it to its caller
             reply = protocol.reply_for_exception(request.id, error, traceback.format_exc())
             logger.debug("Job %s failed:\n%s", request.id, reply.traceback)
-        self._reply(reply)
+        return reply
 
 
 def _exit_when_stdin_closes() -> None:
