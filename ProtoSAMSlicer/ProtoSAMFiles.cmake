@@ -73,6 +73,8 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/prompts.py
   protosam/propagation.py
   protosam/protocol.py
+  protosam/server.py
+  protosam/server_client.py
   protosam/testing.py
   protosam/validation.py
   protosam/weights.py

@@ -188,8 +188,17 @@ def _download_weights(engines: Engines, request: protocol.JobSubmit, progress: P
     return paths
 
 
+def _forward_to_server(engines: Engines, request: protocol.JobSubmit, progress: ProgressFunction,
+                       cancel: threading.Event) -> Any:
+    """Relay a job to a ProtoSAM server over HTTP (``protosam serve``; see server_client)."""
+    from .server_client import forward_job
+
+    return forward_job(request, progress, cancel)
+
+
 #: operation name -> function(engines, JobSubmit, progress, cancel) -> JSON value with arrays
-OPERATIONS = {"segment_volume": _segment_volume, "download_weights": _download_weights}
+OPERATIONS = {"segment_volume": _segment_volume, "download_weights": _download_weights,
+              "forward_to_server": _forward_to_server}
 
 
 def run_job(engines: Engines, request: protocol.JobSubmit, progress: ProgressFunction,

@@ -46,6 +46,9 @@ class ProcessOptions:
     through the model manager, with a progress dialog, and leaves this False).
     autoExtent: follow each structure outwards and stop once it is gone (None: preset's choice).
     cacheBytes: encoder-output cache kept between runs on the same volume (0: off).
+    computeOn: "local" (this computer) or "server": the local worker process relays the run
+    to the ProtoSAM server at ``serverUrl`` with ``serverToken`` (``protosam serve``; the server
+    runs its own models, whose names must match ``models``; ``device`` is the server's).
     """
 
     models: ModelSelection = ModelSelection()
@@ -56,6 +59,9 @@ class ProcessOptions:
     weightsHome: Optional[str] = None
     allowDownload: bool = False
     cacheBytes: int = 0
+    computeOn: str = "local"
+    serverUrl: str = ""
+    serverToken: str = dataclasses.field(default="", repr=False)  # never in logs or reprs
 
 
 @dataclasses.dataclass
@@ -284,7 +290,8 @@ class ProtoSAMLogic:
                                 supportSlices=supportSlices, sliceRange=sliceRange)
         if supportVolumeNode is None:
             supportVolumeNode = self.defaultSupportVolume(supportSegmentationNode) or targetVolumeNode
-        device = resolveDevice(options.device)
+        # A server run only needs a local worker to relay it: never the GPU one.
+        device = "cpu" if _onServer(options) else resolveDevice(options.device)
         worker = self._worker or (workerForDevice(device) if self.workerKind == "process"
                                   else threadWorkerForDevice(device))
         handle = PropagationJob(self, [targetVolumeNode, supportVolumeNode, supportSegmentationNode],
@@ -465,4 +472,14 @@ def _engineJob(prepared: PreparedRun, options: ProcessOptions, device: str) -> R
                                  cache_bytes=options.cacheBytes)
     request = protocol.JobSubmit(id=protocol.new_id(), operation="segment_volume",
                                  kwargs=engineKwargs(prepared, options), engine=dataclasses.asdict(engine))
+    if _onServer(options):
+        from protosam.server_client import forwarding_request
+
+        request = forwarding_request(request, options.serverUrl, options.serverToken)
     return RequestFunction(request, decodeResult=lambda value: protosam.VolumeResult(**value))
+
+
+def _onServer(options: ProcessOptions) -> bool:
+    if options.computeOn not in ("local", "server"):
+        raise ValueError(f"computeOn must be 'local' or 'server', not {options.computeOn!r}")
+    return options.computeOn == "server"
