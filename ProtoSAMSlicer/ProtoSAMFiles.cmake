@@ -24,6 +24,7 @@ set(PROTOSAM_MODULE_SCRIPTS
   ProtoSAMSlicerLib/selftest.py
   ProtoSAMSlicerLib/settings.py
   ProtoSAMSlicerLib/worker.py
+  ProtoSAMSlicerLib/worker_client.py
   )
 
 # Relative to ProtoSAMSlicer/SegmentEditorProtoSAM: the hidden module registering the effect.
@@ -71,12 +72,16 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/presets.py
   protosam/prompts.py
   protosam/propagation.py
+  protosam/protocol.py
+  protosam/server.py
+  protosam/server_client.py
   protosam/testing.py
   protosam/validation.py
   protosam/weights.py
   protosam/weights_cli.py
   protosam/weights_download.py
   protosam/weights_registry.py
+  protosam/worker_process.py
   )
 
 # Relative to ProtoSAMLib: non-Python files of the engine package.

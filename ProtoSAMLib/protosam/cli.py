@@ -329,9 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     segment.set_defaults(func=cmd_segment)
 
     weights_cli.add_subcommands(commands)
-    from . import batch
+    from . import batch, worker_process
 
     batch.add_subcommand(commands)
+    worker = commands.add_parser("worker", help="persistent worker process of a ProtoSAM client (started by Slicer)")
+    worker_process.build_parser(worker).set_defaults(func=worker_process.cli_serve)
+    from . import server
+
+    serve = commands.add_parser("serve", help="ProtoSAM server for remote Slicer workstations (needs ProtoSAMLib[serve])")
+    server.build_parser(serve).set_defaults(func=server.cli_serve)
     try:
         from .evaluation import cli as evaluation_cli
     except ImportError:  # pragma: no cover - only while the evaluation package is absent

@@ -185,6 +185,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             comboBox.connect("currentIndexChanged(int)", self.onModelSettingChanged)
         self.ui.customCheckpointPathLineEdit.connect("currentPathChanged(QString)", self.onModelSettingChanged)
         self.ui.weightsFolderPathLineEdit.connect("currentPathChanged(QString)", self.onModelSettingChanged)
+        self._setupComputeOn()
         self.ui.targetVolumesSelector.connect("checkedNodesChanged()", self.updateGUI)
         self.ui.supportSegmentsTableView.connect("selectionChanged(QItemSelection,QItemSelection)", self.updateGUI)
 
@@ -218,6 +219,29 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             comboBox.blockSignals(False)
         self.ui.customCheckpointPathLineEdit.currentPath = readSetting("SAMCheckpoint")
         self.ui.weightsFolderPathLineEdit.currentPath = readSetting("WeightsFolder")
+
+    def _setupComputeOn(self):
+        """"Compute on": this computer or a ProtoSAM server (URL + token, kept in QSettings)."""
+        self.ui.computeOnComboBox.addItem(_("This computer"), "local")
+        self.ui.computeOnComboBox.addItem(_("ProtoSAM server"), "server")
+        self.ui.computeOnComboBox.setCurrentIndex(max(self.ui.computeOnComboBox.findData(readSetting("ComputeOn")), 0))
+        self.ui.serverUrlLineEdit.text = readSetting("ServerURL")
+        self.ui.serverTokenLineEdit.text = readSetting("ServerToken")
+        self.ui.serverTokenStorageLabel.text = _(
+            "The token is stored in plain text in Slicer's settings file {path} (key ProtoSAM/ServerToken), "
+            "readable by your user account.").format(path=qt.QSettings().fileName())
+        self.ui.computeOnComboBox.connect("currentIndexChanged(int)", self.onComputeOnChanged)
+        self.ui.serverUrlLineEdit.connect("editingFinished()", self.onComputeOnChanged)
+        self.ui.serverTokenLineEdit.connect("editingFinished()", self.onComputeOnChanged)
+        self.onComputeOnChanged()
+
+    def onComputeOnChanged(self, *args):
+        onServer = self.ui.computeOnComboBox.currentData == "server"
+        writeSetting("ComputeOn", self.ui.computeOnComboBox.currentData)
+        writeSetting("ServerURL", self.ui.serverUrlLineEdit.text.strip())
+        writeSetting("ServerToken", self.ui.serverTokenLineEdit.text.strip())
+        for widget in (self.ui.serverUrlLineEdit, self.ui.serverTokenLineEdit):
+            widget.enabled = onServer
 
     def cleanup(self):
         self.pollTimer.stop()
@@ -341,7 +365,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("ProtoSAM could not start."), waitCursor=True):
             options = optionsFromSettings()
             statuses = models.weightsStatus(options.models, options.weightsHome)
-            if not all(status.ready for status in statuses):
+            if options.computeOn == "local" and not all(status.ready for status in statuses):  # a server has its own
                 self.startDownload(options, then=self.onApplyButton)
                 return
             self.discardResults()

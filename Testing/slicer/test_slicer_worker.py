@@ -141,15 +141,21 @@ def test_run_until_finished_times_out_and_idle_is_called(worker):
 
 
 def test_one_persistent_worker_per_device_and_shutdown():
-    cpu = workerModule.workerForDevice("cpu-test")
-    assert workerModule.workerForDevice("cpu-test") is cpu
-    assert workerModule.workerForDevice("cuda-test") is not cpu
+    cpu = workerModule.threadWorkerForDevice("cpu-test")
+    assert workerModule.threadWorkerForDevice("cpu-test") is cpu
+    assert workerModule.threadWorkerForDevice("cuda-test") is not cpu
     job = cpu.runUntilFinished(cpu.submit(lambda p, c: threading.current_thread().name), timeout=5)
     assert job.result == "ProtoSAM-cpu-test"
     thread = cpu._thread
+    # The GUI's device workers are processes (started lazily: creating a client starts nothing).
+    process = workerModule.workerForDevice("cpu-test")
+    assert workerModule.workerForDevice("cpu-test") is process and process.pid is None
     workerModule.shutdownAllWorkers()
     assert not thread.is_alive()
-    assert workerModule.workerForDevice("cpu-test") is not cpu
+    assert workerModule.threadWorkerForDevice("cpu-test") is not cpu
+    assert workerModule.workerForDevice("cpu-test") is not process
     workerModule.shutdownAllWorkers()
+    with pytest.raises(ValueError):
+        workerModule.threadWorkerForDevice("")
     with pytest.raises(ValueError):
         workerModule.workerForDevice("")

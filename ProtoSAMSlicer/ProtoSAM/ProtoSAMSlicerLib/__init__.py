@@ -1,6 +1,7 @@
 """Qt-free building blocks of the ProtoSAM Slicer module and Segment Editor effect.
 
-geometry (numpy only), mrml_io (MRML <-> arrays), worker (background thread, no Qt/MRML),
+geometry (numpy only), mrml_io (MRML <-> arrays), worker and worker_client (device workers: the
+worker process client, and an in-process thread for headless scripts; no Qt/MRML),
 logic (headless ProtoSAMLogic), results (preview and accepted segments), dependencies and
 models (first-run setup), effect_session (Segment Editor effect behaviour).
 """

@@ -1,10 +1,12 @@
-"""Headless ProtoSAM logic: MRML in, engine on the device worker, preview segmentation out.
+"""Headless ProtoSAM logic: MRML in, engine in the worker process, preview segmentation out.
 
 ``ProtoSAMLogic.process`` works the same from the module widget, the Segment Editor effect,
 Python scripts and tests: ``waitForCompletion=True`` blocks (polling the worker) and returns
 the result; ``False`` returns a PropagationJob at once and the caller polls ``logic.poll()``
 (the GUI does from a QTimer). No Qt anywhere; MRML is read and written on the calling (main)
-thread only, the worker receives numpy arrays.
+thread only, the worker receives numpy arrays. The engine runs in the persistent ProtoSAM worker
+process (worker_client.py; never on a Python thread inside Slicer: the GIL trap), or, with
+``ProtoSAMLogic(workerKind="thread")``, on an in-process thread for headless scripts.
 
 Geometry: volumes and segments are read as KJI arrays, reoriented losslessly to the canonical
 (S, A, R)-closest order (geometry.CanonicalOrientation) so that support and target volumes
@@ -23,12 +25,12 @@ import numpy as np
 
 import slicer
 import protosam
-from protosam import ModelSelection
+from protosam import ModelSelection, protocol
 from protosam.errors import CancelledError, InputError
 
 from . import geometry, mrml_io, results
-from .models import engineCacheForDevice
-from .worker import Job, Worker, workerForDevice
+from .worker import Job, Worker, threadWorkerForDevice, workerForDevice
+from .worker_client import RequestFunction
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,9 @@ class ProcessOptions:
     through the model manager, with a progress dialog, and leaves this False).
     autoExtent: follow each structure outwards and stop once it is gone (None: preset's choice).
     cacheBytes: encoder-output cache kept between runs on the same volume (0: off).
+    computeOn: "local" (this computer) or "server": the local worker process relays the run
+    to the ProtoSAM server at ``serverUrl`` with ``serverToken`` (``protosam serve``; the server
+    runs its own models, whose names must match ``models``; ``device`` is the server's).
     """
 
     models: ModelSelection = ModelSelection()
@@ -54,6 +59,9 @@ class ProcessOptions:
     weightsHome: Optional[str] = None
     allowDownload: bool = False
     cacheBytes: int = 0
+    computeOn: str = "local"
+    serverUrl: str = ""
+    serverToken: str = dataclasses.field(default="", repr=False)  # never in logs or reprs
 
 
 @dataclasses.dataclass
@@ -152,8 +160,13 @@ def sliceViewGeometry(sliceNode) -> Tuple[np.ndarray, np.ndarray]:
 class ProtoSAMLogic:
     """Runs ProtoSAM on MRML nodes; works without the GUI (see module docstring)."""
 
-    def __init__(self, worker: Optional[Worker] = None):
+    def __init__(self, worker=None, workerKind: str = "process"):
+        """worker: a Worker or WorkerClient to run every job on (default: the device's).
+        workerKind: "process" (default; the GUI's) or "thread" (headless scripts only)."""
+        if workerKind not in ("process", "thread"):
+            raise ValueError(f"workerKind must be 'process' or 'thread', not {workerKind!r}")
         self._worker = worker
+        self.workerKind = workerKind
         self.activeJobs: List[PropagationJob] = []
         #: Called between polls while waiting (the GUI sets slicer.app.processEvents).
         self.idle: Optional[Callable[[], None]] = None
@@ -277,8 +290,10 @@ class ProtoSAMLogic:
                                 supportSlices=supportSlices, sliceRange=sliceRange)
         if supportVolumeNode is None:
             supportVolumeNode = self.defaultSupportVolume(supportSegmentationNode) or targetVolumeNode
-        device = resolveDevice(options.device)
-        worker = self._worker or workerForDevice(device)
+        # A server run only needs a local worker to relay it: never the GPU one.
+        device = "cpu" if _onServer(options) else resolveDevice(options.device)
+        worker = self._worker or (workerForDevice(device) if self.workerKind == "process"
+                                  else threadWorkerForDevice(device))
         handle = PropagationJob(self, [targetVolumeNode, supportVolumeNode, supportSegmentationNode],
                                 list(prepared.masks))
 
@@ -344,6 +359,12 @@ class ProtoSAMLogic:
     def cancelAll(self, reason: str = "") -> None:
         for handle in list(self.activeJobs):
             handle.cancel(reason)
+
+    def releaseWorkerCaches(self, models: bool = False) -> None:
+        """Ask the workers this logic used to drop their encoder caches (scene closed: the
+        volumes they came from are gone) and, with ``models``, the loaded models too."""
+        for worker in list(self._usedWorkers.values()):
+            worker.releaseCaches(models=models)
 
     # ------------------------------------------------------------------ results (main)
     def _finish(self, handle: PropagationJob, job: Job, prepared: PreparedRun, targetVolumeNode,
@@ -418,30 +439,47 @@ class ProtoSAMLogic:
                     logger.info("'%s' is being removed: cancelling the ProtoSAM run that uses it.", node.GetName())
                     handle.cancel(f"'{node.GetName()}' was removed from the scene during the run; nothing was written.")
 
-        tag = scene.AddObserver(slicer.vtkMRMLScene.NodeAboutToBeRemovedEvent, onNodeAboutToBeRemoved)
-        self._observedScenes[id(scene)] = (scene, tag, onNodeAboutToBeRemoved)
+        def onEndClose(caller, event):
+            self.releaseWorkerCaches()
+
+        tags = [scene.AddObserver(slicer.vtkMRMLScene.NodeAboutToBeRemovedEvent, onNodeAboutToBeRemoved),
+                scene.AddObserver(slicer.vtkMRMLScene.EndCloseEvent, onEndClose)]
+        self._observedScenes[id(scene)] = (scene, tags, (onNodeAboutToBeRemoved, onEndClose))
 
     def cleanup(self) -> None:
         """Cancel this logic's runs and stop observing scenes (module cleanup / reload)."""
         self.cancelAll("ProtoSAM was closed; the run was cancelled.")
-        for scene, tag, _ in self._observedScenes.values():
-            scene.RemoveObserver(tag)
+        for scene, tags, _ in self._observedScenes.values():
+            for tag in tags:
+                scene.RemoveObserver(tag)
         self._observedScenes.clear()
+        self.releaseWorkerCaches()
 
 
-def _engineJob(prepared: PreparedRun, options: ProcessOptions, device: str):
-    """Job function for the device worker: only numpy arrays and plain values are captured."""
-    query, support, masks = prepared.query, prepared.support, prepared.masks
-    axis, supportSlices, sliceRange = prepared.axis, prepared.supportSlices, prepared.sliceRange
+def engineKwargs(prepared: PreparedRun, options: ProcessOptions) -> Dict:
+    """Keyword arguments of ``protosam.segment_volume`` for a prepared run (arrays and plain
+    JSON values: they travel to the worker process as they are)."""
+    return dict(query_volume=prepared.query, support_volume=prepared.support, support_masks=prepared.masks,
+                axis=prepared.axis, support_slices=prepared.supportSlices, slice_range=prepared.sliceRange,
+                modality=options.modality, auto_extent=options.autoExtent)
 
-    def run(progress, cancel):
-        engine = engineCacheForDevice(device).get(
-            options.models, options.preset, device, weightsHome=options.weightsHome,
-            download=options.allowDownload, cacheBytes=options.cacheBytes)
-        if cancel.is_set():
-            raise CancelledError("Cancelled before the run started; nothing was written.")
-        return protosam.segment_volume(
-            engine, query, support, masks, axis=axis, support_slices=supportSlices, slice_range=sliceRange,
-            modality=options.modality, auto_extent=options.autoExtent, progress=progress, cancel=cancel)
 
-    return run
+def _engineJob(prepared: PreparedRun, options: ProcessOptions, device: str) -> RequestFunction:
+    """The job for a device worker: "run segment_volume with these arrays and keyword arguments"
+    on the engine ``options`` describe (a protocol message; no MRML reference inside)."""
+    engine = protocol.EngineSpec(models=dataclasses.asdict(options.models), preset=options.preset, device=device,
+                                 weights_home=options.weightsHome, download=options.allowDownload,
+                                 cache_bytes=options.cacheBytes)
+    request = protocol.JobSubmit(id=protocol.new_id(), operation="segment_volume",
+                                 kwargs=engineKwargs(prepared, options), engine=dataclasses.asdict(engine))
+    if _onServer(options):
+        from protosam.server_client import forwarding_request
+
+        request = forwarding_request(request, options.serverUrl, options.serverToken)
+    return RequestFunction(request, decodeResult=lambda value: protosam.VolumeResult(**value))
+
+
+def _onServer(options: ProcessOptions) -> bool:
+    if options.computeOn not in ("local", "server"):
+        raise ValueError(f"computeOn must be 'local' or 'server', not {options.computeOn!r}")
+    return options.computeOn == "server"

@@ -16,7 +16,6 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from protosam import Engine, ModelSelection
 from protosam import weights as protosamWeights
-from protosam.errors import CancelledError
 from protosam.models.dinov2 import DINOV2_ARCHITECTURES
 from protosam.models.sam import SAM_ARCHITECTURES
 
@@ -117,36 +116,26 @@ def offlineInstructions(statuses: Sequence[WeightsStatus]) -> str:
 def downloadWeightsFunction(models: ModelSelection, home: Optional[str] = None, *,
                             registry: Optional[Mapping[str, "protosamWeights.WeightsEntry"]] = None,
                             baseUrl: Optional[str] = None):
-    """Worker job function that downloads the missing official weights of ``models``.
+    """Worker job that downloads the missing official weights of ``models`` (a RequestFunction:
+    the worker process runs it, so a download never crawls on a starved thread in Slicer).
 
     Progress is reported in bytes over all files; cancel leaves resumable ``.part`` files.
     baseUrl: an institutional mirror holding the same files (still checked against the
-    published size and SHA-256). Returns the list of checkpoint paths. Raises
-    WeightsUnavailableError with offline instructions when the network fails.
+    published size and SHA-256). The job's result is the list of checkpoint paths. It fails
+    with WeightsUnavailableError and offline instructions when the network fails.
     """
-    statuses = [s for s in weightsStatus(models, home, registry) if not s.ready]
-    for status in statuses:
+    from protosam import protocol
+
+    from .worker_client import RequestFunction
+
+    for status in weightsStatus(models, home, registry):
         if status.status == "custom missing":
             raise FileNotFoundError(offlineInstructions([status]))
-
-    def function(progress, cancel: threading.Event) -> List[Path]:
-        total = sum(s.sizeBytes or 0 for s in statuses)
-        finished = 0
-        paths = []
-        for status in statuses:
-            if cancel.is_set():
-                raise CancelledError("Download cancelled; it resumes where it stopped next time.")
-
-            def fileProgress(done, _total, offset=finished):
-                progress(min(offset + int(done), total), total)
-
-            paths.append(protosamWeights.download(status.model, home, progress=fileProgress, cancel=cancel,
-                                                  registry=registry, base_url=baseUrl))
-            finished += status.sizeBytes or 0
-        progress(total, total)
-        return paths
-
-    return function
+    entries = None if registry is None else [dataclasses.asdict(entry) for entry in registry.values()]
+    request = protocol.JobSubmit(id=protocol.new_id(), operation="download_weights", kwargs={
+        "models": dataclasses.asdict(models), "weights_home": None if home is None else str(home),
+        "base_url": baseUrl, "registry": entries})
+    return RequestFunction(request, decodeResult=lambda paths: [Path(path) for path in paths])
 
 
 class EngineCache:

@@ -2,7 +2,9 @@
 
 Stored in Slicer's application settings under "ProtoSAM/"; this module only needs an object
 with ``value(key)`` and ``setValue(key, value)`` (``qt.QSettings()`` in Slicer), so it has no
-Qt import of its own.
+Qt import of its own. The ProtoSAM server token ("ProtoSAM/ServerToken") is stored there too,
+as plain text in Slicer's settings file (``qt.QSettings().fileName()``, readable by your user
+account only on a normal installation): the module says so next to the token field.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ DEFAULTS = {
     "Device": "auto",
     "Modality": "auto",
     "WeightsFolder": "",
+    # "local" (this computer) or "server" (a ProtoSAM server: URL and token).
+    "ComputeOn": "local",
+    "ServerURL": "",
+    "ServerToken": "",
 }
 #: Encoder outputs kept between runs on the same volume (re-runs after a corrected support).
 DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
@@ -48,4 +54,6 @@ def processOptions(settings, *, autoExtent: Optional[bool] = None):
                                       samCheckpoint=read(settings, "SAMCheckpoint"))
     return ProcessOptions(models=selection, preset=read(settings, "Preset"), device=read(settings, "Device"),
                           modality=read(settings, "Modality"), weightsHome=read(settings, "WeightsFolder") or None,
-                          autoExtent=autoExtent, cacheBytes=DEFAULT_CACHE_BYTES)
+                          autoExtent=autoExtent, cacheBytes=DEFAULT_CACHE_BYTES,
+                          computeOn=read(settings, "ComputeOn"), serverUrl=read(settings, "ServerURL"),
+                          serverToken=read(settings, "ServerToken"))

@@ -1,11 +1,19 @@
-"""One persistent background thread per device that runs ProtoSAM jobs (no Qt, no MRML).
+"""Where ProtoSAM jobs run (no Qt, no MRML): the device workers and the in-process thread worker.
 
-Why one persistent thread: PyTorch/cuDNN cache kernels and plans per thread, and a new thread
-per run was measured ~10x slower on its first call. Models are therefore loaded and run on the
-same thread for the lifetime of the Slicer session (see ``workerForDevice``).
+``workerForDevice(device)`` is what the module, the effect and ``ProtoSAMLogic`` use: the client
+of a persistent worker PROCESS (worker_client.WorkerClient), because inside the Slicer
+application a Python thread only advances while the main thread runs Python (the GIL trap,
+see worker_client.py). ``Worker`` below is the in-process alternative: one persistent thread
+that runs job functions, kept for headless scripts and tests (``threadWorkerForDevice``).
+Both take the same job functions (``worker_client.RequestFunction``) and return handles with
+the same interface (progress, remainingSeconds(), cancel(), finished, resultOrRaise()).
 
-Contract for job functions: they receive only numpy arrays and plain Python values, and they
-never touch Qt or MRML (neither is thread-safe). They are called as
+Why persistent: PyTorch/cuDNN cache kernels and plans per thread (and per process), and a new
+thread per run was measured ~10x slower on its first call, so models stay loaded and run on
+the same thread for the lifetime of the Slicer session.
+
+Contract for thread job functions: they receive only numpy arrays and plain Python values, and
+they never touch Qt or MRML (neither is thread-safe). They are called as
 ``function(progress, cancelEvent)`` where ``progress(done, total)`` reports work units (slices)
 and ``cancelEvent`` is a ``threading.Event`` they must check at least once per unit.
 
@@ -25,9 +33,12 @@ import queue
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from protosam.errors import CancelledError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .worker_client import WorkerClient
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +226,11 @@ class Worker:
             self._jobs.put(None)
             thread.join(timeout)
 
+    def releaseCaches(self, models: bool = False) -> None:
+        """Drop the encoder caches (and models) of this process's thread workers."""
+        if _localEngines is not None:
+            _localEngines.release(models=models)
+
     @property
     def threadIdent(self) -> Optional[int]:
         thread = self._thread
@@ -272,13 +288,26 @@ class Worker:
 
 
 _workers: Dict[str, Worker] = {}
+_processWorkers: Dict[str, "WorkerClient"] = {}
 _workersLock = threading.Lock()
+_localEngines = None
 
 
-def workerForDevice(device: str) -> Worker:
-    """The session-wide worker of a device ("cpu", "cuda", "cuda:1", "mps"), created on first use."""
-    if not isinstance(device, str) or not device:
-        raise ValueError(f"device must be a non-empty string, got {device!r}")
+def localEngines():
+    """The engines of this process's thread workers (``protosam.worker_process.Engines``)."""
+    global _localEngines
+    with _workersLock:
+        if _localEngines is None:
+            from protosam.worker_process import Engines
+
+            _localEngines = Engines()
+        return _localEngines
+
+
+def threadWorkerForDevice(device: str) -> Worker:
+    """The session-wide in-process thread worker of a device (headless scripts and tests only:
+    inside the Slicer application a Python thread starves, see worker_client.py)."""
+    _checkDevice(device)
     with _workersLock:
         worker = _workers.get(device)
         if worker is None:
@@ -286,10 +315,30 @@ def workerForDevice(device: str) -> Worker:
         return worker
 
 
-def shutdownAllWorkers(timeout: Optional[float] = 5.0) -> None:
-    """Stop every device worker (called when Slicer exits or the module is reloaded)."""
+def workerForDevice(device: str) -> "WorkerClient":
+    """The session-wide worker process client of a device ("cpu", "cuda", "cuda:1", "mps"),
+    created on first use; its process starts with the first job."""
+    from .worker_client import WorkerClient
+
+    _checkDevice(device)
     with _workersLock:
-        workers = list(_workers.values())
+        client = _processWorkers.get(device)
+        if client is None:
+            client = _processWorkers[device] = WorkerClient(name=f"ProtoSAM-{device}")
+        return client
+
+
+def _checkDevice(device: str) -> None:
+    if not isinstance(device, str) or not device:
+        raise ValueError(f"device must be a non-empty string, got {device!r}")
+
+
+def shutdownAllWorkers(timeout: Optional[float] = 5.0) -> None:
+    """Stop every device worker, threads and processes (called when Slicer exits or the
+    module is reloaded)."""
+    with _workersLock:
+        workers = list(_workers.values()) + list(_processWorkers.values())
         _workers.clear()
+        _processWorkers.clear()
     for worker in workers:
         worker.shutdown(timeout)

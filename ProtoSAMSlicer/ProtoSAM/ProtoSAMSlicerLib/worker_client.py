@@ -1,0 +1,778 @@
+"""Client of the persistent ProtoSAM worker process (no Qt, no MRML, no Python threads).
+
+Why a process: inside Slicer the main thread keeps the GIL while it waits in the Qt event
+loop (PythonQt runs without thread support), so a Python worker thread advances only while
+Slicer happens to run Python: inference and downloads crawl. The worker process
+(:mod:`protosam.worker_process`, started with Slicer's own ``PythonSlicer``) computes freely,
+keeps models and encoder caches loaded between runs, and can be killed when it does not stop.
+
+Everything here is driven from ``WorkerClient.poll()``, called by the GUI from a QTimer (or by
+``runUntilFinished`` in scripts): the socket is non-blocking, so ``poll`` only reads what has
+arrived and returns at once. Events (progress, finished) are delivered from ``poll`` on the
+calling thread, like the thread worker's, so callbacks may touch MRML and the GUI.
+
+Transport: a TCP socket on 127.0.0.1 that this client listens on; the worker connects back and
+sends the per-start random token it read from its stdin. Sockets have non-blocking reads with
+the same API on Windows, macOS and Linux (pipes do not), and the worker's stdin doubles as a
+lifeline: when this process dies, even by ``kill -9``, the worker sees EOF and exits. Arrays go
+through ``.npy`` files in a private temporary folder, removed as soon as each side has read them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import hmac
+import itertools
+import logging
+import os
+import secrets
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Deque, Dict, List, Optional
+
+from protosam import protocol
+from protosam.errors import CancelledError, ProtoSAMError
+
+from .worker import FINAL_STATES, JobState
+
+logger = logging.getLogger(__name__)
+workerLogger = logging.getLogger("ProtoSAM.worker")
+
+#: Seconds a worker may take from launch to its hello (it connects before importing torch).
+DEFAULT_START_TIMEOUT_S = 60.0
+#: Seconds a running job may take to stop after Cancel before the worker is killed.
+DEFAULT_CANCEL_GRACE_S = 5.0
+#: How long synchronous waits block between two polls (seconds).
+DEFAULT_POLL_INTERVAL_S = 0.03
+LOG_TAIL_LINES = 25
+
+_BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
+              "from protosam.worker_process import main; sys.exit(main())")
+
+
+class WorkerStartError(ProtoSAMError):
+    """The worker process could not be started; the message has the command line and log tail."""
+
+
+def workerPythonExecutable() -> str:
+    """The Python that runs the worker: Slicer's ``PythonSlicer`` inside Slicer, else this Python.
+
+    ``PROTOSAM_WORKER_PYTHON`` overrides it (troubleshooting, custom installs).
+    """
+    override = os.environ.get("PROTOSAM_WORKER_PYTHON")
+    if override:
+        return override
+    name = "PythonSlicer.exe" if sys.platform == "win32" else "PythonSlicer"
+    besideExecutable = Path(sys.executable).with_name(name)
+    if "slicer" in sys.modules and hasattr(sys.modules["slicer"], "app"):  # inside the Slicer application
+        found = shutil.which("PythonSlicer") or (str(besideExecutable) if besideExecutable.exists() else None)
+        if found:
+            return found
+    return sys.executable
+
+
+def enginePackageParent() -> str:
+    """The folder that holds the ``protosam`` package (put first on the worker's sys.path)."""
+    return str(Path(protocol.__file__).resolve().parents[1])
+
+
+def logTail(path: Optional[Path], lines: int = LOG_TAIL_LINES) -> str:
+    if path is None or not path.exists():
+        return "(no log)"
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as error:
+        return f"(log unreadable: {error})"
+    return "\n".join(text[-lines:]) or "(log is empty)"
+
+
+class RequestFunction:
+    """A job that either worker kind can run: the worker process receives ``workerRequest``
+    (a protocol.JobSubmit); the in-process thread worker calls the object, which runs the same
+    engine-side code (``protosam.worker_process.run_job``) on its thread.
+
+    decodeResult: turns the job's JSON/array value into what callers expect (e.g. VolumeResult).
+    """
+
+    def __init__(self, request: protocol.JobSubmit, decodeResult: Callable[[Any], Any] = lambda value: value):
+        self.workerRequest = request
+        self.decodeResult = decodeResult
+
+    def __call__(self, progress, cancel):
+        from protosam.worker_process import run_job
+
+        from .worker import localEngines
+
+        return self.decodeResult(run_job(localEngines(), self.workerRequest, progress, cancel))
+
+
+class ProcessJob:
+    """Handle of a job run by the worker process (same interface as worker.Job).
+
+    ``state``, ``result``, ``error`` are final once ``finished``; ``progress`` is the latest
+    (done, total) delivered by ``poll``; ``details`` holds what the worker reported with an
+    error (e.g. ``done_at_cancel`` / ``done_at_stop`` slices for a cancel).
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self, function: RequestFunction, name: str, cancelEvent: Optional[threading.Event],
+                 onProgress, onFinished):
+        self.id = next(ProcessJob._ids)
+        self.name = name
+        self.function = function
+        self.requestId = function.workerRequest.id
+        self.cancelEvent = cancelEvent if cancelEvent is not None else threading.Event()
+        self.onProgress = onProgress
+        self.onFinished = onFinished
+        self.state = JobState.QUEUED
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+        self.errorTraceback = ""
+        self.details: Dict[str, Any] = {}
+        self.progress = (0, 0)
+        self.startedAt: Optional[float] = None
+        self.finishedAt: Optional[float] = None
+        self.cancelSentAt: Optional[float] = None
+        self.files: List[str] = []
+        self._finishDelivered = False
+
+    def __repr__(self) -> str:
+        return f"<ProcessJob {self.id} {self.name!r} {self.state.value}>"
+
+    def cancel(self) -> None:
+        """Ask the job to stop: a queued job never starts, a running one stops at its next slice."""
+        self.cancelEvent.set()
+
+    @property
+    def cancelRequested(self) -> bool:
+        return self.cancelEvent.is_set()
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def resultOrRaise(self) -> Any:
+        if not self.finished:
+            raise RuntimeError(f"{self!r} has not finished yet")
+        if self.state is JobState.FAILED:
+            raise self.error
+        if self.state is JobState.CANCELLED:
+            if isinstance(self.error, CancelledError):
+                raise self.error
+            raise CancelledError(f"'{self.name}' was cancelled; nothing was changed.")
+        return self.result
+
+    def remainingSeconds(self, now: Optional[float] = None) -> Optional[float]:
+        done, total = self.progress
+        if self.startedAt is None or done <= 0 or total <= 0:
+            return None
+        elapsed = (now if now is not None else time.monotonic()) - self.startedAt
+        return max(0.0, elapsed / done * (total - done))
+
+
+class _PendingRequest:
+    def __init__(self, message: protocol.Message):
+        self.message = message
+        self.reply: Optional[protocol.Message] = None
+        self.error: Optional[BaseException] = None
+        self.sent = False
+
+    @property
+    def done(self) -> bool:
+        return self.reply is not None or self.error is not None
+
+
+_clients: "weakref.WeakSet[WorkerClient]" = weakref.WeakSet()
+
+
+class WorkerClient:
+    """One persistent worker process, started lazily on the first job, restarted after a crash.
+
+    Jobs run one at a time in submission order. python: the worker's Python (default
+    :func:`workerPythonExecutable`). cancelGraceSeconds: how long a cancelled job may run on
+    before the worker is killed (and started again by the next job; models then reload).
+    """
+
+    def __init__(self, name: str = "ProtoSAM-worker", *, python: Optional[str] = None,
+                 startTimeout: float = DEFAULT_START_TIMEOUT_S, cancelGraceSeconds: float = DEFAULT_CANCEL_GRACE_S):
+        self.name = name
+        self.python = python
+        self.startTimeout = startTimeout
+        self.cancelGraceSeconds = cancelGraceSeconds
+        self.starts = 0
+        self.logPath: Optional[Path] = None
+        self.commandLine: List[str] = []
+        self._process: Optional[subprocess.Popen] = None
+        self._logFile = None
+        self._listener: Optional[socket.socket] = None
+        self._candidate: Optional[socket.socket] = None  # accepted, hello not yet verified
+        self._sock: Optional[socket.socket] = None
+        self._buffer = bytearray()
+        self._token = ""
+        self._transferDir: Optional[Path] = None
+        self._startedAt = 0.0
+        self._workerPid: Optional[int] = None
+        self._queue: Deque[ProcessJob] = collections.deque()
+        self._current: Optional[ProcessJob] = None
+        self._requests: Dict[str, _PendingRequest] = {}
+        self._events: Deque[Callable[[], None]] = collections.deque()
+        self._pendingJobs: List[ProcessJob] = []
+        _clients.add(self)
+
+    # ------------------------------------------------------------------ public API (main thread)
+    @property
+    def pid(self) -> Optional[int]:
+        """Process id of the running worker, or None."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def ready(self) -> bool:
+        return self._sock is not None
+
+    @property
+    def pendingJobs(self) -> List[ProcessJob]:
+        return list(self._pendingJobs)
+
+    def submit(self, function, *, name: str = "job", cancelEvent: Optional[threading.Event] = None,
+               onProgress: Optional[Callable[[ProcessJob, int, int], None]] = None,
+               onFinished: Optional[Callable[[ProcessJob], None]] = None) -> ProcessJob:
+        """Queue a RequestFunction (anything with a ``workerRequest`` protocol.JobSubmit)."""
+        if not isinstance(getattr(function, "workerRequest", None), protocol.JobSubmit):
+            raise TypeError("the worker process runs protocol requests (RequestFunction), not Python functions; "
+                            f"got {function!r}")
+        job = ProcessJob(function, name, cancelEvent, onProgress, onFinished)
+        self._queue.append(job)
+        self._pendingJobs.append(job)
+        self._pump()
+        return job
+
+    def poll(self) -> int:
+        """Read what the worker sent, start/kill/restart it as needed, and deliver events
+        (progress and finished callbacks) on this thread. Never blocks. Returns the number
+        of events delivered."""
+        self._pump()
+        delivered = 0
+        while self._events:
+            self._events.popleft()()
+            delivered += 1
+        return delivered
+
+    def runUntilFinished(self, job: ProcessJob, timeout: Optional[float] = None,
+                         interval: float = DEFAULT_POLL_INTERVAL_S,
+                         idle: Optional[Callable[[], None]] = None) -> ProcessJob:
+        """Poll until ``job``'s finished event has been delivered (scripts, tests, blocking runs)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.poll()
+            if job._finishDelivered:
+                return job
+            if idle is not None:
+                idle()
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{job!r} did not finish within {timeout} s")
+            self._wait(interval)
+
+    def request(self, message: protocol.Message, timeout: float = 30.0) -> protocol.Message:
+        """Send a control request (health, release, models status) and wait for its reply.
+        Starts the worker if it is not running."""
+        pending = _PendingRequest(message)
+        self._requests[message.id] = pending
+        deadline = time.monotonic() + timeout
+        try:
+            while not pending.done:
+                self.poll()
+                if pending.done:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the ProtoSAM worker did not answer '{message.TYPE}' within {timeout} s")
+                self._wait(DEFAULT_POLL_INTERVAL_S)
+        finally:
+            self._requests.pop(message.id, None)
+        if pending.error is not None:
+            raise pending.error
+        return pending.reply
+
+    def health(self, timeout: float = 30.0) -> protocol.Health:
+        """The worker's memory, caches and loaded engines (starts the worker if needed)."""
+        return self.request(protocol.HealthRequest(id=protocol.new_id()), timeout)
+
+    def releaseCaches(self, models: bool = False) -> None:
+        """Ask a running worker to drop its encoder caches (and models); does not wait.
+        Nothing to do when no worker runs."""
+        if self._sock is None:
+            return
+        message = protocol.ReleaseCaches(id=protocol.new_id(), models=models)
+        self._send(message)
+
+    def shutdown(self, timeout: Optional[float] = 5.0) -> None:
+        """Cancel queued jobs, ask the worker to exit, kill it after ``timeout`` seconds."""
+        for job in list(self._queue):
+            self._finishJob(job, JobState.CANCELLED, error=CancelledError("ProtoSAM was closed; nothing was written."))
+        self._queue.clear()
+        process = self._process
+        if process is None:
+            self._cleanup(removeLog=True)
+            return
+        if self._sock is not None:
+            try:
+                self._send(protocol.Shutdown())
+            except ProtoSAMError:
+                pass
+        try:
+            if process.stdin is not None:
+                process.stdin.close()  # the worker also exits on stdin EOF
+        except OSError:
+            pass
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+        current = self._current
+        if current is not None:
+            self._finishJob(current, JobState.CANCELLED,
+                            error=CancelledError("ProtoSAM was closed; the run was cancelled and nothing was written."))
+        self._cleanup(removeLog=process.returncode == 0)
+
+    def kill(self) -> None:
+        """Kill the worker at once (its current job fails; the next job starts a new worker)."""
+        if self._process is not None:
+            self._process.kill()
+
+    # ------------------------------------------------------------------ internals
+    def _wait(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, waking early when the worker sends something."""
+        sockets = [s for s in (self._sock, self._listener, self._candidate) if s is not None]
+        if sockets:
+            select.select(sockets, [], [], seconds)
+        else:
+            time.sleep(seconds)
+
+    def _busy(self) -> bool:
+        return bool(self._queue or self._current is not None or self._requests)
+
+    def _pump(self) -> None:
+        for job in [job for job in self._queue if job.cancelRequested]:  # never sent: nothing to stop
+            self._queue.remove(job)
+            self._finishJob(job, JobState.CANCELLED)
+        if self._process is None:
+            if not self._busy():
+                return
+            try:
+                self._start()
+            except WorkerStartError as error:
+                self._failEverything(error)
+                return
+        if self._sock is None:
+            self._advanceStart()
+            if self._sock is None:
+                return
+        self._readAvailable()
+        if self._sock is None:
+            return
+        self._checkCancels()
+        if self._sock is not None and self._current is None:
+            self._sendNextJob()
+        if self._sock is not None and self._requests:
+            for pending in list(self._requests.values()):
+                if not pending.sent and self._sock is not None:
+                    pending.sent = True
+                    self._send(pending.message)
+
+    def _start(self) -> None:
+        self.starts += 1
+        removeStaleTransferFolders()
+        self._transferDir = Path(tempfile.mkdtemp(prefix=f"{TRANSFER_PREFIX}{os.getpid()}-"))
+        logDir = Path(tempfile.gettempdir()) / "ProtoSAM"
+        logDir.mkdir(parents=True, exist_ok=True)
+        self.logPath = logDir / f"worker-{os.getpid()}-{self.starts}.log"
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(4)
+        self._listener.setblocking(False)
+        port = self._listener.getsockname()[1]
+        self._token = secrets.token_hex(32)
+        python = self.python or workerPythonExecutable()
+        self.commandLine = [python, "-c", _BOOTSTRAP, enginePackageParent(), "--connect", f"127.0.0.1:{port}",
+                            "--transfer-dir", str(self._transferDir)]
+        environment = dict(os.environ, PYTHONUNBUFFERED="1")
+        creationFlags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
+        self._logFile = open(self.logPath, "wb")
+        try:
+            self._process = subprocess.Popen(self.commandLine, stdin=subprocess.PIPE, stdout=self._logFile,
+                                             stderr=subprocess.STDOUT, env=environment, cwd=str(self._transferDir),
+                                             creationflags=creationFlags)
+        except OSError as error:
+            self._cleanup(removeLog=False)
+            raise WorkerStartError(self._startFailureText(f"it could not be launched ({error})")) from error
+        try:  # the token never appears on a command line (visible to other users)
+            self._process.stdin.write((self._token + "\n").encode("ascii"))
+            self._process.stdin.flush()
+        except OSError:
+            pass  # it died already: reported by _advanceStart with its log
+        self._startedAt = time.monotonic()
+        logger.info("Starting the ProtoSAM worker process (pid %d, log %s): %s", self._process.pid, self.logPath,
+                    subprocess.list2cmdline(self.commandLine))
+
+    def _startFailureText(self, what: str) -> str:
+        return (f"The ProtoSAM worker process could not start: {what}.\nCommand line: "
+                f"{subprocess.list2cmdline(self.commandLine)}\nLog file {self.logPath}, last lines:\n{logTail(self.logPath)}"
+                "\nCheck that ProtoSAM's Python packages are installed for this Python (see README, 'Troubleshooting').")
+
+    def _advanceStart(self) -> None:
+        process = self._process
+        if self._candidate is None:
+            try:
+                readable, _, _ = select.select([self._listener], [], [], 0)
+                if readable:
+                    self._candidate, _ = self._listener.accept()
+                    self._candidate.setblocking(False)
+                    self._buffer.clear()
+            except OSError:
+                self._candidate = None
+        if self._candidate is not None:
+            hello = None
+            try:
+                hello = self._readHello()
+            except (OSError, EOFError, protocol.ProtocolError) as error:
+                logger.warning("Dropped a connection to the ProtoSAM worker socket: %s", error)
+                self._closeCandidate()
+            if hello is not None:
+                if hmac.compare_digest(hello.token, self._token):
+                    self._sock, self._candidate = self._candidate, None
+                    self._listener.close()
+                    self._listener = None
+                    self._workerPid = hello.pid
+                    logger.info("ProtoSAM worker %d ready (protocol %d, ProtoSAM %s, Python %s)", hello.pid,
+                                hello.protocol_version, hello.protosam_version, hello.python)
+                    return
+                logger.warning("Refused a connection to the ProtoSAM worker socket with a wrong token.")
+                self._closeCandidate()
+        if process.poll() is not None:
+            error = WorkerStartError(self._startFailureText(f"it exited with code {process.returncode}"))
+            self._cleanup(removeLog=False)
+            self._failEverything(error)
+        elif time.monotonic() - self._startedAt > self.startTimeout:
+            process.kill()
+            process.wait(5)
+            error = WorkerStartError(self._startFailureText(f"it did not connect within {self.startTimeout:.0f} s"))
+            self._cleanup(removeLog=False)
+            self._failEverything(error)
+
+    def _closeCandidate(self) -> None:
+        if self._candidate is not None:
+            self._candidate.close()
+        self._candidate = None
+        self._buffer.clear()
+
+    def _readHello(self) -> Optional[protocol.Hello]:
+        while True:
+            try:
+                chunk = self._candidate.recv(65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                raise EOFError("closed before its hello")
+            self._buffer += chunk
+        data = self._takeMessage()
+        if data is None:
+            return None
+        message = protocol.decode(data)
+        if not isinstance(message, protocol.Hello):
+            raise protocol.ProtocolError(f"expected a hello, got '{message.TYPE}'")
+        return message
+
+    def _takeMessage(self) -> Optional[bytes]:
+        if len(self._buffer) < protocol.PREFIX_SIZE:
+            return None
+        headerLength, blobLength = protocol.read_prefix(bytes(self._buffer[:protocol.PREFIX_SIZE]))
+        total = protocol.PREFIX_SIZE + headerLength + blobLength
+        if len(self._buffer) < total:
+            return None
+        data = bytes(self._buffer[:total])
+        del self._buffer[:total]
+        return data
+
+    def _readAvailable(self) -> None:
+        closed = False
+        while True:
+            try:
+                chunk = self._sock.recv(1 << 20)
+            except BlockingIOError:
+                break
+            except OSError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            self._buffer += chunk
+        while self._sock is not None:
+            try:
+                data = self._takeMessage()
+            except protocol.ProtocolError as error:
+                self._workerLost(f"it sent an unreadable message ({error})", kill=True)
+                return
+            if data is None:
+                break
+            self._handle(data)
+        if closed and self._sock is not None:
+            self._workerLost("it closed the connection")
+
+    def _handle(self, data: bytes) -> None:
+        try:
+            message = protocol.decode(data, file_dir=self._transferDir)
+        except protocol.ProtocolError as error:
+            logger.error("Unreadable message from the ProtoSAM worker: %s", error)
+            return
+        finally:
+            try:
+                files = protocol.array_files(data)
+            except (protocol.ProtocolError, ValueError):
+                files = []
+            for path in files:
+                _removeFile(path)
+        if isinstance(message, protocol.LogRecord):
+            workerLogger.log(message.level, "[worker %s] %s", self._workerPid, message.message)
+            return
+        identifier = getattr(message, "id", "")
+        current = self._current
+        if current is not None and identifier == current.requestId:
+            if isinstance(message, protocol.JobProgress):
+                if not current.cancelRequested:  # after Cancel the bar stops where the user pressed it
+                    current.progress = (message.done, message.total)
+                    self._events.append(lambda job=current, m=message: self._deliverProgress(job, m.done, m.total))
+            elif isinstance(message, protocol.JobResult):
+                self._current = None
+                if current.cancelRequested:  # cancel came after the last slice: still "I do not want this"
+                    self._finishJob(current, JobState.CANCELLED)
+                else:
+                    try:
+                        result = current.function.decodeResult(message.value)
+                    except Exception as error:  # a malformed value is a failure, reported like one
+                        self._finishJob(current, JobState.FAILED, error=error)
+                    else:
+                        self._finishJob(current, JobState.SUCCEEDED, result=result)
+            elif isinstance(message, protocol.ErrorReply):
+                self._current = None
+                error = protocol.error_from_reply(message)
+                state = JobState.CANCELLED if isinstance(error, CancelledError) else JobState.FAILED
+                self._finishJob(current, state, error=error, traceback=message.traceback, details=message.details)
+            return
+        pending = self._requests.get(identifier)
+        if pending is not None:
+            if isinstance(message, protocol.ErrorReply):
+                pending.error = protocol.error_from_reply(message)
+            else:
+                pending.reply = message
+            return
+        if isinstance(message, protocol.ErrorReply):
+            logger.warning("ProtoSAM worker: %s: %s", message.error_type, message.message)
+        elif isinstance(message, protocol.Health):  # reply to a fire-and-forget release
+            logger.info("ProtoSAM worker caches released: %d bytes cached, %s bytes resident.", message.cache_bytes,
+                        message.rss_bytes)
+
+    def _deliverProgress(self, job: ProcessJob, done: int, total: int) -> None:
+        if job.onProgress is not None and not job._finishDelivered:
+            job.onProgress(job, done, total)
+
+    def _checkCancels(self) -> None:
+        current = self._current
+        if current is None or not current.cancelRequested:
+            return
+        now = time.monotonic()
+        if current.cancelSentAt is None:
+            current.cancelSentAt = now
+            self._send(protocol.JobCancel(id=current.requestId))
+        elif now - current.cancelSentAt > self.cancelGraceSeconds:
+            logger.warning("The ProtoSAM worker did not stop within %.0f s of Cancel: killing it (it restarts with "
+                           "the next run; models are loaded again).", self.cancelGraceSeconds)
+            self._workerLost("it did not stop after Cancel", kill=True)
+
+    def _sendNextJob(self) -> None:
+        while self._queue and self._sock is not None and self._current is None:
+            job = self._queue.popleft()
+            try:
+                data = protocol.encode(job.function.workerRequest, file_dir=self._transferDir)
+            except Exception as error:  # e.g. something a message cannot carry: fail this job only
+                self._finishJob(job, JobState.FAILED, error=error)
+                continue
+            job.files = protocol.array_files(data)
+            job.state = JobState.RUNNING
+            job.startedAt = time.monotonic()
+            self._current = job
+            self._sendBytes(data)
+
+    def _send(self, message: protocol.Message) -> None:
+        self._sendBytes(protocol.encode(message, file_dir=self._transferDir))
+
+    def _sendBytes(self, data: bytes) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:  # headers are small and the worker reads on a dedicated thread: this does not wait long
+            sock.settimeout(30.0)
+            sock.sendall(data)
+            sock.setblocking(False)
+        except OSError as error:
+            self._workerLost(f"sending to it failed ({error})", kill=True)
+
+    def _exitDescription(self) -> str:
+        process = self._process
+        if process is None:
+            return "unknown exit status"
+        try:
+            code = process.wait(2.0)
+        except subprocess.TimeoutExpired:
+            return "still running"
+        if code < 0:
+            import signal
+
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            hint = " (on Linux often the out-of-memory killer)" if name == "SIGKILL" else ""
+            return f"killed by {name}{hint}"
+        return f"exit code {code}"
+
+    def _workerLost(self, reason: str, kill: bool = False) -> None:
+        """The worker is gone (or must go): fail or cancel its job, clean up, restart on demand."""
+        if kill and self._process is not None and self._process.poll() is None:
+            self._process.kill()
+        status = self._exitDescription()
+        current, self._current = self._current, None
+        tail = logTail(self.logPath)
+        logger.warning("The ProtoSAM worker process stopped: %s (%s). Log %s", reason, status, self.logPath)
+        if current is not None:
+            if current.cancelRequested:
+                self._finishJob(current, JobState.CANCELLED, error=CancelledError(
+                    f"'{current.name}' did not stop within {self.cancelGraceSeconds:.0f} s of Cancel, so the ProtoSAM "
+                    "worker was stopped; nothing was written. The next run starts a new worker (models load again)."))
+            else:
+                self._finishJob(current, JobState.FAILED, error=protocol.WorkerCrashedError(
+                    f"The ProtoSAM worker process stopped unexpectedly during '{current.name}' ({status}). Nothing was "
+                    "written and your segments are unchanged. Out of memory is the usual cause: choose smaller models "
+                    "or close other programs. The next run starts a new worker.\n"
+                    f"Worker log {self.logPath}, last lines:\n{tail}"))
+        for pending in self._requests.values():
+            if not pending.done:
+                pending.error = protocol.WorkerCrashedError(f"The ProtoSAM worker process stopped ({status}).")
+        self._cleanup(removeLog=False)
+
+    def _failEverything(self, error: BaseException) -> None:
+        for job in list(self._queue):
+            self._finishJob(job, JobState.FAILED, error=error)
+        self._queue.clear()
+        for pending in self._requests.values():
+            if not pending.done:
+                pending.error = error
+
+    def _finishJob(self, job: ProcessJob, state: JobState, *, result: Any = None, error: Optional[BaseException] = None,
+                   traceback: str = "", details: Optional[Dict[str, Any]] = None) -> None:
+        job.state = state
+        job.result = result if state is JobState.SUCCEEDED else None
+        job.error = error
+        job.errorTraceback = traceback
+        job.details = dict(details or {})
+        job.finishedAt = time.monotonic()
+        for path in job.files:
+            _removeFile(path)
+        job.files = []
+        job.function = None  # drop references to the job's arrays
+        self._events.append(lambda: self._deliverFinished(job))
+
+    def _deliverFinished(self, job: ProcessJob) -> None:
+        job._finishDelivered = True
+        if job in self._pendingJobs:
+            self._pendingJobs.remove(job)
+        callback, job.onFinished, job.onProgress = job.onFinished, None, None
+        if callback is not None:
+            callback(job)
+
+    def _cleanup(self, removeLog: bool) -> None:
+        for sock in (self._sock, self._candidate, self._listener):
+            if sock is not None:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+        self._sock = self._candidate = self._listener = None
+        self._buffer.clear()
+        process, self._process = self._process, None
+        if process is not None:
+            if process.poll() is None:
+                process.kill()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+            if process.stdin is not None:
+                try:
+                    process.stdin.close()
+                except OSError:
+                    pass
+        if self._logFile is not None:
+            self._logFile.close()
+            self._logFile = None
+        if self._transferDir is not None:
+            shutil.rmtree(self._transferDir, ignore_errors=True)
+            self._transferDir = None
+        if removeLog and self.logPath is not None:
+            _removeFile(str(self.logPath))
+
+
+TRANSFER_PREFIX = "protosam-worker-"
+
+
+def removeStaleTransferFolders() -> None:
+    """Remove transfer folders left by a client process that died without cleaning up (a Slicer
+    crash): they may hold copies of volumes. The folder name carries the client's pid."""
+    for folder in Path(tempfile.gettempdir()).glob(TRANSFER_PREFIX + "*-*"):
+        pid = folder.name[len(TRANSFER_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _processExists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _processExists(pid: int) -> bool:
+    if sys.platform == "win32":
+        import ctypes
+
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        ctypes.windll.kernel32.CloseHandle(handle)
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _removeFile(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+@atexit.register
+def _shutdownAtExit() -> None:
+    for client in list(_clients):
+        try:
+            client.shutdown(timeout=2.0)
+        except Exception:  # interpreter exit: best effort only
+            pass

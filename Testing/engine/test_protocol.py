@@ -1,0 +1,262 @@
+"""The worker protocol (protosam.protocol) and the worker process (protosam.worker_process):
+encode/decode round trips with arrays and geometry, clear errors for malformed messages, and a
+real `python -m protosam worker` process answering over a socket."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protosam import protocol
+from protosam.errors import CancelledError, InputError, ProtoSAMError
+from protosam.protocol import ProtocolError
+from protosam.worker_process import _Channel
+
+ENGINE_ROOT = Path(__file__).resolve().parents[2] / "ProtoSAMLib"
+
+
+def submit(**kwargs) -> protocol.JobSubmit:
+    return protocol.JobSubmit(id="job-1", operation="segment_volume", kwargs=kwargs,
+                              engine={"models": {"dinov2": "dinov2_tiny14"}, "device": "cpu"}, name="test")
+
+
+def arrays_equal(a, b) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("use_files", [False, True], ids=["inline", "files"])
+def test_job_submit_round_trip_with_arrays_geometry_and_nesting(tmp_path, use_files):
+    rng = np.random.default_rng(1)
+    volume = rng.normal(size=(7, 20, 24)).astype(np.float32)
+    masks = {"liver": (rng.random((7, 20, 24)) > 0.5).astype(np.uint8), "spleen": np.zeros((7, 20, 24), np.uint8)}
+    ijk_to_ras = np.array([[-0.7, 0, 0, 10.0], [0, -0.9, 0, -5.0], [0, 0, 3.0, 2.5], [0, 0, 0, 1]])
+    message = submit(query_volume=volume, support_volume=None, support_masks=masks, axis=np.int64(2),
+                     support_slices={"liver": [3, 4]}, slice_range=(1, 5), modality="auto", auto_extent=None,
+                     flags=np.array([True, False]), big=np.arange(40000, dtype=np.int64),
+                     image=protocol.Image(volume[:2], ijk_to_ras), score=0.25)
+    data = protocol.encode(message, file_dir=tmp_path if use_files else None, file_threshold=1024)
+    files = protocol.array_files(data)
+    assert (len(files) > 0) == use_files and all(Path(f).parent == tmp_path for f in files)
+    assert len(data) < volume.nbytes if use_files else len(data) > volume.nbytes + masks["liver"].nbytes
+    decoded = protocol.decode(data, file_dir=tmp_path if use_files else None)
+    assert isinstance(decoded, protocol.JobSubmit) and decoded.id == "job-1" and decoded.name == "test"
+    kwargs = decoded.kwargs
+    assert arrays_equal(kwargs["query_volume"], volume) and kwargs["support_volume"] is None
+    assert set(kwargs["support_masks"]) == {"liver", "spleen"}
+    assert all(arrays_equal(kwargs["support_masks"][k], masks[k]) for k in masks)
+    assert kwargs["axis"] == 2 and type(kwargs["axis"]) is int
+    assert kwargs["support_slices"] == {"liver": [3, 4]} and kwargs["slice_range"] == [1, 5]
+    assert arrays_equal(kwargs["flags"], np.array([True, False])) and arrays_equal(kwargs["big"], np.arange(40000))
+    assert isinstance(kwargs["image"], protocol.Image)
+    assert arrays_equal(kwargs["image"].array, volume[:2]) and np.array_equal(kwargs["image"].ijk_to_physical, ijk_to_ras)
+    assert kwargs["score"] == 0.25 and kwargs["auto_extent"] is None
+    assert decoded.engine == message.engine
+    # Decoded arrays own their memory: the files can go at once (Windows cannot delete mapped files).
+    for path in files:
+        os.remove(path)
+    assert arrays_equal(kwargs["query_volume"], volume)
+
+
+def example(cls):
+    values = {"id": "x1", "token": "t", "pid": 7, "operation": "segment_volume", "kwargs": {"a": 1}, "done": 2,
+              "total": 5, "value": {"masks": {"1": np.ones((2, 2), np.uint8)}, "seconds": 1.5}, "error_type": "InputError",
+              "message": "bad", "rss_bytes": None, "cache_bytes": 10, "gpu_bytes": 0, "engines": [], "running_job": None,
+              "queued_jobs": 0, "uptime_s": 3.0, "models": {"dinov2": "dinov2_vitb14"}, "weights": [], "loaded": [],
+              "session_id": "s1", "engine": {"models": {}}, "volume": protocol.Image(np.zeros((3, 4, 5), np.int16), np.eye(4)),
+              "structures": {"liver": np.zeros((3, 4, 5), np.uint8)}, "structure": "liver", "axis": 0, "slice_index": 2,
+              "mask": np.ones((4, 5), np.uint8), "points": [[1.5, 2.0]], "labels": [1], "level": 20, "name": "protosam"}
+    if cls is protocol.ReleaseCaches:
+        values["models"] = True
+    fields = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+    return cls(**fields)
+
+
+@pytest.mark.parametrize("cls", sorted(protocol.MESSAGE_TYPES.values(), key=lambda c: c.TYPE), ids=lambda c: c.TYPE)
+def test_every_message_type_round_trips(cls):
+    message = example(cls)
+    decoded = protocol.decode(protocol.encode(message))
+    assert type(decoded) is cls
+    for field in dataclasses.fields(cls):
+        original, copy = getattr(message, field.name), getattr(decoded, field.name)
+        assert json.dumps(_plain(original), sort_keys=True) == json.dumps(_plain(copy), sort_keys=True), field.name
+
+
+def _plain(value):
+    if isinstance(value, protocol.Image):
+        return {"array": _plain(value.array), "geometry": _plain(value.ijk_to_physical)}
+    if isinstance(value, np.ndarray):
+        return [value.dtype.str, value.tolist()]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def test_errors_cross_the_protocol_as_their_own_types():
+    reply = protocol.reply_for_exception("j", CancelledError("stop"), details={"done_at_cancel": 2})
+    error = protocol.error_from_reply(protocol.decode(protocol.encode(reply)))
+    assert isinstance(error, CancelledError) and str(error) == "stop" and error.details == {"done_at_cancel": 2}
+    assert isinstance(protocol.error_from_reply(protocol.reply_for_exception("j", InputError("x"))), InputError)
+    assert isinstance(protocol.error_from_reply(protocol.reply_for_exception("j", KeyError("k"))), KeyError)
+
+    class EngineSpecific(InputError):
+        pass
+
+    assert protocol.reply_for_exception("j", EngineSpecific("y")).error_type == "InputError"  # nearest known base
+    unknown = protocol.error_from_reply(protocol.ErrorReply(id="j", error_type="CUDAWeirdness", message="z"))
+    assert type(unknown) is ProtoSAMError and "CUDAWeirdness: z" in str(unknown)
+    memory = protocol.error_from_reply(protocol.reply_for_exception("j", MemoryError()))
+    assert isinstance(memory, ProtoSAMError) and "ran out of memory" in str(memory)
+
+
+# ----------------------------------------------------------------------------- malformed input
+def good_bytes() -> bytes:
+    return protocol.encode(submit(volume=np.arange(12, dtype=np.float32).reshape(3, 4)))
+
+
+def with_header(header: dict, blobs: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<4sIQQ", b"PSAM", protocol.PROTOCOL_VERSION, len(raw), len(blobs)) + raw + blobs
+
+
+@pytest.mark.parametrize("data, match", [
+    (b"", "truncated"),
+    (b"GET / HTTP/1.1\r\n\r\n" + b"x" * 10, "not a ProtoSAM message"),
+    (struct.pack("<4sIQQ", b"PSAM", 99, 2, 0) + b"{}", "protocol version 99"),
+    (struct.pack("<4sIQQ", b"PSAM", 1, 1 << 40, 0), "exceeds"),
+    (good_bytes()[:-5], "announces"),
+    (good_bytes() + b"extra", "announces"),
+    (struct.pack("<4sIQQ", b"PSAM", 1, 5, 0) + b"{nope", "not valid JSON"),
+    (with_header([1, 2]), "must be an object"),
+    (with_header({"type": "rm -rf", "fields": {}}), "unknown message type"),
+    (with_header({"type": "job_cancel", "fields": {}}), r"missing field\(s\) \['id'\]"),
+    (with_header({"type": "job_cancel", "fields": {"id": "a", "evil": 1}}), r"unknown field\(s\) \['evil'\]"),
+    (with_header({"type": "job_result", "fields": {"id": "a", "value": {"$array": 3}}, "arrays": []}), "bad array reference"),
+    (with_header({"type": "job_result", "fields": {"id": "a", "value": None},
+                  "arrays": [{"dtype": "|O", "shape": [1], "offset": 0, "nbytes": 8}]}, b"\0" * 8), "refused dtype"),
+    (with_header({"type": "job_result", "fields": {"id": "a", "value": None},
+                  "arrays": [{"dtype": "<f4", "shape": [4], "offset": 0, "nbytes": 8}]}, b"\0" * 8), "needs 16"),
+    (with_header({"type": "job_result", "fields": {"id": "a", "value": None},
+                  "arrays": [{"dtype": "<f4", "shape": [4], "offset": 8, "nbytes": 16}]}, b"\0" * 16), "outside"),
+    (with_header({"type": "job_result", "fields": {"id": "a", "value": None},
+                  "arrays": [{"dtype": "<f4", "shape": [-4], "offset": 0, "nbytes": 0}]}), "negative"),
+    (with_header({"type": "job_result", "fields": {"id": "a", "value": None},
+                  "arrays": [{"dtype": "<f4", "shape": [2], "file": "/etc/passwd"}]}), "does not accept"),
+    (with_header({"type": "job_result", "fields": {"id": "a", "value": None},
+                  "arrays": [{"dtype": "<f4", "shape": [2], "offset": 0, "nbytes": 8, "ijk_to_physical": [[1]]}]},
+                 b"\0" * 8), "not 4x4"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_malformed_messages_get_clear_errors(data, match):
+    with pytest.raises(ProtocolError, match=match):
+        protocol.decode(data)
+
+
+def test_file_references_only_inside_the_trusted_folder(tmp_path):
+    trusted, other = tmp_path / "trusted", tmp_path / "other"
+    trusted.mkdir()
+    other.mkdir()
+    data = protocol.encode(submit(volume=np.ones((64, 64), np.float32)), file_dir=other, file_threshold=0)
+    with pytest.raises(ProtocolError, match="outside the transfer folder"):
+        protocol.decode(data, file_dir=trusted)
+    with pytest.raises(ProtocolError, match="does not accept"):
+        protocol.decode(data)
+    os.remove(protocol.array_files(data)[0])
+    with pytest.raises(ProtocolError, match="cannot be read"):
+        protocol.decode(data, file_dir=other)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"x": np.array([object()])}, "dtype object"),
+    ({"x": float("nan")}, "not representable"),
+    ({"x": {1: "a"}}, "string keys"),
+    ({"x": {"$array": 0}}, "reserved"),
+    ({"x": object()}, "cannot carry"),
+    ({"x": protocol.Image(np.zeros(2), np.eye(3))}, "4x4"),
+])
+def test_unencodable_values_are_refused(kwargs, match):
+    with pytest.raises(ProtocolError, match=match):
+        protocol.encode(submit(**kwargs))
+
+
+# ----------------------------------------------------------------------------- the real process
+@pytest.fixture
+def worker(tmp_path):
+    """A real `python -m protosam worker` connected to a socket of this test."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(ENGINE_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    process = subprocess.Popen([sys.executable, "-m", "protosam", "worker", "--connect", f"127.0.0.1:{port}",
+                                "--transfer-dir", str(tmp_path)], stdin=subprocess.PIPE, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process.stdin.write(b"secret-token\n")
+    process.stdin.flush()
+    listener.settimeout(60)
+    sock, _ = listener.accept()
+    listener.close()
+    sock.settimeout(60)
+    channel = _Channel(sock, tmp_path)
+    hello = protocol.decode(channel.receive(), file_dir=tmp_path)
+    assert isinstance(hello, protocol.Hello) and hello.token == "secret-token" and hello.pid == process.pid
+    yield channel, process
+    if process.poll() is None:
+        process.kill()
+    process.wait(10)
+    sock.close()
+
+
+def receive_reply(channel, tmp_path, identifier):
+    while True:  # skip the worker's forwarded log lines
+        message = protocol.decode(channel.receive(), file_dir=tmp_path)
+        if not isinstance(message, protocol.LogRecord):
+            assert getattr(message, "id", None) == identifier, message
+            return message
+
+
+def test_worker_process_answers_rejects_and_exits_with_its_connection(worker, tmp_path):
+    channel, process = worker
+    channel.send(protocol.HealthRequest(id="h1"))
+    health = receive_reply(channel, tmp_path, "h1")
+    assert isinstance(health, protocol.Health) and health.pid == process.pid and health.cache_bytes == 0
+    assert health.running_job is None and (health.rss_bytes is None or health.rss_bytes > 0)
+    # Session operations are defined but not implemented yet: a typed error, and the worker goes on.
+    channel.send(protocol.SessionOpen(id="s1", session_id="sess", engine={"models": {}},
+                                      volume=protocol.Image(np.zeros((2, 3, 4), np.float32), np.eye(4)), structures={}))
+    reply = receive_reply(channel, tmp_path, "s1")
+    assert isinstance(reply, protocol.ErrorReply) and reply.error_type == "NotSupportedError"
+    assert "not supported by this worker version" in reply.message
+    # A well-framed but invalid message gets an error reply; an unknown operation too.
+    channel.sock.sendall(with_header({"type": "job_cancel", "fields": {}}))
+    bad = receive_reply(channel, tmp_path, "")
+    assert bad.error_type == "ProtocolError" and "missing field" in bad.message
+    channel.send(protocol.JobSubmit(id="j1", operation="format_disk", kwargs={}))
+    unknown = receive_reply(channel, tmp_path, "j1")
+    assert unknown.error_type == "NotSupportedError" and "segment_volume" in unknown.message
+    channel.send(protocol.JobSubmit(id="j2", operation="segment_volume", kwargs={}, engine=None))
+    assert receive_reply(channel, tmp_path, "j2").error_type == "InputError"
+    channel.send(protocol.ModelsStatusRequest(id="m1", models={"dinov2": "dinov2_vitb14", "sam": "vit_b"},
+                                              weights_home=str(tmp_path / "home")))
+    status = receive_reply(channel, tmp_path, "m1")
+    assert [w["status"] for w in status.weights] == ["missing", "missing"] and status.loaded == []
+    channel.send(protocol.HealthRequest(id="h2"))
+    assert receive_reply(channel, tmp_path, "h2").pid == process.pid  # still serving
+    # The client's connection closes (the client died): the worker exits by itself.
+    channel.sock.close()
+    assert process.wait(30) == 0
+
+
+def test_worker_process_exits_when_the_stream_is_garbage(worker):
+    channel, process = worker
+    channel.sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b" " * 64)
+    assert process.wait(30) == 3
+    assert b"Unreadable message" in process.stderr.read()

@@ -1,0 +1,120 @@
+"""ProtoSAMLogic with "Compute on: ProtoSAM server" against a real `protosam serve` process.
+
+The logic sends the run to its local worker process, which relays it to the server over HTTP
+(server_client.forward_job): no network transfer in this process. The server runs with the
+torch thread count a fresh local worker process uses (torch's default here, the same
+machine and environment), so the same code gives the same bits on both paths.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+
+import slicer
+from ProtoSAMSlicerLib import mrml_io, results, settings
+from ProtoSAMSlicerLib.logic import ProtoSAMLogic
+from protosam import protocol
+from protosam.errors import InputError
+from protosam.testing import start_server
+from slicer_mrml_helpers import addSegmentation, addVolume, ijkToRasFrom, rotationMatrix
+
+LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def live(tinyModels, tmp_path_factory):
+    import torch
+
+    process = start_server(tinyModels, tmp_path_factory.mktemp("slicer-server"), users=("alice",),
+                           threads=torch.get_num_threads())
+    yield process
+    process.stop()
+
+
+def serverOptions(options, live, token=None):
+    return dataclasses.replace(options, computeOn="server", serverUrl=live.url,
+                               serverToken=token if token is not None else live.tokens["alice"])
+
+
+def rotatedAnisotropicCase(scene, slices=6, seed=0):
+    """A bright box on noise in a volume rotated 30 degrees about S, LPS-stored, 0.7 x 0.9 x 2.5 mm,
+    with the box painted on axial slice 2 ("liver")."""
+    rng = np.random.default_rng(seed)
+    shape = (slices, 20, 24)
+    image = rng.normal(0, 20, size=shape).astype(np.float32)
+    image[:, 5:15, 6:18] += 300
+    liver = np.zeros(shape, np.uint8)
+    liver[2, 5:15, 6:18] = 1
+    ijkToRas = ijkToRasFrom(rotationMatrix((0, 0, 1), 30) @ LPS, (0.7, 0.9, 2.5), (4.0, -6.0, 9.0))
+    volume = addVolume(scene, image, ijkToRas, name="rotated")
+    segmentation, ids = addSegmentation(scene, volume, {"liver": liver})
+    return volume, segmentation, ids["liver"], liver
+
+
+def test_server_run_gives_the_local_segmentation_on_a_rotated_anisotropic_volume(scene, tinyOptions, live):
+    volume, segmentation, liverId, liver = rotatedAnisotropicCase(scene)
+    logic = ProtoSAMLogic()
+    local = logic.process(volume, segmentation, [liverId], options=tinyOptions)
+    progress = []
+    serverRunsBefore = live.log().count("finished (job_result)")
+    remote = logic.process(volume, segmentation, [liverId], options=serverOptions(tinyOptions, live),
+                           progressCallback=lambda done, total: progress.append((done, total)))
+    localMask = mrml_io.segmentToArray(local.previewSegmentationNode, liverId, volume)
+    remoteMask = mrml_io.segmentToArray(remote.previewSegmentationNode, liverId, volume)
+    assert localMask.any() and not localMask.all()
+    np.testing.assert_array_equal(remoteMask, localMask)
+    assert remote.processedSlices == local.processedSlices and remote.supportSlices == local.supportSlices
+    assert progress and progress[-1][0] == progress[-1][1]
+    assert results.isPreview(remote.previewSegmentationNode)
+    # Accept works as for a local run: into the support segmentation, the painted slice kept.
+    logic.discard(local)
+    mapping = logic.accept(remote)
+    accepted = mrml_io.segmentToArray(segmentation, mapping[liverId], volume)
+    np.testing.assert_array_equal(accepted[2], liver[2])
+    assert live.log().count("finished (job_result)") == serverRunsBefore + 1  # it really ran on the server
+    assert live.tokens["alice"] not in live.log()
+
+
+def test_effect_and_module_settings_select_the_server(live):
+    class Store(dict):
+        def value(self, key):
+            return self.get(key)
+
+        def setValue(self, key, value):
+            self[key] = value
+
+    store = Store()
+    settings.write(store, "ComputeOn", "server")
+    settings.write(store, "ServerURL", live.url)
+    settings.write(store, "ServerToken", live.tokens["alice"])
+    options = settings.processOptions(store)
+    assert (options.computeOn, options.serverUrl, options.serverToken) == ("server", live.url, live.tokens["alice"])
+    assert live.tokens["alice"] not in repr(options)  # options may be logged; the token never is
+    assert settings.processOptions(Store()).computeOn == "local"
+
+
+def test_a_wrong_token_is_reported_and_nothing_is_written(scene, tinyOptions, live):
+    volume, segmentation, liverId, _ = rotatedAnisotropicCase(scene, slices=3)
+    nodesBefore = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    with pytest.raises(InputError, match="refused the token"):
+        ProtoSAMLogic().process(volume, segmentation, [liverId],
+                                options=serverOptions(tinyOptions, live, token="x" * 24))
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == nodesBefore
+
+
+def test_server_killed_mid_run_is_reported_and_nothing_is_written(scene, tinyOptions, tinyModels, tmp_path):
+    killable = start_server(tinyModels, tmp_path / "killable", users=("alice",))
+    try:
+        volume, segmentation, liverId, liver = rotatedAnisotropicCase(scene, slices=40)
+        nodesBefore = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+        with pytest.raises(protocol.WorkerCrashedError, match="connection to the ProtoSAM server was lost"):
+            ProtoSAMLogic().process(volume, segmentation, [liverId], options=serverOptions(tinyOptions, killable),
+                                    progressCallback=lambda done, total: killable.kill() if done >= 1 else None)
+        assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == nodesBefore
+        np.testing.assert_array_equal(mrml_io.segmentToArray(segmentation, liverId, volume), liver)
+    finally:
+        killable.stop()
+    assert slicer.mrmlScene is scene
