@@ -229,6 +229,10 @@ class EffectSession:
         self._drawClick(point_World, positive, sliceIndex)
         return sliceIndex
 
+    @property
+    def hasClicks(self) -> bool:
+        return bool(self._clickOrder)
+
     def clicks(self, sliceIndex: int) -> List[Tuple[float, float, int]]:
         """Clicks of a slice as ``(x, y, label)`` in the slice's voxel frame (see clickTarget)."""
         if self.corrections is None:
