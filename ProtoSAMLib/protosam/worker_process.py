@@ -264,7 +264,8 @@ class WorkerSessions:
 
         engine = self.engines.get(message.engine)
         options = dict(message.options)
-        allowed = {"axis", "modality", "support_mode", "support_slices", "slice_range", "auto_extent", "cache_bytes"}
+        allowed = {"axis", "modality", "support_mode", "support_slices", "slice_range", "auto_extent", "cache_bytes",
+                   "adopt", "fixed_slices"}
         unknown = set(options) - allowed
         if unknown:
             raise InputError(f"Unknown session option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(allowed))}.")
@@ -275,14 +276,21 @@ class WorkerSessions:
         if previous is not None:
             previous.close()
         range_ = options.get("slice_range")
+        adopt = bool(options.get("adopt", False))
         session = Session(
             engine, volume, axis=int(options.get("axis", 0)), modality=options.get("modality", "auto"),
-            cache_bytes=options.get("cache_bytes", DEFAULT_SESSION_CACHE_BYTES),
+            cache_bytes=None if adopt else options.get("cache_bytes", DEFAULT_SESSION_CACHE_BYTES),
             support_mode=options.get("support_mode", "nearest"),
             slice_range=None if range_ is None else tuple(range_), auto_extent=options.get("auto_extent"))
-        masks = session.start({key: _array(mask) for key, mask in message.structures.items()},
-                              support_volume=support_volume, support_slices=options.get("support_slices"),
-                              progress=progress, cancel=cancel)
+        if adopt:
+            fixed = options.get("fixed_slices") or {}
+            for key, mask in message.structures.items():
+                session.adopt(key, _array(mask), fixed.get(key, []))
+            masks = {key: session.mask(key) for key in message.structures}
+        else:
+            masks = session.start({key: _array(mask) for key, mask in message.structures.items()},
+                                  support_volume=support_volume, support_slices=options.get("support_slices"),
+                                  progress=progress, cancel=cancel)
         with self._lock:
             self._sessions[message.session_id] = session
         return {"masks": masks, "fixed_slices": {key: session.fixed_slices(key) for key in masks}}
@@ -301,14 +309,20 @@ class WorkerSessions:
                              "correct slices of the view it was propagated in.")
         if isinstance(message, protocol.SessionAddSupport):
             mask = session.add_support(message.structure, message.slice_index, _array(message.mask))
+        elif isinstance(message, protocol.SessionUndoClick):
+            mask = session.undo_click(message.structure, message.slice_index)
+        elif isinstance(message, protocol.SessionClearClicks):
+            mask = session.clear_clicks(message.structure, message.slice_index)
         else:
             mask = session.correct(message.structure, message.slice_index, message.points, message.labels)
         return {"mask": mask, "slice_index": message.slice_index,
                 "clicks": [list(c) for c in session.clicks(message.structure, message.slice_index)]}
 
     def cache_bytes(self) -> int:
+        """Bytes of the sessions' own caches (an adopted session's is its engine's, counted there)."""
         with self._lock:
-            return sum(session.cache.nbytes for session in self._sessions.values())
+            return sum(session.cache.nbytes for session in self._sessions.values()
+                       if session.cache is not session.engine.cache)
 
     def close_all(self) -> None:
         with self._lock:

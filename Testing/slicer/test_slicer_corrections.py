@@ -15,10 +15,13 @@ import slicer
 from ProtoSAMSlicerLib import effect_session, geometry, mrml_io
 from ProtoSAMSlicerLib.effect_session import EffectSession
 from ProtoSAMSlicerLib.logic import ProtoSAMLogic
+from ProtoSAMSlicerLib.worker import workerForDevice
+from ProtoSAMSlicerLib.worker_client import WorkerSession
 from protosam.errors import InputError
 from slicer_mrml_helpers import addSegmentation, addVolume, homogeneous, ijkToRasFrom, rotationMatrix
 
 SHAPE = (6, 16, 18)  # K, J, I
+SAM_TINY_EMBEDDING_BYTES = 32 * 64 * 64 * 4  # float32 [1, 32, 64, 64] (sam_tiny)
 LPS = np.diag([-1.0, -1.0, 1.0])
 
 GEOMETRIES = {
@@ -91,13 +94,22 @@ def test_clicks_in_ras_land_on_the_right_voxel_of_the_right_slice(scene, tinyOpt
     # A point 0.3 voxel off the centre of voxel (i, j, k) = (14, 3, 4) still belongs to it.
     point = world(e["ijkToWorld"], (14.3, 2.7, 4.2))
     assert session.clickTarget(point, normal) == (4, 14, 3)  # slice k=4; column i=14, row j=3
+    worker = workerForDevice("cpu")
+    cachedBefore = worker.health().cache_bytes
     assert session.addClick(point, normal, positive=True) == 4
-    assert session.clicks(4) == [(14.0, 3.0, 1)]
+    # The session lives in the worker process, in the run's engine cache: at most the clicked
+    # slice's SAM embedding is added (the run skips SAM where the coarse mask is empty), once.
+    assert isinstance(session.corrections, WorkerSession)
+    cachedAfter = worker.health().cache_bytes
+    assert 0 < cachedBefore <= cachedAfter <= cachedBefore + SAM_TINY_EMBEDDING_BYTES
+    session.addClick(world(e["ijkToWorld"], (13, 4, 4)), normal, positive=False)
+    assert worker.health().cache_bytes == cachedAfter
+    assert session.clicks(4) == [(14.0, 3.0, 1), (13.0, 4.0, 0)]
     after = preview(e)
     unchanged = [k for k in range(SHAPE[0]) if k != 4]
     np.testing.assert_array_equal(after[unchanged], before[unchanged])
     np.testing.assert_array_equal(after[4], session.corrections.mask(e["ids"]["liver"])[4])
-    assert session.clickMarkups.GetNumberOfControlPoints() == 1
+    assert session.clickMarkups.GetNumberOfControlPoints() == 2
     np.testing.assert_allclose(session.clickMarkups.GetNthControlPointPositionWorld(0), point, atol=1e-6)
     assert np.array_equal(read(e, "liver"), e["arrays"]["liver"]), "nothing is written before Apply"
 

@@ -25,8 +25,9 @@ with the propagation axis; positive or negative) re-decodes that slice with SAM 
 engine's cached embedding and updates the preview's slice; ``undoClick`` / ``clearSliceClicks``;
 ``updateVolume`` re-propagates with every corrected slice as a support (protosam.session). The
 clicks are drawn as control points of a markups node ("+" / "-") and kept per slice until Apply
-or Cancel. The correction session runs in this process with the engine the run used (the
-device worker's engine cache, ``ProcessOptions.cacheBytes``), so the run's encodings are hits.
+or Cancel. The correction session lives on the worker that ran the preview (the worker process
+in the GUI) and shares that engine's cache (``ProcessOptions.cacheBytes``), so the run's
+encodings serve the clicks and the update; a click is one small request.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from protosam.errors import InputError
 
 from . import geometry, mrml_io, results
 from .logic import ProcessOptions, PropagationJob, PropagationResult, ProtoSAMLogic, sliceViewGeometry
-from .models import engineCacheForDevice
 
 logger = logging.getLogger(__name__)
 
@@ -273,19 +273,43 @@ class EffectSession:
         self._writePreview(session.update(self.segmentId, progress=progressCallback))
 
     def _correctionSession(self):
+        """The correction session, opened at the first click on the worker that ran the preview:
+        a WorkerSession in the worker process (the GUI's case), or a protosam Session on the
+        thread worker's engine (headless scripts); either way on the engine that encoded the
+        volume, so the run's cached encodings serve the clicks."""
         if self.corrections is not None:
             return self.corrections
-        from protosam.session import Session
+        import dataclasses
+
+        from protosam import protocol
+
+        from .logic import resolveDevice
+        from .worker import localEngines, threadWorkerForDevice, workerForDevice
+        from .worker_client import WorkerClient, WorkerSession
 
         options = self.options
-        engine = engineCacheForDevice(options.device).get(
-            options.models, options.preset, options.device, weightsHome=options.weightsHome,
-            download=options.allowDownload, cacheBytes=options.cacheBytes)
+        if getattr(options, "computeOn", "local") != "local":
+            raise InputError("Click corrections run on this computer's ProtoSAM worker; with 'Compute on: server' "
+                             "repaint the slice and propagate again instead.")
+        device = resolveDevice(options.device)
+        engineSpec = dataclasses.asdict(protocol.EngineSpec(
+            models=dataclasses.asdict(options.models), preset=options.preset, device=device,
+            weights_home=options.weightsHome, download=options.allowDownload, cache_bytes=options.cacheBytes))
+        worker = self.logic._worker or (workerForDevice(device) if self.logic.workerKind == "process"
+                                        else threadWorkerForDevice(device))
         axis = self.result.sliceAxis.kjiAxis
-        session = Session(engine, mrml_io.volumeToArray(self.sourceVolumeNode), axis=axis, modality=options.modality,
-                          cache_bytes=None, support_mode="nearest", auto_extent=options.autoExtent)
+        volume_Kji = mrml_io.volumeToArray(self.sourceVolumeNode)
         preview_Kji = mrml_io.segmentToArray(self.result.previewSegmentationNode, self.segmentId, self.sourceVolumeNode)
-        session.adopt(self.segmentId, preview_Kji, self.result.supportSlices.get(self.segmentId, []))
+        fixed = self.result.supportSlices.get(self.segmentId, [])
+        if isinstance(worker, WorkerClient):
+            session = WorkerSession(worker, engineSpec, volume_Kji, axis, self.segmentId, preview_Kji, fixed,
+                                    {"modality": options.modality, "auto_extent": options.autoExtent})
+        else:
+            from protosam.session import Session
+
+            session = Session(localEngines().get(engineSpec), volume_Kji, axis=axis, modality=options.modality,
+                              cache_bytes=None, auto_extent=options.autoExtent)
+            session.adopt(self.segmentId, preview_Kji, fixed)
         self.corrections = session
         return session
 
@@ -328,6 +352,8 @@ class EffectSession:
         if self.clickMarkups is not None:
             results.removeNode(self.clickMarkups)
         self.clickMarkups = None
+        if self.corrections is not None and hasattr(self.corrections, "close"):
+            self.corrections.close()
         self.corrections = None
         self._clickOrder = []
         self.result = None
