@@ -138,7 +138,8 @@ def _parse_labels(text: Optional[str]) -> Optional[List[int]]:
 
 
 def cmd_segment(args) -> int:
-    from .io import check_same_geometry, read_volume, slice_axis_for_plane, write_labelmap
+    from .io import check_same_geometry, read_volume, write_labelmap
+    from .orientation import ijk_to_ras_from_lps
     from .propagation import segment_volume
 
     query, query_image = read_volume(args.image, "image")
@@ -155,24 +156,24 @@ def cmd_segment(args) -> int:
     missing = [label for label in labels if label not in present]
     if missing:
         raise InputError(f"Label(s) {missing} do not occur in {args.support_mask}; it contains {present}.")
-    axis = slice_axis_for_plane(query_image, args.axis)
-    if not same:
-        support_axis = slice_axis_for_plane(support_image, args.axis)
-        if support_axis != axis:
-            raise InputError(
-                "The support and the target volumes are sliced along different axes for this plane; "
-                "resample one into the other's orientation, or pass --axis explicitly."
-            )
     support_slices = None
     if args.support_slice is not None:
         support_slices = {label: args.support_slice for label in labels}
     engine = engine_from_args(args)
     cancel = threading.Event()
+
+    def ijk_to_ras(image):
+        return ijk_to_ras_from_lps(image.GetDirection(), image.GetSpacing(), image.GetOrigin())
+
+    # The engine slices both volumes in the canonical order of their geometry (protosam.orientation)
+    # and hands back masks in the files' own [k, j, i] order.
     result = segment_volume(
         engine, query, None if same else support, {label: labelmap == label for label in labels},
-        axis=axis, support_slices=support_slices, modality=args.modality,
+        query_ijk_to_ras=ijk_to_ras(query_image), support_ijk_to_ras=None if same else ijk_to_ras(support_image),
+        plane=args.axis, support_slices=support_slices, modality=args.modality,
         progress=ProgressBar("segment"), cancel=cancel,
     )
+    axis = result.axis
     output = np.zeros(query.shape, np.uint16 if max(labels) > 255 else np.uint8)
     # Overlaps: the label listed first keeps the voxel ...
     for label in reversed(labels):
@@ -228,8 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--support-image", default=None, help="volume the support labels were drawn on (default: --image)")
     segment.add_argument("--support-mask", required=True, help="label map on the support image's grid")
     segment.add_argument("--labels", default=None, help="comma-separated labels to propagate (default: all)")
-    segment.add_argument("--support-slice", type=int, default=None, help="support slice index (default: largest area per label)")
-    segment.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"])
+    segment.add_argument("--support-slice", type=int, default=None,
+                         help="support slice index along the support's slicing axis, in the file's own voxel order "
+                              "(default: largest area per label)")
+    segment.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"],
+                         help="slicing plane (auto: the coarsest-spacing axis, axial when isotropic)")
     segment.add_argument("--modality", default="auto", choices=["auto", "ct", "mri", "none"])
     segment.add_argument("--output", required=True, help="output label map (same geometry as --image)")
     segment.add_argument("--report", default=None, metavar="DIR", help="also write overlay pictures into DIR")
