@@ -162,9 +162,10 @@ def test_planes_auto_is_the_coarse_axis_and_45_degrees_is_still_a_permutation():
 # --------------------------------------------------------------------------- the volume API
 def _tilted_colin_slab(colin27):
     """5 shrunk axial Colin27 slices (through the thalami) with two AAL labels, re-tilted by TILT:
-    (image, labels, ijk_to_ras). Small because every slice costs a SAM embedding per run."""
-    image = sitk.Shrink(sitk.ReadImage(str(colin27[0]), sitk.sitkFloat32), [4, 4, 3])
-    labels = sitk.Shrink(sitk.ReadImage(str(colin27[1])), [4, 4, 3])
+    (image, labels, ijk_to_ras). Small because every slice costs a SAM embedding per run;
+    isotropic 3 mm voxels, so that the CLI's ``--axis auto`` picks the axial plane."""
+    image = sitk.Shrink(sitk.ReadImage(str(colin27[0]), sitk.sitkFloat32), [3, 3, 3])
+    labels = sitk.Shrink(sitk.ReadImage(str(colin27[1])), [3, 3, 3])
     volume = sitk.GetArrayFromImage(image)[27:32]
     atlas = sitk.GetArrayFromImage(labels)[27:32]
     values, counts = np.unique(atlas[atlas > 0], return_counts=True)
@@ -247,7 +248,8 @@ def test_cli_gives_one_label_map_for_every_storage_order(slab, tiny_models, tmp_
     assert set(np.unique(reference)) == {0, *labels}
     for name, output in outputs.items():
         assert np.array_equal(output, reference), name
-    # The same engine call from Python (geometry read back from the file, as the CLI does).
+    # The same engine call from Python (geometry read back from the file, as the CLI does;
+    # "auto" plane: isotropic voxels -> axial).
     image = sitk.ReadImage(str(tmp_path / "as_acquired_image.nii.gz"))
     api = segment_volume(
         Engine(tiny_models, preset=preset, device="cpu"), sitk.GetArrayFromImage(image), None,
