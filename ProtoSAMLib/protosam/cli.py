@@ -11,7 +11,6 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import List, Optional, Sequence, TextIO
 
 import numpy as np
@@ -105,8 +104,12 @@ def _pad_prompts(prompts_per_query):
 
 
 def cmd_slices(args) -> int:
-    from .io import save_npz_atomic
+    from .io import check_input_file, check_output_file, save_npz_atomic
 
+    inputs = {"--support-image": args.support_image, "--support-mask": args.support_mask, "--queries": args.queries}
+    for option, path in inputs.items():
+        check_input_file(path, option)
+    check_output_file(args.out, "--out", inputs)
     support_image = _load_npy(args.support_image, "support image")
     support_mask = _load_npy(args.support_mask, "support mask")
     queries = _load_npy(args.queries, "queries")
@@ -138,27 +141,32 @@ def _parse_labels(text: Optional[str]) -> Optional[List[int]]:
 
 
 def cmd_segment(args) -> int:
-    from .io import check_same_geometry, read_volume, write_labelmap
+    # Everything that can be checked without the models is checked first, without importing
+    # torch (seconds): files, output place, labels. Only then are the models loaded.
+    from .io import (
+        MAX_LABEL_VALUE, check_same_geometry, check_segment_paths, read_volume, same_file, write_labelmap,
+    )
     from .orientation import ijk_to_ras_from_lps
-    from .propagation import segment_volume
+    from .validation import support_labels
 
+    check_segment_paths(args.image, args.support_mask, args.output, args.support_image, args.report)
+    requested = _parse_labels(args.labels)
     query, query_image = read_volume(args.image, "image")
-    same = args.support_image is None or Path(args.support_image).resolve() == Path(args.image).resolve()
+    same = args.support_image is None or same_file(args.support_image, args.image)
     support, support_image = (query, query_image) if same else read_volume(args.support_image, "support image")
     labelmap, labelmap_image = read_volume(args.support_mask, "support mask")
     check_same_geometry(support_image, labelmap_image, "support image", "support mask")
-    if np.issubdtype(labelmap.dtype, np.floating) and not np.array_equal(labelmap, np.round(labelmap)):
-        raise InputError("The support mask must be a label map of whole numbers (0 = background).")
-    present = sorted(int(v) for v in np.unique(labelmap) if v > 0)
-    labels = _parse_labels(args.labels) or present
-    if not present:
-        raise InputError(f"The support mask {args.support_mask} is empty: paint the structure first.")
-    missing = [label for label in labels if label not in present]
-    if missing:
-        raise InputError(f"Label(s) {missing} do not occur in {args.support_mask}; it contains {present}.")
+    labels = support_labels(
+        labelmap, requested, mask_option="--support-mask", mask_path=args.support_mask,
+        image_option="--image" if args.support_image is None else "--support-image",
+        max_value=MAX_LABEL_VALUE, image_values=lambda: np.unique(support),
+    )
     support_slices = None
     if args.support_slice is not None:
         support_slices = {label: args.support_slice for label in labels}
+
+    from .propagation import segment_volume
+
     engine = engine_from_args(args)
     cancel = threading.Event()
 
@@ -186,17 +194,21 @@ def cmd_segment(args) -> int:
                 painted = labelmap[index] == label
                 output[index][painted] = label
     write_labelmap(output, query_image, args.output)
-    if args.report:
-        from .evaluation.pictures import axial_display_flips
-        from .evaluation.report import write_segment_report
+    try:
+        if args.report:
+            from .evaluation.pictures import axial_display_flips
+            from .evaluation.report import write_segment_report
 
-        Path(args.report).mkdir(parents=True, exist_ok=True)
-        flip_rows, flip_cols = axial_display_flips(query_image.GetDirection()) if axis == 0 else (False, False)
-        write_segment_report(
-            args.report, query=query, labels=output, axis=axis, result=result,
-            support=None if same else support, support_labels={label: labelmap == label for label in labels},
-            flip_rows=flip_rows, flip_cols=flip_cols,
-        )
+            flip_rows, flip_cols = axial_display_flips(query_image.GetDirection()) if axis == 0 else (False, False)
+            write_segment_report(
+                args.report, query=query, labels=output, axis=axis, result=result,
+                support=None if same else support, support_labels={label: labelmap == label for label in labels},
+                flip_rows=flip_rows, flip_cols=flip_cols,
+            )
+    except KeyboardInterrupt:
+        print(f"protosam: interrupted while writing the report; {args.output} was written, "
+              f"the report in {args.report} is incomplete.", file=sys.stderr)
+        return 130
     for label in labels:
         print(f"label {label}: {int(result.masks[label].sum())} voxels on {len(result.processed_slices[label])} "
               f"processed slices (support slice {result.support_slices[label]})")

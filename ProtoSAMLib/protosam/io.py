@@ -2,7 +2,7 @@
 
 Arrays from SimpleITK are indexed ``[k, j, i]`` (slice, row, column), i.e. reversed from the
 image's ``(i, j, k)`` index order; direction and spacing stay on the ``sitk.Image``. Every
-write goes to a temporary file in the destination folder first and is renamed into place, so
+write goes to a temporary folder inside the destination folder first and is renamed into place, so
 a failure (disk full, cancel, crash) never leaves a partial output file.
 """
 from __future__ import annotations
@@ -11,9 +11,11 @@ import contextlib
 import io as _io
 import logging
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Tuple, Union
+from typing import Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -24,7 +26,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "read_volume", "write_labelmap", "check_same_geometry", "slice_axis_for_plane", "atomic_output",
-    "save_npz_atomic", "PLANES",
+    "save_npz_atomic", "PLANES", "MAX_LABEL_VALUE", "LABELMAP_FORMATS", "labelmap_files", "volume_files",
+    "same_file", "check_input_file", "check_output_file", "check_labelmap_output", "check_report_folder",
+    "check_segment_paths",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -36,6 +40,8 @@ _PLANE_NORMAL = {"sagittal": 0, "coronal": 1, "axial": 2}
 def read_volume(path: PathLike, what: str = "image") -> Tuple[np.ndarray, sitk.Image]:
     """Read a 3-D scalar volume -> (``[k, j, i]`` array in its own dtype, the sitk image)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"The {what} {path} is a directory, not an image file.")
     if not path.is_file():
         raise InputError(f"The {what} file does not exist: {path}")
     try:
@@ -93,33 +99,202 @@ def slice_axis_for_plane(image: sitk.Image, plane: str = "auto") -> int:
     return 2 - index_axis
 
 
+#: Largest label value a written label map can hold (uint16).
+MAX_LABEL_VALUE = 65535
+
+#: Output formats that keep a 3-D label map and its full geometry (size, spacing, origin,
+#: direction), as SimpleITK writes them; each with the companion files it writes next to the
+#: named one (same stem). ``Testing/engine/test_io.py`` round-trips every entry. Others are
+#: refused: PNG/TIFF/VTK/GIPL drop slices or the direction matrix, and ITK's DICOM writer can
+#: abort the process.
+LABELMAP_FORMATS = {
+    ".nii.gz": (), ".nii": (), ".nrrd": (), ".mha": (), ".h5": (), ".hdf5": (), ".mnc": (),
+    ".nhdr": (".raw.gz",), ".mhd": (".zraw",), ".hdr": (".img",), ".img": (".hdr",),
+}
+
+
+def _format_suffix(path: Path) -> str:
+    """The ``LABELMAP_FORMATS`` key ``path`` ends with, or ``''``. Case-sensitive, as ITK's
+    writers are (``seg.NII.GZ`` and ``seg.MHA`` fail to write)."""
+    name = path.name
+    return max((suffix for suffix in LABELMAP_FORMATS if name.endswith(suffix) and len(name) > len(suffix)),
+               key=len, default="")
+
+
+def labelmap_files(path: PathLike) -> List[Path]:
+    """Every file :func:`write_labelmap` writes for ``path``: ``path`` itself, then its companions."""
+    path = Path(path)
+    suffix = _format_suffix(path)
+    stem = path.name[: len(path.name) - len(suffix)]
+    return [path] + [path.with_name(stem + companion) for companion in LABELMAP_FORMATS.get(suffix, ())]
+
+
+def volume_files(path: PathLike) -> List[Path]:
+    """The files a volume on disk consists of: ``path`` and, for a detached header
+    (``.mhd``, ``.nhdr``, NIfTI pair), the data file it names."""
+    path = Path(path)
+    files = [path]
+    name = path.name.lower()
+    if name.endswith((".hdr", ".img")):
+        files.append(path.with_suffix(".img" if name.endswith(".hdr") else ".hdr"))
+    elif name.endswith((".mhd", ".nhdr")):
+        key = re.compile(r"^\s*(ElementDataFile\s*=|data\s*file\s*:)\s*(.+?)\s*$", re.IGNORECASE)
+        try:
+            with open(path, "rb") as header:
+                text = header.read(65536).decode("latin-1")  # headers are short; binary data may follow
+        except OSError:
+            return files
+        for line in text.splitlines():
+            match = key.match(line)
+            value = match.group(2) if match else ""
+            # One data file only: LOCAL (data in the header), LIST and printf patterns name several.
+            if value and value.upper() not in ("LOCAL", "LIST") and "%" not in value:
+                files.append(path.parent / value)
+                break
+    return files
+
+
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """True when ``a`` and ``b`` are one file on disk (links, hard links, ``..``, case-folding file systems)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist: it cannot be the other
+        return False
+
+
+def check_input_file(path: PathLike, option: str) -> Path:
+    """``path`` as a Path when it is an existing regular file; else InputError naming ``option``."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a directory; give the image file itself (e.g. {path / 'image.nii.gz'}).")
+    if not path.exists():
+        raise InputError(f"{option} {path} does not exist.")
+    if not path.is_file():
+        raise InputError(f"{option} {path} is not a regular file.")
+    return path
+
+
+def check_output_file(path: PathLike, option: str, inputs: Mapping[str, PathLike],
+                      files: Optional[Sequence[Path]] = None) -> Path:
+    """Check, before any work, that ``path`` can be written and overwrites no input.
+
+    Args:
+        path: the output file.
+        option: its command-line name, for messages.
+        inputs: command-line name -> input file; none of the files they consist of (see
+            :func:`volume_files`) may be one of the files the output writes.
+        files: the files the output writes (default: ``path`` alone).
+    Raises:
+        InputError: the path is a directory, its folder is missing or read-only, or it is an input
+            (also through symbolic or hard links and other spellings of the same path).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a directory; give a file name inside it, e.g. {path / 'seg.nii.gz'}.")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"The folder of {option} {path} does not exist: create {folder} first.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"The folder of {option} {path} is not writable: choose another output path.")
+    for written in files or [path]:
+        for input_option, input_path in inputs.items():
+            if input_path is None:
+                continue
+            for input_file in volume_files(input_path):
+                if same_file(written, input_file):
+                    what = "is" if written == path else f"would write {written.name}, which is"
+                    raise InputError(
+                        f"{option} {path} {what} the file of {input_option} ({input_file}): writing it would "
+                        "destroy your input. Choose another output file name."
+                    )
+    return path
+
+
+def check_labelmap_output(path: PathLike, option: str, inputs: Mapping[str, PathLike]) -> Path:
+    """:func:`check_output_file` for a label map, plus: its format keeps a 3-D volume and its geometry."""
+    path = Path(path)
+    if not path.is_dir() and not _format_suffix(path):
+        raise InputError(
+            f"{option} {path}: cannot write a 3-D label map with its geometry in this format; "
+            f"end the name with one of {', '.join(LABELMAP_FORMATS)}."
+        )
+    return check_output_file(path, option, inputs, labelmap_files(path))
+
+
+def check_report_folder(path: PathLike, option: str, output: Optional[PathLike] = None) -> Path:
+    """Check that ``path`` is, or can be created as, a folder for report files (not ``output``)."""
+    path = Path(path)
+    if output is not None and os.path.abspath(path) == os.path.abspath(output):
+        raise InputError(f"{option} {path} is the output file; give a folder for the report.")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{option} {path}: {existing} is a file, not a folder; give a folder for the report.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {path}: {existing} is not writable; choose another folder for the report.")
+    return path
+
+
+def check_segment_paths(image: PathLike, support_mask: PathLike, output: PathLike,
+                        support_image: Optional[PathLike] = None, report: Optional[PathLike] = None) -> None:
+    """Every file check of ``protosam segment``, done before anything is read or any model loaded.
+
+    Inputs are existing files (a directory is named as such); the output is a label-map format
+    that keeps the geometry, in an existing writable folder, and none of the files it writes is
+    an input's file; the report folder can be made.
+    """
+    inputs = {"--image": image, "--support-image": support_image, "--support-mask": support_mask}
+    for option, value in inputs.items():
+        if value is not None:
+            check_input_file(value, option)
+    check_labelmap_output(output, "--output", inputs)
+    if report is not None:
+        check_report_folder(report, "--report", output)
+
+
 @contextlib.contextmanager
 def atomic_output(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path`` (same suffixes); rename it into place on success.
+    """Yield a path to write ``path`` at, in a temporary folder beside it; move the result into
+    place on success.
 
-    The temporary file is removed on any failure, and the destination is never half-written.
+    Whatever is written into the temporary folder is moved next to ``path`` under the same
+    names: companion files first (e.g. the ``.raw.gz`` of an ``.nhdr``), ``path`` itself last,
+    so a header never points at a missing or temporary data file. Each move is an atomic
+    rename; the temporary folder is removed on any failure, and the destination is never
+    half-written. Files get the mode the user's umask gives new files.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ProtoSAMError(f"The output {path} is a folder; give a file name inside it.")
     if not folder.is_dir():
         raise ProtoSAMError(f"Output folder does not exist: {folder}. Create it first.")
-    if not os.access(folder, os.W_OK):
+    if not os.access(folder, os.W_OK | os.X_OK):
         raise ProtoSAMError(f"Output folder is not writable: {folder}. Choose another output path.")
-    suffix = "".join(path.suffixes) or ".tmp"
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=folder)
-    os.close(handle)
-    temporary = Path(temporary)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=folder))
     try:
+        temporary = staging / path.name
         yield temporary
+        if not temporary.exists():
+            raise ProtoSAMError(f"Nothing was written for {path}.")
+        for written in sorted(staging.iterdir()):
+            if written.name != path.name:
+                os.replace(written, folder / written.name)
         os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_labelmap(labels: np.ndarray, reference: sitk.Image, path: PathLike) -> None:
-    """Write a ``[k, j, i]`` integer label array with ``reference``'s exact geometry, atomically."""
+    """Write a ``[k, j, i]`` integer label array with ``reference``'s exact geometry, atomically.
+
+    Written as uint8 when every label fits, else uint16; labels must lie in 0..65535.
+    """
+    if labels.size and (labels.min() < 0 or labels.max() > MAX_LABEL_VALUE):
+        raise InputError(
+            f"Label values must lie in 0..{MAX_LABEL_VALUE} to be written; got {labels.min()}..{labels.max()}."
+        )
     dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
     image = sitk.GetImageFromArray(labels.astype(dtype, copy=False))
     image.CopyInformation(reference)

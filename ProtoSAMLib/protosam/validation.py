@@ -1,11 +1,18 @@
 """Checks on user arrays, with messages that say what to do."""
 from __future__ import annotations
 
+from typing import Callable, List, Optional, Sequence
+
 import numpy as np
 
 from .errors import InputError
 
-__all__ = ["as_float_slices", "as_binary_mask", "check_finite"]
+__all__ = ["as_float_slices", "as_binary_mask", "check_finite", "support_labels", "MAX_LABELS"]
+
+#: More distinct non-zero values than this in a support label map, with no labels picked, means
+#: it is an intensity image (an MRI stored as integers has thousands): each label is a whole
+#: propagation with its own mask volume, so thousands would run for days and take many GB.
+MAX_LABELS = 255
 
 
 def check_finite(array: np.ndarray, name: str) -> None:
@@ -46,3 +53,66 @@ def as_binary_mask(array, name: str, shape) -> np.ndarray:
     if np.issubdtype(array.dtype, np.floating):
         check_finite(array, name)
     return array != 0
+
+
+def _is_whole(values: np.ndarray) -> bool:
+    return not np.issubdtype(values.dtype, np.floating) or bool(np.array_equal(values, np.round(values)))
+
+
+def _looks_like_image(values: np.ndarray) -> bool:
+    return len(values) > MAX_LABELS or not _is_whole(values)
+
+
+def support_labels(labelmap: np.ndarray, requested: Optional[Sequence[int]], *, mask_option: str,
+                   mask_path: str, image_option: str, max_value: int,
+                   image_values: Optional[Callable[[], np.ndarray]] = None) -> List[int]:
+    """The labels to propagate from a support label map, checked before any model is loaded.
+
+    Only ``np.unique`` of the map is computed (no per-label volumes), so a wrong file is
+    refused at once.
+
+    Args:
+        labelmap: the support label map (any shape, integer or float dtype).
+        requested: labels the user picked (``--labels``), or None for every label present.
+        mask_option, mask_path: command-line name and value of the label map, for messages.
+        image_option: command-line name of the image the labels were drawn on, for messages.
+        max_value: the largest label value the output can hold.
+        image_values: returns ``np.unique`` of the support image; called only to word the message
+            when the label map looks like an image (to tell a swap from a wrong file).
+    Returns:
+        The labels, in the user's order (sorted when all are taken).
+    Raises:
+        InputError: non-integer values, too many labels with none picked (an image rather than
+            a label map), no label, a requested label absent, or a label above ``max_value``.
+    """
+    values = np.unique(labelmap)
+    positive = values[values > 0]
+    whole = _is_whole(positive)
+    if not whole or (requested is None and len(positive) > MAX_LABELS):
+        what = ("has values that are not whole numbers" if not whole
+                else f"has {len(positive):,} distinct values (more than {MAX_LABELS} labels)")
+        message = f"{mask_option} {mask_path} {what}: it looks like an image, not a label map (0 = background, " \
+                  "1, 2, ... = structures)."
+        if image_values is not None and not _looks_like_image(image_values()):
+            message += f" {image_option} looks like a label map: did you swap {image_option} and {mask_option}?"
+        else:
+            message += f" Check that {mask_option} names the label map."
+        if whole:
+            message += " If it really is a label map, pick the labels to propagate with --labels (e.g. --labels 1,2)."
+        raise InputError(message)
+    present = [int(v) for v in positive]
+    if not present:
+        raise InputError(f"{mask_option} {mask_path} is empty (no label above 0): paint the structure first.")
+    labels = list(requested) if requested is not None else present
+    present_set = set(present)
+    missing = [label for label in labels if label not in present_set]
+    if missing:
+        shown = present if len(present) <= 20 else present[:20] + ["..."]
+        raise InputError(f"Label(s) {missing} do not occur in {mask_option} {mask_path}; it contains {shown}.")
+    too_large = [label for label in labels if label > max_value]
+    if too_large:
+        raise InputError(
+            f"Label(s) {too_large} of {mask_option} {mask_path} are above {max_value}, the largest value the output "
+            "label map can hold; renumber them, or pick others with --labels."
+        )
+    return labels

@@ -5,11 +5,7 @@ import os
 import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest
 
-try:
-    from slicer.i18n import tr as _
-except ImportError:  # Slicer < 5.4
-    def _(text):
-        return text
+from slicer.i18n import tr as _
 
 
 class SegmentEditorProtoSAM(ScriptedLoadableModule):
@@ -21,7 +17,9 @@ class SegmentEditorProtoSAM(ScriptedLoadableModule):
         self.parent.contributors = ["ProtoSAM developers"]
         self.parent.hidden = True
         self.parent.helpText = _("Registers the ProtoSAM effect in the Segment Editor.")
-        self.parent.acknowledgementText = ""
+        self.parent.acknowledgementText = _(
+            "ProtoSAM method: Ayzenberg et al., 'ProtoSAM - One-Shot Medical Image Segmentation With "
+            "Foundational Models'. Uses DINOv2 and Segment Anything (Meta AI) and MedSAM (Ma et al.).")
         slicer.app.connect("startupCompleted()", self.registerEditorEffect)
 
     def registerEditorEffect(self):

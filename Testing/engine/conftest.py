@@ -1,9 +1,17 @@
 """Shared fixtures for the engine tests: tiny random-weight checkpoints and real data."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+# Testing/support holds helpers shared by Testing/engine and Testing/slicer (required_modules).
+# Only that folder goes on sys.path: with Testing/ itself there, Testing/slicer would shadow the
+# real ``slicer`` package (test modules imported as slicer.test_*).
+_SUPPORT = str(Path(__file__).resolve().parents[1] / "support")
+if _SUPPORT not in sys.path:
+    sys.path.insert(0, _SUPPORT)
 
 COLIN27_DIR = Path("/usr/share/mricron/templates")
 

@@ -1,4 +1,5 @@
 """The command line end to end on real data (Colin27 + AAL) with tiny models, and its errors."""
+import os
 import subprocess
 import sys
 
@@ -172,3 +173,247 @@ def test_console_entry_point_runs(tmp_path):
         assert command in completed.stdout
     bad = subprocess.run([sys.executable, "-m", "protosam", "segment"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "required" in bad.stderr
+
+
+# --- Checks made before any model is loaded (files, output place, labels) -----------------------
+
+NO_MODELS = ["--dinov2-checkpoint", "/nonexistent/dinov2.pth", "--sam-checkpoint", "/nonexistent/sam.pth",
+             "--no-download", "--device", "cpu"]  # a check that comes too late fails on these instead
+
+
+@pytest.fixture
+def small_case(tmp_path):
+    """A small MRI-like int16 volume with thousands of distinct values and its 2-label map."""
+    rng = np.random.default_rng(0)
+    image = sitk.GetImageFromArray(rng.integers(0, 4000, (8, 24, 24)).astype(np.int16))
+    image.SetSpacing((0.9, 0.9, 3.0))
+    labels = np.zeros((8, 24, 24), np.uint8)
+    labels[2:6, 5:12, 5:12] = 1
+    labels[3:5, 14:20, 14:20] = 2
+    _write(labels, tmp_path / "labels.nii.gz", like=image)
+    sitk.WriteImage(image, str(tmp_path / "image.nii.gz"))
+    sitk.WriteImage(image, str(tmp_path / "support.nii.gz"))
+    return tmp_path
+
+
+def _case_argv(folder, case):
+    """(argv, fragments the error must contain, files that must stay unchanged) for one bad call."""
+    image, labels, support = folder / "image.nii.gz", folder / "labels.nii.gz", folder / "support.nii.gz"
+    argv = {"--image": image, "--support-mask": labels, "--output": folder / "seg.nii.gz"}
+    expect = ["destroy your input"]
+    if case == "output_is_image":
+        argv["--output"] = image
+        expect += ["--image"]
+    elif case == "output_is_mask":
+        argv["--output"] = labels
+        expect += ["--support-mask"]
+    elif case == "output_is_support_image":
+        argv["--support-image"] = support
+        argv["--output"] = support
+        expect += ["--support-image"]
+    elif case == "relative_spelling":
+        argv["--image"] = "image.nii.gz"  # run from `folder`
+        argv["--output"] = image
+        expect += ["--image"]
+    elif case == "dotdot_spelling":
+        (folder / "sub").mkdir()
+        argv["--output"] = folder / "sub" / ".." / "labels.nii.gz"
+        expect += ["--support-mask"]
+    elif case == "symlink":
+        os.symlink(image, folder / "link.nii.gz")
+        argv["--output"] = folder / "link.nii.gz"
+        expect += ["--image"]
+    elif case == "hard_link":
+        os.link(labels, folder / "hard.nii.gz")
+        argv["--output"] = folder / "hard.nii.gz"
+        expect += ["--support-mask"]
+    elif case == "data_file_of_a_header":
+        # scan.mhd names other.zraw; --output other.mhd would write other.zraw over it.
+        sitk.WriteImage(sitk.ReadImage(str(image)), str(folder / "other.mhd"), useCompression=True)
+        (folder / "other.mhd").rename(folder / "scan.mhd")
+        argv["--image"] = folder / "scan.mhd"
+        argv["--output"] = folder / "other.mhd"
+        expect += ["other.zraw", "--image"]
+    elif case == "output_is_a_directory":
+        argv["--output"] = folder
+        expect = ["--output", "is a directory"]
+    elif case == "output_folder_missing":
+        argv["--output"] = folder / "missing" / "seg.nii.gz"
+        expect = ["--output", "does not exist", "create"]
+    elif case == "output_format":
+        argv["--output"] = folder / "seg.png"
+        expect = ["--output", "format", ".nii.gz"]
+    elif case == "output_format_upper_case":  # ITK's NIfTI writer fails on it, after the whole run
+        argv["--output"] = folder / "seg.NII.GZ"
+        expect = ["--output", "format", ".nii.gz"]
+    elif case == "input_is_a_directory":
+        argv["--image"] = folder
+        expect = ["--image", "is a directory"]
+    elif case == "report_is_a_file":
+        argv["--report"] = labels
+        expect = ["--report", "not a folder"]
+    elif case == "swapped":
+        argv["--image"], argv["--support-mask"] = labels, image
+        expect = ["--support-mask", "distinct values", "did you swap --image and --support-mask"]
+    elif case == "mask_is_an_image":
+        argv["--support-image"] = support
+        argv["--support-mask"] = support
+        argv["--output"] = folder / "seg.nii.gz"
+        expect = ["--support-mask", "looks like an image", "--labels"]
+    elif case == "float_mask_is_an_image":
+        reference = sitk.ReadImage(str(image))
+        _write(sitk.GetArrayFromImage(reference) / 7.0, folder / "float.nii.gz", like=reference)
+        argv["--image"], argv["--support-mask"] = labels, folder / "float.nii.gz"
+        expect = ["--support-mask", "not whole numbers", "did you swap"]
+    elif case == "label_above_65535":
+        big = sitk.GetArrayFromImage(sitk.ReadImage(str(labels))).astype(np.uint32) * 40000
+        _write(big, folder / "big.nrrd", like=sitk.ReadImage(str(image)))
+        argv["--support-mask"] = folder / "big.nrrd"
+        expect = ["80000", "65535"]
+    else:
+        raise AssertionError(case)
+    kept = [image, labels, support, folder / "scan.mhd", folder / "other.zraw"]
+    args = ["segment"]
+    for option, value in argv.items():
+        args += [option, str(value)]
+    return args + NO_MODELS, expect, kept
+
+
+EARLY_CASES = [
+    "output_is_image", "output_is_mask", "output_is_support_image", "relative_spelling", "dotdot_spelling",
+    "symlink", "hard_link", "data_file_of_a_header", "output_is_a_directory", "output_folder_missing",
+    "output_format", "output_format_upper_case", "input_is_a_directory", "report_is_a_file", "swapped", "mask_is_an_image",
+    "float_mask_is_an_image", "label_above_65535",
+]
+
+
+@pytest.mark.parametrize("case", EARLY_CASES)
+def test_bad_arguments_are_refused_before_the_models_and_inputs_are_kept(small_case, case, capsys, monkeypatch):
+    monkeypatch.chdir(small_case)
+    argv, expect, kept = _case_argv(small_case, case)
+    before = {path: path.read_bytes() for path in kept if path.is_file()}
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("protosam: error:"), err
+    for fragment in expect:
+        assert fragment in err, (fragment, err)
+    assert {path: path.read_bytes() for path in kept if path.is_file()} == before
+    assert not (small_case / "seg.nii.gz").exists() and not list(small_case.glob(".*part*"))
+
+
+def test_checks_run_without_importing_torch_and_fast(small_case):
+    """Every early error comes before torch is imported (it takes seconds), in well under a second each."""
+    cases = [_case_argv(small_case, case)[:2] for case in EARLY_CASES]
+    script = (
+        "import contextlib, io, json, sys, time\n"
+        "from protosam.cli import main\n"
+        "import protosam.io, protosam.validation  # what the checks use: timed below without import costs\n"
+        "out = []\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    err = io.StringIO(); started = time.perf_counter()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        code = main(argv)\n"
+        "    out.append([code, err.getvalue(), 'torch' in sys.modules, time.perf_counter() - started])\n"
+        "print(json.dumps(out))\n"
+    )
+    import json
+
+    completed = subprocess.run([sys.executable, "-c", script, json.dumps([argv for argv, _ in cases])],
+                               capture_output=True, text=True, timeout=300, cwd=small_case)
+    assert completed.returncode == 0, completed.stderr
+    results = json.loads(completed.stdout)
+    for case, (argv, expect), (code, err, torch_imported, seconds) in zip(EARLY_CASES, cases, results):
+        assert code == 1 and all(fragment in err for fragment in expect), (case, err)
+        assert not torch_imported, f"{case}: torch was imported before the error"
+        # Tiny files: reading and checking take milliseconds (measured: 2-35 ms at load 8 on 2 cores);
+        # importing torch alone takes 4 s or more there.
+        assert seconds < 1.0, (case, seconds)
+
+
+def test_many_values_pass_when_labels_are_picked(small_case, capsys):
+    """An atlas with more labels than the bound is fine once --labels picks some: the run goes on
+    to the models (and stops there, at the missing checkpoint)."""
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(small_case / "image.nii.gz"))).astype(np.uint16)
+    _write(labels, small_case / "atlas.nii.gz", like=sitk.ReadImage(str(small_case / "image.nii.gz")))
+    picked = int(labels[4, 10, 10])
+    code = main(["segment", "--image", str(small_case / "image.nii.gz"),
+                 "--support-mask", str(small_case / "atlas.nii.gz"), "--labels", str(picked),
+                 "--output", str(small_case / "seg.nii.gz"), *NO_MODELS])
+    err = capsys.readouterr().err
+    assert code == 1 and "not found" in err and "/nonexistent/" in err, err
+
+
+def test_an_output_differing_from_an_input_in_case_only_is_another_file_here(colin_case, tiny_models, tmp_path, capsys):
+    """On a case-sensitive file system (as here) IMAGE.nii.gz is not image.nii.gz: it is written,
+    and the input is kept. (On a case-folding one, samefile() makes it the input: refused.)"""
+    folder, chosen = colin_case
+    work = tmp_path / "case"
+    work.mkdir()
+    image = work / "image.nii.gz"
+    image.write_bytes((folder / "image.nii.gz").read_bytes())
+    upper = work / "IMAGE.nii.gz"
+    if upper.exists():  # case-folding file system: must be refused as the input itself
+        code = main(["segment", "--image", str(image), "--support-mask", str(folder / "labels.nii.gz"),
+                     "--output", str(upper), *NO_MODELS])
+        assert code == 1 and "destroy your input" in capsys.readouterr().err
+        return
+    before = image.read_bytes()
+    code = main(["segment", "--image", str(image), "--support-mask", str(folder / "labels.nii.gz"),
+                 "--labels", str(chosen[0]), "--output", str(upper), "--modality", "mri", *_model_args(tiny_models)])
+    assert code == 0, capsys.readouterr().err
+    assert image.read_bytes() == before
+    assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(upper))))) <= {0, chosen[0]}
+
+
+def test_ctrl_c_while_writing_the_report_keeps_the_label_map_and_says_so(colin_case, tiny_models, tmp_path, capsys,
+                                                                        monkeypatch):
+    """The label map is written first; a Ctrl-C during the pictures leaves no half picture and
+    the message says the label map exists. Files get the umask's mode, pictures too."""
+    from matplotlib.figure import Figure
+
+    folder, chosen = colin_case
+    real_savefig = Figure.savefig
+    calls = []
+
+    def interrupted_savefig(self, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # the second picture: half written, then Ctrl-C
+            with open(path, "wb") as handle:
+                handle.write(b"\x89PNG half")
+            raise KeyboardInterrupt
+        return real_savefig(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", interrupted_savefig)
+    output, report = tmp_path / "seg.nii.gz", tmp_path / "report"
+    previous = os.umask(0o027)
+    try:
+        code = main(["segment", "--image", str(folder / "image.nii.gz"),
+                     "--support-mask", str(folder / "labels.nii.gz"), "--output", str(output),
+                     "--report", str(report), "--modality", "mri", *_model_args(tiny_models)])
+    finally:
+        os.umask(previous)
+    err = capsys.readouterr().err
+    assert code == 130
+    assert "no output was written" not in err and f"{output} was written" in err and "incomplete" in err
+    assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(output))))) <= {0, *chosen}
+    pictures = list(report.iterdir())
+    assert len(pictures) == 1 and pictures[0].name.endswith(".png"), pictures  # the first, complete; no half one
+    for path in (output, pictures[0]):
+        assert path.stat().st_mode & 0o777 == 0o640, path
+    assert not list(tmp_path.glob(".*")) and not list(report.glob(".*"))
+
+
+def test_slices_refuses_an_output_that_is_an_input_before_loading_models(tmp_path, capsys):
+    support, mask = blob_slice(112, center=(56, 56), radius=20)
+    np.save(tmp_path / "S.npy", support)
+    np.save(tmp_path / "M.npy", mask)
+    np.save(tmp_path / "Q.npy", support[None])
+    before = (tmp_path / "Q.npy").read_bytes()
+    code = main(["slices", "--support-image", str(tmp_path / "S.npy"), "--support-mask", str(tmp_path / "M.npy"),
+                 "--queries", str(tmp_path / "Q.npy"), "--out", str(tmp_path / "." / "Q.npy"), *NO_MODELS])
+    err = capsys.readouterr().err
+    assert code == 1 and "--queries" in err and "destroy your input" in err, err
+    assert (tmp_path / "Q.npy").read_bytes() == before
+    code = main(["slices", "--support-image", str(tmp_path), "--support-mask", str(tmp_path / "M.npy"),
+                 "--queries", str(tmp_path / "Q.npy"), "--out", str(tmp_path / "R.npz"), *NO_MODELS])
+    assert code == 1 and "--support-image" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import functools
 
 import pytest
 import torch
+from required_modules import DINOV2_REFERENCE, require_module
 
 from protosam.errors import CheckpointError, InputError
 from protosam.models.dinov2 import (
@@ -31,7 +32,7 @@ TINY = ["dinov2_tiny14", "dinov2_tiny14_reg4"]
 
 @pytest.fixture(scope="module")
 def reference():
-    pytest.importorskip("dinov2", reason="reference needs 'pip install --no-deps dinov2==0.0.1.dev2'")
+    require_module("dinov2", DINOV2_REFERENCE)
     import dinov2_reference
 
     return dinov2_reference
@@ -213,7 +214,7 @@ def test_resampling_variants_and_weights_change_the_features(loaded):
 def test_timm_agrees_except_plain_models_resampling(name, loaded, vits_features, reference):
     """Informative, at 672 px: timm (third-party) equals us for register models, whose official
     resampling is timm's (bicubic to size, antialias), and differs for plain models."""
-    pytest.importorskip("timm")
+    require_module("timm", "pip install 'timm>=1.0' (in ProtoSAMLib[test])")
     arch, state = loaded(name)[0].architecture, loaded(name)[1]
     x, ours = vits_features(name, 672)
     diff = max_abs(ours, reference.timm_patch_features(arch, state, x))

@@ -450,7 +450,6 @@ def test_cli_unknown_name(tmp_path, capsys):
 
 
 def test_python_dash_m_protosam_weights(tmp_path):
-    pytest.importorskip("protosam.cli", reason="the main CLI (protosam/cli.py) is not written yet")
     proc = subprocess.run(
         [sys.executable, "-m", "protosam", "weights", "path", "vit_b", "--home", str(tmp_path)],
         capture_output=True, text=True, timeout=120,

@@ -15,25 +15,25 @@ import types
 import numpy as np
 import pytest
 
+# Testing/support holds helpers shared by Testing/engine and Testing/slicer (required_modules).
+# Only that folder goes on sys.path: with Testing/ itself there, Testing/slicer would shadow the
+# real ``slicer`` package (test modules imported as slicer.test_*).
+_SUPPORT = str(pathlib.Path(__file__).resolve().parents[1] / "support")
+if _SUPPORT not in sys.path:
+    sys.path.insert(0, _SUPPORT)
+
+from required_modules import require_slicer_core  # noqa: E402 (needs the path above)
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 for _path in (REPO / "ProtoSAMSlicer" / "ProtoSAM", REPO / "ProtoSAMSlicer" / "SegmentEditorProtoSAM"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
 
-
-def requireSlicerCore():
-    """The slicer-core package, or skip: MRML tests cannot run without it."""
-    slicer = pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
-    if not hasattr(slicer, "vtkMRMLScene"):
-        pytest.skip("the 'slicer' package is not slicer-core (another package named 'slicer' shadows it)")
-    return slicer
-
-
 @pytest.fixture
 def scene():
     """A fresh MRML scene with the logics Slicer modules would register, set as slicer.mrmlScene."""
-    slicer = requireSlicerCore()
+    slicer = require_slicer_core()
     mrmlScene = slicer.vtkMRMLScene()
     appLogic = slicer.vtkSlicerApplicationLogic()
     appLogic.SetMRMLScene(mrmlScene)
@@ -88,3 +88,45 @@ def tinyOptions(tinyModels):
     yield ProcessOptions(models=tinyModels, preset="default", device="cpu", autoExtent=False,
                          cacheBytes=256 * 1024 * 1024)
     shutdownAllWorkers()
+
+
+SLICER_MODULES = ("ProtoSAM", "SegmentEditorProtoSAM")
+
+
+def addSliceNode(scene, layoutName, orientation="Axial"):
+    """A slice view's node with the ID the application's layout gives it (vtkMRMLSliceNode<Name>)."""
+    slicer = requireSlicerCore()
+    node = slicer.vtkMRMLSliceNode()
+    node.SetSingletonTag(layoutName)
+    node.SetLayoutName(layoutName)
+    node.SetName(layoutName)
+    node.SetOrientation(orientation)
+    scene.AddNode(node)
+    return node
+
+
+@pytest.fixture
+def slicerApp(scene, tmp_path, tinyModels):
+    """The stand-in application (slicer_app_standins) with the user's settings choosing the tiny
+    models on the CPU, and a Red slice view. ProtoSAM's module files are imported afresh."""
+    import slicer_app_standins as standins
+
+    slicer = requireSlicerCore()
+    uninstall = standins.install(tmp_path / "settings")
+    for name in SLICER_MODULES:
+        sys.modules.pop(name, None)
+    import qt
+
+    settings = qt.QSettings()
+    for key, value in {"DINOv2": tinyModels.dinov2, "DINOv2Checkpoint": tinyModels.dinov2_checkpoint,
+                       "SAM": tinyModels.sam, "SAMCheckpoint": tinyModels.sam_checkpoint, "Device": "cpu"}.items():
+        settings.setValue("ProtoSAM/" + key, value)
+    settings.sync()
+    addSliceNode(scene, "Red")
+    try:
+        yield slicer.app
+    finally:
+        for name in SLICER_MODULES:
+            sys.modules.pop(name, None)
+        uninstall()
+

@@ -171,3 +171,28 @@ def test_extensions_index_entry_matches_schema_and_cmake(topLevel):
     assert sorted(entry["build_dependencies"]) == sorted(topLevel["EXTENSION_DEPENDS"])
     assert entry["scm_url"].removesuffix(".git") == topLevel["PROTOSAM_REPOSITORY_URL"][0]
     assert entry["build_subdirectory"] == topLevel["EXTENSION_BUILD_SUBDIRECTORY"][0]
+
+
+def test_extensions_index_checker_reads_literal_urls_and_finds_the_license():
+    """The Extensions Index checker reads EXTENSION_ICONURL / EXTENSION_SCREENSHOTURLS from the raw
+    CMakeLists.txt with a regex (no CMake variable expansion) and requires a LICENSE file."""
+    text = (REPO / "CMakeLists.txt").read_text()
+    for variable in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        match = re.search(r'^set\(' + variable + r'\s+"([^"]*)"\)', text, re.M)
+        assert match, f"{variable} is not set to a quoted literal"
+        for url in match.group(1).split():
+            assert re.fullmatch(r"https://[^\s${}]+\.(png|jpg|jpeg|gif)", url), f"{variable}: {url!r} is not a literal URL"
+    license = (REPO / "LICENSE").read_text()
+    assert "Apache License" in license and "Version 2.0" in license
+    pyproject = (REPO / "ProtoSAMLib" / "pyproject.toml").read_text()
+    assert re.search(r'^license = \{ text = "Apache-2.0" \}', pyproject, re.M)  # the same license as the package
+
+
+def test_stated_minimum_slicer_version_is_5_8():
+    """JSON index entries (ProtoSAM.json) exist from the 5.8 index branch on (5.6 takes only .s4ext),
+    and 5.8 ships Python 3.9: the README states 5.8 and no code keeps fallbacks for older Slicer."""
+    readme = (REPO / "README.md").read_text()
+    assert "3D Slicer 5.8 or later" in readme and "Slicer 5.6 or later" not in readme
+    for path in (REPO / "ProtoSAMSlicer").rglob("*.py"):
+        text = path.read_text()
+        assert "Slicer < 5" not in text and "GetMasterVolumeNode" not in text, path

@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+from required_modules import require_slicer_core
 
-pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+require_slicer_core()
 
 import slicer
 from ProtoSAMSlicerLib import effect_session, geometry, mrml_io, results
@@ -173,3 +174,44 @@ def test_support_slice_choice_and_refusals(editor, tinyOptions):
         e["session"].start(e["volume"], e["segmentation"], e["ids"]["liver"], sliceNormal_World=normal,
                            options=tinyOptions)
     assert e["session"].state == effect_session.IDLE
+
+
+@pytest.mark.parametrize("modifierFromEditor", [True, False], ids=["editorModifier", "sessionDefault"])
+def test_apply_on_a_segmentation_with_another_reference_geometry(makeEditor, tinyOptions, modifierFromEditor):
+    """Defect: the modifier labelmap was built on the source volume's grid. When the segmentation's
+    reference geometry differs (here 2x oversampled), Slicer's editor logic skips the editable area
+    and, with an editable intensity range, writes nothing. Built on the reference geometry, the
+    result lands, masked by the intensity range."""
+    e = makeEditor(False)
+    volume, segmentation, editorLogic, node = e["volume"], e["segmentation"], e["editorLogic"], e["editorNode"]
+    fineShape = tuple(2 * n for n in SHAPE)
+    # Coarse voxel i covers fine voxels 2i and 2i+1: origin moved back by a quarter coarse voxel.
+    fine = addVolume(volume.GetScene(), np.zeros(fineShape, np.float32),
+                     ijkToRasFrom(LPS, (0.4, 0.4, 1.25), (7.0 + 0.2, 3.0 + 0.2, -2.0 - 0.625)), "fine")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(fine)
+    node.SetSourceVolumeIntensityMask(True)
+    image = slicer.util.arrayFromVolume(volume)
+    threshold = 150.0  # halfway between the background (about 0) and the bright block (about 300)
+    node.SetSourceVolumeIntensityMaskRange(threshold, 1e6)
+    session = e["session"]
+    if modifierFromEditor:
+        session.defaultModifierLabelmap = lambda: (editorLogic.GetModifierLabelmap()
+                                                   if editorLogic.ResetModifierLabelmapToDefault() else None)
+    result = session.start(volume, segmentation, e["ids"]["liver"], e["sliceNode"], options=tinyOptions,
+                           waitForCompletion=True)
+    preview = mrml_io.segmentToArray(result.previewSegmentationNode, e["ids"]["liver"], volume).astype(bool)
+    session.apply()
+    # Slicer masks with the source volume resampled (linearly) onto the reference geometry.
+    assert editorLogic.UpdateAlignedSourceVolume()
+    aligned = editorLogic.GetAlignedSourceVolume()
+    editable = mrml_io._imageArray(aligned) >= threshold
+
+    def toFine(mask):
+        return mask.astype(bool).repeat(2, 0).repeat(2, 1).repeat(2, 2)
+
+    expected = toFine(e["arrays"]["liver"]) | (toFine(preview) & editable)
+    assert expected.sum() > toFine(e["arrays"]["liver"]).sum() + 8 * 20  # the apply had voxels to add
+    assert (toFine(preview) & ~editable).any()  # and some to leave out
+    assert np.array_equal(mrml_io.segmentToArray(segmentation, e["ids"]["liver"], fine).astype(bool), expected)
+    e["editorLogic"].Undo()
+    assert np.array_equal(read(e, "liver"), e["arrays"]["liver"])

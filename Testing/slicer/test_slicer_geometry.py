@@ -3,8 +3,9 @@ engine segments in is tested with the engine (Testing/engine/test_orientation.py
 
 import numpy as np
 import pytest
+from required_modules import require_slicer_core
 
-pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+require_slicer_core()
 
 from ProtoSAMSlicerLib import geometry
 from protosam.errors import InputError

@@ -4,8 +4,9 @@ import threading
 
 import numpy as np
 import pytest
+from required_modules import require_slicer_core
 
-pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+require_slicer_core()
 
 import protosam
 import slicer

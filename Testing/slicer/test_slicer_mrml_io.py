@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+from required_modules import require_slicer_core
 
-pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+require_slicer_core()
 
 import slicer
 from ProtoSAMSlicerLib import mrml_io
@@ -136,17 +137,34 @@ def test_clear_errors(scene):
         mrml_io.writeSegmentFromArray(np.zeros((1, 2, 3), np.uint8), segmentation, "a", volume)
 
 
-def test_mask_to_oriented_image_matches_volume_grid(scene):
-    parent = homogeneous(rotationMatrix((0, 0, 1), 90), (1.0, 2.0, 3.0))
-    volume = addVolume(scene, np.zeros(SHAPE, np.float32), ijkToRasFrom(LPS, (0.5, 0.5, 2.0)), "v",
-                       parentTransform=parent)
-    segmentation, _ = addSegmentation(scene, volume, {"a": np.zeros(SHAPE, np.uint8)})
+def test_segment_into_reference_geometry_of_another_segmentation(scene):
+    """The Segment Editor's grid: a segment on a volume's grid (under one transform) lands on the
+    other segmentation's 2x finer reference geometry (under another transform), same World voxels."""
+    volume = addVolume(scene, np.zeros(SHAPE, np.float32), ijkToRasFrom(LPS, (1.0, 1.0, 2.0)), "v",
+                       parentTransform=homogeneous(np.eye(3), (10.0, 0.0, 0.0)))
+    fineShape = (SHAPE[0] * 2, SHAPE[1] * 2, SHAPE[2] * 2)
+    fine = addVolume(scene, np.zeros(fineShape, np.float32), ijkToRasFrom(LPS, (0.5, 0.5, 1.0), (10.25, 0.25, -0.5)),
+                     "fine")
+    editable, _ = addSegmentation(scene, fine, {"a": np.zeros(fineShape, np.uint8)})
     mask = blob(SHAPE, (3, 4, 5), 2)
-    image = mrml_io.maskToOrientedImage(mask, volume, segmentation)
-    assert image.GetExtent() == (0, SHAPE[2] - 1, 0, SHAPE[1] - 1, 0, SHAPE[0] - 1)
-    # Same transform above volume and segmentation: the image frame is the volume's IJK->RAS.
+    source, ids = addSegmentation(scene, volume, {"s": mask})
+    assert source.GetParentTransformNode() is not None and editable.GetParentTransformNode() is None
+    image = mrml_io.referenceGeometryImage(editable)
+    assert image.GetExtent() == (0, fineShape[2] - 1, 0, fineShape[1] - 1, 0, fineShape[0] - 1)
+    mrml_io.segmentIntoImage(source, ids["s"], image, editable)
+    assert np.array_equal(mrml_io._imageArray(image), mask.repeat(2, 0).repeat(2, 1).repeat(2, 2))
+    # A segmentation without reference geometry edits on the source volume's grid.
+    bare = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "bare")
+    with pytest.raises(InputError, match="no reference geometry"):
+        mrml_io.referenceGeometryImage(bare)
+    onVolume = mrml_io.referenceGeometryImage(bare, volume)
+    mrml_io.segmentIntoImage(source, ids["s"], onVolume, bare)
+    # "bare" has no parent transform: the segment is placed in World, i.e. shifted 10 mm in R.
     import vtk
     matrix = vtk.vtkMatrix4x4()
-    image.GetImageToWorldMatrix(matrix)
-    assert np.allclose(slicer.util.arrayFromVTKMatrix(matrix), ijkToRasFrom(LPS, (0.5, 0.5, 2.0)))
-    assert np.array_equal(mrml_io._imageArray(image), mask)
+    onVolume.GetImageToWorldMatrix(matrix)
+    assert np.allclose(slicer.util.arrayFromVTKMatrix(matrix), ijkToRasFrom(LPS, (1.0, 1.0, 2.0), (10.0, 0.0, 0.0)))
+    assert np.array_equal(mrml_io._imageArray(onVolume), mask)
+    empty, emptyIds = addSegmentation(scene, volume, {"e": np.zeros(SHAPE, np.uint8)})
+    mrml_io.segmentIntoImage(empty, emptyIds["e"], onVolume, bare)
+    assert not mrml_io._imageArray(onVolume).any()

@@ -1,8 +1,9 @@
 """The module's self-test body (run by Slicer's ctest via slicer_add_python_unittest) on slicer-core."""
 
 import pytest
+from required_modules import require_slicer_core
 
-pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+require_slicer_core()
 
 from ProtoSAMSlicerLib import selftest
 

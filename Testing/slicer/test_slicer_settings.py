@@ -1,8 +1,9 @@
 """User settings shared by the module and the effect (ProtoSAMSlicerLib.settings)."""
 
 import pytest
+from required_modules import require_slicer_core
 
-pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+require_slicer_core()
 
 from ProtoSAMSlicerLib import settings
 

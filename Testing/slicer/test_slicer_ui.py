@@ -7,10 +7,11 @@ import re
 import xml.etree.ElementTree as ElementTree
 
 import pytest
+from required_modules import PYSIDE6, require_module
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-QtWidgets = pytest.importorskip("PySide6.QtWidgets", reason="PySide6 is not installed")
-QtUiTools = pytest.importorskip("PySide6.QtUiTools", reason="PySide6 is not installed")
+QtWidgets = require_module("PySide6.QtWidgets", PYSIDE6)
+QtUiTools = require_module("PySide6.QtUiTools", PYSIDE6)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 MODULE_UI = REPO / "Resources" / "UI" / "ProtoSAM.ui"

@@ -10,6 +10,8 @@ Written into ``DIR`` for every structure key ``K``:
   processed slices, 3-D Dice when ground truth is given.
 
 Arrays are in the caller's index order; ``axis`` is the slice axis (as for segment_volume).
+Each file is written atomically (complete or absent, never half-written), with the mode the
+user's umask gives new files.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..io import atomic_output
 from .metrics import per_slice_dice, scan_dice_3d
 from .pictures import Panel, spread, write_overlay_montage
 
@@ -101,9 +104,11 @@ def write_segment_report(out_dir, *, query: np.ndarray, labels: Optional[np.ndar
                                 caption=f"slice {index}: {int(mask[index].sum())} px"))
         safe = _safe_name(key)
         if panels:
-            written.append(write_overlay_montage(out_dir / f"overview_{safe}.png", panels, columns=4,
-                                                 flip_rows=flip_rows, flip_cols=flip_cols,
-                                                 title=f"structure {key}"))
+            overview = out_dir / f"overview_{safe}.png"
+            with atomic_output(overview) as temporary:
+                write_overlay_montage(temporary, panels, columns=4, flip_rows=flip_rows, flip_cols=flip_cols,
+                                      title=f"structure {key}")
+            written.append(overview)
         dice_by_slice = None
         if gt is not None:
             dice_by_slice = per_slice_dice(mask, gt, axis=0, slices=range(first, last + 1))
@@ -112,7 +117,8 @@ def write_segment_report(out_dir, *, query: np.ndarray, labels: Optional[np.ndar
         written.append(_area_plot(out_dir / f"slices_{safe}.png", mask, gt, dice_by_slice, key, (first, last)))
         summary[str(key)] = entry
     path = out_dir / "report.json"
-    path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    with atomic_output(path) as temporary:
+        temporary.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     written.append(path)
     logger.info("Wrote segmentation report (%d files) to %s", len(written), out_dir)
     return written
@@ -145,5 +151,6 @@ def _area_plot(path: Path, mask: np.ndarray, gt: Optional[np.ndarray],
     axes.legend(handles, names, fontsize=8, loc="upper right")
     axes.set_title(f"structure {key}: area per slice", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, dpi=100)
     return path

@@ -4,9 +4,14 @@ The effect class (SegmentEditorProtoSAMLib/SegmentEditorEffect.py) builds widget
 user actions here, with two callables bound to the Segment Editor:
 
 - ``saveStateForUndo()`` -> ``scriptedEffect.saveStateForUndo()``
-- ``modifySegment(labelmap, segmentId)`` -> ``scriptedEffect.modifySelectedSegmentByLabelmap(
-  labelmap, ModificationModeAdd)``, which applies the editor's masking settings (editable area,
-  editable intensity range, overwrite other segments).
+- ``modifySegment(labelmap, segmentId)`` -> ``scriptedEffect.modifySegmentByLabelmap(
+  segmentationNode, segmentId, labelmap, ModificationModeAdd)``, which applies the editor's
+  masking settings (editable area, editable intensity range, overwrite other segments).
+- ``defaultModifierLabelmap()`` (optional) -> ``scriptedEffect.defaultModifierLabelmap()``: an
+  empty labelmap on the segmentation's reference geometry. The result is written on that grid,
+  never on the source volume's: Slicer's masking needs the modifier on the reference geometry
+  (with another grid it skips the editable area, and with an editable intensity range it writes
+  nothing). Without it, ``mrml_io.referenceGeometryImage`` builds the same grid.
 
 Tests pass the same operations of ``vtkSlicerSegmentEditorLogic`` with a real
 vtkMRMLSegmentEditorNode, so the masking and undo exercised are Slicer's own.
@@ -64,10 +69,12 @@ class EffectSession:
     """State machine idle -> running -> preview -> idle of one Segment Editor effect instance."""
 
     def __init__(self, logic: ProtoSAMLogic, saveStateForUndo: Callable[[], None],
-                 modifySegment: Callable[[object, str], None]):
+                 modifySegment: Callable[[object, str], None],
+                 defaultModifierLabelmap: Optional[Callable[[], object]] = None):
         self.logic = logic
         self.saveStateForUndo = saveStateForUndo
         self.modifySegment = modifySegment
+        self.defaultModifierLabelmap = defaultModifierLabelmap
         self.state = IDLE
         self.job: Optional[PropagationJob] = None
         self.result: Optional[PropagationResult] = None
@@ -154,8 +161,10 @@ class EffectSession:
         if self.segmentationNode.GetSegmentation().GetSegment(self.segmentId) is None:
             self.cancel()
             raise InputError("The selected segment was deleted; nothing was applied.")
-        mask = mrml_io.segmentToArray(preview, self.segmentId, self.sourceVolumeNode)
-        labelmap = mrml_io.maskToOrientedImage(mask, self.sourceVolumeNode, self.segmentationNode)
+        labelmap = self.defaultModifierLabelmap() if self.defaultModifierLabelmap is not None else None
+        if labelmap is None:
+            labelmap = mrml_io.referenceGeometryImage(self.segmentationNode, self.sourceVolumeNode)
+        mrml_io.segmentIntoImage(preview, self.segmentId, labelmap, self.segmentationNode)
         self.saveStateForUndo()
         with mrml_io.renderPaused():
             self.modifySegment(labelmap, self.segmentId)
@@ -168,6 +177,11 @@ class EffectSession:
             self.job.cancel("Cancelled by the user; nothing was changed.")
             return  # _jobFinished resets the state when the worker stops
         self._reset()
+
+    def stopRun(self) -> None:
+        """Cancel a running propagation only; a preview is kept (the effect was deactivated)."""
+        if self.job is not None:
+            self.job.cancel("The ProtoSAM effect was deactivated; the run was cancelled and nothing was changed.")
 
     def _reset(self) -> None:
         if self.result is not None:

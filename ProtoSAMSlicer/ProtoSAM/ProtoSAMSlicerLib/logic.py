@@ -367,21 +367,30 @@ class ProtoSAMLogic:
                 self.activeJobs.remove(handle)
 
     def accept(self, result: PropagationResult, destinationSegmentationNode=None,
-               mode: str = results.ACCEPT_NEW) -> Dict[str, str]:
-        """Copy a result into a segmentation (undoable, other segments untouched).
+               mode: str = results.ACCEPT_NEW, undo: Optional[results.AcceptUndo] = None) -> Dict[str, str]:
+        """Copy a result into a segmentation (other segments untouched).
 
         destinationSegmentationNode: default the support segmentation when the target is the
         support volume, else a new segmentation named "<volume> ProtoSAM".
+        undo: records the change so that ``undoAccept(undo)`` reverts it (scene undo is off by
+        default in Slicer); pass the same record for every result of one user action.
         Returns support segment ID -> destination segment ID.
         """
+        created = False
         if destinationSegmentationNode is None:
             if result.targetVolumeNode is result.supportVolumeNode:
                 destinationSegmentationNode = result.supportSegmentationNode
             else:
                 destinationSegmentationNode = results.newSegmentationLike(
                     result.targetVolumeNode, f"{result.targetVolumeNode.GetName()} ProtoSAM")
+                created = True
         return results.acceptPreview(result.previewSegmentationNode, result.targetVolumeNode,
-                                     destinationSegmentationNode, result.supportSegmentationNode, mode)
+                                     destinationSegmentationNode, result.supportSegmentationNode, mode,
+                                     undo=undo, createdDestination=created)
+
+    def undoAccept(self, undo: results.AcceptUndo) -> None:
+        """Revert the Accept(s) recorded in ``undo``: added segments go, replaced ones come back."""
+        results.undoAccept(undo)
 
     def discard(self, result: PropagationResult) -> None:
         """Remove a result's preview segmentation."""

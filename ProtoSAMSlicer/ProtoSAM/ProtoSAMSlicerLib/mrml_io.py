@@ -224,18 +224,56 @@ def writeSegmentFromArray(mask_Kji: np.ndarray, segmentationNode, segmentId: str
     return box
 
 
-def maskToOrientedImage(mask_Kji: np.ndarray, referenceVolumeNode, segmentationNode) -> "slicer.vtkOrientedImageData":
-    """uint8 oriented image of a KJI mask on a volume's grid, in the segmentation's frame.
+def referenceGeometryImage(segmentationNode, sourceVolumeNode=None) -> "slicer.vtkOrientedImageData":
+    """Empty uint8 image on the segmentation's reference geometry, in the segmentation's frame.
 
-    This is the "modifier labelmap" Segment Editor effects hand to modifySelectedSegmentByLabelmap.
+    This is the grid the Segment Editor edits on (its "default modifier labelmap"): the
+    segmentation's reference image geometry, which may differ from the source volume's grid
+    (segmentation made on another volume, oversampled, or "Specify geometry"). A segmentation
+    without one falls back to ``sourceVolumeNode``'s grid, as the Segment Editor does.
     """
-    shape = volumeShapeKji(referenceVolumeNode)
-    if tuple(mask_Kji.shape) != shape:
-        raise ValueError(f"mask shape {mask_Kji.shape} does not match volume shape {shape}")
-    image = volumeGeometryImage(referenceVolumeNode, segmentationNode)
-    _imageArray(image)[:] = (np.asarray(mask_Kji) != 0)
-    image.Modified()
+    geometry = slicer.vtkSlicerSegmentEditorLogic.GetReferenceImageGeometryStringFromSegmentation(
+        segmentationNode.GetSegmentation())
+    if not geometry:
+        if sourceVolumeNode is None:
+            raise InputError(f"Segmentation '{segmentationNode.GetName()}' has no reference geometry; "
+                             "select a source volume in the Segment Editor.")
+        return volumeGeometryImage(sourceVolumeNode, segmentationNode)
+    image = slicer.vtkOrientedImageData()
+    slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, image, True, vtk.VTK_UNSIGNED_CHAR, 1)
+    image.GetPointData().GetScalars().Fill(0)
     return image
+
+
+def segmentIntoImage(sourceSegmentationNode, segmentId: str, image, imageSegmentationNode) -> None:
+    """Fill ``image`` (uint8, in ``imageSegmentationNode``'s frame) with a segment, 1 inside / 0 outside.
+
+    The segment is resampled (nearest neighbour) through both nodes' parent transforms: this
+    puts a preview made on the source volume's grid onto the grid the Segment Editor edits on.
+    """
+    segment = _requireSegment(sourceSegmentationNode, segmentId)
+    target = _imageArray(image)
+    target[:] = 0
+    labelmap = slicer.vtkOrientedImageData()
+    ok = slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        sourceSegmentationNode, segmentId, labelmap, False)
+    if not ok or _isEmptyExtent(labelmap.GetExtent()):
+        image.Modified()
+        return
+    sourceToImageFrame = np.linalg.inv(parentToWorldMatrix(imageSegmentationNode)) @ parentToWorldMatrix(
+        sourceSegmentationNode)
+    transform = vtk.vtkTransform()
+    transform.SetMatrix(_arrayToMatrix(sourceToImageFrame))
+    resampled = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            labelmap, image, resampled, False, False, transform):
+        raise InputError(f"Segment '{segment.GetName()}' could not be resampled onto the segmentation's geometry.")
+    target[:] = _imageArray(resampled) == segment.GetLabelValue()
+    image.Modified()
+
+
+def _isEmptyExtent(extent) -> bool:
+    return extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5]
 
 
 @contextlib.contextmanager

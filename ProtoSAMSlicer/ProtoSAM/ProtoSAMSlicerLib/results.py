@@ -1,16 +1,21 @@
 """Preview segmentations and accepted results (main thread, MRML, no Qt).
 
 A run never writes into the user's segmentation: results first go to a separate *preview*
-segmentation node on the target volume's grid. Accepting copies them, in one undoable step,
-into a destination segmentation either as new segments named after the support segments, or
+segmentation node on the target volume's grid. Accepting copies them into a destination
+segmentation either as new segments named after the support segments, or
 by replacing the segments of the same name; colour and terminology follow the support
 segment. Discarding removes the preview. A failed or cancelled run leaves nothing behind.
+
+Scene undo is off by default in the Slicer application, so an Accept outside the Segment
+Editor is made undoable here: ``AcceptUndo`` records what an Accept added and a copy of every
+segment it replaced, and ``undoAccept`` puts them back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Dict, Mapping
+from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
@@ -31,9 +36,11 @@ RESULT_NAME_SUFFIX = "ProtoSAM"
 
 
 def segmentTerminology(segment) -> str:
-    """The segment's serialized terminology entry (standard coded name), or "" if none."""
-    if hasattr(segment, "GetTerminology"):  # Slicer >= 5.4
-        return segment.GetTerminology() or ""
+    """The segment's serialized terminology entry (standard coded name), or "" if none.
+
+    Read as the "TerminologyEntry" tag, which is where every Slicer version keeps it:
+    ``vtkSegment.GetTerminology()`` (Slicer >= 5.10 only) reads the same tag.
+    """
     import vtk
 
     value = vtk.reference("")
@@ -121,14 +128,86 @@ def removeNode(node) -> None:
             scene.RemoveNode(helper)
 
 
+@dataclasses.dataclass
+class AcceptedChange:
+    """What one Accept did to one destination segmentation.
+
+    replacedLabelmaps: destination segment ID -> copy of its binary labelmap (vtkOrientedImageData,
+    the segmentation's own geometry and frame) before it was overwritten.
+    """
+
+    destinationNode: object
+    addedSegmentIds: List[str] = dataclasses.field(default_factory=list)
+    replacedLabelmaps: Dict[str, object] = dataclasses.field(default_factory=dict)
+    createdDestination: bool = False
+
+
+@dataclasses.dataclass
+class AcceptUndo:
+    """Everything one Accept click changed (possibly several results), undone together."""
+
+    changes: List[AcceptedChange] = dataclasses.field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.changes
+
+
+def _segmentLabelmapCopy(segmentationNode, segmentId: str):
+    labelmap = slicer.vtkOrientedImageData()
+    slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        segmentationNode, segmentId, labelmap, False)
+    return labelmap
+
+
+def _isEmpty(image) -> bool:
+    extent = image.GetExtent()
+    return extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5]
+
+
+def undoAccept(undo: AcceptUndo) -> None:
+    """Restore what ``undo`` recorded, last change first: added segments (or a segmentation
+    created by the Accept) are removed, replaced segments get their previous voxels back.
+    Segments or nodes the user deleted since are skipped. The record is emptied."""
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    with mrml_io.renderPaused():
+        for change in reversed(undo.changes):
+            node = change.destinationNode
+            if node.GetScene() is None or not node.GetScene().IsNodePresent(node):
+                continue
+            if change.createdDestination:
+                removeNode(node)
+                continue
+            segmentation = node.GetSegmentation()
+            for segmentId in change.addedSegmentIds:
+                if segmentation.GetSegment(segmentId) is not None:
+                    segmentation.RemoveSegment(segmentId)
+            for segmentId, labelmap in change.replacedLabelmaps.items():
+                if segmentation.GetSegment(segmentId) is None:
+                    continue
+                if _isEmpty(labelmap):  # the segment was empty: clear what the Accept wrote
+                    labelmap = _segmentLabelmapCopy(node, segmentId)
+                    if _isEmpty(labelmap):
+                        continue
+                    labelmap.GetPointData().GetScalars().Fill(0)
+                if not logic.SetBinaryLabelmapToSegment(labelmap, node, segmentId, logic.MODE_REPLACE,
+                                                        labelmap.GetExtent()):
+                    raise RuntimeError(f"Restoring segment '{segmentId}' of '{node.GetName()}' failed.")
+    logger.info("Undid the last ProtoSAM accept (%d segmentation(s))", len(undo.changes))
+    undo.changes.clear()
+
+
 def acceptPreview(previewNode, referenceVolumeNode, destinationNode, supportSegmentationNode,
-                  mode: str = ACCEPT_NEW) -> Dict[str, str]:
+                  mode: str = ACCEPT_NEW, undo: Optional[AcceptUndo] = None,
+                  createdDestination: bool = False) -> Dict[str, str]:
     """Copy preview segments into ``destinationNode``; returns support segment ID -> written ID.
 
     mode "new": add segments named after the support segments (a suffix avoids duplicates).
     mode "replace": overwrite the segment of the same name (when the destination is the support
     segmentation: the support segment itself), creating it if absent.
-    Other segments of the destination are not modified. One undo state is saved first.
+    Other segments of the destination are not modified. A scene undo state is saved first when
+    scene undo is on; ``undo`` (if given) records the change for ``undoAccept`` either way
+    (``createdDestination``: the destination was made for this Accept and goes away on undo).
     The preview node is removed afterwards.
     """
     if mode not in ACCEPT_MODES:
@@ -141,6 +220,9 @@ def acceptPreview(previewNode, referenceVolumeNode, destinationNode, supportSegm
              for segmentId in previewIds}
     if scene is not None and scene.GetUndoFlag():
         scene.SaveStateForUndo()
+    change = AcceptedChange(destinationNode, createdDestination=createdDestination)
+    if undo is not None:
+        undo.changes.append(change)
     written = {}
     destination = destinationNode.GetSegmentation()
     with mrml_io.renderPaused():
@@ -155,11 +237,15 @@ def acceptPreview(previewNode, referenceVolumeNode, destinationNode, supportSegm
                 else:
                     targetId = destination.GetSegmentIdBySegmentName(name)
             previous = None
-            if not targetId:
+            if targetId:
+                if targetId not in change.replacedLabelmaps and targetId not in change.addedSegmentIds:
+                    change.replacedLabelmaps[targetId] = _segmentLabelmapCopy(destinationNode, targetId)
+            else:
                 targetId = destination.AddEmptySegment("", uniqueSegmentName(destinationNode, name),
                                                        previewSegment.GetColor())
                 if not targetId:
                     raise RuntimeError("Could not add a segment: the Segmentations module logic is not available.")
+                change.addedSegmentIds.append(targetId)
                 copySegmentAppearance(source, destination.GetSegment(targetId))
                 previous = np.zeros_like(masks[segmentId])
             mrml_io.writeSegmentFromArray(masks[segmentId], destinationNode, targetId, referenceVolumeNode,

@@ -12,11 +12,7 @@ import qt
 import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
-try:
-    from slicer.i18n import tr as _
-except ImportError:  # Slicer < 5.4
-    def _(text):
-        return text
+from slicer.i18n import tr as _
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +74,17 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.updateGUI()
 
     def deactivate(self):
-        if self.session is not None and self.session.state != "idle":
-            self.session.cancel()
-        self.pollTimer.stop()
+        # Leaving the effect (another effect, segment or segmentation, Esc, another module)
+        # cancels a run, but the timer keeps polling until its "finished" event has arrived:
+        # that event alone returns the session to idle. A preview is kept, as in Slicer's own
+        # preview effects, so the user can look elsewhere and come back to Apply or Cancel.
+        if self.session is not None:
+            self.session.stopRun()
         self.updateGUI()
 
     def cleanup(self):
+        if self.session is not None:
+            self.session.stopRun()
         self.pollTimer.stop()
         self.pollTimer.disconnect("timeout()", self.onPoll)
 
@@ -106,19 +107,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
         logic = ProtoSAMLogic()
         logic.idle = slicer.app.processEvents
-        self.session = EffectSession(logic, self.scriptedEffect.saveStateForUndo, self._modifySegment)
+        self.session = EffectSession(logic, self.scriptedEffect.saveStateForUndo, self._modifySegment,
+                                     self.scriptedEffect.defaultModifierLabelmap)
         return True
 
     def _modifySegment(self, labelmap, segmentId):
         segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
         self.scriptedEffect.modifySegmentByLabelmap(
             segmentationNode, segmentId, labelmap, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd)
-
-    def _sourceVolume(self):
-        parameterSetNode = self.scriptedEffect.parameterSetNode()
-        if hasattr(parameterSetNode, "GetSourceVolumeNode"):
-            return parameterSetNode.GetSourceVolumeNode()
-        return parameterSetNode.GetMasterVolumeNode()  # Slicer < 5.1
 
     def onPropagate(self):
         if not self._ensureSession():
@@ -129,7 +125,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             parameterSetNode = self.scriptedEffect.parameterSetNode()
             sliceNode = self.lastSliceNode or slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
             options = optionsFromSettings(autoExtent=self.ui.extentComboBox.currentData == "automatic")
-            self.session.start(self._sourceVolume(), parameterSetNode.GetSegmentationNode(),
+            self.session.start(parameterSetNode.GetSourceVolumeNode(), parameterSetNode.GetSegmentationNode(),
                                parameterSetNode.GetSelectedSegmentID(), sliceNode, options=options,
                                onFinished=self.onFinished)
             self.ui.statusLabel.text = _("Propagating along the {view} view...").format(view=sliceNode.GetName())
@@ -154,7 +150,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             if not isinstance(session.lastError, CancelledError):
                 slicer.util.errorDisplay(_("ProtoSAM failed: {error}").format(error=session.lastError))
         else:
-            self.ui.statusLabel.text = _("Preview ready: Apply or Cancel.")
+            segment = session.segmentationNode.GetSegmentation().GetSegment(session.segmentId)
+            self.ui.statusLabel.text = _("Preview of '{segment}' ready: Apply or Cancel.").format(
+                segment=segment.GetName() if segment is not None else session.segmentId)
         self.updateGUI()
 
     def onApply(self):

@@ -1,0 +1,193 @@
+"""The ProtoSAM Segment Editor effect class (SegmentEditorProtoSAMLib/SegmentEditorEffect.py) driven
+through its widgets, as the Segment Editor drives it.
+
+The effect's C++ side (qSlicerSegmentEditorScriptedEffect) is a stand-in that, like Slicer's,
+hands undo states, the default modifier labelmap and segment modification to the real
+vtkSlicerSegmentEditorLogic of slicer-core, bound to a real vtkMRMLSegmentEditorNode.
+"""
+
+import pathlib
+
+import numpy as np
+import pytest
+
+
+import slicer
+import slicer_app_standins as standins
+from ProtoSAMSlicerLib import effect_session, mrml_io
+from slicer_mrml_helpers import addSegmentation, addVolume, ijkToRasFrom
+
+EFFECT_PY = (pathlib.Path(__file__).resolve().parents[2] / "ProtoSAMSlicer" / "SegmentEditorProtoSAM"
+             / "SegmentEditorProtoSAMLib" / "SegmentEditorEffect.py")
+SHAPE = (6, 16, 18)
+LPS = np.diag([-1.0, -1.0, 1.0])
+IJK_TO_RAS = ijkToRasFrom(LPS, (0.8, 0.8, 2.5), (7.0, 3.0, -2.0))
+
+
+@pytest.fixture
+def editor(scene, slicerApp):
+    """A Segment Editor: editor node and logic (real), the ProtoSAM effect loaded from its file."""
+    rng = np.random.default_rng(3)
+    image = rng.normal(0, 20, SHAPE).astype(np.float32)
+    image[1:5, 4:12, 5:13] += 300
+    volume = addVolume(scene, image, IJK_TO_RAS, "ct")
+    liver = np.zeros(SHAPE, np.uint8)
+    liver[2, 4:12, 5:13] = 1
+    spleen = np.zeros(SHAPE, np.uint8)
+    spleen[0:6, 0:16, 14:18] = 1
+    segmentation, ids = addSegmentation(scene, volume, {"liver": liver, "spleen": spleen})
+    editorNode = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editorLogic = slicer.vtkSlicerSegmentEditorLogic()
+    editorLogic.SetMRMLScene(scene)
+    editorLogic.SetSegmentEditorNode(editorNode)
+    editorNode.SetAndObserveSegmentationNode(segmentation)
+    editorNode.SetAndObserveSourceVolumeNode(volume)
+    editorNode.SetSelectedSegmentID(ids["liver"])
+    sliceNode = scene.GetNodeByID("vtkMRMLSliceNodeRed")
+    centre = IJK_TO_RAS @ np.array([9.0, 8.0, 2.0, 1.0])
+    sliceNode.JumpSliceByOffsetting(*centre[:3])
+    standins.qSlicerSegmentEditorScriptedEffect.editorLogic = editorLogic
+    scriptedEffect = standins.qSlicerSegmentEditorScriptedEffect(None)
+    scriptedEffect.setPythonSource(str(EFFECT_PY))
+    effect = scriptedEffect.self()
+    effect.setupOptionsFrame()
+    effect.activate()
+    yield dict(volume=volume, segmentation=segmentation, ids=ids, liver=liver, spleen=spleen, image=image,
+               editorNode=editorNode, editorLogic=editorLogic, sliceNode=sliceNode, effect=effect,
+               scriptedEffect=scriptedEffect, app=slicerApp)
+    effect.cleanup()
+
+
+def read(e, name, volume=None):
+    return mrml_io.segmentToArray(e["segmentation"], e["ids"][name], volume or e["volume"])
+
+
+def propagate(e):
+    effect = e["effect"]
+    # The mouse moves over the Red view: the effect remembers the view the user works in.
+    assert effect.processInteractionEvents(None, 0, standins.qMRMLSliceWidget(e["sliceNode"])) is False
+    effect.ui.propagateButton.click()
+    assert effect.session.state == effect_session.RUNNING
+    assert not effect.ui.propagateButton.enabled and effect.ui.cancelButton.enabled
+    return effect
+
+
+def test_propagate_progress_preview_apply_undo(editor):
+    e = editor
+    effect = e["effect"]
+    assert effect.scriptedEffect.name == "ProtoSAM" and effect.scriptedEffect.perSegment
+    assert "Propagate" in effect.helpText() and not effect.icon().isNull()
+    assert effect.ui.modelsLabel.text.startswith("Models: dinov2_tiny14 + sam_tiny")
+    clone = effect.clone()
+    assert clone.self().scriptedEffect is clone and clone.self() is not effect
+    effect.ui.extentComboBox.setCurrentIndex(effect.ui.extentComboBox.findData("all"))
+    propagate(e)
+    assert effect.ui.statusLabel.text == "Propagating along the Red view..."
+    values = []
+
+    def inPreview():
+        values.append((effect.ui.progressBar.value, effect.ui.progressBar.maximum))
+        return effect.session.state == effect_session.PREVIEW
+
+    e["app"].runEventLoopUntil(inPreview)
+    # Determinate progress over every slice but the painted one (the last step arrives with the
+    # "finished" event, after which the bar is hidden).
+    assert {total for done, total in values if done} == {SHAPE[0] - 1} and max(values)[0] >= 1
+    assert effect.ui.statusLabel.text == "Preview of 'liver' ready: Apply or Cancel."
+    assert effect.ui.applyButton.enabled and not effect.pollTimer.isActive()
+    preview = mrml_io.segmentToArray(effect.session.result.previewSegmentationNode, e["ids"]["liver"], e["volume"])
+    assert np.array_equal(read(e, "liver"), e["liver"])
+
+    effect.ui.applyButton.click()
+    assert effect.ui.statusLabel.text == "Applied." and effect.session.state == effect_session.IDLE
+    applied = read(e, "liver")
+    assert np.array_equal(applied.astype(bool), preview.astype(bool) | e["liver"].astype(bool))
+    assert e["editorLogic"].CanUndo()
+    e["editorLogic"].Undo()  # Ctrl+Z in the Segment Editor: one step
+    assert np.array_equal(read(e, "liver"), e["liver"]) and np.array_equal(read(e, "spleen"), e["spleen"])
+
+
+def test_cancel_running_and_cancel_preview(editor):
+    e = editor
+    effect = propagate(e)
+    effect.ui.cancelButton.click()
+    assert effect.ui.statusLabel.text == "Cancelling..."
+    e["app"].runEventLoopUntil(lambda: effect.session.state == effect_session.IDLE)
+    assert effect.ui.statusLabel.text.startswith("Cancelled by the user")
+    assert effect.ui.propagateButton.enabled and not effect.pollTimer.isActive()
+    assert e["volume"].GetScene().GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+
+    propagate(e)
+    e["app"].runEventLoopUntil(lambda: effect.session.state == effect_session.PREVIEW)
+    preview = effect.session.result.previewSegmentationNode
+    effect.ui.cancelButton.click()
+    assert effect.ui.statusLabel.text == "Discarded." and not e["volume"].GetScene().IsNodePresent(preview)
+    assert np.array_equal(read(e, "liver"), e["liver"])
+    assert not e["editorLogic"].CanUndo()
+
+
+def test_deactivation_mid_run_returns_to_idle(editor):
+    """Defect: deactivating the effect during a run stopped its poll timer, and only a poll delivers
+    the run's "finished" event: the effect stayed "running" (Propagate disabled, Cancel dead)."""
+    e = editor
+    effect = propagate(e)
+    effect.deactivate()  # another effect, segment or module
+    e["app"].runEventLoopUntil(lambda: effect.session.state == effect_session.IDLE, timeout=120)
+    assert "deactivated" in effect.ui.statusLabel.text and effect.ui.propagateButton.enabled
+    assert e["volume"].GetScene().GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    assert np.array_equal(read(e, "liver"), e["liver"])
+
+
+def test_deactivation_keeps_the_preview(editor):
+    """Like Slicer's own preview effects: look elsewhere, come back, Apply."""
+    e = editor
+    effect = propagate(e)
+    e["app"].runEventLoopUntil(lambda: effect.session.state == effect_session.PREVIEW)
+    preview = effect.session.result.previewSegmentationNode
+    effect.deactivate()
+    assert e["volume"].GetScene().IsNodePresent(preview) and effect.session.state == effect_session.PREVIEW
+    effect.activate()
+    assert effect.ui.applyButton.enabled
+    effect.ui.applyButton.click()
+    assert read(e, "liver").sum() > e["liver"].sum()
+
+
+def test_result_lands_on_another_reference_geometry(editor):
+    """Defect: the modifier labelmap was on the source volume's grid; with the segmentation on
+    another geometry and an editable intensity range, Slicer wrote nothing."""
+    e = editor
+    scene = e["volume"].GetScene()
+    fineShape = tuple(2 * n for n in SHAPE)
+    fine = addVolume(scene, np.zeros(fineShape, np.float32),
+                     ijkToRasFrom(LPS, (0.4, 0.4, 1.25), (7.0 + 0.2, 3.0 + 0.2, -2.0 - 0.625)), "fine")
+    e["segmentation"].SetReferenceImageGeometryParameterFromVolumeNode(fine)
+    e["editorNode"].SetSourceVolumeIntensityMask(True)
+    e["editorNode"].SetSourceVolumeIntensityMaskRange(-1e6, 1e6)  # everything editable
+    effect = propagate(e)
+    e["app"].runEventLoopUntil(lambda: effect.session.state == effect_session.PREVIEW)
+    preview = mrml_io.segmentToArray(effect.session.result.previewSegmentationNode, e["ids"]["liver"], e["volume"])
+    effect.ui.applyButton.click()
+    expected = preview.astype(bool) | e["liver"].astype(bool)
+    assert expected.sum() > e["liver"].sum()
+    assert np.array_equal(read(e, "liver", fine).astype(bool), expected.repeat(2, 0).repeat(2, 1).repeat(2, 2))
+
+
+def test_failed_run_and_refused_start_are_reported(editor, tmp_path, caplog):
+    e = editor
+    effect = e["effect"]
+    emptyId = e["segmentation"].GetSegmentation().AddEmptySegment("empty", "empty")
+    e["editorNode"].SetSelectedSegmentID(emptyId)
+    effect.lastSliceNode = None  # the Red view is used by default
+    with pytest.raises(Exception, match="empty"):
+        effect.onPropagate()  # the button slot; tryWithErrorDisplay re-raises after showing the error
+    assert effect.session.state == effect_session.IDLE and effect.ui.propagateButton.enabled
+    import qt
+
+    broken = tmp_path / "broken_sam.pth"
+    broken.write_bytes(b"not a checkpoint")
+    qt.QSettings().setValue("ProtoSAM/SAMCheckpoint", str(broken))
+    e["editorNode"].SetSelectedSegmentID(e["ids"]["liver"])
+    propagate(e)
+    e["app"].runEventLoopUntil(lambda: effect.session.state == effect_session.IDLE)
+    assert "ProtoSAM failed" in caplog.text and effect.session.lastError is not None
+    assert str(effect.session.lastError) == effect.ui.statusLabel.text

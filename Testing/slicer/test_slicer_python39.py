@@ -1,0 +1,33 @@
+"""Everything the Slicer extension installs runs on Python 3.9 (Slicer 5.8 ships 3.9).
+
+The file list is the extension's own (ProtoSAMFiles.cmake: module, effect and engine scripts);
+vermin checks syntax, standard-library APIs and evaluated annotations against 3.9.
+"""
+
+import subprocess
+import sys
+
+from test_slicer_cmake import BASES, FILES_CMAKE, cmakeSets
+
+INSTALLED_SCRIPTS = ("PROTOSAM_MODULE_SCRIPTS", "PROTOSAM_EFFECT_SCRIPTS", "PROTOSAM_ENGINE_SCRIPTS")
+
+
+def vermin(paths):
+    command = [sys.executable, "-c", "import sys; from vermin import main; sys.exit(main())",
+               "--target=3.9-", "--violations", "--no-tips", "--eval-annotations", "--no-parse-comments"]
+    return subprocess.run(command + [str(p) for p in paths], capture_output=True, text=True, timeout=300)
+
+
+def test_installed_python_files_need_at_most_python_3_9():
+    lists = cmakeSets(FILES_CMAKE.read_text())
+    files = [BASES[v] / entry for v in INSTALLED_SCRIPTS for entry in lists[v] if entry.endswith(".py")]
+    assert len(files) > 40 and all(path.is_file() for path in files)
+    result = vermin(files)
+    assert result.returncode == 0, f"Python 3.10+ constructs in installed files:\n{result.stdout}{result.stderr}"
+
+
+def test_the_checker_catches_python_3_10_code(tmp_path):
+    newer = tmp_path / "newer.py"
+    newer.write_text("def f(a, b):\n    return list(zip(a, b, strict=True))\n\n\nx: int | None = None\n")
+    result = vermin([newer])
+    assert result.returncode != 0 and "3.10" in result.stdout
