@@ -10,8 +10,9 @@ import dataclasses
 
 import numpy as np
 import pytest
+from required_modules import require_slicer_core
 
-pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+require_slicer_core()
 
 import protosam
 from ProtoSAMSlicerLib import mrml_io
