@@ -37,6 +37,8 @@ set(PROTOSAM_EFFECT_SCRIPTS
 set(PROTOSAM_ENGINE_SCRIPTS
   protosam/__init__.py
   protosam/__main__.py
+  protosam/batch.py
+  protosam/batch_ray.py
   protosam/cache.py
   protosam/checkpoints.py
   protosam/cli.py

@@ -276,6 +276,10 @@ def print_report(report: Dict) -> None:
         print(f"Masks naive vs ours (auto extent off): {status}: {ident['differing_voxels']} differing voxels of "
               f"{ident['voxels_compared']} on {ident['slices_compared']} (segment, slice) pairs, "
               f"{ident['foreground_voxels']} foreground voxels")
+        # Both flows run the same Engine step methods: this shows that sharing and skipping
+        # work changes no voxel, not that either flow is the published method.
+        print("  (naive = the Engine's own steps in the reference's call order: a check of the work "
+              "sharing, not of fidelity; fidelity: Testing/engine/test_pipeline.py against an independent flow)")
     bf16 = report.get("bf16_vs_fp32")
     if bf16:
         dice = ", ".join(f"{k} {d['dice']:.4f}" for k, d in bf16["per_structure"].items())

@@ -1,4 +1,4 @@
-"""The ``protosam`` command line: ``slices``, ``segment``, ``weights``, ``evaluate``, ``demo``.
+"""The ``protosam`` command line: ``slices``, ``segment``, ``batch``, ``weights``, ``evaluate``, ``demo``.
 
 Exit codes: 0 success, 1 a ProtoSAM error (message on stderr, no partial output file),
 2 bad command-line usage, 130 interrupted.
@@ -11,7 +11,8 @@ import os
 import sys
 import threading
 import time
-from typing import List, Optional, Sequence, TextIO
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, TextIO
 
 import numpy as np
 
@@ -20,7 +21,10 @@ from .errors import CancelledError, InputError, ProtoSAMError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["main", "build_parser", "ProgressBar", "add_model_options", "engine_from_args"]
+__all__ = [
+    "main", "build_parser", "ProgressBar", "add_model_options", "engine_from_args", "SegmentInputs",
+    "read_segment_inputs", "propagate_labels",
+]
 
 
 class ProgressBar:
@@ -140,76 +144,124 @@ def _parse_labels(text: Optional[str]) -> Optional[List[int]]:
     return labels
 
 
-def cmd_segment(args) -> int:
-    # Everything that can be checked without the models is checked first, without importing
-    # torch (seconds): files, output place, labels. Only then are the models loaded.
-    from .io import (
-        MAX_LABEL_VALUE, check_same_geometry, check_segment_paths, read_volume, same_file, write_labelmap,
-    )
-    from .orientation import ijk_to_ras_from_lps
+@dataclass
+class SegmentInputs:
+    """A checked ``segment`` job: ``[k, j, i]`` arrays as read, and what to propagate.
+
+    ``support`` is None when the labels were painted on ``query`` itself; ``labelmap`` (any
+    integer or whole-number dtype) has the support's shape; ``labels`` lists the label values
+    to propagate, first = wins overlaps; ``geometry``: the orientation keywords of
+    :func:`protosam.segment_volume` (``query_ijk_to_ras``, ``support_ijk_to_ras``: (4, 4) RAS
+    matrices from the files' LPS headers, ``plane``: resolved, never "auto"), so that the
+    engine slices in its canonical order (:mod:`protosam.orientation`) and hands back masks in
+    the files' own order.
+    """
+
+    query: np.ndarray
+    support: Optional[np.ndarray]
+    labelmap: np.ndarray
+    labels: List[int]
+    geometry: Dict[str, object]
+
+
+def read_segment_inputs(image, support_mask, *, support_image=None, labels: Optional[str] = None,
+                        plane: str = "auto", read=None):
+    """Read and check the volumes of a ``segment`` job -> (:class:`SegmentInputs`, the image's sitk header).
+
+    No torch import. ``labels``: comma-separated text as typed (None: every label of the mask).
+    ``read(path, what)`` replaces :func:`protosam.io.read_volume` (``protosam batch`` reuses one
+    support that way). The file checks of :func:`protosam.io.check_segment_paths` come first.
+    """
+    from .io import MAX_LABEL_VALUE, check_same_geometry, read_volume, same_file
+    from .orientation import choose_plane, ijk_to_ras_from_lps
     from .validation import support_labels
 
-    check_segment_paths(args.image, args.support_mask, args.output, args.support_image, args.report)
-    requested = _parse_labels(args.labels)
-    query, query_image = read_volume(args.image, "image")
-    same = args.support_image is None or same_file(args.support_image, args.image)
-    support, support_image = (query, query_image) if same else read_volume(args.support_image, "support image")
-    labelmap, labelmap_image = read_volume(args.support_mask, "support mask")
-    check_same_geometry(support_image, labelmap_image, "support image", "support mask")
-    labels = support_labels(
-        labelmap, requested, mask_option="--support-mask", mask_path=args.support_mask,
-        image_option="--image" if args.support_image is None else "--support-image",
+    read = read or read_volume
+    requested = _parse_labels(labels)
+    query, query_image = read(image, "image")
+    same = support_image is None or same_file(support_image, image)
+    support, support_header = (query, query_image) if same else read(support_image, "support image")
+    labelmap, labelmap_image = read(support_mask, "support mask")
+    check_same_geometry(support_header, labelmap_image, "support image", "support mask")
+    chosen = support_labels(
+        labelmap, requested, mask_option="--support-mask", mask_path=support_mask,
+        image_option="--image" if support_image is None else "--support-image",
         max_value=MAX_LABEL_VALUE, image_values=lambda: np.unique(support),
     )
-    support_slices = None
-    if args.support_slice is not None:
-        support_slices = {label: args.support_slice for label in labels}
+    def ijk_to_ras(header):
+        return ijk_to_ras_from_lps(header.GetDirection(), header.GetSpacing(), header.GetOrigin())
 
+    query_ijk_to_ras = ijk_to_ras(query_image)
+    geometry = {"query_ijk_to_ras": query_ijk_to_ras, "support_ijk_to_ras": None if same else ijk_to_ras(support_header),
+                "plane": choose_plane(query_ijk_to_ras, plane)}
+    return SegmentInputs(query, None if same else support, labelmap, chosen, geometry), query_image
+
+
+def propagate_labels(engine, inputs: SegmentInputs, *, support_slice: Optional[int] = None, modality: str = "auto",
+                     progress=None, cancel: Optional[threading.Event] = None):
+    """Propagate every label of ``inputs`` -> (``[k, j, i]`` uint8/uint16 label map, :class:`VolumeResult`).
+
+    Where labels overlap the one listed first keeps the voxel; within one volume the painted
+    support slices are kept exactly as painted.
+    """
     from .propagation import segment_volume
 
-    engine = engine_from_args(args)
-    cancel = threading.Event()
-
-    def ijk_to_ras(image):
-        return ijk_to_ras_from_lps(image.GetDirection(), image.GetSpacing(), image.GetOrigin())
-
-    # The engine slices both volumes in the canonical order of their geometry (protosam.orientation)
-    # and hands back masks in the files' own [k, j, i] order.
+    labels, labelmap = inputs.labels, inputs.labelmap
+    support_slices = None
+    if support_slice is not None:
+        support_slices = {label: support_slice for label in labels}
     result = segment_volume(
-        engine, query, None if same else support, {label: labelmap == label for label in labels},
-        query_ijk_to_ras=ijk_to_ras(query_image), support_ijk_to_ras=None if same else ijk_to_ras(support_image),
-        plane=args.axis, support_slices=support_slices, modality=args.modality,
-        progress=ProgressBar("segment"), cancel=cancel,
+        engine, inputs.query, inputs.support, {label: labelmap == label for label in labels},
+        support_slices=support_slices, modality=modality, progress=progress, cancel=cancel, **inputs.geometry,
     )
-    axis = result.axis
-    output = np.zeros(query.shape, np.uint16 if max(labels) > 255 else np.uint8)
+    axis = result.axis  # the files' array axis of the plane
+    output = np.zeros(inputs.query.shape, np.uint16 if max(labels) > 255 else np.uint8)
     # Overlaps: the label listed first keeps the voxel ...
     for label in reversed(labels):
         output[result.masks[label] > 0] = label
     # ... but what the user painted always wins over what was propagated.
-    if same:
+    if inputs.support is None:
         for label in labels:
             for k in result.support_slices[label]:
                 index = (slice(None),) * axis + (k,)
                 painted = labelmap[index] == label
                 output[index][painted] = label
+    return output, result
+
+
+def cmd_segment(args) -> int:
+    # Everything that can be checked without the models is checked first, without importing
+    # torch (seconds): files, output place, labels. Only then are the models loaded.
+    from .io import check_segment_paths, write_labelmap
+
+    check_segment_paths(args.image, args.support_mask, args.output, args.support_image, args.report)
+    inputs, query_image = read_segment_inputs(
+        args.image, args.support_mask, support_image=args.support_image, labels=args.labels, plane=args.axis
+    )
+    engine = engine_from_args(args)
+    cancel = threading.Event()
+    output, result = propagate_labels(
+        engine, inputs, support_slice=args.support_slice, modality=args.modality,
+        progress=ProgressBar("segment"), cancel=cancel,
+    )
     write_labelmap(output, query_image, args.output)
     try:
         if args.report:
             from .evaluation.pictures import axial_display_flips
             from .evaluation.report import write_segment_report
 
+            axis = result.axis
             flip_rows, flip_cols = axial_display_flips(query_image.GetDirection()) if axis == 0 else (False, False)
             write_segment_report(
-                args.report, query=query, labels=output, axis=axis, result=result,
-                support=None if same else support, support_labels={label: labelmap == label for label in labels},
+                args.report, query=inputs.query, labels=output, axis=axis, result=result, support=inputs.support,
+                support_labels={label: inputs.labelmap == label for label in inputs.labels},
                 flip_rows=flip_rows, flip_cols=flip_cols,
             )
     except KeyboardInterrupt:
         print(f"protosam: interrupted while writing the report; {args.output} was written, "
               f"the report in {args.report} is incomplete.", file=sys.stderr)
         return 130
-    for label in labels:
+    for label in inputs.labels:
         print(f"label {label}: {int(result.masks[label].sum())} voxels on {len(result.processed_slices[label])} "
               f"processed slices (support slice {result.support_slices[label]})")
     print(f"wrote {args.output} in {result.seconds:.1f} s")
@@ -253,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.set_defaults(func=cmd_segment)
 
     weights_cli.add_subcommands(commands)
+    from . import batch
+
+    batch.add_subcommand(commands)
     try:
         from .evaluation import cli as evaluation_cli
     except ImportError:  # pragma: no cover - only while the evaluation package is absent

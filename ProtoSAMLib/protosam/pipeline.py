@@ -64,9 +64,17 @@ class RefinedSlice:
 class SliceResults:
     """Outputs for N query slices, each at the query's own size ``[H, W]``.
 
-    ``coarse_prob``: ``[N, H, W]`` float32 foreground probability; ``coarse_mask`` and ``mask``:
-    ``[N, H, W]`` uint8; ``prompts``: per query, the list of prompt sets sent to SAM (empty when
-    the coarse mask is empty or SAM was not run).
+    The coarse mask has one rule wherever it is used: ALPNet's logits (at ``S``) resized
+    bilinearly to the frame where the mask is needed, softmax, argmax (foreground wins ties
+    only when strictly more probable). That frame is the query's ``[H, W]`` for the outputs
+    here, and SAM's 1024 x 1024 for the prompts (the reference's choice, see ``refine``).
+
+    ``coarse_prob``: ``[N, H, W]`` float32 foreground probability (softmax at ``[H, W]``);
+    ``coarse_mask``: ``[N, H, W]`` uint8, argmax at ``[H, W]`` (no CCA); ``mask``: ``[N, H, W]``
+    uint8 final mask: SAM's union mask (at ``S``, nearest-neighbour to ``[H, W]``), or with
+    ``coarse_only`` the coarse mask itself, reduced to its component of largest probability
+    mass when CCA is on; ``prompts``: per query, the list of prompt sets sent to SAM (empty
+    when the coarse mask at 1024 is empty or SAM was not run).
     """
 
     coarse_prob: np.ndarray
@@ -193,7 +201,8 @@ class Engine:
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """DINOv2 patch features ``[N, C, g, g]`` float32 (g >= 32) for ``[N, 3, S, S]`` images."""
+        """DINOv2 patch features ``[N, C, g, g]`` float32 (g >= 32) for ``[N, 3, S, S]`` images,
+        on ``self.device`` as it is when the call returns (the CPU after a GPU fallback)."""
         outputs = []
         start = 0
         while start < images.shape[0]:
@@ -205,7 +214,8 @@ class Engine:
                 continue
             outputs.append(features)
             start += batch.shape[0]
-        return torch.cat(outputs)
+        # After a GPU -> CPU fallback earlier batches are still on the GPU: gather on one device.
+        return torch.cat([features.to(self.device) for features in outputs])
 
     def _encode_batch(self, batch: torch.Tensor) -> torch.Tensor:
         if batch.shape[-1] != self.encoder_input_size:
@@ -260,6 +270,11 @@ class Engine:
     ) -> RefinedSlice:
         """Prompts from coarse logits ``[2, S, S]`` -> SAM -> mask ``[S, S]``.
 
+        The coarse mask the prompts come from is the argmax of the logits resized bilinearly
+        to SAM's 1024 x 1024 frame, as the reference computes it (components, boxes and points
+        at 1024); it can differ from ``SliceResults.coarse_mask`` (the same rule at the query's
+        size) only along the boundary, by the resampling.
+
         ``embedding_for_slice`` is called only when the coarse mask is not empty, so slices
         without the structure never pay for SAM's image encoder. ``decode(embedding, prompts)``
         replaces the preset's SAM decoding (it returns the ``[1024, 1024]`` bool union; used by
@@ -311,7 +326,8 @@ class Engine:
             support_image: ``[H, W]`` float32, preprocessed (no intensity change is made here).
             support_mask: ``[H, W]``, non-zero = structure.
             queries: ``[N, H', W']`` float32 slices (any size; all resized to ``S``).
-            coarse_only: stop after ALPNet (``mask`` = coarse mask, CCA applied if enabled).
+            coarse_only: stop after ALPNet: ``mask`` = ``coarse_mask`` (CCA applied if enabled,
+                on that same mask at ``[H, W]``).
         """
         support_image = as_float_slices(support_image, "support image", 2)
         support_mask = as_binary_mask(support_mask, "support mask", support_image.shape)
@@ -324,8 +340,11 @@ class Engine:
         coarse_mask = np.zeros((count, height, width), np.uint8)
         final_mask = np.zeros((count, height, width), np.uint8)
         all_prompts: List[List[ComponentPrompt]] = [[] for _ in range(count)]
-        for start in range(0, count, self.batch_size):
+        start = 0
+        while start < count:
             _check_cancel(cancel)
+            # The batch size may shrink inside encode (out-of-memory retry): the next window
+            # starts right after this one, whatever size the following windows have.
             images = self.to_model_input(queries[start:start + self.batch_size])
             logits = self.coarse_logits(prototypes, self.encode(images))
             at_query_size = logits
@@ -338,22 +357,23 @@ class Engine:
                 index = start + offset
                 _check_cancel(cancel)
                 if coarse_only:
-                    mask_s = self._coarse_mask_only(logits[offset])
+                    final_mask[index] = self._coarse_only_mask(coarse_prob[index], coarse_mask[index])
                 else:
                     refined = self.refine(logits[offset], lambda i=offset: self.sam_embedding(images[i]))
-                    mask_s, all_prompts[index] = refined.mask, refined.prompts
-                final_mask[index] = self.to_slice_size(mask_s, (height, width))
+                    all_prompts[index] = refined.prompts
+                    final_mask[index] = self.to_slice_size(refined.mask, (height, width))
                 if progress is not None:
                     progress(index + 1, count)
+            start += len(images)
         return SliceResults(coarse_prob, coarse_mask, final_mask, all_prompts)
 
-    def _coarse_mask_only(self, logits: torch.Tensor) -> torch.Tensor:
-        prob = F.softmax(logits[None], dim=1)[0]
-        mask = prob.argmax(dim=0) == 1
-        if self.preset.keep_largest_component and bool(mask.any()):
-            kept = extract_prompts(prob[1].cpu().numpy(), mask.cpu().numpy(), keep_largest_only=True)
-            mask = torch.from_numpy(kept[0].full_mask(tuple(mask.shape))).to(mask.device)
-        return mask
+    def _coarse_only_mask(self, fg_prob: np.ndarray, coarse_mask: np.ndarray) -> np.ndarray:
+        """``mask`` of a coarse-only run: the coarse mask ``[H, W]`` uint8, or with CCA its
+        component of largest foreground mass (``fg_prob`` ``[H, W]``), as the prompts' CCA picks."""
+        if not self.preset.keep_largest_component or not coarse_mask.any():
+            return coarse_mask.copy()
+        (kept,) = extract_prompts(fg_prob, coarse_mask.astype(bool), keep_largest_only=True)
+        return kept.full_mask(coarse_mask.shape).astype(np.uint8)
 
     @staticmethod
     def to_slice_size(mask: torch.Tensor, hw) -> np.ndarray:

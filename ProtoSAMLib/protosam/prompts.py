@@ -52,13 +52,27 @@ class ComponentPrompt:
         return mask
 
 
-def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+def connected_components(mask: np.ndarray) -> Tuple[np.ndarray, int]:
     """8-connected labelling of a 2-D bool mask: ``(labels int32 [H, W], count)``.
 
-    Labels are numbered in raster order of each component's first pixel, as OpenCV does.
+    Numbered as OpenCV's ``connectedComponentsWithStats(..., connectivity=8)`` numbers them (the
+    reference's order, which sets the prompt order and the tie-breaks below). OpenCV's 8-way
+    algorithms scan 2 x 2 pixel blocks, block rows of two pixel rows from the top, blocks left
+    to right, and number components in the order of the first block that holds one of their
+    pixels (the four pixels of a block are always 8-connected, so a block never holds two
+    components). That is not raster order of the first pixel: a component starting at (1, 0)
+    comes before one starting at (0, 5). A test checks the numbering against OpenCV itself.
     """
     labels, count = ndimage.label(mask.astype(bool), structure=_EIGHT_CONNECTED)
-    return labels.astype(np.int32), int(count)
+    labels = labels.astype(np.int32, copy=False)
+    if count > 1:
+        height, width = labels.shape
+        block = (np.arange(height)[:, None] // 2) * ((width + 1) // 2) + np.arange(width)[None, :] // 2
+        first_block = ndimage.minimum(block, labels, np.arange(1, count + 1))
+        new_number = np.zeros(count + 1, np.int32)
+        new_number[np.argsort(first_block, kind="stable") + 1] = np.arange(1, count + 1, dtype=np.int32)
+        labels = new_number[labels]
+    return labels, int(count)
 
 
 def _top1_pixel_xy(values: np.ndarray, region: np.ndarray, offset=(0, 0)) -> Optional[np.ndarray]:
@@ -108,11 +122,14 @@ def extract_prompts(
         fg_prob: ``[H, W]`` float foreground probability (background = 1 - fg_prob).
         fg_mask: ``[H, W]`` bool coarse foreground (argmax of the two classes).
         keep_largest_only: CCA — keep the component with the largest foreground mass
-            (first one in raster order on ties).
+            (the first one in OpenCV's order on ties).
         negative_points: add the ring and global background points (label 0) when found.
-        max_components: keep at most this many components, those of largest mass (None: all).
+        max_components: keep at most this many components, those of largest mass; on equal
+            masses the earlier ones in OpenCV's order (None: all).
     Returns:
-        One :class:`ComponentPrompt` per kept component, in raster order of the components.
+        One :class:`ComponentPrompt` per kept component, in OpenCV's order of the components
+        (see :func:`connected_components`; ties in CCA and ``max_components`` go to the
+        component that comes first in it).
         Empty list when ``fg_mask`` is empty.
     """
     if fg_prob.shape != fg_mask.shape or fg_prob.ndim != 2:

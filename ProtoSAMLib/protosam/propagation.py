@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -62,11 +62,25 @@ def largest_area_slice(mask: np.ndarray) -> int:
     return int(np.argmax(mask.reshape(mask.shape[0], -1).sum(axis=1)))
 
 
+# Host memory a run may use to keep a slice's encoder outputs for a later phase that visits it
+# again (the up and down walks of structures whose seeds differ overlap between the seeds).
+# 1 GiB holds ~90 slices of DINOv2 ViT-B features at 672 px (7 MiB) plus SAM ViT-B embeddings
+# (4 MiB); beyond it a slice is encoded again, as without keeping.
+KEEP_FOR_LATER_PHASES_BYTES = 2**30
+
+
+def _nbytes(tensor: Optional[torch.Tensor]) -> int:
+    return 0 if tensor is None else tensor.element_size() * tensor.nelement()
+
+
 class _SliceStore:
     """Per-run access to one volume's slices: model input, DINOv2 features, SAM embedding.
 
     Features are computed in batches along the walking direction and dropped once used,
-    so a run never holds features for the whole volume (the engine's bounded cache may).
+    unless a later phase of the run (see :meth:`expect`) visits the slice again: then they
+    are kept, in host memory and within ``KEEP_FOR_LATER_PHASES_BYTES``, so a run encodes
+    each slice once. A run never holds features for the whole volume (the engine's bounded
+    cache may).
     """
 
     def __init__(self, engine: Engine, volume: np.ndarray):
@@ -75,6 +89,8 @@ class _SliceStore:
         self.fingerprint = volume_fingerprint(volume) if engine.cache.max_bytes else ""
         self._features: Dict[int, torch.Tensor] = {}
         self._embeddings: Dict[int, torch.Tensor] = {}
+        self._phases: List[set] = []  # slices of the current phase, then of the later ones
+        self._kept: Dict[int, int] = {}  # slice -> bytes kept for a later phase
 
     def image(self, index: int) -> torch.Tensor:
         return self.engine.to_model_input(self.volume[index:index + 1])[0]
@@ -95,7 +111,8 @@ class _SliceStore:
                     self._features[k] = feats
                     if self.fingerprint:
                         self.engine.cache.put(("dinov2", self.fingerprint, k), feats)
-        return self._features[index]
+        # Kept features wait in host memory; no-op on the CPU.
+        return self._features[index].to(self.engine.device)
 
     def sam_embedding(self, index: int) -> torch.Tensor:
         if index not in self._embeddings:
@@ -108,7 +125,34 @@ class _SliceStore:
             self._embeddings[index] = cached
         return self._embeddings[index]
 
+    def expect(self, phases: Sequence[Sequence[int]]) -> None:
+        """The slices each phase of the run may visit, in run order (the first is current)."""
+        self._phases = [set(phase) for phase in phases]
+
     def release(self, index: int) -> None:
+        """Done with ``index`` in this phase: keep its outputs if a later phase visits it."""
+        if index in self._kept:
+            return
+        later = any(index in phase for phase in self._phases[1:])
+        size = _nbytes(self._features.get(index)) + _nbytes(self._embeddings.get(index))
+        if later and sum(self._kept.values()) + size <= KEEP_FOR_LATER_PHASES_BYTES:
+            for outputs in (self._features, self._embeddings):
+                if index in outputs:
+                    outputs[index] = outputs[index].to("cpu")
+            self._kept[index] = size
+            return
+        self._drop(index)
+
+    def end_phase(self) -> None:
+        """The current phase is over: drop what no remaining phase visits (kept slices, and
+        slices encoded ahead for a walk that stopped before reaching them)."""
+        self._phases = self._phases[1:]
+        for index in set(self._features) | set(self._embeddings):
+            if not any(index in phase for phase in self._phases):
+                self._drop(index)
+
+    def _drop(self, index: int) -> None:
+        self._kept.pop(index, None)
         self._features.pop(index, None)
         self._embeddings.pop(index, None)
 
@@ -238,7 +282,7 @@ def segment_volume(
         _prepare_structure(engine, key, mask, support_store, support_slices, same_volume, query.shape, (first, last))
         for key, mask in masks.items()
     ]
-    plans = [_plan(s, first, last, use_auto_extent) for s in structures]
+    plans = [_plan(s, first, last, use_auto_extent, same_volume) for s in structures]
     tracker = _Progress(sum(len(p.fixed) + len(p.up) + len(p.down) for p in plans), progress)
 
     def run_slice(index: int, active: List[Tuple[_Structure, "_Plan"]], upcoming: Sequence[int]) -> Dict[int, bool]:
@@ -259,12 +303,17 @@ def segment_volume(
 
     # Slices every structure must visit (between its seeds, or everything without auto extent).
     fixed_slices = sorted(set().union(*[p.fixed for p in plans]))
+    query_store.expect([fixed_slices] + [set().union(*[getattr(p, d) for p in plans]) for d in ("up", "down")])
     for i, index in enumerate(fixed_slices):
         active = [(s, p) for s, p in zip(structures, plans) if index in p.fixed]
-        run_slice(index, active, fixed_slices[i + 1:])
+        found = run_slice(index, active, fixed_slices[i + 1:])
+        for position, (_, plan) in enumerate(active):
+            plan.fixed_found[index] = found[position]
+    query_store.end_phase()
     # Outward walks, all structures in one sweep per direction so slices are shared.
     for direction in ("up", "down"):
         _sweep(structures, plans, direction, run_slice, tracker, engine.preset.stop_after_empty)
+        query_store.end_phase()
     tracker.finish()
 
     results = {}
@@ -346,6 +395,8 @@ class _Plan:
     alive: Dict[str, bool]
     empty_run: Dict[str, int]
     seen: Dict[str, bool]
+    # Fixed slice -> whether the structure was found there (filled as they are processed).
+    fixed_found: Dict[int, bool] = field(default_factory=dict)
 
 
 def _check_range(slice_range, count) -> Tuple[int, int]:
@@ -406,7 +457,9 @@ def _seed_slices(key, shown: Sequence[int], support_count: int, query_count: int
     return seeds
 
 
-def _plan(structure: _Structure, first: int, last: int, auto_extent: bool) -> _Plan:
+def _plan(structure: _Structure, first: int, last: int, auto_extent: bool, same_volume: bool) -> _Plan:
+    """Which slices a structure visits: ``fixed`` (between its seeds, or all without auto
+    extent) and the outward walks ``up`` / ``down`` (in walking order), within first..last."""
     low, high = min(structure.seeds), max(structure.seeds)
     if auto_extent:
         fixed = set(range(max(low, first), min(high, last) + 1))
@@ -415,15 +468,34 @@ def _plan(structure: _Structure, first: int, last: int, auto_extent: bool) -> _P
     else:
         fixed, up, down = set(range(first, last + 1)), [], []
     fixed -= set(structure.copied)
-    # Within one volume the structure is known to be present at its seeds.
-    seen = bool(structure.copied)
+    # Within one volume the structure is known to be present at its seeds, painted there,
+    # even when slice_range leaves them out; across volumes it must be found first.
+    seen = same_volume
     return _Plan(fixed, up, down, {"up": True, "down": True}, {"up": 0, "down": 0}, {"up": seen, "down": seen})
 
 
 def _sweep(structures, plans, direction, run_slice, tracker, stop_after: int) -> None:
-    """Walk all structures outwards in one direction, sharing each slice's encoders."""
+    """Walk all structures outwards in one direction, sharing each slice's encoders.
+
+    A walk continues the seed part: it starts with the presence seen on the fixed (and
+    painted) slices, in walking order, so a structure that ends at its seed stops after
+    ``stop_after`` empty slices instead of walking on to the end of the volume.
+    """
     step = 1 if direction == "up" else -1
     pending = {id(p): list(getattr(p, direction)) for p in plans}
+    for structure, plan in zip(structures, plans):
+        known = dict(plan.fixed_found)
+        known.update({index: True for index in structure.copied})
+        for index in sorted(known, reverse=(step < 0)):
+            if known[index]:
+                plan.seen[direction] = True
+                plan.empty_run[direction] = 0
+            elif plan.seen[direction]:
+                plan.empty_run[direction] += 1
+        if plan.empty_run[direction] >= stop_after:
+            plan.alive[direction] = False
+            tracker.advance(len(pending[id(plan)]))
+            pending[id(plan)] = []
     candidates = sorted(set().union(*[set(getattr(p, direction)) for p in plans]), reverse=(step < 0))
     for i, index in enumerate(candidates):
         active = []

@@ -43,20 +43,32 @@ def _alpnet_logits(fs: torch.Tensor, mask: np.ndarray, fq: torch.Tensor) -> torc
     window = grid // 8
     densest = max(float(fg[i:i + window, j:j + window].mean()) for i in range(0, grid - window + 1, window) for j in range(0, grid - window + 1, window))
     global_fg = (fs * fg).sum(dim=(1, 2)) / (fg.sum() + 1e-5)
+    # Prototype rows stacked once (P x C); each pixel is still scored on its own below.
+    background = torch.stack(background)
+    local_mode = densest >= 0.95
+    foreground = torch.stack([_norm(p) for p in local_fg + [global_fg]]) if local_mode else None
     logits = torch.zeros(2, grid, grid)
     for y in range(grid):
         for x in range(grid):
             q = fq[:, y, x]
             qn = _norm(q)
-            sims = torch.stack([20 * (qn @ p) for p in background])
+            sims = 20 * (background @ qn)
             logits[0, y, x] = (torch.softmax(sims, 0) * sims).sum()
-            if densest >= 0.95:
-                protos = [_norm(p) for p in local_fg + [global_fg]]
-                sims = torch.stack([20 * (qn @ p) for p in protos])
+            if local_mode:
+                sims = 20 * (foreground @ qn)
                 logits[1, y, x] = (torch.softmax(sims, 0) * sims).sum()
             else:
                 logits[1, y, x] = 20 * (q @ global_fg) / max(float(q.norm() * global_fg.norm()), 1e-4)
     return logits
+
+
+def uses_local_foreground(mask: np.ndarray, grid: int) -> bool:
+    """Whether the reference takes local foreground prototypes for this support mask: some
+    ``grid // 8`` window of the mask on the feature grid is at least 95 % foreground."""
+    fg = F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None], size=(grid, grid), mode="nearest")[0, 0]
+    window = grid // 8
+    return max(float(fg[i:i + window, j:j + window].mean()) for i in range(0, grid - window + 1, window)
+               for j in range(0, grid - window + 1, window)) >= 0.95
 
 
 def reference_paper_flow(dino, sam, support: np.ndarray, mask: np.ndarray, query: np.ndarray):

@@ -1,6 +1,7 @@
 """The slice-level engine: fidelity to the published flow, shapes, presets, errors."""
 from dataclasses import replace
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -26,10 +27,27 @@ def _slices(size):
     return support, mask, queries
 
 
-@pytest.mark.parametrize("size", [112, 224])
-def test_paper_preset_matches_an_independent_reference_flow(tiny_models, size):
+# Tolerances against the independent reference (reference_flow.py). With the official
+# attention order (paper preset) the DINOv2 features are bit-identical; ALPNet sums in another
+# order there (matrix products per pixel against one convolution here), which moves the
+# probabilities by float32 rounding: measured <= 4e-6, bar 1e-5 (the issue's fidelity bar is
+# 1e-3). A pixel whose probability is that close to 1/2 may fall on either side, and at 1024
+# such a pixel can move a prompt (box edge, top-1 point) by one pixel and SAM's boundary with
+# it: final masks may differ in at most 0.2 % of the pixels (measured: none).
+PROB_TOLERANCE = 1e-5
+FINAL_MASK_DIFFERING_FRACTION = 0.002
+
+
+@pytest.mark.parametrize(
+    "size, foreground",
+    [(112, "local"), (224, "local"), (672, "local"), (672, "global")],
+)
+def test_paper_preset_matches_an_independent_reference_flow(tiny_models, size, foreground):
+    """At S = 672 the grid is 48 x 48 (no upsampling to 32), pooled 2 x 2, and the local-
+    foreground test uses 6 x 6 windows (grid // 8); both foreground modes are checked there:
+    local + global prototypes (large support structure) and the global prototype alone."""
     from dinov2_reference import build_snapshot_model
-    from reference_flow import reference_paper_flow
+    from reference_flow import reference_paper_flow, uses_local_foreground
 
     models = replace(tiny_models, input_size=size)
     engine = Engine(models, preset="paper", device="cpu")
@@ -38,18 +56,29 @@ def test_paper_preset_matches_an_independent_reference_flow(tiny_models, size):
     sam = load_sam(models.sam, models.sam_checkpoint)
 
     support, mask, queries = _slices(size)
+    if foreground == "global":
+        # A disc 5 cells across: no 6 x 6 window of the 48 x 48 grid is 95 % foreground.
+        support, mask = blob_slice(size, center=(size // 2, size // 2), radius=size // 19, seed=0)
+        queries = queries[:1]
+    grid = max(size // 14, 32)
+    assert uses_local_foreground(mask, grid) == (foreground == "local")
+    assert engine.support_prototypes(support, mask).foreground_is_local == (foreground == "local")
+
     ours = engine.segment_slices(support, mask, queries)
     for index, query in enumerate(queries):
         coarse_prob, final, boxes = reference_paper_flow(dino, sam, support, mask, query)
-        # The issue's fidelity bar is 1e-3. With the official attention order (paper preset) the
-        # features are bit-identical; what remains is float summation order in ALPNet.
         difference = np.abs(ours.coarse_prob[index] - coarse_prob).max()
-        print(f"size {size} query {index}: max |coarse_prob difference| = {difference:.2e}")
-        assert difference < 1e-5
-        np.testing.assert_array_equal(ours.coarse_mask[index], (coarse_prob > 0.5).astype(np.uint8))
+        print(f"size {size} {foreground} query {index}: max |coarse_prob difference| = {difference:.2e}")
+        assert difference < PROB_TOLERANCE
+        decided = np.abs(coarse_prob - 0.5) > PROB_TOLERANCE
+        np.testing.assert_array_equal(ours.coarse_mask[index][decided], (coarse_prob > 0.5)[decided])
         assert ours.coarse_mask[index].any(), "test case should give a non-empty coarse mask"
-        np.testing.assert_array_equal(ours.mask[index], final.astype(np.uint8))
-        np.testing.assert_array_equal(np.array([p.box for p in ours.prompts[index]]).reshape(-1, 4), np.array(boxes).reshape(-1, 4))
+        ours_boxes = np.array([p.box for p in ours.prompts[index]]).reshape(-1, 4)
+        assert ours_boxes.shape == np.array(boxes).reshape(-1, 4).shape
+        np.testing.assert_allclose(ours_boxes, np.array(boxes).reshape(-1, 4), rtol=0, atol=1)
+        differing = int((ours.mask[index] != final).sum())
+        print(f"  final masks: {differing} differing pixels of {final.size}, reference foreground {int(final.sum())}")
+        assert final.any() and differing <= FINAL_MASK_DIFFERING_FRACTION * final.size
 
 
 def test_outputs_come_back_at_each_query_size(paper_engine):
@@ -62,12 +91,38 @@ def test_outputs_come_back_at_each_query_size(paper_engine):
     assert len(result.prompts) == 3
 
 
-def test_coarse_only_skips_sam_and_returns_the_coarse_mask(tiny_models, monkeypatch):
-    engine = Engine(tiny_models, preset="paper", device="cpu")
+def _opencv_heaviest_component(prob, mask):
+    """Independent CCA: OpenCV's components, the one with the largest probability mass (first on ties)."""
+    count, labels, _, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    masses = [prob[labels == k].astype(np.float64).sum() for k in range(1, count)]
+    return (labels == 1 + int(np.argmax(masses))).astype(np.uint8)
+
+
+@pytest.mark.parametrize("cca", [False, True])
+def test_coarse_only_mask_is_the_coarse_mask_at_the_query_size(tiny_models, monkeypatch, cca):
+    """Queries of another size than S (150 x 130 against 112): ``coarse_mask`` is the argmax of
+    the logits resized bilinearly to 150 x 130 (checked against the probabilities), and the
+    coarse-only ``mask`` is that same mask, or with CCA its heaviest OpenCV component."""
+    engine = Engine(tiny_models, preset="paper", device="cpu", cca=cca)
     monkeypatch.setattr(engine.refiner, "embed", lambda *a, **k: pytest.fail("SAM must not run"))
-    support, mask, queries = _slices(112)
+    support, mask, _ = _slices(112)
+    first, _ = blob_slice(150, center=(70, 60), radius=30, seed=4)
+    second, _ = blob_slice(150, center=(45, 40), radius=24, seed=5)
+    second += 2.0 * blob_slice(150, center=(115, 100), radius=12, seed=6)[1]  # a second structure
+    queries = np.stack([first[:, :130], second[:, :130]])
     result = engine.segment_slices(support, mask, queries, coarse_only=True)
-    np.testing.assert_array_equal(result.mask, result.coarse_mask)
+    assert result.coarse_prob.shape == result.mask.shape == (2, 150, 130)
+    # Two classes: argmax is foreground exactly where its probability is above one half,
+    # up to the rounding of a softmax output (pixels within 1e-6 of 0.5 are not checked).
+    decided = np.abs(result.coarse_prob - 0.5) > 1e-6
+    np.testing.assert_array_equal(result.coarse_mask[decided], (result.coarse_prob > 0.5)[decided])
+    for index in range(2):
+        coarse = result.coarse_mask[index]
+        assert coarse.any()
+        expected = _opencv_heaviest_component(result.coarse_prob[index], coarse) if cca else coarse
+        np.testing.assert_array_equal(result.mask[index], expected)
+    if cca:
+        assert (result.mask != result.coarse_mask).any(), "test case should have several components"
 
 
 def test_sam_is_not_run_when_the_coarse_mask_is_empty(paper_engine):

@@ -1,4 +1,5 @@
 """Prompt extraction on small hand-made maps."""
+import cv2
 import numpy as np
 import pytest
 
@@ -9,13 +10,60 @@ def _map(shape=(12, 14)):
     return np.zeros(shape, np.float32), np.zeros(shape, bool)
 
 
-def test_components_are_eight_connected_and_numbered_in_raster_order():
-    mask = np.zeros((6, 6), bool)
+def _opencv_labels(mask):
+    count, labels, _, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    return labels, count - 1
+
+
+def test_components_are_eight_connected_and_numbered_as_opencv_numbers_them():
+    mask = np.zeros((6, 8), bool)
     mask[4, 4] = mask[3, 3] = True  # diagonal neighbours: one component
-    mask[0, 5] = True  # first in raster order
+    mask[0, 5] = True
+    mask[1, 0] = True  # a later pixel row, but OpenCV's first 2 x 2 block row: comes first
     labels, count = connected_components(mask)
-    assert count == 2
-    assert labels[0, 5] == 1 and labels[3, 3] == labels[4, 4] == 2
+    assert count == 3
+    assert labels[1, 0] == 1 and labels[0, 5] == 2 and labels[3, 3] == labels[4, 4] == 3
+    np.testing.assert_array_equal(labels, _opencv_labels(mask)[0])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_component_numbering_equals_opencv_on_random_masks(seed):
+    """Odd and even sizes, sparse and dense masks, and 1024 x 1024 speckle (where OpenCV
+    may label stripes of rows in parallel): the same label image as OpenCV's."""
+    rng = np.random.default_rng(seed)
+    shapes = [(1, 1), (1, 17), (23, 1)] + [tuple(rng.integers(2, 70, 2)) for _ in range(40)] + [(1024, 1024)]
+    for shape in shapes:
+        mask = rng.random(shape) > rng.uniform(0.3, 0.95)
+        labels, count = connected_components(mask)
+        expected, expected_count = _opencv_labels(mask)
+        assert count == expected_count, shape
+        np.testing.assert_array_equal(labels, expected, err_msg=str(shape))
+
+
+def _equal_mass_squares(starts, size=2, shape=(16, 16)):
+    prob, mask = np.zeros(shape, np.float32), np.zeros(shape, bool)
+    for row, col in starts:
+        mask[row:row + size, col:col + size] = True
+    prob[mask] = 0.75
+    return prob, mask
+
+
+def test_prompt_order_and_ties_follow_opencv_numbering():
+    """Three squares of equal mass whose raster order of first pixels (A at row 0, B at row 1,
+    C at row 6) differs from OpenCV's (B's block comes first): prompts come in OpenCV's order,
+    CCA keeps OpenCV's first on the tie, max_components=2 keeps OpenCV's first two."""
+    starts = {"A": (0, 9), "B": (1, 2), "C": (6, 6)}
+    prob, mask = _equal_mass_squares(starts.values())
+    labels, _ = _opencv_labels(mask)
+    opencv_order = sorted(starts, key=lambda name: labels[starts[name]])
+    assert opencv_order == ["B", "A", "C"]
+
+    def names(prompts):
+        return [next(n for n, (r, c) in starts.items() if p.box[0] == c and p.box[1] == r) for p in prompts]
+
+    assert names(extract_prompts(prob, mask)) == opencv_order
+    assert names(extract_prompts(prob, mask, keep_largest_only=True)) == opencv_order[:1]
+    assert names(extract_prompts(prob, mask, max_components=2)) == opencv_order[:2]
 
 
 def test_box_points_and_centroid_of_each_component():

@@ -95,7 +95,7 @@ SLICER_MODULES = ("ProtoSAM", "SegmentEditorProtoSAM")
 
 def addSliceNode(scene, layoutName, orientation="Axial"):
     """A slice view's node with the ID the application's layout gives it (vtkMRMLSliceNode<Name>)."""
-    slicer = requireSlicerCore()
+    slicer = require_slicer_core()
     node = slicer.vtkMRMLSliceNode()
     node.SetSingletonTag(layoutName)
     node.SetLayoutName(layoutName)
@@ -111,7 +111,7 @@ def slicerApp(scene, tmp_path, tinyModels):
     models on the CPU, and a Red slice view. ProtoSAM's module files are imported afresh."""
     import slicer_app_standins as standins
 
-    slicer = requireSlicerCore()
+    slicer = require_slicer_core()
     uninstall = standins.install(tmp_path / "settings")
     for name in SLICER_MODULES:
         sys.modules.pop(name, None)

@@ -1,0 +1,323 @@
+"""``protosam batch`` end to end: Colin27 slabs, tiny models, locally and on a local Ray instance."""
+import csv
+import os
+import shutil
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from protosam.batch import SIDECAR_SUFFIX, read_manifest
+from protosam.cli import main
+from protosam.errors import InputError, ProtoSAMError
+from required_modules import require_module
+
+RAY_INSTALL = "pip install -e 'ProtoSAMLib[ray]' (in ProtoSAMLib[test])"
+
+SUPPORT_SLAB = (28, 32)  # axial slices of the 3 mm Colin27 the support example is cut from
+TARGET_SLABS = ((27, 31), (29, 33), (30, 34))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Local runs use one torch thread, like each 1-CPU Ray worker below (see the Ray test)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _slab(image, first, last):
+    size = list(image.GetSize())
+    return sitk.RegionOfInterest(image, [size[0], size[1], last - first], [0, 0, first])
+
+
+@pytest.fixture(scope="module")
+def cohort(colin27, tmp_path_factory):
+    """Support example + 3 target slabs of Colin27 (3 mm, 4 slices), and two broken inputs."""
+    folder = tmp_path_factory.mktemp("cohort")
+    image = sitk.Shrink(sitk.ReadImage(str(colin27[0])), [3, 3, 3])
+    atlas = sitk.Shrink(sitk.ReadImage(str(colin27[1])), [3, 3, 3])
+    labels = _slab(atlas, *SUPPORT_SLAB)
+    array = sitk.GetArrayFromImage(labels)
+    values, counts = np.unique(array[array > 0], return_counts=True)
+    chosen = [int(v) for v in values[np.argsort(counts)[-2:]]]
+    kept = sitk.GetImageFromArray(np.where(np.isin(array, chosen), array, 0).astype(np.uint8))
+    kept.CopyInformation(labels)
+    sitk.WriteImage(_slab(image, *SUPPORT_SLAB), str(folder / "support.nii.gz"))
+    sitk.WriteImage(kept, str(folder / "support_labels.nii.gz"))
+    for index, slab in enumerate(TARGET_SLABS):
+        sitk.WriteImage(_slab(image, *slab), str(folder / f"target_{index}.nii.gz"))
+    # A target the engine refuses on the worker (NaN voxels; NRRD keeps them, NIfTI does not)
+    # and a support mask on another grid than the support image.
+    broken = sitk.GetArrayFromImage(_slab(image, *TARGET_SLABS[0])).astype(np.float32)
+    broken[2, 10, 10] = np.nan
+    nan_image = sitk.GetImageFromArray(broken)
+    nan_image.CopyInformation(_slab(image, *TARGET_SLABS[0]))
+    sitk.WriteImage(nan_image, str(folder / "nan_target.nrrd"))
+    sitk.WriteImage(_slab(atlas, 26, 29), str(folder / "wrong_size_labels.nii.gz"))
+    return folder, chosen
+
+
+def _model_args(models):
+    return [
+        "--dinov2", models.dinov2, "--dinov2-checkpoint", models.dinov2_checkpoint,
+        "--sam", models.sam, "--sam-checkpoint", models.sam_checkpoint,
+        "--input-size", str(models.input_size), "--device", "cpu", "--modality", "mri",
+    ]
+
+
+def _manifest(path, rows):
+    with open(path, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["image", "output", "support_mask"])
+        writer.writerows(rows)
+    return path
+
+
+def _batch(manifest, folder, models, *extra, summary=None):
+    code = main([
+        "batch", "--manifest", str(manifest), "--support-image", str(folder / "support.nii.gz"),
+        "--support-mask", str(folder / "support_labels.nii.gz"), *_model_args(models), *extra,
+        *(["--summary", str(summary)] if summary else []),
+    ])
+    with open(summary or manifest.with_name(f"{manifest.stem}.summary.csv"), newline="") as stream:
+        return code, {int(row["row"]): row for row in csv.DictReader(stream)}
+
+
+def _labels(path):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def _mtimes(paths):
+    return [os.stat(p).st_mtime_ns for p in paths]
+
+
+def _keep_only(source, target, label):
+    image = sitk.ReadImage(str(source))
+    array = sitk.GetArrayFromImage(image)
+    kept = sitk.GetImageFromArray(np.where(array == label, array, 0).astype(array.dtype))
+    kept.CopyInformation(image)
+    sitk.WriteImage(kept, str(target))
+
+
+@pytest.fixture(scope="module")
+def local_run(cohort, tiny_models, tmp_path_factory):
+    """A local batch of the 3 targets (row 2 with its own copy of the support mask) and 2 bad rows."""
+    folder, _ = cohort
+    run = tmp_path_factory.mktemp("local_run")
+    shutil.copy(folder / "support_labels.nii.gz", run / "row2_labels.nii.gz")
+    manifest = _manifest(run / "jobs.csv", [
+        [folder / "target_0.nii.gz", "out/case_0.nii.gz", ""],  # relative paths: beside the manifest
+        [folder / "target_1.nii.gz", "out/case_1.nii.gz", "row2_labels.nii.gz"],
+        [folder / "target_2.nii.gz", "out/case_2.nii.gz", ""],
+        [folder / "absent.nii.gz", "out/absent.nii.gz", ""],
+        [folder / "target_0.nii.gz", "out/wrong.nii.gz", folder / "wrong_size_labels.nii.gz"],
+    ])
+    code, summary = _batch(manifest, folder, tiny_models)
+    outputs = [run / "out" / f"case_{i}.nii.gz" for i in range(3)]
+    return run, code, summary, {index: _labels(path) for index, path in enumerate(outputs)}
+
+
+def test_local_batch_matches_segment_resumes_and_reports_bad_rows(cohort, tiny_models, local_run, tmp_path):
+    folder, chosen = cohort
+    run, code, summary, _ = local_run
+    assert code == 1
+    assert [summary[r]["status"] for r in range(1, 6)] == ["done", "done", "done", "failed", "failed"]
+    assert "does not exist" in summary[4]["error"]
+    assert "do not share one voxel grid" in summary[5]["error"]
+    assert not (run / "out" / "wrong.nii.gz").exists() and not (run / "out" / "absent.nii.gz").exists()
+    assert list((run / "out").glob(".*part*")) == []
+    # An output is exactly what `protosam segment` writes for its target; the summary counts its voxels.
+    single = tmp_path / "single.nii.gz"
+    assert main([
+        "segment", "--image", str(folder / "target_0.nii.gz"), "--support-image", str(folder / "support.nii.gz"),
+        "--support-mask", str(folder / "support_labels.nii.gz"), "--output", str(single), *_model_args(tiny_models),
+    ]) == 0
+    np.testing.assert_array_equal(_labels(run / "out" / "case_0.nii.gz"), _labels(single))
+    for index in range(3):
+        output = run / "out" / f"case_{index}.nii.gz"
+        for label in chosen:
+            assert int(summary[index + 1][f"voxels_{label}"]) == int((_labels(output) == label).sum())
+        assert output.with_name(output.name + SIDECAR_SUFFIX).is_file()
+
+    # A copy of the finished cohort elsewhere, run again: every finished output is skipped, untouched.
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    manifest = copy / "jobs.csv"
+    outputs = [copy / "out" / f"case_{i}.nii.gz" for i in range(3)]
+    before = _mtimes(outputs)
+    code, summary = _batch(manifest, folder, tiny_models)
+    assert [summary[r]["status"] for r in range(1, 6)] == ["skipped"] * 3 + ["failed"] * 2
+    assert _mtimes(outputs) == before
+
+    # Row 2's own support mask changes: only row 2 is redone, with the new mask.
+    _keep_only(folder / "support_labels.nii.gz", copy / "row2_labels.nii.gz", chosen[0])
+    code, summary = _batch(manifest, folder, tiny_models)
+    assert [summary[r]["status"] for r in range(1, 4)] == ["skipped", "done", "skipped"]
+    assert set(np.unique(_labels(outputs[1]))) <= {0, chosen[0]}
+    assert _mtimes([outputs[0], outputs[2]]) == [before[0], before[2]]
+
+    # A changed option changes every row's parameters: all are redone.
+    code, summary = _batch(manifest, folder, tiny_models, "--labels", str(chosen[0]), summary=tmp_path / "s" / "run.csv")
+    assert [summary[r]["status"] for r in range(1, 4)] == ["done"] * 3
+    for output in outputs:
+        assert set(np.unique(_labels(output))) <= {0, chosen[0]}
+
+
+def test_manifest_errors_say_what_to_fix(tmp_path):
+    bad_column = tmp_path / "bad.csv"
+    bad_column.write_text("image,output,mask\na.nii.gz,b.nii.gz,c.nii.gz\n")
+    with pytest.raises(InputError, match="columns image,output"):
+        read_manifest(bad_column, support_mask="m.nii.gz")
+    twice = tmp_path / "twice.csv"
+    twice.write_text("image,output\na.nii.gz,out.nii.gz\nb.nii.gz,out.nii.gz\n")
+    with pytest.raises(InputError, match="Rows 1 and 2 .* both write"):
+        read_manifest(twice, support_mask="m.nii.gz")
+    with pytest.raises(InputError, match="no support mask"):
+        read_manifest(twice)
+    jobs = read_manifest(_manifest(tmp_path / "ok.csv", [["a.nii.gz", "o.nii.gz", "m2.nii.gz"]]), support_mask="m.nii.gz")
+    assert jobs[0].image == tmp_path / "a.nii.gz" and jobs[0].support_mask == tmp_path / "m2.nii.gz"
+    assert jobs[0].support_image is None
+
+
+def test_ray_missing_gives_install_advice(monkeypatch):
+    from protosam.batch_ray import import_ray
+
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)
+    with pytest.raises(ProtoSAMError, match=r"ProtoSAMLib\[ray\]"):
+        import_ray()
+
+
+def test_unreachable_ray_cluster_gives_advice(monkeypatch):
+    from argparse import Namespace
+
+    from protosam.batch_ray import run_on_ray
+
+    ray = require_module("ray", RAY_INSTALL)
+
+    def no_cluster(**_):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    # Ray's own answer to `--ray auto` without a cluster, without depending on this machine's state.
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    with pytest.raises(ProtoSAMError, match="ray start --head"):
+        run_on_ray([], Namespace(ray="auto"), lambda outcome: None)
+
+
+class _Cluster:
+    """What :func:`protosam.batch_ray._plan_workers` reads of Ray: the nodes' resources."""
+
+    def __init__(self, *resources):
+        self.resources = resources
+
+    def nodes(self):
+        return [{"Alive": True, "Resources": dict(r)} for r in self.resources] + [{"Alive": False, "Resources": {"GPU": 8}}]
+
+
+def test_ray_workers_one_per_gpu_or_per_n_cpus():
+    from argparse import Namespace
+
+    from protosam.batch_ray import _plan_workers
+
+    def plan(cluster, device="auto", cpus=None, wanted=100):
+        return _plan_workers(cluster, Namespace(device=device, ray_cpus_per_worker=cpus), wanted)
+
+    gpu_cluster = _Cluster({"CPU": 16, "GPU": 4}, {"CPU": 2, "GPU": 2}, {"CPU": 32})
+    assert plan(gpu_cluster) == (6, 1, {"num_gpus": 1, "num_cpus": 1}, "cuda")
+    assert plan(gpu_cluster, cpus=2) == (5, 2, {"num_gpus": 1, "num_cpus": 2}, "cuda")  # the 2-CPU node fits one
+    assert plan(gpu_cluster, wanted=3)[0] == 3  # never more actors than volumes
+    assert plan(gpu_cluster, device="cpu") == (12, 4, {"num_cpus": 4}, "cpu")
+    cpu_cluster = _Cluster({"CPU": 2}, {"CPU": 3})
+    assert plan(cpu_cluster) == (1, 3, {"num_cpus": 3}, "cpu")
+    assert plan(cpu_cluster, cpus=1) == (5, 1, {"num_cpus": 1}, "cpu")
+    with pytest.raises(InputError, match="no GPU"):
+        plan(cpu_cluster, device="cuda")
+    with pytest.raises(InputError, match="lower --ray-cpus-per-worker"):
+        plan(cpu_cluster, cpus=8)
+
+
+# ----------------------------------------------------------------------------- on Ray
+@pytest.fixture(scope="session")
+def ray_instance():
+    """One local Ray instance (2 CPUs) for the whole test session: starting Ray is slow."""
+    ray = require_module("ray", RAY_INSTALL)
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+class _WorkerKiller(threading.Thread):
+    """Kills (SIGKILL) the first Ray batch worker process seen segmenting a volume."""
+
+    TITLE = b"ray::BatchWorker.segment"
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.killed = []
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set() and not self.killed:
+            for pid in (int(name) for name in os.listdir("/proc") if name.isdigit()):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as stream:
+                        title = stream.read()
+                except OSError:
+                    continue
+                if title.startswith(self.TITLE):
+                    os.kill(pid, signal.SIGKILL)
+                    self.killed.append(pid)
+                    return
+            time.sleep(0.01)
+
+
+def test_ray_batch_matches_local_retries_a_killed_worker_and_resumes(ray_instance, cohort, tiny_models, local_run, tmp_path):
+    folder, chosen = cohort
+    reference = local_run[3]
+    shutil.copy(folder / "support_labels.nii.gz", tmp_path / "row2_labels.nii.gz")
+    targets = [folder / f"target_{i}.nii.gz" for i in range(3)]
+    outputs = [tmp_path / "ray" / f"case_{i}.nii.gz" for i in range(3)]
+    manifest = _manifest(tmp_path / "jobs.csv", [
+        [targets[0], outputs[0], ""], [targets[1], outputs[1], "row2_labels.nii.gz"], [targets[2], outputs[2], ""],
+        [folder / "nan_target.nrrd", tmp_path / "ray" / "nan.nii.gz", ""],
+        [folder / "absent.nii.gz", tmp_path / "ray" / "absent.nii.gz", ""],
+    ])
+    killer = _WorkerKiller()
+    killer.start()
+    started = time.perf_counter()
+    try:
+        code, summary = _batch(manifest, folder, tiny_models, "--ray", "--ray-cpus-per-worker", "1")
+    finally:
+        killer.stop.set()
+        killer.join()
+    print(f"ray batch with one killed worker: {time.perf_counter() - started:.1f} s")
+    assert code == 1
+    assert len(killer.killed) == 1, "no worker was seen computing a volume"
+    assert [summary[r]["status"] for r in range(1, 6)] == ["done"] * 3 + ["failed"] * 2
+    assert sorted(int(summary[r]["attempts"]) for r in range(1, 4)) == [1, 1, 2]
+    assert "NaN" in summary[4]["error"] and "does not exist" in summary[5]["error"]
+    # Identical, not close: the local reference ran the same code on the same CPU with the same
+    # thread count (1, as each worker has 1 CPU), on the same arrays, so every float agrees.
+    for index, output in enumerate(outputs):
+        np.testing.assert_array_equal(_labels(output), reference[index])
+        assert sitk.ReadImage(str(output)).GetOrigin() == pytest.approx(sitk.ReadImage(str(targets[index])).GetOrigin())
+
+    # Re-run on Ray: row 1 is skipped; row 2 (its support mask changed) and row 3 (its output
+    # was modified) are redone.
+    before = _mtimes(outputs)
+    _keep_only(folder / "support_labels.nii.gz", tmp_path / "row2_labels.nii.gz", chosen[1])
+    outputs[2].write_bytes(b"not a label map")
+    started = time.perf_counter()
+    code, summary = _batch(manifest, folder, tiny_models, "--ray", "--ray-cpus-per-worker", "1")
+    print(f"ray re-run of 2 volumes: {time.perf_counter() - started:.1f} s")
+    assert [summary[r]["status"] for r in range(1, 4)] == ["skipped", "done", "done"]
+    assert _mtimes([outputs[0]]) == [before[0]]
+    assert set(np.unique(_labels(outputs[1]))) <= {0, chosen[1]}
+    np.testing.assert_array_equal(_labels(outputs[2]), reference[2])
