@@ -67,6 +67,7 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/models/sam_decoder.py
   protosam/models/sam_memory.py
   protosam/models/vit_blocks.py
+  protosam/orientation.py
   protosam/pipeline.py
   protosam/preprocessing.py
   protosam/presets.py

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -381,9 +382,16 @@ def run_batch(args: argparse.Namespace) -> List[JobOutcome]:
 
 # ----------------------------------------------------------------------------- command line
 def cmd_batch(args: argparse.Namespace) -> int:
-    outcomes = run_batch(args)
-    counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
     summary = args.summary or default_summary_path(args.manifest)
+    try:
+        outcomes = run_batch(args)
+    except KeyboardInterrupt:
+        # Finished rows are complete (output + sidecar), the row being computed was never
+        # renamed into place, and run_batch wrote the summary on its way out.
+        print(f"protosam: interrupted; finished volumes are kept and the summary ({summary}) lists "
+              "the rest as not run. Run the same command again to resume.", file=sys.stderr)
+        return 130
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
     print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed; summary in {summary}")
     for outcome in outcomes:
         if outcome.status == "failed":

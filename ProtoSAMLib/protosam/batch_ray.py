@@ -74,11 +74,11 @@ class BatchWorker:
         self.engine = engine_from_args(argparse.Namespace(**self.model_options))
         return {"pid": os.getpid(), "host": socket.gethostname(), "device": str(self.engine.device)}
 
-    def segment(self, query, support, labelmap, labels: List[int], axis: int, support_slice: Optional[int],
-                modality: str):
+    def segment(self, query, support, labelmap, labels: List[int], geometry: Dict[str, object],
+                support_slice: Optional[int], modality: str):
         """Propagate one volume (arrays as :class:`SegmentInputs` holds them) -> (label map, seconds)."""
         started = time.perf_counter()
-        inputs = SegmentInputs(query, support, labelmap, list(labels), axis)
+        inputs = SegmentInputs(query, support, labelmap, list(labels), geometry)
         output, _ = propagate_labels(self.engine, inputs, support_slice=support_slice, modality=modality)
         return output, time.perf_counter() - started
 
@@ -191,7 +191,7 @@ class _Scheduler:
         job = task.job
         support = None if inputs.support is None else self._shared_ref(f"image:{os.path.abspath(job.support_image)}", inputs.support)
         labelmap = self._shared_ref(f"mask:{os.path.abspath(job.support_mask)}", inputs.labelmap)
-        task.arguments = (self.ray.put(inputs.query), support, labelmap, inputs.labels, inputs.axis,
+        task.arguments = (self.ray.put(inputs.query), support, labelmap, inputs.labels, inputs.geometry,
                           self.args.support_slice, self.args.modality)
         return True
 

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, TextIO
+from typing import Dict, List, Optional, Sequence, TextIO
 
 import numpy as np
 
@@ -150,14 +150,18 @@ class SegmentInputs:
 
     ``support`` is None when the labels were painted on ``query`` itself; ``labelmap`` (any
     integer or whole-number dtype) has the support's shape; ``labels`` lists the label values
-    to propagate, first = wins overlaps; ``axis`` is the slicing axis of both arrays.
+    to propagate, first = wins overlaps; ``geometry``: the orientation keywords of
+    :func:`protosam.segment_volume` (``query_ijk_to_ras``, ``support_ijk_to_ras``: (4, 4) RAS
+    matrices from the files' LPS headers, ``plane``: resolved, never "auto"), so that the
+    engine slices in its canonical order (:mod:`protosam.orientation`) and hands back masks in
+    the files' own order.
     """
 
     query: np.ndarray
     support: Optional[np.ndarray]
     labelmap: np.ndarray
     labels: List[int]
-    axis: int
+    geometry: Dict[str, object]
 
 
 def read_segment_inputs(image, support_mask, *, support_image=None, labels: Optional[str] = None,
@@ -168,7 +172,8 @@ def read_segment_inputs(image, support_mask, *, support_image=None, labels: Opti
     ``read(path, what)`` replaces :func:`protosam.io.read_volume` (``protosam batch`` reuses one
     support that way). The file checks of :func:`protosam.io.check_segment_paths` come first.
     """
-    from .io import MAX_LABEL_VALUE, check_same_geometry, read_volume, same_file, slice_axis_for_plane
+    from .io import MAX_LABEL_VALUE, check_same_geometry, read_volume, same_file
+    from .orientation import choose_plane, ijk_to_ras_from_lps
     from .validation import support_labels
 
     read = read or read_volume
@@ -183,15 +188,13 @@ def read_segment_inputs(image, support_mask, *, support_image=None, labels: Opti
         image_option="--image" if support_image is None else "--support-image",
         max_value=MAX_LABEL_VALUE, image_values=lambda: np.unique(support),
     )
-    axis = slice_axis_for_plane(query_image, plane)
-    if not same:
-        support_axis = slice_axis_for_plane(support_header, plane)
-        if support_axis != axis:
-            raise InputError(
-                "The support and the target volumes are sliced along different axes for this plane; "
-                "resample one into the other's orientation, or pass --axis explicitly."
-            )
-    return SegmentInputs(query, None if same else support, labelmap, chosen, axis), query_image
+    def ijk_to_ras(header):
+        return ijk_to_ras_from_lps(header.GetDirection(), header.GetSpacing(), header.GetOrigin())
+
+    query_ijk_to_ras = ijk_to_ras(query_image)
+    geometry = {"query_ijk_to_ras": query_ijk_to_ras, "support_ijk_to_ras": None if same else ijk_to_ras(support_header),
+                "plane": choose_plane(query_ijk_to_ras, plane)}
+    return SegmentInputs(query, None if same else support, labelmap, chosen, geometry), query_image
 
 
 def parse_support_slices(text: str):
@@ -222,18 +225,24 @@ def propagate_labels(engine, inputs: SegmentInputs, *, support_slice=None, suppo
     """
     from .propagation import segment_volume
 
-    labels, labelmap, axis = inputs.labels, inputs.labelmap, inputs.axis
+    labels, labelmap = inputs.labels, inputs.labelmap
     support_slices = None
     if isinstance(support_slice, str) and support_slice == "painted":
-        other_axes = tuple(a for a in range(3) if a != axis)
+        from .orientation import canonical_orientation
+
+        geometry = inputs.geometry
+        support_axis = canonical_orientation(geometry["support_ijk_to_ras"] if geometry["support_ijk_to_ras"] is not None
+                                             else geometry["query_ijk_to_ras"], geometry["plane"]).slice_axis
+        other_axes = tuple(a for a in range(3) if a != support_axis)
         support_slices = {label: np.flatnonzero((labelmap == label).any(axis=other_axes)).tolist() for label in labels}
     elif support_slice is not None:
         support_slices = {label: support_slice for label in labels}
     result = segment_volume(
         engine, inputs.query, inputs.support, {label: labelmap == label for label in labels},
-        axis=axis, support_slices=support_slices, support_mode=support_mode, modality=modality,
-        progress=progress, cancel=cancel,
+        support_slices=support_slices, support_mode=support_mode, modality=modality, progress=progress,
+        cancel=cancel, **inputs.geometry,
     )
+    axis = result.axis  # the files' array axis of the plane
     output = np.zeros(inputs.query.shape, np.uint16 if max(labels) > 255 else np.uint8)
     # Overlaps: the label listed first keeps the voxel ...
     for label in reversed(labels):
@@ -269,7 +278,7 @@ def cmd_segment(args) -> int:
             from .evaluation.pictures import axial_display_flips
             from .evaluation.report import write_segment_report
 
-            axis = inputs.axis
+            axis = result.axis
             flip_rows, flip_cols = axial_display_flips(query_image.GetDirection()) if axis == 0 else (False, False)
             write_segment_report(
                 args.report, query=inputs.query, labels=output, axis=axis, result=result, support=inputs.support,
@@ -314,14 +323,16 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--labels", default=None, help="comma-separated labels to propagate (default: all)")
     segment.add_argument(
         "--support-slice", type=parse_support_slices, default=None, metavar="K[,K...]|painted",
-        help="support slice indices along the slicing axis, or 'painted' for every painted slice of each label "
+        help="support slice indices along the support's slicing axis, in the file's own voxel order, or 'painted' "
+             "for every painted slice of each label "
              "(default: the slice where each label is largest)",
     )
     segment.add_argument(
         "--support-mode", default="nearest", choices=["nearest", "all"],
         help="with several support slices: each slice uses the nearest one's prototypes (default), or all pooled",
     )
-    segment.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"])
+    segment.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"],
+                         help="slicing plane (auto: the coarsest-spacing axis, axial when isotropic)")
     segment.add_argument("--modality", default="auto", choices=["auto", "ct", "mri", "none"])
     segment.add_argument("--output", required=True, help="output label map (same geometry as --image)")
     segment.add_argument("--report", default=None, metavar="DIR", help="also write overlay pictures into DIR")

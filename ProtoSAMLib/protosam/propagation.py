@@ -1,11 +1,17 @@
 """Whole-volume propagation: one painted slice per structure -> every slice of a volume.
 
-Arrays are in the caller's index order (e.g. Slicer's KJI, or SimpleITK's ZYX) and ``axis``
-names the slicing axis. Work is shared: each query slice is encoded once by DINOv2 and at
-most once by SAM, whatever the number of structures; support features are computed once per
-support slice; SAM never runs on a slice whose coarse mask is empty. With ``auto_extent``
-(the ``default`` preset) each structure is followed outwards from its support slice(s) and
-dropped after it has been absent for ``stop_after_empty`` consecutive slices.
+Two ways to say how a volume is sliced: give its geometry (``query_ijk_to_ras``, and
+``support_ijk_to_ras`` for a separate support volume) and a ``plane``, and the engine brings
+both volumes into the canonical order of :mod:`protosam.orientation` (slices as Slicer's slice
+view of that plane shows them), runs there and maps everything back to the caller's ``[k, j, i]``
+voxel order; or pass the arrays "as stored" with ``axis`` naming the slicing axis (array-level
+callers such as the evaluation protocol, which reads datasets as stored).
+
+Work is shared: each query slice is encoded once by DINOv2 and at most once by SAM, whatever
+the number of structures; support features are computed once per support slice; SAM never
+runs on a slice whose coarse mask is empty. With ``auto_extent`` (the ``default`` preset) each
+structure is followed outwards from its support slice(s) and dropped after it has been absent
+for ``stop_after_empty`` consecutive slices.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import torch
 from .cache import EmbeddingCache, volume_fingerprint
 from .errors import CancelledError, InputError
 from .models.alpnet import Prototypes, pool_prototypes
+from .orientation import canonical_orientation, choose_plane
 from .pipeline import Engine
 from .preprocessing import normalize_volume
 from .validation import as_binary_mask, as_float_slices
@@ -39,15 +46,20 @@ SupportSlices = Mapping[Hashable, Union[int, Sequence[int]]]
 
 @dataclass
 class VolumeResult:
-    """``masks``: uint8 volumes with the query's shape, one per structure key;
-    ``support_slices``: the support slice indices used per key (along ``axis``);
-    ``processed_slices``: query slices the engine ran on per key (sorted);
-    ``seconds``: wall time of the run."""
+    """``masks``: uint8 volumes with the query's shape and voxel order, one per structure key;
+    ``support_slices``: the support slice indices used per key (along the support's ``axis``);
+    ``processed_slices``: query slices the engine ran on per key (sorted, along ``axis``);
+    ``seconds``: wall time of the run; ``axis``: the query array axis the slice indices run
+    along (with geometry: the axis of the plane; the support's may differ, see
+    ``support_axis``); ``plane``: the slicing plane when geometry was given, else ``""``."""
 
     masks: Dict[Hashable, np.ndarray]
     support_slices: Dict[Hashable, List[int]]
     processed_slices: Dict[Hashable, List[int]]
     seconds: float
+    axis: int = 0
+    support_axis: int = 0
+    plane: str = ""
 
 
 def largest_area_slice(mask: np.ndarray) -> int:
@@ -207,7 +219,10 @@ def segment_volume(
     support_volume,
     support_masks: Mapping[Hashable, np.ndarray],
     *,
-    axis: int = 0,
+    query_ijk_to_ras=None,
+    support_ijk_to_ras=None,
+    plane: str = "auto",
+    axis: Optional[int] = None,
     support_slices: Optional[SupportSlices] = None,
     support_mode: str = "nearest",
     slice_range: Optional[Tuple[int, int]] = None,
@@ -219,21 +234,47 @@ def segment_volume(
     """Segment every structure of ``support_masks`` through ``query_volume``.
 
     Args:
-        query_volume: 3-D array to segment (raw intensities; see ``modality``).
+        query_volume: 3-D array to segment (raw intensities; see ``modality``), indexed
+            ``[k, j, i]`` when ``query_ijk_to_ras`` is given.
         support_volume: 3-D array the masks were painted on; ``None`` or the query itself
             for propagation within one volume (the painted slices are then kept as painted).
         support_masks: key -> 3-D mask (non-zero = structure) with the support's shape.
-        axis: slicing axis of both arrays (0, 1 or 2).
-        support_slices: key -> slice index or indices along ``axis``; default: the slice
-            where the structure is largest.
+        query_ijk_to_ras: (4, 4) voxel-to-RAS matrix of the query (nested lists or an array;
+            SimpleITK's LPS geometry converts with
+            :func:`protosam.orientation.ijk_to_ras_from_lps`). Given, the engine segments in the
+            canonical order of :mod:`protosam.orientation` and maps the results back; ``None``
+            means "as stored": the arrays are segmented along ``axis`` as they are.
+        support_ijk_to_ras: the same for a separate support volume (required with
+            ``query_ijk_to_ras`` when a support volume is given).
+        plane: with geometry, "axial", "coronal", "sagittal" or "auto" (the coarsest-spacing
+            axis of the query, axial when isotropic).
+        axis: as stored only: slicing axis of both arrays (0, 1 or 2; default 0).
+        support_slices: key -> slice index or indices along the support's slicing axis (in
+            its own voxel order); default: the slice where the structure is largest.
+            Across volumes a support slice seeds
+            the query slice at the same relative position (with geometry: in canonical order,
+            so both volumes run the same anatomical way); two support slices of one key that
+            seed the same query slice are refused (:class:`InputError`).
         support_mode: with several support slices, "nearest" (each query slice uses the
             prototypes of the nearest one) or "all" (the prototypes of all, pooled).
-        slice_range: inclusive ``(first, last)`` query slices to process; default all.
+        slice_range: inclusive ``(first, last)`` query slices (along the query's slicing
+            axis, its own voxel order) to process; default all.
         modality: intensity preprocessing, "auto" | "ct" | "mri" | "none".
         auto_extent: stop following a structure once absent (default: the preset's choice).
         progress: called with ``(done, total)`` slices; monotonic, ends at ``total``.
         cancel: set it from another thread to stop; raises :class:`CancelledError`.
     """
+    if query_ijk_to_ras is not None:
+        if axis is not None:
+            raise ValueError("Give either the geometry (query_ijk_to_ras, plane) or axis (as stored), not both.")
+        return _segment_oriented(
+            engine, query_volume, support_volume, support_masks, query_ijk_to_ras=query_ijk_to_ras,
+            support_ijk_to_ras=support_ijk_to_ras, plane=plane, support_slices=support_slices,
+            slice_range=slice_range, support_mode=support_mode, modality=modality, auto_extent=auto_extent,
+            progress=progress, cancel=cancel)
+    if support_ijk_to_ras is not None:
+        raise ValueError("support_ijk_to_ras needs query_ijk_to_ras as well (or neither, for arrays as stored).")
+    axis = 0 if axis is None else axis
     started = time.perf_counter()
     if axis not in (0, 1, 2):
         raise ValueError(f"axis must be 0, 1 or 2, not {axis!r}")
@@ -275,6 +316,8 @@ def segment_volume(
         support_slices={s.key: list(s.support_indices) for s in structures},
         processed_slices={s.key: sorted(set(s.processed)) for s in structures},
         seconds=seconds,
+        axis=axis,
+        support_axis=axis,
     )
 
 
@@ -321,6 +364,59 @@ def _propagate(engine: Engine, query_store: _SliceStore, structures: List[_Struc
         query_store.end_phase()
     tracker.finish()
 
+def _segment_oriented(engine, query_volume, support_volume, support_masks, *, query_ijk_to_ras,
+                      support_ijk_to_ras, plane, support_slices, slice_range, **options) -> VolumeResult:
+    """``segment_volume`` with geometry: canonical order in, the caller's KJI order out."""
+    query = np.asarray(query_volume)
+    same_volume = support_volume is None or support_volume is query_volume
+    if not same_volume and support_ijk_to_ras is None:
+        raise ValueError("A separate support volume needs its geometry too: pass support_ijk_to_ras.")
+    plane = choose_plane(query_ijk_to_ras, plane)
+    query_orientation = canonical_orientation(query_ijk_to_ras, plane)
+    support = query if same_volume else np.asarray(support_volume)
+    support_orientation = query_orientation if same_volume else canonical_orientation(support_ijk_to_ras, plane)
+    for what, array in (("query volume", query), ("support volume", support)):
+        if array.ndim != 3:
+            raise InputError(f"The {what} must be 3-D; got an array of shape {array.shape}.")
+    masks = {}
+    for key, mask in support_masks.items():
+        mask = np.asarray(mask)
+        if mask.shape != support.shape:
+            raise InputError(f"Support mask '{key}' has shape {mask.shape} but its image has shape {support.shape}; "
+                             "they must match.")
+        masks[key] = support_orientation.to_canonical(mask)
+    support_count = support.shape[support_orientation.slice_axis]
+    query_count = query.shape[query_orientation.slice_axis]
+    canonical_support_slices = None
+    if support_slices is not None:
+        canonical_support_slices = {}
+        for key, value in support_slices.items():
+            if key not in masks:
+                continue
+            stored = _as_index_list(value, f"'{key}'", support_count)
+            # Checked here so that the message names the caller's own slice numbers.
+            _seed_slices(key, stored, support_count, query_count, same_volume,
+                         [support_orientation.canonical_slice(i, support_count) for i in stored])
+            canonical_support_slices[key] = [support_orientation.canonical_slice(i, support_count) for i in stored]
+    canonical_range = None
+    if slice_range is not None:
+        first, last = _check_range(slice_range, query_count)
+        ends = [query_orientation.canonical_slice(v, query_count) for v in (first, last)]
+        canonical_range = (min(ends), max(ends))
+    result = segment_volume(
+        engine, query_orientation.to_canonical(query),
+        None if same_volume else support_orientation.to_canonical(support), masks, axis=0,
+        support_slices=canonical_support_slices, slice_range=canonical_range, **options)
+    return VolumeResult(
+        masks={key: query_orientation.from_canonical(mask) for key, mask in result.masks.items()},
+        support_slices={key: sorted(support_orientation.stored_slice(i, support_count) for i in indices)
+                        for key, indices in result.support_slices.items()},
+        processed_slices={key: sorted(query_orientation.stored_slice(i, query_count) for i in indices)
+                          for key, indices in result.processed_slices.items()},
+        seconds=result.seconds, axis=query_orientation.slice_axis, support_axis=support_orientation.slice_axis,
+        plane=plane,
+    )
+
 
 @dataclass
 class _Plan:
@@ -355,15 +451,11 @@ def _prepare_structure(engine, key, mask, support_store, support_slices, same_vo
     for index in indices:
         if not mask[index].any():
             raise InputError(f"Support mask '{key}' is empty on support slice {index}: choose a slice where it is painted.")
-    query_count = query_shape[0]
+    seeds = _seed_slices(key, indices, support_count, query_shape[0], same_volume)
     prototypes = {}
     copied = {}
-    for index in indices:
-        proto = engine.prototypes_from_features(support_store.features(index), mask[index])
-        # Within one volume the painted slice is the seed; across volumes, the slice at the
-        # same relative position of the query volume is.
-        seed = index if same_volume else int(round(index * (query_count - 1) / max(support_count - 1, 1)))
-        prototypes[seed] = proto
+    for index, seed in zip(indices, seeds):
+        prototypes[seed] = engine.prototypes_from_features(support_store.features(index), mask[index])
         if same_volume and bounds[0] <= index <= bounds[1]:
             copied[index] = mask[index].astype(np.uint8)
     return _Structure(key, indices, sorted(prototypes), copied, combine_supports(prototypes, support_mode),
@@ -379,6 +471,34 @@ def combine_supports(prototypes_by_seed: Dict[int, Prototypes], support_mode: st
         return dict(prototypes_by_seed)
     pooled = pool_prototypes([prototypes_by_seed[seed] for seed in sorted(prototypes_by_seed)])
     return {seed: pooled for seed in prototypes_by_seed}
+
+
+def _seed_slices(key, shown: Sequence[int], support_count: int, query_count: int, same_volume: bool,
+                 indices: Optional[Sequence[int]] = None) -> List[int]:
+    """Query slice seeded by each support slice ``indices`` (default ``shown``; ``shown`` are
+    the caller's numbers for messages), in the order given.
+
+    Within one volume the painted slice is the seed. Across volumes it is the query slice at
+    the same relative position: support and query are usually different patients or scans
+    whose physical coordinates are not registered to each other, so a millimetre position
+    along the axis names no anatomy, whereas relative position does when both volumes cover
+    similar anatomy and run the same way (guaranteed by the canonical order when geometry
+    is given). Two support slices that seed one query slice would silently replace each
+    other's prototypes, so they are refused.
+    """
+    indices = list(shown if indices is None else indices)
+    if same_volume:
+        return indices
+    seeds = [int(round(index * (query_count - 1) / max(support_count - 1, 1))) for index in indices]
+    first_for_seed: Dict[int, int] = {}
+    for position, seed in enumerate(seeds):
+        if seed in first_for_seed:
+            raise InputError(
+                f"Support slices {shown[first_for_seed[seed]]} and {shown[position]} of '{key}' both map to the same "
+                f"slice of the volume to segment (the support has {support_count} slices, that volume "
+                f"{query_count}); give support slices that are further apart, or only one of them.")
+        first_for_seed[seed] = position
+    return seeds
 
 
 def _plan(structure: _Structure, first: int, last: int, auto_extent: bool) -> _Plan:

@@ -44,7 +44,8 @@ from .pipeline import Engine
 from .preprocessing import normalize_volume
 from .prompts import ComponentPrompt, connected_components
 from .propagation import (
-    SUPPORT_MODES, _check_range, _propagate, _SliceStore, _Structure, combine_supports, largest_area_slice,
+    SUPPORT_MODES, _check_range, _propagate, _seed_slices, _SliceStore, _Structure, combine_supports,
+    largest_area_slice,
 )
 from .validation import as_binary_mask, as_float_slices
 
@@ -249,9 +250,8 @@ class Session:
             if state.external is not None:
                 support, mask, indices = state.external
                 external_store = _SliceStore(self.engine, support)
-                count, support_count = self.volume.shape[0], support.shape[0]
-                for index in indices:
-                    seed = int(round(index * (count - 1) / max(support_count - 1, 1)))
+                seeds = _seed_slices(key, indices, support.shape[0], self.volume.shape[0], False)
+                for index, seed in zip(indices, seeds):
                     prototypes[seed] = self.engine.prototypes_from_features(external_store.features(index), mask[index])
                     support_indices.append(index)
             copied = {}

@@ -15,6 +15,7 @@ calls, so both paths compute with the same code.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import os
@@ -147,8 +148,9 @@ def _segment_volume(engines: Engines, request: protocol.JobSubmit, progress: Pro
         if name in kwargs:
             raise InputError(f"segment_volume keyword '{name}' is set by the worker, not by the request")
     result = segment_volume(engine, progress=progress, cancel=cancel, **kwargs)
-    return {"masks": dict(result.masks), "support_slices": dict(result.support_slices),
-            "processed_slices": dict(result.processed_slices), "seconds": result.seconds}
+    # Every field of VolumeResult, so the client rebuilds it whole (axis and plane included).
+    return {field.name: (dict(value) if isinstance(value, dict) else value)
+            for field in dataclasses.fields(result) for value in [getattr(result, field.name)]}
 
 
 def _download_weights(engines: Engines, request: protocol.JobSubmit, progress: ProgressFunction,

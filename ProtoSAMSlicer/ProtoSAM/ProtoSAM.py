@@ -1,7 +1,8 @@
 """ProtoSAM Slicer module: one painted slice -> the structure on every slice (batch propagation).
 
 The widget only collects inputs and shows results; ProtoSAMSlicerLib.logic.ProtoSAMLogic does
-the work, on a background worker thread. ProtoSAMSlicerLib imports torch (through the engine),
+the work, in a persistent worker process (see ProtoSAMSlicerLib/worker_client.py; a Python
+thread would starve inside Slicer). ProtoSAMSlicerLib imports torch (through the engine),
 so it is imported only after the first-run dependency setup has made torch available.
 """
 

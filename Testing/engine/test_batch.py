@@ -185,6 +185,28 @@ def test_manifest_errors_say_what_to_fix(tmp_path):
     assert jobs[0].support_image is None
 
 
+def test_interrupted_batch_says_what_was_kept(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a batch: the summary is written and the message says finished volumes are
+    kept (the generic 'no output was written' of single-volume commands would be false)."""
+    import protosam.batch as batch
+
+    for name in ("a.nii.gz", "m.nii.gz"):
+        sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkUInt8), str(tmp_path / name))
+    manifest = _manifest(tmp_path / "jobs.csv", [["a.nii.gz", "out.nii.gz", "m.nii.gz"]])
+
+    def interrupted(pending, args, report):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "run_local", interrupted)
+    code = main(["batch", "--manifest", str(manifest), "--support-mask", str(tmp_path / "m.nii.gz")])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert "finished volumes are kept" in err and "no output was written" not in err
+    with open(batch.default_summary_path(manifest)) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["status"] for row in rows] == ["failed"] and "not run" in rows[0]["error"]
+
+
 def test_ray_missing_gives_install_advice(monkeypatch):
     from protosam.batch_ray import import_ray
 

@@ -1,6 +1,5 @@
-"""Slice-axis detection, slice indices and canonical reorientation (ProtoSAMSlicerLib.geometry)."""
-
-import itertools
+"""Slice-axis detection and slice indices (ProtoSAMSlicerLib.geometry). The canonical order the
+engine segments in is tested with the engine (Testing/engine/test_orientation.py)."""
 
 import numpy as np
 import pytest
@@ -16,15 +15,6 @@ LPS = np.diag([-1.0, -1.0, 1.0])
 PERMUTED = np.array([[0.0, 1.0, 0.0],   # I -> S, J -> R, K -> A (a sagittally stored volume)
                      [0.0, 0.0, 1.0],
                      [1.0, 0.0, 0.0]])
-
-
-def signedPermutations():
-    for perm in itertools.permutations(range(3)):
-        for signs in itertools.product((1.0, -1.0), repeat=3):
-            matrix = np.zeros((3, 3))
-            for ijkAxis, worldAxis in enumerate(perm):
-                matrix[worldAxis, ijkAxis] = signs[ijkAxis]
-            yield matrix
 
 
 def test_kji_ijk_axis_mapping_and_spacing():
@@ -94,43 +84,3 @@ def test_slice_index_from_world_point_round_trips_and_refuses_outside():
     outside = (ijkToWorld @ np.array([0, 0, 6.2, 1.0]))[:3]
     with pytest.raises(InputError, match="outside the volume"):
         geometry.sliceIndexFromWorld(outside, ijkToWorld, 2, shape_Kji)
-
-
-@pytest.mark.parametrize("directions", list(signedPermutations()))
-def test_canonical_orientation_orders_axes_s_a_r_and_inverts_exactly(directions):
-    spacing = (0.5, 0.75, 2.0)
-    ijkToWorld = ijkToRasFrom(directions, spacing, origin=(3.0, -7.0, 11.0))
-    shape_Kji = (4, 5, 6)
-    kji = np.stack(np.meshgrid(*[np.arange(n) for n in shape_Kji], indexing="ij"), axis=-1)
-    ijk = kji[..., ::-1].reshape(-1, 3).astype(float)
-    world = (ijkToWorld[:3, :3] @ ijk.T).T + ijkToWorld[:3, 3]
-    world_Kji = world.reshape(*shape_Kji, 3)
-    orientation = geometry.canonicalOrientation(ijkToWorld)
-    for worldAxis in range(3):
-        canonical = orientation.toCanonical(world_Kji[..., worldAxis])
-        canonicalAxis = 2 - worldAxis  # canonical axes follow S, A, R
-        steps = np.diff(canonical, axis=canonicalAxis)
-        assert np.all(steps > 0), "canonical index must increase along S, A, R"
-        for other in set(range(3)) - {canonicalAxis}:
-            assert np.allclose(np.diff(canonical, axis=other), 0)
-        assert np.array_equal(orientation.fromCanonical(canonical), world_Kji[..., worldAxis])
-    assert orientation.canonicalShape(shape_Kji) == canonical.shape
-    # Slice indices map consistently with the arrays.
-    values = np.arange(np.prod(shape_Kji)).reshape(shape_Kji)
-    canonicalValues = orientation.toCanonical(values)
-    for ijkAxis in range(3):
-        kjiAxis = geometry.kjiAxisFromIjkAxis(ijkAxis)
-        cAxis = orientation.canonicalAxisFromIjkAxis(ijkAxis)
-        for index in range(shape_Kji[kjiAxis]):
-            cIndex = orientation.canonicalIndex(ijkAxis, index, shape_Kji)
-            sliceKji = np.take(values, index, axis=kjiAxis)
-            sliceCanonical = np.take(canonicalValues, cIndex, axis=cAxis)
-            assert set(sliceKji.ravel()) == set(sliceCanonical.ravel())
-            assert orientation.ijkIndex(ijkAxis, cIndex, shape_Kji) == index
-
-
-def test_canonical_orientation_of_45_degree_rotation_is_still_a_permutation():
-    ijkToWorld = ijkToRasFrom(rotationMatrix((0, 0, 1), 45))
-    orientation = geometry.canonicalOrientation(ijkToWorld)
-    assert sorted(orientation.permutation) == [0, 1, 2]
-    assert sorted(orientation.worldAxisOfIjk) == [0, 1, 2]

@@ -14,6 +14,7 @@ from ProtoSAMSlicerLib import geometry, mrml_io, results
 from ProtoSAMSlicerLib.logic import ProcessOptions, ProtoSAMLogic
 from ProtoSAMSlicerLib.models import engineCacheForDevice
 from protosam.errors import CancelledError, CheckpointError, InputError
+from protosam.orientation import plane_of_ijk_axis
 from slicer_mrml_helpers import addSegmentation, addVolume, homogeneous, ijkToRasFrom, rotationMatrix
 
 LPS = np.diag([-1.0, -1.0, 1.0])
@@ -83,15 +84,13 @@ def test_results_land_on_the_right_voxels(scene, tinyOptions, case):
     index = [slice(None)] * 3
     index[kjiAxis] = PAINTED
     assert np.array_equal(out[tuple(index)], liver[tuple(index)])
-    # Every slice equals the engine run on the same (canonically oriented) arrays.
-    orientation = geometry.canonicalOrientation(ijkToWorld)
+    # Every slice equals the engine run on the same arrays with the same geometry and plane.
     engine = engineCacheForDevice("cpu").get(tinyOptions.models, tinyOptions.preset, "cpu",
                                              cacheBytes=tinyOptions.cacheBytes)
     reference = protosam.segment_volume(
-        engine, np.ascontiguousarray(orientation.toCanonical(image)), None,
-        {"liver": np.ascontiguousarray(orientation.toCanonical(liver))},
-        axis=orientation.canonicalAxisFromIjkAxis(ijkAxis), auto_extent=False)
-    assert np.array_equal(out, orientation.fromCanonical(reference.masks["liver"]))
+        engine, image, None, {"liver": liver}, query_ijk_to_ras=ijkToWorld,
+        plane=plane_of_ijk_axis(ijkToWorld, ijkAxis), auto_extent=False)
+    assert np.array_equal(out, reference.masks["liver"])
     # Preview geometry is the target's; the user's segmentation was not touched.
     assert preview.GetParentTransformNode() is volume.GetParentTransformNode()
     assert np.allclose(mrml_io.ijkToWorldMatrix(volume), ijkToWorld)

@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from ..orientation import canonical_orientation, ijk_to_ras_from_lps
 from ..propagation import segment_volume
 from .metrics import outside_false_positives, per_slice_dice, scan_dice_3d
 from .pictures import axial_display_flips
@@ -72,8 +73,12 @@ def run_demo(engine, out_dir: Path, *, structures: Sequence[str] = DEFAULT_STRUC
     sample = sample or get_sample(download=download)
     image = sitk.ReadImage(str(sample.image), sitk.sitkFloat32)
     atlas_image = sitk.ReadImage(str(sample.labels))
-    volume = sitk.GetArrayFromImage(image)  # (k, j, i): axial slices along axis 0
+    volume = sitk.GetArrayFromImage(image)  # (k, j, i): axial slices along axis 0 (checked below)
     atlas = sitk.GetArrayFromImage(atlas_image)
+    ijk_to_ras = ijk_to_ras_from_lps(image.GetDirection(), image.GetSpacing(), image.GetOrigin())
+    if canonical_orientation(ijk_to_ras, "axial").slice_axis != 0:
+        raise InputError(f"The demo sample {sample.image} is not stored in axial slices; use the published Colin27 "
+                         "sample (delete the cached copy to download it again).")
     values = structure_values(read_label_names(sample.names), structures)
     support_masks: Dict[str, np.ndarray] = {}
     support_slices: Dict[str, int] = {}
@@ -88,8 +93,11 @@ def run_demo(engine, out_dir: Path, *, structures: Sequence[str] = DEFAULT_STRUC
         one_slice[k] = atlas[k] == value
         support_masks[name] = one_slice
         support_slices[name] = k
-    result = segment_volume(engine, volume, None, support_masks, axis=0, support_slices=support_slices,
-                            slice_range=slice_range, modality="mri", progress=progress, cancel=cancel)
+    # Through the geometry, as every caller that has one: the engine sees the axial slices in
+    # the canonical order (protosam.orientation) and returns masks in the file's (k, j, i) order.
+    result = segment_volume(engine, volume, None, support_masks, query_ijk_to_ras=ijk_to_ras, plane="axial",
+                            support_slices=support_slices, slice_range=slice_range, modality="mri",
+                            progress=progress, cancel=cancel)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     label_volume = np.zeros(atlas.shape, np.uint8)

@@ -8,10 +8,11 @@ Frames and conventions used throughout ProtoSAMSlicerLib:
 - ``KJI`` arrays: what ``slicer.util.arrayFromVolume`` returns, indexed ``[k, j, i]``. numpy
   axis 0 is IJK axis K (index 2), so ``kjiAxis = 2 - ijkAxis`` and spacing in KJI order is the
   IJK spacing reversed.
-- ``canonical`` arrays: KJI arrays transposed and flipped (never resampled) so that numpy axes
-  0, 1, 2 point closest to World S, A, R with increasing index. A support volume stored LPS
-  and a target stored RAS, or an axial and a permuted (sagittally stored) volume, then show
-  the anatomy to the engine in the same in-plane orientation.
+
+Only what is specific to Slicer lives here (slice view normal -> volume axis, World points ->
+slice indices). The voxel order the engine segments in is the engine's own rule
+(``protosam.orientation``): the logic hands it KJI arrays with their ``ijkToWorld`` and the
+slicing plane, and gets KJI results back.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from protosam.errors import InputError
 DEFAULT_ALIGNMENT_TOLERANCE_DEGREES = 0.5
 
 IJK_AXIS_NAMES = ("I", "J", "K")
-WORLD_AXIS_NAMES = ("R", "A", "S")
 
 
 class ObliqueSliceError(InputError):
@@ -149,84 +149,3 @@ def sliceIndexFromWorld(point_World: Sequence[float], ijkToWorld: np.ndarray, ij
             f"The slice view is outside the volume (slice {index} along {IJK_AXIS_NAMES[ijkAxis]}, "
             f"the volume has {size}). Move the view onto the volume and try again.")
     return index
-
-
-@dataclasses.dataclass(frozen=True)
-class CanonicalOrientation:
-    """Lossless reorientation of KJI arrays to the canonical (S, A, R)-closest axis order.
-
-    permutation: for each canonical axis, the KJI numpy axis it is taken from.
-    flips: for each canonical axis, whether the index runs against its World axis.
-    worldAxisOfIjk: closest World axis (0=R, 1=A, 2=S) of each IJK axis.
-    """
-
-    permutation: Tuple[int, int, int]
-    flips: Tuple[bool, bool, bool]
-    worldAxisOfIjk: Tuple[int, int, int]
-
-    def toCanonical(self, array_Kji: np.ndarray) -> np.ndarray:
-        """(K, J, I) array -> canonical array (a view where numpy allows; copy before writing)."""
-        array = np.asarray(array_Kji)
-        if array.ndim != 3:
-            raise ValueError(f"expected a 3-D KJI array, got shape {array.shape}")
-        out = np.transpose(array, self.permutation)
-        flipAxes = tuple(axis for axis, flip in enumerate(self.flips) if flip)
-        return np.flip(out, axis=flipAxes) if flipAxes else out
-
-    def fromCanonical(self, array_Canonical: np.ndarray) -> np.ndarray:
-        """Canonical array -> (K, J, I) array; exact inverse of toCanonical."""
-        array = np.asarray(array_Canonical)
-        if array.ndim != 3:
-            raise ValueError(f"expected a 3-D canonical array, got shape {array.shape}")
-        flipAxes = tuple(axis for axis, flip in enumerate(self.flips) if flip)
-        if flipAxes:
-            array = np.flip(array, axis=flipAxes)
-        return np.transpose(array, tuple(int(a) for a in np.argsort(self.permutation)))
-
-    def canonicalShape(self, shape_Kji: Sequence[int]) -> Tuple[int, int, int]:
-        """Shape of the canonical array made from a KJI array of ``shape_Kji``."""
-        return tuple(int(shape_Kji[axis]) for axis in self.permutation)
-
-    def canonicalAxisFromIjkAxis(self, ijkAxis: int) -> int:
-        """Canonical numpy axis that runs along IJK axis ``ijkAxis``."""
-        return self.permutation.index(kjiAxisFromIjkAxis(ijkAxis))
-
-    def canonicalIndex(self, ijkAxis: int, index: int, shape_Kji: Sequence[int]) -> int:
-        """Slice index along ``ijkAxis`` -> index along the matching canonical axis."""
-        size = int(shape_Kji[kjiAxisFromIjkAxis(ijkAxis)])
-        if not 0 <= index < size:
-            raise ValueError(f"slice index {index} outside [0, {size})")
-        flipped = self.flips[self.canonicalAxisFromIjkAxis(ijkAxis)]
-        return size - 1 - index if flipped else index
-
-    def ijkIndex(self, ijkAxis: int, canonicalIndex: int, shape_Kji: Sequence[int]) -> int:
-        """Index along the canonical axis of ``ijkAxis`` -> slice index along ``ijkAxis``."""
-        # The flip is its own inverse.
-        return self.canonicalIndex(ijkAxis, canonicalIndex, shape_Kji)
-
-
-def canonicalOrientation(ijkToWorld: np.ndarray) -> CanonicalOrientation:
-    """Closest-axis reorientation of a volume with voxel-to-World matrix ``ijkToWorld``.
-
-    Each IJK axis is matched to the World axis (R, A, S) it is closest to (largest absolute
-    cosine, assigned greedily so that the match is one-to-one even for 45-degree rotations).
-    """
-    directions = axisDirections(ijkToWorld)
-    strength = np.abs(directions)  # [worldAxis, ijkAxis]
-    worldAxisOfIjk = [-1, -1, -1]
-    usedWorld = set()
-    for flat in np.argsort(-strength, axis=None, kind="stable"):
-        worldAxis, ijkAxis = divmod(int(flat), 3)
-        if worldAxisOfIjk[ijkAxis] >= 0 or worldAxis in usedWorld:
-            continue
-        worldAxisOfIjk[ijkAxis] = worldAxis
-        usedWorld.add(worldAxis)
-    permutation = []
-    flips = []
-    for canonicalAxis in range(3):
-        worldAxis = 2 - canonicalAxis  # canonical axes 0, 1, 2 follow World S, A, R
-        ijkAxis = worldAxisOfIjk.index(worldAxis)
-        permutation.append(kjiAxisFromIjkAxis(ijkAxis))
-        flips.append(bool(directions[worldAxis, ijkAxis] < 0))
-    return CanonicalOrientation(permutation=tuple(permutation), flips=tuple(flips),
-                                worldAxisOfIjk=tuple(worldAxisOfIjk))

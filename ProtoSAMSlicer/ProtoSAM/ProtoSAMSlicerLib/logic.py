@@ -8,10 +8,11 @@ thread only, the worker receives numpy arrays. The engine runs in the persistent
 process (worker_client.py; never on a Python thread inside Slicer: the GIL trap), or, with
 ``ProtoSAMLogic(workerKind="thread")``, on an in-process thread for headless scripts.
 
-Geometry: volumes and segments are read as KJI arrays, reoriented losslessly to the canonical
-(S, A, R)-closest order (geometry.CanonicalOrientation) so that support and target volumes
-stored differently look alike to the engine, then the engine runs along the canonical axis
-that matches the slice view normal; results are oriented back to KJI before writing.
+Geometry: volumes and segments are read as KJI arrays and handed to the engine with their
+ijkToWorld matrices and the slicing plane of the slice view (an oblique view is refused). The
+engine brings them into its canonical order (``protosam.orientation``: the slice as Slicer's
+slice view of that plane shows it), the same order the command line and the Python API use,
+so one file gives one result whichever way it is stored or opened; results come back as KJI.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import slicer
 import protosam
 from protosam import ModelSelection, protocol
 from protosam.errors import CancelledError, InputError
+from protosam.orientation import plane_of_ijk_axis
 
 from . import geometry, mrml_io, results
 from .worker import Job, Worker, threadWorkerForDevice, workerForDevice
@@ -85,21 +87,19 @@ class PropagationResult:
 
 @dataclasses.dataclass
 class PreparedRun:
-    """Arrays and geometry of one run, computed on the main thread (no MRML references inside
-    ``query``/``support``/``masks``; they go to the worker)."""
+    """Arrays and geometry of one run, computed on the main thread (no MRML references inside;
+    everything but the two SliceAxis records goes to the engine as plain values)."""
 
-    query: np.ndarray  # canonical float32
-    support: Optional[np.ndarray]  # canonical float32, None when support volume is the target
-    masks: Dict[str, np.ndarray]  # support segment ID -> canonical uint8
-    axis: int  # canonical slicing axis
-    supportSlices: Optional[Dict[str, List[int]]]  # canonical indices
-    sliceRange: Optional[Tuple[int, int]]  # canonical, inclusive
+    query: np.ndarray  # KJI float32 copy of the target volume
+    support: Optional[np.ndarray]  # KJI float32 copy, None when the support volume is the target
+    masks: Dict[str, np.ndarray]  # support segment ID -> KJI uint8 on the support volume's grid
+    queryIjkToWorld: np.ndarray  # (4, 4) float64
+    supportIjkToWorld: Optional[np.ndarray]  # (4, 4) float64, None with the target as support
+    plane: str  # "axial", "coronal" or "sagittal": the anatomical plane the view cuts
+    supportSlices: Optional[Dict[str, List[int]]]  # IJK indices along supportAxis.ijkAxis
+    sliceRange: Optional[Tuple[int, int]]  # inclusive IJK indices along targetAxis.ijkAxis
     targetAxis: geometry.SliceAxis
     supportAxis: geometry.SliceAxis
-    targetOrientation: geometry.CanonicalOrientation
-    supportOrientation: geometry.CanonicalOrientation
-    targetShape: Tuple[int, int, int]
-    supportShape: Tuple[int, int, int]
 
 
 class PropagationJob:
@@ -177,7 +177,7 @@ class ProtoSAMLogic:
     def prepare(self, targetVolumeNode, supportSegmentationNode, segmentIds: Sequence[str], *,
                 supportVolumeNode=None, sliceNormal_World=AXIAL_NORMAL, supportSlices: SupportSlices = None,
                 sliceRange: Optional[Tuple[int, int]] = None) -> PreparedRun:
-        """Read and check the inputs; everything the worker needs, as canonical arrays."""
+        """Read and check the inputs; everything the worker needs, as KJI arrays and plain values."""
         if targetVolumeNode is None:
             raise InputError("Select the volume to segment.")
         if supportSegmentationNode is None:
@@ -191,27 +191,23 @@ class ProtoSAMLogic:
 
         targetIjkToWorld = mrml_io.ijkToWorldMatrix(targetVolumeNode)
         targetAxis = geometry.sliceAxisFromNormal(sliceNormal_World, targetIjkToWorld)
-        targetOrientation = geometry.canonicalOrientation(targetIjkToWorld)
+        plane = plane_of_ijk_axis(targetIjkToWorld, targetAxis.ijkAxis)
         targetShape = mrml_io.volumeShapeKji(targetVolumeNode)
-        # One float32 copy per volume, made directly in canonical order. Always a copy: the
-        # worker must never read VTK memory that the scene may change or free meanwhile.
-        query = np.array(targetOrientation.toCanonical(mrml_io.volumeArrayView(targetVolumeNode)),
-                         dtype=np.float32, order="C", copy=True)
+        # One float32 copy per volume. Always a copy: the worker must never read VTK memory that
+        # the scene may change or free meanwhile.
+        query = np.array(mrml_io.volumeArrayView(targetVolumeNode), dtype=np.float32, order="C", copy=True)
         if sameVolume:
-            supportAxis, supportOrientation, supportShape, support = targetAxis, targetOrientation, targetShape, None
+            supportAxis, supportIjkToWorld, supportShape, support = targetAxis, None, targetShape, None
         else:
             supportIjkToWorld = mrml_io.ijkToWorldMatrix(supportVolumeNode)
             supportAxis = geometry.sliceAxisFromNormal(sliceNormal_World, supportIjkToWorld)
-            supportOrientation = geometry.canonicalOrientation(supportIjkToWorld)
             supportShape = mrml_io.volumeShapeKji(supportVolumeNode)
-            support = np.array(supportOrientation.toCanonical(mrml_io.volumeArrayView(supportVolumeNode)),
-                               dtype=np.float32, order="C", copy=True)
-        axis = targetOrientation.canonicalAxisFromIjkAxis(targetAxis.ijkAxis)
-        if supportOrientation.canonicalAxisFromIjkAxis(supportAxis.ijkAxis) != axis:
-            raise InputError(
-                f"The view cuts '{supportVolumeNode.GetName()}' and '{targetVolumeNode.GetName()}' along different "
-                "anatomical axes (one of them is rotated by about 45 degrees); resample one volume to the other's "
-                "orientation and try again.")
+            support = np.array(mrml_io.volumeArrayView(supportVolumeNode), dtype=np.float32, order="C", copy=True)
+            if plane_of_ijk_axis(supportIjkToWorld, supportAxis.ijkAxis) != plane:
+                raise InputError(
+                    f"The view cuts '{supportVolumeNode.GetName()}' and '{targetVolumeNode.GetName()}' along different "
+                    "anatomical axes (one of them is rotated by about 45 degrees); resample one volume to the other's "
+                    "orientation and try again.")
 
         masks = {}
         for segmentId in segmentIds:
@@ -222,13 +218,13 @@ class ProtoSAMLogic:
             if not mask.any():
                 raise InputError(f"Segment '{segment.GetName()}' is empty on volume '{supportVolumeNode.GetName()}': "
                                  "paint the structure on at least one slice first.")
-            masks[segmentId] = np.ascontiguousarray(supportOrientation.toCanonical(mask))
+            masks[segmentId] = np.ascontiguousarray(mask)
 
-        canonicalSupport = None
+        checkedSupport = None
         if supportSlices is not None:
             if not isinstance(supportSlices, Mapping):
                 supportSlices = {segmentId: supportSlices for segmentId in segmentIds}
-            canonicalSupport = {}
+            checkedSupport = {}
             for segmentId, indices in supportSlices.items():
                 if segmentId not in masks:
                     raise ValueError(f"supportSlices names segment {segmentId!r}, which is not being propagated")
@@ -238,23 +234,20 @@ class ProtoSAMLogic:
                     if not 0 <= int(index) < size:
                         raise InputError(f"Support slice {index} is outside '{supportVolumeNode.GetName()}' "
                                          f"(slices 0..{size - 1}).")
-                canonicalSupport[segmentId] = sorted(
-                    supportOrientation.canonicalIndex(supportAxis.ijkAxis, int(i), supportShape) for i in indices)
+                checkedSupport[segmentId] = sorted(int(i) for i in indices)
 
-        canonicalRange = None
+        checkedRange = None
         if sliceRange is not None:
             first, last = (int(v) for v in sliceRange)
             size = targetShape[targetAxis.kjiAxis]
             if min(first, last) < 0 or max(first, last) >= size:
                 raise InputError(f"Slice range {sliceRange} is outside '{targetVolumeNode.GetName()}' "
                                  f"(slices 0..{size - 1}).")
-            ends = [targetOrientation.canonicalIndex(targetAxis.ijkAxis, v, targetShape) for v in (first, last)]
-            canonicalRange = (min(ends), max(ends))
+            checkedRange = (min(first, last), max(first, last))
 
-        return PreparedRun(query=query, support=support, masks=masks, axis=axis, supportSlices=canonicalSupport,
-                           sliceRange=canonicalRange, targetAxis=targetAxis, supportAxis=supportAxis,
-                           targetOrientation=targetOrientation, supportOrientation=supportOrientation,
-                           targetShape=targetShape, supportShape=supportShape)
+        return PreparedRun(query=query, support=support, masks=masks, queryIjkToWorld=targetIjkToWorld,
+                           supportIjkToWorld=supportIjkToWorld, plane=plane, supportSlices=checkedSupport,
+                           sliceRange=checkedRange, targetAxis=targetAxis, supportAxis=supportAxis)
 
     @staticmethod
     def defaultSupportVolume(segmentationNode):
@@ -375,17 +368,15 @@ class ProtoSAMLogic:
                 if node.GetScene() is None or not node.GetScene().IsNodePresent(node):
                     raise CancelledError(f"'{node.GetName()}' was removed from the scene during the run; "
                                          "nothing was written.")
-            masks = {segmentId: prepared.targetOrientation.fromCanonical(mask)
-                     for segmentId, mask in engineResult.masks.items()}
+            # The engine hands back KJI masks and IJK slice indices of the caller's own volumes.
+            masks = dict(engineResult.masks)
             preview = results.createPreview(targetVolumeNode, supportSegmentationNode, masks)
-            toTarget = lambda i: prepared.targetOrientation.ijkIndex(prepared.targetAxis.ijkAxis, i, prepared.targetShape)  # noqa: E731
-            toSupport = lambda i: prepared.supportOrientation.ijkIndex(prepared.supportAxis.ijkAxis, i, prepared.supportShape)  # noqa: E731
             handle.result = PropagationResult(
                 targetVolumeNode=targetVolumeNode, supportVolumeNode=supportVolumeNode,
                 supportSegmentationNode=supportSegmentationNode, previewSegmentationNode=preview,
                 segmentIds=list(masks), sliceAxis=prepared.targetAxis,
-                supportSlices={k: sorted(toSupport(i) for i in v) for k, v in engineResult.support_slices.items()},
-                processedSlices={k: sorted(toTarget(i) for i in v) for k, v in engineResult.processed_slices.items()},
+                supportSlices={k: sorted(v) for k, v in engineResult.support_slices.items()},
+                processedSlices={k: sorted(v) for k, v in engineResult.processed_slices.items()},
                 seconds=engineResult.seconds)
         except CancelledError as error:
             handle.error = CancelledError(handle.cancelReason) if handle.cancelReason else error
@@ -457,10 +448,12 @@ class ProtoSAMLogic:
 
 
 def engineKwargs(prepared: PreparedRun, options: ProcessOptions) -> Dict:
-    """Keyword arguments of ``protosam.segment_volume`` for a prepared run (arrays and plain
-    JSON values: they travel to the worker process as they are)."""
+    """Keyword arguments of ``protosam.segment_volume`` for a prepared run: KJI arrays with their
+    IJK-to-world matrices (the engine owns orientation) and plain JSON values, so they travel
+    to the worker process as they are."""
     return dict(query_volume=prepared.query, support_volume=prepared.support, support_masks=prepared.masks,
-                axis=prepared.axis, support_slices=prepared.supportSlices, slice_range=prepared.sliceRange,
+                query_ijk_to_ras=prepared.queryIjkToWorld, support_ijk_to_ras=prepared.supportIjkToWorld,
+                plane=prepared.plane, support_slices=prepared.supportSlices, slice_range=prepared.sliceRange,
                 modality=options.modality, auto_extent=options.autoExtent)
 
 
