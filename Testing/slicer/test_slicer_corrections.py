@@ -104,14 +104,22 @@ def test_clicks_in_ras_land_on_the_right_voxel_of_the_right_slice(scene, tinyOpt
     assert 0 < cachedBefore <= cachedAfter <= cachedBefore + SAM_TINY_EMBEDDING_BYTES
     session.addClick(world(e["ijkToWorld"], (13, 4, 4)), normal, positive=False)
     assert worker.health().cache_bytes == cachedAfter
-    assert session.clicks(4) == [(14.0, 3.0, 1), (13.0, 4.0, 0)]
     after = preview(e)
+    assert session.clicks(4) == [(14.0, 3.0, 1), (13.0, 4.0, 0)]
     unchanged = [k for k in range(SHAPE[0]) if k != 4]
     np.testing.assert_array_equal(after[unchanged], before[unchanged])
-    np.testing.assert_array_equal(after[4], session.corrections.mask(e["ids"]["liver"])[4])
+    np.testing.assert_array_equal(after, session._orientation.from_canonical(session.corrections.mask(e["ids"]["liver"])))
     assert session.clickMarkups.GetNumberOfControlPoints() == 2
     np.testing.assert_allclose(session.clickMarkups.GetNthControlPointPositionWorld(0), point, atol=1e-6)
     assert np.array_equal(read(e, "liver"), e["arrays"]["liver"]), "nothing is written before Apply"
+    beforeUpdate = worker.health().cache_bytes
+    session.updateVolume()
+    # The update reads the run's DINOv2 features from the engine cache: a session seeing another
+    # volume (or the same one in another order) would add all SHAPE[0] feature maps (128 KiB
+    # each, 1.5 SAM embeddings together); only whole SAM embeddings of newly non-empty slices
+    # can be added here.
+    assert (worker.health().cache_bytes - beforeUpdate) % SAM_TINY_EMBEDDING_BYTES == 0
+    np.testing.assert_array_equal(preview(e)[4], after[4])
 
 
 def test_views_across_the_axis_or_oblique_are_refused(scene, tinyOptions):

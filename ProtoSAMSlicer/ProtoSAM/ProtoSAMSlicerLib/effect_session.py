@@ -97,6 +97,8 @@ class EffectSession:
         self.corrections = None  # protosam.session.Session, opened at the first click
         self.clickMarkups = None  # vtkMRMLMarkupsFiducialNode drawing the clicks
         self._clickOrder: List[int] = []  # slice of each click, in order (for undo)
+        self._clickLog: dict = {}  # slice -> [(x, y, label)] in clickTarget's frame
+        self._orientation = None  # protosam.orientation.Orientation of the correction session
 
     def start(self, sourceVolumeNode, segmentationNode, segmentId: str, sliceNode=None, *,
               sliceNormal_World=None, slicePoint_World=None, options: ProcessOptions = ProcessOptions(),
@@ -223,9 +225,11 @@ class EffectSession:
         """Correct the preview on the clicked slice; returns that slice's index (along the axis)."""
         sliceIndex, x, y = self.clickTarget(point_World, sliceNormal_World)
         session = self._correctionSession()
-        mask = session.correct(self.segmentId, sliceIndex, [[x, y]], [1 if positive else 0])
-        self._showSlice(sliceIndex, mask)
+        canonicalSlice, row, column = self._toCanonical(sliceIndex, x, y)
+        mask = session.correct(self.segmentId, canonicalSlice, [[column, row]], [1 if positive else 0])
+        self._showSlice(canonicalSlice, mask)
         self._clickOrder.append(sliceIndex)
+        self._clickLog.setdefault(sliceIndex, []).append((float(x), float(y), 1 if positive else 0))
         self._drawClick(point_World, positive, sliceIndex)
         return sliceIndex
 
@@ -235,17 +239,16 @@ class EffectSession:
 
     def clicks(self, sliceIndex: int) -> List[Tuple[float, float, int]]:
         """Clicks of a slice as ``(x, y, label)`` in the slice's voxel frame (see clickTarget)."""
-        if self.corrections is None:
-            return []
-        return self.corrections.clicks(self.segmentId, sliceIndex)
+        return list(self._clickLog.get(sliceIndex, []))
 
     def undoClick(self) -> Optional[int]:
         """Undo the last click (of any slice); returns its slice, None when there was none."""
         if not self._clickOrder:
             return None
         sliceIndex = self._clickOrder.pop()
-        mask = self.corrections.undo_click(self.segmentId, sliceIndex)
-        self._showSlice(sliceIndex, mask)
+        canonicalSlice = self._canonicalSlice(sliceIndex)
+        self._showSlice(canonicalSlice, self.corrections.undo_click(self.segmentId, canonicalSlice))
+        self._clickLog[sliceIndex].pop()
         markups = self._markups()
         for n in reversed(range(markups.GetNumberOfControlPoints())):
             if markups.GetNthControlPointDescription(n) == str(sliceIndex):
@@ -257,8 +260,9 @@ class EffectSession:
         """Forget every click of one slice; the slice gets back its propagated mask."""
         if self.corrections is None:
             return
-        mask = self.corrections.clear_clicks(self.segmentId, sliceIndex)
-        self._showSlice(sliceIndex, mask)
+        canonicalSlice = self._canonicalSlice(sliceIndex)
+        self._showSlice(canonicalSlice, self.corrections.clear_clicks(self.segmentId, canonicalSlice))
+        self._clickLog.pop(sliceIndex, None)
         self._clickOrder = [k for k in self._clickOrder if k != sliceIndex]
         markups = self._markups()
         for n in reversed(range(markups.GetNumberOfControlPoints())):
@@ -270,7 +274,7 @@ class EffectSession:
         if self.state != PREVIEW or self.result is None:
             raise InputError("There is no ProtoSAM preview to update.")
         session = self._correctionSession()
-        self._writePreview(session.update(self.segmentId, progress=progressCallback))
+        self._writePreview(self._orientation.from_canonical(session.update(self.segmentId, progress=progressCallback)))
 
     def _correctionSession(self):
         """The correction session, opened at the first click on the worker that ran the preview:
@@ -297,30 +301,51 @@ class EffectSession:
             weights_home=options.weightsHome, download=options.allowDownload, cache_bytes=options.cacheBytes))
         worker = self.logic._worker or (workerForDevice(device) if self.logic.workerKind == "process"
                                         else threadWorkerForDevice(device))
-        axis = self.result.sliceAxis.kjiAxis
-        volume_Kji = mrml_io.volumeToArray(self.sourceVolumeNode)
-        preview_Kji = mrml_io.segmentToArray(self.result.previewSegmentationNode, self.segmentId, self.sourceVolumeNode)
-        fixed = self.result.supportSlices.get(self.segmentId, [])
+        # The session works in the engine's canonical order (protosam.orientation), as the run
+        # did: then the volume it sees is the run's, and the run's cached encodings are its own.
+        from protosam.orientation import canonical_orientation, plane_of_ijk_axis
+
+        ijkToWorld = mrml_io.ijkToWorldMatrix(self.sourceVolumeNode)
+        orientation = canonical_orientation(ijkToWorld, plane_of_ijk_axis(ijkToWorld, self.result.sliceAxis.ijkAxis))
+        volume = orientation.to_canonical(mrml_io.volumeToArray(self.sourceVolumeNode))
+        preview = orientation.to_canonical(
+            mrml_io.segmentToArray(self.result.previewSegmentationNode, self.segmentId, self.sourceVolumeNode))
+        count = volume.shape[0]
+        fixed = [orientation.canonical_slice(k, count) for k in self.result.supportSlices.get(self.segmentId, [])]
+        self._orientation = orientation
         if isinstance(worker, WorkerClient):
-            session = WorkerSession(worker, engineSpec, volume_Kji, axis, self.segmentId, preview_Kji, fixed,
+            session = WorkerSession(worker, engineSpec, volume, 0, self.segmentId, preview, fixed,
                                     {"modality": options.modality, "auto_extent": options.autoExtent})
         else:
             from protosam.session import Session
 
-            session = Session(localEngines().get(engineSpec), volume_Kji, axis=axis, modality=options.modality,
+            session = Session(localEngines().get(engineSpec), volume, axis=0, modality=options.modality,
                               cache_bytes=None, auto_extent=options.autoExtent)
-            session.adopt(self.segmentId, preview_Kji, fixed)
+            session.adopt(self.segmentId, preview, fixed)
         self.corrections = session
         return session
 
-    def _showSlice(self, sliceIndex: int, mask) -> None:
-        preview = self.result.previewSegmentationNode
-        current = mrml_io.segmentToArray(preview, self.segmentId, self.sourceVolumeNode)
-        updated = current.copy()
-        index = [slice(None)] * 3
-        index[self.result.sliceAxis.kjiAxis] = sliceIndex
-        updated[tuple(index)] = mask
-        self._writePreview(updated)
+    def _canonicalSlice(self, sliceIndex: int) -> int:
+        count = mrml_io.volumeShapeKji(self.sourceVolumeNode)[self.result.sliceAxis.kjiAxis]
+        return self._orientation.canonical_slice(sliceIndex, count)
+
+    def _toCanonical(self, sliceIndex: int, x: int, y: int) -> Tuple[int, int, int]:
+        """A voxel given as (slice, x, y) of clickTarget -> (slice, row, column) of the canonical array."""
+        kjiAxis = self.result.sliceAxis.kjiAxis
+        rows, cols = [a for a in range(3) if a != kjiAxis]
+        kji = [0, 0, 0]
+        kji[kjiAxis], kji[rows], kji[cols] = sliceIndex, y, x
+        shape = mrml_io.volumeShapeKji(self.sourceVolumeNode)
+        orientation = self._orientation
+        return tuple(shape[axis] - 1 - kji[axis] if flip else kji[axis]
+                     for axis, flip in zip(orientation.permutation, orientation.flips))
+
+    def _showSlice(self, canonicalSlice: int, mask) -> None:
+        """Put a canonical slice's mask ``[rows, columns]`` into the preview."""
+        current = self._orientation.to_canonical(
+            mrml_io.segmentToArray(self.result.previewSegmentationNode, self.segmentId, self.sourceVolumeNode))
+        current[canonicalSlice] = mask
+        self._writePreview(self._orientation.from_canonical(current))
 
     def _writePreview(self, mask_Kji) -> None:
         # The whole extent is written: a write limited to the changed box (the default of
@@ -356,5 +381,6 @@ class EffectSession:
             self.corrections.close()
         self.corrections = None
         self._clickOrder = []
+        self._clickLog = {}
         self.result = None
         self.state = IDLE
