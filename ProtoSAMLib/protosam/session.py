@@ -131,7 +131,7 @@ class Session:
 
     # ------------------------------------------------------------------ lifecycle
     def _set_volume(self, volume) -> None:
-        self.raw_volume = np.asarray(volume)
+        self.caller_shape = tuple(np.shape(volume))  # the volume's shape in the caller's order
         raw = np.moveaxis(as_float_slices(volume, "volume", 3), self.axis, 0)
         self.volume = normalize_volume(raw, self.modality)  # [N, H, W] float32, slice-first
         self.fingerprint = volume_fingerprint(self.volume)
@@ -195,7 +195,7 @@ class Session:
                 if support.shape != self.volume.shape or not np.array_equal(support, self.volume):
                     external_volume = support
             shape = (self.volume if external_volume is None else external_volume).shape
-            caller_shape = np.shape(self.raw_volume if external_volume is None else support_volume)
+            caller_shape = self.caller_shape if external_volume is None else np.shape(support_volume)
             for key, mask in support_masks.items():
                 mask = np.moveaxis(as_binary_mask(mask, f"support mask '{key}'", caller_shape), self.axis, 0)
                 if not mask.any():
@@ -225,7 +225,7 @@ class Session:
         no recorded prompt sets: a click joins the box of the mask's component holding it and
         only the clicked components are decoded again (see :func:`_mask_prompts`)."""
         with self._lock:
-            mask = np.moveaxis(as_binary_mask(masks, f"mask of '{structure}'", self.raw_volume.shape), self.axis, 0)
+            mask = np.moveaxis(as_binary_mask(masks, f"mask of '{structure}'", self.caller_shape), self.axis, 0)
             state = _StructureState(structure, None)
             state.output = mask.astype(np.uint8)
             state.fixed = {int(k): state.output[int(k)].copy() for k in fixed_slices}

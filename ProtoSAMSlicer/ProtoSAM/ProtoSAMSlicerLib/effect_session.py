@@ -94,7 +94,7 @@ class EffectSession:
         self.lastError: Optional[BaseException] = None
         self._onFinished: Optional[Callable[["EffectSession"], None]] = None
         self.options = ProcessOptions()
-        self.corrections = None  # protosam.session.Session, opened at the first click
+        self.corrections = None  # WorkerSession (or protosam Session on a thread worker), opened at the first click
         self.clickMarkups = None  # vtkMRMLMarkupsFiducialNode drawing the clicks
         self._clickOrder: List[int] = []  # slice of each click, in order (for undo)
         self._clickLog: dict = {}  # slice -> [(x, y, label)] in clickTarget's frame
@@ -203,8 +203,9 @@ class EffectSession:
     # ------------------------------------------------------------------ corrections
     def clickTarget(self, point_World, sliceNormal_World) -> Tuple[int, int, int]:
         """``(slice, x, y)`` of a click: the slice index along the propagation axis and the
-        voxel's column ``x`` / row ``y`` in that slice of the KJI array (the frame of
-        protosam.session). Refuses views oblique to the volume or along another axis."""
+        voxel's column ``x`` / row ``y`` in that slice of the KJI array (the correction session
+        itself runs in the engine's canonical order, see _toCanonical). Refuses views oblique
+        to the volume or along another axis."""
         if self.state != PREVIEW or self.result is None:
             raise InputError("Clicks correct a ProtoSAM preview: propagate first.")
         ijkToWorld = mrml_io.ijkToWorldMatrix(self.sourceVolumeNode)
