@@ -11,9 +11,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-pytest.importorskip("slicer", reason="slicer-core (PyPI) is not installed")
+from required_modules import require_slicer_core
 
-import slicer
+slicer = require_slicer_core()
+
 from ProtoSAMSlicerLib import mrml_io, results, settings
 from ProtoSAMSlicerLib.logic import ProtoSAMLogic
 from protosam import protocol
