@@ -76,6 +76,7 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/protocol.py
   protosam/server.py
   protosam/server_client.py
+  protosam/session.py
   protosam/testing.py
   protosam/validation.py
   protosam/weights.py

@@ -197,9 +197,28 @@ def read_segment_inputs(image, support_mask, *, support_image=None, labels: Opti
     return SegmentInputs(query, None if same else support, labelmap, chosen, geometry), query_image
 
 
-def propagate_labels(engine, inputs: SegmentInputs, *, support_slice: Optional[int] = None, modality: str = "auto",
-                     progress=None, cancel: Optional[threading.Event] = None):
+def parse_support_slices(text: str):
+    """``--support-slice``: ``"painted"`` or comma-separated slice indices -> "painted" or [int]."""
+    if text.strip().lower() == "painted":
+        return "painted"
+    try:
+        indices = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        indices = []
+    if not indices or min(indices) < 0:
+        raise argparse.ArgumentTypeError(
+            f"--support-slice takes 'painted' or slice indices like 12,30,41, not {text!r}"
+        )
+    return indices
+
+
+def propagate_labels(engine, inputs: SegmentInputs, *, support_slice=None, support_mode: str = "nearest",
+                     modality: str = "auto", progress=None, cancel: Optional[threading.Event] = None):
     """Propagate every label of ``inputs`` -> (``[k, j, i]`` uint8/uint16 label map, :class:`VolumeResult`).
+
+    ``support_slice``: None (each label's largest slice), a slice index or indices along the
+    slicing axis (the same for every label), or ``"painted"`` (every slice each label is
+    painted on); ``support_mode``: "nearest" or "all" (see ``segment_volume``).
 
     Where labels overlap the one listed first keeps the voxel; within one volume the painted
     support slices are kept exactly as painted.
@@ -208,11 +227,20 @@ def propagate_labels(engine, inputs: SegmentInputs, *, support_slice: Optional[i
 
     labels, labelmap = inputs.labels, inputs.labelmap
     support_slices = None
-    if support_slice is not None:
+    if isinstance(support_slice, str) and support_slice == "painted":
+        from .orientation import canonical_orientation
+
+        geometry = inputs.geometry
+        support_axis = canonical_orientation(geometry["support_ijk_to_ras"] if geometry["support_ijk_to_ras"] is not None
+                                             else geometry["query_ijk_to_ras"], geometry["plane"]).slice_axis
+        other_axes = tuple(a for a in range(3) if a != support_axis)
+        support_slices = {label: np.flatnonzero((labelmap == label).any(axis=other_axes)).tolist() for label in labels}
+    elif support_slice is not None:
         support_slices = {label: support_slice for label in labels}
     result = segment_volume(
         engine, inputs.query, inputs.support, {label: labelmap == label for label in labels},
-        support_slices=support_slices, modality=modality, progress=progress, cancel=cancel, **inputs.geometry,
+        support_slices=support_slices, support_mode=support_mode, modality=modality, progress=progress,
+        cancel=cancel, **inputs.geometry,
     )
     axis = result.axis  # the files' array axis of the plane
     output = np.zeros(inputs.query.shape, np.uint16 if max(labels) > 255 else np.uint8)
@@ -241,7 +269,7 @@ def cmd_segment(args) -> int:
     engine = engine_from_args(args)
     cancel = threading.Event()
     output, result = propagate_labels(
-        engine, inputs, support_slice=args.support_slice, modality=args.modality,
+        engine, inputs, support_slice=args.support_slice, support_mode=args.support_mode, modality=args.modality,
         progress=ProgressBar("segment"), cancel=cancel,
     )
     write_labelmap(output, query_image, args.output)
@@ -293,9 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--support-image", default=None, help="volume the support labels were drawn on (default: --image)")
     segment.add_argument("--support-mask", required=True, help="label map on the support image's grid")
     segment.add_argument("--labels", default=None, help="comma-separated labels to propagate (default: all)")
-    segment.add_argument("--support-slice", type=int, default=None,
-                         help="support slice index along the support's slicing axis, in the file's own voxel order "
-                              "(default: largest area per label)")
+    segment.add_argument(
+        "--support-slice", type=parse_support_slices, default=None, metavar="K[,K...]|painted",
+        help="support slice indices along the support's slicing axis, in the file's own voxel order, or 'painted' "
+             "for every painted slice of each label "
+             "(default: the slice where each label is largest)",
+    )
+    segment.add_argument(
+        "--support-mode", default="nearest", choices=["nearest", "all"],
+        help="with several support slices: each slice uses the nearest one's prototypes (default), or all pooled",
+    )
     segment.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"],
                          help="slicing plane (auto: the coarsest-spacing axis, axial when isotropic)")
     segment.add_argument("--modality", default="auto", choices=["auto", "ct", "mri", "none"])

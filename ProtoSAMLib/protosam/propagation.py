@@ -24,9 +24,9 @@ from typing import Callable, Dict, Hashable, List, Mapping, Optional, Sequence, 
 import numpy as np
 import torch
 
-from .cache import volume_fingerprint
+from .cache import EmbeddingCache, volume_fingerprint
 from .errors import CancelledError, InputError
-from .models.alpnet import Prototypes
+from .models.alpnet import Prototypes, pool_prototypes
 from .orientation import canonical_orientation, choose_plane
 from .pipeline import Engine
 from .preprocessing import normalize_volume
@@ -34,7 +34,12 @@ from .validation import as_binary_mask, as_float_slices
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VolumeResult", "segment_volume", "largest_area_slice"]
+__all__ = ["VolumeResult", "segment_volume", "largest_area_slice", "SUPPORT_MODES"]
+
+# How a query slice uses several support slices of one structure: "nearest" takes the
+# prototypes of the support (seed) nearest to it; "all" pools the prototypes of every support,
+# as ALPNet does for several shots (see :func:`protosam.models.alpnet.pool_prototypes`).
+SUPPORT_MODES = ("nearest", "all")
 
 SupportSlices = Mapping[Hashable, Union[int, Sequence[int]]]
 
@@ -83,10 +88,16 @@ class _SliceStore:
     cache may).
     """
 
-    def __init__(self, engine: Engine, volume: np.ndarray):
+    def __init__(self, engine: Engine, volume: np.ndarray, cache: Optional[EmbeddingCache] = None,
+                 fingerprint: Optional[str] = None):
         self.engine = engine
         self.volume = volume
-        self.fingerprint = volume_fingerprint(volume) if engine.cache.max_bytes else ""
+        # The engine's cache across runs, or a session's (protosam.session) for its volume.
+        self.cache = engine.cache if cache is None else cache
+        if not self.cache.max_bytes:
+            self.fingerprint = ""
+        else:
+            self.fingerprint = fingerprint if fingerprint is not None else volume_fingerprint(volume)
         self._features: Dict[int, torch.Tensor] = {}
         self._embeddings: Dict[int, torch.Tensor] = {}
         self._phases: List[set] = []  # slices of the current phase, then of the later ones
@@ -100,7 +111,7 @@ class _SliceStore:
             wanted = [index] + [k for k in upcoming if k not in self._features][: self.engine.batch_size - 1]
             missing = []
             for k in wanted:
-                cached = self.engine.cache.get(("dinov2", self.fingerprint, k)) if self.fingerprint else None
+                cached = self.cache.get(("dinov2", self.fingerprint, k)) if self.fingerprint else None
                 if cached is not None:
                     self._features[k] = cached
                 else:
@@ -110,18 +121,18 @@ class _SliceStore:
                 for k, feats in zip(missing, encoded):
                     self._features[k] = feats
                     if self.fingerprint:
-                        self.engine.cache.put(("dinov2", self.fingerprint, k), feats)
+                        self.cache.put(("dinov2", self.fingerprint, k), feats)
         # Kept features wait in host memory; no-op on the CPU.
         return self._features[index].to(self.engine.device)
 
     def sam_embedding(self, index: int) -> torch.Tensor:
         if index not in self._embeddings:
             key = ("sam", self.fingerprint, index)
-            cached = self.engine.cache.get(key) if self.fingerprint else None
+            cached = self.cache.get(key) if self.fingerprint else None
             if cached is None:
                 cached = self.engine.sam_embedding(self.image(index))
                 if self.fingerprint:
-                    self.engine.cache.put(key, cached)
+                    self.cache.put(key, cached)
             self._embeddings[index] = cached
         return self._embeddings[index]
 
@@ -166,6 +177,10 @@ class _Structure:
     prototypes_by_seed: Dict[int, Prototypes]
     output: np.ndarray  # [N, H, W] uint8, query order with the slice axis first
     processed: List[int]
+    # Prompt sets SAM was given per processed slice (1024 frame): click corrections add to them.
+    prompts: Dict[int, list] = field(default_factory=dict)
+    # The structure is known to be present at its seeds (painted on the query volume itself).
+    known_present: bool = False
 
     def nearest_prototypes(self, index: int) -> Prototypes:
         seed = min(self.prototypes_by_seed, key=lambda s: (abs(s - index), s))
@@ -209,6 +224,7 @@ def segment_volume(
     plane: str = "auto",
     axis: Optional[int] = None,
     support_slices: Optional[SupportSlices] = None,
+    support_mode: str = "nearest",
     slice_range: Optional[Tuple[int, int]] = None,
     modality: str = "auto",
     auto_extent: Optional[bool] = None,
@@ -234,11 +250,13 @@ def segment_volume(
             axis of the query, axial when isotropic).
         axis: as stored only: slicing axis of both arrays (0, 1 or 2; default 0).
         support_slices: key -> slice index or indices along the support's slicing axis (in
-            its own voxel order); default: the slice where the structure is largest. Each
-            query slice uses the nearest support slice. Across volumes a support slice seeds
+            its own voxel order); default: the slice where the structure is largest.
+            Across volumes a support slice seeds
             the query slice at the same relative position (with geometry: in canonical order,
             so both volumes run the same anatomical way); two support slices of one key that
             seed the same query slice are refused (:class:`InputError`).
+        support_mode: with several support slices, "nearest" (each query slice uses the
+            prototypes of the nearest one) or "all" (the prototypes of all, pooled).
         slice_range: inclusive ``(first, last)`` query slices (along the query's slicing
             axis, its own voxel order) to process; default all.
         modality: intensity preprocessing, "auto" | "ct" | "mri" | "none".
@@ -252,7 +270,8 @@ def segment_volume(
         return _segment_oriented(
             engine, query_volume, support_volume, support_masks, query_ijk_to_ras=query_ijk_to_ras,
             support_ijk_to_ras=support_ijk_to_ras, plane=plane, support_slices=support_slices,
-            slice_range=slice_range, modality=modality, auto_extent=auto_extent, progress=progress, cancel=cancel)
+            slice_range=slice_range, support_mode=support_mode, modality=modality, auto_extent=auto_extent,
+            progress=progress, cancel=cancel)
     if support_ijk_to_ras is not None:
         raise ValueError("support_ijk_to_ras needs query_ijk_to_ras as well (or neither, for arrays as stored).")
     axis = 0 if axis is None else axis
@@ -279,10 +298,38 @@ def segment_volume(
     query_store = _SliceStore(engine, query)
     support_store = query_store if same_volume else _SliceStore(engine, support)
     structures = [
-        _prepare_structure(engine, key, mask, support_store, support_slices, same_volume, query.shape, (first, last))
+        _prepare_structure(engine, key, mask, support_store, support_slices, same_volume, query.shape, (first, last),
+                           support_mode)
         for key, mask in masks.items()
     ]
-    plans = [_plan(s, first, last, use_auto_extent, same_volume) for s in structures]
+    _propagate(engine, query_store, structures, (first, last), use_auto_extent, progress, cancel)
+
+    results = {}
+    for structure in structures:
+        for index, painted in structure.copied.items():
+            structure.output[index] = painted
+        results[structure.key] = np.ascontiguousarray(np.moveaxis(structure.output, 0, axis))
+    seconds = time.perf_counter() - started
+    logger.info("Propagated %d structure(s) over %d slices in %.1f s", len(structures), count, seconds)
+    return VolumeResult(
+        masks=results,
+        support_slices={s.key: list(s.support_indices) for s in structures},
+        processed_slices={s.key: sorted(set(s.processed)) for s in structures},
+        seconds=seconds,
+        axis=axis,
+        support_axis=axis,
+    )
+
+
+def _propagate(engine: Engine, query_store: _SliceStore, structures: List[_Structure], bounds: Tuple[int, int],
+               use_auto_extent: bool, progress, cancel) -> None:
+    """Run prepared structures over the query slices ``bounds`` (inclusive): fills each
+    structure's ``output``, ``processed`` and ``prompts``. Shared by :func:`segment_volume`
+    and :class:`protosam.session.Session`, so a session's update and a fresh run with the
+    same supports run the same code in the same order."""
+    first, last = bounds
+    query_shape = query_store.volume.shape
+    plans = [_plan(s, first, last, use_auto_extent) for s in structures]
     tracker = _Progress(sum(len(p.fixed) + len(p.up) + len(p.down) for p in plans), progress)
 
     def run_slice(index: int, active: List[Tuple[_Structure, "_Plan"]], upcoming: Sequence[int]) -> Dict[int, bool]:
@@ -293,9 +340,10 @@ def segment_volume(
         for position, (structure, _) in enumerate(active):
             logits = engine.coarse_logits(structure.nearest_prototypes(index), features[None])[0]
             refined = engine.refine(logits, lambda: query_store.sam_embedding(index))
-            mask = engine.to_slice_size(refined.mask, query.shape[1:])
+            mask = engine.to_slice_size(refined.mask, query_shape[1:])
             structure.output[index] = mask
             structure.processed.append(index)
+            structure.prompts[index] = refined.prompts
             found[position] = bool(mask.any())
         query_store.release(index)
         tracker.advance(len(active))
@@ -315,23 +363,6 @@ def segment_volume(
         _sweep(structures, plans, direction, run_slice, tracker, engine.preset.stop_after_empty)
         query_store.end_phase()
     tracker.finish()
-
-    results = {}
-    for structure in structures:
-        for index, painted in structure.copied.items():
-            structure.output[index] = painted
-        results[structure.key] = np.ascontiguousarray(np.moveaxis(structure.output, 0, axis))
-    seconds = time.perf_counter() - started
-    logger.info("Propagated %d structure(s) over %d slices in %.1f s", len(structures), count, seconds)
-    return VolumeResult(
-        masks=results,
-        support_slices={s.key: list(s.support_indices) for s in structures},
-        processed_slices={s.key: sorted(set(s.processed)) for s in structures},
-        seconds=seconds,
-        axis=axis,
-        support_axis=axis,
-    )
-
 
 def _segment_oriented(engine, query_volume, support_volume, support_masks, *, query_ijk_to_ras,
                       support_ijk_to_ras, plane, support_slices, slice_range, **options) -> VolumeResult:
@@ -408,7 +439,8 @@ def _check_range(slice_range, count) -> Tuple[int, int]:
     return first, last
 
 
-def _prepare_structure(engine, key, mask, support_store, support_slices, same_volume, query_shape, bounds):
+def _prepare_structure(engine, key, mask, support_store, support_slices, same_volume, query_shape, bounds,
+                       support_mode="nearest"):
     if not mask.any():
         raise InputError(f"Support mask '{key}' is empty: paint the structure on at least one slice.")
     support_count = mask.shape[0]
@@ -426,7 +458,19 @@ def _prepare_structure(engine, key, mask, support_store, support_slices, same_vo
         prototypes[seed] = engine.prototypes_from_features(support_store.features(index), mask[index])
         if same_volume and bounds[0] <= index <= bounds[1]:
             copied[index] = mask[index].astype(np.uint8)
-    return _Structure(key, indices, sorted(prototypes), copied, prototypes, np.zeros(query_shape, np.uint8), [])
+    return _Structure(key, indices, sorted(prototypes), copied, combine_supports(prototypes, support_mode),
+                      np.zeros(query_shape, np.uint8), [], known_present=same_volume)
+
+
+def combine_supports(prototypes_by_seed: Dict[int, Prototypes], support_mode: str) -> Dict[int, Prototypes]:
+    """Prototypes each seed offers under ``support_mode``: its own ("nearest"), or every
+    support's pooled in seed order ("all"), so the nearest seed's are the pooled ones."""
+    if support_mode not in SUPPORT_MODES:
+        raise InputError(f"Unknown support mode {support_mode!r}: choose one of {', '.join(SUPPORT_MODES)}.")
+    if support_mode == "nearest" or len(prototypes_by_seed) < 2:
+        return dict(prototypes_by_seed)
+    pooled = pool_prototypes([prototypes_by_seed[seed] for seed in sorted(prototypes_by_seed)])
+    return {seed: pooled for seed in prototypes_by_seed}
 
 
 def _seed_slices(key, shown: Sequence[int], support_count: int, query_count: int, same_volume: bool,
@@ -457,7 +501,7 @@ def _seed_slices(key, shown: Sequence[int], support_count: int, query_count: int
     return seeds
 
 
-def _plan(structure: _Structure, first: int, last: int, auto_extent: bool, same_volume: bool) -> _Plan:
+def _plan(structure: _Structure, first: int, last: int, auto_extent: bool) -> _Plan:
     """Which slices a structure visits: ``fixed`` (between its seeds, or all without auto
     extent) and the outward walks ``up`` / ``down`` (in walking order), within first..last."""
     low, high = min(structure.seeds), max(structure.seeds)
@@ -470,7 +514,7 @@ def _plan(structure: _Structure, first: int, last: int, auto_extent: bool, same_
     fixed -= set(structure.copied)
     # Within one volume the structure is known to be present at its seeds, painted there,
     # even when slice_range leaves them out; across volumes it must be found first.
-    seen = same_volume
+    seen = structure.known_present
     return _Plan(fixed, up, down, {"up": True, "down": True}, {"up": 0, "down": 0}, {"up": seen, "down": seen})
 
 

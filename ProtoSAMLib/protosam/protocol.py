@@ -38,7 +38,7 @@ __all__ = [
     "PROTOCOL_VERSION", "ProtocolError", "NotSupportedError", "WorkerCrashedError", "Image", "Message",
     "Hello", "JobSubmit", "JobProgress", "JobCancel", "JobResult", "ErrorReply", "HealthRequest", "Health",
     "ReleaseCaches", "ModelsStatusRequest", "ModelsStatus", "SessionOpen", "SessionAddSupport",
-    "SessionCorrect", "SessionUpdate", "SessionClose", "LogRecord", "Shutdown", "EngineSpec",
+    "SessionCorrect", "SessionUndoClick", "SessionClearClicks", "SessionUpdate", "SessionClose", "LogRecord", "Shutdown", "EngineSpec",
     "encode", "decode", "read_prefix", "PREFIX_SIZE", "new_id", "error_from_reply", "ERROR_TYPES",
 ]
 
@@ -230,7 +230,13 @@ class ModelsStatus(Message):
 @dataclasses.dataclass
 class SessionOpen(Message):
     """Open a correction session on ``volume`` (an Image with geometry) for ``structures``
-    (structure key -> support Image mask on ``support_volume``, or on ``volume`` when None)."""
+    (structure key -> support Image mask on ``support_volume``, or on ``volume`` when None).
+
+    ``options``: ``axis``, ``modality``, ``support_mode``, ``support_slices``, ``slice_range``,
+    ``auto_extent``, ``cache_bytes`` (see protosam.session.Session). With ``adopt`` true the
+    structures are results already propagated by a job on this worker (``fixed_slices``: key ->
+    painted slices): nothing is propagated, and the session shares the engine's cache, so that
+    job's encodings serve the clicks. Reply: ``masks`` and ``fixed_slices`` per structure."""
 
     TYPE = "session_open"
     id: str
@@ -271,6 +277,30 @@ class SessionCorrect(Message):
 
 
 @dataclasses.dataclass
+class SessionUndoClick(Message):
+    """Remove the last click of slice ``slice_index``. Reply: the slice's mask and clicks."""
+
+    TYPE = "session_undo_click"
+    id: str
+    session_id: str
+    structure: str
+    axis: int
+    slice_index: int
+
+
+@dataclasses.dataclass
+class SessionClearClicks(Message):
+    """Remove every click of slice ``slice_index`` (its mask before them comes back)."""
+
+    TYPE = "session_clear_clicks"
+    id: str
+    session_id: str
+    structure: str
+    axis: int
+    slice_index: int
+
+
+@dataclasses.dataclass
 class SessionUpdate(Message):
     """Re-run ``structure`` over the volume from the session's cached encodings (a job:
     progress and a JobResult follow)."""
@@ -307,9 +337,10 @@ class Shutdown(Message):
 
 MESSAGE_TYPES: Dict[str, Type[Message]] = {cls.TYPE: cls for cls in (
     Hello, JobSubmit, JobProgress, JobCancel, JobResult, ErrorReply, HealthRequest, Health, ReleaseCaches,
-    ModelsStatusRequest, ModelsStatus, SessionOpen, SessionAddSupport, SessionCorrect, SessionUpdate,
-    SessionClose, LogRecord, Shutdown)}
-SESSION_TYPES = (SessionOpen, SessionAddSupport, SessionCorrect, SessionUpdate, SessionClose)
+    ModelsStatusRequest, ModelsStatus, SessionOpen, SessionAddSupport, SessionCorrect, SessionUndoClick,
+    SessionClearClicks, SessionUpdate, SessionClose, LogRecord, Shutdown)}
+SESSION_TYPES = (SessionOpen, SessionAddSupport, SessionCorrect, SessionUndoClick, SessionClearClicks, SessionUpdate,
+                 SessionClose)
 
 
 # ----------------------------------------------------------------------------- errors

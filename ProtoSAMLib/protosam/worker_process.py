@@ -28,6 +28,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import numpy as np
+
 from . import __version__, protocol
 from .errors import CancelledError, InputError
 
@@ -234,6 +236,107 @@ def models_status(request: protocol.ModelsStatusRequest, engines: Engines) -> pr
     return protocol.ModelsStatus(id=request.id, weights=statuses, loaded=engines.describe())
 
 
+# ----------------------------------------------------------------------------- sessions
+class WorkerSessions:
+    """The correction sessions (protosam.session) this worker holds, by ``session_id``: the
+    volume's encodings stay here, so a click or an update is a small request."""
+
+    def __init__(self, engines: Engines):
+        self.engines = engines
+        self._sessions: Dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, session_id: str):
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None:
+            raise InputError(f"No correction session '{session_id}' in this worker (closed, or the worker restarted): "
+                             "propagate again.")
+        return session
+
+    def job(self, message: protocol.Message, progress: ProgressFunction, cancel: threading.Event) -> Dict[str, Any]:
+        if isinstance(message, protocol.SessionOpen):
+            return self._open(message, progress, cancel)
+        session = self.get(message.session_id)
+        mask = session.update(message.structure, progress=progress, cancel=cancel)
+        return {"mask": mask, "fixed_slices": session.fixed_slices(message.structure)}
+
+    def _open(self, message: protocol.SessionOpen, progress, cancel) -> Dict[str, Any]:
+        from .session import DEFAULT_SESSION_CACHE_BYTES, Session
+
+        engine = self.engines.get(message.engine)
+        options = dict(message.options)
+        allowed = {"axis", "modality", "support_mode", "support_slices", "slice_range", "auto_extent", "cache_bytes",
+                   "adopt", "fixed_slices"}
+        unknown = set(options) - allowed
+        if unknown:
+            raise InputError(f"Unknown session option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(allowed))}.")
+        volume = _array(message.volume)
+        support_volume = None if message.support_volume is None else _array(message.support_volume)
+        with self._lock:
+            previous = self._sessions.pop(message.session_id, None)
+        if previous is not None:
+            previous.close()
+        range_ = options.get("slice_range")
+        adopt = bool(options.get("adopt", False))
+        session = Session(
+            engine, volume, axis=int(options.get("axis", 0)), modality=options.get("modality", "auto"),
+            cache_bytes=None if adopt else options.get("cache_bytes", DEFAULT_SESSION_CACHE_BYTES),
+            support_mode=options.get("support_mode", "nearest"),
+            slice_range=None if range_ is None else tuple(range_), auto_extent=options.get("auto_extent"))
+        if adopt:
+            fixed = options.get("fixed_slices") or {}
+            for key, mask in message.structures.items():
+                session.adopt(key, _array(mask), fixed.get(key, []))
+            masks = {key: session.mask(key) for key in message.structures}
+        else:
+            masks = session.start({key: _array(mask) for key, mask in message.structures.items()},
+                                  support_volume=support_volume, support_slices=options.get("support_slices"),
+                                  progress=progress, cancel=cancel)
+        with self._lock:
+            self._sessions[message.session_id] = session
+        return {"masks": masks, "fixed_slices": {key: session.fixed_slices(key) for key in masks}}
+
+    def small_request(self, message: protocol.Message) -> Dict[str, Any]:
+        if isinstance(message, protocol.SessionClose):
+            with self._lock:
+                session = self._sessions.pop(message.session_id, None)
+            if session is not None:
+                session.close()
+                _return_memory_to_the_system()
+            return {"closed": session is not None}
+        session = self.get(message.session_id)
+        if message.axis != session.axis:
+            raise InputError(f"This session propagates along axis {session.axis}, not {message.axis}: "
+                             "correct slices of the view it was propagated in.")
+        if isinstance(message, protocol.SessionAddSupport):
+            mask = session.add_support(message.structure, message.slice_index, _array(message.mask))
+        elif isinstance(message, protocol.SessionUndoClick):
+            mask = session.undo_click(message.structure, message.slice_index)
+        elif isinstance(message, protocol.SessionClearClicks):
+            mask = session.clear_clicks(message.structure, message.slice_index)
+        else:
+            mask = session.correct(message.structure, message.slice_index, message.points, message.labels)
+        return {"mask": mask, "slice_index": message.slice_index,
+                "clicks": [list(c) for c in session.clicks(message.structure, message.slice_index)]}
+
+    def cache_bytes(self) -> int:
+        """Bytes of the sessions' own caches (an adopted session's is its engine's, counted there)."""
+        with self._lock:
+            return sum(session.cache.nbytes for session in self._sessions.values()
+                       if session.cache is not session.engine.cache)
+
+    def close_all(self) -> None:
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            session.close()
+
+
+def _array(value) -> np.ndarray:
+    return value.array if isinstance(value, protocol.Image) else np.asarray(value)
+
+
 # ----------------------------------------------------------------------------- serving
 class _Channel:
     """Blocking message I/O on a connected socket; sends are serialised by a lock."""
@@ -292,7 +395,8 @@ class WorkerService:
     def __init__(self, channel: _Channel):
         self.channel = channel
         self.engines = Engines()
-        self.jobs: "queue.Queue[Optional[protocol.JobSubmit]]" = queue.Queue()
+        self.sessions = WorkerSessions(self.engines)
+        self.jobs: "queue.Queue[Optional[protocol.Message]]" = queue.Queue()
         self.cancelled: set = set()
         self.running: Optional[_RunningJob] = None
         self.started = time.monotonic()
@@ -334,17 +438,22 @@ class WorkerService:
         elif isinstance(message, protocol.HealthRequest):
             self._reply(self.health(message.id))
         elif isinstance(message, protocol.ReleaseCaches):
-            before = self.engines.cache_bytes()
+            before = self.engines.cache_bytes() + self.sessions.cache_bytes()
+            self.sessions.close_all()  # a session's encodings are caches too (scene closed)
             self.engines.release(models=message.models)
             logger.info("Released %d bytes of encoder caches%s.", before, " and the models" if message.models else "")
             self._reply(self.health(message.id))
         elif isinstance(message, protocol.ModelsStatusRequest):
             self._reply(models_status(message, self.engines))
+        elif isinstance(message, (protocol.SessionOpen, protocol.SessionUpdate)):
+            self.jobs.put(message)  # propagation: a job, with progress and cancel
         elif isinstance(message, protocol.SESSION_TYPES):
-            self._reply(protocol.ErrorReply(
-                id=message.id, error_type="NotSupportedError",
-                message=f"'{message.TYPE}' is not supported by this worker version (ProtoSAM {__version__}, protocol "
-                        f"{protocol.PROTOCOL_VERSION}): correction sessions are not implemented yet."))
+            # A click, a painted slice or a close is small: answered at once on this thread.
+            try:
+                value = self.sessions.small_request(message)
+                self._reply(protocol.JobResult(id=message.id, value=value))
+            except Exception as error:
+                self._reply(protocol.reply_for_exception(message.id, error, traceback.format_exc()))
         elif isinstance(message, protocol.Shutdown):
             with self._lock:
                 if self.running is not None:
@@ -361,7 +470,7 @@ class WorkerService:
         with self._lock:
             running = self.running.request.id if self.running is not None else None
         return protocol.Health(id=message_id, pid=os.getpid(), rss_bytes=resident_bytes(),
-                               cache_bytes=self.engines.cache_bytes(), gpu_bytes=gpu, engines=self.engines.describe(),
+                               cache_bytes=self.engines.cache_bytes() + self.sessions.cache_bytes(), gpu_bytes=gpu, engines=self.engines.describe(),
                                running_job=running, queued_jobs=self.jobs.qsize(),
                                uptime_s=time.monotonic() - self.started)
 
@@ -403,7 +512,10 @@ class WorkerService:
                 self._reply(protocol.JobProgress(id=request.id, done=int(done), total=int(total)))
 
         try:
-            value = run_job(self.engines, request, progress, job.cancel)
+            if isinstance(request, protocol.JobSubmit):
+                value = run_job(self.engines, request, progress, job.cancel)
+            else:
+                value = self.sessions.job(request, progress, job.cancel)
             if job.cancel.is_set():
                 raise CancelledError("Cancelled by the user; nothing was written.")
             reply: protocol.Message = protocol.JobResult(id=request.id, value=value)

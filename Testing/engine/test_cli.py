@@ -417,3 +417,48 @@ def test_slices_refuses_an_output_that_is_an_input_before_loading_models(tmp_pat
     code = main(["slices", "--support-image", str(tmp_path), "--support-mask", str(tmp_path / "M.npy"),
                  "--queries", str(tmp_path / "Q.npy"), "--out", str(tmp_path / "R.npz"), *NO_MODELS])
     assert code == 1 and "--support-image" in capsys.readouterr().err
+
+
+def test_segment_with_every_painted_slice_as_support_pooled(colin_case, tiny_models, tmp_path, capsys):
+    """--support-slice painted --support-mode all: every painted slice of each label is a
+    support (printed), kept exactly as painted, and the masks are those of segment_volume with
+    the same supports pooled (the CLI adds nothing but the label map)."""
+    from protosam import Engine, segment_volume
+
+    folder, chosen = colin_case
+    output = tmp_path / "out.nii.gz"
+    code = main([
+        "segment", "--image", str(folder / "image.nii.gz"), "--support-mask", str(folder / "labels.nii.gz"),
+        "--output", str(output), "--modality", "mri", "--support-slice", "painted", "--support-mode", "all",
+        *_model_args(tiny_models),
+    ])
+    out = capsys.readouterr().out
+    assert code == 0
+    support = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labels.nii.gz")))
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "image.nii.gz")))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(output)))
+    engine = Engine(tiny_models, preset="default", device="cpu")
+    for label in chosen:
+        painted = [k for k in range(support.shape[0]) if (support[k] == label).any()]
+        assert len(painted) > 1
+        assert f"(support slice {painted})" in out
+        for k in painted:
+            np.testing.assert_array_equal(labels[k] == label, support[k] == label)
+    direct = segment_volume(engine, image, None, {l: support == l for l in chosen}, axis=0, modality="mri",
+                            support_slices={l: [k for k in range(support.shape[0]) if (support[k] == l).any()] for l in chosen},
+                            support_mode="all")
+    expected = np.zeros_like(labels)
+    for label in reversed(chosen):
+        expected[direct.masks[label] > 0] = label
+    for label in chosen:
+        for k in direct.support_slices[label]:
+            expected[k][support[k] == label] = label
+    np.testing.assert_array_equal(labels, expected)
+
+
+@pytest.mark.parametrize("value", ["twelve", "3,-1", ","])
+def test_support_slice_values_are_checked(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", "--image", "a.nii", "--support-mask", "b.nii", "--output", "c.nii", "--support-slice", value])
+    assert exit_info.value.code == 2
+    assert "'painted' or slice indices like 12,30,41" in capsys.readouterr().err

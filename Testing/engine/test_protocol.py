@@ -229,12 +229,12 @@ def test_worker_process_answers_rejects_and_exits_with_its_connection(worker, tm
     health = receive_reply(channel, tmp_path, "h1")
     assert isinstance(health, protocol.Health) and health.pid == process.pid and health.cache_bytes == 0
     assert health.running_job is None and (health.rss_bytes is None or health.rss_bytes > 0)
-    # Session operations are defined but not implemented yet: a typed error, and the worker goes on.
-    channel.send(protocol.SessionOpen(id="s1", session_id="sess", engine={"models": {}},
-                                      volume=protocol.Image(np.zeros((2, 3, 4), np.float32), np.eye(4)), structures={}))
+    # A click for a session the worker does not hold: a typed error, and the worker goes on.
+    channel.send(protocol.SessionCorrect(id="s1", session_id="sess", structure="a", axis=0, slice_index=0,
+                                         points=[[1, 1]], labels=[1]))
     reply = receive_reply(channel, tmp_path, "s1")
-    assert isinstance(reply, protocol.ErrorReply) and reply.error_type == "NotSupportedError"
-    assert "not supported by this worker version" in reply.message
+    assert isinstance(reply, protocol.ErrorReply) and reply.error_type == "InputError"
+    assert "No correction session 'sess'" in reply.message
     # A well-framed but invalid message gets an error reply; an unknown operation too.
     channel.sock.sendall(with_header({"type": "job_cancel", "fields": {}}))
     bad = receive_reply(channel, tmp_path, "")
@@ -260,3 +260,63 @@ def test_worker_process_exits_when_the_stream_is_garbage(worker):
     channel.sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b" " * 64)
     assert process.wait(30) == 3
     assert b"Unreadable message" in process.stderr.read()
+
+
+def test_worker_process_holds_correction_sessions(worker, tmp_path, tiny_models):
+    """Open (a job with progress), click, paint, update and close a session in a real worker:
+    the same masks as the same operations on an in-process Session (same code on the same CPU,
+    run with the same thread count), and the click and the paint are answered without a job."""
+    import dataclasses
+
+    import torch
+
+    from protosam import Engine
+    from protosam.session import Session
+
+    channel, process = worker
+    rng = np.random.default_rng(0)
+    volume = rng.normal(0, 0.05, (6, 40, 40)).astype(np.float32)
+    truth = np.zeros(volume.shape, np.uint8)
+    truth[1:5, 12:26, 14:28] = 1
+    volume += 2.0 * truth
+    spec = {"models": dataclasses.asdict(tiny_models), "preset": "default", "device": "cpu"}
+    options = {"axis": 0, "modality": "none", "support_slices": {"organ": [2]}, "auto_extent": False}
+
+    def reply_to(identifier):
+        while True:
+            message = protocol.decode(channel.receive(), file_dir=tmp_path)
+            if isinstance(message, (protocol.LogRecord, protocol.JobProgress)):
+                continue
+            assert message.id == identifier, message
+            assert not isinstance(message, protocol.ErrorReply), message.message
+            return message.value
+
+    channel.send(protocol.SessionOpen(id="o1", session_id="s", engine=spec, volume=protocol.Image(volume, np.eye(4)),
+                                      structures={"organ": truth}, options=options))
+    opened = reply_to("o1")
+    channel.send(protocol.SessionCorrect(id="c1", session_id="s", structure="organ", axis=0, slice_index=4,
+                                         points=[[30, 30]], labels=[1]))
+    clicked = reply_to("c1")
+    channel.send(protocol.SessionAddSupport(id="a1", session_id="s", structure="organ", axis=0, slice_index=1,
+                                            mask=truth[1]))
+    reply_to("a1")
+    channel.send(protocol.SessionUpdate(id="u1", session_id="s", structure="organ"))
+    updated = reply_to("u1")
+    channel.send(protocol.SessionClose(id="x1", session_id="s"))
+    assert reply_to("x1") == {"closed": True}
+
+    torch.set_num_threads(torch.get_num_threads())
+    local = Session(Engine(tiny_models, preset="default", device="cpu"), volume, modality="none", auto_extent=False)
+    expected = local.start({"organ": truth}, support_slices={"organ": [2]})["organ"]
+    np.testing.assert_array_equal(opened["masks"]["organ"], expected)
+    np.testing.assert_array_equal(clicked["mask"], local.correct("organ", 4, [[30, 30]], [1]))
+    assert clicked["clicks"] == [[30.0, 30.0, 1]]
+    local.add_support("organ", 1, truth[1])
+    np.testing.assert_array_equal(updated["mask"], local.update("organ"))
+    assert updated["fixed_slices"] == [1, 2, 4]
+    channel.send(protocol.SessionCorrect(id="c2", session_id="s", structure="organ", axis=0, slice_index=4,
+                                         points=[[3, 3]], labels=[1]))
+    message = protocol.decode(channel.receive(), file_dir=tmp_path)
+    while isinstance(message, protocol.LogRecord):
+        message = protocol.decode(channel.receive(), file_dir=tmp_path)
+    assert isinstance(message, protocol.ErrorReply) and "propagate again" in message.message

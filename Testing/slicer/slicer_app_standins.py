@@ -599,6 +599,16 @@ class AbstractScriptedSegmentEditorEffect:
     def register(self):
         qSlicerSegmentEditorEffectFactory.instance().registerEffect(self.scriptedEffect)
 
+    @staticmethod
+    def xyToRas(xy, viewWidget):
+        """A slice view's pixel (x, y) -> RAS through its slice node's XYToRAS matrix, as
+        qSlicerSegmentEditorAbstractEffect::xyToRas does."""
+        import numpy as np
+
+        matrix = viewWidget.mrmlSliceNode().GetXYToRAS()
+        xyToRas = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+        return (xyToRas @ np.array([xy[0], xy[1], 0.0, 1.0]))[:3]
+
     def cleanup(self):
         pass
 

@@ -191,3 +191,64 @@ def test_failed_run_and_refused_start_are_reported(editor, tmp_path, caplog):
     e["app"].runEventLoopUntil(lambda: effect.session.state == effect_session.IDLE)
     assert "ProtoSAM failed" in caplog.text and effect.session.lastError is not None
     assert str(effect.session.lastError) == effect.ui.statusLabel.text
+
+
+def clickAt(e, ijk, button="left", shift=False):
+    """A mouse press in the Red view over voxel ``ijk``: the view is moved onto that voxel's
+    slice and the press is sent at the pixel whose RAS is the voxel's centre."""
+    import vtk
+
+    ras = (IJK_TO_RAS @ np.append(np.asarray(ijk, float), 1.0))[:3]
+    sliceNode = e["sliceNode"]
+    sliceNode.JumpSliceByOffsetting(*ras)
+    matrix = sliceNode.GetXYToRAS()
+    xyToRas = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    x, y, z, _ = np.linalg.inv(xyToRas) @ np.append(ras, 1.0)
+    assert abs(z) < 1e-6
+    interactor = vtk.vtkRenderWindowInteractor()
+    interactor.SetEventInformation(int(round(x)), int(round(y)), 0, 1 if shift else 0)
+    # The pixel grid is coarser than nothing: the press lands on the pixel nearest the centre.
+    eventId = vtk.vtkCommand.LeftButtonPressEvent if button == "left" else vtk.vtkCommand.RightButtonPressEvent
+    return e["effect"].processInteractionEvents(interactor, eventId, standins.qMRMLSliceWidget(sliceNode))
+
+
+def test_clicks_correct_the_preview_then_undo_clear_update_apply(editor):
+    import vtk
+
+    e = editor
+    effect = propagate(e)
+    e["app"].runEventLoopUntil(lambda: effect.session.state == effect_session.PREVIEW)
+    assert not effect.ui.undoClickButton.enabled and effect.ui.updateVolumeButton.enabled
+    # Mouse moves are not consumed; presses are, while the preview is shown.
+    moved = effect.processInteractionEvents(vtk.vtkRenderWindowInteractor(), vtk.vtkCommand.MouseMoveEvent,
+                                            standins.qMRMLSliceWidget(e["sliceNode"]))
+    assert moved is False
+    assert clickAt(e, (15, 3, 4)) is True
+    assert clickAt(e, (6, 6, 4), shift=True) is True
+    assert clickAt(e, (9, 9, 1), button="right") is True
+    session = effect.session
+    clicked = {k: session.clicks(k) for k in (1, 4)}
+    # Slice k; (x, y) = (i, j) of the voxel (the pixel nearest the voxel centre is in the voxel).
+    assert clicked == {4: [(15.0, 3.0, 1), (6.0, 6.0, 0)], 1: [(9.0, 9.0, 0)]}
+    assert effect.ui.undoClickButton.enabled and effect.ui.clearSliceButton.enabled
+    assert session.clickMarkups.GetNumberOfControlPoints() == 3
+    effect.ui.undoClickButton.click()
+    assert session.clicks(1) == [] and session.clickMarkups.GetNumberOfControlPoints() == 2
+    effect.ui.clearSliceButton.click()  # the Red view shows slice 1 (the last press): nothing left there
+    assert session.clicks(4) == [(15.0, 3.0, 1), (6.0, 6.0, 0)]
+    e["sliceNode"].JumpSliceByOffsetting(*(IJK_TO_RAS @ np.array([9.0, 8.0, 4.0, 1.0]))[:3])
+    effect.ui.clearSliceButton.click()
+    assert session.clicks(4) == [] and not effect.ui.undoClickButton.enabled
+    assert clickAt(e, (15, 3, 4)) is True
+    corrected = mrml_io.segmentToArray(session.result.previewSegmentationNode, e["ids"]["liver"], e["volume"])[4]
+    effect.ui.updateVolumeButton.click()
+    preview = mrml_io.segmentToArray(session.result.previewSegmentationNode, e["ids"]["liver"], e["volume"])
+    assert np.array_equal(preview[4], corrected)
+    assert effect.ui.statusLabel.text.startswith("Preview updated")
+    assert np.array_equal(read(e, "liver"), e["liver"])
+    effect.ui.applyButton.click()
+    assert np.array_equal(read(e, "liver").astype(bool), preview.astype(bool) | e["liver"].astype(bool))
+    e["editorLogic"].Undo()  # one step back to before Apply
+    assert np.array_equal(read(e, "liver"), e["liver"]) and np.array_equal(read(e, "spleen"), e["spleen"])
+    # No preview any more: presses pass through to the other handlers.
+    assert clickAt(e, (15, 3, 4)) is False

@@ -33,8 +33,8 @@ from ProtoSAMSlicerLib.logic import ProtoSAMLogic
 from ProtoSAMSlicerLib.worker import JobState, workerForDevice
 from ProtoSAMSlicerLib.worker_client import WorkerClient, WorkerStartError
 from protosam import ModelSelection, protocol
-from protosam.errors import CancelledError
-from protosam.protocol import NotSupportedError, WorkerCrashedError
+from protosam.errors import CancelledError, InputError
+from protosam.protocol import WorkerCrashedError
 from protosam.weights import WeightsEntry
 from slicer_mrml_helpers import addSegmentation, addVolume, homogeneous, ijkToRasFrom, rotationMatrix
 
@@ -333,7 +333,8 @@ def test_closing_the_scene_releases_the_worker_caches(scene, tinyOptions):
           f"RSS {before.rss_bytes} -> {after.rss_bytes} bytes")
     assert after.cache_bytes == 0 and after.pid == before.pid
     assert after.engines and after.engines[0]["cache_bytes"] == 0  # models stay loaded for the next run
-    with pytest.raises(NotSupportedError, match="not supported by this worker version"):
+    # Correction sessions are caches too: none survives the release (an update says so).
+    with pytest.raises(InputError, match="No correction session 's'.*propagate again"):
         client.request(protocol.SessionUpdate(id=protocol.new_id(), session_id="s", structure="liver"))
     logic.cleanup()
 

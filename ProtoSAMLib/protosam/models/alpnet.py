@@ -13,13 +13,14 @@ otherwise the global prototype alone, matched by plain cosine similarity.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
 
-__all__ = ["ALPNetConfig", "Prototypes", "compute_prototypes", "score_queries", "mask_to_grid"]
+__all__ = ["ALPNetConfig", "Prototypes", "compute_prototypes", "pool_prototypes", "score_queries", "mask_to_grid"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,31 @@ def compute_prototypes(
         foreground = _safe_normalize(torch.cat([local, global_proto], dim=0), config.norm_eps)
         return Prototypes(background, foreground, foreground_is_local=True)
     return Prototypes(background, _global_prototype(support_features, fg, config.global_proto_eps), False)
+
+
+def pool_prototypes(shots: Sequence[Prototypes], config: ALPNetConfig = ALPNetConfig()) -> Prototypes:
+    """One set of prototypes from several support slices ("shots"), as ALPNet pools shots.
+
+    ALPNet's multi-shot forward pools every shot's local prototypes into one list and scores
+    the query against all of them; in its global-only ('mask') mode it averages the shots'
+    global prototypes. Here: background rows of all shots concatenated; foreground rows of
+    all shots concatenated when any shot has local foreground prototypes (a global-only shot
+    then joins with its normalised global prototype), otherwise the mean of the raw global
+    prototypes, matched by cosine similarity. One shot comes back unchanged.
+    """
+    if not shots:
+        raise ValueError("pool_prototypes needs at least one support's prototypes")
+    if len(shots) == 1:
+        return shots[0]
+    background = torch.cat([shot.background for shot in shots], dim=0)
+    if any(shot.foreground_is_local for shot in shots):
+        rows = [
+            shot.foreground if shot.foreground_is_local else _safe_normalize(shot.foreground, config.norm_eps)
+            for shot in shots
+        ]
+        return Prototypes(background, torch.cat(rows, dim=0), foreground_is_local=True)
+    mean_global = torch.stack([shot.foreground[0] for shot in shots]).mean(dim=0, keepdim=True)
+    return Prototypes(background, mean_global, foreground_is_local=False)
 
 
 def _soft_max_weighted_similarity(

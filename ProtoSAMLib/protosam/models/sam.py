@@ -202,7 +202,8 @@ class SamRefiner:
             return union, scores
         groups: Dict[int, list] = {}
         for index, prompt in enumerate(prompts):
-            key = 0 if self.medsam else len(prompt.points)
+            # A click-only prompt set (no box, see protosam.session) is decoded on its own.
+            key = 0 if self.medsam else (len(prompt.points), prompt.box is None)
             groups.setdefault(key if batch_prompts else index, []).append(index)
         # The decoder repeats the image embedding per prompt set: bound the batch for memory.
         batches = [g[i:i + MAX_PROMPTS_PER_CALL] for g in groups.values() for i in range(0, len(g), MAX_PROMPTS_PER_CALL)]
@@ -214,7 +215,10 @@ class SamRefiner:
         return union, scores
 
     def _decode_group(self, embedding, prompts, multimask_output, pick_best_score):
-        boxes = torch.as_tensor(np.stack([p.box for p in prompts]), dtype=torch.float, device=self.device)
+        if prompts[0].box is None:
+            boxes = None
+        else:
+            boxes = torch.as_tensor(np.stack([p.box for p in prompts]), dtype=torch.float, device=self.device)
         if self.medsam:
             points = None
             multimask_output = False

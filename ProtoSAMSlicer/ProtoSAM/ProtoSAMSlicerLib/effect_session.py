@@ -17,13 +17,23 @@ Tests pass the same operations of ``vtkSlicerSegmentEditorLogic`` with a real
 vtkMRMLSegmentEditorNode, so the masking and undo exercised are Slicer's own.
 
 Flow: ``start`` (support = the selected segment's painted slices along the current view) ->
-preview segmentation -> ``apply`` (one undo state, segment modified once) or ``cancel``.
+preview segmentation -> optional corrections -> ``apply`` (one undo state, segment modified
+once) or ``cancel``.
+
+Corrections (while the preview is shown): ``addClick`` (World point of a slice view aligned
+with the propagation axis; positive or negative) re-decodes that slice with SAM from the
+engine's cached embedding and updates the preview's slice; ``undoClick`` / ``clearSliceClicks``;
+``updateVolume`` re-propagates with every corrected slice as a support (protosam.session). The
+clicks are drawn as control points of a markups node ("+" / "-") and kept per slice until Apply
+or Cancel. The correction session lives on the worker that ran the preview (the worker process
+in the GUI) and shares that engine's cache (``ProcessOptions.cacheBytes``), so the run's
+encodings serve the clicks and the update; a click is one small request.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -83,6 +93,12 @@ class EffectSession:
         self.sourceVolumeNode = None
         self.lastError: Optional[BaseException] = None
         self._onFinished: Optional[Callable[["EffectSession"], None]] = None
+        self.options = ProcessOptions()
+        self.corrections = None  # WorkerSession (or protosam Session on a thread worker), opened at the first click
+        self.clickMarkups = None  # vtkMRMLMarkupsFiducialNode drawing the clicks
+        self._clickOrder: List[int] = []  # slice of each click, in order (for undo)
+        self._clickLog: dict = {}  # slice -> [(x, y, label)] in clickTarget's frame
+        self._orientation = None  # protosam.orientation.Orientation of the correction session
 
     def start(self, sourceVolumeNode, segmentationNode, segmentId: str, sliceNode=None, *,
               sliceNormal_World=None, slicePoint_World=None, options: ProcessOptions = ProcessOptions(),
@@ -113,6 +129,7 @@ class EffectSession:
         support = chooseSupportSlices(paintedSlices(mask, axis.kjiAxis), current)
 
         self.segmentationNode, self.segmentId, self.sourceVolumeNode = segmentationNode, segmentId, sourceVolumeNode
+        self.options = options
         self.lastError = None
         self._onFinished = onFinished
         self.state = RUNNING
@@ -183,8 +200,188 @@ class EffectSession:
         if self.job is not None:
             self.job.cancel("The ProtoSAM effect was deactivated; the run was cancelled and nothing was changed.")
 
+    # ------------------------------------------------------------------ corrections
+    def clickTarget(self, point_World, sliceNormal_World) -> Tuple[int, int, int]:
+        """``(slice, x, y)`` of a click: the slice index along the propagation axis and the
+        voxel's column ``x`` / row ``y`` in that slice of the KJI array (the correction session
+        itself runs in the engine's canonical order, see _toCanonical). Refuses views oblique
+        to the volume or along another axis."""
+        if self.state != PREVIEW or self.result is None:
+            raise InputError("Clicks correct a ProtoSAM preview: propagate first.")
+        ijkToWorld = mrml_io.ijkToWorldMatrix(self.sourceVolumeNode)
+        axis = geometry.sliceAxisFromNormal(sliceNormal_World, ijkToWorld)
+        if axis.ijkAxis != self.result.sliceAxis.ijkAxis:
+            raise InputError("Click in a slice view along the axis the preview was propagated on "
+                             "(the view you propagated from), not across it.")
+        ijk = np.floor(geometry.ijkFromWorld(point_World, ijkToWorld) + 0.5).astype(int)
+        kji = ijk[::-1]
+        shape = mrml_io.volumeShapeKji(self.sourceVolumeNode)
+        if np.any(kji < 0) or np.any(kji >= np.asarray(shape)):
+            raise InputError("The click is outside the volume.")
+        kjiAxis = axis.kjiAxis
+        rows, cols = [a for a in range(3) if a != kjiAxis]
+        return int(kji[kjiAxis]), int(kji[cols]), int(kji[rows])
+
+    def addClick(self, point_World, sliceNormal_World, positive: bool = True) -> int:
+        """Correct the preview on the clicked slice; returns that slice's index (along the axis)."""
+        sliceIndex, x, y = self.clickTarget(point_World, sliceNormal_World)
+        session = self._correctionSession()
+        canonicalSlice, row, column = self._toCanonical(sliceIndex, x, y)
+        mask = session.correct(self.segmentId, canonicalSlice, [[column, row]], [1 if positive else 0])
+        self._showSlice(canonicalSlice, mask)
+        self._clickOrder.append(sliceIndex)
+        self._clickLog.setdefault(sliceIndex, []).append((float(x), float(y), 1 if positive else 0))
+        self._drawClick(point_World, positive, sliceIndex)
+        return sliceIndex
+
+    @property
+    def hasClicks(self) -> bool:
+        return bool(self._clickOrder)
+
+    def clicks(self, sliceIndex: int) -> List[Tuple[float, float, int]]:
+        """Clicks of a slice as ``(x, y, label)`` in the slice's voxel frame (see clickTarget)."""
+        return list(self._clickLog.get(sliceIndex, []))
+
+    def undoClick(self) -> Optional[int]:
+        """Undo the last click (of any slice); returns its slice, None when there was none."""
+        if not self._clickOrder:
+            return None
+        sliceIndex = self._clickOrder.pop()
+        canonicalSlice = self._canonicalSlice(sliceIndex)
+        self._showSlice(canonicalSlice, self.corrections.undo_click(self.segmentId, canonicalSlice))
+        self._clickLog[sliceIndex].pop()
+        markups = self._markups()
+        for n in reversed(range(markups.GetNumberOfControlPoints())):
+            if markups.GetNthControlPointDescription(n) == str(sliceIndex):
+                markups.RemoveNthControlPoint(n)
+                break
+        return sliceIndex
+
+    def clearSliceClicks(self, sliceIndex: int) -> None:
+        """Forget every click of one slice; the slice gets back its propagated mask."""
+        if self.corrections is None:
+            return
+        canonicalSlice = self._canonicalSlice(sliceIndex)
+        self._showSlice(canonicalSlice, self.corrections.clear_clicks(self.segmentId, canonicalSlice))
+        self._clickLog.pop(sliceIndex, None)
+        self._clickOrder = [k for k in self._clickOrder if k != sliceIndex]
+        markups = self._markups()
+        for n in reversed(range(markups.GetNumberOfControlPoints())):
+            if markups.GetNthControlPointDescription(n) == str(sliceIndex):
+                markups.RemoveNthControlPoint(n)
+
+    def updateVolume(self, progressCallback: Optional[Callable[[int, int], None]] = None) -> None:
+        """Propagate again with every corrected slice as a support; corrected slices are kept."""
+        if self.state != PREVIEW or self.result is None:
+            raise InputError("There is no ProtoSAM preview to update.")
+        session = self._correctionSession()
+        self._writePreview(self._orientation.from_canonical(session.update(self.segmentId, progress=progressCallback)))
+
+    def _correctionSession(self):
+        """The correction session, opened at the first click on the worker that ran the preview:
+        a WorkerSession in the worker process (the GUI's case), or a protosam Session on the
+        thread worker's engine (headless scripts); either way on the engine that encoded the
+        volume, so the run's cached encodings serve the clicks."""
+        if self.corrections is not None:
+            return self.corrections
+        import dataclasses
+
+        from protosam import protocol
+
+        from .logic import resolveDevice
+        from .worker import localEngines, threadWorkerForDevice, workerForDevice
+        from .worker_client import WorkerClient, WorkerSession
+
+        options = self.options
+        if getattr(options, "computeOn", "local") != "local":
+            raise InputError("Click corrections run on this computer's ProtoSAM worker; with 'Compute on: server' "
+                             "repaint the slice and propagate again instead.")
+        device = resolveDevice(options.device)
+        engineSpec = dataclasses.asdict(protocol.EngineSpec(
+            models=dataclasses.asdict(options.models), preset=options.preset, device=device,
+            weights_home=options.weightsHome, download=options.allowDownload, cache_bytes=options.cacheBytes))
+        worker = self.logic._worker or (workerForDevice(device) if self.logic.workerKind == "process"
+                                        else threadWorkerForDevice(device))
+        # The session works in the engine's canonical order (protosam.orientation), as the run
+        # did: then the volume it sees is the run's, and the run's cached encodings are its own.
+        from protosam.orientation import canonical_orientation, plane_of_ijk_axis
+
+        ijkToWorld = mrml_io.ijkToWorldMatrix(self.sourceVolumeNode)
+        orientation = canonical_orientation(ijkToWorld, plane_of_ijk_axis(ijkToWorld, self.result.sliceAxis.ijkAxis))
+        volume = orientation.to_canonical(mrml_io.volumeToArray(self.sourceVolumeNode))
+        preview = orientation.to_canonical(
+            mrml_io.segmentToArray(self.result.previewSegmentationNode, self.segmentId, self.sourceVolumeNode))
+        count = volume.shape[0]
+        fixed = [orientation.canonical_slice(k, count) for k in self.result.supportSlices.get(self.segmentId, [])]
+        self._orientation = orientation
+        if isinstance(worker, WorkerClient):
+            session = WorkerSession(worker, engineSpec, volume, 0, self.segmentId, preview, fixed,
+                                    {"modality": options.modality, "auto_extent": options.autoExtent})
+        else:
+            from protosam.session import Session
+
+            session = Session(localEngines().get(engineSpec), volume, axis=0, modality=options.modality,
+                              cache_bytes=None, auto_extent=options.autoExtent)
+            session.adopt(self.segmentId, preview, fixed)
+        self.corrections = session
+        return session
+
+    def _canonicalSlice(self, sliceIndex: int) -> int:
+        count = mrml_io.volumeShapeKji(self.sourceVolumeNode)[self.result.sliceAxis.kjiAxis]
+        return self._orientation.canonical_slice(sliceIndex, count)
+
+    def _toCanonical(self, sliceIndex: int, x: int, y: int) -> Tuple[int, int, int]:
+        """A voxel given as (slice, x, y) of clickTarget -> (slice, row, column) of the canonical array."""
+        kjiAxis = self.result.sliceAxis.kjiAxis
+        rows, cols = [a for a in range(3) if a != kjiAxis]
+        kji = [0, 0, 0]
+        kji[kjiAxis], kji[rows], kji[cols] = sliceIndex, y, x
+        shape = mrml_io.volumeShapeKji(self.sourceVolumeNode)
+        orientation = self._orientation
+        return tuple(shape[axis] - 1 - kji[axis] if flip else kji[axis]
+                     for axis, flip in zip(orientation.permutation, orientation.flips))
+
+    def _showSlice(self, canonicalSlice: int, mask) -> None:
+        """Put a canonical slice's mask ``[rows, columns]`` into the preview."""
+        current = self._orientation.to_canonical(
+            mrml_io.segmentToArray(self.result.previewSegmentationNode, self.segmentId, self.sourceVolumeNode))
+        current[canonicalSlice] = mask
+        self._writePreview(self._orientation.from_canonical(current))
+
+    def _writePreview(self, mask_Kji) -> None:
+        # The whole extent is written: a write limited to the changed box (the default of
+        # writeSegmentFromArray) was seen to clear voxels of other slices of the preview segment
+        # (flipped anisotropic volume, box = one slice); see the corrections report.
+        mask_Kji = np.asarray(mask_Kji)
+        mrml_io.writeSegmentFromArray(mask_Kji, self.result.previewSegmentationNode, self.segmentId,
+                                      self.sourceVolumeNode, previous_Kji=(mask_Kji == 0))
+
+    def _markups(self):
+        if self.clickMarkups is None or self.clickMarkups.GetScene() is None:
+            scene = self.sourceVolumeNode.GetScene()
+            node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "ProtoSAM clicks")
+            node.SetHideFromEditors(True)
+            node.SetSaveWithScene(False)
+            node.CreateDefaultDisplayNodes()
+            self.clickMarkups = node
+        return self.clickMarkups
+
+    def _drawClick(self, point_World, positive: bool, sliceIndex: int) -> None:
+        markups = self._markups()
+        n = markups.AddControlPoint(list(np.asarray(point_World, float)[:3]), "+" if positive else "-")
+        markups.SetNthControlPointDescription(n, str(sliceIndex))
+        markups.SetNthControlPointLocked(n, True)
+
     def _reset(self) -> None:
         if self.result is not None:
             results.removeNode(self.result.previewSegmentationNode)
+        if self.clickMarkups is not None:
+            results.removeNode(self.clickMarkups)
+        self.clickMarkups = None
+        if self.corrections is not None and hasattr(self.corrections, "close"):
+            self.corrections.close()
+        self.corrections = None
+        self._clickOrder = []
+        self._clickLog = {}
         self.result = None
         self.state = IDLE

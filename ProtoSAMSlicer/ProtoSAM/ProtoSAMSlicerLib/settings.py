@@ -27,8 +27,10 @@ DEFAULTS = {
     "ServerURL": "",
     "ServerToken": "",
 }
-#: Encoder outputs kept between runs on the same volume (re-runs after a corrected support).
-DEFAULT_CACHE_BYTES = 512 * 1024 * 1024
+#: Encoder outputs kept between runs on the same volume (re-runs after a corrected support,
+#: click corrections): holds a 64-slice volume with DINOv2 ViT-B/14 at 672 px and SAM ViT-B
+#: (11.3 MB a slice, 0.72 GB), the engine's protosam.session.DEFAULT_SESSION_CACHE_BYTES.
+DEFAULT_CACHE_BYTES = 768 * 1024 * 1024
 
 
 def read(settings, name: str) -> str:

@@ -39,6 +39,8 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional
 
+import numpy as np
+
 from protosam import protocol
 from protosam.errors import CancelledError, ProtoSAMError
 
@@ -571,6 +573,8 @@ class WorkerClient:
             return
         pending = self._requests.get(identifier)
         if pending is not None:
+            if isinstance(message, protocol.JobProgress):  # a session update's progress: wait on
+                return
             if isinstance(message, protocol.ErrorReply):
                 pending.error = protocol.error_from_reply(message)
             else:
@@ -776,3 +780,62 @@ def _shutdownAtExit() -> None:
             client.shutdown(timeout=2.0)
         except Exception:  # interpreter exit: best effort only
             pass
+
+
+class WorkerSession:
+    """A correction session (protosam.session.Session) held by the worker process: every call
+    is one small request; the volume's encodings stay in the worker. Same method names as
+    Session for what the effect uses. ``masks_Kji``: the preview this session adopts (a run of
+    the same worker and engine: its encodings are in that engine's cache)."""
+
+    def __init__(self, client: "WorkerClient", engineSpec: Dict[str, Any], volume_Kji, axis: int, structure: str,
+                 masks_Kji, fixedSlices, options: Dict[str, Any], timeout: float = 600.0):
+        self.client, self.axis, self.timeout = client, int(axis), timeout
+        self.sessionId = protocol.new_id()
+        value = self._call(protocol.SessionOpen(
+            id=protocol.new_id(), session_id=self.sessionId, engine=engineSpec, volume=protocol.Image(volume_Kji),
+            structures={structure: masks_Kji},
+            options=dict(options, axis=self.axis, adopt=True, fixed_slices={structure: list(fixedSlices)})))
+        self._masks = {structure: value["masks"][structure]}
+        self._clicks: Dict[Any, List] = {}
+
+    def _call(self, message: protocol.Message) -> Any:
+        return self.client.request(message, timeout=self.timeout).value
+
+    def _slice(self, structure, index: int, message: protocol.Message):
+        value = self._call(message)
+        mask = np.asarray(value["mask"])
+        volume = np.moveaxis(self._masks[structure], self.axis, 0)
+        volume[index] = mask
+        self._clicks[(structure, index)] = [tuple(c) for c in value["clicks"]]
+        return mask
+
+    def correct(self, structure, index: int, points, labels):
+        return self._slice(structure, index, protocol.SessionCorrect(
+            id=protocol.new_id(), session_id=self.sessionId, structure=structure, axis=self.axis, slice_index=int(index),
+            points=[[float(x), float(y)] for x, y in points], labels=[int(v) for v in labels]))
+
+    def undo_click(self, structure, index: int):
+        return self._slice(structure, index, protocol.SessionUndoClick(
+            id=protocol.new_id(), session_id=self.sessionId, structure=structure, axis=self.axis, slice_index=int(index)))
+
+    def clear_clicks(self, structure, index: int):
+        return self._slice(structure, index, protocol.SessionClearClicks(
+            id=protocol.new_id(), session_id=self.sessionId, structure=structure, axis=self.axis, slice_index=int(index)))
+
+    def update(self, structure, progress=None):
+        value = self._call(protocol.SessionUpdate(id=protocol.new_id(), session_id=self.sessionId, structure=structure))
+        self._masks[structure] = np.asarray(value["mask"])
+        return self._masks[structure]
+
+    def clicks(self, structure, index: int):
+        return list(self._clicks.get((structure, index), []))
+
+    def mask(self, structure):
+        return self._masks[structure]
+
+    def close(self) -> None:
+        try:
+            self._call(protocol.SessionClose(id=protocol.new_id(), session_id=self.sessionId))
+        except Exception as error:  # the worker may be gone (restarted, closed): nothing to free then
+            logger.info("Closing the correction session: %s", error)

@@ -8,6 +8,7 @@ ProtoSAMSlicerLib.effect_session.EffectSession, which holds the behaviour.
 import logging
 
 import qt
+import vtk
 
 import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
@@ -55,7 +56,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             "Propagate the selected segment through the volume.<br>"
             "<b>1.</b> Paint the structure on one slice (or a few) in a slice view aligned with the volume.<br>"
             "<b>2.</b> Move the mouse over that view and click <b>Propagate</b>; the result appears as a preview.<br>"
-            "<b>3.</b> <b>Apply</b> adds it to the segment (one undo step; masking settings apply), "
+            "<b>3.</b> Fix slices of the preview in that view: <b>left-click</b> adds what is missing, "
+            "<b>right-click</b> (or <b>Shift+click</b>) removes what is wrong; <b>Undo click</b>, "
+            "<b>Clear slice</b>; <b>Update volume</b> propagates again with the fixed slices as examples.<br>"
+            "<b>4.</b> <b>Apply</b> adds it to the segment (one undo step; masking settings apply), "
             "<b>Cancel</b> discards it.<br>Models are chosen in the ProtoSAM module.") + "</html>"
 
     def setupOptionsFrame(self):
@@ -69,6 +73,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.ui.propagateButton.connect("clicked()", self.onPropagate)
         self.ui.applyButton.connect("clicked()", self.onApply)
         self.ui.cancelButton.connect("clicked()", self.onCancel)
+        self.ui.undoClickButton.connect("clicked()", self.onUndoClick)
+        self.ui.clearSliceButton.connect("clicked()", self.onClearSlice)
+        self.ui.updateVolumeButton.connect("clicked()", self.onUpdateVolume)
 
     def activate(self):
         self.updateGUI()
@@ -89,10 +96,27 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.pollTimer.disconnect("timeout()", self.onPoll)
 
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
-        # Remember the slice view the user works in; never consume the event.
-        if viewWidget is not None and viewWidget.className() == "qMRMLSliceWidget":
-            self.lastSliceNode = viewWidget.mrmlSliceNode()
-        return False
+        # Remember the slice view the user works in. While a preview is shown, a click in a
+        # slice view corrects that slice (the event is consumed); other events pass through.
+        if viewWidget is None or viewWidget.className() != "qMRMLSliceWidget":
+            return False
+        self.lastSliceNode = viewWidget.mrmlSliceNode()
+        if self.session is None or self.session.state != "preview":
+            return False
+        if eventId not in (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.RightButtonPressEvent):
+            return False
+        positive = eventId == vtk.vtkCommand.LeftButtonPressEvent and not callerInteractor.GetShiftKey()
+        point_World = self.xyToRas(callerInteractor.GetEventPosition(), viewWidget)
+        from ProtoSAMSlicerLib.logic import sliceViewGeometry
+
+        normal_World = sliceViewGeometry(self.lastSliceNode)[0]
+        with slicer.util.tryWithErrorDisplay(_("The click could not correct the preview."), waitCursor=True):
+            sliceIndex = self.session.addClick(point_World, normal_World, positive)
+            self.ui.statusLabel.text = _("Slice {index} corrected ({count} click(s)); Update volume to use it "
+                                         "everywhere.").format(index=sliceIndex,
+                                                               count=len(self.session.clicks(sliceIndex)))
+        self.updateGUI()
+        return True
 
     # ------------------------------------------------------------------ actions
     def _ensureSession(self):
@@ -167,6 +191,30 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.ui.statusLabel.text = _("Cancelling...") if self.session.state == "running" else _("Discarded.")
         self.updateGUI()
 
+    def onUndoClick(self):
+        with slicer.util.tryWithErrorDisplay(_("Undoing the click failed.")):
+            sliceIndex = self.session.undoClick()
+            if sliceIndex is not None:
+                self.ui.statusLabel.text = _("Last click on slice {index} undone.").format(index=sliceIndex)
+        self.updateGUI()
+
+    def onClearSlice(self):
+        from ProtoSAMSlicerLib.logic import sliceViewGeometry
+
+        with slicer.util.tryWithErrorDisplay(_("Clearing the slice's clicks failed.")):
+            normal_World, point_World = sliceViewGeometry(self.lastSliceNode or
+                                                          slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed"))
+            sliceIndex = self.session.clickTarget(point_World, normal_World)[0]
+            self.session.clearSliceClicks(sliceIndex)
+            self.ui.statusLabel.text = _("Clicks of slice {index} cleared.").format(index=sliceIndex)
+        self.updateGUI()
+
+    def onUpdateVolume(self):
+        with slicer.util.tryWithErrorDisplay(_("Updating the preview failed."), waitCursor=True):
+            self.session.updateVolume()
+            self.ui.statusLabel.text = _("Preview updated from the corrected slices: Apply or Cancel.")
+        self.updateGUI()
+
     def updateGUI(self):
         if self.ui is None:
             return
@@ -174,6 +222,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.ui.propagateButton.enabled = state == "idle"
         self.ui.applyButton.enabled = state == "preview"
         self.ui.cancelButton.enabled = state in ("running", "preview")
+        hasClicks = state == "preview" and self.session.hasClicks
+        self.ui.undoClickButton.enabled = hasClicks
+        self.ui.clearSliceButton.enabled = hasClicks
+        self.ui.updateVolumeButton.enabled = state == "preview"
         self.ui.progressBar.visible = state == "running"
         try:
             from ProtoSAM import readSetting

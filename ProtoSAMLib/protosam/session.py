@@ -1,0 +1,468 @@
+"""A correction session on one volume: propagate, fix slices by clicks or painting, update.
+
+The session owns the volume's encoder outputs (DINOv2 features and SAM image embeddings of
+every slice it has encoded) in one byte-bounded LRU :class:`~protosam.cache.EmbeddingCache`,
+the same store a propagation run reads through (``propagation._SliceStore``): a run inside
+the session fills it, and a click or an update reads from it, so only prototype matching,
+prompt extraction and SAM decoding run again. A slice evicted under the budget is encoded
+again on demand, with the same result.
+
+Frames: ``volume`` is 3-D in the caller's index order with ``axis`` the slicing axis (as
+:func:`protosam.propagation.segment_volume` takes it). Slice ``k`` is
+``np.moveaxis(volume, axis, 0)[k]``, an ``[H, W]`` array; a click ``(x, y)`` is its column
+``x`` (index along W) and row ``y`` (index along H), in voxels. Masks are uint8 ``[H, W]``
+per slice and uint8 volumes with ``volume``'s shape.
+
+Rules:
+- A corrected or painted slice is *fixed*: it keeps its mask through every update, and at
+  the next :meth:`Session.update` it becomes a support of its structure (when not empty), also
+  when the first support came from another volume.
+- A click joins the prompt set (SAM box + points of one coarse component) whose box contains
+  it; a positive click outside every box starts a new prompt set of its own (points only); a
+  negative click outside every box joins the set whose box is nearest (it can only remove
+  something SAM produced from a set). Clicks are kept per slice until the session ends.
+- MedSAM takes boxes only: clicks are refused with :class:`~protosam.errors.InputError`
+  (turning a point into a small box asks MedSAM for a tiny object round the point, not for
+  "this belongs to the structure"); painting a slice (:meth:`Session.add_support`) works.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .cache import EmbeddingCache, volume_fingerprint
+from .errors import InputError
+from .models.sam import SAM_IMAGE_SIZE
+from .pipeline import Engine
+from .preprocessing import normalize_volume
+from .prompts import ComponentPrompt, connected_components
+from .propagation import (
+    SUPPORT_MODES, _check_range, _propagate, _seed_slices, _SliceStore, _Structure, combine_supports,
+    largest_area_slice,
+)
+from .validation import as_binary_mask, as_float_slices
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Session", "DEFAULT_SESSION_CACHE_BYTES", "session_cache_bytes"]
+
+# Holds a 64-slice volume with DINOv2 ViT-B/14 at 672 px (48 x 48 x 768 float32 = 7.1 MB a
+# slice) and SAM ViT-B embeddings (256 x 64 x 64 float32 = 4.2 MB): 64 x 11.3 MB = 0.72 GB.
+DEFAULT_SESSION_CACHE_BYTES = 768 * 2**20
+
+
+def session_cache_bytes(feature_channels: int, grid: int, sam_channels: int = 256, slices: int = 64) -> int:
+    """Bytes of float32 encoder outputs for ``slices`` slices (DINOv2 ``[C, g, g]`` + SAM ``[256, 64, 64]``)."""
+    return slices * 4 * (feature_channels * grid * grid + sam_channels * 64 * 64)
+
+
+@dataclass
+class _Click:
+    x: float
+    y: float
+    positive: bool
+
+
+@dataclass
+class _StructureState:
+    """What the session knows of one structure: its supports and fixed slices (query frame)."""
+
+    key: Hashable
+    # Supports from another volume: (normalised support volume [N', H', W'], its mask, slices).
+    external: Optional[Tuple[np.ndarray, np.ndarray, List[int]]]
+    fixed: Dict[int, np.ndarray] = field(default_factory=dict)  # slice -> [H, W] uint8, kept
+    clicks: Dict[int, List[_Click]] = field(default_factory=dict)
+    # Each clicked slice before its first click: (its mask, its fixed mask or None); restored
+    # when its clicks are cleared.
+    before_clicks: Dict[int, Tuple[np.ndarray, Optional[np.ndarray]]] = field(default_factory=dict)
+    prompts: Dict[int, list] = field(default_factory=dict)  # propagated prompt sets per slice
+    output: Optional[np.ndarray] = None  # [N, H, W] uint8
+
+
+class Session:
+    """Propagation plus corrections on one volume, with the volume's encoder outputs cached.
+
+    Args:
+        engine: loaded models; the caches belong to its models, input size and preset.
+        volume: 3-D raw intensities in the caller's order; ``axis`` is the slicing axis.
+        modality: intensity preprocessing, as for ``segment_volume``.
+        cache_bytes: budget of the encoder-output cache (LRU; evicted slices are re-encoded);
+            None shares the engine's own cache (``Engine(cache_bytes=...)``), so a session opened
+            after an engine run in the same process finds that run's encodings.
+        support_mode: "nearest" or "all" (see ``segment_volume``).
+        slice_range, auto_extent: as for ``segment_volume``.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        volume,
+        *,
+        axis: int = 0,
+        modality: str = "auto",
+        cache_bytes: Optional[int] = DEFAULT_SESSION_CACHE_BYTES,
+        support_mode: str = "nearest",
+        slice_range: Optional[Tuple[int, int]] = None,
+        auto_extent: Optional[bool] = None,
+    ):
+        if axis not in (0, 1, 2):
+            raise ValueError(f"axis must be 0, 1 or 2, not {axis!r}")
+        if support_mode not in SUPPORT_MODES:
+            raise InputError(f"Unknown support mode {support_mode!r}: choose one of {', '.join(SUPPORT_MODES)}.")
+        self.axis = axis
+        self.modality = modality
+        self.support_mode = support_mode
+        self.slice_range = slice_range
+        self.auto_extent = auto_extent
+        self._shares_engine_cache = cache_bytes is None
+        self.cache = engine.cache if cache_bytes is None else EmbeddingCache(cache_bytes)
+        self.structures: Dict[Hashable, _StructureState] = {}
+        self.engine = engine
+        self._lock = threading.RLock()
+        self._set_volume(volume)
+        self._key = self._cache_key()
+
+    # ------------------------------------------------------------------ lifecycle
+    def _set_volume(self, volume) -> None:
+        self.caller_shape = tuple(np.shape(volume))  # the volume's shape in the caller's order
+        raw = np.moveaxis(as_float_slices(volume, "volume", 3), self.axis, 0)
+        self.volume = normalize_volume(raw, self.modality)  # [N, H, W] float32, slice-first
+        self.fingerprint = volume_fingerprint(self.volume)
+        self.bounds = _check_range(self.slice_range, self.volume.shape[0])
+        self.structures.clear()
+        self.store = _SliceStore(self.engine, self.volume, cache=self.cache, fingerprint=self.fingerprint)
+
+    def _cache_key(self):
+        return (self.fingerprint, self.engine.models, self.engine.preset)
+
+    def rebind(self, engine: Optional[Engine] = None, volume=None) -> bool:
+        """Point the session at another engine and/or volume. The encoder caches are dropped
+        when the volume, the models, the input size or the preset changed (the cached outputs
+        would be wrong); a changed volume also drops every structure. Returns True if dropped."""
+        with self._lock:
+            if engine is not None:
+                self.engine = engine
+                if self._shares_engine_cache:
+                    self.cache = engine.cache
+            if volume is not None:
+                new = normalize_volume(np.moveaxis(as_float_slices(volume, "volume", 3), self.axis, 0), self.modality)
+                if volume_fingerprint(new) != self.fingerprint:
+                    self._set_volume(volume)
+            self.store = _SliceStore(self.engine, self.volume, cache=self.cache, fingerprint=self.fingerprint)
+            key = self._cache_key()
+            if key == self._key:
+                return False
+            self._key = key
+            self.cache.clear()
+            logger.info("Session caches dropped: the volume, models, input size or preset changed.")
+            return True
+
+    def close(self) -> None:
+        """Free the cached encoder outputs and every structure."""
+        with self._lock:
+            self.cache.clear()
+            self.structures.clear()
+
+    # ------------------------------------------------------------------ propagation
+    def start(
+        self,
+        support_masks: Mapping[Hashable, np.ndarray],
+        *,
+        support_volume=None,
+        support_slices: Optional[Mapping[Hashable, Sequence[int]]] = None,
+        progress: Optional[Callable[[int, int], None]] = None,
+        cancel: Optional[threading.Event] = None,
+    ) -> Dict[Hashable, np.ndarray]:
+        """First propagation of each structure, as ``segment_volume`` does it (same results).
+
+        ``support_masks``: key -> 3-D mask on ``support_volume`` (None: this volume, the painted
+        slices then become fixed slices) in the caller's order; ``support_slices``: key ->
+        support slice indices (default: each structure's largest slice).
+        Returns key -> uint8 mask volume in the caller's order.
+        """
+        with self._lock:
+            external_volume = None
+            if support_volume is not None:
+                support = np.moveaxis(as_float_slices(support_volume, "support volume", 3), self.axis, 0)
+                support = normalize_volume(support, self.modality)
+                if support.shape != self.volume.shape or not np.array_equal(support, self.volume):
+                    external_volume = support
+            shape = (self.volume if external_volume is None else external_volume).shape
+            caller_shape = self.caller_shape if external_volume is None else np.shape(support_volume)
+            for key, mask in support_masks.items():
+                mask = np.moveaxis(as_binary_mask(mask, f"support mask '{key}'", caller_shape), self.axis, 0)
+                if not mask.any():
+                    raise InputError(f"Support mask '{key}' is empty: paint the structure on at least one slice.")
+                wanted = support_slices.get(key) if support_slices else None
+                indices = sorted({int(i) for i in (wanted if wanted is not None else [largest_area_slice(mask)])})
+                for index in indices:
+                    if not 0 <= index < shape[0]:
+                        raise InputError(f"Support slice {index} for '{key}' is outside the volume (0..{shape[0] - 1}).")
+                    if not mask[index].any():
+                        raise InputError(
+                            f"Support mask '{key}' is empty on support slice {index}: choose a slice where it is painted."
+                        )
+                if external_volume is None:
+                    state = _StructureState(key, None)
+                    state.fixed = {i: mask[i].astype(np.uint8) for i in indices}
+                else:
+                    state = _StructureState(key, (external_volume, mask, indices))
+                self.structures[key] = state
+            self._run(list(support_masks), progress, cancel)
+            return {key: self.mask(key) for key in support_masks}
+
+    def adopt(self, structure: Hashable, masks, fixed_slices: Sequence[int]) -> None:
+        """Take over a result propagated elsewhere (another process's run on this volume):
+        ``masks`` uint8 volume in the caller's order, ``fixed_slices`` the slices painted by
+        the user (they stay as they are and are supports at the next update). Such slices have
+        no recorded prompt sets: a click joins the box of the mask's component holding it and
+        only the clicked components are decoded again (see :func:`_mask_prompts`)."""
+        with self._lock:
+            mask = np.moveaxis(as_binary_mask(masks, f"mask of '{structure}'", self.caller_shape), self.axis, 0)
+            state = _StructureState(structure, None)
+            state.output = mask.astype(np.uint8)
+            state.fixed = {int(k): state.output[int(k)].copy() for k in fixed_slices}
+            state.prompts = {}
+            self.structures[structure] = state
+
+    def update(self, structure: Hashable, *, progress=None, cancel=None) -> np.ndarray:
+        """Propagate ``structure`` again with every fixed slice as a support, from the cached
+        encodings. Fixed slices keep their masks. Returns its uint8 mask volume (caller's order)."""
+        with self._lock:
+            self._state(structure)
+            self._run([structure], progress, cancel)
+            return self.mask(structure)
+
+    def _run(self, keys: List[Hashable], progress, cancel) -> None:
+        first, last = self.bounds
+        prepared = []
+        for key in keys:
+            state = self.structures[key]
+            prototypes: Dict[int, object] = {}
+            support_indices: List[int] = []
+            if state.external is not None:
+                support, mask, indices = state.external
+                external_store = _SliceStore(self.engine, support)
+                seeds = _seed_slices(key, indices, support.shape[0], self.volume.shape[0], False)
+                for index, seed in zip(indices, seeds):
+                    prototypes[seed] = self.engine.prototypes_from_features(external_store.features(index), mask[index])
+                    support_indices.append(index)
+            copied = {}
+            for index in sorted(state.fixed):
+                painted = state.fixed[index]
+                if painted.any():
+                    # A slice of this volume wins over a support from elsewhere on the same seed.
+                    prototypes[index] = self.engine.prototypes_from_features(self.store.features(index), painted.astype(bool))
+                if first <= index <= last:
+                    copied[index] = painted
+            if not prototypes:
+                raise InputError(f"Structure '{key}' has no non-empty support slice left: paint it on one slice.")
+            structure = _Structure(
+                key, support_indices + sorted(state.fixed), sorted(prototypes), copied,
+                combine_supports(prototypes, self.support_mode), np.zeros(self.volume.shape, np.uint8), [],
+                known_present=any(p.any() for p in state.fixed.values()),
+            )
+            prepared.append(structure)
+        auto_extent = self.engine.preset.auto_extent if self.auto_extent is None else self.auto_extent
+        _propagate(self.engine, self.store, prepared, (first, last), auto_extent, progress, cancel)
+        for structure in prepared:
+            state = self.structures[structure.key]
+            for index, painted in structure.copied.items():
+                structure.output[index] = painted
+            state.output = structure.output
+            state.prompts = {k: v for k, v in structure.prompts.items() if k not in state.fixed}
+
+    # ------------------------------------------------------------------ corrections
+    def add_support(self, structure: Hashable, index: int, mask) -> np.ndarray:
+        """A painted slice ``index`` (``[H, W]``, non-zero = structure) becomes fixed and, at the
+        next update, a support. Its clicks are dropped (the painting replaces them)."""
+        with self._lock:
+            state = self._state(structure)
+            index = self._check_slice(index)
+            painted = as_binary_mask(mask, "painted slice", self.volume.shape[1:]).astype(np.uint8)
+            state.fixed[index] = painted
+            state.clicks.pop(index, None)
+            state.before_clicks.pop(index, None)
+            state.output[index] = painted
+            return painted.copy()
+
+    def correct(self, structure: Hashable, index: int, points, labels) -> np.ndarray:
+        """Add clicks on slice ``index``: ``points`` ``[P, 2]`` ``(x, y)`` voxels of the slice,
+        ``labels`` ``[P]`` 1 = positive, 0 = negative. SAM re-decodes the slice from its cached
+        embedding (encoded now if it is not cached). Only this slice changes until
+        :meth:`update`. Returns the slice's new uint8 mask ``[H, W]``."""
+        if self.engine.refiner.medsam:
+            raise InputError(
+                "MedSAM takes boxes only, so clicks cannot correct its masks: paint the slice instead "
+                "(a painted slice becomes a support), or choose a SAM model for click corrections."
+            )
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        labels = np.asarray(labels).reshape(-1)
+        if len(points) != len(labels) or not len(points):
+            raise InputError("Give one label (1 positive, 0 negative) for each clicked point.")
+        height, width = self.volume.shape[1:]
+        with self._lock:
+            state = self._state(structure)
+            index = self._check_slice(index)
+            for (x, y), label in zip(points, labels):
+                if not (0 <= x <= width - 1 and 0 <= y <= height - 1):
+                    raise InputError(f"Click ({x:g}, {y:g}) is outside slice {index} ({width} x {height} voxels).")
+                if int(label) not in (0, 1):
+                    raise InputError(f"Click label {label!r} must be 1 (positive) or 0 (negative).")
+            if index not in state.clicks:
+                state.before_clicks[index] = (state.output[index].copy(), state.fixed.get(index))
+                state.clicks[index] = []
+            state.clicks[index].extend(_Click(float(x), float(y), bool(label)) for (x, y), label in zip(points, labels))
+            return self._redecode(state, index)
+
+    def undo_click(self, structure: Hashable, index: int) -> np.ndarray:
+        """Remove the last click of slice ``index``; without clicks left the slice is as before them."""
+        with self._lock:
+            state = self._state(structure)
+            index = self._check_slice(index)
+            if not state.clicks.get(index):
+                raise InputError(f"Slice {index} has no click to undo.")
+            state.clicks[index].pop()
+            if not state.clicks[index]:
+                return self.clear_clicks(structure, index)
+            return self._redecode(state, index)
+
+    def clear_clicks(self, structure: Hashable, index: int) -> np.ndarray:
+        """Drop every click of slice ``index`` and give it back the mask it had before them."""
+        with self._lock:
+            state = self._state(structure)
+            index = self._check_slice(index)
+            state.clicks.pop(index, None)
+            before = state.before_clicks.pop(index, None)
+            if before is not None:
+                mask, fixed = before
+                state.output[index] = mask
+                if fixed is None:
+                    state.fixed.pop(index, None)
+                else:
+                    state.fixed[index] = fixed
+            return state.output[index].copy()
+
+    def clicks(self, structure: Hashable, index: int) -> List[Tuple[float, float, int]]:
+        """The clicks of slice ``index`` as ``(x, y, label)``, in the order given."""
+        return [(c.x, c.y, int(c.positive)) for c in self._state(structure).clicks.get(index, [])]
+
+    def fixed_slices(self, structure: Hashable) -> List[int]:
+        return sorted(self._state(structure).fixed)
+
+    def mask(self, structure: Hashable) -> np.ndarray:
+        """uint8 mask volume of ``structure`` in the caller's order."""
+        return np.ascontiguousarray(np.moveaxis(self._state(structure).output, 0, self.axis))
+
+    def _redecode(self, state: _StructureState, index: int) -> np.ndarray:
+        kept = None
+        if index in state.prompts:
+            base = state.prompts[index]
+        else:
+            # No prompt sets recorded (painted or adopted slice): the components of the mask
+            # before the clicks; those without a click keep their pixels as they are.
+            before = state.before_clicks[index][0]
+            base = _mask_prompts(before)
+        prompts = _with_clicks(base, state.clicks[index], self.volume.shape[1:])
+        if index not in state.prompts:
+            clicked = [i for i, (old, new) in enumerate(zip(base, prompts)) if len(new.points) != len(old.points)]
+            kept = before.copy()
+            for i in clicked:
+                kept[base[i].full_mask(before.shape)] = 0
+            prompts = [prompts[i] for i in clicked] + prompts[len(base):]
+        size = (self.engine.input_size, self.engine.input_size)
+        if not prompts:
+            mask = np.zeros(self.volume.shape[1:], np.uint8)
+        else:
+            embedding = self.store.sam_embedding(index).to(self.engine.device)
+            with torch.inference_mode():
+                union, _ = self.engine.refiner.decode(
+                    embedding, prompts, multimask_output=self.engine.preset.effective_multimask,
+                    pick_best_score=self.engine.preset.pick_best_score, batch_prompts=False,
+                )
+                at_input = F.interpolate(union[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
+            mask = self.engine.to_slice_size(at_input, self.volume.shape[1:])
+            # The embedding stays in the session's cache (within its budget), not in the store.
+            self.store.release(index)
+        if kept is not None:
+            mask = np.maximum(mask, kept)
+        state.output[index] = mask
+        state.fixed[index] = mask
+        return mask.copy()
+
+    def _state(self, structure: Hashable) -> _StructureState:
+        state = self.structures.get(structure)
+        if state is None or state.output is None:
+            raise InputError(f"No structure '{structure}' in this session: propagate it first.")
+        return state
+
+    def _check_slice(self, index) -> int:
+        count = self.volume.shape[0]
+        if int(index) != index or not 0 <= int(index) < count:
+            raise InputError(f"Slice {index} is outside the volume (0..{count - 1}).")
+        return int(index)
+
+
+def _to_sam_frame(x: float, y: float, hw) -> Tuple[float, float]:
+    """Voxel ``(x, y)`` of an ``[H, W]`` slice -> pixel coordinates of SAM's 1024 frame (the
+    slice is resized to it, pixel centres aligned as bilinear resizing aligns them)."""
+    height, width = hw
+    return (x + 0.5) * SAM_IMAGE_SIZE / width - 0.5, (y + 0.5) * SAM_IMAGE_SIZE / height - 0.5
+
+
+def _with_clicks(prompts: List[ComponentPrompt], clicks: List[_Click], hw) -> List[ComponentPrompt]:
+    """The propagated prompt sets with the clicks added (rules in the module docstring)."""
+    sets = [[p, list(p.points), list(p.point_labels)] for p in prompts]
+    for click in clicks:
+        x, y = _to_sam_frame(click.x, click.y, hw)
+        holder = None
+        for entry in sets:
+            box = entry[0].box
+            if box is not None and box[0] <= x <= box[2] and box[1] <= y <= box[3]:
+                holder = entry
+                break
+        if holder is None and click.positive:
+            holder = [ComponentPrompt(None, np.zeros((0, 2)), np.zeros(0, np.int64), None, None, 0.0), [], []]
+            sets.append(holder)
+        if holder is None:
+            boxed = [entry for entry in sets if entry[0].box is not None]
+            if not boxed:
+                continue  # nothing SAM produced here that a negative click could remove
+            holder = min(boxed, key=lambda e: _box_distance(e[0].box, x, y))
+        holder[1].append((x, y))
+        holder[2].append(1 if click.positive else 0)
+    return [
+        replace(prompt, points=np.asarray(points, np.float64).reshape(-1, 2), point_labels=np.asarray(labels, np.int64))
+        for prompt, points, labels in sets
+    ]
+
+
+def _mask_prompts(mask: np.ndarray) -> List[ComponentPrompt]:
+    """Box-only prompt sets (SAM's 1024 frame) of the 8-connected components of an ``[H, W]``
+    mask; ``window``/``local_mask`` hold the component in the mask's own frame."""
+    labels, count = connected_components(mask.astype(bool))
+    height, width = mask.shape
+    prompts = []
+    for number, window in enumerate(ndimage.find_objects(labels), start=1):
+        rows, cols = window
+        x0, y0 = _to_sam_frame(cols.start, rows.start, mask.shape)
+        x1, y1 = _to_sam_frame(cols.stop - 1, rows.stop - 1, mask.shape)
+        # The box spans the component's voxels, edges included, at SAM's scale.
+        half_x, half_y = 0.5 * SAM_IMAGE_SIZE / width, 0.5 * SAM_IMAGE_SIZE / height
+        box = np.array([x0 - half_x + 0.5, y0 - half_y + 0.5, x1 + half_x - 0.5, y1 + half_y - 0.5])
+        prompts.append(ComponentPrompt(box, np.zeros((0, 2)), np.zeros(0, np.int64), window,
+                                       labels[window] == number, float((labels == number).sum())))
+    return prompts
+
+
+def _box_distance(box, x: float, y: float) -> float:
+    dx = max(box[0] - x, 0.0, x - box[2])
+    dy = max(box[1] - y, 0.0, y - box[3])
+    return float(np.hypot(dx, dy))

@@ -1,0 +1,241 @@
+"""Correction sessions (protosam.session) with the real tiny random-weight models.
+
+Equalities between a session's update and a fresh ``segment_volume`` run are exact: both run
+``propagation._propagate`` on the same prototypes (same features from the same encoder on the
+same CPU, batch 1) in the same slice order, so the float operations are identical; the cache
+only hands back the very tensors the encoder produced.
+"""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from protosam import PRESETS, Engine, InputError, segment_volume
+from protosam.session import Session, _to_sam_frame
+
+SLICES, SIZE = 10, 48
+
+
+def _volume(seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    volume = rng.normal(0, 0.05, (SLICES, SIZE, SIZE)).astype(np.float32)
+    truth = np.zeros(volume.shape, np.uint8)
+    for k in range(1, SLICES - 1):
+        radius = 10 - abs(k - 5) * 0.7
+        truth[k] = (yy - 22) ** 2 + (xx - 26) ** 2 <= radius**2
+    volume += 2.0 * truth
+    return volume, truth
+
+
+# Every slice processed (random models lose the structure at once otherwise), so the tests
+# see corrections and updates on the whole volume.
+WHOLE_VOLUME = replace(PRESETS["default"], auto_extent=False)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models):
+    return Engine(tiny_models, preset=WHOLE_VOLUME, device="cpu")
+
+
+def _count_encodings(engine, monkeypatch):
+    counts = {"dinov2": 0, "sam": 0}
+    encode, embed = engine.encode, engine.sam_embedding
+
+    def counting_encode(images):
+        counts["dinov2"] += images.shape[0]
+        return encode(images)
+
+    def counting_embed(image):
+        counts["sam"] += 1
+        return embed(image)
+
+    monkeypatch.setattr(engine, "encode", counting_encode)
+    monkeypatch.setattr(engine, "sam_embedding", counting_embed)
+    return counts
+
+
+def _painted(truth, slices):
+    painted = np.zeros_like(truth)
+    for k in slices:
+        painted[k] = truth[k]
+    return painted
+
+
+def test_start_gives_segment_volume_masks(engine):
+    volume, truth = _volume()
+    session = Session(engine, volume, modality="none")
+    masks = session.start({"organ": truth}, support_slices={"organ": [5]})
+    fresh = segment_volume(engine, volume, None, {"organ": truth}, support_slices={"organ": [5]}, modality="none")
+    np.testing.assert_array_equal(masks["organ"], fresh.masks["organ"])
+    assert session.fixed_slices("organ") == [5]
+
+
+def test_a_click_changes_only_its_slice_until_update(engine, monkeypatch):
+    volume, truth = _volume()
+    session = Session(engine, volume, modality="none")
+    before = session.start({"organ": truth}, support_slices={"organ": [5]})["organ"].copy()
+    counts = _count_encodings(engine, monkeypatch)
+    # A positive click far from every coarse box: a prompt set of its own.
+    changed = session.correct("organ", 2, [[40, 40]], [1])
+    after = session.mask("organ")
+    assert counts == {"dinov2": 0, "sam": 0}, "the slice's SAM embedding was cached by the run"
+    np.testing.assert_array_equal(after[2], changed)
+    assert not np.array_equal(changed, before[2]), "the click must change its slice"
+    others = [k for k in range(SLICES) if k != 2]
+    np.testing.assert_array_equal(after[others], before[others])
+    assert session.clicks("organ", 2) == [(40.0, 40.0, 1)]
+    assert session.fixed_slices("organ") == [2, 5]
+
+
+def test_undo_and_clear_give_back_the_slice(engine):
+    volume, truth = _volume()
+    session = Session(engine, volume, modality="none")
+    before = session.start({"organ": truth}, support_slices={"organ": [5]})["organ"].copy()
+    first = session.correct("organ", 3, [[40, 40]], [1])
+    session.correct("organ", 3, [[26, 22]], [0])
+    np.testing.assert_array_equal(session.undo_click("organ", 3), first)
+    assert session.clicks("organ", 3) == [(40.0, 40.0, 1)]
+    np.testing.assert_array_equal(session.undo_click("organ", 3), before[3])
+    assert session.fixed_slices("organ") == [5]
+    session.correct("organ", 3, [[40, 40], [10, 10]], [1, 1])
+    np.testing.assert_array_equal(session.clear_clicks("organ", 3), before[3])
+    np.testing.assert_array_equal(session.mask("organ"), before)
+    with pytest.raises(InputError, match="no click to undo"):
+        session.undo_click("organ", 3)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "all"])
+def test_update_after_adding_a_support_encodes_nothing_and_equals_a_fresh_run(engine, monkeypatch, mode):
+    volume, truth = _volume()
+    session = Session(engine, volume, modality="none", support_mode=mode)
+    session.start({"organ": truth}, support_slices={"organ": [5]})
+    counts = _count_encodings(engine, monkeypatch)
+    session.add_support("organ", 2, truth[2])
+    updated = session.update("organ")
+    assert counts == {"dinov2": 0, "sam": 0}, "every slice was encoded by the first run"
+    fresh = segment_volume(
+        engine, volume, None, {"organ": _painted(truth, [2, 5])}, support_slices={"organ": [2, 5]},
+        support_mode=mode, modality="none",
+    )
+    np.testing.assert_array_equal(updated, fresh.masks["organ"])
+    np.testing.assert_array_equal(updated[2], truth[2])
+
+
+def test_eviction_under_a_small_budget_gives_the_same_masks(engine, monkeypatch):
+    volume, truth = _volume()
+    roomy = Session(engine, volume, modality="none")
+    roomy.start({"organ": truth}, support_slices={"organ": [5]})
+    slice_bytes = roomy.cache.nbytes // SLICES
+    small = Session(engine, volume, modality="none", cache_bytes=3 * slice_bytes)
+    small.start({"organ": truth}, support_slices={"organ": [5]})
+    assert small.cache.nbytes <= 3 * slice_bytes
+    for session in (roomy, small):
+        session.add_support("organ", 8, truth[8])
+    counts = _count_encodings(engine, monkeypatch)
+    np.testing.assert_array_equal(small.update("organ"), roomy.update("organ"))
+    assert counts["dinov2"] >= SLICES - 3, "the small session had to encode evicted slices again"
+
+
+def test_hand_corrected_slices_survive_update(engine):
+    volume, truth = _volume()
+    session = Session(engine, volume, modality="none")
+    session.start({"organ": truth}, support_slices={"organ": [5]})
+    clicked = session.correct("organ", 7, [[40, 40]], [1])
+    painted = np.zeros((SIZE, SIZE), np.uint8)
+    painted[10:20, 10:20] = 1
+    session.add_support("organ", 1, painted)
+    updated = session.update("organ")
+    np.testing.assert_array_equal(updated[7], clicked)
+    np.testing.assert_array_equal(updated[1], painted)
+    np.testing.assert_array_equal(updated[5], truth[5])
+    # A second update (now from the cache only) keeps them too.
+    np.testing.assert_array_equal(session.update("organ"), updated)
+
+
+def test_support_from_another_volume_plus_corrections(engine, monkeypatch):
+    volume, truth = _volume()
+    other, other_truth = _volume(seed=1)
+    session = Session(engine, volume, modality="none")
+    first = session.start({"organ": other_truth}, support_volume=other, support_slices={"organ": [5]})["organ"]
+    fresh = segment_volume(engine, volume, other, {"organ": other_truth}, support_slices={"organ": [5]}, modality="none")
+    np.testing.assert_array_equal(first, fresh.masks["organ"])
+    assert session.fixed_slices("organ") == []
+    session.add_support("organ", 3, truth[3])
+    counts = _count_encodings(engine, monkeypatch)
+    updated = session.update("organ")
+    # The other volume's support slice is encoded again (only the query's encodings are kept).
+    assert counts == {"dinov2": 1, "sam": 0}
+    np.testing.assert_array_equal(updated[3], truth[3])
+
+
+def test_caches_are_dropped_when_volume_models_or_preset_change(engine, tiny_models):
+    volume, truth = _volume()
+    session = Session(engine, volume, modality="none")
+    session.start({"organ": truth}, support_slices={"organ": [5]})
+    assert len(session.cache) > 0
+    same_models = Engine(tiny_models, preset=WHOLE_VOLUME, device="cpu")
+    assert session.rebind(engine=same_models) is False and len(session.cache) > 0
+    assert session.rebind(volume=volume.copy()) is False and len(session.cache) > 0
+    other_preset = Engine(tiny_models, preset=replace(WHOLE_VOLUME, name="other", pick_best_score=False), device="cpu")
+    assert session.rebind(engine=other_preset) is True and len(session.cache) == 0
+
+    session.start({"organ": truth}, support_slices={"organ": [5]})
+    bigger_input = Engine(replace(tiny_models, input_size=140), preset=replace(WHOLE_VOLUME, name="other", pick_best_score=False), device="cpu")
+    assert session.rebind(engine=bigger_input) is True and len(session.cache) == 0
+
+    session.start({"organ": truth}, support_slices={"organ": [5]})
+    assert session.rebind(volume=volume + 1.0) is True and len(session.cache) == 0
+    with pytest.raises(InputError, match="propagate it first"):
+        session.update("organ")
+
+
+def test_click_frame_and_bad_clicks(engine):
+    # Pixel centres line up: the first and last voxel centres map to SAM's first and last pixels.
+    assert _to_sam_frame(0, 0, (4, 8)) == (1024 / 16 - 0.5, 1024 / 8 - 0.5)
+    assert _to_sam_frame(7, 3, (4, 8)) == (1024 - 1024 / 16 - 0.5, 1024 - 1024 / 8 - 0.5)
+    volume, truth = _volume()
+    session = Session(engine, volume, modality="none")
+    session.start({"organ": truth}, support_slices={"organ": [5]})
+    with pytest.raises(InputError, match="outside slice"):
+        session.correct("organ", 2, [[SIZE, 3]], [1])
+    with pytest.raises(InputError, match="outside the volume"):
+        session.correct("organ", SLICES, [[3, 3]], [1])
+    with pytest.raises(InputError, match="one label"):
+        session.correct("organ", 2, [[3, 3], [4, 4]], [1])
+    with pytest.raises(InputError, match="Unknown support mode"):
+        Session(engine, volume, support_mode="closest")
+
+
+def test_medsam_refuses_clicks_with_a_clear_message(engine, monkeypatch):
+    volume, truth = _volume()
+    session = Session(engine, volume, modality="none")
+    session.start({"organ": truth}, support_slices={"organ": [5]})
+    monkeypatch.setattr(engine.refiner, "medsam", True)
+    with pytest.raises(InputError, match="MedSAM takes boxes only"):
+        session.correct("organ", 2, [[3, 3]], [1])
+    session.add_support("organ", 2, truth[2])  # painting still works
+
+
+def test_adopted_result_clicks_redecode_only_the_clicked_component(engine, monkeypatch):
+    """A result propagated elsewhere (the Slicer worker) is adopted: a click joins the box of
+    the mask component under it; the other component keeps its pixels; the painted slice is
+    fixed; the slice's embedding is encoded on demand (one SAM encoding, no DINOv2)."""
+    volume, truth = _volume()
+    session = Session(engine, volume, modality="none")
+    adopted = np.zeros_like(truth)
+    adopted[4, 5:12, 5:12] = 1  # component A
+    adopted[4, 30:40, 30:40] = 1  # component B
+    adopted[5] = truth[5]
+    session.adopt("organ", adopted, fixed_slices=[5])
+    counts = _count_encodings(engine, monkeypatch)
+    changed = session.correct("organ", 4, [[35, 35]], [0])  # negative click inside B's box
+    assert counts == {"dinov2": 0, "sam": 1}
+    np.testing.assert_array_equal(changed[5:12, 5:12], 1)  # A untouched
+    np.testing.assert_array_equal(session.mask("organ")[[k for k in range(SLICES) if k != 4]],
+                                  adopted[[k for k in range(SLICES) if k != 4]])
+    assert session.fixed_slices("organ") == [4, 5]
+    np.testing.assert_array_equal(session.clear_clicks("organ", 4), adopted[4])
+    counts["sam"] = 0
+    session.correct("organ", 4, [[35, 35]], [0])
+    assert counts == {"dinov2": 0, "sam": 0}, "the embedding encoded on demand is cached"
