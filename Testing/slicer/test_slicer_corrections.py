@@ -88,6 +88,9 @@ def read(e, name):
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
 def test_clicks_in_ras_land_on_the_right_voxel_of_the_right_slice(scene, tinyOptions, name):
     e = buildEditor(scene, *GEOMETRIES[name])
+    idleCalls = []
+    # What the GUI sets (slicer.app.processEvents): called while the logic waits on the worker.
+    e["session"].logic.idle = lambda: idleCalls.append(1)
     normal = startPreview(e, tinyOptions)
     session = e["session"]
     before = preview(e)
@@ -113,7 +116,13 @@ def test_clicks_in_ras_land_on_the_right_voxel_of_the_right_slice(scene, tinyOpt
     np.testing.assert_allclose(session.clickMarkups.GetNthControlPointPositionWorld(0), point, atol=1e-6)
     assert np.array_equal(read(e, "liver"), e["arrays"]["liver"]), "nothing is written before Apply"
     beforeUpdate = worker.health().cache_bytes
-    session.updateVolume()
+    idleCalls.clear()
+    updateProgress = []
+    session.updateVolume(progressCallback=lambda done, total: updateProgress.append((done, total)))
+    # The update runs in the worker; this (GUI) thread keeps processing events meanwhile and
+    # shows the worker's progress, ending at the last slice.
+    assert idleCalls, "the GUI was not kept responsive during the update"
+    assert updateProgress and updateProgress[-1][0] == updateProgress[-1][1] > 0
     # The update reads the run's DINOv2 features from the engine cache: a session seeing another
     # volume (or the same one in another order) would add all SHAPE[0] feature maps (128 KiB
     # each, 1.5 SAM embeddings together); only whole SAM embeddings of newly non-empty slices

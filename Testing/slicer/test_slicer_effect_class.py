@@ -241,7 +241,11 @@ def test_clicks_correct_the_preview_then_undo_clear_update_apply(editor):
     assert session.clicks(4) == [] and not effect.ui.undoClickButton.enabled
     assert clickAt(e, (15, 3, 4)) is True
     corrected = mrml_io.segmentToArray(session.result.previewSegmentationNode, e["ids"]["liver"], e["volume"])[4]
+    effect.ui.progressBar.value = 0
     effect.ui.updateVolumeButton.click()
+    # The worker's progress reached the bar, to the last slice; the bar hides again afterwards.
+    assert effect.ui.progressBar.value == effect.ui.progressBar.maximum > 0
+    assert not effect.ui.progressBar.visible
     preview = mrml_io.segmentToArray(session.result.previewSegmentationNode, e["ids"]["liver"], e["volume"])
     assert np.array_equal(preview[4], corrected)
     assert effect.ui.statusLabel.text.startswith("Preview updated")

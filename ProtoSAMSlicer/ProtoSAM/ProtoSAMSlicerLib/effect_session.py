@@ -316,7 +316,8 @@ class EffectSession:
         self._orientation = orientation
         if isinstance(worker, WorkerClient):
             session = WorkerSession(worker, engineSpec, volume, 0, self.segmentId, preview, fixed,
-                                    {"modality": options.modality, "auto_extent": options.autoExtent})
+                                    {"modality": options.modality, "auto_extent": options.autoExtent},
+                                    idle=self.logic.idle)
         else:
             from protosam.session import Session
 

@@ -183,8 +183,9 @@ class ProcessJob:
 
 
 class _PendingRequest:
-    def __init__(self, message: protocol.Message):
+    def __init__(self, message: protocol.Message, progress: Optional[Callable[[int, int], None]] = None):
         self.message = message
+        self.progress = progress
         self.reply: Optional[protocol.Message] = None
         self.error: Optional[BaseException] = None
         self.sent = False
@@ -284,10 +285,15 @@ class WorkerClient:
                 raise TimeoutError(f"{job!r} did not finish within {timeout} s")
             self._wait(interval)
 
-    def request(self, message: protocol.Message, timeout: float = 30.0) -> protocol.Message:
-        """Send a control request (health, release, models status) and wait for its reply.
-        Starts the worker if it is not running."""
-        pending = _PendingRequest(message)
+    def request(self, message: protocol.Message, timeout: float = 30.0, *,
+                idle: Optional[Callable[[], None]] = None,
+                progress: Optional[Callable[[int, int], None]] = None) -> protocol.Message:
+        """Send a request (health, release, models status, session operations) and wait for its
+        reply. Starts the worker if it is not running. ``idle()`` is called between polls (the
+        GUI passes ``slicer.app.processEvents`` so Slicer stays responsive while a session update
+        or an on-demand encoding runs in the worker); ``progress(done, total)`` receives the
+        worker's progress messages for this request."""
+        pending = _PendingRequest(message, progress)
         self._requests[message.id] = pending
         deadline = time.monotonic() + timeout
         try:
@@ -298,6 +304,8 @@ class WorkerClient:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the ProtoSAM worker did not answer '{message.TYPE}' within {timeout} s")
                 self._wait(DEFAULT_POLL_INTERVAL_S)
+                if idle is not None:
+                    idle()
         finally:
             self._requests.pop(message.id, None)
         if pending.error is not None:
@@ -574,6 +582,8 @@ class WorkerClient:
         pending = self._requests.get(identifier)
         if pending is not None:
             if isinstance(message, protocol.JobProgress):  # a session update's progress: wait on
+                if pending.progress is not None:
+                    pending.progress(message.done, message.total)
                 return
             if isinstance(message, protocol.ErrorReply):
                 pending.error = protocol.error_from_reply(message)
@@ -789,8 +799,9 @@ class WorkerSession:
     the same worker and engine: its encodings are in that engine's cache)."""
 
     def __init__(self, client: "WorkerClient", engineSpec: Dict[str, Any], volume_Kji, axis: int, structure: str,
-                 masks_Kji, fixedSlices, options: Dict[str, Any], timeout: float = 600.0):
-        self.client, self.axis, self.timeout = client, int(axis), timeout
+                 masks_Kji, fixedSlices, options: Dict[str, Any], timeout: float = 600.0,
+                 idle: Optional[Callable[[], None]] = None):
+        self.client, self.axis, self.timeout, self.idle = client, int(axis), timeout, idle
         self.sessionId = protocol.new_id()
         value = self._call(protocol.SessionOpen(
             id=protocol.new_id(), session_id=self.sessionId, engine=engineSpec, volume=protocol.Image(volume_Kji),
@@ -799,8 +810,8 @@ class WorkerSession:
         self._masks = {structure: value["masks"][structure]}
         self._clicks: Dict[Any, List] = {}
 
-    def _call(self, message: protocol.Message) -> Any:
-        return self.client.request(message, timeout=self.timeout).value
+    def _call(self, message: protocol.Message, progress=None) -> Any:
+        return self.client.request(message, timeout=self.timeout, idle=self.idle, progress=progress).value
 
     def _slice(self, structure, index: int, message: protocol.Message):
         value = self._call(message)
@@ -824,7 +835,8 @@ class WorkerSession:
             id=protocol.new_id(), session_id=self.sessionId, structure=structure, axis=self.axis, slice_index=int(index)))
 
     def update(self, structure, progress=None):
-        value = self._call(protocol.SessionUpdate(id=protocol.new_id(), session_id=self.sessionId, structure=structure))
+        value = self._call(protocol.SessionUpdate(id=protocol.new_id(), session_id=self.sessionId, structure=structure),
+                           progress=progress)
         self._masks[structure] = np.asarray(value["mask"])
         return self._masks[structure]
 

@@ -210,10 +210,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.updateGUI()
 
     def onUpdateVolume(self):
-        with slicer.util.tryWithErrorDisplay(_("Updating the preview failed."), waitCursor=True):
-            self.session.updateVolume()
-            self.ui.statusLabel.text = _("Preview updated from the corrected slices: Apply or Cancel.")
-        self.updateGUI()
+        def showProgress(done, total):
+            self.ui.progressBar.maximum = total
+            self.ui.progressBar.value = done
+
+        # The update runs in the worker process; the logic processes events while it waits.
+        self.ui.progressBar.visible = True
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Updating the preview failed."), waitCursor=True):
+                self.session.updateVolume(progressCallback=showProgress)
+                self.ui.statusLabel.text = _("Preview updated from the corrected slices: Apply or Cancel.")
+        finally:
+            self.updateGUI()
 
     def updateGUI(self):
         if self.ui is None:
