@@ -168,3 +168,102 @@ def test_segment_into_reference_geometry_of_another_segmentation(scene):
     empty, emptyIds = addSegmentation(scene, volume, {"e": np.zeros(SHAPE, np.uint8)})
     mrml_io.segmentIntoImage(empty, emptyIds["e"], onVolume, bare)
     assert not mrml_io._imageArray(onVolume).any()
+
+
+def _editBoxes():
+    """(name, edit) pairs: each edit changes a multi-slice segment inside one small box only."""
+    def oneSliceAdded(mask):
+        mask[4, 1:3, 2:6] = 1
+    def subBoxErased(mask):
+        mask[2:4, 3:5, 4:6] = 0
+    def subBoxSetAndErased(mask):
+        mask[1:3, 6:8, 7:10] = 1 - mask[1:3, 6:8, 7:10]
+    return [("one_slice_added", oneSliceAdded), ("sub_box_erased", subBoxErased),
+            ("sub_box_flipped", subBoxSetAndErased)]
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own_layer", "shared_layer"])
+@pytest.mark.parametrize("editName,edit", _editBoxes(), ids=[name for name, _ in _editBoxes()])
+def test_box_write_keeps_every_voxel_outside_the_box(scene, volume, shared, editName, edit):
+    """Regression: writing only the changed box must not drop the segment's voxels elsewhere.
+
+    MODE_REPLACE with an extent replaces the whole segment by the (box-sized) modifier in Slicer
+    (vtkSegmentationModifier::AppendLabelmapToSegment: CopyImage clipped to the extent, or
+    ClearSegment + mask merge on a shared layer), which cleared every slice outside the box.
+    """
+    node = volume[0]
+    a = np.zeros(SHAPE, np.uint8)
+    a[1:6, 2:7, 3:8] = 1  # voxels on slices 1..5
+    a[0, 0, 0] = 1  # and a lone voxel at a corner, far from every edit box
+    b = np.zeros(SHAPE, np.uint8)
+    b[0:7, 6:9, 8:11] = 1
+    b[a != 0] = 0
+    segmentation, ids = addSegmentation(scene, node, {"a": a, "b": b})
+    segmentationObject = segmentation.GetSegmentation()
+    if shared:
+        segmentationObject.CollapseBinaryLabelmaps(False)
+        assert segmentationObject.GetNumberOfLayers() == 1
+    else:
+        segmentationObject.SeparateSegmentLabelmap(ids["a"])
+        assert segmentationObject.GetNumberOfLayers() == 2
+
+    new = a.copy()
+    edit(new)
+    box = mrml_io.writeSegmentFromArray(new, segmentation, ids["a"], node)
+    assert box is not None
+    (k0, k1), (j0, j1), (i0, i1) = box
+    outside = np.ones(SHAPE, bool)
+    outside[k0:k1, j0:j1, i0:i1] = False
+    assert outside.sum() > 0
+    out = mrml_io.segmentToArray(segmentation, ids["a"], node)
+    assert np.array_equal(out[outside], a[outside]), f"{int((out != a)[outside].sum())} voxels outside the box changed"
+    assert np.array_equal(out, new)
+    assert np.array_equal(mrml_io.segmentToArray(segmentation, ids["b"], node), b)
+    # With the previous array passed in (results.acceptPreview's path) the result is the same.
+    back = a.copy()
+    mrml_io.writeSegmentFromArray(back, segmentation, ids["a"], node, previous_Kji=new)
+    assert np.array_equal(mrml_io.segmentToArray(segmentation, ids["a"], node), a)
+    assert np.array_equal(mrml_io.segmentToArray(segmentation, ids["b"], node), b)
+
+
+def test_box_write_through_another_geometry_keeps_voxels_outside_the_box(scene):
+    """The segment lives on a 2x finer grid under another transform than the volume it is written
+    on; a one-slice write keeps the other slices (seen on both grids)."""
+    volume = addVolume(scene, np.zeros(SHAPE, np.float32), ijkToRasFrom(LPS, (0.8, 1.0, 2.5)), "v",
+                       parentTransform=homogeneous(np.eye(3), (10.0, 0.0, 0.0)))
+    fineShape = (SHAPE[0] * 2, SHAPE[1] * 2, SHAPE[2] * 2)
+    fine = addVolume(scene, np.zeros(fineShape, np.float32),
+                     ijkToRasFrom(LPS, (0.4, 0.5, 1.25), (10.0 + 0.2, 0.25, -0.625)), "fine")
+    coarse = np.zeros(SHAPE, np.uint8)
+    coarse[1:6, 2:7, 3:8] = 1
+    segmentation, ids = addSegmentation(scene, fine, {"s": coarse.repeat(2, 0).repeat(2, 1).repeat(2, 2)})
+    assert np.array_equal(mrml_io.segmentToArray(segmentation, ids["s"], volume), coarse)
+    new = coarse.copy()
+    new[6, 1:3, 2:6] = 1
+    assert mrml_io.writeSegmentFromArray(new, segmentation, ids["s"], volume) == ((6, 7), (1, 3), (2, 6))
+    assert np.array_equal(mrml_io.segmentToArray(segmentation, ids["s"], volume), new)
+    assert np.array_equal(mrml_io.segmentToArray(segmentation, ids["s"], fine),
+                          new.repeat(2, 0).repeat(2, 1).repeat(2, 2))
+
+
+def test_accept_replace_that_changes_one_slice_keeps_the_users_other_slices(scene):
+    """Accept (results.acceptPreview, mode replace) writes through writeSegmentFromArray into the
+    user's segmentation: a preview that differs from the user's segment on one slice only must
+    leave the user's other slices, and the segment sharing its layer, as they were."""
+    from ProtoSAMSlicerLib import results
+
+    directions, spacing, _ = GEOMETRIES["lps_anisotropic"]
+    volume = addVolume(scene, np.zeros(SHAPE, np.float32), ijkToRasFrom(directions, spacing, (5.0, -3.0, 8.0)), "ct")
+    user = np.zeros(SHAPE, np.uint8)
+    user[1:5, 2:7, 3:8] = 1
+    other = np.zeros(SHAPE, np.uint8)
+    other[:, 7:9, 8:11] = 1
+    segmentation, ids = addSegmentation(scene, volume, {"liver": user, "other": other})
+    segmentation.GetSegmentation().CollapseBinaryLabelmaps(False)
+    propagated = user.copy()
+    propagated[5, 2:7, 3:8] = 1  # the preview adds slice 5 and keeps slices 1..4
+    preview = results.createPreview(volume, segmentation, {ids["liver"]: propagated})
+    written = results.acceptPreview(preview, volume, segmentation, segmentation, mode=results.ACCEPT_REPLACE)
+    assert written == {ids["liver"]: ids["liver"]}
+    assert np.array_equal(mrml_io.segmentToArray(segmentation, ids["liver"], volume), propagated)
+    assert np.array_equal(mrml_io.segmentToArray(segmentation, ids["other"], volume), other)

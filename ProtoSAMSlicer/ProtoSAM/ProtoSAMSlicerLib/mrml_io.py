@@ -214,13 +214,34 @@ def writeSegmentFromArray(mask_Kji: np.ndarray, segmentationNode, segmentId: str
         return None
     (k0, k1), (j0, j1), (i0, i1) = box
     extent = (i0, i1 - 1, j0, j1 - 1, k0, k1 - 1)
-    modifier = volumeGeometryImage(referenceVolumeNode, segmentationNode, extent)
-    _imageArray(modifier)[:] = (mask[k0:k1, j0:j1, i0:i1] != 0)
-    modifier.Modified()
+    inside = mask[k0:k1, j0:j1, i0:i1] != 0
+    # Slicer's MODE_REPLACE replaces the WHOLE segment by the modifier (the extent only clips
+    # it; on a shared layer it clears the segment first), so a box-sized modifier would drop
+    # every voxel outside the box. Two merges confined to the box do what the Segment Editor's
+    # erase and paint do instead: MIN with "keep" = 255 inside the mask removes the segment's
+    # voxels outside the mask (other labels of a shared layer are masked out by Slicer), then
+    # MASK writes the segment's label where the mask is set.
     logic = slicer.vtkSlicerSegmentationsModuleLogic
-    if not logic.SetBinaryLabelmapToSegment(modifier, segmentationNode, segmentId,
-                                            logic.MODE_REPLACE, extent):
-        raise InputError(f"Writing segment '{segmentId}' into '{segmentationNode.GetName()}' failed.")
+    segmentation = segmentationNode.GetSegmentation()
+    if not inside.all():
+        keep = volumeGeometryImage(referenceVolumeNode, segmentationNode, extent)
+        _imageArray(keep)[:] = np.where(inside, 255, 0)
+        keep.Modified()
+        # Listing the layer's other segments as "overwritable" only stops Slicer from moving this
+        # segment to a layer of its own: MIN (minimumOfAllSegments False) never changes them.
+        sharedIds = []
+        segmentation.GetSegmentIDsSharingBinaryLabelmapRepresentation(segmentId, sharedIds, False)
+        if not logic.SetBinaryLabelmapToSegment(keep, segmentationNode, segmentId, logic.MODE_MERGE_MIN,
+                                                extent, False, sharedIds):
+            raise InputError(f"Erasing in segment '{segmentId}' of '{segmentationNode.GetName()}' failed.")
+    if inside.any():
+        add = volumeGeometryImage(referenceVolumeNode, segmentationNode, extent)
+        _imageArray(add)[:] = inside
+        add.Modified()
+        # Where other segments of a shared layer lie under the mask, Slicer moves this segment to
+        # its own layer first, so they keep their voxels (segments may overlap).
+        if not logic.SetBinaryLabelmapToSegment(add, segmentationNode, segmentId, logic.MODE_MERGE_MASK, extent):
+            raise InputError(f"Writing segment '{segmentId}' into '{segmentationNode.GetName()}' failed.")
     return box
 
 
