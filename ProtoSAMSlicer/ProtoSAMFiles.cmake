@@ -39,10 +39,13 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/__init__.py
   protosam/__main__.py
   protosam/batch.py
+  protosam/batch_cli.py
   protosam/batch_ray.py
   protosam/cache.py
+  protosam/catalogue.py
   protosam/checkpoints.py
   protosam/cli.py
+  protosam/cli_common.py
   protosam/errors.py
   protosam/evaluation/__init__.py
   protosam/evaluation/abdominal.py

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import catalogue
 from .cache import EmbeddingCache
 from .errors import CancelledError, InputError, ProtoSAMError
 from .models.alpnet import ALPNetConfig, Prototypes, compute_prototypes, mask_to_grid, score_queries
@@ -40,11 +41,11 @@ ProgressCallback = Callable[[int, int], None]
 class ModelSelection:
     """Which models to run. ``*_checkpoint`` None means the official file from the cache."""
 
-    dinov2: str = "dinov2_vitb14"
+    dinov2: str = catalogue.DEFAULT_DINOV2
     dinov2_checkpoint: Optional[str] = None
-    sam: str = "vit_b"
+    sam: str = catalogue.DEFAULT_SAM
     sam_checkpoint: Optional[str] = None
-    input_size: int = 672
+    input_size: int = catalogue.DEFAULT_INPUT_SIZE
 
     def __post_init__(self):
         if not isinstance(self.input_size, int) or self.input_size < 14:

@@ -620,7 +620,7 @@ def is_loopback(host: str) -> bool:
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    from .cli import add_model_options
+    from .cli_common import add_model_options
 
     parser = parser or argparse.ArgumentParser(prog="protosam serve", description=__doc__.split("\n\n")[0])
     net = parser.add_argument_group("network and security")

@@ -8,14 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
+from . import catalogue
 from .models.dinov2 import save_random_checkpoint as save_random_dinov2_checkpoint
 from .models.sam import save_random_sam_checkpoint
 from .pipeline import ModelSelection
 
 __all__ = ["TINY_DINOV2", "TINY_SAM", "write_tiny_checkpoints", "start_server", "ServerProcess", "free_port"]
 
-TINY_DINOV2 = "dinov2_tiny14"
-TINY_SAM = "sam_tiny"
+TINY_DINOV2 = catalogue.TINY_DINOV2
+TINY_SAM = catalogue.TINY_SAM
 
 
 def write_tiny_checkpoints(folder: Union[str, Path], *, input_size: int = 224, seed: int = 0) -> ModelSelection:

@@ -28,6 +28,7 @@ from typing import Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from .. import catalogue
 from ..checkpoints import check_state_dict_matches, load_state_dict
 from ..errors import CheckpointError, InputError
 from .vit_blocks import LAYER_NORM_EPS, Attention, Block, PatchEmbed, interpolate_patch_pos_embed, swiglu_hidden_dim
@@ -86,23 +87,23 @@ def _official(name: str, embed_dim: int, depth: int, num_heads: int, ffn_layer: 
     """The plain model and its 4-register twin, with the hub's settings for each."""
     plain = DinoV2Architecture(name, embed_dim, depth, num_heads, ffn_layer=ffn_layer)
     registers = DinoV2Architecture(
-        f"{name}_reg4", embed_dim, depth, num_heads, ffn_layer=ffn_layer,
+        name + catalogue.REGISTERS_SUFFIX, embed_dim, depth, num_heads, ffn_layer=ffn_layer,
         num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True,
     )
     return plain, registers
 
 
 _ALL = (
-    *_official("dinov2_vits14", 384, 12, 6),
-    *_official("dinov2_vitb14", 768, 12, 12),
-    *_official("dinov2_vitl14", 1024, 24, 16),
-    *_official("dinov2_vitg14", 1536, 40, 24, ffn_layer="swiglufused"),
+    *_official(catalogue.DINOV2_VITS14, 384, 12, 6),
+    *_official(catalogue.DINOV2_VITB14, 768, 12, 12),
+    *_official(catalogue.DINOV2_VITL14, 1024, 24, 16),
+    *_official(catalogue.DINOV2_VITG14, 1536, 40, 24, ffn_layer="swiglufused"),
     # Test-only (no download, random weights): width 48, 2 blocks, 2 heads, the real 37 x 37
     # position grid. "dinov2_tiny14" has no registers and the plain models' resampling (the
     # paper's ViT-L/14 path); "dinov2_tiny14_reg4" exercises the register path.
-    DinoV2Architecture("dinov2_tiny14", 48, 2, 2, test_only=True),
+    DinoV2Architecture(catalogue.TINY_DINOV2, 48, 2, 2, test_only=True),
     DinoV2Architecture(
-        "dinov2_tiny14_reg4", 48, 2, 2, num_register_tokens=4,
+        catalogue.TINY_DINOV2_REG4, 48, 2, 2, num_register_tokens=4,
         interpolate_offset=0.0, interpolate_antialias=True, test_only=True,
     ),
 )

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+from .. import catalogue
 from ..checkpoints import check_state_dict_matches, load_state_dict
 from ..prompts import ComponentPrompt
 from .sam_decoder import SharedImageDecoder
@@ -55,13 +56,13 @@ class SamArchitecture:
 SAM_ARCHITECTURES: Dict[str, SamArchitecture] = {
     a.name: a
     for a in (
-        SamArchitecture("vit_b", 768, 12, 12, (2, 5, 8, 11)),
-        SamArchitecture("vit_l", 1024, 24, 16, (5, 11, 17, 23)),
-        SamArchitecture("vit_h", 1280, 32, 16, (7, 15, 23, 31)),
-        SamArchitecture("medsam_vit_b", 768, 12, 12, (2, 5, 8, 11), medsam=True),
+        SamArchitecture(catalogue.SAM_VIT_B, 768, 12, 12, (2, 5, 8, 11)),
+        SamArchitecture(catalogue.SAM_VIT_L, 1024, 24, 16, (5, 11, 17, 23)),
+        SamArchitecture(catalogue.SAM_VIT_H, 1280, 32, 16, (7, 15, 23, 31)),
+        SamArchitecture(catalogue.MEDSAM_VIT_B, 768, 12, 12, (2, 5, 8, 11), medsam=True),
         # Tiny random-weight model for tests and CI only: same code path, same file format.
         SamArchitecture(
-            "sam_tiny", 32, 2, 2, (1,), prompt_embed_dim=32, decoder_mlp_dim=64,
+            catalogue.TINY_SAM, 32, 2, 2, (1,), prompt_embed_dim=32, decoder_mlp_dim=64,
             decoder_num_heads=2, iou_head_hidden_dim=32, mask_in_chans=4, test_only=True,
         ),
     )
