@@ -99,7 +99,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, default_size: int = ca
 
 def engine_from_args(args):
     """An :class:`Engine` from the options of :func:`add_model_options`."""
-    from .pipeline import Engine, ModelSelection
+    from .engine import Engine, ModelSelection
     from .weights_download import human_size
 
     models = ModelSelection(

@@ -674,7 +674,7 @@ def serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     tokens = load_tokens(args.token, args.tokens, args.weights_home, announce=lambda text: print(text, flush=True))
-    from .pipeline import resolve_device
+    from .engine import resolve_device
 
     config = ServerConfig(models=_served_models(args), tokens=tokens, device=str(resolve_device(args.device)),
                           weights_home=args.weights_home, download=not args.no_download,

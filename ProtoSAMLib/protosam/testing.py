@@ -11,7 +11,7 @@ from typing import Union
 from . import catalogue
 from .models.dinov2 import save_random_checkpoint as save_random_dinov2_checkpoint
 from .models.sam import save_random_sam_checkpoint
-from .pipeline import ModelSelection
+from .engine import ModelSelection
 
 __all__ = ["TINY_DINOV2", "TINY_SAM", "write_tiny_checkpoints", "start_server", "ServerProcess", "free_port"]
 
