@@ -43,7 +43,6 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/batch_ray.py
   protosam/cache.py
   protosam/catalogue.py
-  protosam/checkpoints.py
   protosam/cli.py
   protosam/cli_common.py
   protosam/errors.py
@@ -81,10 +80,12 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/server_client.py
   protosam/testing.py
   protosam/validation.py
-  protosam/weights.py
-  protosam/weights_cli.py
-  protosam/weights_download.py
-  protosam/weights_registry.py
+  protosam/weights/__init__.py
+  protosam/weights/checkpoints.py
+  protosam/weights/cli.py
+  protosam/weights/registry.py
+  protosam/weights/resolve.py
+  protosam/weights/transfer.py
   protosam/worker_process.py
   )
 

@@ -150,7 +150,7 @@ def _checkpoint_identity(name: str, checkpoint: Optional[str]) -> str:
         if not path.is_file():
             raise InputError(f"Checkpoint file for {name} not found: {path}. Check the path.")
         return f"sha256:{file_sha256(path)}"
-    from .weights_registry import REGISTRY
+    from .weights.registry import REGISTRY
 
     entry = REGISTRY.get(name)
     return f"sha256:{entry.sha256}" if entry is not None and entry.sha256 else f"official:{name}"

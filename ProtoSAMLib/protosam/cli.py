@@ -113,7 +113,7 @@ def cmd_segment(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import weights_cli
+    from .weights import cli as weights_cli
 
     parser = argparse.ArgumentParser(
         prog="protosam", description="ProtoSAM one-shot segmentation: DINOv2 + ALPNet prototypes prompt SAM."

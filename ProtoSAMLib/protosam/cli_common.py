@@ -100,7 +100,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, default_size: int = ca
 def engine_from_args(args):
     """An :class:`Engine` from the options of :func:`add_model_options`."""
     from .engine import Engine, ModelSelection
-    from .weights_download import human_size
+    from .weights.transfer import human_size
 
     models = ModelSelection(
         dinov2=args.dinov2, dinov2_checkpoint=args.dinov2_checkpoint, sam=args.sam,

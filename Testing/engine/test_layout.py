@@ -166,7 +166,7 @@ def test_engine_weights_and_slicer_agree_with_the_catalogue():
     from protosam.models.dinov2 import DINOV2_ARCHITECTURES
     from protosam.models.sam import SAM_ARCHITECTURES
     from protosam.engine import ModelSelection
-    from protosam.weights_registry import REGISTRY, TEST_ONLY_ARCHITECTURES
+    from protosam.weights.registry import REGISTRY, TEST_ONLY_ARCHITECTURES
 
     assert set(DINOV2_ARCHITECTURES) == {m.name for m in catalogue.models_of("dinov2")}
     assert set(SAM_ARCHITECTURES) == {m.name for m in catalogue.models_of("sam")}

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .. import catalogue
-from ..checkpoints import check_state_dict_matches, load_state_dict
+from ..weights.checkpoints import check_state_dict_matches, load_state_dict
 from ..errors import CheckpointError, InputError
 from .vit_blocks import LAYER_NORM_EPS, Attention, Block, PatchEmbed, interpolate_patch_pos_embed, swiglu_hidden_dim
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from .. import catalogue
-from ..checkpoints import check_state_dict_matches, load_state_dict
+from ..weights.checkpoints import check_state_dict_matches, load_state_dict
 from ..prompts import ComponentPrompt
 from .sam_decoder import SharedImageDecoder
 from .sam_memory import limit_global_attention_memory

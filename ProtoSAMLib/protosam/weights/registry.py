@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping, Optional
 
-from . import catalogue
+from .. import catalogue
 
 FAMILIES = catalogue.FAMILIES
 

@@ -10,11 +10,11 @@ import argparse
 import sys
 from typing import Mapping, Optional
 
-from .cli_common import ProgressBar
-from .errors import CancelledError, ProtoSAMError
-from .weights import cache_path, cache_status, checkpoint_option, download, resolve_checkpoint
-from .weights_download import human_size
-from .weights_registry import REGISTRY, TEST_ONLY_ARCHITECTURES, WeightsEntry, get_entry
+from ..cli_common import ProgressBar
+from ..errors import CancelledError, ProtoSAMError
+from .resolve import cache_path, cache_status, checkpoint_option, download, resolve_checkpoint
+from .transfer import human_size
+from .registry import REGISTRY, TEST_ONLY_ARCHITECTURES, WeightsEntry, get_entry
 
 _HOME_HELP = "ProtoSAM home folder; weights live in HOME/weights (default: $PROTOSAM_HOME, else ~/.protosam)"
 

@@ -27,9 +27,9 @@ import threading
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
-from .errors import CancelledError, CheckpointError, IntegrityError, WeightsUnavailableError
-from .weights_download import HASH_BLOCK, DownloadLock, Interrupted, ProgressCallback, human_size, transfer
-from .weights_registry import REGISTRY, TEST_ONLY_ARCHITECTURES, WeightsEntry, get_entry, is_allowed_url
+from ..errors import CancelledError, CheckpointError, IntegrityError, WeightsUnavailableError
+from .transfer import HASH_BLOCK, DownloadLock, Interrupted, ProgressCallback, human_size, transfer
+from .registry import REGISTRY, TEST_ONLY_ARCHITECTURES, WeightsEntry, get_entry, is_allowed_url
 
 logger = logging.getLogger(__name__)
 
