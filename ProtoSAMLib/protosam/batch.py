@@ -44,7 +44,7 @@ from .errors import InputError, ProtoSAMError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "BatchJob", "JobOutcome", "read_manifest", "RunParameters", "run_batch", "add_subcommand", "SIDECAR_SUFFIX",
+    "BatchJob", "JobOutcome", "read_manifest", "RunParameters", "run_batch", "SIDECAR_SUFFIX",
 ]
 
 MANIFEST_COLUMNS = ("image", "output", "support_image", "support_mask")
