@@ -22,7 +22,6 @@ import os
 import re
 import types
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping, Optional, Tuple, Union
 
 import torch
@@ -312,50 +311,3 @@ def load_dinov2(name: str, checkpoint_path: PathLike, device: Union[str, torch.d
     model.load_state_dict(tensors, strict=True, assign=True)
     logger.info("Loaded DINOv2 %s from %s onto %s", name, checkpoint_path, target)
     return _freeze(model.to(target))
-
-
-def _randomize_(model: DinoV2Encoder, generator: torch.Generator) -> None:
-    """Fill every parameter with non-degenerate random values (all drawn on the CPU, fixed order).
-
-    Unlike the training init, layer-scale gammas, norms, biases and tokens all get values far
-    from their defaults, and weights are scaled (1/sqrt(fan_in), qkv x 1.5) so activations stay
-    O(1) and attention is peaked: features then depend measurably on every part of the model.
-    """
-    def normal(shape, std, mean=0.0):
-        return torch.randn(shape, generator=generator) * std + mean
-
-    with torch.no_grad():
-        for key, param in model.named_parameters():
-            shape = param.shape
-            if key.endswith(".gamma"):
-                value = normal(shape, 0.3, mean=0.5)
-            elif key in ("pos_embed", "cls_token", "register_tokens", "mask_token"):
-                value = normal(shape, 0.3)
-            elif param.ndim == 1 and ("norm" in key.split(".")[-2]):
-                value = normal(shape, 0.2, mean=1.0) if key.endswith("weight") else normal(shape, 0.1)
-            elif key.endswith("bias"):
-                value = normal(shape, 0.05)
-            else:  # linear or conv weight: out x in (x kh x kw)
-                fan_in = param[0].numel()
-                value = normal(shape, (1.5 if ".qkv." in key else 1.0) / fan_in ** 0.5)
-            param.copy_(value)
-
-
-def save_random_checkpoint(name: str, path: PathLike, seed: int = 0) -> Path:
-    """Write a random-weight checkpoint in Meta's file format and return its path.
-
-    The file is a plain ``torch.save``-d state dict with the official keys, shapes and order
-    (float32, CPU), written atomically. The same ``seed`` gives the same weights on any machine.
-    For tests, self-checks and benchmarks; the values are not a trained model.
-    """
-    arch = get_dinov2_architecture(name)
-    path = Path(path)
-    with torch.device("meta"):
-        model = DinoV2Encoder(arch)
-    model = model.to_empty(device="cpu")
-    _randomize_(model, torch.Generator().manual_seed(int(seed)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save({k: v.detach().contiguous() for k, v in model.state_dict().items()}, partial)
-    os.replace(partial, path)
-    return path

@@ -129,12 +129,6 @@ def load_sam(name: str, checkpoint_path, device: str = "cpu") -> Sam:
     return limit_global_attention_memory(sam).to(device).eval()
 
 
-def save_random_sam_checkpoint(name: str, path, seed: int = 0) -> None:
-    """Write a random-weight SAM checkpoint in the official format (a plain state dict)."""
-    torch.manual_seed(seed)
-    torch.save(build_sam(name).state_dict(), path)
-
-
 class SamRefiner:
     """Encodes query images once and decodes masks for any number of prompt sets.
 
