@@ -8,6 +8,7 @@ by nearest neighbour. Results are given back at each query's own ``[H, W]``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from .errors import CancelledError, InputError, ProtoSAMError
 from .models.alpnet import ALPNetConfig, Prototypes, compute_prototypes, mask_to_grid, score_queries
 from .models.dinov2 import get_dinov2_architecture, load_dinov2
 from .models.sam import SAM_ARCHITECTURES, SAM_IMAGE_SIZE, SamRefiner, load_sam
+from .models.sam_memory import limit_global_attention_memory, use_stock_global_attention
 from .presets import Preset, get_preset
 from .prompts import ComponentPrompt, extract_prompts
 from .validation import as_binary_mask, as_float_slices
@@ -382,3 +384,24 @@ class Engine:
         if tuple(mask.shape) != tuple(hw):
             mask = F.interpolate(mask[None, None].float(), size=tuple(hw), mode="nearest")[0, 0] > 0.5
         return mask.cpu().numpy().astype(np.uint8)
+
+    @contextlib.contextmanager
+    def reference_kernels(self):
+        """Run the published reference's attention kernels while the context is open (benchmarks
+        of the reference's cost): DINOv2's explicit all-heads attention and segment-anything's
+        stock SAM global attention instead of this engine's fused and head-chunked layouts (the
+        same maths: features differ by float rounding). The engine's own kernels, and SAM's
+        chunking settings, come back on exit."""
+        sam = self.refiner.sam
+        chunking = next(
+            ((b.attn.heads_per_chunk, b.attn.chunk_bytes) for b in sam.image_encoder.blocks if "forward" in b.attn.__dict__),
+            None,
+        )
+        self.encoder.set_fused_attention(False, heads_per_chunk=None)
+        use_stock_global_attention(sam)
+        try:
+            yield self
+        finally:
+            self.encoder.set_fused_attention(self.preset.fused_attention)
+            if chunking is not None:
+                limit_global_attention_memory(sam, *chunking)
