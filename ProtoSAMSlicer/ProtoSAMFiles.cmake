@@ -39,10 +39,12 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/__init__.py
   protosam/__main__.py
   protosam/batch.py
+  protosam/batch_cli.py
   protosam/batch_ray.py
   protosam/cache.py
-  protosam/checkpoints.py
+  protosam/catalogue.py
   protosam/cli.py
+  protosam/cli_common.py
   protosam/errors.py
   protosam/evaluation/__init__.py
   protosam/evaluation/abdominal.py
@@ -68,7 +70,7 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/models/sam_memory.py
   protosam/models/vit_blocks.py
   protosam/orientation.py
-  protosam/pipeline.py
+  protosam/engine.py
   protosam/preprocessing.py
   protosam/presets.py
   protosam/prompts.py
@@ -79,10 +81,12 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/session.py
   protosam/testing.py
   protosam/validation.py
-  protosam/weights.py
-  protosam/weights_cli.py
-  protosam/weights_download.py
-  protosam/weights_registry.py
+  protosam/weights/__init__.py
+  protosam/weights/checkpoints.py
+  protosam/weights/cli.py
+  protosam/weights/registry.py
+  protosam/weights/resolve.py
+  protosam/weights/transfer.py
   protosam/worker_process.py
   )
 

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_volumes import load_volume  # noqa: E402
 
 from protosam import Engine, ModelSelection  # noqa: E402
-from protosam.models.dinov2 import save_random_checkpoint as save_random_dinov2  # noqa: E402
-from protosam.models.sam import save_random_sam_checkpoint  # noqa: E402
+from protosam.testing import save_random_checkpoint as save_random_dinov2  # noqa: E402
+from protosam.testing import save_random_sam_checkpoint  # noqa: E402
 from protosam.session import Session  # noqa: E402
 
 TINY = {"dinov2": "dinov2_tiny14", "sam": "sam_tiny", "slices": 16, "size": 64, "input_size": 112}

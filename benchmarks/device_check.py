@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from protosam import Engine, ModelSelection, segment_volume
-from protosam.models.dinov2 import save_random_checkpoint as save_random_dinov2
-from protosam.models.sam import save_random_sam_checkpoint
+from protosam.testing import save_random_checkpoint as save_random_dinov2
+from protosam.testing import save_random_sam_checkpoint
 
 logger = logging.getLogger("device_check")
 

@@ -43,7 +43,6 @@ from segment_anything import SamPredictor
 
 from protosam import Engine, InputError
 from protosam.models.sam import SAM_IMAGE_SIZE
-from protosam.models.sam_memory import limit_global_attention_memory, use_stock_global_attention
 
 logger = logging.getLogger(__name__)
 
@@ -137,23 +136,13 @@ def naive_segment_volume(
 
 @contextlib.contextmanager
 def _reference_kernels(engine: Engine):
-    """Switch ``engine`` to the reference's kernels; yields the ``SamPredictor`` decoder."""
+    """Switch ``engine`` to the reference's kernels (:meth:`Engine.reference_kernels`); yields
+    the ``SamPredictor`` decoder."""
     preset = engine.preset
     if not (preset.effective_multimask and not preset.pick_best_score) or engine.refiner.medsam:
         raise ValueError("reference kernels decode like the paper preset (SAM, 3 masks, index 0): use preset 'paper'")
-    sam = engine.refiner.sam
-    chunking = next(
-        ((b.attn.heads_per_chunk, b.attn.chunk_bytes) for b in sam.image_encoder.blocks if "forward" in b.attn.__dict__),
-        None,
-    )
-    engine.encoder.set_fused_attention(False, heads_per_chunk=None)
-    use_stock_global_attention(sam)
-    try:
-        yield _sam_predictor_decoder(sam)
-    finally:
-        engine.encoder.set_fused_attention(preset.fused_attention)
-        if chunking is not None:
-            limit_global_attention_memory(sam, *chunking)
+    with engine.reference_kernels():
+        yield _sam_predictor_decoder(engine.refiner.sam)
 
 
 def _sam_predictor_decoder(sam) -> Callable[[torch.Tensor, list], torch.Tensor]:

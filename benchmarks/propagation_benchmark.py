@@ -30,8 +30,8 @@ import torch
 
 import protosam
 from protosam import largest_area_slice, resolve_device
-from protosam.models.dinov2 import save_random_checkpoint as save_random_dinov2
-from protosam.models.sam import save_random_sam_checkpoint
+from protosam.testing import save_random_checkpoint as save_random_dinov2
+from protosam.testing import save_random_sam_checkpoint
 from protosam.preprocessing import normalize_volume
 
 from benchmark_phases import PHASES, run_phase, worker_main

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ProtoSAMLib"))
 
 from protosam import protocol  # noqa: E402
-from protosam.pipeline import ModelSelection  # noqa: E402
+from protosam.engine import ModelSelection  # noqa: E402
 from protosam.server_client import forward_job, forwarding_request  # noqa: E402
 from protosam.testing import start_server, write_tiny_checkpoints  # noqa: E402
 from protosam.worker_process import Engines, run_job  # noqa: E402

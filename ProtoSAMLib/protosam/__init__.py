@@ -22,10 +22,10 @@ from .errors import (
 # The model classes pull in torch and segment-anything (seconds to import): load them on
 # first use so that `protosam --help` and `protosam weights ...` start instantly.
 _LAZY = {
-    "Engine": "pipeline",
-    "ModelSelection": "pipeline",
-    "SliceResults": "pipeline",
-    "resolve_device": "pipeline",
+    "Engine": "engine",
+    "ModelSelection": "engine",
+    "SliceResults": "engine",
+    "resolve_device": "engine",
     "Preset": "presets",
     "PRESETS": "presets",
     "get_preset": "presets",
@@ -35,7 +35,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline import Engine, ModelSelection, SliceResults, resolve_device
+    from .engine import Engine, ModelSelection, SliceResults, resolve_device
     from .presets import PRESETS, Preset, get_preset
     from .propagation import VolumeResult, largest_area_slice, segment_volume
 

@@ -16,9 +16,10 @@ skips a row whose output and sidecar match the current parameters and redoes the
 an interrupted cohort resumes where it stopped and a changed option or file is redone.
 
 Reading, checking and propagating reuse ``protosam segment``'s own functions
-(:func:`protosam.cli.read_segment_inputs`, :func:`protosam.cli.propagate_labels`). This module
+(:func:`protosam.cli_common.read_segment_inputs`, :func:`protosam.cli_common.propagate_labels`). This module
 holds the manifest, the resume logic, the summary and the local runner (one Engine, models
-loaded once); :mod:`protosam.batch_ray` runs the same rows on a Ray cluster.
+loaded once); :mod:`protosam.batch_ray` runs the same rows on a Ray cluster and
+:mod:`protosam.batch_cli` is the ``protosam batch`` command over both.
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,13 +38,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from . import __version__
-from .cli import ProgressBar, _parse_labels, add_model_options, engine_from_args, propagate_labels, read_segment_inputs
+from .cli_common import ProgressBar, _parse_labels, engine_from_args, propagate_labels, read_segment_inputs
 from .errors import InputError, ProtoSAMError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "BatchJob", "JobOutcome", "read_manifest", "RunParameters", "run_batch", "add_subcommand", "SIDECAR_SUFFIX",
+    "BatchJob", "JobOutcome", "read_manifest", "RunParameters", "run_batch", "SIDECAR_SUFFIX",
 ]
 
 MANIFEST_COLUMNS = ("image", "output", "support_image", "support_mask")
@@ -150,7 +150,7 @@ def _checkpoint_identity(name: str, checkpoint: Optional[str]) -> str:
         if not path.is_file():
             raise InputError(f"Checkpoint file for {name} not found: {path}. Check the path.")
         return f"sha256:{file_sha256(path)}"
-    from .weights_registry import REGISTRY
+    from .weights.registry import REGISTRY
 
     entry = REGISTRY.get(name)
     return f"sha256:{entry.sha256}" if entry is not None and entry.sha256 else f"official:{name}"
@@ -339,8 +339,10 @@ def run_local(pending: List[PendingJob], args: argparse.Namespace, report: Repor
         report(JobOutcome(job, "done", seconds, 1, voxels))
 
 
-def run_batch(args: argparse.Namespace) -> List[JobOutcome]:
-    """Run a whole manifest (locally, or on Ray with ``args.ray``); write the summary; return outcomes."""
+def run_batch(args: argparse.Namespace, run_remote: Optional[Callable[[List[PendingJob], argparse.Namespace, Report], None]] = None
+              ) -> List[JobOutcome]:
+    """Run a whole manifest (locally, or with ``args.ray`` through ``run_remote``, i.e.
+    :func:`protosam.batch_ray.run_on_ray`); write the summary; return outcomes."""
     jobs = read_manifest(args.manifest, support_image=args.support_image, support_mask=args.support_mask)
     summary = Path(args.summary) if args.summary else default_summary_path(args.manifest)
     parameters = RunParameters(args)
@@ -366,9 +368,9 @@ def run_batch(args: argparse.Namespace) -> List[JobOutcome]:
             else:
                 pending.append((job, job_parameters))
         if pending and args.ray is not None:
-            from .batch_ray import run_on_ray
-
-            run_on_ray(pending, args, report)
+            if run_remote is None:
+                raise InputError("--ray needs the Ray runner (protosam.batch_ray.run_on_ray).")
+            run_remote(pending, args, report)
         elif pending:
             run_local(pending, args, report)
     finally:
@@ -378,45 +380,3 @@ def run_batch(args: argparse.Namespace) -> List[JobOutcome]:
         summary.parent.mkdir(parents=True, exist_ok=True)
         write_summary(summary, outcomes.values())
     return [outcomes[job.row] for job in jobs]
-
-
-# ----------------------------------------------------------------------------- command line
-def cmd_batch(args: argparse.Namespace) -> int:
-    summary = args.summary or default_summary_path(args.manifest)
-    try:
-        outcomes = run_batch(args)
-    except KeyboardInterrupt:
-        # Finished rows are complete (output + sidecar), the row being computed was never
-        # renamed into place, and run_batch wrote the summary on its way out.
-        print(f"protosam: interrupted; finished volumes are kept and the summary ({summary}) lists "
-              "the rest as not run. Run the same command again to resume.", file=sys.stderr)
-        return 130
-    counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
-    print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed; summary in {summary}")
-    for outcome in outcomes:
-        if outcome.status == "failed":
-            print(f"row {outcome.job.row} ({outcome.job.image}): {outcome.error}")
-    return 1 if counts["failed"] else 0
-
-
-def add_subcommand(commands) -> None:
-    """Register ``protosam batch`` on the ``protosam`` sub-command parser."""
-    batch = commands.add_parser(
-        "batch", help="segment a cohort listed in a CSV manifest from one support example (resumable; --ray for a cluster)"
-    )
-    batch.add_argument("--manifest", required=True, metavar="jobs.csv",
-                       help="CSV with columns image,output[,support_image,support_mask]; paths relative to it")
-    batch.add_argument("--support-image", default=None, metavar="S",
-                       help="volume the support labels were drawn on (default: each row's own image)")
-    batch.add_argument("--support-mask", default=None, metavar="M", help="label map on the support image's grid")
-    batch.add_argument("--labels", default=None, help="comma-separated labels to propagate (default: all)")
-    batch.add_argument("--support-slice", type=int, default=None, help="support slice index (default: largest area per label)")
-    batch.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"])
-    batch.add_argument("--modality", default="auto", choices=["auto", "ct", "mri", "none"])
-    batch.add_argument("--summary", default=None, metavar="FILE", help="summary CSV (default: <manifest>.summary.csv beside it)")
-    batch.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                       help="run on Ray: no ADDRESS = connect to or start a local instance; 'auto', host:port or ray://...")
-    batch.add_argument("--ray-cpus-per-worker", type=int, default=None, metavar="N",
-                       help="CPUs per Ray worker (default: 1 beside each GPU; 4 on CPU-only clusters)")
-    add_model_options(batch)
-    batch.set_defaults(func=cmd_batch)

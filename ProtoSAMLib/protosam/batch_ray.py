@@ -31,7 +31,7 @@ from typing import Deque, Dict, List, Optional
 from .batch import (
     SUPPORT_FILES_KEPT, BatchJob, JobOutcome, PendingJob, Report, SupportReader, failed_outcome, read_job, save_result,
 )
-from .cli import SegmentInputs, engine_from_args, propagate_labels
+from .cli_common import SegmentInputs, engine_from_args, propagate_labels
 from .errors import InputError, ProtoSAMError
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ __all__ = ["run_on_ray", "BatchWorker", "MAX_ATTEMPTS", "IN_FLIGHT_PER_WORKER"]
 MAX_ATTEMPTS = 3
 IN_FLIGHT_PER_WORKER = 2
 DEFAULT_CPUS_PER_CPU_WORKER = 4
-# Engine options an actor needs (those of cli.add_model_options).
+# Engine options an actor needs (those of cli_common.add_model_options).
 MODEL_OPTIONS = (
     "dinov2", "dinov2_checkpoint", "sam", "sam_checkpoint", "input_size", "preset", "cca", "device", "batch_size",
     "no_download", "weights_home",

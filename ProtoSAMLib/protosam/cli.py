@@ -10,76 +10,19 @@ import logging
 import os
 import sys
 import threading
-import time
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, TextIO
+from typing import Optional, Sequence
 
 import numpy as np
 
 from . import __version__
+from .cli_common import (
+    ProgressBar, add_model_options, engine_from_args, parse_support_slices, propagate_labels, read_segment_inputs,
+)
 from .errors import CancelledError, InputError, ProtoSAMError
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "main", "build_parser", "ProgressBar", "add_model_options", "engine_from_args", "SegmentInputs",
-    "read_segment_inputs", "propagate_labels",
-]
-
-
-class ProgressBar:
-    """A one-line text progress bar with time left, for stderr."""
-
-    def __init__(self, label: str, stream: TextIO = sys.stderr, width: int = 28):
-        self.label, self.stream, self.width = label, stream, width
-        self.started = time.perf_counter()
-        self._last_draw = 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if done < total and now - self._last_draw < 0.2:
-            return
-        self._last_draw = now
-        fraction = done / total if total else 1.0
-        elapsed = now - self.started
-        left = elapsed / fraction - elapsed if fraction > 0 else float("nan")
-        bar = "#" * int(round(fraction * self.width))
-        self.stream.write(f"\r{self.label} [{bar:<{self.width}}] {done}/{total}  {left:5.0f} s left ")
-        if done >= total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
-def add_model_options(parser: argparse.ArgumentParser, *, default_size: int = 672) -> None:
-    """The model/preset/device options shared by every command that runs the engine."""
-    group = parser.add_argument_group("models")
-    group.add_argument("--preset", default="default", choices=["default", "paper"],
-                       help="'paper' reproduces the published reference exactly; 'default' is tuned for use")
-    group.add_argument("--dinov2", default="dinov2_vitb14", help="DINOv2 architecture (see 'protosam weights list')")
-    group.add_argument("--dinov2-checkpoint", default=None, metavar="FILE", help="DINOv2 checkpoint file (official format)")
-    group.add_argument("--sam", default="vit_b", help="vit_b, vit_l, vit_h or medsam_vit_b")
-    group.add_argument("--sam-checkpoint", default=None, metavar="FILE", help="SAM/MedSAM checkpoint file (official format)")
-    group.add_argument("--input-size", type=int, default=default_size, help="ALPNet/DINOv2 input size S (multiple of 14)")
-    group.add_argument("--cca", action="store_true", default=None, help="keep only the largest coarse component")
-    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    group.add_argument("--batch-size", type=int, default=None, help="slices per encoder call (default 8 on CUDA, 1 on CPU)")
-    group.add_argument("--no-download", action="store_true", help="never download weights; fail with instructions instead")
-    group.add_argument("--weights-home", default=None, metavar="DIR", help="weights cache folder (default $PROTOSAM_HOME or ~/.protosam)")
-
-
-def engine_from_args(args):
-    """An :class:`Engine` from the options of :func:`add_model_options`."""
-    from .pipeline import Engine, ModelSelection
-
-    models = ModelSelection(
-        dinov2=args.dinov2, dinov2_checkpoint=args.dinov2_checkpoint, sam=args.sam,
-        sam_checkpoint=args.sam_checkpoint, input_size=args.input_size,
-    )
-    return Engine(
-        models, preset=args.preset, device=args.device, cca=args.cca, download=not args.no_download,
-        weights_home=args.weights_home, batch_size=args.batch_size,
-        download_progress=ProgressBar("download") if not args.no_download else None,
-    )
+__all__ = ["main", "build_parser"]
 
 
 def _load_npy(path: str, what: str) -> np.ndarray:
@@ -132,131 +75,6 @@ def cmd_slices(args) -> int:
     return 0
 
 
-def _parse_labels(text: Optional[str]) -> Optional[List[int]]:
-    if text is None:
-        return None
-    try:
-        labels = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise InputError(f"--labels must be comma-separated integers such as 1,3,6; got {text!r}") from None
-    if not labels or any(label <= 0 for label in labels):
-        raise InputError("--labels must list positive label values such as 1,3,6.")
-    return labels
-
-
-@dataclass
-class SegmentInputs:
-    """A checked ``segment`` job: ``[k, j, i]`` arrays as read, and what to propagate.
-
-    ``support`` is None when the labels were painted on ``query`` itself; ``labelmap`` (any
-    integer or whole-number dtype) has the support's shape; ``labels`` lists the label values
-    to propagate, first = wins overlaps; ``geometry``: the orientation keywords of
-    :func:`protosam.segment_volume` (``query_ijk_to_ras``, ``support_ijk_to_ras``: (4, 4) RAS
-    matrices from the files' LPS headers, ``plane``: resolved, never "auto"), so that the
-    engine slices in its canonical order (:mod:`protosam.orientation`) and hands back masks in
-    the files' own order.
-    """
-
-    query: np.ndarray
-    support: Optional[np.ndarray]
-    labelmap: np.ndarray
-    labels: List[int]
-    geometry: Dict[str, object]
-
-
-def read_segment_inputs(image, support_mask, *, support_image=None, labels: Optional[str] = None,
-                        plane: str = "auto", read=None):
-    """Read and check the volumes of a ``segment`` job -> (:class:`SegmentInputs`, the image's sitk header).
-
-    No torch import. ``labels``: comma-separated text as typed (None: every label of the mask).
-    ``read(path, what)`` replaces :func:`protosam.io.read_volume` (``protosam batch`` reuses one
-    support that way). The file checks of :func:`protosam.io.check_segment_paths` come first.
-    """
-    from .io import MAX_LABEL_VALUE, check_same_geometry, read_volume, same_file
-    from .orientation import choose_plane, ijk_to_ras_from_lps
-    from .validation import support_labels
-
-    read = read or read_volume
-    requested = _parse_labels(labels)
-    query, query_image = read(image, "image")
-    same = support_image is None or same_file(support_image, image)
-    support, support_header = (query, query_image) if same else read(support_image, "support image")
-    labelmap, labelmap_image = read(support_mask, "support mask")
-    check_same_geometry(support_header, labelmap_image, "support image", "support mask")
-    chosen = support_labels(
-        labelmap, requested, mask_option="--support-mask", mask_path=support_mask,
-        image_option="--image" if support_image is None else "--support-image",
-        max_value=MAX_LABEL_VALUE, image_values=lambda: np.unique(support),
-    )
-    def ijk_to_ras(header):
-        return ijk_to_ras_from_lps(header.GetDirection(), header.GetSpacing(), header.GetOrigin())
-
-    query_ijk_to_ras = ijk_to_ras(query_image)
-    geometry = {"query_ijk_to_ras": query_ijk_to_ras, "support_ijk_to_ras": None if same else ijk_to_ras(support_header),
-                "plane": choose_plane(query_ijk_to_ras, plane)}
-    return SegmentInputs(query, None if same else support, labelmap, chosen, geometry), query_image
-
-
-def parse_support_slices(text: str):
-    """``--support-slice``: ``"painted"`` or comma-separated slice indices -> "painted" or [int]."""
-    if text.strip().lower() == "painted":
-        return "painted"
-    try:
-        indices = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        indices = []
-    if not indices or min(indices) < 0:
-        raise argparse.ArgumentTypeError(
-            f"--support-slice takes 'painted' or slice indices like 12,30,41, not {text!r}"
-        )
-    return indices
-
-
-def propagate_labels(engine, inputs: SegmentInputs, *, support_slice=None, support_mode: str = "nearest",
-                     modality: str = "auto", progress=None, cancel: Optional[threading.Event] = None):
-    """Propagate every label of ``inputs`` -> (``[k, j, i]`` uint8/uint16 label map, :class:`VolumeResult`).
-
-    ``support_slice``: None (each label's largest slice), a slice index or indices along the
-    slicing axis (the same for every label), or ``"painted"`` (every slice each label is
-    painted on); ``support_mode``: "nearest" or "all" (see ``segment_volume``).
-
-    Where labels overlap the one listed first keeps the voxel; within one volume the painted
-    support slices are kept exactly as painted.
-    """
-    from .propagation import segment_volume
-
-    labels, labelmap = inputs.labels, inputs.labelmap
-    support_slices = None
-    if isinstance(support_slice, str) and support_slice == "painted":
-        from .orientation import canonical_orientation
-
-        geometry = inputs.geometry
-        support_axis = canonical_orientation(geometry["support_ijk_to_ras"] if geometry["support_ijk_to_ras"] is not None
-                                             else geometry["query_ijk_to_ras"], geometry["plane"]).slice_axis
-        other_axes = tuple(a for a in range(3) if a != support_axis)
-        support_slices = {label: np.flatnonzero((labelmap == label).any(axis=other_axes)).tolist() for label in labels}
-    elif support_slice is not None:
-        support_slices = {label: support_slice for label in labels}
-    result = segment_volume(
-        engine, inputs.query, inputs.support, {label: labelmap == label for label in labels},
-        support_slices=support_slices, support_mode=support_mode, modality=modality, progress=progress,
-        cancel=cancel, **inputs.geometry,
-    )
-    axis = result.axis  # the files' array axis of the plane
-    output = np.zeros(inputs.query.shape, np.uint16 if max(labels) > 255 else np.uint8)
-    # Overlaps: the label listed first keeps the voxel ...
-    for label in reversed(labels):
-        output[result.masks[label] > 0] = label
-    # ... but what the user painted always wins over what was propagated.
-    if inputs.support is None:
-        for label in labels:
-            for k in result.support_slices[label]:
-                index = (slice(None),) * axis + (k,)
-                painted = labelmap[index] == label
-                output[index][painted] = label
-    return output, result
-
-
 def cmd_segment(args) -> int:
     # Everything that can be checked without the models is checked first, without importing
     # torch (seconds): files, output place, labels. Only then are the models loaded.
@@ -276,7 +94,7 @@ def cmd_segment(args) -> int:
     try:
         if args.report:
             from .evaluation.pictures import axial_display_flips
-            from .evaluation.report import write_segment_report
+            from .evaluation.segment_report import write_segment_report
 
             axis = result.axis
             flip_rows, flip_cols = axial_display_flips(query_image.GetDirection()) if axis == 0 else (False, False)
@@ -297,7 +115,7 @@ def cmd_segment(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import weights_cli
+    from .weights import cli as weights_cli
 
     parser = argparse.ArgumentParser(
         prog="protosam", description="ProtoSAM one-shot segmentation: DINOv2 + ALPNet prototypes prompt SAM."
@@ -340,9 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.set_defaults(func=cmd_segment)
 
     weights_cli.add_subcommands(commands)
-    from . import batch, worker_process
+    from . import batch_cli, worker_process
 
-    batch.add_subcommand(commands)
+    batch_cli.add_subcommand(commands)
     worker = commands.add_parser("worker", help="persistent worker process of a ProtoSAM client (started by Slicer)")
     worker_process.build_parser(worker).set_defaults(func=worker_process.cli_serve)
     from . import server

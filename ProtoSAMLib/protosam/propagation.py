@@ -28,7 +28,7 @@ from .cache import EmbeddingCache, volume_fingerprint
 from .errors import CancelledError, InputError
 from .models.alpnet import Prototypes, pool_prototypes
 from .orientation import canonical_orientation, choose_plane
-from .pipeline import Engine
+from .engine import Engine
 from .preprocessing import normalize_volume
 from .validation import as_binary_mask, as_float_slices
 

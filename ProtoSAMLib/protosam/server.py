@@ -620,7 +620,7 @@ def is_loopback(host: str) -> bool:
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    from .cli import add_model_options
+    from .cli_common import add_model_options
 
     parser = parser or argparse.ArgumentParser(prog="protosam serve", description=__doc__.split("\n\n")[0])
     net = parser.add_argument_group("network and security")
@@ -674,7 +674,7 @@ def serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     tokens = load_tokens(args.token, args.tokens, args.weights_home, announce=lambda text: print(text, flush=True))
-    from .pipeline import resolve_device
+    from .engine import resolve_device
 
     config = ServerConfig(models=_served_models(args), tokens=tokens, device=str(resolve_device(args.device)),
                           weights_home=args.weights_home, download=not args.no_download,

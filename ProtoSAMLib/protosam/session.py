@@ -40,7 +40,7 @@ from scipy import ndimage
 from .cache import EmbeddingCache, volume_fingerprint
 from .errors import InputError
 from .models.sam import SAM_IMAGE_SIZE
-from .pipeline import Engine
+from .engine import Engine
 from .preprocessing import normalize_volume
 from .prompts import ComponentPrompt, connected_components
 from .propagation import (

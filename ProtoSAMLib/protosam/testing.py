@@ -5,17 +5,24 @@ second per slice; their masks mean nothing.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Union
 
-from .models.dinov2 import save_random_checkpoint as save_random_dinov2_checkpoint
-from .models.sam import save_random_sam_checkpoint
-from .pipeline import ModelSelection
+import torch
 
-__all__ = ["TINY_DINOV2", "TINY_SAM", "write_tiny_checkpoints", "start_server", "ServerProcess", "free_port"]
+from . import catalogue
+from .engine import ModelSelection
+from .models.dinov2 import DinoV2Encoder, PathLike, get_dinov2_architecture
+from .models.sam import build_sam
 
-TINY_DINOV2 = "dinov2_tiny14"
-TINY_SAM = "sam_tiny"
+__all__ = [
+    "TINY_DINOV2", "TINY_SAM", "write_tiny_checkpoints", "save_random_checkpoint", "save_random_sam_checkpoint",
+    "start_server", "ServerProcess", "free_port",
+]
+
+TINY_DINOV2 = catalogue.TINY_DINOV2
+TINY_SAM = catalogue.TINY_SAM
 
 
 def write_tiny_checkpoints(folder: Union[str, Path], *, input_size: int = 224, seed: int = 0) -> ModelSelection:
@@ -26,13 +33,67 @@ def write_tiny_checkpoints(folder: Union[str, Path], *, input_size: int = 224, s
     dinov2_path = folder / f"{TINY_DINOV2}.pth"
     sam_path = folder / f"{TINY_SAM}.pth"
     if not dinov2_path.exists():
-        save_random_dinov2_checkpoint(TINY_DINOV2, dinov2_path, seed=seed)
+        save_random_checkpoint(TINY_DINOV2, dinov2_path, seed=seed)
     if not sam_path.exists():
         save_random_sam_checkpoint(TINY_SAM, sam_path, seed=seed)
     return ModelSelection(
         dinov2=TINY_DINOV2, dinov2_checkpoint=str(dinov2_path), sam=TINY_SAM, sam_checkpoint=str(sam_path),
         input_size=input_size,
     )
+
+
+# ----------------------------------------------------------------------------- random-weight checkpoints
+def _randomize_(model: DinoV2Encoder, generator: torch.Generator) -> None:
+    """Fill every parameter with non-degenerate random values (all drawn on the CPU, fixed order).
+
+    Unlike the training init, layer-scale gammas, norms, biases and tokens all get values far
+    from their defaults, and weights are scaled (1/sqrt(fan_in), qkv x 1.5) so activations stay
+    O(1) and attention is peaked: features then depend measurably on every part of the model.
+    """
+    def normal(shape, std, mean=0.0):
+        return torch.randn(shape, generator=generator) * std + mean
+
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            shape = param.shape
+            if key.endswith(".gamma"):
+                value = normal(shape, 0.3, mean=0.5)
+            elif key in ("pos_embed", "cls_token", "register_tokens", "mask_token"):
+                value = normal(shape, 0.3)
+            elif param.ndim == 1 and ("norm" in key.split(".")[-2]):
+                value = normal(shape, 0.2, mean=1.0) if key.endswith("weight") else normal(shape, 0.1)
+            elif key.endswith("bias"):
+                value = normal(shape, 0.05)
+            else:  # linear or conv weight: out x in (x kh x kw)
+                fan_in = param[0].numel()
+                value = normal(shape, (1.5 if ".qkv." in key else 1.0) / fan_in ** 0.5)
+            param.copy_(value)
+
+
+def save_random_checkpoint(name: str, path: PathLike, seed: int = 0) -> Path:
+    """Write a random-weight checkpoint in Meta's file format and return its path.
+
+    The file is a plain ``torch.save``-d state dict with the official keys, shapes and order
+    (float32, CPU), written atomically. The same ``seed`` gives the same weights on any machine.
+    For tests, self-checks and benchmarks; the values are not a trained model.
+    """
+    arch = get_dinov2_architecture(name)
+    path = Path(path)
+    with torch.device("meta"):
+        model = DinoV2Encoder(arch)
+    model = model.to_empty(device="cpu")
+    _randomize_(model, torch.Generator().manual_seed(int(seed)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save({k: v.detach().contiguous() for k, v in model.state_dict().items()}, partial)
+    os.replace(partial, path)
+    return path
+
+
+def save_random_sam_checkpoint(name: str, path, seed: int = 0) -> None:
+    """Write a random-weight SAM checkpoint in the official format (a plain state dict)."""
+    torch.manual_seed(seed)
+    torch.save(build_sam(name).state_dict(), path)
 
 
 # ----------------------------------------------------------------------------- test server

@@ -52,7 +52,7 @@ class Engines:
         self._lock = threading.Lock()
 
     def get(self, spec: Dict[str, Any]):
-        from .pipeline import Engine, ModelSelection
+        from .engine import Engine, ModelSelection
 
         spec = protocol.EngineSpec(**spec)
         models = ModelSelection(**spec.models)
@@ -157,7 +157,7 @@ def _download_weights(engines: Engines, request: protocol.JobSubmit, progress: P
                       cancel: threading.Event) -> List[str]:
     """Download the missing official weights of ``models``; progress in bytes over all files."""
     from . import weights
-    from .pipeline import ModelSelection
+    from .engine import ModelSelection
 
     kwargs = request.kwargs
     models = ModelSelection(**kwargs["models"])

@@ -198,14 +198,12 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def _populateModelWidgets(self):
-        # Labels only: the module must load before torch and the engine are installed.
+        # The torch-free catalogue: the module must load before torch is installed.
+        from protosam import catalogue
+
         choices = {
-            self.ui.dinov2ComboBox: ([("dinov2_vits14", _("DINOv2 ViT-S/14 (fastest)")),
-                                      ("dinov2_vitb14", _("DINOv2 ViT-B/14 (default)")),
-                                      ("dinov2_vitl14", _("DINOv2 ViT-L/14 (paper)")),
-                                      ("dinov2_vitg14", _("DINOv2 ViT-g/14 (largest)"))], "DINOv2"),
-            self.ui.samComboBox: ([("vit_b", _("SAM ViT-B (default)")), ("vit_l", _("SAM ViT-L")),
-                                   ("vit_h", _("SAM ViT-H (paper)")), ("medsam_vit_b", _("MedSAM ViT-B"))], "SAM"),
+            self.ui.dinov2ComboBox: ([(name, _(label)) for name, label in catalogue.choices("dinov2")], "DINOv2"),
+            self.ui.samComboBox: ([(name, _(label)) for name, label in catalogue.choices("sam")], "SAM"),
             self.ui.presetComboBox: ([("default", _("default")), ("paper", _("paper"))], "Preset"),
             self.ui.deviceComboBox: ([("auto", _("auto")), ("cuda", _("GPU (CUDA)")), ("cpu", _("CPU"))], "Device"),
             self.ui.modalityComboBox: ([("auto", _("auto")), ("ct", _("CT")), ("mri", _("MRI")), ("none", _("none"))],

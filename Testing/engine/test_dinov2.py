@@ -22,8 +22,8 @@ from protosam.models.dinov2 import (
     build_dinov2,
     identify_dinov2_architecture,
     load_dinov2,
-    save_random_checkpoint,
 )
+from protosam.testing import save_random_checkpoint
 
 TOLERANCE = 1e-4  # max abs difference allowed against the official implementation
 OFFICIAL = [name for name, arch in DINOV2_ARCHITECTURES.items() if not arch.test_only]

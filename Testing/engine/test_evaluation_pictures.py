@@ -20,7 +20,7 @@ from protosam.evaluation.pictures import (
     write_dice_plot,
     write_overlay_montage,
 )
-from protosam.evaluation.report import write_segment_report
+from protosam.evaluation.segment_report import write_segment_report
 from protosam.evaluation.sample_data import find_installed_sample
 from protosam.prompts import extract_prompts
 

@@ -8,7 +8,7 @@ import torch
 
 from engine_helpers import blob_slice
 from protosam import Engine, InputError
-from protosam.checkpoints import load_state_dict
+from protosam.weights.checkpoints import load_state_dict
 from protosam.models.dinov2 import get_dinov2_architecture
 from protosam.models.sam import load_sam
 

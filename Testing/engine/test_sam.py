@@ -5,7 +5,8 @@ import torch
 from segment_anything import SamPredictor
 
 from protosam.errors import CheckpointError
-from protosam.models.sam import SamRefiner, load_sam, save_random_sam_checkpoint
+from protosam.models.sam import SamRefiner, load_sam
+from protosam.testing import save_random_sam_checkpoint
 from protosam.prompts import ComponentPrompt
 
 

@@ -22,8 +22,8 @@ from protosam.weights import (
     verify_file,
     weights_dir,
 )
-from protosam.weights_cli import add_subcommands
-from protosam.weights_registry import REGISTRY, TEST_ONLY_ARCHITECTURES, WeightsEntry, is_allowed_url
+from protosam.weights.cli import add_subcommands
+from protosam.weights.registry import REGISTRY, TEST_ONLY_ARCHITECTURES, WeightsEntry, is_allowed_url
 
 try:
     from http_fixtures import LocalHTTPServer, Route, unused_loopback_url

@@ -6,22 +6,23 @@ import logging
 from pathlib import Path
 from typing import Optional, Tuple
 
+from .. import catalogue
 from ..errors import InputError
 
 logger = logging.getLogger(__name__)
 
 #: The paper's models and behaviour: DINOv2 ViT-L/14 + SAM ViT-H, ``paper`` preset.
-EVALUATE_DEFAULTS = {"dinov2": "dinov2_vitl14", "sam": "vit_h", "preset": "paper"}
+EVALUATE_DEFAULTS = {"dinov2": catalogue.PAPER_DINOV2, "sam": catalogue.PAPER_SAM, "preset": "paper"}
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    from ..cli import add_model_options  # one definition of the model options for all commands
+    from ..cli_common import add_model_options  # one definition of the model options for all commands
 
     add_model_options(parser)
 
 
 def _engine(args):
-    from ..cli import engine_from_args
+    from ..cli_common import engine_from_args
 
     return engine_from_args(args)
 
@@ -77,7 +78,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ..cli import ProgressBar
+    from ..cli_common import ProgressBar
     from .demo import DEFAULT_STRUCTURES, run_demo
     from .pseudo_scans import build_pseudo_dataset
     from .sample_data import get_sample

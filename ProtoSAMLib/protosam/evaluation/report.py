@@ -228,10 +228,3 @@ def _csv_value(value):
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.6f}"
     return value
-
-
-def write_segment_report(out_dir, **kwargs):
-    """Pictures + JSON for ``protosam segment --report DIR`` (see :mod:`.segment_report`)."""
-    from .segment_report import write_segment_report as _write
-
-    return _write(out_dir, **kwargs)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 from ..errors import IntegrityError, ProtoSAMError
-from ..weights_registry import is_allowed_url
+from ..weights.registry import is_allowed_url
 
 logger = logging.getLogger(__name__)
 

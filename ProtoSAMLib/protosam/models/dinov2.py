@@ -22,13 +22,13 @@ import os
 import re
 import types
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..checkpoints import check_state_dict_matches, load_state_dict
+from .. import catalogue
+from ..weights.checkpoints import check_state_dict_matches, load_state_dict
 from ..errors import CheckpointError, InputError
 from .vit_blocks import LAYER_NORM_EPS, Attention, Block, PatchEmbed, interpolate_patch_pos_embed, swiglu_hidden_dim
 
@@ -86,23 +86,23 @@ def _official(name: str, embed_dim: int, depth: int, num_heads: int, ffn_layer: 
     """The plain model and its 4-register twin, with the hub's settings for each."""
     plain = DinoV2Architecture(name, embed_dim, depth, num_heads, ffn_layer=ffn_layer)
     registers = DinoV2Architecture(
-        f"{name}_reg4", embed_dim, depth, num_heads, ffn_layer=ffn_layer,
+        name + catalogue.REGISTERS_SUFFIX, embed_dim, depth, num_heads, ffn_layer=ffn_layer,
         num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True,
     )
     return plain, registers
 
 
 _ALL = (
-    *_official("dinov2_vits14", 384, 12, 6),
-    *_official("dinov2_vitb14", 768, 12, 12),
-    *_official("dinov2_vitl14", 1024, 24, 16),
-    *_official("dinov2_vitg14", 1536, 40, 24, ffn_layer="swiglufused"),
+    *_official(catalogue.DINOV2_VITS14, 384, 12, 6),
+    *_official(catalogue.DINOV2_VITB14, 768, 12, 12),
+    *_official(catalogue.DINOV2_VITL14, 1024, 24, 16),
+    *_official(catalogue.DINOV2_VITG14, 1536, 40, 24, ffn_layer="swiglufused"),
     # Test-only (no download, random weights): width 48, 2 blocks, 2 heads, the real 37 x 37
     # position grid. "dinov2_tiny14" has no registers and the plain models' resampling (the
     # paper's ViT-L/14 path); "dinov2_tiny14_reg4" exercises the register path.
-    DinoV2Architecture("dinov2_tiny14", 48, 2, 2, test_only=True),
+    DinoV2Architecture(catalogue.TINY_DINOV2, 48, 2, 2, test_only=True),
     DinoV2Architecture(
-        "dinov2_tiny14_reg4", 48, 2, 2, num_register_tokens=4,
+        catalogue.TINY_DINOV2_REG4, 48, 2, 2, num_register_tokens=4,
         interpolate_offset=0.0, interpolate_antialias=True, test_only=True,
     ),
 )
@@ -311,50 +311,3 @@ def load_dinov2(name: str, checkpoint_path: PathLike, device: Union[str, torch.d
     model.load_state_dict(tensors, strict=True, assign=True)
     logger.info("Loaded DINOv2 %s from %s onto %s", name, checkpoint_path, target)
     return _freeze(model.to(target))
-
-
-def _randomize_(model: DinoV2Encoder, generator: torch.Generator) -> None:
-    """Fill every parameter with non-degenerate random values (all drawn on the CPU, fixed order).
-
-    Unlike the training init, layer-scale gammas, norms, biases and tokens all get values far
-    from their defaults, and weights are scaled (1/sqrt(fan_in), qkv x 1.5) so activations stay
-    O(1) and attention is peaked: features then depend measurably on every part of the model.
-    """
-    def normal(shape, std, mean=0.0):
-        return torch.randn(shape, generator=generator) * std + mean
-
-    with torch.no_grad():
-        for key, param in model.named_parameters():
-            shape = param.shape
-            if key.endswith(".gamma"):
-                value = normal(shape, 0.3, mean=0.5)
-            elif key in ("pos_embed", "cls_token", "register_tokens", "mask_token"):
-                value = normal(shape, 0.3)
-            elif param.ndim == 1 and ("norm" in key.split(".")[-2]):
-                value = normal(shape, 0.2, mean=1.0) if key.endswith("weight") else normal(shape, 0.1)
-            elif key.endswith("bias"):
-                value = normal(shape, 0.05)
-            else:  # linear or conv weight: out x in (x kh x kw)
-                fan_in = param[0].numel()
-                value = normal(shape, (1.5 if ".qkv." in key else 1.0) / fan_in ** 0.5)
-            param.copy_(value)
-
-
-def save_random_checkpoint(name: str, path: PathLike, seed: int = 0) -> Path:
-    """Write a random-weight checkpoint in Meta's file format and return its path.
-
-    The file is a plain ``torch.save``-d state dict with the official keys, shapes and order
-    (float32, CPU), written atomically. The same ``seed`` gives the same weights on any machine.
-    For tests, self-checks and benchmarks; the values are not a trained model.
-    """
-    arch = get_dinov2_architecture(name)
-    path = Path(path)
-    with torch.device("meta"):
-        model = DinoV2Encoder(arch)
-    model = model.to_empty(device="cpu")
-    _randomize_(model, torch.Generator().manual_seed(int(seed)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save({k: v.detach().contiguous() for k, v in model.state_dict().items()}, partial)
-    os.replace(partial, path)
-    return path

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from ..checkpoints import check_state_dict_matches, load_state_dict
+from .. import catalogue
+from ..weights.checkpoints import check_state_dict_matches, load_state_dict
 from ..prompts import ComponentPrompt
 from .sam_decoder import SharedImageDecoder
 from .sam_memory import limit_global_attention_memory
@@ -55,13 +56,13 @@ class SamArchitecture:
 SAM_ARCHITECTURES: Dict[str, SamArchitecture] = {
     a.name: a
     for a in (
-        SamArchitecture("vit_b", 768, 12, 12, (2, 5, 8, 11)),
-        SamArchitecture("vit_l", 1024, 24, 16, (5, 11, 17, 23)),
-        SamArchitecture("vit_h", 1280, 32, 16, (7, 15, 23, 31)),
-        SamArchitecture("medsam_vit_b", 768, 12, 12, (2, 5, 8, 11), medsam=True),
+        SamArchitecture(catalogue.SAM_VIT_B, 768, 12, 12, (2, 5, 8, 11)),
+        SamArchitecture(catalogue.SAM_VIT_L, 1024, 24, 16, (5, 11, 17, 23)),
+        SamArchitecture(catalogue.SAM_VIT_H, 1280, 32, 16, (7, 15, 23, 31)),
+        SamArchitecture(catalogue.MEDSAM_VIT_B, 768, 12, 12, (2, 5, 8, 11), medsam=True),
         # Tiny random-weight model for tests and CI only: same code path, same file format.
         SamArchitecture(
-            "sam_tiny", 32, 2, 2, (1,), prompt_embed_dim=32, decoder_mlp_dim=64,
+            catalogue.TINY_SAM, 32, 2, 2, (1,), prompt_embed_dim=32, decoder_mlp_dim=64,
             decoder_num_heads=2, iou_head_hidden_dim=32, mask_in_chans=4, test_only=True,
         ),
     )
@@ -126,12 +127,6 @@ def load_sam(name: str, checkpoint_path, device: str = "cpu") -> Sam:
     sam.load_state_dict(state_dict, strict=True)
     sam.requires_grad_(False)
     return limit_global_attention_memory(sam).to(device).eval()
-
-
-def save_random_sam_checkpoint(name: str, path, seed: int = 0) -> None:
-    """Write a random-weight SAM checkpoint in the official format (a plain state dict)."""
-    torch.manual_seed(seed)
-    torch.save(build_sam(name).state_dict(), path)
 
 
 class SamRefiner:

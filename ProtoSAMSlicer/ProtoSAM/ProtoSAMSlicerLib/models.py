@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from protosam import Engine, ModelSelection
+from protosam import Engine, ModelSelection, catalogue
 from protosam import weights as protosamWeights
 from protosam.models.dinov2 import DINOV2_ARCHITECTURES
 from protosam.models.sam import SAM_ARCHITECTURES
@@ -22,23 +22,13 @@ from protosam.models.sam import SAM_ARCHITECTURES
 logger = logging.getLogger(__name__)
 
 #: (name, label) of the DINOv2 encoders offered in the GUI, smallest first.
-DINOV2_CHOICES: Tuple[Tuple[str, str], ...] = (
-    ("dinov2_vits14", "DINOv2 ViT-S/14 (fastest)"),
-    ("dinov2_vitb14", "DINOv2 ViT-B/14 (default)"),
-    ("dinov2_vitl14", "DINOv2 ViT-L/14 (paper)"),
-    ("dinov2_vitg14", "DINOv2 ViT-g/14 (largest)"),
-)
+DINOV2_CHOICES: Tuple[Tuple[str, str], ...] = catalogue.choices("dinov2")
 #: (name, label) of the SAM refiners offered in the GUI.
-SAM_CHOICES: Tuple[Tuple[str, str], ...] = (
-    ("vit_b", "SAM ViT-B (default)"),
-    ("vit_l", "SAM ViT-L"),
-    ("vit_h", "SAM ViT-H (paper)"),
-    ("medsam_vit_b", "MedSAM ViT-B"),
-)
-DEFAULT_DINOV2 = "dinov2_vitb14"
-DEFAULT_SAM = "vit_b"
+SAM_CHOICES: Tuple[Tuple[str, str], ...] = catalogue.choices("sam")
+DEFAULT_DINOV2 = catalogue.DEFAULT_DINOV2
+DEFAULT_SAM = catalogue.DEFAULT_SAM
 #: Side of the square the engine resizes slices to (the paper's value).
-DEFAULT_INPUT_SIZE = 672
+DEFAULT_INPUT_SIZE = catalogue.DEFAULT_INPUT_SIZE
 
 
 def modelSelection(dinov2: str = DEFAULT_DINOV2, sam: str = DEFAULT_SAM, *, dinov2Checkpoint: str = "",

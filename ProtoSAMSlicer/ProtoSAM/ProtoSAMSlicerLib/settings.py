@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+from protosam import catalogue
+
 PREFIX = "ProtoSAM/"
 #: setting name -> default value
 DEFAULTS = {
-    "DINOv2": "dinov2_vitb14",
-    "SAM": "vit_b",
+    "DINOv2": catalogue.DEFAULT_DINOV2,
+    "SAM": catalogue.DEFAULT_SAM,
     "SAMCheckpoint": "",
     "DINOv2Checkpoint": "",
     "Preset": "default",

@@ -17,8 +17,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import CancelledError, IntegrityError, WeightsUnavailableError
-from .weights_registry import WeightsEntry, is_allowed_url, is_loopback_url
+from ..errors import CancelledError, IntegrityError, WeightsUnavailableError
+from .registry import WeightsEntry, is_allowed_url, is_loopback_url
 
 logger = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ by nearest neighbour. Results are given back at each query's own ``[H, W]``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -17,11 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import catalogue
 from .cache import EmbeddingCache
 from .errors import CancelledError, InputError, ProtoSAMError
 from .models.alpnet import ALPNetConfig, Prototypes, compute_prototypes, mask_to_grid, score_queries
 from .models.dinov2 import get_dinov2_architecture, load_dinov2
 from .models.sam import SAM_ARCHITECTURES, SAM_IMAGE_SIZE, SamRefiner, load_sam
+from .models.sam_memory import limit_global_attention_memory, use_stock_global_attention
 from .presets import Preset, get_preset
 from .prompts import ComponentPrompt, extract_prompts
 from .validation import as_binary_mask, as_float_slices
@@ -40,11 +43,11 @@ ProgressCallback = Callable[[int, int], None]
 class ModelSelection:
     """Which models to run. ``*_checkpoint`` None means the official file from the cache."""
 
-    dinov2: str = "dinov2_vitb14"
+    dinov2: str = catalogue.DEFAULT_DINOV2
     dinov2_checkpoint: Optional[str] = None
-    sam: str = "vit_b"
+    sam: str = catalogue.DEFAULT_SAM
     sam_checkpoint: Optional[str] = None
-    input_size: int = 672
+    input_size: int = catalogue.DEFAULT_INPUT_SIZE
 
     def __post_init__(self):
         if not isinstance(self.input_size, int) or self.input_size < 14:
@@ -381,3 +384,24 @@ class Engine:
         if tuple(mask.shape) != tuple(hw):
             mask = F.interpolate(mask[None, None].float(), size=tuple(hw), mode="nearest")[0, 0] > 0.5
         return mask.cpu().numpy().astype(np.uint8)
+
+    @contextlib.contextmanager
+    def reference_kernels(self):
+        """Run the published reference's attention kernels while the context is open (benchmarks
+        of the reference's cost): DINOv2's explicit all-heads attention and segment-anything's
+        stock SAM global attention instead of this engine's fused and head-chunked layouts (the
+        same maths: features differ by float rounding). The engine's own kernels, and SAM's
+        chunking settings, come back on exit."""
+        sam = self.refiner.sam
+        chunking = next(
+            ((b.attn.heads_per_chunk, b.attn.chunk_bytes) for b in sam.image_encoder.blocks if "forward" in b.attn.__dict__),
+            None,
+        )
+        self.encoder.set_fused_attention(False, heads_per_chunk=None)
+        use_stock_global_attention(sam)
+        try:
+            yield self
+        finally:
+            self.encoder.set_fused_attention(self.preset.fused_attention)
+            if chunking is not None:
+                limit_global_attention_memory(sam, *chunking)

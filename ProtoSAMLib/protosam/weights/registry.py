@@ -35,14 +35,16 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping, Optional
 
-FAMILIES = ("dinov2", "sam")
+from .. import catalogue
+
+FAMILIES = catalogue.FAMILIES
 
 #: Hosts that may be contacted over plain http. Only the loopback interface: this exists so
 #: tests can serve files from 127.0.0.1; every real download must use https.
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 #: Architectures used only by tests (tiny random-weight models); they have no download.
-TEST_ONLY_ARCHITECTURES: Mapping[str, str] = MappingProxyType({"dinov2_tiny14": "dinov2", "sam_tiny": "sam"})
+TEST_ONLY_ARCHITECTURES: Mapping[str, str] = catalogue.test_only_models()
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -152,7 +154,7 @@ def _sam(name: str, file_name: str, size: int, sha256: str, md5: str) -> Weights
 
 
 def _dino(name: str, registers: bool, size: int, sha256: str) -> WeightsEntry:
-    arch = name[: -len("_reg4")] if registers else name
+    arch = name[: -len(catalogue.REGISTERS_SUFFIX)] if registers else name
     file_name = f"{name}_pretrain.pth"
     return WeightsEntry(
         name=name, family="dinov2", architecture=name, file_name=file_name,
@@ -162,22 +164,22 @@ def _dino(name: str, registers: bool, size: int, sha256: str) -> WeightsEntry:
 
 
 _ENTRIES = (
-    _dino("dinov2_vits14", False, 88_283_115, "b938bf1bc15cd2ec0feacfe3a1bb553fe8ea9ca46a7e1d8d00217f29aef60cd9"),
-    _dino("dinov2_vitb14", False, 346_378_731, "0b8b82f85de91b424aded121c7e1dcc2b7bc6d0adeea651bf73a13307fad8c73"),
-    _dino("dinov2_vitl14", False, 1_217_586_395, "d5383ea8f4877b2472eb973e0fd72d557c7da5d3611bd527ceeb1d7162cbf428"),
-    _dino("dinov2_vitg14", False, 4_546_108_579, "baf8467e50af277596bbbafa06887c177ee899ab46033649c383577d7e9309d3"),
-    _dino("dinov2_vits14_reg4", True, 88_291_785, "f433177089a681826f849f194ece3bb48f4d63fb38d32fc837e3dc7a4e5641fb"),
-    _dino("dinov2_vitb14_reg4", True, 346_393_545, "73182a088cf94833c94b1666d1c99e02fe87e2007bff57b564fb6206e25dba71"),
-    _dino("dinov2_vitl14_reg4", True, 1_217_607_321, "36e4deffbaef061a2576705b0c36f93621e2ae20bf6274694821b0b492551b51"),
-    _dino("dinov2_vitg14_reg4", True, 4_546_140_349, "746ecb8c6301c645c5c855be91687d274587d6e48fdaec4a729753160b34a283"),
-    _sam("vit_b", "sam_vit_b_01ec64.pth", 375_042_383,
+    _dino(catalogue.DINOV2_VITS14, False, 88_283_115, "b938bf1bc15cd2ec0feacfe3a1bb553fe8ea9ca46a7e1d8d00217f29aef60cd9"),
+    _dino(catalogue.DINOV2_VITB14, False, 346_378_731, "0b8b82f85de91b424aded121c7e1dcc2b7bc6d0adeea651bf73a13307fad8c73"),
+    _dino(catalogue.DINOV2_VITL14, False, 1_217_586_395, "d5383ea8f4877b2472eb973e0fd72d557c7da5d3611bd527ceeb1d7162cbf428"),
+    _dino(catalogue.DINOV2_VITG14, False, 4_546_108_579, "baf8467e50af277596bbbafa06887c177ee899ab46033649c383577d7e9309d3"),
+    _dino(catalogue.DINOV2_VITS14 + catalogue.REGISTERS_SUFFIX, True, 88_291_785, "f433177089a681826f849f194ece3bb48f4d63fb38d32fc837e3dc7a4e5641fb"),
+    _dino(catalogue.DINOV2_VITB14 + catalogue.REGISTERS_SUFFIX, True, 346_393_545, "73182a088cf94833c94b1666d1c99e02fe87e2007bff57b564fb6206e25dba71"),
+    _dino(catalogue.DINOV2_VITL14 + catalogue.REGISTERS_SUFFIX, True, 1_217_607_321, "36e4deffbaef061a2576705b0c36f93621e2ae20bf6274694821b0b492551b51"),
+    _dino(catalogue.DINOV2_VITG14 + catalogue.REGISTERS_SUFFIX, True, 4_546_140_349, "746ecb8c6301c645c5c855be91687d274587d6e48fdaec4a729753160b34a283"),
+    _sam(catalogue.SAM_VIT_B, "sam_vit_b_01ec64.pth", 375_042_383,
          "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", "01ec64d29a2fca3f0661936605ae66f8"),
-    _sam("vit_l", "sam_vit_l_0b3195.pth", 1_249_524_607,
+    _sam(catalogue.SAM_VIT_L, "sam_vit_l_0b3195.pth", 1_249_524_607,
          "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622", "0b3195507c641ddb6910d2bb5adee89c"),
-    _sam("vit_h", "sam_vit_h_4b8939.pth", 2_564_550_879,
+    _sam(catalogue.SAM_VIT_H, "sam_vit_h_4b8939.pth", 2_564_550_879,
          "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", "4b8939a88964f0f4ff5f5b2642c598a6"),
     WeightsEntry(
-        name="medsam_vit_b", family="sam", architecture="medsam_vit_b", file_name="medsam_vit_b.pth",
+        name=catalogue.MEDSAM_VIT_B, family="sam", architecture=catalogue.MEDSAM_VIT_B, file_name="medsam_vit_b.pth",
         url="https://zenodo.org/records/10689643/files/medsam_vit_b.pth",
         size=375_049_145,
         sha256="34b34b78c1d18cb8c6bf84cf9c00e135d6d6c965699f3c0e31ef1bc9dcb5be74",

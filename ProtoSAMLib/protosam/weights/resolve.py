@@ -15,7 +15,7 @@ A finished download is checked (size, then SHA-256) and only then moved into pla
 ``os.replace``, so ``<file_name>`` is never partial. Only https URLs are contacted
 (plain http only on 127.0.0.1/localhost, for tests); redirects are held to the same rule.
 Checkpoints are read elsewhere with ``torch.load(weights_only=True)``
-(:mod:`protosam.checkpoints`).
+(:mod:`protosam.weights.checkpoints`).
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ import threading
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
-from .errors import CancelledError, CheckpointError, IntegrityError, WeightsUnavailableError
-from .weights_download import HASH_BLOCK, DownloadLock, Interrupted, ProgressCallback, human_size, transfer
-from .weights_registry import REGISTRY, TEST_ONLY_ARCHITECTURES, WeightsEntry, get_entry, is_allowed_url
+from ..errors import CancelledError, CheckpointError, IntegrityError, WeightsUnavailableError
+from .transfer import HASH_BLOCK, DownloadLock, Interrupted, ProgressCallback, human_size, transfer
+from .registry import REGISTRY, TEST_ONLY_ARCHITECTURES, WeightsEntry, get_entry, is_allowed_url
 
 logger = logging.getLogger(__name__)
 

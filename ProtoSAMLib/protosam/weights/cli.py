@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from typing import Mapping, Optional, TextIO
+from typing import Mapping, Optional
 
-from .errors import CancelledError, ProtoSAMError
-from .weights import cache_path, cache_status, checkpoint_option, download, resolve_checkpoint
-from .weights_download import human_size
-from .weights_registry import REGISTRY, TEST_ONLY_ARCHITECTURES, WeightsEntry, get_entry
+from ..cli_common import ProgressBar
+from ..errors import CancelledError, ProtoSAMError
+from .resolve import cache_path, cache_status, checkpoint_option, download, resolve_checkpoint
+from .transfer import human_size
+from .registry import REGISTRY, TEST_ONLY_ARCHITECTURES, WeightsEntry, get_entry
 
 _HOME_HELP = "ProtoSAM home folder; weights live in HOME/weights (default: $PROTOSAM_HOME, else ~/.protosam)"
 
@@ -80,37 +80,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-class _ProgressPrinter:
-    """Download progress on a text stream: a rewritten line on a terminal, else every 10 %."""
-
-    def __init__(self, name: str, stream: TextIO) -> None:
-        self.name, self.stream = name, stream
-        self.interactive = stream.isatty()
-        self._last_time = 0.0
-        self._last_decile = -1
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.interactive:
-            now = time.monotonic()
-            if now - self._last_time < 0.25 and done != total:
-                return
-            self._last_time = now
-            share = f" ({100 * done / total:.0f} %)" if total else ""
-            self.stream.write(f"\r{self.name}: {human_size(done)} of {human_size(total)}{share}   ")
-            self.stream.flush()
-            return
-        decile = int(10 * done / total) if total else -1
-        if decile > self._last_decile:
-            self._last_decile = decile
-            self.stream.write(f"{self.name}: {human_size(done)} of {human_size(total)} ({10 * decile} %)\n")
-            self.stream.flush()
-
-    def finish(self) -> None:
-        if self.interactive and self._last_time:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def cmd_download(args: argparse.Namespace) -> int:
     """Download each named checkpoint; exit 1 if any failed, 130 when interrupted."""
     registry = _registry(args)
@@ -121,7 +90,7 @@ def cmd_download(args: argparse.Namespace) -> int:
                   f"{checkpoint_option(TEST_ONLY_ARCHITECTURES[name])} FILE instead.", file=sys.stderr)
             failed += 1
             continue
-        printer = _ProgressPrinter(name, sys.stderr)
+        printer = ProgressBar(name, sys.stderr, format_count=human_size)
         try:
             entry = get_entry(name, registry)
             path = download(entry, args.home, progress=printer, timeout=args.timeout, base_url=args.base_url)

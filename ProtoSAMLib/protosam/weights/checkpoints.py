@@ -15,7 +15,7 @@ from typing import Dict, Mapping, Union
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
