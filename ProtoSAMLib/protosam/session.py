@@ -255,15 +255,27 @@ class Session:
                     prototypes[seed] = self.engine.prototypes_from_features(external_store.features(index), mask[index])
                     support_indices.append(index)
             copied = {}
+            unusable: List[str] = []
             for index in sorted(state.fixed):
                 painted = state.fixed[index]
                 if painted.any():
-                    # A slice of this volume wins over a support from elsewhere on the same seed.
-                    prototypes[index] = self.engine.prototypes_from_features(self.store.features(index), painted.astype(bool))
+                    try:
+                        # A slice of this volume wins over a support from elsewhere on the same seed.
+                        prototypes[index] = self.engine.prototypes_from_features(
+                            self.store.features(index), painted.astype(bool))
+                    except InputError as error:
+                        # A fixed slice that cannot teach (e.g. a corrected mask covering the
+                        # whole slice, or too small for the feature grid) is still kept exactly
+                        # as fixed below; it only does not become an example.
+                        unusable.append(f"slice {index}: {error}")
+                        logger.warning("Structure '%s', slice %d is kept as fixed but is not used as an example: %s",
+                                       key, index, error)
                 if first <= index <= last:
                     copied[index] = painted
             if not prototypes:
-                raise InputError(f"Structure '{key}' has no non-empty support slice left: paint it on one slice.")
+                reasons = (" (" + "; ".join(unusable) + ")") if unusable else ""
+                raise InputError(f"Structure '{key}' has no usable support slice left{reasons}: "
+                                 "paint the structure on one slice.")
             structure = _Structure(
                 key, support_indices + sorted(state.fixed), sorted(prototypes), copied,
                 combine_supports(prototypes, self.support_mode), np.zeros(self.volume.shape, np.uint8), [],

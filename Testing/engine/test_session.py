@@ -153,6 +153,31 @@ def test_hand_corrected_slices_survive_update(engine):
     np.testing.assert_array_equal(session.update("organ"), updated)
 
 
+def test_a_fixed_slice_that_cannot_teach_is_kept_but_not_used_as_an_example(engine):
+    """A slice fixed with a mask that covers the whole slice (no background to learn from) or
+    is empty stays exactly as fixed; the update runs from the other supports instead of failing."""
+    volume, truth = _volume()
+    session = Session(engine, volume, modality="none")
+    session.start({"organ": truth}, support_slices={"organ": [5]})
+    everything = np.ones((SIZE, SIZE), np.uint8)
+    session.add_support("organ", 7, everything)
+    session.add_support("organ", 2, np.zeros((SIZE, SIZE), np.uint8))
+    updated = session.update("organ")
+    np.testing.assert_array_equal(updated[7], everything)
+    np.testing.assert_array_equal(updated[2], 0)
+    np.testing.assert_array_equal(updated[5], truth[5])
+    # Only slice 5 taught: the rest equals a run from slice 5 alone, with 2 and 7 as fixed.
+    fresh = segment_volume(engine, volume, None, {"organ": truth}, support_slices={"organ": [5]}, modality="none")
+    others = [k for k in range(SLICES) if k not in (2, 5, 7)]
+    np.testing.assert_array_equal(updated[others], fresh.masks["organ"][others])
+    # With no usable example left, the message says why.
+    lonely = Session(engine, volume, modality="none")
+    lonely.start({"organ": truth}, support_slices={"organ": [5]})
+    lonely.add_support("organ", 5, everything)
+    with pytest.raises(InputError, match="slice 5: The support mask covers the whole slice"):
+        lonely.update("organ")
+
+
 def test_support_from_another_volume_plus_corrections(engine, monkeypatch):
     volume, truth = _volume()
     other, other_truth = _volume(seed=1)
