@@ -75,13 +75,14 @@ def renderModule():
     fill(ui["dinov2ComboBox"], ["DINOv2 ViT-B/14 (default)"])
     fill(ui["samComboBox"], ["SAM ViT-B (default)"])
     fill(ui["acceptModeComboBox"], ["New segments", "Replace segments of the same name"])
+    fill(ui["computeOnComboBox"], ["This computer", "ProtoSAM server"])
     ui["applyButton"].setEnabled(True)
     ui["applyButton"].setText("Cancel")
     ui["progressBar"].setVisible(True)
     ui["progressBar"].setMaximum(50)
     ui["progressBar"].setValue(31)
     ui["statusLabel"].setText("Volume 1/2: 31/50 slices, about 12 s left")
-    for name in ("modelsCollapsibleButton", "advancedCollapsibleButton"):
+    for name in ("modelsCollapsibleButton", "advancedCollapsibleButton", "computeOnCollapsibleButton"):
         ui[name].setFixedHeight(28)  # drawn collapsed, as they start in Slicer
         for child in ui[name].findChildren(QtWidgets.QWidget):
             child.setVisible(False)
