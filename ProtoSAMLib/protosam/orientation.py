@@ -46,7 +46,7 @@ from .errors import InputError
 
 __all__ = [
     "PLANES", "SLICE_TO_RAS", "Orientation", "canonical_orientation", "choose_plane", "plane_of_ijk_axis",
-    "ijk_to_ras_from_lps", "world_axis_of_ijk",
+    "ijk_to_ras_from_lps", "world_axis_of_ijk", "check_ijk_to_ras", "axis_directions",
 ]
 
 #: Slicing planes, and the RAS axis (0=R, 1=A, 2=S) each one's slices are stacked along.
@@ -62,7 +62,7 @@ SLICE_TO_RAS = {
 }
 
 
-def _check_matrix(ijk_to_ras) -> np.ndarray:
+def check_ijk_to_ras(ijk_to_ras) -> np.ndarray:
     matrix = np.asarray(ijk_to_ras, dtype=np.float64)
     if matrix.shape != (4, 4):
         raise ValueError(f"ijk_to_ras must be a 4x4 matrix, got shape {matrix.shape}")
@@ -72,9 +72,9 @@ def _check_matrix(ijk_to_ras) -> np.ndarray:
     return matrix
 
 
-def _axis_directions(ijk_to_ras) -> np.ndarray:
+def axis_directions(ijk_to_ras) -> np.ndarray:
     """Unit RAS direction of each IJK axis: (3, 3) float64, column ``a`` is IJK axis ``a``."""
-    matrix = _check_matrix(ijk_to_ras)[:3, :3]
+    matrix = check_ijk_to_ras(ijk_to_ras)[:3, :3]
     lengths = np.linalg.norm(matrix, axis=0)
     if np.any(lengths <= 1e-12):
         raise InputError("The volume has a zero spacing or a degenerate direction matrix; fix its geometry "
@@ -102,7 +102,7 @@ def world_axis_of_ijk(ijk_to_ras) -> Tuple[int, int, int]:
     Pairs are taken greedily by decreasing absolute cosine (stable order), so that even a
     45-degree rotation gives a permutation.
     """
-    strength = np.abs(_axis_directions(ijk_to_ras))  # [world axis, ijk axis]
+    strength = np.abs(axis_directions(ijk_to_ras))  # [world axis, ijk axis]
     matched = [-1, -1, -1]
     used = set()
     for flat in np.argsort(-strength, axis=None, kind="stable"):
@@ -127,7 +127,7 @@ def choose_plane(ijk_to_ras, plane: str = "auto") -> str:
         return plane
     if plane != "auto":
         raise ValueError(f"plane must be 'auto' or one of {', '.join(PLANES)}, not {plane!r}")
-    spacing = np.linalg.norm(_check_matrix(ijk_to_ras)[:3, :3], axis=0)
+    spacing = np.linalg.norm(check_ijk_to_ras(ijk_to_ras)[:3, :3], axis=0)
     if np.ptp(spacing) > 1e-3 * spacing.max():
         return plane_of_ijk_axis(ijk_to_ras, int(np.argmax(spacing)))
     return "axial"
@@ -192,7 +192,7 @@ def canonical_orientation(ijk_to_ras, plane: str) -> Orientation:
     canonical order for slicing in ``plane`` (see the module docstring for the rule)."""
     if plane not in PLANES:
         raise ValueError(f"plane must be one of {', '.join(PLANES)}, not {plane!r}")
-    directions = _axis_directions(ijk_to_ras)
+    directions = axis_directions(ijk_to_ras)
     matched = world_axis_of_ijk(ijk_to_ras)
     screen_right, screen_up, normal = (np.asarray(v, dtype=np.float64) for v in SLICE_TO_RAS[plane])
     # Canonical axes [slice, row, column] run along the view normal, screen down, screen right.

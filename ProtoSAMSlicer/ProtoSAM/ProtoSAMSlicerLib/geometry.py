@@ -24,6 +24,9 @@ from typing import Sequence, Tuple
 import numpy as np
 
 from protosam.errors import InputError
+# One geometry check for the engine and Slicer: finite 4x4 matrix, unit IJK directions.
+from protosam.orientation import axis_directions as axisDirections
+from protosam.orientation import check_ijk_to_ras
 
 #: Largest angle between the slice view normal and a volume axis that still counts as
 #: "aligned". Slice views snapped to the volume ("Rotate to volume plane") are aligned to
@@ -57,26 +60,6 @@ def spacingKji(spacing_Ijk: Sequence[float]) -> Tuple[float, float, float]:
     if len(spacing_Ijk) != 3:
         raise ValueError(f"spacing must have 3 values, got {len(spacing_Ijk)}")
     return (float(spacing_Ijk[2]), float(spacing_Ijk[1]), float(spacing_Ijk[0]))
-
-
-def _checkMatrix(ijkToWorld: np.ndarray) -> np.ndarray:
-    matrix = np.asarray(ijkToWorld, dtype=np.float64)
-    if matrix.shape != (4, 4):
-        raise ValueError(f"ijkToWorld must be a 4x4 matrix, got shape {matrix.shape}")
-    if not np.all(np.isfinite(matrix)):
-        raise InputError("The volume geometry contains NaN or infinite values; fix the volume's "
-                         "origin, spacing and directions (Volumes module) and try again.")
-    return matrix
-
-
-def axisDirections(ijkToWorld: np.ndarray) -> np.ndarray:
-    """Unit World direction of each IJK axis: (3, 3) float64, column ``a`` is IJK axis ``a``."""
-    matrix = _checkMatrix(ijkToWorld)[:3, :3]
-    lengths = np.linalg.norm(matrix, axis=0)
-    if np.any(lengths <= 1e-12):
-        raise InputError("The volume has a zero spacing or a degenerate direction matrix; fix its "
-                         "geometry in the Volumes module and try again.")
-    return matrix / lengths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +111,7 @@ def ijkFromWorld(point_World: Sequence[float], ijkToWorld: np.ndarray) -> np.nda
     point = np.asarray(point_World, dtype=np.float64).reshape(-1)
     if point.shape != (3,):
         raise ValueError(f"point_World must have 3 coordinates, got {point_World!r}")
-    worldToIjk = np.linalg.inv(_checkMatrix(ijkToWorld))
+    worldToIjk = np.linalg.inv(check_ijk_to_ras(ijkToWorld))
     return (worldToIjk @ np.append(point, 1.0))[:3]
 
 
