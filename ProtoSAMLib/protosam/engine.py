@@ -61,6 +61,9 @@ class RefinedSlice:
     mask: torch.Tensor  # [S, S] bool
     prompts: List[ComponentPrompt] = field(default_factory=list)
     scores: list = field(default_factory=list)
+    # With refine(keep_prompt_masks=True): [P, S, S] bool, each prompt set's own mask (their
+    # union is ``mask``: nearest resizing picks pixels, so it commutes with the union).
+    prompt_masks: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -270,6 +273,7 @@ class Engine:
         logits: torch.Tensor,
         embedding_for_slice: Callable[[], torch.Tensor],
         decode: Optional[Callable[[torch.Tensor, List[ComponentPrompt]], torch.Tensor]] = None,
+        keep_prompt_masks: bool = False,
     ) -> RefinedSlice:
         """Prompts from coarse logits ``[2, S, S]`` -> SAM -> mask ``[S, S]``.
 
@@ -282,13 +286,18 @@ class Engine:
         without the structure never pay for SAM's image encoder. ``decode(embedding, prompts)``
         replaces the preset's SAM decoding (it returns the ``[1024, 1024]`` bool union; used by
         the benchmark's reference flow to decode through segment-anything's ``SamPredictor``).
+        ``keep_prompt_masks`` also returns each prompt set's mask (``RefinedSlice.prompt_masks``;
+        not with ``decode``).
         """
+        if keep_prompt_masks and decode is not None:
+            raise ValueError("keep_prompt_masks needs the engine's own SAM decoding, not a decode callable")
         logits_1024 = F.interpolate(logits[None].float(), size=(SAM_IMAGE_SIZE, SAM_IMAGE_SIZE), mode="bilinear", align_corners=False)
         prob = F.softmax(logits_1024, dim=1)[0]
         fg_mask = prob.argmax(dim=0) == 1
         size = (self.input_size, self.input_size)
         if not bool(fg_mask.any()):
-            return RefinedSlice(torch.zeros(size, dtype=torch.bool, device=logits.device))
+            empty = torch.zeros((0,) + size, dtype=torch.bool, device=logits.device) if keep_prompt_masks else None
+            return RefinedSlice(torch.zeros(size, dtype=torch.bool, device=logits.device), prompt_masks=empty)
         prompts = extract_prompts(
             prob[1].cpu().numpy(),
             fg_mask.cpu().numpy(),
@@ -297,10 +306,11 @@ class Engine:
             max_components=self.preset.max_components,
         )
         embedding = embedding_for_slice().to(self.device)
+        each = None
         if decode is not None:
             union, scores = decode(embedding, prompts).to(self.device), []
         else:
-            union, scores = self.refiner.decode(
+            decoded = self.refiner.decode(
                 embedding,
                 prompts,
                 multimask_output=self.preset.effective_multimask,
@@ -308,9 +318,13 @@ class Engine:
                 # On a CPU one prompt set per call, sharing the image terms, is faster than
                 # batching (measured 71 vs 99 ms per set, SAM ViT-B); batching pays on GPUs.
                 batch_prompts=self.preset.batch_prompts and self.device.type != "cpu",
+                return_masks=keep_prompt_masks,
             )
+            union, scores = decoded[0], decoded[1]
+            if keep_prompt_masks:
+                each = F.interpolate(decoded[2][:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
         mask = F.interpolate(union[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
-        return RefinedSlice(mask, prompts, scores)
+        return RefinedSlice(mask, prompts, scores, each)
 
     # ----------------------------------------------------------------- slice-level job
     def segment_slices(

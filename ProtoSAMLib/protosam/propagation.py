@@ -181,10 +181,37 @@ class _Structure:
     prompts: Dict[int, list] = field(default_factory=dict)
     # The structure is known to be present at its seeds (painted on the query volume itself).
     known_present: bool = False
+    # When a dict (correction sessions): each processed slice's prompt sets' own masks at the
+    # slice's size, as cropped masks (see crop_mask), so a click re-decodes only its set.
+    prompt_masks: Optional[Dict[int, list]] = None
 
     def nearest_prototypes(self, index: int) -> Prototypes:
         seed = min(self.prototypes_by_seed, key=lambda s: (abs(s - index), s))
         return self.prototypes_by_seed[seed]
+
+
+@dataclass(frozen=True)
+class CroppedMask:
+    """A 2-D bool mask stored as its bounding box: ``rows``/``cols`` slices of the full
+    ``[H, W]`` frame and ``values`` the bool crop (an empty mask has an empty box)."""
+
+    rows: slice
+    cols: slice
+    values: np.ndarray
+
+    def paint(self, target: np.ndarray) -> None:
+        """OR the mask into ``target`` (``[H, W]`` uint8), in place."""
+        target[self.rows, self.cols] |= self.values.astype(target.dtype)
+
+
+def crop_mask(mask: np.ndarray) -> CroppedMask:
+    """Crop an ``[H, W]`` mask to the box of its non-zero pixels."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if not len(rows):
+        return CroppedMask(slice(0, 0), slice(0, 0), np.zeros((0, 0), bool))
+    cols = np.flatnonzero(mask.any(axis=0))
+    box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+    return CroppedMask(box[0], box[1], mask[box].astype(bool))
 
 
 class _Progress:
@@ -339,11 +366,15 @@ def _propagate(engine: Engine, query_store: _SliceStore, structures: List[_Struc
         found = {}
         for position, (structure, _) in enumerate(active):
             logits = engine.coarse_logits(structure.nearest_prototypes(index), features[None])[0]
-            refined = engine.refine(logits, lambda: query_store.sam_embedding(index))
+            keep = structure.prompt_masks is not None
+            refined = engine.refine(logits, lambda: query_store.sam_embedding(index), keep_prompt_masks=keep)
             mask = engine.to_slice_size(refined.mask, query_shape[1:])
             structure.output[index] = mask
             structure.processed.append(index)
             structure.prompts[index] = refined.prompts
+            if keep:
+                structure.prompt_masks[index] = [
+                    crop_mask(engine.to_slice_size(each, query_shape[1:])) for each in refined.prompt_masks]
             found[position] = bool(mask.any())
         query_store.release(index)
         tracker.advance(len(active))

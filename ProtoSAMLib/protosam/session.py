@@ -44,8 +44,8 @@ from .engine import Engine
 from .preprocessing import normalize_volume
 from .prompts import ComponentPrompt, connected_components
 from .propagation import (
-    SUPPORT_MODES, _check_range, _propagate, _seed_slices, _SliceStore, _Structure, combine_supports,
-    largest_area_slice,
+    SUPPORT_MODES, CroppedMask, _check_range, _propagate, _seed_slices, _SliceStore, _Structure, combine_supports,
+    crop_mask, largest_area_slice,
 )
 from .validation import as_binary_mask, as_float_slices
 
@@ -79,11 +79,26 @@ class _StructureState:
     external: Optional[Tuple[np.ndarray, np.ndarray, List[int]]]
     fixed: Dict[int, np.ndarray] = field(default_factory=dict)  # slice -> [H, W] uint8, kept
     clicks: Dict[int, List[_Click]] = field(default_factory=dict)
-    # Each clicked slice before its first click: (its mask, its fixed mask or None); restored
-    # when its clicks are cleared.
-    before_clicks: Dict[int, Tuple[np.ndarray, Optional[np.ndarray]]] = field(default_factory=dict)
+    # Each clicked slice as it was before its first click; restored when its clicks are cleared.
+    before_clicks: Dict[int, "_BeforeClicks"] = field(default_factory=dict)
     prompts: Dict[int, list] = field(default_factory=dict)  # propagated prompt sets per slice
+    # Each propagated prompt set's own mask (CroppedMask at the slice's size), per slice.
+    prompt_masks: Dict[int, list] = field(default_factory=dict)
     output: Optional[np.ndarray] = None  # [N, H, W] uint8
+
+
+@dataclass
+class _BeforeClicks:
+    """A clicked slice before its first click: its mask and fixed mask (restored when its
+    clicks are cleared), the prompt sets the clicks join with each set's mask (kept for the
+    slice's later clicks, also after an update re-propagated the others), and the masks already
+    decoded for a set with a given list of clicks (so an undo decodes nothing)."""
+
+    mask: np.ndarray
+    fixed: Optional[np.ndarray]
+    prompts: List[ComponentPrompt]
+    prompt_masks: list
+    decoded: Dict[tuple, CroppedMask] = field(default_factory=dict)
 
 
 class Session:
@@ -230,6 +245,7 @@ class Session:
             state.output = mask.astype(np.uint8)
             state.fixed = {int(k): state.output[int(k)].copy() for k in fixed_slices}
             state.prompts = {}
+            state.prompt_masks = {}
             self.structures[structure] = state
 
     def update(self, structure: Hashable, *, progress=None, cancel=None) -> np.ndarray:
@@ -279,7 +295,7 @@ class Session:
             structure = _Structure(
                 key, support_indices + sorted(state.fixed), sorted(prototypes), copied,
                 combine_supports(prototypes, self.support_mode), np.zeros(self.volume.shape, np.uint8), [],
-                known_present=any(p.any() for p in state.fixed.values()),
+                known_present=any(p.any() for p in state.fixed.values()), prompt_masks={},
             )
             prepared.append(structure)
         auto_extent = self.engine.preset.auto_extent if self.auto_extent is None else self.auto_extent
@@ -290,6 +306,7 @@ class Session:
                 structure.output[index] = painted
             state.output = structure.output
             state.prompts = {k: v for k, v in structure.prompts.items() if k not in state.fixed}
+            state.prompt_masks = {k: v for k, v in structure.prompt_masks.items() if k not in state.fixed}
 
     # ------------------------------------------------------------------ corrections
     def add_support(self, structure: Hashable, index: int, mask) -> np.ndarray:
@@ -329,7 +346,7 @@ class Session:
                 if int(label) not in (0, 1):
                     raise InputError(f"Click label {label!r} must be 1 (positive) or 0 (negative).")
             if index not in state.clicks:
-                state.before_clicks[index] = (state.output[index].copy(), state.fixed.get(index))
+                state.before_clicks[index] = self._before_clicks(state, index)
                 state.clicks[index] = []
             state.clicks[index].extend(_Click(float(x), float(y), bool(label)) for (x, y), label in zip(points, labels))
             return self._redecode(state, index)
@@ -354,12 +371,11 @@ class Session:
             state.clicks.pop(index, None)
             before = state.before_clicks.pop(index, None)
             if before is not None:
-                mask, fixed = before
-                state.output[index] = mask
-                if fixed is None:
+                state.output[index] = before.mask
+                if before.fixed is None:
                     state.fixed.pop(index, None)
                 else:
-                    state.fixed[index] = fixed
+                    state.fixed[index] = before.fixed
             return state.output[index].copy()
 
     def clicks(self, structure: Hashable, index: int) -> List[Tuple[float, float, int]]:
@@ -373,38 +389,59 @@ class Session:
         """uint8 mask volume of ``structure`` in the caller's order."""
         return np.ascontiguousarray(np.moveaxis(self._state(structure).output, 0, self.axis))
 
-    def _redecode(self, state: _StructureState, index: int) -> np.ndarray:
-        kept = None
+    def _before_clicks(self, state: _StructureState, index: int) -> _BeforeClicks:
+        """The slice's state before its first click, with the prompt sets its clicks join: the
+        sets propagation gave SAM with their masks, or, for a slice without them (painted,
+        adopted), box-only sets of the mask's components, each component its own mask."""
+        mask = state.output[index].copy()
         if index in state.prompts:
-            base = state.prompts[index]
+            prompts, masks = state.prompts[index], state.prompt_masks.get(index)
         else:
-            # No prompt sets recorded (painted or adopted slice): the components of the mask
-            # before the clicks; those without a click keep their pixels as they are.
-            before = state.before_clicks[index][0]
-            base = _mask_prompts(before)
-        prompts = _with_clicks(base, state.clicks[index], self.volume.shape[1:])
-        if index not in state.prompts:
-            clicked = [i for i, (old, new) in enumerate(zip(base, prompts)) if len(new.points) != len(old.points)]
-            kept = before.copy()
-            for i in clicked:
-                kept[base[i].full_mask(before.shape)] = 0
-            prompts = [prompts[i] for i in clicked] + prompts[len(base):]
-        size = (self.engine.input_size, self.engine.input_size)
-        if not prompts:
-            mask = np.zeros(self.volume.shape[1:], np.uint8)
-        else:
+            prompts, masks = _mask_prompts(mask), None
+        if masks is None:
+            # Components (disjoint): each set's mask is its component's pixels.
+            masks = []
+            for prompt in prompts:
+                full = prompt.full_mask(mask.shape) if prompt.window is not None else np.zeros(mask.shape, bool)
+                masks.append(crop_mask(full))
+        return _BeforeClicks(mask, state.fixed.get(index), list(prompts), list(masks))
+
+    def _redecode(self, state: _StructureState, index: int) -> np.ndarray:
+        """The slice's mask from its prompt sets with the clicks added: a set without a click
+        keeps its mask as it was; only sets with clicks are decoded by SAM, each on its own
+        (as propagation decodes them on a CPU), and a set decoded before with the same clicks
+        is not decoded again. Nearest resizing picks pixels, so the union of per-set masks at
+        the slice's size equals resizing the union: the result is what decoding every set
+        and resizing their union gives."""
+        before = state.before_clicks[index]
+        hw = self.volume.shape[1:]
+        prompts = _with_clicks(before.prompts, state.clicks[index], hw)
+        mask = np.zeros(hw, np.uint8)
+        todo = []
+        for number, prompt in enumerate(prompts):
+            if number < len(before.prompts) and len(prompt.points) == len(before.prompts[number].points):
+                before.prompt_masks[number].paint(mask)
+                continue
+            key = (number, prompt.points.tobytes(), prompt.point_labels.tobytes())
+            if key in before.decoded:
+                before.decoded[key].paint(mask)
+            else:
+                todo.append((key, prompt))
+        if todo:
+            size = (self.engine.input_size, self.engine.input_size)
             embedding = self.store.sam_embedding(index).to(self.engine.device)
             with torch.inference_mode():
-                union, _ = self.engine.refiner.decode(
-                    embedding, prompts, multimask_output=self.engine.preset.effective_multimask,
-                    pick_best_score=self.engine.preset.pick_best_score, batch_prompts=False,
-                )
-                at_input = F.interpolate(union[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
-            mask = self.engine.to_slice_size(at_input, self.volume.shape[1:])
+                for key, prompt in todo:
+                    union, _ = self.engine.refiner.decode(
+                        embedding, [prompt], multimask_output=self.engine.preset.effective_multimask,
+                        pick_best_score=self.engine.preset.pick_best_score, batch_prompts=False,
+                    )
+                    at_input = F.interpolate(union[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
+                    decoded = crop_mask(self.engine.to_slice_size(at_input, hw))
+                    before.decoded[key] = decoded
+                    decoded.paint(mask)
             # The embedding stays in the session's cache (within its budget), not in the store.
             self.store.release(index)
-        if kept is not None:
-            mask = np.maximum(mask, kept)
         state.output[index] = mask
         state.fixed[index] = mask
         return mask.copy()

@@ -215,3 +215,26 @@ def test_naive_reference_kernels_give_the_engine_masks_and_restore_it(bench, tin
     assert {b.attn.chunk_bytes for b in global_blocks} == {CHUNK_BYTES}
     with pytest.raises(ValueError, match="paper"):
         naive_flow.naive_segment_volume(Engine(tiny_models, preset="default", device="cpu"), volume, {"s": mask}, {"s": 1})
+
+
+def test_corrections_benchmark_reports_its_figures(colin27, tmp_path, one_thread):
+    """benchmarks/corrections_benchmark.py --tiny runs end to end on Colin27 and writes the
+    figures the issue asks for (full run, clicks on cached slices, update, their ratio)."""
+    import json
+
+    out = tmp_path / "figures.json"
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import corrections_benchmark
+
+        assert corrections_benchmark.main(["--tiny", "--volume", "colin27", "--work-dir", str(tmp_path / "models"),
+                                           "--out", str(out)]) == 0
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    report = json.loads(out.read_text())
+    assert report["full_propagation_s"] > 0 and report["update_s"] > 0
+    assert report["update_speedup"] == pytest.approx(report["full_propagation_s"] / report["update_s"])
+    assert report["click_slices"] and len(report["click_times_s"]) == len(report["click_slices"])
+    assert report["click_s"] == report["click_times_s"][0] > 0
+    assert report["support_slice"] not in report["click_slices"]
+    assert len(report["machine"]["load_average_start"]) == 3

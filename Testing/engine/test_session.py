@@ -16,7 +16,9 @@ from protosam.session import Session, _to_sam_frame
 SLICES, SIZE = 10, 48
 
 
-def _volume(seed=0):
+def _volume(seed=0, two_parts=False):
+    """A disc through the middle slices; ``two_parts`` adds a small second disc (a structure
+    in two pieces: two prompt sets per slice)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:SIZE, :SIZE]
     volume = rng.normal(0, 0.05, (SLICES, SIZE, SIZE)).astype(np.float32)
@@ -24,6 +26,8 @@ def _volume(seed=0):
     for k in range(1, SLICES - 1):
         radius = 10 - abs(k - 5) * 0.7
         truth[k] = (yy - 22) ** 2 + (xx - 26) ** 2 <= radius**2
+        if two_parts:
+            truth[k] |= (yy - 40) ** 2 + (xx - 8) ** 2 <= 16
     volume += 2.0 * truth
     return volume, truth
 
@@ -264,3 +268,101 @@ def test_adopted_result_clicks_redecode_only_the_clicked_component(engine, monke
     counts["sam"] = 0
     session.correct("organ", 4, [[35, 35]], [0])
     assert counts == {"dinov2": 0, "sam": 0}, "the embedding encoded on demand is cached"
+
+
+def _decode_all_sets(engine, session, index, prompts):
+    """The slice's mask when every prompt set is decoded (one call per set, as propagation
+    does on a CPU) and their union is resized: what a click gave before sets were kept."""
+    import torch
+    import torch.nn.functional as F
+
+    embedding = session.store.sam_embedding(index)
+    with torch.inference_mode():
+        union, _ = engine.refiner.decode(embedding, prompts, multimask_output=engine.preset.effective_multimask,
+                                         pick_best_score=engine.preset.pick_best_score, batch_prompts=False)
+        size = (engine.input_size, engine.input_size)
+        at_input = F.interpolate(union[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
+    return engine.to_slice_size(at_input, volume_hw(session))
+
+
+def volume_hw(session):
+    return session.volume.shape[1:]
+
+
+def _count_decodes(engine, monkeypatch):
+    calls = []
+    decode = engine.refiner.decode
+
+    def counting_decode(embedding, prompts, **kwargs):
+        calls.append(len(prompts))
+        return decode(embedding, prompts, **kwargs)
+
+    monkeypatch.setattr(engine.refiner, "decode", counting_decode)
+    return calls
+
+
+def _slice_with_sets(session, minimum=2):
+    prompts = session.structures["organ"].prompts
+    return next(k for k in sorted(prompts) if len(prompts[k]) >= minimum and all(p.box is not None for p in prompts[k]))
+
+
+def _click_inside(prompt, hw):
+    """A voxel (x, y) of the slice whose SAM-frame position lies inside the set's box."""
+    from protosam.session import _to_sam_frame
+
+    height, width = hw
+    for y in range(height):
+        for x in range(width):
+            sx, sy = _to_sam_frame(x, y, hw)
+            if prompt.box[0] <= sx <= prompt.box[2] and prompt.box[1] <= sy <= prompt.box[3]:
+                return x, y
+    raise AssertionError("no voxel centre inside the box")
+
+
+def test_a_click_decodes_only_the_prompt_set_it_joins(engine, monkeypatch):
+    """SAM decodes only the set the click joined; the other sets keep the masks the run gave
+    them. The slice equals decoding every set and resizing the union (exact: the same per-set
+    decoder calls, and nearest resizing commutes with the union)."""
+    from protosam.session import _Click, _with_clicks
+
+    volume, truth = _volume(two_parts=True)
+    session = Session(engine, volume, modality="none")
+    before = session.start({"organ": truth}, support_slices={"organ": [5]})["organ"].copy()
+    index = _slice_with_sets(session)
+    hw = volume_hw(session)
+    base = list(session.structures["organ"].prompts[index])
+    x, y = _click_inside(base[-1], hw)
+    calls = _count_decodes(engine, monkeypatch)
+    changed = session.correct("organ", index, [[x, y]], [0])
+    assert calls == [1], f"one set decoded once, not {calls} (the slice has {len(base)} sets)"
+    expected = _decode_all_sets(engine, session, index, _with_clicks(base, [_Click(x, y, False)], hw))
+    np.testing.assert_array_equal(changed, expected)
+    calls.clear()
+    session.correct("organ", index, [[x, y]], [0])  # a second click joins the same set
+    assert calls == [1]
+    calls.clear()
+    np.testing.assert_array_equal(session.undo_click("organ", index), expected)
+    assert calls == [], "the set with the first click alone was decoded before: undo decodes nothing"
+    np.testing.assert_array_equal(session.undo_click("organ", index), before[index])
+
+
+def test_clicks_after_an_update_join_the_same_prompt_sets(engine):
+    """A clicked slice is fixed, so an update does not re-propagate it; a later click on it
+    must still join the sets the first clicks joined (not the boxes of the mask's components)."""
+    from protosam.session import _Click, _with_clicks
+
+    volume, truth = _volume(two_parts=True)
+    session = Session(engine, volume, modality="none")
+    session.start({"organ": truth}, support_slices={"organ": [5]})
+    index = _slice_with_sets(session)
+    hw = volume_hw(session)
+    base = list(session.structures["organ"].prompts[index])
+    x0, y0 = _click_inside(base[0], hw)
+    session.correct("organ", index, [[x0, y0]], [1])
+    other = 7 if index != 7 else 3
+    session.add_support("organ", other, truth[other])
+    session.update("organ")
+    x1, y1 = _click_inside(base[-1], hw)
+    changed = session.correct("organ", index, [[x1, y1]], [0])
+    clicks = [_Click(x0, y0, True), _Click(x1, y1, False)]
+    np.testing.assert_array_equal(changed, _decode_all_sets(engine, session, index, _with_clicks(base, clicks, hw)))

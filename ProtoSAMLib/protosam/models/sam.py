@@ -179,6 +179,7 @@ class SamRefiner:
         multimask_output: bool,
         pick_best_score: bool,
         batch_prompts: bool,
+        return_masks: bool = False,
     ) -> Tuple[torch.Tensor, list]:
         """Union of the masks SAM gives for each prompt set, at 1024 x 1024.
 
@@ -188,13 +189,18 @@ class SamRefiner:
             pick_best_score: with 3 masks, keep the one SAM scores highest (otherwise index 0,
                 as the published reference does).
             batch_prompts: decode prompt sets with the same point count in one call.
+            return_masks: also return each prompt set's own mask (click corrections keep them,
+                so a click decodes only the set it changes).
         Returns:
-            ``([1024, 1024]`` bool union, list of per-prompt scores).
+            ``([1024, 1024]`` bool union, list of per-prompt scores)``, and with ``return_masks``
+            a third item: ``[P, 1024, 1024]`` bool, one mask per prompt set in ``prompts`` order.
         """
         union = torch.zeros(SAM_IMAGE_SIZE, SAM_IMAGE_SIZE, dtype=torch.bool, device=self.device)
         scores: list = [None] * len(prompts)
+        each = torch.zeros(len(prompts), SAM_IMAGE_SIZE, SAM_IMAGE_SIZE, dtype=torch.bool, device=self.device) \
+            if return_masks else None
         if not prompts:
-            return union, scores
+            return (union, scores, each) if return_masks else (union, scores)
         groups: Dict[int, list] = {}
         for index, prompt in enumerate(prompts):
             # A click-only prompt set (no box, see protosam.session) is decoded on its own.
@@ -205,9 +211,11 @@ class SamRefiner:
         for indices in batches:
             masks, group_scores = self._decode_group(embedding, [prompts[i] for i in indices], multimask_output, pick_best_score)
             union |= masks.any(dim=0)
+            if each is not None:
+                each[indices] = masks
             for i, s in zip(indices, group_scores):
                 scores[i] = s
-        return union, scores
+        return (union, scores, each) if return_masks else (union, scores)
 
     def _decode_group(self, embedding, prompts, multimask_output, pick_best_score):
         if prompts[0].box is None:
