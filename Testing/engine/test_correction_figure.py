@@ -95,3 +95,16 @@ def test_real_weights_need_both_files(figure_script, tmp_path, capsys):
     with pytest.raises(SystemExit):
         figure_script.parse_args(["--dinov2", str(tmp_path / "dinov2.pth")])
     assert "give both --dinov2 and --sam" in capsys.readouterr().err
+
+
+def test_given_checkpoints_are_used_and_named_in_the_caption(figure_script, tiny_models, tmp_path):
+    args = figure_script.parse_args([
+        "--dinov2", tiny_models.dinov2_checkpoint, "--dinov2-model", "dinov2_tiny14",
+        "--sam", tiny_models.sam_checkpoint, "--sam-model", "sam_tiny", "--input-size", "112"])
+    selection, words = figure_script.load_models(args)
+    assert (selection.dinov2, selection.dinov2_checkpoint) == ("dinov2_tiny14", tiny_models.dinov2_checkpoint)
+    assert (selection.sam, selection.sam_checkpoint, selection.input_size) == ("sam_tiny", tiny_models.sam_checkpoint, 112)
+    assert words == "models: dinov2_tiny14 (dinov2_tiny14.pth) + SAM sam_tiny (sam_tiny.pth)"
+    missing = figure_script.parse_args(["--dinov2", str(tmp_path / "no.pth"), "--sam", tiny_models.sam_checkpoint])
+    with pytest.raises(SystemExit, match="not found"):
+        figure_script.load_models(missing)
