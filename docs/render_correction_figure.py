@@ -45,11 +45,11 @@ sys.path.insert(0, str(REPOSITORY / "benchmarks"))
 from benchmark_volumes import AAL_STRUCTURES, colin27_volume  # noqa: E402
 
 from protosam import Engine, ModelSelection  # noqa: E402
+from protosam.catalogue import DEFAULT_DINOV2, DEFAULT_INPUT_SIZE, DEFAULT_SAM  # noqa: E402
 from protosam.evaluation.pictures import to_gray_rgb  # noqa: E402
 from protosam.session import Session  # noqa: E402
 from protosam.testing import TINY_DINOV2, TINY_SAM, save_random_checkpoint, save_random_sam_checkpoint  # noqa: E402
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_OUT = REPOSITORY / "docs" / "images" / "correction_slice.png"
 #: The picture's size in inches and its resolution: 960 x 400 pixels.
@@ -63,6 +63,8 @@ ADDED, REMOVED = (0.0, 1.0, 1.0), (0.15, 0.3, 1.0)
 POSITIVE, NEGATIVE = (0.1, 0.95, 0.1), (1.0, 0.1, 0.1)
 #: A negative click goes on a wrong part of the preview within this many voxels of the structure.
 NEAR = 12
+#: DINOv2 input size of the tiny models (as the tests run them).
+TINY_INPUT_SIZE = 112
 RANDOM_CAPTION = "random-weight test models: shows what a click does, not the accuracy of ProtoSAM"
 
 
@@ -98,12 +100,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="PNG to write")
     p.add_argument("--dinov2", type=Path, default=None, help="DINOv2 checkpoint (e.g. the published weights)")
-    p.add_argument("--dinov2-model", default="dinov2_vitb14", help="architecture of the --dinov2 file")
+    p.add_argument("--dinov2-model", default=DEFAULT_DINOV2, help="architecture of the --dinov2 file")
     p.add_argument("--sam", type=Path, default=None, help="SAM checkpoint (e.g. the published weights)")
-    p.add_argument("--sam-model", default="vit_b", help="architecture of the --sam file (vit_b, vit_l, vit_h)")
+    p.add_argument("--sam-model", default=DEFAULT_SAM, help="architecture of the --sam file (vit_b, vit_l, vit_h)")
     p.add_argument("--full", action="store_true",
                    help="without --dinov2/--sam: random-weight ViT-B/14 + SAM ViT-B instead of the tiny models")
-    p.add_argument("--input-size", type=int, default=None, help="DINOv2 input size (default 672; 112 for tiny models)")
+    p.add_argument("--input-size", type=int, default=None, help=f"DINOv2 input size (default {DEFAULT_INPUT_SIZE}; 112 for tiny models)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--structure", default="Putamen_R", choices=AAL_STRUCTURES, help="AAL structure")
     p.add_argument("--slices", type=int, default=12, help="slices of the resampled Colin27 volume")
     p.add_argument("--size", type=int, default=128, help="slice height = width, voxels")
@@ -122,11 +125,11 @@ def load_models(args: argparse.Namespace) -> Tuple[ModelSelection, str]:
         for path in (args.dinov2, args.sam):
             if not path.is_file():
                 raise SystemExit(f"Checkpoint {path} not found: give the path of the downloaded weights file.")
-        size = args.input_size or 672
+        size = args.input_size or DEFAULT_INPUT_SIZE
         selection = ModelSelection(args.dinov2_model, str(args.dinov2), args.sam_model, str(args.sam), size)
         return selection, f"models: {args.dinov2_model} ({args.dinov2.name}) + SAM {args.sam_model} ({args.sam.name})"
-    dinov2, sam = ("dinov2_vitb14", "vit_b") if args.full else (TINY_DINOV2, TINY_SAM)
-    size = args.input_size or (672 if args.full else 112)
+    dinov2, sam = (DEFAULT_DINOV2, DEFAULT_SAM) if args.full else (TINY_DINOV2, TINY_SAM)
+    size = args.input_size or (DEFAULT_INPUT_SIZE if args.full else TINY_INPUT_SIZE)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="protosam_figure_"))
     work.mkdir(parents=True, exist_ok=True)
     paths = {"dinov2": work / f"{dinov2}.pth", "sam": work / f"{sam}.pth"}
@@ -170,7 +173,7 @@ def render(args: argparse.Namespace) -> CorrectionFigure:
     seconds = {}
     started = time.perf_counter()
     selection, models_words = load_models(args)
-    engine = Engine(selection, preset="default", device="cpu", download=False)
+    engine = Engine(selection, preset="default", device=args.device, download=False)
     segments = AAL_STRUCTURES.index(args.structure) + 1
     data = colin27_volume(args.slices, args.size, segments)
     truth = data.masks[args.structure]
@@ -185,7 +188,7 @@ def render(args: argparse.Namespace) -> CorrectionFigure:
     seconds["start"] = time.perf_counter() - started
     # A slice the run decoded with SAM (its embedding is cached, so a click costs a decoding),
     # where the atlas has the structure: the nearest to the painted one that the preview gets wrong.
-    decoded = sorted(session.structures[args.structure].prompts)
+    decoded = sorted(k for k, sets in session.structures[args.structure].prompts.items() if sets)
     candidates = [k for k in decoded if k != support and truth[k].any() and choose_clicks(preview[k], truth[k])]
     if not candidates:
         raise SystemExit(f"No slice to correct: the preview of {args.structure} matches the atlas on every "
