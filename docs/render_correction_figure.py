@@ -16,7 +16,7 @@ session's output.
 
 By default the models are random-weight checkpoints in the official formats
 (``protosam.testing``): tiny ones (seconds), or DINOv2 ViT-B/14 + SAM ViT-B with ``--full``
-(minutes on a CPU). Their masks mean nothing; the picture then shows what a click does, not
+(about 9 minutes for ``--slices 8 --size 96`` on a busy 2-core CPU). Their masks mean nothing; the picture then shows what a click does, not
 how accurate ProtoSAM is. With the published weights the same command draws the real thing::
 
     python docs/render_correction_figure.py                       # tiny random-weight models
@@ -105,7 +105,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--sam-model", default=DEFAULT_SAM, help="architecture of the --sam file (vit_b, vit_l, vit_h)")
     p.add_argument("--full", action="store_true",
                    help="without --dinov2/--sam: random-weight ViT-B/14 + SAM ViT-B instead of the tiny models")
-    p.add_argument("--input-size", type=int, default=None, help=f"DINOv2 input size (default {DEFAULT_INPUT_SIZE}; 112 for tiny models)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help=f"DINOv2 input size (default {DEFAULT_INPUT_SIZE}; {TINY_INPUT_SIZE} for the tiny models)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--structure", default="Putamen_R", choices=AAL_STRUCTURES, help="AAL structure")
     p.add_argument("--slices", type=int, default=12, help="slices of the resampled Colin27 volume")
