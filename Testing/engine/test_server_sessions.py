@@ -328,3 +328,84 @@ def test_idle_sessions_expire_and_are_freed(tiny_models, tmp_path):
         assert "idle correction session(s) of alice expired" in server.log()
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------- in-process (no HTTP)
+def scheduler_for(models, budget):
+    from protosam import server
+
+    served = {"dinov2": models.dinov2, "dinov2_checkpoint": models.dinov2_checkpoint, "sam": models.sam,
+              "sam_checkpoint": models.sam_checkpoint, "input_size": models.input_size}
+    return server.JobScheduler(server.ServerConfig(models=served, tokens={"t" * 20: "alice"}, device="cpu",
+                                                   download=False, cache_bytes_per_user=budget))
+
+
+def finish(scheduler, job, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state, _, _, reply = scheduler.snapshot(job)
+        if reply is not None:
+            return protocol.decode(reply)
+        time.sleep(0.05)
+    raise AssertionError("the job did not finish")
+
+
+def test_sessions_volumes_and_encodings_share_the_users_budget(tiny_models):
+    from protosam import server
+
+    volume, mask = case(seed=11)
+    arrays = volume.size * 4 + volume.size  # the session's float32 volume and uint8 mask
+    budget = arrays + 8 * 1024 * 1024
+    scheduler = scheduler_for(tiny_models, budget)
+    scheduler.start()
+    try:
+        message = protocol.SessionOpen(id="o", session_id="s", engine=engine_spec(tiny_models),
+                                       volume=protocol.Image(volume), structures={"1": mask},
+                                       options={"axis": 0, "modality": "auto"})
+        reply = finish(scheduler, scheduler.submit_session_job("alice", message))
+        assert isinstance(reply, protocol.JobResult), reply
+        cache = scheduler._caches["alice"]
+        # The encodings are in the user's one cache, bounded by the budget minus the session's arrays.
+        assert cache.max_bytes == budget - arrays and cache.nbytes > 0
+        assert scheduler.health("alice", "h").cache_bytes == cache.nbytes
+        # A second session that cannot fit beside it is refused before anything runs.
+        too_big = dataclasses.replace(message, session_id="t", volume=protocol.Image(np.zeros((6, 400, 1000), np.float32)),
+                                      structures={"1": np.zeros((6, 400, 1000), np.uint8)})
+        with pytest.raises(server.ServerError) as caught:
+            scheduler.submit_session_job("alice", too_big)
+        assert caught.value.status == 413 and "--cache-mb-per-user" in str(caught.value)
+        scheduler.session_request("alice", close("s"))
+        assert cache.nbytes == 0 and cache.max_bytes == budget  # the session's arrays are given back
+    finally:
+        scheduler.stop()
+
+
+def test_closing_a_session_on_a_shared_cache_keeps_other_volumes_encodings(tiny_models):
+    from protosam import Engine
+    from protosam.cache import EmbeddingCache
+    from protosam.session import Session
+
+    engine = Engine(tiny_models, preset="default", device="cpu", cache_bytes=CACHE)
+    first, first_mask = case(seed=12)
+    second, second_mask = case(seed=13)
+    sessions = []
+    for volume, mask in ((first, first_mask), (second, second_mask)):
+        session = Session(engine, volume, cache_bytes=None)
+        session.start({"1": mask})
+        sessions.append(session)
+    both = engine.cache.nbytes
+    sessions[0].close()
+    assert 0 < engine.cache.nbytes < both  # only the first volume's encodings went
+    assert all(key[1] == sessions[1].fingerprint for key in engine.cache._items)
+    own = Session(engine, first, cache_bytes=CACHE)
+    own.start({"1": first_mask})
+    own.close()
+    assert own.cache.nbytes == 0
+    cache = EmbeddingCache(1000)
+    import torch
+
+    for key in range(4):
+        cache.put(key, torch.zeros(50))  # 200 bytes each
+    cache.resize(500)
+    assert len(cache) == 2 and cache.nbytes == 400 and cache.get(3) is not None and cache.get(0) is None
+    assert cache.discard(lambda key: key == 3) == 200 and cache.nbytes == 200
