@@ -171,3 +171,31 @@ def test_clicks_and_update_on_the_server_equal_the_local_worker_and_apply(scene,
     np.testing.assert_array_equal(read(remote, "other"), remote["arrays"]["other"])
     local["session"].cancel()
     assert live.tokens["alice"] not in live.log()
+
+
+def test_server_session_without_a_worker_process_talks_to_the_server_directly(tinyOptions, live):
+    """Headless scripts (thread worker): the ServerSession makes its requests itself, with the same
+    results as through the worker process; after close the server has forgotten the session."""
+    from ProtoSAMSlicerLib.server_session import ServerSession
+    from ProtoSAMSlicerLib.worker import workerForDevice
+
+    rng = np.random.default_rng(4)
+    volume = rng.normal(0, 20, (4, 20, 24)).astype(np.float32)
+    volume[:, 5:15, 6:18] += 300
+    masks = np.zeros(volume.shape, np.uint8)
+    masks[:, 5:15, 6:18] = 1
+    engineSpec = dataclasses.asdict(protocol.EngineSpec(models=dataclasses.asdict(tinyOptions.models),
+                                                        preset="default", device="cpu", cache_bytes=1 << 24))
+    sessions = [ServerSession(client, live.url, live.tokens["alice"], engineSpec, volume, 0, "liver", masks, [2],
+                              {"modality": "auto", "auto_extent": False})
+                for client in (None, workerForDevice("cpu"))]
+    for session in sessions:
+        session.correct("liver", 1, [[20, 3]], [1])
+        session.update("liver")
+    assert repr(sessions[0]).startswith("ServerSession(") and live.tokens["alice"] not in repr(sessions[0])
+    assert sessions[0].clicks("liver", 1) == [(20.0, 3.0, 1)]
+    np.testing.assert_array_equal(sessions[0].mask("liver"), sessions[1].mask("liver"))
+    for session in sessions:
+        session.close()
+    with pytest.raises(KeyError, match="No such correction session"):
+        sessions[0].correct("liver", 1, [[20, 3]], [1])
