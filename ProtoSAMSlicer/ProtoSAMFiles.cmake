@@ -22,6 +22,7 @@ set(PROTOSAM_MODULE_SCRIPTS
   ProtoSAMSlicerLib/mrml_io.py
   ProtoSAMSlicerLib/results.py
   ProtoSAMSlicerLib/selftest.py
+  ProtoSAMSlicerLib/server_session.py
   ProtoSAMSlicerLib/settings.py
   ProtoSAMSlicerLib/worker.py
   ProtoSAMSlicerLib/worker_client.py

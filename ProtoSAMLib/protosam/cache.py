@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from typing import Hashable, Optional
+from typing import Callable, Hashable, Optional
 
 import numpy as np
 import torch
@@ -74,3 +74,24 @@ class EmbeddingCache:
         with self._lock:
             self._items.clear()
             self._bytes = 0
+
+    def discard(self, predicate: Callable[[Hashable], bool]) -> int:
+        """Remove the entries whose key satisfies ``predicate`` (e.g. one volume's); returns the bytes freed."""
+        with self._lock:
+            keys = [key for key in self._items if predicate(key)]
+            freed = 0
+            for key in keys:
+                value = self._items.pop(key)
+                freed += value.element_size() * value.nelement()
+            self._bytes -= freed
+            return freed
+
+    def resize(self, max_bytes: int) -> None:
+        """Change the bound in place (entries are kept, the least recently used evicted beyond it)."""
+        if max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0")
+        with self._lock:
+            self.max_bytes = int(max_bytes)
+            while self._bytes > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self._bytes -= evicted.element_size() * evicted.nelement()

@@ -10,13 +10,17 @@ API (every path except ``/health`` needs ``Authorization: Bearer <token>``, else
 
 ================================  ==========================================================
 ``GET  /health``                  ``{"status": "ok"}`` (no authentication, no details)
-``POST /v1/jobs``                 body: a ``job_submit`` message -> 202 ``{"id": job id}``
+``POST /v1/jobs``                 body: a ``job_submit``, ``session_open`` or ``session_update``
+                                  message -> 202 ``{"id": job id}``
 ``GET  /v1/jobs/{id}?done=N``     waits up to ``wait`` s for progress beyond N, then answers
                                   one message: ``job_progress``, ``job_result`` or ``error``
 ``POST /v1/jobs/{id}/cancel``     cooperative cancel (a queued job never starts)
 ``DELETE /v1/jobs/{id}``          cancel if needed and forget the job and its result
 ``POST /v1/requests``             ``health_request`` / ``release_caches`` /
-                                  ``models_status_request`` -> the reply message
+                                  ``models_status_request`` -> the reply message;
+                                  ``session_correct`` / ``session_undo_click`` /
+                                  ``session_clear_clicks`` / ``session_add_support`` /
+                                  ``session_close`` -> a ``job_result`` (at once, see below)
 ``GET  /openapi.json``            the API description
 ================================  ==========================================================
 
@@ -26,6 +30,19 @@ answered at once by the event loop. Users are isolated: a job is visible only to
 that submitted it (others get 404, so ids cannot be probed), and encoder-output caches are
 per user (the models are shared; each user's jobs run on a view of the engine with that
 user's own cache), bounded by ``--cache-mb-per-user``.
+
+Correction sessions (:mod:`protosam.session`, served by the worker's own
+:class:`~protosam.worker_process.WorkerSessions`, one per user): the client names a session
+by the ``session_id`` of its ``session_open`` (with ``adopt``, a result of the user's own job
+on this server, whose encodings are in the user's cache). Opening and updating are jobs (the
+job endpoints above: progress, cancel); a click, undo, clear, painted slice or close is
+answered at once, beside the job-runner thread (see :meth:`JobScheduler.session_request`): 200
+with a ``job_result`` (``mask`` of the slice, ``slice_index``, ``clicks``; close:
+``closed``); 404 for an unknown session (closed, expired, released, or another user's); 409
+while the session's update runs. Per user: at most ``--max-sessions-per-user`` sessions (429
+beyond), their volumes, masks and encodings within ``--cache-mb-per-user`` (413 for a session
+that cannot fit), closed after ``--session-idle-minutes`` without use; ``release_caches`` closes
+the user's sessions too.
 
 Errors are JSON ``{"error_type": ..., "message": ...}`` with a 4xx/5xx status (the fields of
 the protocol's ErrorReply); a failing job answers an ``error`` message. Nothing is written to
@@ -51,6 +68,8 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any, Deque, Dict, Optional, Sequence, Tuple
+
+import numpy as np
 
 from . import __version__, protocol
 from .errors import CancelledError, InputError, ProtoSAMError
@@ -94,6 +113,8 @@ class ServerConfig:
     cache_bytes_per_user: int = 512 * 1024 * 1024
     max_jobs_per_user: int = 4
     result_ttl_s: float = 600.0
+    max_sessions_per_user: int = 4
+    session_idle_s: float = 1800.0
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -184,11 +205,14 @@ class TokenTable:
 
 # ----------------------------------------------------------------------------- jobs
 class _Job:
-    def __init__(self, user: str, request: protocol.JobSubmit, cache_bytes: int):
-        self.id = request.id
+    """A queued job: a ``job_submit``, or a long session operation (``session_open``,
+    ``session_update``) run by the user's :class:`~protosam.worker_process.WorkerSessions`."""
+
+    def __init__(self, user: str, job_id: str, request: protocol.Message, cache_bytes: int):
+        self.id = job_id
         self.user = user
         self.cache_bytes = cache_bytes  # this user's encoder cache bound for the job
-        self.request: Optional[protocol.JobSubmit] = request
+        self.request: Optional[protocol.Message] = request
         self.cancel = threading.Event()
         self.state = "queued"  # queued -> running -> finished
         self.done = 0
@@ -232,6 +256,8 @@ class JobScheduler:
         self.engines = Engines()
         self._cache_type = EmbeddingCache
         self._caches: Dict[str, Any] = {}
+        self._sessions: Dict[str, Any] = {}  # user -> WorkerSessions
+        self._click_lane = threading.Lock()
         self._jobs: Dict[str, _Job] = {}
         self._queue: Deque[_Job] = collections.deque()
         self._running: Optional[_Job] = None
@@ -239,9 +265,11 @@ class JobScheduler:
         self._stopping = False
         self.started = time.monotonic()
         self._thread = threading.Thread(target=self._run_forever, name="protosam-jobs", daemon=True)
+        self._reaper = threading.Thread(target=self._expire_sessions_forever, name="protosam-sessions", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        self._reaper.start()
 
     def stop(self) -> None:
         with self._lock:
@@ -280,22 +308,147 @@ class JobScheduler:
                                    f"it runs: {', '.join(REMOTE_OPERATIONS)}.", "NotSupportedError")
         engine = self.engine_spec(request.engine)
         cache_bytes = min(int(request.engine.get("cache_bytes") or 0), self.config.cache_bytes_per_user)
-        job_request = protocol.JobSubmit(id=secrets.token_urlsafe(24), operation=request.operation,
+        job_id = secrets.token_urlsafe(24)
+        job_request = protocol.JobSubmit(id=job_id, operation=request.operation,
                                          kwargs=request.kwargs, engine=engine, name=request.name)
-        job = _Job(user, job_request, cache_bytes)
+        return self._enqueue(_Job(user, job_id, job_request, cache_bytes))
+
+    def _enqueue(self, job: _Job, admit=None) -> _Job:
+        """Queue ``job``; ``admit()`` (called under the lock) may refuse it with a ServerError."""
         with self._lock:
             self._forget_expired()
             if self._stopping:
                 raise ServerError(503, "The server is shutting down.", "ProtoSAMError")
-            held = sum(1 for other in self._jobs.values() if other.user == user)
+            held = sum(1 for other in self._jobs.values() if other.user == job.user)
             if held >= self.config.max_jobs_per_user:
                 raise ServerError(429, f"You already have {held} jobs on this server (the limit is "
                                        f"{self.config.max_jobs_per_user}); wait for them or cancel one.", "ProtoSAMError")
+            if admit is not None:
+                admit()
             self._jobs[job.id] = job
             self._queue.append(job)
             self._lock.notify_all()
-        logger.info("Job %s of %s queued (%d ahead).", job.id[:8], user, len(self._queue) - 1)
+        logger.info("Job %s of %s queued (%s, %d ahead).", job.id[:8], job.user, job.request.TYPE, len(self._queue) - 1)
         return job
+
+    # -- correction sessions ------------------------------------------------------------------
+    # A user's sessions live in that user's WorkerSessions (the worker process's own handler),
+    # on views of the shared engine that hold the user's cache: every session's encodings count
+    # in the user's --cache-mb-per-user budget, and a session adopting a job's result finds that
+    # job's encodings there. The budget also pays for the sessions' volumes and masks: the
+    # encoder cache is bounded by the budget minus those arrays (see _fit_cache).
+    #
+    # Scheduling: opening and updating run over the whole volume, so they are jobs (queue,
+    # progress, cancel). A click (correct, undo, clear, painted slice, close) decodes one slice
+    # (encoding it first if evicted): it does not wait behind the job-runner thread, where
+    # another user's 200-slice run may be, but runs at once on a thread of the request pool,
+    # in one "click lane" (a lock): PyTorch inference on the shared models from two threads is
+    # safe (inference mode, no module state changes), and the lane bounds the extra device
+    # memory to one click at a time beside the running job; a click takes well under a second,
+    # so clicks of several users queue only briefly. What is not thread-safe is guarded: the
+    # caches have their own lock, the session tables this scheduler's lock, and each session
+    # its own lock; a click on a session whose update is running is refused at once (409)
+    # instead of holding the lane for the whole update.
+    def _user_sessions(self, user: str):
+        from .worker_process import WorkerSessions
+
+        with self._lock:
+            sessions = self._sessions.get(user)
+            if sessions is None:
+                cache = self._user_cache_locked(user, self._free_budget_locked(user, None))
+                sessions = self._sessions[user] = WorkerSessions(_UserEngines(self.engines, cache), shared_cache=True)
+            return sessions
+
+    def _free_budget_locked(self, user: str, sessions) -> int:
+        held = sessions.array_bytes() if sessions is not None else 0
+        return max(0, self.config.cache_bytes_per_user - held)
+
+    def _fit_cache(self, user: str, requested: Optional[int] = None) -> None:
+        """Bound the user's encoder cache: the budget minus the sessions' arrays while sessions
+        are open (they need their encodings), else what the job asks within the budget."""
+        with self._lock:
+            sessions = self._sessions.get(user)
+            bound = self._free_budget_locked(user, sessions)
+            if requested is not None and (sessions is None or not len(sessions)):
+                bound = min(bound, requested)
+            self._user_cache_locked(user, bound)
+
+    def submit_session_job(self, user: str, message: protocol.Message) -> _Job:
+        """Queue a ``session_open`` or ``session_update`` of ``user``."""
+        sessions = self._user_sessions(user)
+        if isinstance(message, protocol.SessionUpdate):
+            if message.session_id not in sessions:
+                raise self._no_session()
+            return self._enqueue(_Job(user, secrets.token_urlsafe(24), message, 0))
+        message = dataclasses.replace(message, engine=self.engine_spec(message.engine))
+        volume = message.volume.array if isinstance(message.volume, protocol.Image) else np.asarray(message.volume)
+        needed = volume.size * 4 + volume.size * len(message.structures)  # float32 volume + uint8 masks
+        limit = self.config.max_sessions_per_user
+
+        def admit():
+            opening = {job.request.session_id for job in self._jobs.values()
+                       if job.user == user and job.state != "finished" and isinstance(job.request, protocol.SessionOpen)}
+            held = len(sessions) + len(opening - {message.session_id})
+            if message.session_id not in sessions and message.session_id not in opening and held >= limit:
+                raise ServerError(429, (
+                    f"You have {held} correction sessions open on this server (the limit is {limit}, "
+                    "--max-sessions-per-user): close one (Apply or Cancel a ProtoSAM preview) or wait until idle ones "
+                    f"expire ({self.config.session_idle_s / 60:g} min without a click)."), "ProtoSAMError")
+            if sessions.array_bytes() + needed > self.config.cache_bytes_per_user:
+                raise ServerError(413, (
+                    f"This correction session needs {needed / 2**20:.0f} MiB for its volume and masks, more than is "
+                    f"left of your {self.config.cache_bytes_per_user / 2**20:.0f} MiB on this server "
+                    "(--cache-mb-per-user): close other sessions, crop the volume, or ask the administrator to raise "
+                    "the budget."), "InputError")
+
+        return self._enqueue(_Job(user, secrets.token_urlsafe(24), message, 0), admit)
+
+    @staticmethod
+    def _no_session() -> ServerError:
+        return ServerError(404, "No such correction session (it was closed, expired after being idle, was released "
+                                "with your caches, or belongs to another user): propagate again.", "KeyError")
+
+    def session_request(self, user: str, message: protocol.Message) -> protocol.JobResult:
+        """Answer a click, undo, clear, painted slice or close at once (on the caller's thread)."""
+        from .worker_process import SessionBusyError
+
+        with self._lock:
+            sessions = self._sessions.get(user)
+        if sessions is None or message.session_id not in sessions:
+            raise self._no_session()
+        try:
+            if isinstance(message, protocol.SessionClose):
+                value = sessions.small_request(message)
+            else:
+                with self._click_lane:
+                    value = sessions.small_request(message, wait=False)
+        except SessionBusyError as error:
+            raise ServerError(409, str(error), "ProtoSAMError") from None
+        except (InputError, ValueError) as error:
+            if message.session_id not in sessions:  # closed meanwhile (expired, released)
+                raise self._no_session() from None
+            raise ServerError(400, str(error), type(error).__name__ if type(error).__name__ in protocol.ERROR_TYPES
+                              else "InputError") from None
+        if isinstance(message, protocol.SessionClose):
+            self._fit_cache(user)
+            logger.info("Correction session of %s closed.", user)
+        return protocol.JobResult(id=message.id, value=value)
+
+    def _expire_sessions_forever(self) -> None:
+        period = min(max(self.config.session_idle_s / 4, 0.2), 30.0)
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                self._lock.wait(period)
+                if self._stopping:
+                    return
+                users = list(self._sessions.items())
+            for user, sessions in users:
+                expired = sessions.expire(self.config.session_idle_s)
+                if expired:
+                    self._fit_cache(user)
+                    logger.info("%d idle correction session(s) of %s expired.", len(expired), user)
 
     def find(self, user: str, job_id: str) -> _Job:
         """The user's job; 404 for unknown ids and for other users' jobs alike."""
@@ -363,8 +516,13 @@ class JobScheduler:
                                uptime_s=time.monotonic() - self.started)
 
     def release(self, user: str) -> None:
+        """Drop the user's caches and close the user's correction sessions (their encodings are
+        in that cache; a running update of the user finishes first)."""
         with self._lock:
             cache = self._caches.pop(user, None)
+            sessions = self._sessions.pop(user, None)
+        if sessions is not None:
+            sessions.close_all()
         if cache is not None:
             cache.clear()
 
@@ -387,12 +545,15 @@ class JobScheduler:
         job.notify()
         self._lock.notify_all()
 
-    def _user_cache(self, user: str, max_bytes: int):
-        with self._lock:
-            cache = self._caches.get(user)
-            if cache is None or cache.max_bytes != max_bytes:
-                cache = self._caches[user] = self._cache_type(max_bytes)
-            return cache
+    def _user_cache_locked(self, user: str, max_bytes: int):
+        """The user's one encoder cache, bounded by ``max_bytes`` (resized in place: the
+        user's sessions keep using it)."""
+        cache = self._caches.get(user)
+        if cache is None:
+            cache = self._caches[user] = self._cache_type(max_bytes)
+        elif cache.max_bytes != max_bytes:
+            cache.resize(max_bytes)
+        return cache
 
     def _run_forever(self) -> None:
         while True:
@@ -417,6 +578,24 @@ class JobScheduler:
                         state if reply.TYPE != "error" else f"{state}: {reply.error_type}",
                         time.monotonic() - job.submitted_at)
 
+    def _session_job(self, job: _Job, progress) -> Dict[str, Any]:
+        """A session open or update, with the user's one session handler (the worker's code).
+        A cancel that comes after the last slice keeps the finished result (the session's
+        state already holds it, and the client's must match it)."""
+        sessions = self._user_sessions(job.user)
+        if isinstance(job.request, protocol.SessionUpdate) and job.request.session_id not in sessions:
+            raise InputError("The correction session was closed before its update started: propagate again.")
+        self._fit_cache(job.user)
+        value = sessions.job(job.request, progress, job.cancel)
+        with self._lock:
+            released = self._sessions.get(job.user) is not sessions
+        if released:  # the user released their caches meanwhile: keep nothing
+            sessions.close_all()
+            raise CancelledError("Your caches and sessions on the server were released during this run; "
+                                 "nothing was kept.")
+        self._fit_cache(job.user)
+        return value
+
     def _execute(self, job: _Job) -> protocol.Message:
         from .worker_process import _return_memory_to_the_system, run_job
 
@@ -425,9 +604,14 @@ class JobScheduler:
                 job.done, job.total = int(done), int(total)
                 job.notify()
 
-        engines = _UserEngines(self.engines, self._user_cache(job.user, job.cache_bytes))
         try:
-            value = run_job(engines, job.request, progress, job.cancel)
+            if isinstance(job.request, protocol.JobSubmit):
+                self._fit_cache(job.user, job.cache_bytes)
+                with self._lock:
+                    engines = _UserEngines(self.engines, self._caches[job.user])
+                value = run_job(engines, job.request, progress, job.cancel)
+            else:
+                return protocol.JobResult(id=job.id, value=self._session_job(job, progress))
             if job.cancel.is_set():
                 raise CancelledError("Cancelled by the user; nothing was written.")
             return protocol.JobResult(id=job.id, value=value)
@@ -555,8 +739,13 @@ def create_app(scheduler: JobScheduler):
 
     @app.post("/v1/jobs", status_code=202)
     async def submit_job(request: Request):
-        """Body: an encoded ``job_submit``; returns the job's id."""
+        """Body: an encoded ``job_submit``, ``session_open`` or ``session_update``; returns the job's id."""
         message = await read_message(request)
+        if isinstance(message, (protocol.SessionOpen, protocol.SessionUpdate)):
+            job = await run_in_threadpool(scheduler.submit_session_job, user_of(request), message)
+            return {"id": job.id}
+        if isinstance(message, protocol.SESSION_TYPES):
+            raise ServerError(400, f"'{message.TYPE}' is answered at once: POST it to /v1/requests.", "ProtocolError")
         if not isinstance(message, protocol.JobSubmit):
             raise ServerError(400, f"Expected a 'job_submit' message, got '{message.TYPE}'.", "ProtocolError")
         job = scheduler.submit(user_of(request), message)
@@ -592,7 +781,8 @@ def create_app(scheduler: JobScheduler):
         if isinstance(message, protocol.HealthRequest):
             reply: protocol.Message = await run_in_threadpool(scheduler.health, user, message.id)
         elif isinstance(message, protocol.ReleaseCaches):
-            scheduler.release(user)  # this user's caches only; the shared models stay loaded
+            # This user's caches and sessions only; the shared models stay loaded.
+            await run_in_threadpool(scheduler.release, user)
             reply = await run_in_threadpool(scheduler.health, user, message.id)
         elif isinstance(message, protocol.ModelsStatusRequest):
             from .worker_process import models_status
@@ -600,8 +790,10 @@ def create_app(scheduler: JobScheduler):
             served = protocol.ModelsStatusRequest(id=message.id, models=scheduler.config.models,
                                                   weights_home=scheduler.config.weights_home)
             reply = await run_in_threadpool(models_status, served, scheduler.engines)
+        elif isinstance(message, (protocol.SessionOpen, protocol.SessionUpdate)):
+            raise ServerError(400, f"'{message.TYPE}' runs as a job: POST it to /v1/jobs.", "ProtocolError")
         elif isinstance(message, protocol.SESSION_TYPES):
-            raise ServerError(501, "Correction sessions are not implemented by this server yet.", "NotSupportedError")
+            reply = await run_in_threadpool(scheduler.session_request, user, message)
         else:
             raise ServerError(400, f"'{message.TYPE}' is not a request this server answers.", "ProtocolError")
         return Response(content=protocol.encode(reply), media_type=octets)
@@ -640,6 +832,10 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     net.add_argument("--cache-mb-per-user", type=float, default=512.0,
                      help="encoder-output cache each user may hold on the server")
     net.add_argument("--max-jobs-per-user", type=int, default=4, help="queued, running and unfetched jobs per user")
+    net.add_argument("--max-sessions-per-user", type=int, default=4,
+                     help="open click-correction sessions per user (each holds a volume; 429 beyond)")
+    net.add_argument("--session-idle-minutes", type=float, default=30.0,
+                     help="a correction session unused this long is closed and its memory freed")
     net.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default torch's); the same count as a local run gives the same bits")
     net.add_argument("--access-log", action="store_true", help="log every request line (paths hold job ids)")
@@ -680,7 +876,9 @@ def serve(args: argparse.Namespace) -> int:
                           weights_home=args.weights_home, download=not args.no_download,
                           max_request_bytes=int(args.max_request_mb * 1024 * 1024),
                           cache_bytes_per_user=int(args.cache_mb_per_user * 1024 * 1024),
-                          max_jobs_per_user=args.max_jobs_per_user)
+                          max_jobs_per_user=args.max_jobs_per_user,
+                          max_sessions_per_user=args.max_sessions_per_user,
+                          session_idle_s=args.session_idle_minutes * 60.0)
     scheduler = JobScheduler(config)
     scheduler.start()
     app = create_app(scheduler)

@@ -10,6 +10,7 @@ Standard library only (``urllib``): Slicer's Python has no HTTP client package i
 """
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import logging
@@ -26,7 +27,8 @@ from .errors import CancelledError, InputError, ProtoSAMError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ServerConnection", "forwarding_request", "forward_job", "FORWARD_OPERATION"]
+__all__ = ["ServerConnection", "forwarding_request", "forwarding_session_request", "forward_job", "session_request",
+           "FORWARD_OPERATION"]
 
 FORWARD_OPERATION = "forward_to_server"
 #: Long-poll length: also how soon a cancel reaches the server (seconds).
@@ -88,12 +90,7 @@ def forwarding_request(request: protocol.JobSubmit, url: str, token: str) -> pro
     Checkpoint paths and the weights folder are dropped from the engine: they name files on
     this machine; the server runs the models it was started with (their names must match)."""
     ServerConnection(url, token)  # checks the URL and token now, on the caller's side
-    engine = dict(request.engine or {})
-    if "models" in engine:
-        engine["models"] = {key: value for key, value in engine["models"].items()
-                            if key not in ("dinov2_checkpoint", "sam_checkpoint")}
-    engine.pop("weights_home", None)
-    engine["download"] = False
+    engine = _server_engine(request.engine)
     return protocol.JobSubmit(id=request.id, operation=FORWARD_OPERATION, name=request.name, engine=None, kwargs={
         "server_url": url, "server_token": token,
         "job": {"operation": request.operation, "kwargs": request.kwargs, "engine": engine}})
@@ -108,6 +105,8 @@ def forward_job(request: protocol.JobSubmit, progress: Callable[[int, int], None
     caller writes nothing)."""
     kwargs = request.kwargs
     connection = ServerConnection(str(kwargs.get("server_url", "")), str(kwargs.get("server_token", "")))
+    if "session" in kwargs:
+        return session_request(connection, _session_message(kwargs["session"]), progress, cancel)
     job = kwargs.get("job")
     if not isinstance(job, dict):
         raise InputError("a forward_to_server job needs the job to forward")
@@ -115,7 +114,13 @@ def forward_job(request: protocol.JobSubmit, progress: Callable[[int, int], None
                                 engine=job.get("engine"), name=request.name)
     if cancel.is_set():
         raise CancelledError("Cancelled before the run started; nothing was written.")
-    _, body = connection.request("POST", "/v1/jobs", protocol.encode(remote))
+    return _run_remote_job(connection, remote, progress, cancel)
+
+
+def _run_remote_job(connection: ServerConnection, message: protocol.Message, progress: Callable[[int, int], None],
+                    cancel: threading.Event) -> Any:
+    """Submit ``message`` to /v1/jobs, relay progress and cancel, return the result's value."""
+    _, body = connection.request("POST", "/v1/jobs", protocol.encode(message))
     job_id = json.loads(body.decode("utf-8"))["id"]
     logger.info("Job submitted to the ProtoSAM server at %s.", connection.url)
     path = "/v1/jobs/" + urllib.parse.quote(job_id, safe="")
@@ -154,6 +159,58 @@ def forward_job(request: protocol.JobSubmit, progress: Callable[[int, int], None
         raise protocol.WorkerCrashedError(
             f"The connection to the ProtoSAM server was lost during the run: {error} Nothing was written and your "
             "segments are unchanged. Check that the server is running and reachable, then run again.") from None
+
+
+#: Session messages that run as server jobs (progress, cancel); the others are answered at once.
+SESSION_JOB_TYPES = (protocol.SessionOpen, protocol.SessionUpdate)
+
+
+def session_request(connection: ServerConnection, message: protocol.Message,
+                    progress: Callable[[int, int], None] = lambda done, total: None,
+                    cancel: Optional[threading.Event] = None) -> Any:
+    """Run a correction-session message on the server; returns the reply's value (as the
+    worker's WorkerSessions gives it). ``session_open`` / ``session_update`` run as jobs (progress,
+    cooperative ``cancel``: CancelledError); clicks, painted slices and close are one request."""
+    if not isinstance(message, protocol.SESSION_TYPES):
+        raise TypeError(f"not a session message: {message!r}")
+    if isinstance(message, SESSION_JOB_TYPES):
+        if isinstance(message, protocol.SessionOpen):
+            message = dataclasses.replace(message, engine=_server_engine(message.engine))
+        return _run_remote_job(connection, message, progress, cancel or threading.Event())
+    _, body = connection.request("POST", "/v1/requests", protocol.encode(message))
+    reply = protocol.decode(body)
+    if isinstance(reply, protocol.ErrorReply):
+        raise protocol.error_from_reply(reply)
+    if not isinstance(reply, protocol.JobResult):
+        raise protocol.ProtocolError(f"the server answered '{message.TYPE}' with '{reply.TYPE}'")
+    return reply.value
+
+
+def forwarding_session_request(message: protocol.Message, url: str, token: str) -> protocol.JobSubmit:
+    """The job that makes a local worker relay a session message to the server at ``url``
+    (:func:`forward_job` runs it with :func:`session_request`); the value is the server's."""
+    ServerConnection(url, token)
+    fields = {field.name: getattr(message, field.name) for field in dataclasses.fields(message)}
+    return protocol.JobSubmit(id=message.id, operation=FORWARD_OPERATION, engine=None, name=message.TYPE, kwargs={
+        "server_url": url, "server_token": token, "session": dict(fields, type=message.TYPE)})
+
+
+def _session_message(value: Any) -> protocol.Message:
+    if not isinstance(value, dict) or value.get("type") not in {cls.TYPE for cls in protocol.SESSION_TYPES}:
+        raise InputError("a forwarded session request needs a session message")
+    fields = dict(value)
+    return protocol.MESSAGE_TYPES[fields.pop("type")](**fields)
+
+
+def _server_engine(engine: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """An engine specification without what names files of this machine (see forwarding_request)."""
+    engine = dict(engine or {})
+    if "models" in engine:
+        engine["models"] = {key: value for key, value in engine["models"].items()
+                            if key not in ("dinov2_checkpoint", "sam_checkpoint")}
+    engine.pop("weights_home", None)
+    engine["download"] = False
+    return engine
 
 
 def _forget(connection: ServerConnection, path: str) -> None:

@@ -180,9 +180,15 @@ class Session:
             return True
 
     def close(self) -> None:
-        """Free the cached encoder outputs and every structure."""
+        """Free the cached encoder outputs of this volume and every structure. A cache shared
+        with the engine (``cache_bytes=None``) keeps the other volumes' encodings: it serves
+        other runs and sessions too."""
         with self._lock:
-            self.cache.clear()
+            if self._shares_engine_cache:
+                fingerprint = self.fingerprint
+                self.cache.discard(lambda key: isinstance(key, tuple) and len(key) > 1 and key[1] == fingerprint)
+            else:
+                self.cache.clear()
             self.structures.clear()
 
     # ------------------------------------------------------------------ propagation

@@ -15,6 +15,7 @@ calls, so both paths compute with the same code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -237,13 +238,28 @@ def models_status(request: protocol.ModelsStatusRequest, engines: Engines) -> pr
 
 
 # ----------------------------------------------------------------------------- sessions
-class WorkerSessions:
-    """The correction sessions (protosam.session) this worker holds, by ``session_id``: the
-    volume's encodings stay here, so a click or an update is a small request."""
+class SessionBusyError(InputError):
+    """A click arrived while the session runs a long operation (an update) and the caller
+    asked not to wait for it."""
 
-    def __init__(self, engines: Engines):
+
+class WorkerSessions:
+    """The correction sessions (protosam.session) held by this process, by ``session_id``: the
+    volume's encodings stay here, so a click or an update is a small request.
+
+    The one session handler of the worker process and of the server (one instance per user
+    there). ``engines``: anything with ``get(spec)`` (:class:`Engines`, or the server's per-user
+    view). ``shared_cache``: every session keeps its encodings in its engine's cache (the
+    server's per-user cache, bounded by the user's budget), not only adopting ones; the
+    ``cache_bytes`` option is then ignored.
+    """
+
+    def __init__(self, engines, shared_cache: bool = False):
         self.engines = engines
+        self.shared_cache = shared_cache
         self._sessions: Dict[str, Any] = {}
+        self._last_used: Dict[str, float] = {}
+        self._busy: Dict[str, int] = {}  # session id -> operations in progress (never expired then)
         self._lock = threading.Lock()
 
     def get(self, session_id: str):
@@ -254,12 +270,34 @@ class WorkerSessions:
                              "propagate again.")
         return session
 
+    def __contains__(self, session_id: str) -> bool:
+        with self._lock:
+            return session_id in self._sessions
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    @contextlib.contextmanager
+    def _using(self, session_id: str):
+        session = self.get(session_id)
+        with self._lock:
+            self._busy[session_id] = self._busy.get(session_id, 0) + 1
+        try:
+            yield session
+        finally:
+            with self._lock:
+                self._busy[session_id] -= 1
+                if not self._busy[session_id]:
+                    del self._busy[session_id]
+                self._last_used[session_id] = time.monotonic()
+
     def job(self, message: protocol.Message, progress: ProgressFunction, cancel: threading.Event) -> Dict[str, Any]:
         if isinstance(message, protocol.SessionOpen):
             return self._open(message, progress, cancel)
-        session = self.get(message.session_id)
-        mask = session.update(message.structure, progress=progress, cancel=cancel)
-        return {"mask": mask, "fixed_slices": session.fixed_slices(message.structure)}
+        with self._using(message.session_id) as session:
+            mask = session.update(message.structure, progress=progress, cancel=cancel)
+            return {"mask": mask, "fixed_slices": session.fixed_slices(message.structure)}
 
     def _open(self, message: protocol.SessionOpen, progress, cancel) -> Dict[str, Any]:
         from .session import DEFAULT_SESSION_CACHE_BYTES, Session
@@ -273,15 +311,12 @@ class WorkerSessions:
             raise InputError(f"Unknown session option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(allowed))}.")
         volume = _array(message.volume)
         support_volume = None if message.support_volume is None else _array(message.support_volume)
-        with self._lock:
-            previous = self._sessions.pop(message.session_id, None)
-        if previous is not None:
-            previous.close()
+        self.close(message.session_id)
         range_ = options.get("slice_range")
         adopt = bool(options.get("adopt", False))
         session = Session(
             engine, volume, axis=int(options.get("axis", 0)), modality=options.get("modality", "auto"),
-            cache_bytes=None if adopt else options.get("cache_bytes", DEFAULT_SESSION_CACHE_BYTES),
+            cache_bytes=None if adopt or self.shared_cache else options.get("cache_bytes", DEFAULT_SESSION_CACHE_BYTES),
             support_mode=options.get("support_mode", "nearest"),
             slice_range=None if range_ is None else tuple(range_), auto_extent=options.get("auto_extent"))
         if adopt:
@@ -290,22 +325,33 @@ class WorkerSessions:
                 session.adopt(key, _array(mask), fixed.get(key, []))
             masks = {key: session.mask(key) for key in message.structures}
         else:
-            masks = session.start({key: _array(mask) for key, mask in message.structures.items()},
-                                  support_volume=support_volume, support_slices=options.get("support_slices"),
-                                  progress=progress, cancel=cancel)
+            try:
+                masks = session.start({key: _array(mask) for key, mask in message.structures.items()},
+                                      support_volume=support_volume, support_slices=options.get("support_slices"),
+                                      progress=progress, cancel=cancel)
+            except BaseException:
+                session.close()  # a failed or cancelled open keeps nothing
+                raise
         with self._lock:
             self._sessions[message.session_id] = session
+            self._last_used[message.session_id] = time.monotonic()
         return {"masks": masks, "fixed_slices": {key: session.fixed_slices(key) for key in masks}}
 
-    def small_request(self, message: protocol.Message) -> Dict[str, Any]:
+    def small_request(self, message: protocol.Message, wait: bool = True) -> Dict[str, Any]:
+        """A click, undo, clear, painted slice or close. ``wait=False``: raise
+        :class:`SessionBusyError` at once instead of waiting for the session's running update."""
         if isinstance(message, protocol.SessionClose):
-            with self._lock:
-                session = self._sessions.pop(message.session_id, None)
-            if session is not None:
-                session.close()
-                _return_memory_to_the_system()
-            return {"closed": session is not None}
-        session = self.get(message.session_id)
+            return {"closed": self.close(message.session_id)}
+        with self._using(message.session_id) as session:
+            if not session._lock.acquire(blocking=wait):
+                raise SessionBusyError("This correction session is updating the volume: click again when the update "
+                                       "has finished.")
+            try:
+                return self._slice_request(session, message)
+            finally:
+                session._lock.release()
+
+    def _slice_request(self, session, message: protocol.Message) -> Dict[str, Any]:
         if message.axis != session.axis:
             raise InputError(f"This session propagates along axis {session.axis}, not {message.axis}: "
                              "correct slices of the view it was propagated in.")
@@ -320,6 +366,32 @@ class WorkerSessions:
         return {"mask": mask, "slice_index": message.slice_index,
                 "clicks": [list(c) for c in session.clicks(message.structure, message.slice_index)]}
 
+    def close(self, session_id: str) -> bool:
+        """Close a session and free its encodings; False when there was none."""
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+            self._last_used.pop(session_id, None)
+        if session is None:
+            return False
+        session.close()
+        _return_memory_to_the_system()
+        return True
+
+    def expire(self, idle_seconds: float) -> List[str]:
+        """Close the sessions unused for more than ``idle_seconds`` (never one in use); their ids."""
+        now = time.monotonic()
+        with self._lock:
+            idle = [key for key, used in self._last_used.items()
+                    if now - used > idle_seconds and key not in self._busy]
+        return [key for key in idle if self.close(key)]
+
+    def array_bytes(self) -> int:
+        """Bytes of the sessions' volumes and masks (what they hold besides encodings)."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        return sum(session.volume.nbytes + sum(state.output.nbytes for state in list(session.structures.values())
+                                               if state.output is not None) for session in sessions)
+
     def cache_bytes(self) -> int:
         """Bytes of the sessions' own caches (an adopted session's is its engine's, counted there)."""
         with self._lock:
@@ -329,6 +401,7 @@ class WorkerSessions:
     def close_all(self) -> None:
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), {}
+            self._last_used.clear()
         for session in sessions:
             session.close()
 

@@ -119,3 +119,83 @@ def test_server_killed_mid_run_is_reported_and_nothing_is_written(scene, tinyOpt
     finally:
         killable.stop()
     assert slicer.mrmlScene is scene
+
+
+def test_clicks_and_update_on_the_server_equal_the_local_worker_and_apply(scene, tinyOptions, live):
+    """The effect with Compute on: server: a click given in RAS corrects the preview's slice and
+    Update volume re-propagates, in a ServerSession on the server (relayed by the local worker
+    process; this thread keeps processing events), with exactly what the local worker's session
+    gives on the same inputs (same code and thread count on the same CPU)."""
+    from ProtoSAMSlicerLib.server_session import ServerSession
+    from ProtoSAMSlicerLib.worker_client import WorkerSession
+    from test_slicer_corrections import GEOMETRIES, buildEditor, preview, read, startPreview, world
+
+    local, remote = (buildEditor(scene, *GEOMETRIES["rotated"]) for _ in range(2))
+    idleCalls = []
+    remote["session"].logic.idle = lambda: idleCalls.append(1)
+    normal = startPreview(local, tinyOptions)
+    startPreview(remote, serverOptions(tinyOptions, live))
+    before = preview(remote)
+    np.testing.assert_array_equal(before, preview(local))
+    session = remote["session"]
+    updatesBefore = live.log().count("session_update")
+
+    for e in (local, remote):
+        assert e["session"].addClick(world(e["ijkToWorld"], (14.3, 2.7, 4.2)), normal, positive=True) == 4
+        e["session"].addClick(world(e["ijkToWorld"], (13, 4, 4)), normal, positive=False)
+    assert isinstance(session.corrections, ServerSession) and isinstance(local["session"].corrections, WorkerSession)
+    assert idleCalls, "Slicer was not kept processing events while the server answered"
+    clicked = preview(remote)
+    np.testing.assert_array_equal(clicked, preview(local))
+    unchanged = [k for k in range(clicked.shape[0]) if k != 4]
+    np.testing.assert_array_equal(clicked[unchanged], before[unchanged])  # a click changes only its slice
+    np.testing.assert_array_equal(clicked, session._orientation.from_canonical(session.corrections.mask(remote["ids"]["liver"])))
+    assert session.clicks(4) == [(14.0, 3.0, 1), (13.0, 4.0, 0)]
+    for e in (local, remote):
+        assert e["session"].undoClick() == 4
+    np.testing.assert_array_equal(preview(remote), preview(local))
+    assert session.corrections.clicks(remote["ids"]["liver"], session._canonicalSlice(4)) == [(14.0, 3.0, 1)]
+
+    idleCalls.clear()
+    progress = []
+    session.updateVolume(progressCallback=lambda done, total: progress.append((done, total)))
+    local["session"].updateVolume()
+    updated = preview(remote)
+    np.testing.assert_array_equal(updated, preview(local))
+    assert idleCalls and progress and progress[-1][0] == progress[-1][1] > 0
+    assert live.log().count("session_update") == updatesBefore + 1  # the update ran on the server
+    corrected = updated[4].copy()
+    session.apply()
+    assert remote["saves"] == [1]
+    np.testing.assert_array_equal(read(remote, "liver")[4], np.maximum(corrected, remote["arrays"]["liver"][4]))
+    np.testing.assert_array_equal(read(remote, "other"), remote["arrays"]["other"])
+    local["session"].cancel()
+    assert live.tokens["alice"] not in live.log()
+
+
+def test_server_session_without_a_worker_process_talks_to_the_server_directly(tinyOptions, live):
+    """Headless scripts (thread worker): the ServerSession makes its requests itself, with the same
+    results as through the worker process; after close the server has forgotten the session."""
+    from ProtoSAMSlicerLib.server_session import ServerSession
+    from ProtoSAMSlicerLib.worker import workerForDevice
+
+    rng = np.random.default_rng(4)
+    volume = rng.normal(0, 20, (4, 20, 24)).astype(np.float32)
+    volume[:, 5:15, 6:18] += 300
+    masks = np.zeros(volume.shape, np.uint8)
+    masks[:, 5:15, 6:18] = 1
+    engineSpec = dataclasses.asdict(protocol.EngineSpec(models=dataclasses.asdict(tinyOptions.models),
+                                                        preset="default", device="cpu", cache_bytes=1 << 24))
+    sessions = [ServerSession(client, live.url, live.tokens["alice"], engineSpec, volume, 0, "liver", masks, [2],
+                              {"modality": "auto", "auto_extent": False})
+                for client in (None, workerForDevice("cpu"))]
+    for session in sessions:
+        session.correct("liver", 1, [[20, 3]], [1])
+        session.update("liver")
+    assert repr(sessions[0]).startswith("ServerSession(") and live.tokens["alice"] not in repr(sessions[0])
+    assert sessions[0].clicks("liver", 1) == [(20.0, 3.0, 1)]
+    np.testing.assert_array_equal(sessions[0].mask("liver"), sessions[1].mask("liver"))
+    for session in sessions:
+        session.close()
+    with pytest.raises(KeyError, match="No such correction session"):
+        sessions[0].correct("liver", 1, [[20, 3]], [1])

@@ -279,9 +279,10 @@ class EffectSession:
 
     def _correctionSession(self):
         """The correction session, opened at the first click on the worker that ran the preview:
-        a WorkerSession in the worker process (the GUI's case), or a protosam Session on the
-        thread worker's engine (headless scripts); either way on the engine that encoded the
-        volume, so the run's cached encodings serve the clicks."""
+        a WorkerSession in the worker process (the GUI's case), a protosam Session on the
+        thread worker's engine (headless scripts), or a ServerSession on the ProtoSAM server
+        (Compute on: server); either way on the engine that encoded the volume, so the run's
+        cached encodings serve the clicks."""
         if self.corrections is not None:
             return self.corrections
         import dataclasses
@@ -293,10 +294,9 @@ class EffectSession:
         from .worker_client import WorkerClient, WorkerSession
 
         options = self.options
-        if getattr(options, "computeOn", "local") != "local":
-            raise InputError("Click corrections run on this computer's ProtoSAM worker; with 'Compute on: server' "
-                             "repaint the slice and propagate again instead.")
-        device = resolveDevice(options.device)
+        # On a server the session lives there (ServerSession); the local worker only relays.
+        onServer = getattr(options, "computeOn", "local") == "server"
+        device = "cpu" if onServer else resolveDevice(options.device)
         engineSpec = dataclasses.asdict(protocol.EngineSpec(
             models=dataclasses.asdict(options.models), preset=options.preset, device=device,
             weights_home=options.weightsHome, download=options.allowDownload, cache_bytes=options.cacheBytes))
@@ -314,7 +314,14 @@ class EffectSession:
         count = volume.shape[0]
         fixed = [orientation.canonical_slice(k, count) for k in self.result.supportSlices.get(self.segmentId, [])]
         self._orientation = orientation
-        if isinstance(worker, WorkerClient):
+        if onServer:
+            from .server_session import ServerSession
+
+            session = ServerSession(worker if isinstance(worker, WorkerClient) else None, options.serverUrl,
+                                    options.serverToken, engineSpec, volume, 0, self.segmentId, preview, fixed,
+                                    {"modality": options.modality, "auto_extent": options.autoExtent},
+                                    idle=self.logic.idle)
+        elif isinstance(worker, WorkerClient):
             session = WorkerSession(worker, engineSpec, volume, 0, self.segmentId, preview, fixed,
                                     {"modality": options.modality, "auto_extent": options.autoExtent},
                                     idle=self.logic.idle)
