@@ -580,8 +580,11 @@ class ProtoSAMLogic:
                     if progressCallback is not None and total:
                         progressCallback(offset * total + done, segmentCount * total)
 
-                mask = session.update(segmentId, progress=progress, cancel=cancelEvent)
-                if cancelEvent.is_set():
+                try:
+                    mask = session.update(segmentId, progress=progress, cancel=cancelEvent)
+                except CancelledError:
+                    cancelEvent.set()
+                if cancelEvent.is_set():  # also when Cancel came after the worker's last slice
                     raise CancelledError("Update cancelled; the preview is as it was.")
                 updated.append((result, segmentId, orientation.from_canonical(mask)))
                 position += 1
