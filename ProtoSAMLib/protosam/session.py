@@ -256,7 +256,8 @@ class Session:
         indices = sorted({int(i) for i in support_slices})
         for index in indices:
             if not 0 <= index < support.shape[0] or not mask[index].any():
-                raise InputError(f"Support slice {index} of '{structure}' is outside the support volume or empty there.")
+                raise InputError(
+                    f"Support slice {index} of '{structure}' is outside the support volume or empty there.")
         return support, mask, indices
 
     def has_sam_embedding(self, index: int) -> bool:

@@ -467,7 +467,8 @@ class WorkerService:
             self._reply(self.health(message.id))
         elif isinstance(message, protocol.ModelsStatusRequest):
             self._reply(models_status(message, self.engines))
-        elif isinstance(message, (protocol.SessionOpen, protocol.SessionUpdate)) or self.sessions.needs_encoding(message):
+        elif (isinstance(message, (protocol.SessionOpen, protocol.SessionUpdate))
+              or self.sessions.needs_encoding(message)):
             self.jobs.put(message)  # propagation or encoding: a job, with progress and cancel
         elif isinstance(message, protocol.SESSION_TYPES):
             # A click, a painted slice or a close is small: answered at once on this thread.
