@@ -46,6 +46,11 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether ``key`` is cached (no hit or miss counted, recency unchanged)."""
+        with self._lock:
+            return key in self._items
+
     def get(self, key: Hashable) -> Optional[torch.Tensor]:
         with self._lock:
             value = self._items.get(key)

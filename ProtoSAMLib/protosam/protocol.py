@@ -236,7 +236,10 @@ class SessionOpen(Message):
     ``auto_extent``, ``cache_bytes`` (see protosam.session.Session). With ``adopt`` true the
     structures are results already propagated by a job on this worker (``fixed_slices``: key ->
     painted slices): nothing is propagated, and the session shares the engine's cache, so that
-    job's encodings serve the clicks. Reply: ``masks`` and ``fixed_slices`` per structure."""
+    job's encodings serve the clicks. When such a run's support came from another volume,
+    ``support_volume`` is that volume, ``support_masks`` (key -> mask on it) and the option
+    ``support_slices`` (key -> slices) its support: the adopted structures keep it at every
+    update. Reply: ``masks`` and ``fixed_slices`` per structure."""
 
     TYPE = "session_open"
     id: str
@@ -246,6 +249,7 @@ class SessionOpen(Message):
     structures: Dict[str, Any]
     support_volume: Any = None
     options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    support_masks: Optional[Dict[str, Any]] = None
 
 
 @dataclasses.dataclass
@@ -264,7 +268,12 @@ class SessionAddSupport(Message):
 @dataclasses.dataclass
 class SessionCorrect(Message):
     """Click corrections on one slice: ``points`` [[x, y], ...] in the slice's pixel frame
-    (column, row), ``labels`` 1 = positive, 0 = negative. Reply: the slice's new mask."""
+    (column, row), ``labels`` 1 = positive, 0 = negative. Reply: the slice's new mask.
+
+    A slice whose SAM embedding the session holds is answered at once, without progress. A
+    slice without one (never encoded, or evicted) is encoded first, as a job in turn with the
+    others: :class:`JobProgress` ``(0, 1)`` with this request's ``id`` says the encoding has
+    started, ``(1, 1)`` that it is done, then the reply follows (a client shows "encoding")."""
 
     TYPE = "session_correct"
     id: str

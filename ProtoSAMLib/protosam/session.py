@@ -239,20 +239,56 @@ class Session:
             self._run(list(support_masks), progress, cancel)
             return {key: self.mask(key) for key in support_masks}
 
-    def adopt(self, structure: Hashable, masks, fixed_slices: Sequence[int]) -> None:
+    def adopt(self, structure: Hashable, masks, fixed_slices: Sequence[int], *, support_volume=None,
+              support_mask=None, support_slices: Optional[Sequence[int]] = None) -> None:
         """Take over a result propagated elsewhere (another process's run on this volume):
         ``masks`` uint8 volume in the caller's order, ``fixed_slices`` the slices painted by
         the user (they stay as they are and are supports at the next update). Such slices have
         no recorded prompt sets: a click joins the box of the mask's component holding it and
-        only the clicked components are decoded again (see :func:`_mask_prompts`)."""
+        only the clicked components are decoded again (see :func:`_mask_prompts`).
+
+        When the run's support came from another volume, pass it as ``support_volume`` (raw
+        intensities, 3-D, in the caller's order with the same slicing ``axis``), its 3-D
+        ``support_mask`` and the ``support_slices`` used: every update then keeps that support,
+        as :meth:`start` would have, besides the fixed slices of this volume."""
         with self._lock:
             mask = np.moveaxis(as_binary_mask(masks, f"mask of '{structure}'", self.caller_shape), self.axis, 0)
-            state = _StructureState(structure, None)
+            external = None
+            if support_volume is not None:
+                external = self._external_support(structure, support_volume, support_mask, support_slices)
+            state = _StructureState(structure, external)
             state.output = mask.astype(np.uint8)
             state.fixed = {int(k): state.output[int(k)].copy() for k in fixed_slices}
             state.prompts = {}
             state.prompt_masks = {}
             self.structures[structure] = state
+
+    def _external_support(self, structure: Hashable, support_volume, support_mask,
+                          support_slices) -> Optional[Tuple[np.ndarray, np.ndarray, List[int]]]:
+        """(normalised support volume, its mask, slices) slice-first, or None when the support
+        volume is this volume (then its painted slices are this volume's fixed slices)."""
+        support = np.moveaxis(as_float_slices(support_volume, "support volume", 3), self.axis, 0)
+        support = normalize_volume(support, self.modality)
+        if support.shape == self.volume.shape and np.array_equal(support, self.volume):
+            return None
+        if support_mask is None or not support_slices:
+            raise InputError(f"The support of '{structure}' comes from another volume: give its mask and slices too.")
+        mask = np.moveaxis(as_binary_mask(support_mask, f"support mask '{structure}'", np.shape(support_volume)),
+                           self.axis, 0)
+        indices = sorted({int(i) for i in support_slices})
+        for index in indices:
+            if not 0 <= index < support.shape[0] or not mask[index].any():
+                raise InputError(
+                    f"Support slice {index} of '{structure}' is outside the support volume or empty there.")
+        return support, mask, indices
+
+    def has_sam_embedding(self, index: int) -> bool:
+        """Whether slice ``index``'s SAM image embedding is at hand, so a click there needs no
+        encoding (the worker then answers it at once; otherwise it reports progress)."""
+        store = self.store
+        index = int(index)
+        cached = bool(store.fingerprint) and ("sam", store.fingerprint, index) in self.cache
+        return index in store._embeddings or cached
 
     def update(self, structure: Hashable, *, progress=None, cancel=None) -> np.ndarray:
         """Propagate ``structure`` again with every fixed slice as a support, from the cached

@@ -295,6 +295,11 @@ class WorkerSessions:
     def job(self, message: protocol.Message, progress: ProgressFunction, cancel: threading.Event) -> Dict[str, Any]:
         if isinstance(message, protocol.SessionOpen):
             return self._open(message, progress, cancel)
+        if isinstance(message, protocol.SessionCorrect):  # a click on a slice to encode first
+            progress(0, 1)
+            value = self.small_request(message)
+            progress(1, 1)
+            return value
         with self._using(message.session_id) as session:
             mask = session.update(message.structure, progress=progress, cancel=cancel)
             return {"mask": mask, "fixed_slices": session.fixed_slices(message.structure)}
@@ -321,8 +326,14 @@ class WorkerSessions:
             slice_range=None if range_ is None else tuple(range_), auto_extent=options.get("auto_extent"))
         if adopt:
             fixed = options.get("fixed_slices") or {}
+            support_masks = message.support_masks or {}
+            support_slices = options.get("support_slices") or {}
             for key, mask in message.structures.items():
-                session.adopt(key, _array(mask), fixed.get(key, []))
+                external = {}
+                if support_volume is not None and key in support_masks:
+                    external = dict(support_volume=support_volume, support_mask=_array(support_masks[key]),
+                                    support_slices=support_slices.get(key))
+                session.adopt(key, _array(mask), fixed.get(key, []), **external)
             masks = {key: session.mask(key) for key in message.structures}
         else:
             try:
@@ -336,6 +347,17 @@ class WorkerSessions:
             self._sessions[message.session_id] = session
             self._last_used[message.session_id] = time.monotonic()
         return {"masks": masks, "fixed_slices": {key: session.fixed_slices(key) for key in masks}}
+
+    def needs_encoding(self, message: protocol.Message) -> bool:
+        """A click on a slice whose SAM embedding its session does not hold (a job, with progress)."""
+        if not isinstance(message, protocol.SessionCorrect):
+            return False
+        with self._lock:
+            session = self._sessions.get(message.session_id)
+        # An unknown session or a slice outside the volume is refused at once by small_request.
+        count = session.volume.shape[0] if session is not None else 0
+        return (session is not None and 0 <= message.slice_index < count
+                and not session.engine.refiner.medsam and not session.has_sam_embedding(message.slice_index))
 
     def small_request(self, message: protocol.Message, wait: bool = True) -> Dict[str, Any]:
         """A click, undo, clear, painted slice or close. ``wait=False``: raise
@@ -518,8 +540,9 @@ class WorkerService:
             self._reply(self.health(message.id))
         elif isinstance(message, protocol.ModelsStatusRequest):
             self._reply(models_status(message, self.engines))
-        elif isinstance(message, (protocol.SessionOpen, protocol.SessionUpdate)):
-            self.jobs.put(message)  # propagation: a job, with progress and cancel
+        elif (isinstance(message, (protocol.SessionOpen, protocol.SessionUpdate))
+              or self.sessions.needs_encoding(message)):
+            self.jobs.put(message)  # propagation or encoding: a job, with progress and cancel
         elif isinstance(message, protocol.SESSION_TYPES):
             # A click, a painted slice or a close is small: answered at once on this thread.
             try:

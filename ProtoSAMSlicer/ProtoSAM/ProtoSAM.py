@@ -159,6 +159,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.downloadJob = None
         self._afterDownload = None
         self.acceptUndo = None  # results.AcceptUndo of the last Accept, until undone or replaced
+        self.updateCancel = None  # threading.Event of the running "Update preview", else None
 
     # ------------------------------------------------------------------ setup
     def setup(self):
@@ -178,6 +179,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.supportSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSupportSegmentationChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.acceptButton.connect("clicked(bool)", self.onAcceptButton)
+        self.ui.updatePreviewButton.connect("clicked(bool)", self.onUpdatePreviewButton)
         self.ui.discardButton.connect("clicked(bool)", self.onDiscardButton)
         self.ui.undoAcceptButton.connect("clicked(bool)", self.onUndoAcceptButton)
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeightsButton)
@@ -296,7 +298,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateGUI(self, caller=None, event=None):
         if self._parameterNode is None:
             return
-        running = bool(self.jobs) or self.downloadJob is not None
+        running = bool(self.jobs) or self.downloadJob is not None or self.updateCancel is not None
         ready = (self._parameterNode.supportSegmentation is not None
                  and len(self.ui.supportSegmentsTableView.selectedSegmentIDs()) > 0
                  and len(self.ui.targetVolumesSelector.checkedNodes()) > 0)
@@ -308,6 +310,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.firstSliceSpinBox.visible = fromTo
         self.ui.lastSliceSpinBox.visible = fromTo
         self.ui.acceptButton.enabled = bool(self.results) and not running
+        self.ui.updatePreviewButton.enabled = bool(self.results) and not running
         self.ui.discardButton.enabled = bool(self.results) and not running
         self.ui.undoAcceptButton.enabled = self.acceptUndo is not None and not self.acceptUndo.empty and not running
         self.ui.inputsCollapsibleButton.enabled = not running
@@ -353,7 +356,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return True
 
     def onApplyButton(self):
-        if self.jobs or self.downloadJob is not None:
+        if self.jobs or self.downloadJob is not None or self.updateCancel is not None:
             self.cancelRuns()
             return
         if not self.ensureLogic():
@@ -484,11 +487,51 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cancelRuns(self):
         if self.downloadJob is not None:
             self.downloadJob.cancel()
+        if self.updateCancel is not None:
+            self.updateCancel.set()
         for job in self.jobs:
             job.cancel(_("Cancelled by the user; nothing was written."))
         self.ui.statusLabel.text = _("Cancelling...")
 
     # ------------------------------------------------------------------ results
+    def onUpdatePreviewButton(self):
+        """Propagate the previews again with the slices the user repainted as examples."""
+        import threading
+
+        from protosam.errors import CancelledError
+
+        def showProgress(done, total):
+            self.ui.progressBar.maximum = max(total, 1)
+            self.ui.progressBar.value = done
+            self.ui.statusLabel.text = _("Updating the preview: {done}/{total} slices").format(done=done, total=total)
+
+        # The update runs in the worker process; the logic processes events while it waits, so
+        # the Cancel button (the Propagate button meanwhile) stays usable.
+        self.updateCancel = threading.Event()
+        self.ui.progressBar.visible = True
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = _("Updating the preview...")
+        self.updateGUI()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Updating the preview failed."), waitCursor=True):
+                try:
+                    changes = self.logic.updatePreviews(self.results, progressCallback=showProgress,
+                                                        cancelEvent=self.updateCancel)
+                except CancelledError as error:
+                    self.ui.statusLabel.text = str(error)
+                    return
+                except Exception as error:  # e.g. nothing repainted: said in the panel and in a dialog
+                    self.ui.statusLabel.text = str(error)
+                    raise
+                count = sum(len(slices) for changed in changes for slices in changed.values())
+                self.ui.statusLabel.text = _(
+                    "Preview updated from {count} repainted slice(s), kept as painted: Accept or Discard."
+                ).format(count=count)
+        finally:
+            self.updateCancel = None
+            self.ui.progressBar.visible = False
+            self.updateGUI()
+
     def onAcceptButton(self):
         from ProtoSAMSlicerLib import results
 

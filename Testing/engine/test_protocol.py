@@ -320,3 +320,43 @@ def test_worker_process_holds_correction_sessions(worker, tmp_path, tiny_models)
     while isinstance(message, protocol.LogRecord):
         message = protocol.decode(channel.receive(), file_dir=tmp_path)
     assert isinstance(message, protocol.ErrorReply) and "propagate again" in message.message
+
+
+def test_a_click_that_must_encode_its_slice_reports_progress_and_a_cached_one_does_not(worker, tmp_path, tiny_models):
+    """protocol.SessionCorrect: a slice without a SAM embedding in the session (here: a session
+    whose cache holds nothing, so every slice is "evicted") is encoded as a job, announced by
+    JobProgress (0, 1) and (1, 1) before the reply; with a cache, a second click on the same
+    slice is answered at once, without progress."""
+    import dataclasses
+
+    channel, process = worker
+    rng = np.random.default_rng(0)
+    volume = rng.normal(0, 0.05, (5, 40, 40)).astype(np.float32)
+    truth = np.zeros(volume.shape, np.uint8)
+    truth[1:4, 12:26, 14:28] = 1
+    volume += 2.0 * truth
+    def messages_until_reply(identifier):
+        seen = []
+        while True:
+            message = protocol.decode(channel.receive(), file_dir=tmp_path)
+            if isinstance(message, protocol.LogRecord):
+                continue
+            assert message.id == identifier and not isinstance(message, protocol.ErrorReply), message
+            if isinstance(message, protocol.JobProgress):
+                seen.append((message.done, message.total))
+                continue
+            return seen
+
+    # An adopted session shares its engine's cache: 0 bytes caches nothing.
+    for name, cache_bytes, second_click in (("uncached", 0, [(0, 1), (1, 1)]), ("cached", 64 * 2**20, [])):
+        spec = {"models": dataclasses.asdict(tiny_models), "preset": "default", "device": "cpu",
+                "cache_bytes": cache_bytes}
+        channel.send(protocol.SessionOpen(
+            id="o-" + name, session_id=name, engine=spec, volume=protocol.Image(volume), structures={"organ": truth},
+            options={"axis": 0, "modality": "none", "adopt": True, "fixed_slices": {"organ": [2]}}))
+        messages_until_reply("o-" + name)
+        for click in ("a", "b"):
+            channel.send(protocol.SessionCorrect(id=f"{name}-{click}", session_id=name, structure="organ", axis=0,
+                                                 slice_index=3, points=[[20, 20]], labels=[1]))
+            progress = messages_until_reply(f"{name}-{click}")
+            assert progress == ([(0, 1), (1, 1)] if click == "a" else second_click), (name, click)

@@ -366,3 +366,42 @@ def test_clicks_after_an_update_join_the_same_prompt_sets(engine):
     changed = session.correct("organ", index, [[x1, y1]], [0])
     clicks = [_Click(x0, y0, True), _Click(x1, y1, False)]
     np.testing.assert_array_equal(changed, _decode_all_sets(engine, session, index, _with_clicks(base, clicks, hw)))
+
+
+def test_adopted_result_keeps_its_support_from_another_volume(engine):
+    """A result propagated elsewhere from another volume's support (the Slicer module's
+    cross-patient run) is adopted with that support: an update after a repainted slice gives
+    exactly what a session started with the same supports gives; without it, something else."""
+    volume, truth = _volume()
+    other, other_truth = _volume(seed=1)
+    started = Session(engine, volume, modality="none")
+    first = started.start({"organ": other_truth}, support_volume=other, support_slices={"organ": [5]})["organ"]
+    started.add_support("organ", 2, truth[2])
+    expected = started.update("organ")
+
+    adopted = Session(engine, volume, modality="none")
+    adopted.adopt("organ", first, [], support_volume=other, support_mask=other_truth, support_slices=[5])
+    adopted.add_support("organ", 2, truth[2])
+    np.testing.assert_array_equal(adopted.update("organ"), expected)
+
+    forgetful = Session(engine, volume, modality="none")  # what adopt did before: no external support
+    forgetful.adopt("organ", first, [])
+    forgetful.add_support("organ", 2, truth[2])
+    assert not np.array_equal(forgetful.update("organ"), expected)
+    # The support volume equal to this one is not "another volume": its slices are fixed ones.
+    same = Session(engine, volume, modality="none")
+    same.adopt("organ", first, [5], support_volume=volume, support_mask=truth, support_slices=[5])
+    assert same.structures["organ"].external is None
+    with pytest.raises(InputError, match="outside the support volume or empty"):
+        same.adopt("organ", first, [], support_volume=other, support_mask=other_truth, support_slices=[0])
+
+
+def test_has_sam_embedding_tells_which_clicks_need_an_encoding(engine):
+    volume, truth = _volume()
+    session = Session(engine, volume, modality="none")
+    session.adopt("organ", truth, fixed_slices=[5])
+    assert not session.has_sam_embedding(4)
+    session.correct("organ", 4, [[26, 22]], [1])
+    assert session.has_sam_embedding(4) and not session.has_sam_embedding(3)
+    session.cache.clear()  # evicted
+    assert not session.has_sam_embedding(4)

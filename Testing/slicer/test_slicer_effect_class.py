@@ -256,3 +256,38 @@ def test_clicks_correct_the_preview_then_undo_clear_update_apply(editor):
     assert np.array_equal(read(e, "liver"), e["liver"]) and np.array_equal(read(e, "spleen"), e["spleen"])
     # No preview any more: presses pass through to the other handlers.
     assert clickAt(e, (15, 3, 4)) is False
+
+
+def test_a_click_on_a_slice_without_embedding_shows_encoding_progress(editor):
+    """The worker process encodes an evicted slice for a click: the effect shows its progress bar
+    and "Encoding slice k for the click..." while Slicer keeps processing events; a click on a
+    cached slice is one small request that shows nothing of the kind."""
+    from ProtoSAMSlicerLib.worker import workerForDevice
+
+    e = editor
+    effect = propagate(e)
+    e["app"].runEventLoopUntil(lambda: effect.session.state == effect_session.PREVIEW)
+    workerForDevice("cpu").releaseCaches()  # every embedding evicted (as a scene close does)
+    seen = []
+    processEvents = effect.session.logic.idle
+
+    def idle():  # what the user sees while the effect waits for the worker
+        seen.append((effect.ui.statusLabel.text, not effect.ui.progressBar.isHidden(),
+                     effect.ui.applyButton.enabled, effect.ui.cancelButton.enabled))
+        processEvents()
+
+    effect.session.logic.idle = idle
+    assert clickAt(e, (9, 9, 4)) is True
+    encoding = [entry for entry in seen if entry[0] == "Encoding slice 4 for the click..."]
+    assert encoding and all(shown for _, shown, _, _ in encoding)
+    assert all(not apply and not cancel for _, _, apply, cancel in seen)  # nothing else may run meanwhile
+    assert effect.ui.statusLabel.text.startswith("Slice 4 corrected (1 click(s))")
+    assert effect.ui.progressBar.isHidden() and effect.ui.applyButton.enabled
+    seen.clear()
+    assert clickAt(e, (10, 9, 4)) is True  # cached now
+    assert not any(text.startswith("Encoding") for text, _, _, _ in seen)
+    assert effect.ui.statusLabel.text.startswith("Slice 4 corrected (2 click(s))")
+    # A press while a click is still encoding is consumed and ignored.
+    effect.clickRunning = True
+    assert clickAt(e, (9, 9, 3)) is True and effect.session.clicks(3) == []
+    effect.clickRunning = False

@@ -186,8 +186,8 @@ def test_server_session_without_a_worker_process_talks_to_the_server_directly(ti
     masks[:, 5:15, 6:18] = 1
     engineSpec = dataclasses.asdict(protocol.EngineSpec(models=dataclasses.asdict(tinyOptions.models),
                                                         preset="default", device="cpu", cache_bytes=1 << 24))
-    sessions = [ServerSession(client, live.url, live.tokens["alice"], engineSpec, volume, 0, "liver", masks, [2],
-                              {"modality": "auto", "auto_extent": False})
+    sessions = [ServerSession(client, live.url, live.tokens["alice"], engineSpec, volume, 0, {"liver": masks},
+                              {"liver": [2]}, {"modality": "auto", "auto_extent": False})
                 for client in (None, workerForDevice("cpu"))]
     for session in sessions:
         session.correct("liver", 1, [[20, 3]], [1])

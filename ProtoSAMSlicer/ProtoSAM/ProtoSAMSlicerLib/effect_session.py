@@ -40,7 +40,9 @@ import numpy as np
 from protosam.errors import InputError
 
 from . import geometry, mrml_io, results
-from .logic import ProcessOptions, PropagationJob, PropagationResult, ProtoSAMLogic, sliceViewGeometry
+from .logic import (
+    ProcessOptions, PropagationJob, PropagationResult, ProtoSAMLogic, correctionOrientation, sliceViewGeometry,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -222,12 +224,19 @@ class EffectSession:
         rows, cols = [a for a in range(3) if a != kjiAxis]
         return int(kji[kjiAxis]), int(kji[cols]), int(kji[rows])
 
-    def addClick(self, point_World, sliceNormal_World, positive: bool = True) -> int:
-        """Correct the preview on the clicked slice; returns that slice's index (along the axis)."""
+    def addClick(self, point_World, sliceNormal_World, positive: bool = True,
+                 progressCallback: Optional[Callable[[int, int], None]] = None) -> int:
+        """Correct the preview on the clicked slice; returns that slice's index (along the axis).
+
+        A slice whose SAM embedding is cached is one small request. A slice without one (never
+        encoded, or evicted) is encoded first: ``progressCallback(0, 1)`` when that starts and
+        ``(1, 1)`` when it is done (the effect shows "Encoding slice k..."); meanwhile the wait
+        processes GUI events (``logic.idle``), so Slicer stays responsive."""
         sliceIndex, x, y = self.clickTarget(point_World, sliceNormal_World)
         session = self._correctionSession()
         canonicalSlice, row, column = self._toCanonical(sliceIndex, x, y)
-        mask = session.correct(self.segmentId, canonicalSlice, [[column, row]], [1 if positive else 0])
+        mask = session.correct(self.segmentId, canonicalSlice, [[column, row]], [1 if positive else 0],
+                               progress=progressCallback)
         self._showSlice(canonicalSlice, mask)
         self._clickOrder.append(sliceIndex)
         self._clickLog.setdefault(sliceIndex, []).append((float(x), float(y), 1 if positive else 0))
@@ -278,61 +287,13 @@ class EffectSession:
         self._writePreview(self._orientation.from_canonical(session.update(self.segmentId, progress=progressCallback)))
 
     def _correctionSession(self):
-        """The correction session, opened at the first click on the worker that ran the preview:
-        a WorkerSession in the worker process (the GUI's case), a protosam Session on the
-        thread worker's engine (headless scripts), or a ServerSession on the ProtoSAM server
-        (Compute on: server); either way on the engine that encoded the volume, so the run's
-        cached encodings serve the clicks."""
-        if self.corrections is not None:
-            return self.corrections
-        import dataclasses
-
-        from protosam import protocol
-
-        from .logic import resolveDevice
-        from .worker import localEngines, threadWorkerForDevice, workerForDevice
-        from .worker_client import WorkerClient, WorkerSession
-
-        options = self.options
-        # On a server the session lives there (ServerSession); the local worker only relays.
-        onServer = getattr(options, "computeOn", "local") == "server"
-        device = "cpu" if onServer else resolveDevice(options.device)
-        engineSpec = dataclasses.asdict(protocol.EngineSpec(
-            models=dataclasses.asdict(options.models), preset=options.preset, device=device,
-            weights_home=options.weightsHome, download=options.allowDownload, cache_bytes=options.cacheBytes))
-        worker = self.logic._worker or (workerForDevice(device) if self.logic.workerKind == "process"
-                                        else threadWorkerForDevice(device))
-        # The session works in the engine's canonical order (protosam.orientation), as the run
-        # did: then the volume it sees is the run's, and the run's cached encodings are its own.
-        from protosam.orientation import canonical_orientation, plane_of_ijk_axis
-
-        ijkToWorld = mrml_io.ijkToWorldMatrix(self.sourceVolumeNode)
-        orientation = canonical_orientation(ijkToWorld, plane_of_ijk_axis(ijkToWorld, self.result.sliceAxis.ijkAxis))
-        volume = orientation.to_canonical(mrml_io.volumeToArray(self.sourceVolumeNode))
-        preview = orientation.to_canonical(
-            mrml_io.segmentToArray(self.result.previewSegmentationNode, self.segmentId, self.sourceVolumeNode))
-        count = volume.shape[0]
-        fixed = [orientation.canonical_slice(k, count) for k in self.result.supportSlices.get(self.segmentId, [])]
-        self._orientation = orientation
-        if onServer:
-            from .server_session import ServerSession
-
-            session = ServerSession(worker if isinstance(worker, WorkerClient) else None, options.serverUrl,
-                                    options.serverToken, engineSpec, volume, 0, self.segmentId, preview, fixed,
-                                    {"modality": options.modality, "auto_extent": options.autoExtent},
-                                    idle=self.logic.idle)
-        elif isinstance(worker, WorkerClient):
-            session = WorkerSession(worker, engineSpec, volume, 0, self.segmentId, preview, fixed,
-                                    {"modality": options.modality, "auto_extent": options.autoExtent},
-                                    idle=self.logic.idle)
-        else:
-            from protosam.session import Session
-
-            session = Session(localEngines().get(engineSpec), volume, axis=0, modality=options.modality,
-                              cache_bytes=None, auto_extent=options.autoExtent)
-            session.adopt(self.segmentId, preview, fixed)
-        self.corrections = session
-        return session
+        """The correction session, opened at the first click on the worker that ran the preview
+        (ProtoSAMLogic.openCorrectionSession, shared with the module's Update preview), so the
+        run's cached encodings serve the clicks."""
+        if self.corrections is None:
+            self.corrections = self.logic.openCorrectionSession(self.result, [self.segmentId])
+            self._orientation = correctionOrientation(self.result)
+        return self.corrections
 
     def _canonicalSlice(self, sliceIndex: int) -> int:
         count = mrml_io.volumeShapeKji(self.sourceVolumeNode)[self.result.sliceAxis.kjiAxis]

@@ -83,6 +83,15 @@ class PropagationResult:
     supportSlices: Dict[str, List[int]]
     processedSlices: Dict[str, List[int]]
     seconds: float
+    #: The run's settings (an update of the preview runs on the same engine).
+    options: Optional[ProcessOptions] = None
+    #: Inclusive IJK slice range along ``sliceAxis`` the run processed (None: all slices).
+    sliceRange: Optional[Tuple[int, int]] = None
+    #: Segment ID -> (K, J, I) uint8 mask the last run or update wrote into the preview: a
+    #: slice where the preview now differs was repainted by the user (see repaintedSlices).
+    writtenMasks: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+    #: The correction session of this preview (openCorrectionSession), once an update opened it.
+    corrections: object = dataclasses.field(default=None, repr=False, compare=False)
 
 
 @dataclasses.dataclass
@@ -119,6 +128,7 @@ class PropagationJob:
         self.error: Optional[BaseException] = None
         self.finished = False
         self.cancelReason = ""
+        self.options: Optional[ProcessOptions] = None
 
     @property
     def progress(self) -> Tuple[int, int]:
@@ -285,10 +295,10 @@ class ProtoSAMLogic:
             supportVolumeNode = self.defaultSupportVolume(supportSegmentationNode) or targetVolumeNode
         # A server run only needs a local worker to relay it: never the GPU one.
         device = "cpu" if _onServer(options) else resolveDevice(options.device)
-        worker = self._worker or (workerForDevice(device) if self.workerKind == "process"
-                                  else threadWorkerForDevice(device))
+        worker = self._workerFor(device)
         handle = PropagationJob(self, [targetVolumeNode, supportVolumeNode, supportSegmentationNode],
                                 list(prepared.masks))
+        handle.options = options
 
         def onWorkerFinished(job: Job) -> None:
             self._finish(handle, job, prepared, targetVolumeNode, supportVolumeNode, supportSegmentationNode)
@@ -344,6 +354,12 @@ class ProtoSAMLogic:
             raise errors[0]
         return [handle.result for handle in jobs]
 
+    def _workerFor(self, device: str):
+        """The worker that runs jobs on ``device``: the one given to this logic, else the
+        device's persistent worker process (or its thread worker for headless scripts)."""
+        return self._worker or (workerForDevice(device) if self.workerKind == "process"
+                                else threadWorkerForDevice(device))
+
     def poll(self) -> None:
         """Deliver progress and completion of queued runs (call from a QTimer in the GUI)."""
         for worker in list(self._usedWorkers.values()):
@@ -377,7 +393,8 @@ class ProtoSAMLogic:
                 segmentIds=list(masks), sliceAxis=prepared.targetAxis,
                 supportSlices={k: sorted(v) for k, v in engineResult.support_slices.items()},
                 processedSlices={k: sorted(v) for k, v in engineResult.processed_slices.items()},
-                seconds=engineResult.seconds)
+                seconds=engineResult.seconds, options=handle.options, sliceRange=prepared.sliceRange,
+                writtenMasks={k: np.array(v, dtype=np.uint8) for k, v in masks.items()})
         except CancelledError as error:
             handle.error = CancelledError(handle.cancelReason) if handle.cancelReason else error
         except Exception as error:  # carried to the caller (raised by resultOrRaise)
@@ -397,6 +414,7 @@ class ProtoSAMLogic:
         default in Slicer); pass the same record for every result of one user action.
         Returns support segment ID -> destination segment ID.
         """
+        self.closeCorrections(result)
         created = False
         if destinationSegmentationNode is None:
             if result.targetVolumeNode is result.supportVolumeNode:
@@ -414,8 +432,179 @@ class ProtoSAMLogic:
         results.undoAccept(undo)
 
     def discard(self, result: PropagationResult) -> None:
-        """Remove a result's preview segmentation."""
+        """Remove a result's preview segmentation (and its correction session)."""
+        self.closeCorrections(result)
         results.removeNode(result.previewSegmentationNode)
+
+    # ------------------------------------------------------------------ corrections (main)
+    def openCorrectionSession(self, result: PropagationResult, segmentIds: Optional[Sequence[str]] = None):
+        """A correction session adopting ``result``'s preview, on the worker that ran it (the only
+        place a session is opened; the Segment Editor effect and the module's update use it).
+
+        The session works in the engine's canonical order (``correctionOrientation``), as the
+        run did: then the volume it sees is the run's, and the run's cached encodings are its own.
+        It adopts the masks the run (or the last update) wrote, with the run's painted slices as
+        fixed slices, or, when the support was painted on another volume, with that support.
+        Returns a WorkerSession (worker process: the GUI's case), a ServerSession (Compute on:
+        server; the session lives on the server) or a LocalSession (thread worker: headless
+        scripts); all have the methods of protosam.session.Session it uses.
+        """
+        from protosam.orientation import canonical_orientation
+
+        from .worker import localEngines
+        from .worker_client import WorkerClient, WorkerSession
+
+        options = result.options or ProcessOptions()
+        segmentIds = list(result.segmentIds if segmentIds is None else segmentIds)
+        orientation = correctionOrientation(result)
+        volume = orientation.to_canonical(mrml_io.volumeToArray(result.targetVolumeNode))
+        count = volume.shape[0]
+        masks = {}
+        for segmentId in segmentIds:
+            written = result.writtenMasks.get(segmentId)
+            if written is None:
+                written = mrml_io.segmentToArray(result.previewSegmentationNode, segmentId, result.targetVolumeNode)
+            masks[segmentId] = orientation.to_canonical(written)
+        external = result.supportVolumeNode is not None and result.supportVolumeNode is not result.targetVolumeNode
+        fixed = {} if external else {
+            segmentId: [orientation.canonical_slice(k, count) for k in result.supportSlices.get(segmentId, [])]
+            for segmentId in segmentIds}
+        supportVolume, supportMasks, supportSlices = None, {}, {}
+        if external:
+            supportNode = result.supportVolumeNode
+            supportOrientation = canonical_orientation(mrml_io.ijkToWorldMatrix(supportNode), orientation.plane)
+            supportVolume = supportOrientation.to_canonical(mrml_io.volumeToArray(supportNode))
+            supportCount = supportVolume.shape[0]
+            for segmentId in segmentIds:
+                if result.supportSegmentationNode.GetSegmentation().GetSegment(segmentId) is None:
+                    raise InputError(f"The support segment '{segmentId}' was deleted: the preview cannot be updated "
+                                     "without it. Propagate again.")
+                supportMasks[segmentId] = supportOrientation.to_canonical(
+                    mrml_io.segmentToArray(result.supportSegmentationNode, segmentId, supportNode))
+                supportSlices[segmentId] = [supportOrientation.canonical_slice(k, supportCount)
+                                            for k in result.supportSlices.get(segmentId, [])]
+        sessionOptions = {"modality": options.modality, "auto_extent": options.autoExtent}
+        if result.sliceRange is not None:
+            ends = [orientation.canonical_slice(k, count) for k in result.sliceRange]
+            sessionOptions["slice_range"] = [min(ends), max(ends)]
+
+        onServer = _onServer(options)
+        # On a server the session lives there (ServerSession, beside the run's encodings); the
+        # local worker, on the CPU, only relays the requests.
+        device = "cpu" if onServer else resolveDevice(options.device)
+        engineSpec = dataclasses.asdict(protocol.EngineSpec(
+            models=dataclasses.asdict(options.models), preset=options.preset, device=device,
+            weights_home=options.weightsHome, download=options.allowDownload, cache_bytes=options.cacheBytes))
+        worker = self._workerFor(device)
+        if onServer:
+            from .server_session import ServerSession
+
+            return ServerSession(worker if isinstance(worker, WorkerClient) else None, options.serverUrl,
+                                 options.serverToken, engineSpec, volume, 0, masks, fixed, sessionOptions,
+                                 supportVolume=supportVolume, supportMasks=supportMasks, supportSlices=supportSlices,
+                                 idle=self.idle)
+        if isinstance(worker, WorkerClient):
+            return WorkerSession(worker, engineSpec, volume, 0, masks, fixed, sessionOptions,
+                                 supportVolume=supportVolume, supportMasks=supportMasks, supportSlices=supportSlices,
+                                 idle=self.idle)
+        from protosam.session import Session
+
+        session = Session(localEngines().get(engineSpec), volume, axis=0, modality=options.modality,
+                          cache_bytes=None, auto_extent=options.autoExtent,
+                          slice_range=sessionOptions.get("slice_range"))
+        for segmentId, mask in masks.items():
+            externalSupport = {}
+            if external:
+                externalSupport = dict(support_volume=supportVolume, support_mask=supportMasks[segmentId],
+                                       support_slices=supportSlices[segmentId])
+            session.adopt(segmentId, mask, fixed.get(segmentId, []), **externalSupport)
+        return LocalSession(session)
+
+    def closeCorrections(self, result: PropagationResult) -> None:
+        """Close the correction session of a result, if one was opened (frees the worker's state)."""
+        session, result.corrections = result.corrections, None
+        if session is not None:
+            session.close()
+
+    def repaintedSlices(self, result: PropagationResult) -> Dict[str, List[int]]:
+        """Per segment of the preview, the slices (IJK indices along ``result.sliceAxis``) whose
+        mask differs from what the last run or update wrote: the user repainted them."""
+        preview = result.previewSegmentationNode
+        if preview is None or preview.GetScene() is None or not preview.GetScene().IsNodePresent(preview):
+            raise InputError("The preview segmentation was removed: propagate again.")
+        kjiAxis = result.sliceAxis.kjiAxis
+        other = tuple(a for a in range(3) if a != kjiAxis)
+        changed = {}
+        for segmentId in result.segmentIds:
+            if preview.GetSegmentation().GetSegment(segmentId) is None:
+                raise InputError(f"Segment '{segmentId}' was deleted from the preview '{preview.GetName()}': "
+                                 "propagate again.")
+            current = mrml_io.segmentToArray(preview, segmentId, result.targetVolumeNode) != 0
+            written = result.writtenMasks[segmentId] != 0
+            slices = np.flatnonzero((current != written).any(axis=other))
+            if len(slices):
+                changed[segmentId] = [int(k) for k in slices]
+        return changed
+
+    def updatePreviews(self, resultList: Sequence[PropagationResult],
+                       progressCallback: Optional[Callable[[int, int], None]] = None,
+                       cancelEvent: Optional[threading.Event] = None) -> List[Dict[str, List[int]]]:
+        """Update previews after the user repainted slices of them (any Segment Editor effect).
+
+        Per preview and segment, every repainted slice becomes a fixed slice and a support
+        (also when the run's support came from another volume: that support stays), and the
+        segment is propagated again from the cached encodings, on the worker that ran it.
+        Repainted slices keep their painting; the other slices are rewritten in the preview
+        (only the box of changed voxels). Nothing is written until every update is done, so
+        an error or ``cancelEvent`` (CancelledError) leaves the previews as they were.
+        ``progressCallback(done, total)`` over all the segments to update; it may process GUI
+        events (the waits do, through ``self.idle``). Returns the repainted slices per preview.
+        Raises InputError when no slice of any preview was repainted.
+        """
+        changes = [self.repaintedSlices(result) for result in resultList]
+        segmentCount = sum(len(changed) for changed in changes)
+        if not segmentCount:
+            raise InputError("No slice of the preview was repainted: repaint the wrong slices of the preview "
+                             "segmentation in the Segment Editor, then click Update preview.")
+        cancelEvent = cancelEvent if cancelEvent is not None else threading.Event()
+        updated = []
+        position = 0
+        for result, changed in zip(resultList, changes):
+            if not changed:
+                continue
+            if result.corrections is None:
+                result.corrections = self.openCorrectionSession(result)
+            session = result.corrections
+            orientation = correctionOrientation(result)
+            count = mrml_io.volumeShapeKji(result.targetVolumeNode)[result.sliceAxis.kjiAxis]
+            for segmentId, slices in changed.items():
+                current = orientation.to_canonical(
+                    mrml_io.segmentToArray(result.previewSegmentationNode, segmentId, result.targetVolumeNode))
+                for k in slices:
+                    canonical = orientation.canonical_slice(k, count)
+                    session.add_support(segmentId, canonical, current[canonical])
+
+                def progress(done, total, offset=position):
+                    if progressCallback is not None and total:
+                        progressCallback(offset * total + done, segmentCount * total)
+
+                try:
+                    mask = session.update(segmentId, progress=progress, cancel=cancelEvent)
+                except CancelledError:
+                    cancelEvent.set()
+                if cancelEvent.is_set():  # also when Cancel came after the worker's last slice
+                    raise CancelledError("Update cancelled; the preview is as it was.")
+                updated.append((result, segmentId, orientation.from_canonical(mask)))
+                position += 1
+        for result, segmentId, mask in updated:
+            preview = result.previewSegmentationNode
+            if preview.GetScene() is None or not preview.GetScene().IsNodePresent(preview):
+                raise CancelledError("The preview was removed during the update; nothing was written.")
+            with mrml_io.renderPaused():
+                mrml_io.writeSegmentFromArray(mask, preview, segmentId, result.targetVolumeNode)
+            result.writtenMasks[segmentId] = np.array(mask, dtype=np.uint8)
+        logger.info("ProtoSAM preview updated from %d repainted segment(s).", segmentCount)
+        return changes
 
     # ------------------------------------------------------------------ scene observation
     def _observeScene(self, scene) -> None:
@@ -445,6 +634,53 @@ class ProtoSAMLogic:
                 scene.RemoveObserver(tag)
         self._observedScenes.clear()
         self.releaseWorkerCaches()
+
+
+def correctionOrientation(result: PropagationResult):
+    """The engine's canonical orientation (protosam.orientation) of ``result``'s target volume
+    for its slice axis: the order the run segmented in, and the order its session works in."""
+    from protosam.orientation import canonical_orientation
+
+    ijkToWorld = mrml_io.ijkToWorldMatrix(result.targetVolumeNode)
+    return canonical_orientation(ijkToWorld, plane_of_ijk_axis(ijkToWorld, result.sliceAxis.ijkAxis))
+
+
+class LocalSession:
+    """A protosam.session.Session on this process's engine (thread worker: headless scripts),
+    with WorkerSession's methods: progress for a click that encodes, cancel for an update."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def correct(self, structure, index: int, points, labels, progress=None):
+        encode = progress is not None and not self.session.has_sam_embedding(index)
+        if encode:
+            progress(0, 1)
+        mask = self.session.correct(structure, index, points, labels)
+        if encode:
+            progress(1, 1)
+        return mask
+
+    def update(self, structure, progress=None, cancel: Optional[threading.Event] = None):
+        return self.session.update(structure, progress=progress, cancel=cancel)
+
+    def add_support(self, structure, index: int, mask):
+        return self.session.add_support(structure, index, mask)
+
+    def undo_click(self, structure, index: int):
+        return self.session.undo_click(structure, index)
+
+    def clear_clicks(self, structure, index: int):
+        return self.session.clear_clicks(structure, index)
+
+    def clicks(self, structure, index: int):
+        return self.session.clicks(structure, index)
+
+    def mask(self, structure):
+        return self.session.mask(structure)
+
+    def close(self) -> None:
+        self.session.close()
 
 
 def engineKwargs(prepared: PreparedRun, options: ProcessOptions) -> Dict:

@@ -14,15 +14,13 @@ logic's ``idle`` callable, called between polls of the worker). Without a worker
 
 from __future__ import annotations
 
-import logging
+import threading
 from typing import Any, Callable, Dict, List, Optional
-
-import numpy as np
 
 from protosam import protocol
 from protosam.server_client import ServerConnection, forwarding_session_request, session_request
 
-logger = logging.getLogger(__name__)
+from .worker_client import WorkerSession
 
 #: Longest wait for an open or an update (the server may first finish other users' runs).
 LONG_REQUEST_TIMEOUT_S = 3600.0
@@ -30,82 +28,29 @@ LONG_REQUEST_TIMEOUT_S = 3600.0
 CLICK_TIMEOUT_S = 600.0
 
 
-class ServerSession:
-    """A correction session on the server at ``url`` with ``token``, adopting ``masks_Kji``
-    (the preview of structure ``structure`` computed by this user's run on that server).
+class ServerSession(WorkerSession):
+    """A correction session on the server at ``url`` with ``token``, adopting the previews in
+    ``structures`` (computed by this user's run on that server). Arguments after ``token`` and
+    every method are WorkerSession's; only where the requests go differs.
 
     ``client``: a worker_client.WorkerClient that relays the requests (the GUI's case), or None
-    to make them directly (headless scripts). Arrays are in the engine's canonical order with
-    ``axis`` the slicing axis, as for WorkerSession; masks are uint8.
+    to make them directly (headless scripts).
     """
 
-    def __init__(self, client, url: str, token: str, engineSpec: Dict[str, Any], volume_Kji, axis: int,
-                 structure: str, masks_Kji, fixedSlices, options: Dict[str, Any],
-                 idle: Optional[Callable[[], None]] = None):
-        self.client, self.axis, self.idle = client, int(axis), idle
+    def __init__(self, client, url: str, token: str, engineSpec: Dict[str, Any], volume, axis: int,
+                 structures: Dict[str, Any], fixedSlices: Dict[str, List[int]], options: Dict[str, Any], **kwargs):
         self.url, self._token = url, token
         self._connection = ServerConnection(url, token)  # checks URL and token before anything is sent
-        self.sessionId = protocol.new_id()
-        self._masks: Dict[Any, np.ndarray] = {}
-        self._clicks: Dict[Any, List] = {}
-        value = self._call(protocol.SessionOpen(
-            id=protocol.new_id(), session_id=self.sessionId, engine=engineSpec, volume=protocol.Image(volume_Kji),
-            structures={structure: masks_Kji},
-            options=dict(options, axis=self.axis, adopt=True, fixed_slices={structure: list(fixedSlices)})),
-            timeout=LONG_REQUEST_TIMEOUT_S)
-        self._masks[structure] = np.asarray(value["masks"][structure])
+        super().__init__(client, engineSpec, volume, axis, structures, fixedSlices, options, **kwargs)
 
     def __repr__(self) -> str:  # never the token
         return f"ServerSession({self.url!r}, {self.sessionId[:8]})"
 
-    def _call(self, message: protocol.Message, timeout: float = CLICK_TIMEOUT_S,
-              progress: Optional[Callable[[int, int], None]] = None) -> Any:
+    def _call(self, message: protocol.Message, progress: Optional[Callable[[int, int], None]] = None,
+              cancel: Optional[threading.Event] = None) -> Any:
+        long = isinstance(message, (protocol.SessionOpen, protocol.SessionUpdate))
         if self.client is None:
-            return session_request(self._connection, message, progress or (lambda done, total: None))
+            return session_request(self._connection, message, progress or (lambda done, total: None), cancel)
         relay = forwarding_session_request(message, self.url, self._token)
-        return self.client.request(relay, timeout=timeout, idle=self.idle, progress=progress).value
-
-    def _slice(self, structure, index: int, message: protocol.Message):
-        value = self._call(message)
-        mask = np.asarray(value["mask"])
-        volume = np.moveaxis(self._masks[structure], self.axis, 0)
-        volume[index] = mask
-        self._clicks[(structure, index)] = [tuple(c) for c in value["clicks"]]
-        return mask
-
-    def correct(self, structure, index: int, points, labels):
-        return self._slice(structure, index, protocol.SessionCorrect(
-            id=protocol.new_id(), session_id=self.sessionId, structure=structure, axis=self.axis, slice_index=int(index),
-            points=[[float(x), float(y)] for x, y in points], labels=[int(v) for v in labels]))
-
-    def undo_click(self, structure, index: int):
-        return self._slice(structure, index, protocol.SessionUndoClick(
-            id=protocol.new_id(), session_id=self.sessionId, structure=structure, axis=self.axis, slice_index=int(index)))
-
-    def clear_clicks(self, structure, index: int):
-        return self._slice(structure, index, protocol.SessionClearClicks(
-            id=protocol.new_id(), session_id=self.sessionId, structure=structure, axis=self.axis, slice_index=int(index)))
-
-    def add_support(self, structure, index: int, mask):
-        return self._slice(structure, index, protocol.SessionAddSupport(
-            id=protocol.new_id(), session_id=self.sessionId, structure=structure, axis=self.axis, slice_index=int(index),
-            mask=np.asarray(mask, np.uint8)))
-
-    def update(self, structure, progress=None):
-        value = self._call(protocol.SessionUpdate(id=protocol.new_id(), session_id=self.sessionId, structure=structure),
-                           timeout=LONG_REQUEST_TIMEOUT_S, progress=progress)
-        self._masks[structure] = np.asarray(value["mask"])
-        return self._masks[structure]
-
-    def clicks(self, structure, index: int):
-        return list(self._clicks.get((structure, index), []))
-
-    def mask(self, structure):
-        return self._masks[structure]
-
-    def close(self) -> None:
-        """Free the session on the server (it also expires there when left idle)."""
-        try:
-            self._call(protocol.SessionClose(id=protocol.new_id(), session_id=self.sessionId), timeout=60.0)
-        except Exception as error:  # the server may be gone or have expired the session: nothing to free then
-            logger.info("Closing the correction session on the ProtoSAM server: %s", error)
+        return self.client.request(relay, timeout=LONG_REQUEST_TIMEOUT_S if long else CLICK_TIMEOUT_S,
+                                   idle=self.idle, progress=progress, cancel=cancel).value

@@ -287,20 +287,27 @@ class WorkerClient:
 
     def request(self, message: protocol.Message, timeout: float = 30.0, *,
                 idle: Optional[Callable[[], None]] = None,
-                progress: Optional[Callable[[int, int], None]] = None) -> protocol.Message:
+                progress: Optional[Callable[[int, int], None]] = None,
+                cancel: Optional[threading.Event] = None) -> protocol.Message:
         """Send a request (health, release, models status, session operations) and wait for its
         reply. Starts the worker if it is not running. ``idle()`` is called between polls (the
         GUI passes ``slicer.app.processEvents`` so Slicer stays responsive while a session update
         or an on-demand encoding runs in the worker); ``progress(done, total)`` receives the
-        worker's progress messages for this request."""
+        worker's progress messages for this request. Setting ``cancel`` (e.g. from a Cancel
+        button handled during ``idle``) asks the worker to stop a request it runs as a job (a
+        session update); the request then raises CancelledError."""
         pending = _PendingRequest(message, progress)
         self._requests[message.id] = pending
         deadline = time.monotonic() + timeout
+        cancelSent = False
         try:
             while not pending.done:
                 self.poll()
                 if pending.done:
                     break
+                if cancel is not None and cancel.is_set() and not cancelSent and pending.sent:
+                    self._send(protocol.JobCancel(id=message.id))
+                    cancelSent = True
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the ProtoSAM worker did not answer '{message.TYPE}' within {timeout} s")
                 self._wait(DEFAULT_POLL_INTERVAL_S)
@@ -795,36 +802,57 @@ def _shutdownAtExit() -> None:
 class WorkerSession:
     """A correction session (protosam.session.Session) held by the worker process: every call
     is one small request; the volume's encodings stay in the worker. Same method names as
-    Session for what the effect uses. ``masks_Kji``: the preview this session adopts (a run of
-    the same worker and engine: its encodings are in that engine's cache)."""
+    Session for what the effect and the module use.
 
-    def __init__(self, client: "WorkerClient", engineSpec: Dict[str, Any], volume_Kji, axis: int, structure: str,
-                 masks_Kji, fixedSlices, options: Dict[str, Any], timeout: float = 600.0,
+    ``structures``: structure key -> the preview mask this session adopts (a run of the same
+    worker and engine: its encodings are in that engine's cache), in ``volume``'s order with
+    ``axis`` the slicing axis; ``fixedSlices``: key -> slices painted by the user. When the run's
+    support came from another volume: ``supportVolume`` (same order and axis), ``supportMasks``
+    (key -> mask on it) and ``supportSlices`` (key -> slices), kept at every update."""
+
+    def __init__(self, client: "WorkerClient", engineSpec: Dict[str, Any], volume, axis: int,
+                 structures: Dict[str, Any], fixedSlices: Dict[str, List[int]], options: Dict[str, Any], *,
+                 supportVolume=None, supportMasks: Optional[Dict[str, Any]] = None,
+                 supportSlices: Optional[Dict[str, List[int]]] = None, timeout: float = 600.0,
                  idle: Optional[Callable[[], None]] = None):
         self.client, self.axis, self.timeout, self.idle = client, int(axis), timeout, idle
         self.sessionId = protocol.new_id()
+        options = dict(options, axis=self.axis, adopt=True,
+                       fixed_slices={key: [int(k) for k in fixedSlices.get(key, [])] for key in structures})
+        if supportVolume is not None:
+            options["support_slices"] = {key: [int(k) for k in value] for key, value in (supportSlices or {}).items()}
         value = self._call(protocol.SessionOpen(
-            id=protocol.new_id(), session_id=self.sessionId, engine=engineSpec, volume=protocol.Image(volume_Kji),
-            structures={structure: masks_Kji},
-            options=dict(options, axis=self.axis, adopt=True, fixed_slices={structure: list(fixedSlices)})))
-        self._masks = {structure: value["masks"][structure]}
+            id=protocol.new_id(), session_id=self.sessionId, engine=engineSpec, volume=protocol.Image(volume),
+            structures=dict(structures), options=options,
+            support_volume=None if supportVolume is None else protocol.Image(supportVolume),
+            support_masks=None if supportVolume is None else dict(supportMasks or {})))
+        self._masks = {key: np.asarray(value["masks"][key]) for key in structures}
         self._clicks: Dict[Any, List] = {}
 
-    def _call(self, message: protocol.Message, progress=None) -> Any:
-        return self.client.request(message, timeout=self.timeout, idle=self.idle, progress=progress).value
+    def _call(self, message: protocol.Message, progress=None, cancel=None) -> Any:
+        return self.client.request(message, timeout=self.timeout, idle=self.idle, progress=progress,
+                                   cancel=cancel).value
 
-    def _slice(self, structure, index: int, message: protocol.Message):
-        value = self._call(message)
+    def _slice(self, structure, index: int, message: protocol.Message, progress=None):
+        value = self._call(message, progress=progress)
         mask = np.asarray(value["mask"])
         volume = np.moveaxis(self._masks[structure], self.axis, 0)
         volume[index] = mask
         self._clicks[(structure, index)] = [tuple(c) for c in value["clicks"]]
         return mask
 
-    def correct(self, structure, index: int, points, labels):
+    def correct(self, structure, index: int, points, labels, progress=None):
+        """Clicks on slice ``index``. ``progress(done, total)`` is called with (0, 1) and (1, 1)
+        when the worker has to encode the slice first (see protocol.SessionCorrect)."""
         return self._slice(structure, index, protocol.SessionCorrect(
             id=protocol.new_id(), session_id=self.sessionId, structure=structure, axis=self.axis, slice_index=int(index),
-            points=[[float(x), float(y)] for x, y in points], labels=[int(v) for v in labels]))
+            points=[[float(x), float(y)] for x, y in points], labels=[int(v) for v in labels]), progress=progress)
+
+    def add_support(self, structure, index: int, mask):
+        """A repainted slice ``index`` (``[H, W]`` in the session's frame) becomes fixed and a support."""
+        return self._slice(structure, index, protocol.SessionAddSupport(
+            id=protocol.new_id(), session_id=self.sessionId, structure=structure, axis=self.axis, slice_index=int(index),
+            mask=np.ascontiguousarray(mask, dtype=np.uint8)))
 
     def undo_click(self, structure, index: int):
         return self._slice(structure, index, protocol.SessionUndoClick(
@@ -834,9 +862,10 @@ class WorkerSession:
         return self._slice(structure, index, protocol.SessionClearClicks(
             id=protocol.new_id(), session_id=self.sessionId, structure=structure, axis=self.axis, slice_index=int(index)))
 
-    def update(self, structure, progress=None):
+    def update(self, structure, progress=None, cancel: Optional[threading.Event] = None):
+        """Propagate ``structure`` again in the worker; ``cancel`` (set while waiting) stops it."""
         value = self._call(protocol.SessionUpdate(id=protocol.new_id(), session_id=self.sessionId, structure=structure),
-                           progress=progress)
+                           progress=progress, cancel=cancel)
         self._masks[structure] = np.asarray(value["mask"])
         return self._masks[structure]
 

@@ -30,6 +30,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         scriptedEffect.requireSegments = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         self.session = None
+        self.clickRunning = False
         self.lastSliceNode = None
         self.ui = None
         self.pollTimer = qt.QTimer()
@@ -105,17 +106,33 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return False
         if eventId not in (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.RightButtonPressEvent):
             return False
+        if self.clickRunning:  # a click still encoding its slice (events are processed meanwhile)
+            return True
         positive = eventId == vtk.vtkCommand.LeftButtonPressEvent and not callerInteractor.GetShiftKey()
         point_World = self.xyToRas(callerInteractor.GetEventPosition(), viewWidget)
         from ProtoSAMSlicerLib.logic import sliceViewGeometry
 
         normal_World = sliceViewGeometry(self.lastSliceNode)[0]
-        with slicer.util.tryWithErrorDisplay(_("The click could not correct the preview."), waitCursor=True):
-            sliceIndex = self.session.addClick(point_World, normal_World, positive)
-            self.ui.statusLabel.text = _("Slice {index} corrected ({count} click(s)); Update volume to use it "
-                                         "everywhere.").format(index=sliceIndex,
-                                                               count=len(self.session.clicks(sliceIndex)))
+        self.clickRunning = True
         self.updateGUI()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("The click could not correct the preview."), waitCursor=True):
+                sliceIndex = self.session.clickTarget(point_World, normal_World)[0]
+
+                def showEncoding(done, total):
+                    # A slice without a cached SAM embedding is encoded first (seconds on a CPU).
+                    self.ui.progressBar.visible = done < total
+                    self.ui.progressBar.maximum = 0  # one step of unknown length: a busy bar
+                    if done < total:
+                        self.ui.statusLabel.text = _("Encoding slice {index} for the click...").format(index=sliceIndex)
+
+                self.session.addClick(point_World, normal_World, positive, progressCallback=showEncoding)
+                self.ui.statusLabel.text = _("Slice {index} corrected ({count} click(s)); Update volume to use it "
+                                             "everywhere.").format(index=sliceIndex,
+                                                                   count=len(self.session.clicks(sliceIndex)))
+        finally:
+            self.clickRunning = False
+            self.updateGUI()
         return True
 
     # ------------------------------------------------------------------ actions
@@ -227,6 +244,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self.ui is None:
             return
         state = self.session.state if self.session is not None else "idle"
+        if self.clickRunning:  # nothing else may change the preview until the click is done
+            state = "click"
         self.ui.propagateButton.enabled = state == "idle"
         self.ui.applyButton.enabled = state == "preview"
         self.ui.cancelButton.enabled = state in ("running", "preview")
@@ -234,7 +253,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.ui.undoClickButton.enabled = hasClicks
         self.ui.clearSliceButton.enabled = hasClicks
         self.ui.updateVolumeButton.enabled = state == "preview"
-        self.ui.progressBar.visible = state == "running"
+        if state != "click":
+            self.ui.progressBar.visible = state == "running"
         try:
             from ProtoSAM import readSetting
 
