@@ -110,7 +110,9 @@ class ServerConfig:
     weights_home: Optional[str] = None
     download: bool = True
     max_request_bytes: int = 1024 * 1024 * 1024
-    cache_bytes_per_user: int = 512 * 1024 * 1024
+    # Holds a 64-slice ViT-B volume at 672 px (encodings ~0.72 GB, see protosam.session) with
+    # its volume and masks, so a user's clicks on such a volume never wait for a re-encoding.
+    cache_bytes_per_user: int = 1024 * 1024 * 1024
     max_jobs_per_user: int = 4
     result_ttl_s: float = 600.0
     max_sessions_per_user: int = 4
@@ -829,8 +831,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     net.add_argument("--insecure", action="store_true",
                      help="allow plain HTTP on a non-loopback address (tokens and images travel unencrypted)")
     net.add_argument("--max-request-mb", type=float, default=1024.0, help="largest request body (413 beyond)")
-    net.add_argument("--cache-mb-per-user", type=float, default=512.0,
-                     help="encoder-output cache each user may hold on the server")
+    net.add_argument("--cache-mb-per-user", type=float, default=1024.0,
+                     help="encoder outputs, plus the volumes and masks of correction sessions, each user may hold on "
+                     "the server (the default holds a 64-slice ViT-B volume at 672 px)")
     net.add_argument("--max-jobs-per-user", type=int, default=4, help="queued, running and unfetched jobs per user")
     net.add_argument("--max-sessions-per-user", type=int, default=4,
                      help="open click-correction sessions per user (each holds a volume; 429 beyond)")
