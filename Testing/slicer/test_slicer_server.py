@@ -199,3 +199,32 @@ def test_server_session_without_a_worker_process_talks_to_the_server_directly(ti
         session.close()
     with pytest.raises(KeyError, match="No such correction session"):
         sessions[0].correct("liver", 1, [[20, 3]], [1])
+
+
+@pytest.mark.parametrize("crossVolume", [False, True], ids=["same_volume", "support_from_another_volume"])
+def test_module_update_preview_on_the_server_equals_the_local_worker(scene, tinyOptions, live, crossVolume):
+    """The module's Update preview with "Compute on: ProtoSAM server": the session opens on the
+    server (relayed by the local worker), keeps the other patient's support, and gives what the
+    local worker process gives for the same run and repainting (same code, same thread count)."""
+    from ProtoSAMSlicerLib.server_session import ServerSession
+    from test_slicer_module_update import REPAINTED, buildCase, painted, previewOf, repaintSlice, run
+
+    updated = {}
+    updatesBefore = live.log().count("(session_update,")
+    for where, options in (("local", tinyOptions), ("server", serverOptions(tinyOptions, live))):
+        target, support, segmentation, ids = buildCase(scene, crossVolume)
+        logic = ProtoSAMLogic()
+        result = run(logic, target, support, segmentation, ids, options)
+        paintedSlice = repaintSlice(scene, result, ids["liver"])
+        progress = []
+        logic.updatePreviews([result], progressCallback=lambda done, total: progress.append((done, total)))
+        assert progress and progress[-1][0] == progress[-1][1] > 0
+        liver = previewOf(result, ids["liver"])
+        np.testing.assert_array_equal(liver[REPAINTED], paintedSlice)
+        updated[where] = liver
+        if where == "server":
+            assert isinstance(result.corrections, ServerSession)
+            assert live.log().count("(session_update,") == updatesBefore + 1  # the update ran on the server
+        logic.discard(result)
+        np.testing.assert_array_equal(mrml_io.segmentToArray(segmentation, ids["liver"], support), painted()["liver"])
+    np.testing.assert_array_equal(updated["server"], updated["local"])
