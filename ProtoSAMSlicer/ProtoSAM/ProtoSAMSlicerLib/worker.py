@@ -71,18 +71,18 @@ class JobEvent:
     total: int = 0
 
 
-class Job:
-    """A unit of work queued on a Worker. Create through ``Worker.submit``.
+class JobHandle:
+    """What a caller holds of a queued job, on either worker (the thread Worker's Job, the
+    worker process's worker_client.ProcessJob): identity, callbacks, cancel, final state.
 
     ``state``, ``result``, ``error`` are final once ``finished`` is True. ``progress`` is the
     latest (done, total) delivered by ``poll``.
     """
 
-    _ids = itertools.count(1)
+    _ids = itertools.count(1)  # each subclass numbers its own jobs
 
-    def __init__(self, function: JobFunction, name: str, cancelEvent: Optional[threading.Event],
-                 onProgress, onFinished):
-        self.id = next(Job._ids)
+    def __init__(self, function, name: str, cancelEvent: Optional[threading.Event], onProgress, onFinished):
+        self.id = next(type(self)._ids)
         self.name = name
         self.function = function
         self.cancelEvent = cancelEvent if cancelEvent is not None else threading.Event()
@@ -93,14 +93,12 @@ class Job:
         self.error: Optional[BaseException] = None
         self.errorTraceback = ""
         self.progress = (0, 0)
-        self.threadIdent: Optional[int] = None
         self.startedAt: Optional[float] = None
         self.finishedAt: Optional[float] = None
-        self._threadDone = threading.Event()
         self._finishDelivered = False
 
     def __repr__(self) -> str:
-        return f"<Job {self.id} {self.name!r} {self.state.value}>"
+        return f"<{type(self).__name__} {self.id} {self.name!r} {self.state.value}>"
 
     def cancel(self) -> None:
         """Ask the job to stop: a queued job never starts, a running one stops at its next check."""
@@ -112,12 +110,7 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        """True once the worker thread is done with the job (events may still be undelivered)."""
-        return self._threadDone.is_set()
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        """Block until the worker thread is done with the job; False on timeout."""
-        return self._threadDone.wait(timeout)
+        return self.state in FINAL_STATES
 
     def resultOrRaise(self) -> Any:
         """The job's result on the calling thread; re-raises its error or CancelledError."""
@@ -126,8 +119,11 @@ class Job:
         if self.state is JobState.FAILED:
             raise self.error
         if self.state is JobState.CANCELLED:
-            raise CancelledError(f"'{self.name}' was cancelled; nothing was changed.")
+            raise self._cancelledError()
         return self.result
+
+    def _cancelledError(self) -> CancelledError:
+        return CancelledError(f"'{self.name}' was cancelled; nothing was changed.")
 
     def remainingSeconds(self, now: Optional[float] = None) -> Optional[float]:
         """Estimated time left from the average time per unit so far, or None if unknown."""
@@ -136,6 +132,27 @@ class Job:
             return None
         elapsed = (now if now is not None else time.monotonic()) - self.startedAt
         return max(0.0, elapsed / done * (total - done))
+
+
+class Job(JobHandle):
+    """A unit of work queued on a Worker's thread. Create through ``Worker.submit``."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, function: JobFunction, name: str, cancelEvent: Optional[threading.Event],
+                 onProgress, onFinished):
+        super().__init__(function, name, cancelEvent, onProgress, onFinished)
+        self.threadIdent: Optional[int] = None
+        self._threadDone = threading.Event()
+
+    @property
+    def finished(self) -> bool:
+        """True once the worker thread is done with the job (events may still be undelivered)."""
+        return self._threadDone.is_set()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until the worker thread is done with the job; False on timeout."""
+        return self._threadDone.wait(timeout)
 
 
 class Worker:

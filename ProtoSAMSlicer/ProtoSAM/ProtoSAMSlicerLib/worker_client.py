@@ -44,7 +44,7 @@ import numpy as np
 from protosam import protocol
 from protosam.errors import CancelledError, ProtoSAMError
 
-from .worker import FINAL_STATES, JobState
+from .worker import JobHandle, JobState
 
 logger = logging.getLogger(__name__)
 workerLogger = logging.getLogger("ProtoSAM.worker")
@@ -117,69 +117,26 @@ class RequestFunction:
         return self.decodeResult(run_job(localEngines(), self.workerRequest, progress, cancel))
 
 
-class ProcessJob:
+class ProcessJob(JobHandle):
     """Handle of a job run by the worker process (same interface as worker.Job).
 
-    ``state``, ``result``, ``error`` are final once ``finished``; ``progress`` is the latest
-    (done, total) delivered by ``poll``; ``details`` holds what the worker reported with an
-    error (e.g. ``done_at_cancel`` / ``done_at_stop`` slices for a cancel).
+    ``details`` holds what the worker reported with an error (e.g. ``done_at_cancel`` /
+    ``done_at_stop`` slices for a cancel).
     """
 
     _ids = itertools.count(1)
 
     def __init__(self, function: RequestFunction, name: str, cancelEvent: Optional[threading.Event],
                  onProgress, onFinished):
-        self.id = next(ProcessJob._ids)
-        self.name = name
-        self.function = function
+        super().__init__(function, name, cancelEvent, onProgress, onFinished)
         self.requestId = function.workerRequest.id
-        self.cancelEvent = cancelEvent if cancelEvent is not None else threading.Event()
-        self.onProgress = onProgress
-        self.onFinished = onFinished
-        self.state = JobState.QUEUED
-        self.result: Any = None
-        self.error: Optional[BaseException] = None
-        self.errorTraceback = ""
         self.details: Dict[str, Any] = {}
-        self.progress = (0, 0)
-        self.startedAt: Optional[float] = None
-        self.finishedAt: Optional[float] = None
         self.cancelSentAt: Optional[float] = None
         self.files: List[str] = []
-        self._finishDelivered = False
 
-    def __repr__(self) -> str:
-        return f"<ProcessJob {self.id} {self.name!r} {self.state.value}>"
-
-    def cancel(self) -> None:
-        """Ask the job to stop: a queued job never starts, a running one stops at its next slice."""
-        self.cancelEvent.set()
-
-    @property
-    def cancelRequested(self) -> bool:
-        return self.cancelEvent.is_set()
-
-    @property
-    def finished(self) -> bool:
-        return self.state in FINAL_STATES
-
-    def resultOrRaise(self) -> Any:
-        if not self.finished:
-            raise RuntimeError(f"{self!r} has not finished yet")
-        if self.state is JobState.FAILED:
-            raise self.error
-        if self.state is JobState.CANCELLED:
-            if isinstance(self.error, CancelledError):
-                raise self.error
-            raise CancelledError(f"'{self.name}' was cancelled; nothing was changed.")
-        return self.result
-
-    def remainingSeconds(self, now: Optional[float] = None) -> Optional[float]:
-        done, total = self.progress
-        if self.startedAt is None or done <= 0 or total <= 0:
-            return None
-        elapsed = (now if now is not None else time.monotonic()) - self.startedAt
-        return max(0.0, elapsed / done * (total - done))
+    def _cancelledError(self) -> CancelledError:
+        # The worker's own reason (e.g. "cancelled after slice 3") when it gave one.
+        return self.error if isinstance(self.error, CancelledError) else super()._cancelledError()
 
 
 class _PendingRequest:
