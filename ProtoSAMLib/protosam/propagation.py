@@ -136,6 +136,11 @@ class _SliceStore:
             self._embeddings[index] = cached
         return self._embeddings[index]
 
+    def has_sam_embedding(self, index: int) -> bool:
+        """Whether :meth:`sam_embedding` can answer without encoding (held, or in the cache)."""
+        cached = bool(self.fingerprint) and ("sam", self.fingerprint, index) in self.cache
+        return index in self._embeddings or cached
+
     def expect(self, phases: Sequence[Sequence[int]]) -> None:
         """The slices each phase of the run may visit, in run order (the first is current)."""
         self._phases = [set(phase) for phase in phases]

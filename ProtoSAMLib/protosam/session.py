@@ -285,10 +285,7 @@ class Session:
     def has_sam_embedding(self, index: int) -> bool:
         """Whether slice ``index``'s SAM image embedding is at hand, so a click there needs no
         encoding (the worker then answers it at once; otherwise it reports progress)."""
-        store = self.store
-        index = int(index)
-        cached = bool(store.fingerprint) and ("sam", store.fingerprint, index) in self.cache
-        return index in store._embeddings or cached
+        return self.store.has_sam_embedding(int(index))
 
     def update(self, structure: Hashable, *, progress=None, cancel=None) -> np.ndarray:
         """Propagate ``structure`` again with every fixed slice as a support, from the cached
@@ -437,15 +434,11 @@ class Session:
         adopted), box-only sets of the mask's components, each component its own mask."""
         mask = state.output[index].copy()
         if index in state.prompts:
-            prompts, masks = state.prompts[index], state.prompt_masks.get(index)
+            prompts, masks = state.prompts[index], state.prompt_masks[index]
         else:
-            prompts, masks = _mask_prompts(mask), None
-        if masks is None:
-            # Components (disjoint): each set's mask is its component's pixels.
-            masks = []
-            for prompt in prompts:
-                full = prompt.full_mask(mask.shape) if prompt.window is not None else np.zeros(mask.shape, bool)
-                masks.append(crop_mask(full))
+            # The mask's components (disjoint): each set's mask is its component's pixels.
+            prompts = _mask_prompts(mask)
+            masks = [crop_mask(prompt.full_mask(mask.shape)) for prompt in prompts]
         return _BeforeClicks(mask, state.fixed.get(index), list(prompts), list(masks))
 
     def _redecode(self, state: _StructureState, index: int) -> np.ndarray:
