@@ -57,3 +57,18 @@ def homogeneous(rotation3, translation=(0.0, 0.0, 0.0)) -> np.ndarray:
     matrix[:3, :3] = rotation3
     matrix[:3, 3] = translation
     return matrix
+
+
+def segmentEditor(scene, segmentationNode, sourceVolumeNode, segmentId, overwriteMode=None):
+    """The Segment Editor's real node and logic (what the editor widget holds) editing
+    ``segmentId`` of ``segmentationNode`` on ``sourceVolumeNode``. Returns (node, logic)."""
+    editorNode = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editorLogic = slicer.vtkSlicerSegmentEditorLogic()
+    editorLogic.SetMRMLScene(scene)
+    editorLogic.SetSegmentEditorNode(editorNode)
+    editorNode.SetAndObserveSegmentationNode(segmentationNode)
+    editorNode.SetAndObserveSourceVolumeNode(sourceVolumeNode)
+    editorNode.SetSelectedSegmentID(segmentId)
+    if overwriteMode is not None:
+        editorNode.SetOverwriteMode(overwriteMode)
+    return editorNode, editorLogic

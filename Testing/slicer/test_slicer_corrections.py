@@ -18,7 +18,8 @@ from ProtoSAMSlicerLib.logic import ProtoSAMLogic
 from ProtoSAMSlicerLib.worker import workerForDevice
 from ProtoSAMSlicerLib.worker_client import WorkerSession
 from protosam.errors import InputError
-from slicer_mrml_helpers import addSegmentation, addVolume, homogeneous, ijkToRasFrom, rotationMatrix
+from slicer_mrml_helpers import (addSegmentation, addVolume, homogeneous, ijkToRasFrom, rotationMatrix,
+                                 segmentEditor)
 
 SHAPE = (6, 16, 18)  # K, J, I
 SAM_TINY_EMBEDDING_BYTES = 32 * 64 * 64 * 4  # float32 [1, 32, 64, 64] (sam_tiny)
@@ -43,14 +44,9 @@ def buildEditor(scene, directions, spacing, parent):
     other = np.zeros(SHAPE, np.uint8)
     other[0:6, 0:16, 15:18] = 1
     segmentation, ids = addSegmentation(scene, volume, {"liver": liver, "other": other})
-    editorNode = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
-    editorLogic = slicer.vtkSlicerSegmentEditorLogic()
-    editorLogic.SetMRMLScene(scene)
-    editorLogic.SetSegmentEditorNode(editorNode)
-    editorNode.SetAndObserveSegmentationNode(segmentation)
-    editorNode.SetAndObserveSourceVolumeNode(volume)
-    editorNode.SetSelectedSegmentID(ids["liver"])
-    editorNode.SetOverwriteMode(editorNode.OverwriteNone)  # "other" keeps its voxels: checkable
+    # OverwriteNone: "other" keeps its voxels, which is checkable.
+    editorNode, editorLogic = segmentEditor(scene, segmentation, volume, ids["liver"],
+                                            slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
     saves = []
 
     def saveStateForUndo():
@@ -151,7 +147,7 @@ def test_views_across_the_axis_or_oblique_are_refused(scene, tinyOptions):
 def test_undo_clear_update_then_apply_is_one_undo_step(scene, tinyOptions, name):
     e = buildEditor(scene, *GEOMETRIES[name])
     normal = startPreview(e, tinyOptions)
-    session, liverId = e["session"], e["ids"]["liver"]
+    session = e["session"]
     start = preview(e)
     session.addClick(world(e["ijkToWorld"], (14, 3, 4)), normal, positive=True)
     afterFirst = preview(e)

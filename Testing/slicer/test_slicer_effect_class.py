@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 
-import slicer
 import slicer_app_standins as standins
 from ProtoSAMSlicerLib import effect_session, mrml_io
-from slicer_mrml_helpers import addSegmentation, addVolume, ijkToRasFrom
+from slicer_mrml_helpers import addSegmentation, addVolume, ijkToRasFrom, segmentEditor
 
 EFFECT_PY = (pathlib.Path(__file__).resolve().parents[2] / "ProtoSAMSlicer" / "SegmentEditorProtoSAM"
              / "SegmentEditorProtoSAMLib" / "SegmentEditorEffect.py")
@@ -36,13 +35,7 @@ def editor(scene, slicerApp):
     spleen = np.zeros(SHAPE, np.uint8)
     spleen[0:6, 0:16, 14:18] = 1
     segmentation, ids = addSegmentation(scene, volume, {"liver": liver, "spleen": spleen})
-    editorNode = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
-    editorLogic = slicer.vtkSlicerSegmentEditorLogic()
-    editorLogic.SetMRMLScene(scene)
-    editorLogic.SetSegmentEditorNode(editorNode)
-    editorNode.SetAndObserveSegmentationNode(segmentation)
-    editorNode.SetAndObserveSourceVolumeNode(volume)
-    editorNode.SetSelectedSegmentID(ids["liver"])
+    editorNode, editorLogic = segmentEditor(scene, segmentation, volume, ids["liver"])
     sliceNode = scene.GetNodeByID("vtkMRMLSliceNodeRed")
     centre = IJK_TO_RAS @ np.array([9.0, 8.0, 2.0, 1.0])
     sliceNode.JumpSliceByOffsetting(*centre[:3])

@@ -7,11 +7,12 @@ from required_modules import require_slicer_core
 require_slicer_core()
 
 import slicer
-from ProtoSAMSlicerLib import effect_session, geometry, mrml_io, results
+from ProtoSAMSlicerLib import effect_session, geometry, mrml_io
 from ProtoSAMSlicerLib.effect_session import EffectSession
 from ProtoSAMSlicerLib.logic import ProtoSAMLogic
 from protosam.errors import CancelledError, InputError
-from slicer_mrml_helpers import addSegmentation, addVolume, homogeneous, ijkToRasFrom, rotationMatrix
+from slicer_mrml_helpers import (addSegmentation, addVolume, homogeneous, ijkToRasFrom, rotationMatrix,
+                                 segmentEditor)
 
 SHAPE = (6, 16, 18)  # K, J, I
 LPS = np.diag([-1.0, -1.0, 1.0])
@@ -43,13 +44,7 @@ def buildEditor(scene, withTransform):
     kidney = np.zeros(SHAPE, np.uint8)
     kidney[0:6, 8:16, 0:18] = 1
     segmentation, ids = addSegmentation(scene, volume, {"liver": liver, "spleen": spleen, "kidney": kidney})
-    editorNode = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
-    editorLogic = slicer.vtkSlicerSegmentEditorLogic()
-    editorLogic.SetMRMLScene(scene)
-    editorLogic.SetSegmentEditorNode(editorNode)
-    editorNode.SetAndObserveSegmentationNode(segmentation)
-    editorNode.SetAndObserveSourceVolumeNode(volume)
-    editorNode.SetSelectedSegmentID(ids["liver"])
+    editorNode, editorLogic = segmentEditor(scene, segmentation, volume, ids["liver"])
     sliceNode = scene.AddNewNodeByClass("vtkMRMLSliceNode")
     sliceNode.SetOrientationToAxial()
     centre = parent @ ijkToRas @ np.array([9.0, 8.0, 2.0, 1.0])  # voxel (i, j, k) = (9, 8, 2)
@@ -190,7 +185,6 @@ def test_apply_on_a_segmentation_with_another_reference_geometry(makeEditor, tin
                      ijkToRasFrom(LPS, (0.4, 0.4, 1.25), (7.0 + 0.2, 3.0 + 0.2, -2.0 - 0.625)), "fine")
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(fine)
     node.SetSourceVolumeIntensityMask(True)
-    image = slicer.util.arrayFromVolume(volume)
     threshold = 150.0  # halfway between the background (about 0) and the bright block (about 300)
     node.SetSourceVolumeIntensityMaskRange(threshold, 1e6)
     session = e["session"]

@@ -26,7 +26,7 @@ from ProtoSAMSlicerLib.worker_client import WorkerSession
 from protosam import protocol
 from protosam.errors import CancelledError, InputError
 from protosam.session import Session
-from slicer_mrml_helpers import addSegmentation, addVolume, ijkToRasFrom
+from slicer_mrml_helpers import addSegmentation, addVolume, ijkToRasFrom, segmentEditor
 
 SHAPE = (6, 20, 22)  # K, J, I: axial slices along K
 LPS = np.diag([-1.0, -1.0, 1.0])
@@ -72,14 +72,8 @@ def previewOf(result, segmentId):
 def repaint(scene, result, segmentId, add_Kji=None, erase_Kji=None):
     """Paint and erase in the preview with the Segment Editor's own logic (what Paint, Draw,
     Erase, Scissors... do): a modifier labelmap on the segmentation's geometry, Add / Remove."""
-    editorNode = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
-    editorLogic = slicer.vtkSlicerSegmentEditorLogic()
-    editorLogic.SetMRMLScene(scene)
-    editorLogic.SetSegmentEditorNode(editorNode)
-    editorNode.SetAndObserveSegmentationNode(result.previewSegmentationNode)
-    editorNode.SetAndObserveSourceVolumeNode(result.targetVolumeNode)
-    editorNode.SetSelectedSegmentID(segmentId)
-    editorNode.SetOverwriteMode(editorNode.OverwriteNone)
+    editorNode, editorLogic = segmentEditor(scene, result.previewSegmentationNode, result.targetVolumeNode, segmentId,
+                                            slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
     for mask, mode in ((erase_Kji, editorLogic.ModificationModeRemove), (add_Kji, editorLogic.ModificationModeAdd)):
         if mask is None:
             continue

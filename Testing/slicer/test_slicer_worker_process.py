@@ -37,6 +37,7 @@ from protosam.errors import CancelledError, InputError
 from protosam.protocol import WorkerCrashedError
 from protosam.weights import WeightsEntry
 from slicer_mrml_helpers import addSegmentation, addVolume, homogeneous, ijkToRasFrom, rotationMatrix
+from test_slicer_logic import PAINTED, imageAndMasks
 
 AXIAL = (0.0, 0.0, 1.0)
 LPS = np.diag([-1.0, -1.0, 1.0])
@@ -48,7 +49,6 @@ CASES = {
     "rotated_parent_transform": (rotationMatrix((0, 0, 1), 30), (0.9, 0.9, 2.5),
                                  homogeneous(rotationMatrix((0, 0, 1), 90), (15.0, -5.0, 3.0))),
 }
-PAINTED = 2
 
 
 def buildVolume(scene, name="flipped_lps_anisotropic", slices=5, seed=0):
@@ -60,17 +60,7 @@ def buildVolume(scene, name="flipped_lps_anisotropic", slices=5, seed=0):
     kjiAxis = geometry.sliceAxisFromNormal(AXIAL, ijkToWorld).kjiAxis
     shape = [16, 18, 17]
     shape[kjiAxis] = slices
-    rng = np.random.default_rng(seed)
-    image = rng.normal(0, 20, size=shape).astype(np.float32)
-    box = np.zeros(shape, bool)
-    box[tuple(slice(n // 4, n // 4 + max(2, n // 2)) for n in shape)] = True
-    image[box] += 300
-    liver = np.zeros(shape, np.uint8)
-    index = [slice(None)] * 3
-    index[kjiAxis] = PAINTED
-    liver[tuple(index)] = box[tuple(index)]
-    spleen = np.zeros(shape, np.uint8)
-    spleen[0, 0:2, 0:3] = 1
+    image, liver, spleen = imageAndMasks(shape, kjiAxis, seed)
     volume = addVolume(scene, image, ijkToRas, name=name, parentTransform=parent)
     segmentation, ids = addSegmentation(scene, volume, {"liver": liver, "spleen": spleen})
     return volume, segmentation, ids, {"liver": liver, "spleen": spleen}
