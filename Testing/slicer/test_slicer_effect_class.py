@@ -270,9 +270,23 @@ def test_a_click_on_a_slice_without_embedding_shows_encoding_progress(editor):
         processEvents()
 
     effect.session.logic.idle = idle
+    addClick = effect.session.addClick
+
+    def addClickSeeingEachStep(*args, progressCallback, **kwargs):
+        # What the user sees right after each progress step, whether or not the worker's reply
+        # comes before the next idle call (that timing differs from machine to machine).
+        def step(done, total):
+            progressCallback(done, total)
+            seen.append((effect.ui.statusLabel.text, not effect.ui.progressBar.isHidden(),
+                         effect.ui.applyButton.enabled, effect.ui.cancelButton.enabled))
+        return addClick(*args, progressCallback=step, **kwargs)
+
+    effect.session.addClick = addClickSeeingEachStep
     assert clickAt(e, (9, 9, 4)) is True
+    effect.session.addClick = addClick
     encoding = [entry for entry in seen if entry[0] == "Encoding slice 4 for the click..."]
     assert encoding and all(shown for _, shown, _, _ in encoding)
+    assert seen[-1][:2] == ("Correcting slice 4...", False)  # encoded; the decode is still to come
     assert all(not apply and not cancel for _, _, apply, cancel in seen)  # nothing else may run meanwhile
     assert effect.ui.statusLabel.text.startswith("Slice 4 corrected (1 click(s))")
     assert effect.ui.progressBar.isHidden() and effect.ui.applyButton.enabled

@@ -121,10 +121,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
                 def showEncoding(done, total):
                     # A slice without a cached SAM embedding is encoded first (seconds on a CPU).
+                    # After encoding, the click is still decoded: the label must not keep saying
+                    # "Encoding" once the bar is gone.
                     self.ui.progressBar.visible = done < total
                     self.ui.progressBar.maximum = 0  # one step of unknown length: a busy bar
                     if done < total:
                         self.ui.statusLabel.text = _("Encoding slice {index} for the click...").format(index=sliceIndex)
+                    else:
+                        self.ui.statusLabel.text = _("Correcting slice {index}...").format(index=sliceIndex)
 
                 self.session.addClick(point_World, normal_World, positive, progressCallback=showEncoding)
                 self.ui.statusLabel.text = _("Slice {index} corrected ({count} click(s)); Update volume to use it "
