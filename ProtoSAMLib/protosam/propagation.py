@@ -563,19 +563,21 @@ def _sweep(structures, plans, direction, run_slice, tracker, stop_after: int) ->
     """
     step = 1 if direction == "up" else -1
     pending = {id(p): list(getattr(p, direction)) for p in plans}
-    for structure, plan in zip(structures, plans):
-        known = dict(plan.fixed_found)
-        known.update({index: True for index in structure.copied})
-        for index in sorted(known, reverse=(step < 0)):
-            if known[index]:
-                plan.seen[direction] = True
-                plan.empty_run[direction] = 0
-            elif plan.seen[direction]:
-                plan.empty_run[direction] += 1
+
+    def stop_if_ended(plan) -> None:
         if plan.empty_run[direction] >= stop_after:
             plan.alive[direction] = False
             tracker.advance(len(pending[id(plan)]))
             pending[id(plan)] = []
+
+    for structure, plan in zip(structures, plans):
+        known = dict(plan.fixed_found)
+        known.update({index: True for index in structure.copied})
+        for index in sorted(known, reverse=(step < 0)):
+            _record_presence(plan, direction, known[index])
+        # Only the run of empty slices after the last seed counts (an empty seed between two
+        # present ones does not end the walk), so the check follows the whole seed part.
+        stop_if_ended(plan)
     candidates = sorted(set().union(*[set(getattr(p, direction)) for p in plans]), reverse=(step < 0))
     for i, index in enumerate(candidates):
         active = []
@@ -587,12 +589,14 @@ def _sweep(structures, plans, direction, run_slice, tracker, stop_after: int) ->
         found = run_slice(index, active, candidates[i + 1:])
         for position, (structure, plan) in enumerate(active):
             pending[id(plan)].remove(index)
-            if found[position]:
-                plan.seen[direction] = True
-                plan.empty_run[direction] = 0
-            elif plan.seen[direction]:
-                plan.empty_run[direction] += 1
-                if plan.empty_run[direction] >= stop_after:
-                    plan.alive[direction] = False
-                    tracker.advance(len(pending[id(plan)]))
-                    pending[id(plan)] = []
+            _record_presence(plan, direction, found[position])
+            stop_if_ended(plan)  # stop_after >= 1 (presets check it): a found slice never stops
+
+
+def _record_presence(plan, direction: str, present: bool) -> None:
+    """Count consecutive empty slices of a walk, from the first slice where the structure was seen."""
+    if present:
+        plan.seen[direction] = True
+        plan.empty_run[direction] = 0
+    elif plan.seen[direction]:
+        plan.empty_run[direction] += 1
