@@ -155,7 +155,37 @@ class Job(JobHandle):
         return self._threadDone.wait(timeout)
 
 
-class Worker:
+class JobRunner:
+    """What the thread worker and the worker process share: a blocking wait on one job that
+    delivers its events (callbacks included) on the calling thread."""
+
+    def poll(self):
+        raise NotImplementedError
+
+    def _waitBetweenPolls(self, job: JobHandle, seconds: float) -> None:
+        raise NotImplementedError
+
+    def runUntilFinished(self, job: JobHandle, timeout: Optional[float] = None,
+                         interval: float = DEFAULT_POLL_INTERVAL_S,
+                         idle: Optional[Callable[[], None]] = None) -> JobHandle:
+        """Poll until ``job``'s 'finished' event has been delivered (callbacks included).
+
+        idle: called between polls (e.g. ``slicer.app.processEvents``) to keep a GUI alive.
+        Raises TimeoutError after ``timeout`` seconds (the job keeps running).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.poll()
+            if job._finishDelivered:
+                return job
+            if idle is not None:
+                idle()
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{job!r} did not finish within {timeout} s")
+            self._waitBetweenPolls(job, interval)
+
+
+class Worker(JobRunner):
     """A persistent daemon thread executing jobs one at a time, in submission order."""
 
     def __init__(self, name: str = "ProtoSAM-worker"):
@@ -214,24 +244,8 @@ class Worker:
             delivered.append(event)
         return delivered
 
-    def runUntilFinished(self, job: Job, timeout: Optional[float] = None,
-                         interval: float = DEFAULT_POLL_INTERVAL_S,
-                         idle: Optional[Callable[[], None]] = None) -> Job:
-        """Poll until ``job``'s 'finished' event has been delivered (callbacks included).
-
-        idle: called between polls (e.g. ``slicer.app.processEvents``) to keep a GUI alive.
-        Raises TimeoutError after ``timeout`` seconds (the job keeps running).
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            self.poll()
-            if job._finishDelivered:
-                return job
-            if idle is not None:
-                idle()
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"{job!r} did not finish within {timeout} s")
-            job._threadDone.wait(interval)
+    def _waitBetweenPolls(self, job: Job, seconds: float) -> None:
+        job._threadDone.wait(seconds)  # wakes at once when the job's thread ends
 
     def shutdown(self, timeout: Optional[float] = None) -> None:
         """Cancel pending jobs and stop the thread after the running job returns."""

@@ -44,7 +44,7 @@ import numpy as np
 from protosam import protocol
 from protosam.errors import CancelledError, ProtoSAMError
 
-from .worker import JobHandle, JobState
+from .worker import DEFAULT_POLL_INTERVAL_S, JobHandle, JobRunner, JobState
 
 logger = logging.getLogger(__name__)
 workerLogger = logging.getLogger("ProtoSAM.worker")
@@ -53,8 +53,6 @@ workerLogger = logging.getLogger("ProtoSAM.worker")
 DEFAULT_START_TIMEOUT_S = 60.0
 #: Seconds a running job may take to stop after Cancel before the worker is killed.
 DEFAULT_CANCEL_GRACE_S = 5.0
-#: How long synchronous waits block between two polls (seconds).
-DEFAULT_POLL_INTERVAL_S = 0.03
 LOG_TAIL_LINES = 25
 
 _BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
@@ -155,7 +153,7 @@ class _PendingRequest:
 _clients: "weakref.WeakSet[WorkerClient]" = weakref.WeakSet()
 
 
-class WorkerClient:
+class WorkerClient(JobRunner):
     """One persistent worker process, started lazily on the first job, restarted after a crash.
 
     Jobs run one at a time in submission order. python: the worker's Python (default
@@ -226,21 +224,6 @@ class WorkerClient:
             self._events.popleft()()
             delivered += 1
         return delivered
-
-    def runUntilFinished(self, job: ProcessJob, timeout: Optional[float] = None,
-                         interval: float = DEFAULT_POLL_INTERVAL_S,
-                         idle: Optional[Callable[[], None]] = None) -> ProcessJob:
-        """Poll until ``job``'s finished event has been delivered (scripts, tests, blocking runs)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            self.poll()
-            if job._finishDelivered:
-                return job
-            if idle is not None:
-                idle()
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"{job!r} did not finish within {timeout} s")
-            self._wait(interval)
 
     def request(self, message: protocol.Message, timeout: float = 30.0, *,
                 idle: Optional[Callable[[], None]] = None,
@@ -324,6 +307,9 @@ class WorkerClient:
             self._process.kill()
 
     # ------------------------------------------------------------------ internals
+    def _waitBetweenPolls(self, job: ProcessJob, seconds: float) -> None:
+        self._wait(seconds)
+
     def _wait(self, seconds: float) -> None:
         """Sleep up to ``seconds``, waking early when the worker sends something."""
         sockets = [s for s in (self._sock, self._listener, self._candidate) if s is not None]
