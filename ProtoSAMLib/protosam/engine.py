@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
@@ -322,9 +323,15 @@ class Engine:
             )
             union, scores = decoded[0], decoded[1]
             if keep_prompt_masks:
-                each = F.interpolate(decoded[2][:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
-        mask = F.interpolate(union[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
-        return RefinedSlice(mask, prompts, scores, each)
+                each = self.sam_mask_to_input_size(decoded[2])
+        return RefinedSlice(self.sam_mask_to_input_size(union), prompts, scores, each)
+
+    def sam_mask_to_input_size(self, masks: torch.Tensor) -> torch.Tensor:
+        """SAM's ``[..., 1024, 1024]`` bool masks at the model input size ``[..., S, S]``. Nearest
+        resizing picks pixels, so it commutes with the union of prompt sets' masks."""
+        size = (self.input_size, self.input_size)
+        flat = masks.reshape((math.prod(masks.shape[:-2]), 1) + tuple(masks.shape[-2:])).float()
+        return (F.interpolate(flat, size=size, mode="nearest") > 0.5).reshape(tuple(masks.shape[:-2]) + size)
 
     # ----------------------------------------------------------------- slice-level job
     def segment_slices(

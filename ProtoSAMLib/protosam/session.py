@@ -34,7 +34,6 @@ from typing import Callable, Dict, Hashable, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from .cache import EmbeddingCache, volume_fingerprint
@@ -463,7 +462,6 @@ class Session:
             else:
                 todo.append((key, prompt))
         if todo:
-            size = (self.engine.input_size, self.engine.input_size)
             embedding = self.store.sam_embedding(index).to(self.engine.device)
             with torch.inference_mode():
                 for key, prompt in todo:
@@ -471,8 +469,7 @@ class Session:
                         embedding, [prompt], multimask_output=self.engine.preset.effective_multimask,
                         pick_best_score=self.engine.preset.pick_best_score, batch_prompts=False,
                     )
-                    at_input = F.interpolate(union[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
-                    decoded = crop_mask(self.engine.to_slice_size(at_input, hw))
+                    decoded = crop_mask(self.engine.to_slice_size(self.engine.sam_mask_to_input_size(union), hw))
                     before.decoded[key] = decoded
                     decoded.paint(mask)
             # The embedding stays in the session's cache (within its budget), not in the store.
