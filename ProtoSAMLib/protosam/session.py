@@ -27,6 +27,7 @@ Rules:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field, replace
@@ -177,6 +178,17 @@ class Session:
             self.cache.clear()
             logger.info("Session caches dropped: the volume, models, input size or preset changed.")
             return True
+
+    @contextlib.contextmanager
+    def exclusive(self, wait: bool = True):
+        """Hold the session for several calls made as one step; yields False instead of waiting
+        when ``wait`` is False and another thread is in an operation (e.g. an update)."""
+        held = self._lock.acquire(blocking=wait)
+        try:
+            yield held
+        finally:
+            if held:
+                self._lock.release()
 
     def close(self) -> None:
         """Free the cached encoder outputs of this volume and every structure. A cache shared

@@ -364,14 +364,11 @@ class WorkerSessions:
         :class:`SessionBusyError` at once instead of waiting for the session's running update."""
         if isinstance(message, protocol.SessionClose):
             return {"closed": self.close(message.session_id)}
-        with self._using(message.session_id) as session:
-            if not session._lock.acquire(blocking=wait):
+        with self._using(message.session_id) as session, session.exclusive(wait) as held:
+            if not held:
                 raise SessionBusyError("This correction session is updating the volume: click again when the update "
                                        "has finished.")
-            try:
-                return self._slice_request(session, message)
-            finally:
-                session._lock.release()
+            return self._slice_request(session, message)
 
     def _slice_request(self, session, message: protocol.Message) -> Dict[str, Any]:
         if message.axis != session.axis:
