@@ -492,9 +492,7 @@ class ProtoSAMLogic:
         # On a server the session lives there (ServerSession, beside the run's encodings); the
         # local worker, on the CPU, only relays the requests.
         device = "cpu" if onServer else resolveDevice(options.device)
-        engineSpec = dataclasses.asdict(protocol.EngineSpec(
-            models=dataclasses.asdict(options.models), preset=options.preset, device=device,
-            weights_home=options.weightsHome, download=options.allowDownload, cache_bytes=options.cacheBytes))
+        engineSpec = engineSpecFor(options, device)  # the run's engine: its cached encodings serve the session
         worker = self._workerFor(device)
         if onServer:
             from .server_session import ServerSession
@@ -647,7 +645,7 @@ def correctionOrientation(result: PropagationResult):
 
 class LocalSession:
     """A protosam.session.Session on this process's engine (thread worker: headless scripts),
-    with WorkerSession's methods: progress for a click that encodes, cancel for an update."""
+    with WorkerSession's methods: the Session's own, and progress for a click that encodes."""
 
     def __init__(self, session):
         self.session = session
@@ -661,26 +659,10 @@ class LocalSession:
             progress(1, 1)
         return mask
 
-    def update(self, structure, progress=None, cancel: Optional[threading.Event] = None):
-        return self.session.update(structure, progress=progress, cancel=cancel)
-
-    def add_support(self, structure, index: int, mask):
-        return self.session.add_support(structure, index, mask)
-
-    def undo_click(self, structure, index: int):
-        return self.session.undo_click(structure, index)
-
-    def clear_clicks(self, structure, index: int):
-        return self.session.clear_clicks(structure, index)
-
-    def clicks(self, structure, index: int):
-        return self.session.clicks(structure, index)
-
-    def mask(self, structure):
-        return self.session.mask(structure)
-
-    def close(self) -> None:
-        self.session.close()
+    def __getattr__(self, name):  # update, add_support, undo_click, clear_clicks, clicks, mask, close
+        if name == "session":  # not set yet: no recursion
+            raise AttributeError(name)
+        return getattr(self.session, name)
 
 
 def engineKwargs(prepared: PreparedRun, options: ProcessOptions) -> Dict:
@@ -693,14 +675,20 @@ def engineKwargs(prepared: PreparedRun, options: ProcessOptions) -> Dict:
                 modality=options.modality, auto_extent=options.autoExtent)
 
 
+def engineSpecFor(options: ProcessOptions, device: str) -> Dict:
+    """The engine ``options`` describe on ``device``, as a protocol.EngineSpec dict. A run and the
+    correction session of its preview use this one description, so the worker gives them the
+    same engine (and the session finds the run's encodings in its cache)."""
+    return dataclasses.asdict(protocol.EngineSpec(
+        models=dataclasses.asdict(options.models), preset=options.preset, device=device,
+        weights_home=options.weightsHome, download=options.allowDownload, cache_bytes=options.cacheBytes))
+
+
 def _engineJob(prepared: PreparedRun, options: ProcessOptions, device: str) -> RequestFunction:
     """The job for a device worker: "run segment_volume with these arrays and keyword arguments"
     on the engine ``options`` describe (a protocol message; no MRML reference inside)."""
-    engine = protocol.EngineSpec(models=dataclasses.asdict(options.models), preset=options.preset, device=device,
-                                 weights_home=options.weightsHome, download=options.allowDownload,
-                                 cache_bytes=options.cacheBytes)
     request = protocol.JobSubmit(id=protocol.new_id(), operation="segment_volume",
-                                 kwargs=engineKwargs(prepared, options), engine=dataclasses.asdict(engine))
+                                 kwargs=engineKwargs(prepared, options), engine=engineSpecFor(options, device))
     if _onServer(options):
         from protosam.server_client import forwarding_request
 
