@@ -31,3 +31,14 @@ def colin27():
     if not (image.is_file() and labels.is_file()):
         pytest.fail("Colin27/AAL not found: install Debian's mricron-data (apt-get install mricron-data); .ci/run does.")
     return image, labels
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny models' small kernels run faster on one thread (and suffer less from busy cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -9,3 +9,39 @@ def blob_slice(size: int = 64, center=(32, 32), radius: int = 10, seed: int = 0)
     mask = ((yy - center[0]) ** 2 + (xx - center[1]) ** 2 <= radius**2).astype(np.uint8)
     image = (rng.normal(0, 0.3, (size, size)) + 2.0 * mask).astype(np.float32)
     return image, mask
+
+
+def box_volume(slices: int = 6, size: int = 40, seed: int = 0):
+    """A bright box on noise through every slice, painted on the middle slice only ->
+    (volume float32 [N, H, W], mask uint8 [N, H, W]); the server tests' case."""
+    rng = np.random.default_rng(seed)
+    volume = rng.normal(100.0, 20.0, size=(slices, size, size)).astype(np.float32)
+    volume[:, size // 4:size * 3 // 4, size // 4:size * 3 // 4] += 80.0
+    mask = np.zeros(volume.shape, np.uint8)
+    mask[slices // 2, size // 4:size * 3 // 4, size // 4:size * 3 // 4] = 1
+    return volume, mask
+
+
+def cpu_engine_spec(models, cache_bytes: int = 0):
+    """The protocol.EngineSpec dict of the ``default`` preset on the CPU with ``models``."""
+    import dataclasses
+
+    from protosam import protocol
+
+    return dataclasses.asdict(protocol.EngineSpec(models=dataclasses.asdict(models), preset="default", device="cpu",
+                                                  cache_bytes=cache_bytes))
+
+
+def segment_volume_request(models, volume, mask, cache_bytes: int = 0):
+    """A ``segment_volume`` job (protocol.JobSubmit) for structure "1" on ``models``, CPU."""
+    from protosam import protocol
+
+    kwargs = dict(query_volume=volume, support_volume=None, support_masks={"1": mask}, axis=0, support_slices=None,
+                  slice_range=None, modality="auto", auto_extent=None)
+    return protocol.JobSubmit(id=protocol.new_id(), operation="segment_volume", kwargs=kwargs,
+                              engine=cpu_engine_spec(models, cache_bytes))
+
+
+def bearer(server, user: str = "alice"):
+    """HTTP headers authenticating ``user`` on a protosam.testing.start_server process."""
+    return {"Authorization": f"Bearer {server.tokens[user]}"}

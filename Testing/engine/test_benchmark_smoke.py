@@ -39,17 +39,6 @@ def bench(colin27):
         sys.path.remove(str(BENCHMARKS))
 
 
-@pytest.fixture
-def one_thread():
-    """The tiny models' small kernels run faster on one thread (and suffer less from busy cores)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _check_phase(result, slices):
     assert result["seconds"] > 0 and result["cpu_seconds"] > 0
     assert result["slices"] == slices

@@ -30,17 +30,6 @@ def figure_script():
     return module
 
 
-@pytest.fixture
-def one_thread():
-    """The tiny models' small kernels run faster on one thread (and suffer less from busy cores)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_figure_shows_a_real_correction_of_one_slice(figure_script, tiny_models, colin27, tmp_path, capsys,
                                                      one_thread):
     png, masks, summary_path = tmp_path / "pictures" / "corrected.png", tmp_path / "masks.npz", tmp_path / "s.json"

@@ -10,7 +10,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -262,6 +261,17 @@ def test_worker_process_exits_when_the_stream_is_garbage(worker):
     assert b"Unreadable message" in process.stderr.read()
 
 
+def organ_volume(slices):
+    """A bright box ("organ") on slices 1 to ``slices`` - 2 of a noisy [slices, 40, 40] volume ->
+    (volume float32, truth uint8)."""
+    rng = np.random.default_rng(0)
+    volume = rng.normal(0, 0.05, (slices, 40, 40)).astype(np.float32)
+    truth = np.zeros(volume.shape, np.uint8)
+    truth[1:slices - 1, 12:26, 14:28] = 1
+    volume += 2.0 * truth
+    return volume, truth
+
+
 def test_worker_process_holds_correction_sessions(worker, tmp_path, tiny_models):
     """Open (a job with progress), click, paint, update and close a session in a real worker:
     the same masks as the same operations on an in-process Session (same code on the same CPU,
@@ -274,11 +284,7 @@ def test_worker_process_holds_correction_sessions(worker, tmp_path, tiny_models)
     from protosam.session import Session
 
     channel, process = worker
-    rng = np.random.default_rng(0)
-    volume = rng.normal(0, 0.05, (6, 40, 40)).astype(np.float32)
-    truth = np.zeros(volume.shape, np.uint8)
-    truth[1:5, 12:26, 14:28] = 1
-    volume += 2.0 * truth
+    volume, truth = organ_volume(6)
     spec = {"models": dataclasses.asdict(tiny_models), "preset": "default", "device": "cpu"}
     options = {"axis": 0, "modality": "none", "support_slices": {"organ": [2]}, "auto_extent": False}
 
@@ -330,11 +336,8 @@ def test_a_click_that_must_encode_its_slice_reports_progress_and_a_cached_one_do
     import dataclasses
 
     channel, process = worker
-    rng = np.random.default_rng(0)
-    volume = rng.normal(0, 0.05, (5, 40, 40)).astype(np.float32)
-    truth = np.zeros(volume.shape, np.uint8)
-    truth[1:4, 12:26, 14:28] = 1
-    volume += 2.0 * truth
+    volume, truth = organ_volume(5)
+
     def messages_until_reply(identifier):
         seen = []
         while True:

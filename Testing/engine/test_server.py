@@ -8,7 +8,6 @@ reduction happens in the same order.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import stat
@@ -24,19 +23,11 @@ from protosam.errors import CancelledError, InputError
 from protosam.server_client import forward_job, forwarding_request, server_health
 from protosam.testing import start_server
 
+from engine_helpers import bearer as headers, box_volume, segment_volume_request
+
 
 def make_request(models, slices=6, size=40, seed=0, cache_bytes=0):
-    rng = np.random.default_rng(seed)
-    volume = rng.normal(100.0, 20.0, size=(slices, size, size)).astype(np.float32)
-    volume[:, size // 4:size * 3 // 4, size // 4:size * 3 // 4] += 80.0
-    mask = np.zeros(volume.shape, np.uint8)
-    mask[slices // 2, size // 4:size * 3 // 4, size // 4:size * 3 // 4] = 1
-    kwargs = dict(query_volume=volume, support_volume=None, support_masks={"1": mask}, axis=0, support_slices=None,
-                  slice_range=None, modality="auto", auto_extent=None)
-    engine = protocol.EngineSpec(models=dataclasses.asdict(models), preset="default", device="cpu",
-                                 cache_bytes=cache_bytes)
-    return protocol.JobSubmit(id=protocol.new_id(), operation="segment_volume", kwargs=kwargs,
-                              engine=dataclasses.asdict(engine))
+    return segment_volume_request(models, *box_volume(slices, size, seed), cache_bytes=cache_bytes)
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +37,6 @@ def live(tiny_models, tmp_path_factory):
                            extra_args=["--max-request-mb", "4", "--max-jobs-per-user", "3"])
     yield process
     process.stop()
-
-
-def headers(live, user="alice"):
-    return {"Authorization": f"Bearer {live.tokens[user]}"}
 
 
 def submit(live, request, user="alice"):

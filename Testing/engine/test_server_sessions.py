@@ -23,29 +23,17 @@ from protosam.errors import CancelledError
 from protosam.server_client import ServerConnection, forward_job, forwarding_request, server_health, session_request
 from protosam.testing import start_server
 
+from engine_helpers import bearer as headers, box_volume, cpu_engine_spec, segment_volume_request
+
 CACHE = 64 * 1024 * 1024
 
 
-def case(slices=6, size=40, seed=0):
-    """A bright box on noise; the box painted on the middle slice."""
-    rng = np.random.default_rng(seed)
-    volume = rng.normal(100.0, 20.0, size=(slices, size, size)).astype(np.float32)
-    volume[:, size // 4:size * 3 // 4, size // 4:size * 3 // 4] += 80.0
-    mask = np.zeros(volume.shape, np.uint8)
-    mask[slices // 2, size // 4:size * 3 // 4, size // 4:size * 3 // 4] = 1
-    return volume, mask
-
-
 def engine_spec(models):
-    return dataclasses.asdict(protocol.EngineSpec(models=dataclasses.asdict(models), preset="default", device="cpu",
-                                                  cache_bytes=CACHE))
+    return cpu_engine_spec(models, CACHE)
 
 
 def job_request(models, volume, mask):
-    kwargs = dict(query_volume=volume, support_volume=None, support_masks={"1": mask}, axis=0, support_slices=None,
-                  slice_range=None, modality="auto", auto_extent=None)
-    return protocol.JobSubmit(id=protocol.new_id(), operation="segment_volume", kwargs=kwargs,
-                              engine=engine_spec(models))
+    return segment_volume_request(models, volume, mask, cache_bytes=CACHE)
 
 
 def open_message(models, volume, masks, fixed, session_id=None):
@@ -65,10 +53,6 @@ def update(session_id):
 
 def close(session_id):
     return protocol.SessionClose(id=protocol.new_id(), session_id=session_id)
-
-
-def headers(live, user):
-    return {"Authorization": f"Bearer {live.tokens[user]}"}
 
 
 def post_request(live, user, message):
@@ -118,7 +102,7 @@ def local(tiny_models):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        volume, mask = case()
+        volume, mask = box_volume()
         engines = Engines()
         value = run_local_job(engines, job_request(tiny_models, volume, mask), lambda done, total: None,
                               threading.Event())
@@ -143,7 +127,7 @@ def local(tiny_models):
 
 def test_open_adopting_a_job_then_clicks_undo_clear_paint_update_equal_a_local_session(live, tiny_models, local):
     release(live, "alice")
-    volume, mask = case()
+    volume, mask = box_volume()
     session_id, value = adopted(live, tiny_models, volume, mask)
     np.testing.assert_array_equal(value["masks"]["1"], local["job"])
     cached = server_health(live.url, live.tokens["alice"])["cache_bytes"]
@@ -186,7 +170,7 @@ def test_open_adopting_a_job_then_clicks_undo_clear_paint_update_equal_a_local_s
 
 def test_close_frees_the_session_and_its_encodings(live, tiny_models):
     release(live, "alice")
-    volume, mask = case(seed=1)
+    volume, mask = box_volume(seed=1)
     session_id, _ = adopted(live, tiny_models, volume, mask)
     assert server_health(live.url, live.tokens["alice"])["cache_bytes"] > 0
     response = post_request(live, "alice", close(session_id))
@@ -197,7 +181,7 @@ def test_close_frees_the_session_and_its_encodings(live, tiny_models):
 
 
 def test_another_users_token_gets_404_on_the_session(live, tiny_models):
-    volume, mask = case(seed=2)
+    volume, mask = box_volume(seed=2)
     session_id, value = adopted(live, tiny_models, volume, mask)
     made_up = post_request(live, "bob", click("x" * 32, 1, [[30, 8]], [1]))
     assert made_up.status_code == 404
@@ -217,7 +201,7 @@ def test_another_users_token_gets_404_on_the_session(live, tiny_models):
 
 def test_the_session_limit_is_a_clear_429_until_one_is_closed(live, tiny_models):
     release(live, "alice")
-    volume, mask = case(seed=3)
+    volume, mask = box_volume(seed=3)
     value = run_job(live, tiny_models, volume, mask)
     messages = [open_message(tiny_models, volume, value["masks"]["1"], [3]) for _ in range(3)]
     for message in messages[:2]:
@@ -237,7 +221,7 @@ def test_the_session_limit_is_a_clear_429_until_one_is_closed(live, tiny_models)
 
 
 def test_releasing_the_caches_closes_the_users_sessions(live, tiny_models):
-    volume, mask = case(seed=4)
+    volume, mask = box_volume(seed=4)
     session_id, _ = adopted(live, tiny_models, volume, mask)
     release(live, "alice")
     assert server_health(live.url, live.tokens["alice"])["cache_bytes"] == 0
@@ -246,7 +230,7 @@ def test_releasing_the_caches_closes_the_users_sessions(live, tiny_models):
 
 def test_cancel_of_an_update_stops_it_and_the_session_goes_on(live, tiny_models):
     release(live, "alice")
-    volume, mask = case(slices=24, seed=5)
+    volume, mask = box_volume(slices=24, seed=5)
     session_id, value = adopted(live, tiny_models, volume, mask)
     remote = connection(live)
     cancel = threading.Event()
@@ -263,9 +247,9 @@ def test_cancel_of_an_update_stops_it_and_the_session_goes_on(live, tiny_models)
 
 def test_a_click_does_not_wait_behind_another_users_long_job(live, tiny_models):
     release(live, "alice")
-    volume, mask = case(seed=6)
+    volume, mask = box_volume(seed=6)
     session_id, _ = adopted(live, tiny_models, volume, mask)
-    long_volume, long_mask = case(slices=48, seed=7)
+    long_volume, long_mask = box_volume(slices=48, seed=7)
     response = httpx.post(live.url + "/v1/jobs", content=protocol.encode(job_request(tiny_models, long_volume, long_mask)),
                           headers=headers(live, "bob"))
     job_id = response.json()["id"]
@@ -286,7 +270,7 @@ def test_a_click_does_not_wait_behind_another_users_long_job(live, tiny_models):
 
 def test_a_click_during_the_sessions_own_update_is_refused_with_409(live, tiny_models):
     release(live, "alice")
-    volume, mask = case(slices=48, seed=8)
+    volume, mask = box_volume(slices=48, seed=8)
     session_id, _ = adopted(live, tiny_models, volume, mask)
     response = httpx.post(live.url + "/v1/jobs", content=protocol.encode(update(session_id)),
                           headers=headers(live, "alice"))
@@ -305,7 +289,7 @@ def test_a_click_during_the_sessions_own_update_is_refused_with_409(live, tiny_m
 
 
 def test_session_messages_on_the_wrong_endpoint_are_clear_400s(live, tiny_models):
-    volume, mask = case(seed=9)
+    volume, mask = box_volume(seed=9)
     response = post_request(live, "alice", open_message(tiny_models, volume, mask, [3]))
     assert response.status_code == 400 and "/v1/jobs" in response.json()["message"]
     response = httpx.post(live.url + "/v1/jobs", content=protocol.encode(click("s", 1, [[1, 1]], [1])),
@@ -317,7 +301,7 @@ def test_idle_sessions_expire_and_are_freed(tiny_models, tmp_path):
     server = start_server(tiny_models, tmp_path / "expiring", users=("alice",),
                           extra_args=["--session-idle-minutes", "0.05"])  # 3 s
     try:
-        volume, mask = case(seed=10)
+        volume, mask = box_volume(seed=10)
         session_id, _ = adopted(server, tiny_models, volume, mask)
         assert server_health(server.url, server.tokens["alice"])["cache_bytes"] > 0
         deadline = time.monotonic() + 30
@@ -353,7 +337,7 @@ def finish(scheduler, job, timeout=300):
 def test_sessions_volumes_and_encodings_share_the_users_budget(tiny_models):
     from protosam import server
 
-    volume, mask = case(seed=11)
+    volume, mask = box_volume(seed=11)
     arrays = volume.size * 4 + volume.size  # the session's float32 volume and uint8 mask
     budget = arrays + 8 * 1024 * 1024
     scheduler = scheduler_for(tiny_models, budget)
@@ -386,8 +370,8 @@ def test_closing_a_session_on_a_shared_cache_keeps_other_volumes_encodings(tiny_
     from protosam.session import Session
 
     engine = Engine(tiny_models, preset="default", device="cpu", cache_bytes=CACHE)
-    first, first_mask = case(seed=12)
-    second, second_mask = case(seed=13)
+    first, first_mask = box_volume(seed=12)
+    second, second_mask = box_volume(seed=13)
     sessions = []
     for volume, mask in ((first, first_mask), (second, second_mask)):
         session = Session(engine, volume, cache_bytes=None)

@@ -308,8 +308,6 @@ def _slice_with_sets(session, minimum=2):
 
 def _click_inside(prompt, hw):
     """A voxel (x, y) of the slice whose SAM-frame position lies inside the set's box."""
-    from protosam.session import _to_sam_frame
-
     height, width = hw
     for y in range(height):
         for x in range(width):

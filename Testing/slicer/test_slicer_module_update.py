@@ -17,7 +17,6 @@ from required_modules import require_slicer_core
 require_slicer_core()
 
 import slicer
-import slicer_app_standins as standins
 from ProtoSAMSlicerLib import effect_session, mrml_io
 from ProtoSAMSlicerLib.effect_session import EffectSession
 from ProtoSAMSlicerLib.logic import LocalSession, ProtoSAMLogic, correctionOrientation
@@ -27,6 +26,7 @@ from protosam import protocol
 from protosam.errors import CancelledError, InputError
 from protosam.session import Session
 from slicer_mrml_helpers import addSegmentation, addVolume, ijkToRasFrom, segmentEditor
+from test_slicer_module_widget import openModule
 
 SHAPE = (6, 20, 22)  # K, J, I: axial slices along K
 LPS = np.diag([-1.0, -1.0, 1.0])
@@ -228,18 +228,6 @@ def test_cancel_reaches_an_update_running_in_the_worker_process(scene, tinyOptio
 
 
 # ----------------------------------------------------------------------------- module widget
-def openModule():
-    import ProtoSAM
-
-    module = ProtoSAM.ProtoSAM(type("Parent", (), {})())
-    panel = standins.ModulePanel()
-    widget = ProtoSAM.ProtoSAMWidget(panel)
-    widget.setup()
-    panel.isEntered = True
-    widget.enter()
-    return ProtoSAM, module, widget
-
-
 def test_module_update_preview_then_accept_and_undo_accept(scene, slicerApp):
     target, support, segmentation, ids = buildCase(scene)
     ProtoSAM, module, widget = openModule()

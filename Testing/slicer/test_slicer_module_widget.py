@@ -34,7 +34,7 @@ def buildCase(scene):
     return volume, segmentation, ids, liver, other
 
 
-def openModule(scene):
+def openModule():
     import ProtoSAM
 
     module = ProtoSAM.ProtoSAM(types.SimpleNamespace())
@@ -53,7 +53,7 @@ def selectInputs(widget, segmentation, segmentIds):
 
 def test_propagate_progress_preview_accept_and_undo(scene, slicerApp):
     volume, segmentation, ids, liver, other = buildCase(scene)
-    ProtoSAM, module, widget = openModule(scene)
+    ProtoSAM, module, widget = openModule()
     assert module.parent.acknowledgementText and module.parent.title == "ProtoSAM"
     assert not widget.ui.applyButton.enabled  # no segment selected yet
     selectInputs(widget, segmentation, [ids["liver"]])
@@ -114,7 +114,7 @@ def test_propagate_progress_preview_accept_and_undo(scene, slicerApp):
 
 def test_cancel_writes_nothing(scene, slicerApp):
     volume, segmentation, ids, liver, other = buildCase(scene)
-    ProtoSAM, module, widget = openModule(scene)
+    ProtoSAM, module, widget = openModule()
     selectInputs(widget, segmentation, [ids["liver"]])
     segmentations = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
     widget.ui.applyButton.click()
@@ -135,7 +135,7 @@ def test_failed_run_is_reported_and_leaves_nothing(scene, slicerApp, tmp_path, c
     broken = tmp_path / "broken_sam.pth"
     broken.write_bytes(b"not a checkpoint")
     qt.QSettings().setValue("ProtoSAM/SAMCheckpoint", str(broken))
-    ProtoSAM, module, widget = openModule(scene)
+    ProtoSAM, module, widget = openModule()
     selectInputs(widget, segmentation, [ids["liver"]])
     widget.ui.applyButton.click()
     slicerApp.runEventLoopUntil(lambda: not widget.jobs)
@@ -146,7 +146,7 @@ def test_failed_run_is_reported_and_leaves_nothing(scene, slicerApp, tmp_path, c
 
 def test_settings_weights_scene_close_and_quit(scene, slicerApp, monkeypatch):
     volume, segmentation, ids, liver, other = buildCase(scene)
-    ProtoSAM, module, widget = openModule(scene)
+    ProtoSAM, module, widget = openModule()
     import qt
 
     # The Models section refreshes the weights status when opened (custom checkpoints: ready).
@@ -226,7 +226,7 @@ def test_effect_module_registers_the_effect(scene, slicerApp):
 def test_missing_dependencies_ask_once_and_start_nothing(scene, slicerApp, monkeypatch, caplog):
     """First run without segment-anything: one confirmation listing it; declined, nothing starts."""
     volume, segmentation, ids, liver, other = buildCase(scene)
-    ProtoSAM, module, widget = openModule(scene)
+    ProtoSAM, module, widget = openModule()
     selectInputs(widget, segmentation, [ids["liver"]])
     import importlib.metadata
 
