@@ -586,12 +586,14 @@ class ProtoSAMLogic:
                     if progressCallback is not None and total:
                         progressCallback(offset * total + done, segmentCount * total)
 
+                stopped = None  # the worker's (or server's) own CancelledError, when it stopped the update
                 try:
                     mask = session.update(segmentId, progress=progress, cancel=cancelEvent)
-                except CancelledError:
+                except CancelledError as error:
                     cancelEvent.set()
+                    stopped = error
                 if cancelEvent.is_set():  # also when Cancel came after the worker's last slice
-                    raise CancelledError("Update cancelled; the preview is as it was.")
+                    raise CancelledError("Update cancelled; the preview is as it was.") from stopped
                 updated.append((result, segmentId, orientation.from_canonical(mask)))
                 position += 1
         for result, segmentId, mask in updated:
