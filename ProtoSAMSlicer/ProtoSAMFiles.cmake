@@ -44,8 +44,17 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/batch_ray.py
   protosam/cache.py
   protosam/catalogue.py
-  protosam/cli.py
+  protosam/cli/__init__.py
+  protosam/cli/batch.py
+  protosam/cli/common.py
+  protosam/cli/evaluate.py
+  protosam/cli/serve.py
+  protosam/cli/weights.py
   protosam/cli_common.py
+  protosam/cohorts/__init__.py
+  protosam/cohorts/batch.py
+  protosam/cohorts/ray_cluster.py
+  protosam/engine.py
   protosam/errors.py
   protosam/evaluation/__init__.py
   protosam/evaluation/abdominal.py
@@ -71,7 +80,6 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/models/sam_memory.py
   protosam/models/vit_blocks.py
   protosam/orientation.py
-  protosam/engine.py
   protosam/preprocessing.py
   protosam/presets.py
   protosam/prompts.py
@@ -79,6 +87,13 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/protocol.py
   protosam/server.py
   protosam/server_client.py
+  protosam/serving/__init__.py
+  protosam/serving/client.py
+  protosam/serving/protocol.py
+  protosam/serving/scheduler.py
+  protosam/serving/server.py
+  protosam/serving/tokens.py
+  protosam/serving/worker_process.py
   protosam/session.py
   protosam/testing.py
   protosam/validation.py

@@ -1,8 +1,8 @@
 """Overhead of the ProtoSAM server against an in-process run of the same job.
 
-Both sides run the same job code (``protosam.worker_process.run_job``) on the CPU with the same
+Both sides run the same job code (``protosam.serving.worker_process.run_job``) on the CPU with the same
 torch thread count; the server is a real ``protosam serve`` process on 127.0.0.1 reached through
-the worker's forwarding client (``protosam.server_client.forward_job``: encode, HTTP upload,
+the worker's forwarding client (``protosam.serving.client.forward_job``: encode, HTTP upload,
 long-polled progress, result download, decode). Models are loaded by one untimed warm-up run
 on each side, so the figures are per-job overhead: transfers, (de)serialisation, polling.
 The "not compute" line subtracts the server's own segment_volume time from the client's wall
@@ -30,11 +30,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ProtoSAMLib"))
 
-from protosam import protocol  # noqa: E402
+from protosam.serving import protocol  # noqa: E402
 from protosam.engine import ModelSelection  # noqa: E402
-from protosam.server_client import forward_job, forwarding_request  # noqa: E402
+from protosam.serving.client import forward_job, forwarding_request  # noqa: E402
 from protosam.testing import start_server, write_tiny_checkpoints  # noqa: E402
-from protosam.worker_process import Engines, run_job  # noqa: E402
+from protosam.serving.worker_process import Engines, run_job  # noqa: E402
 
 
 def make_request(models: ModelSelection, slices: int, size: int) -> protocol.JobSubmit:

@@ -32,12 +32,14 @@ _LAZY = {
     "VolumeResult": "propagation",
     "largest_area_slice": "propagation",
     "segment_volume": "propagation",
+    "Session": "session",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine, ModelSelection, SliceResults, resolve_device
     from .presets import PRESETS, Preset, get_preset
     from .propagation import VolumeResult, largest_area_slice, segment_volume
+    from .session import Session
 
 
 def __getattr__(name):
@@ -58,6 +60,7 @@ __all__ = [
     "VolumeResult",
     "segment_volume",
     "largest_area_slice",
+    "Session",
     "resolve_device",
     "Preset",
     "PRESETS",

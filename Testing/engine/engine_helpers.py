@@ -26,7 +26,7 @@ def cpu_engine_spec(models, cache_bytes: int = 0):
     """The protocol.EngineSpec dict of the ``default`` preset on the CPU with ``models``."""
     import dataclasses
 
-    from protosam import protocol
+    from protosam.serving import protocol
 
     return dataclasses.asdict(protocol.EngineSpec(models=dataclasses.asdict(models), preset="default", device="cpu",
                                                   cache_bytes=cache_bytes))
@@ -34,7 +34,7 @@ def cpu_engine_spec(models, cache_bytes: int = 0):
 
 def segment_volume_request(models, volume, mask, cache_bytes: int = 0):
     """A ``segment_volume`` job (protocol.JobSubmit) for structure "1" on ``models``, CPU."""
-    from protosam import protocol
+    from protosam.serving import protocol
 
     kwargs = dict(query_volume=volume, support_volume=None, support_masks={"1": mask}, axis=0, support_slices=None,
                   slice_range=None, modality="auto", auto_extent=None)

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from protosam.batch import SIDECAR_SUFFIX, read_manifest
+from protosam.cohorts.batch import SIDECAR_SUFFIX, read_manifest
 from protosam.cli import main
 from protosam.errors import InputError, ProtoSAMError
 from required_modules import require_module
@@ -188,7 +188,7 @@ def test_manifest_errors_say_what_to_fix(tmp_path):
 def test_interrupted_batch_says_what_was_kept(tmp_path, monkeypatch, capsys):
     """Ctrl-C during a batch: the summary is written and the message says finished volumes are
     kept (the generic 'no output was written' of single-volume commands would be false)."""
-    import protosam.batch as batch
+    import protosam.cohorts.batch as batch
 
     for name in ("a.nii.gz", "m.nii.gz"):
         sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkUInt8), str(tmp_path / name))
@@ -208,7 +208,7 @@ def test_interrupted_batch_says_what_was_kept(tmp_path, monkeypatch, capsys):
 
 
 def test_ray_missing_gives_install_advice(monkeypatch):
-    from protosam.batch_ray import import_ray
+    from protosam.cohorts.ray_cluster import import_ray
 
     monkeypatch.setitem(__import__("sys").modules, "ray", None)
     with pytest.raises(ProtoSAMError, match=r"ProtoSAMLib\[ray\]"):
@@ -218,7 +218,7 @@ def test_ray_missing_gives_install_advice(monkeypatch):
 def test_unreachable_ray_cluster_gives_advice(monkeypatch):
     from argparse import Namespace
 
-    from protosam.batch_ray import run_on_ray
+    from protosam.cohorts.ray_cluster import run_on_ray
 
     ray = require_module("ray", RAY_INSTALL)
 
@@ -233,7 +233,7 @@ def test_unreachable_ray_cluster_gives_advice(monkeypatch):
 
 
 class _Cluster:
-    """What :func:`protosam.batch_ray._plan_workers` reads of Ray: the nodes' resources."""
+    """What :func:`protosam.cohorts.ray_cluster._plan_workers` reads of Ray: the nodes' resources."""
 
     def __init__(self, *resources):
         self.resources = resources
@@ -245,7 +245,7 @@ class _Cluster:
 def test_ray_workers_one_per_gpu_or_per_n_cpus():
     from argparse import Namespace
 
-    from protosam.batch_ray import _plan_workers
+    from protosam.cohorts.ray_cluster import _plan_workers
 
     def plan(cluster, device="auto", cpus=None, wanted=100):
         return _plan_workers(cluster, Namespace(device=device, ray_cpus_per_worker=cpus), wanted)

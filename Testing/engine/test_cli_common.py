@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 
-from protosam.cli_common import ProgressBar, add_model_options
+from protosam.cli.common import ProgressBar, add_model_options
 from protosam.presets import PRESETS
 
 

@@ -1,4 +1,4 @@
-"""The worker protocol (protosam.protocol) and the worker process (protosam.worker_process):
+"""The worker protocol (protosam.serving.protocol) and the worker process (protosam.serving.worker_process):
 encode/decode round trips with arrays and geometry, clear errors for malformed messages, and a
 real `python -m protosam worker` process answering over a socket."""
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protosam import protocol
+from protosam.serving import protocol
 from protosam.errors import CancelledError, InputError, ProtoSAMError
-from protosam.protocol import ProtocolError
-from protosam.worker_process import _Channel
+from protosam.serving.protocol import ProtocolError
+from protosam.serving.worker_process import _Channel
 
 ENGINE_ROOT = Path(__file__).resolve().parents[2] / "ProtoSAMLib"
 

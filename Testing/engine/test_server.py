@@ -18,9 +18,11 @@ import httpx
 import numpy as np
 import pytest
 
-from protosam import cli, protocol, server
+from protosam import cli
+from protosam.cli import serve as serve_cli
+from protosam.serving import protocol, scheduler, tokens
 from protosam.errors import CancelledError, InputError
-from protosam.server_client import forward_job, forwarding_request, server_health
+from protosam.serving.client import forward_job, forwarding_request, server_health
 from protosam.testing import start_server
 
 from engine_helpers import bearer as headers, box_volume, segment_volume_request
@@ -77,7 +79,7 @@ def local_result(tiny_models):
     """The same job run in this process with the worker's code and one torch thread."""
     import torch
 
-    from protosam.worker_process import Engines, run_job
+    from protosam.serving.worker_process import Engines, run_job
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -255,12 +257,12 @@ def test_caches_are_per_user(live, tiny_models):
 
 def test_user_engines_share_models_but_not_caches(tiny_models):
     from protosam.cache import EmbeddingCache
-    from protosam.worker_process import Engines
+    from protosam.serving.worker_process import Engines
 
     shared = Engines()
     spec = make_request(tiny_models).engine
-    alice = server._UserEngines(shared, EmbeddingCache(1 << 20)).get(spec)
-    bob = server._UserEngines(shared, EmbeddingCache(1 << 20)).get(spec)
+    alice = scheduler._UserEngines(shared, EmbeddingCache(1 << 20)).get(spec)
+    bob = scheduler._UserEngines(shared, EmbeddingCache(1 << 20)).get(spec)
     assert alice.encoder is bob.encoder and alice.refiner is bob.refiner  # models loaded once
     assert alice.cache is not bob.cache and shared.get(spec).cache.max_bytes == 0
 
@@ -298,31 +300,31 @@ def test_non_loopback_addresses_need_tls_or_insecure(capsys):
     assert "both --ssl-certfile and --ssl-keyfile" in capsys.readouterr().err
     assert cli.main(["serve", "--preset", "paper", "--token", "t" * 20]) == 1
     assert "each request brings its preset" in capsys.readouterr().err
-    assert server.is_loopback("127.0.0.1") and server.is_loopback("::1") and not server.is_loopback("0.0.0.0")
+    assert serve_cli.is_loopback("127.0.0.1") and serve_cli.is_loopback("::1") and not serve_cli.is_loopback("0.0.0.0")
 
 
 def test_generated_token_is_private_printed_once_and_reused(tmp_path):
     printed = []
-    first = server.load_tokens(None, None, str(tmp_path), announce=printed.append)
+    first = tokens.load_tokens(None, None, str(tmp_path), announce=printed.append)
     (token,) = first
-    path = tmp_path / server.TOKEN_FILE_NAME
+    path = tmp_path / tokens.TOKEN_FILE_NAME
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and path.read_text().strip() == token
     assert token in printed[0] and str(path) in printed[0]
-    assert server.load_tokens(None, None, str(tmp_path), announce=printed.append) == first
+    assert tokens.load_tokens(None, None, str(tmp_path), announce=printed.append) == first
     assert token not in printed[1] and str(path) in printed[1]
 
 
 def test_tokens_file_format_and_errors(tmp_path):
     good = tmp_path / "tokens"
     good.write_text("# lab users\nalice:" + "a" * 20 + "\n\nbob: " + "b" * 20 + "\n")
-    assert server.load_tokens(None, str(good)) == {"a" * 20: "alice", "b" * 20: "bob"}
+    assert tokens.load_tokens(None, str(good)) == {"a" * 20: "alice", "b" * 20: "bob"}
     for text, match in (("alice\n", "name:token"), ("alice:short\n", "shorter than"),
                         ("alice:" + "a" * 20 + "\nalice:" + "c" * 20 + "\n", "twice"), ("# nobody\n", "names no user")):
         good.write_text(text)
         with pytest.raises(InputError, match=match):
-            server.load_tokens(None, str(good))
+            tokens.load_tokens(None, str(good))
     with pytest.raises(InputError, match="at least"):
-        server.load_tokens("short", None)
-    table = server.TokenTable({"a" * 20: "alice"})
+        tokens.load_tokens("short", None)
+    table = tokens.TokenTable({"a" * 20: "alice"})
     assert table.user_for(b"Bearer " + b"a" * 20) == "alice" and table.user_for(b"bearer " + b"a" * 20) == "alice"
     assert table.user_for(b"Bearer " + b"a" * 19) is None and table.user_for(None) is None

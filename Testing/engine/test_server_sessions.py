@@ -18,9 +18,9 @@ import httpx
 import numpy as np
 import pytest
 
-from protosam import protocol
+from protosam.serving import protocol
 from protosam.errors import CancelledError
-from protosam.server_client import ServerConnection, forward_job, forwarding_request, server_health, session_request
+from protosam.serving.client import ServerConnection, forward_job, forwarding_request, server_health, session_request
 from protosam.testing import start_server
 
 from engine_helpers import bearer as headers, box_volume, cpu_engine_spec, segment_volume_request
@@ -97,7 +97,7 @@ def local(tiny_models):
     import torch
 
     from protosam.session import Session
-    from protosam.worker_process import Engines, run_job as run_local_job
+    from protosam.serving.worker_process import Engines, run_job as run_local_job
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -316,11 +316,11 @@ def test_idle_sessions_expire_and_are_freed(tiny_models, tmp_path):
 
 # --------------------------------------------------------------------------- in-process (no HTTP)
 def scheduler_for(models, budget):
-    from protosam import server
+    from protosam.serving import scheduler
 
     served = {"dinov2": models.dinov2, "dinov2_checkpoint": models.dinov2_checkpoint, "sam": models.sam,
               "sam_checkpoint": models.sam_checkpoint, "input_size": models.input_size}
-    return server.JobScheduler(server.ServerConfig(models=served, tokens={"t" * 20: "alice"}, device="cpu",
+    return scheduler.JobScheduler(scheduler.ServerConfig(models=served, tokens={"t" * 20: "alice"}, device="cpu",
                                                    download=False, cache_bytes_per_user=budget))
 
 
@@ -335,7 +335,7 @@ def finish(scheduler, job, timeout=300):
 
 
 def test_sessions_volumes_and_encodings_share_the_users_budget(tiny_models):
-    from protosam import server
+    from protosam.serving import scheduler
 
     volume, mask = box_volume(seed=11)
     arrays = volume.size * 4 + volume.size  # the session's float32 volume and uint8 mask
@@ -355,7 +355,7 @@ def test_sessions_volumes_and_encodings_share_the_users_budget(tiny_models):
         # A second session that cannot fit beside it is refused before anything runs.
         too_big = dataclasses.replace(message, session_id="t", volume=protocol.Image(np.zeros((6, 400, 1000), np.float32)),
                                       structures={"1": np.zeros((6, 400, 1000), np.uint8)})
-        with pytest.raises(server.ServerError) as caught:
+        with pytest.raises(scheduler.ServerError) as caught:
             scheduler.submit_session_job("alice", too_big)
         assert caught.value.status == 413 and "--cache-mb-per-user" in str(caught.value)
         scheduler.session_request("alice", close("s"))

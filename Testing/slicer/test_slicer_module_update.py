@@ -23,7 +23,7 @@ from ProtoSAMSlicerLib.effect_session import EffectSession
 from ProtoSAMSlicerLib.logic import LocalSession, ProtoSAMLogic, correctionOrientation
 from ProtoSAMSlicerLib.worker import localEngines, workerForDevice
 from ProtoSAMSlicerLib.worker_client import WorkerSession
-from protosam import protocol
+from protosam.serving import protocol
 from protosam.errors import CancelledError, InputError
 from protosam.session import Session
 from slicer_mrml_helpers import addSegmentation, addVolume, ijkToRasFrom, segmentEditor

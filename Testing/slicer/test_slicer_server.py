@@ -17,7 +17,7 @@ slicer = require_slicer_core()
 
 from ProtoSAMSlicerLib import mrml_io, results, settings
 from ProtoSAMSlicerLib.logic import ProtoSAMLogic
-from protosam import protocol
+from protosam.serving import protocol
 from protosam.errors import InputError
 from protosam.testing import start_server
 from slicer_mrml_helpers import addSegmentation, addVolume, ijkToRasFrom, rotationMatrix

@@ -34,7 +34,7 @@ from ProtoSAMSlicerLib.worker import JobState, workerForDevice
 from ProtoSAMSlicerLib.worker_client import WorkerClient, WorkerStartError
 from protosam import ModelSelection, protocol
 from protosam.errors import CancelledError, InputError
-from protosam.protocol import WorkerCrashedError
+from protosam.serving.protocol import WorkerCrashedError
 from protosam.weights import WeightsEntry
 from slicer_mrml_helpers import addSegmentation, addVolume, homogeneous, ijkToRasFrom, rotationMatrix
 from test_slicer_logic import PAINTED, imageAndMasks

@@ -6,5 +6,5 @@
 * :mod:`.abdominal`, :mod:`.realistic`, :mod:`.polyp` - the protocols; :mod:`.runner` drives them.
 * :mod:`.report` - CSV / JSON / text table; :mod:`.pictures` - overlay montage and Dice plot.
 * :mod:`.sample_data`, :mod:`.pseudo_scans`, :mod:`.demo` - Colin27 + AAL sample data and the demo.
-* :mod:`.cli` - the ``evaluate`` and ``demo`` subcommands.
+* the ``evaluate`` and ``demo`` commands are :mod:`protosam.cli.evaluate`.
 """

@@ -5,7 +5,7 @@
   model uses (re-exported here: ``protosam.weights.resolve_checkpoint`` ...);
 * :mod:`.transfer` - resumable, locked HTTP transfers;
 * :mod:`.checkpoints` - safe loading and strict key/shape checks of checkpoint files;
-* :mod:`.cli` - ``protosam weights list|download|path``.
+* ``protosam weights list|download|path`` is :mod:`protosam.cli.weights`.
 """
 from .resolve import (
     REGISTRY,

@@ -692,7 +692,7 @@ def _engineJob(prepared: PreparedRun, options: ProcessOptions, device: str) -> R
     request = protocol.JobSubmit(id=protocol.new_id(), operation="segment_volume",
                                  kwargs=engineKwargs(prepared, options), engine=engineSpecFor(options, device))
     if _onServer(options):
-        from protosam.server_client import forwarding_request
+        from protosam.serving.client import forwarding_request
 
         request = forwarding_request(request, options.serverUrl, options.serverToken)
     return RequestFunction(request, decodeResult=lambda value: protosam.VolumeResult(**value))

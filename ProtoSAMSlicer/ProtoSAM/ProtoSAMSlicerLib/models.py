@@ -114,7 +114,7 @@ def downloadWeightsFunction(models: ModelSelection, home: Optional[str] = None, 
     published size and SHA-256). The job's result is the list of checkpoint paths. It fails
     with WeightsUnavailableError and offline instructions when the network fails.
     """
-    from protosam import protocol
+    from protosam.serving import protocol
 
     from .worker_client import RequestFunction
 

@@ -6,7 +6,7 @@ encodings in this user's cache: opening adopts the preview, so a click is one sm
 and an update re-propagates from those encodings.
 
 In Slicer every request goes through the local worker process, which relays it over HTTP
-(:func:`protosam.server_client.forwarding_session_request`): no network transfer runs in
+(:func:`protosam.serving.client.forwarding_session_request`): no network transfer runs in
 Slicer's process, and while a request is in flight Slicer keeps processing events (the
 logic's ``idle`` callable, called between polls of the worker). Without a worker process
 (headless scripts with the thread worker) the requests are made directly on the calling thread.
@@ -17,8 +17,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
-from protosam import protocol
-from protosam.server_client import ServerConnection, forwarding_session_request, session_request
+from protosam.serving import protocol
+from protosam.serving.client import ServerConnection, forwarding_session_request, session_request
 
 from .worker_client import WorkerSession
 

@@ -325,11 +325,11 @@ _localEngines = None
 
 
 def localEngines():
-    """The engines of this process's thread workers (``protosam.worker_process.Engines``)."""
+    """The engines of this process's thread workers (``protosam.serving.worker_process.Engines``)."""
     global _localEngines
     with _workersLock:
         if _localEngines is None:
-            from protosam.worker_process import Engines
+            from protosam.serving.worker_process import Engines
 
             _localEngines = Engines()
         return _localEngines

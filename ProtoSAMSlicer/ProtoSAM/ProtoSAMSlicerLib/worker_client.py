@@ -3,7 +3,7 @@
 Why a process: inside Slicer the main thread keeps the GIL while it waits in the Qt event
 loop (PythonQt runs without thread support), so a Python worker thread advances only while
 Slicer happens to run Python: inference and downloads crawl. The worker process
-(:mod:`protosam.worker_process`, started with Slicer's own ``PythonSlicer``) computes freely,
+(:mod:`protosam.serving.worker_process`, started with Slicer's own ``PythonSlicer``) computes freely,
 keeps models and encoder caches loaded between runs, and can be killed when it does not stop.
 
 Everything here is driven from ``WorkerClient.poll()``, called by the GUI from a QTimer (or by
@@ -41,7 +41,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 
 import numpy as np
 
-from protosam import protocol
+from protosam.serving import protocol
 from protosam.errors import CancelledError, ProtoSAMError
 
 from .worker import DEFAULT_POLL_INTERVAL_S, JobHandle, JobRunner, JobState
@@ -56,7 +56,7 @@ DEFAULT_CANCEL_GRACE_S = 5.0
 LOG_TAIL_LINES = 25
 
 _BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
-              "from protosam.worker_process import main; sys.exit(main())")
+              "from protosam.serving.worker_process import main; sys.exit(main())")
 
 
 class WorkerStartError(ProtoSAMError):
@@ -98,7 +98,7 @@ def logTail(path: Optional[Path], lines: int = LOG_TAIL_LINES) -> str:
 class RequestFunction:
     """A job that either worker kind can run: the worker process receives ``workerRequest``
     (a protocol.JobSubmit); the in-process thread worker calls the object, which runs the same
-    engine-side code (``protosam.worker_process.run_job``) on its thread.
+    engine-side code (``protosam.serving.worker_process.run_job``) on its thread.
 
     decodeResult: turns the job's JSON/array value into what callers expect (e.g. VolumeResult).
     """
@@ -108,7 +108,7 @@ class RequestFunction:
         self.decodeResult = decodeResult
 
     def __call__(self, progress, cancel):
-        from protosam.worker_process import run_job
+        from protosam.serving.worker_process import run_job
 
         from .worker import localEngines
 

@@ -2,6 +2,12 @@
 
 Exit codes: 0 success, 1 a ProtoSAM error (message on stderr, no partial output file),
 2 bad command-line usage, 130 interrupted.
+
+The package holds every command: this module the parser, ``slices`` and ``segment``;
+:mod:`.common` what the commands share (model options, engine, file pipeline, progress);
+:mod:`.batch`, :mod:`.weights`, :mod:`.evaluate` (``evaluate`` and ``demo``) and :mod:`.serve`
+the other commands. ``protosam worker`` is the worker process's own entry
+(:mod:`protosam.serving.worker_process`).
 """
 from __future__ import annotations
 
@@ -14,11 +20,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import __version__
-from .cli_common import (
+from .. import __version__
+from .common import (
     ProgressBar, add_model_options, engine_from_args, parse_support_slices, propagate_labels, read_segment_inputs,
 )
-from .errors import CancelledError, InputError, ProtoSAMError
+from ..errors import CancelledError, InputError, ProtoSAMError
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +57,7 @@ def _pad_prompts(prompts_per_query):
 
 
 def cmd_slices(args) -> int:
-    from .io import check_input_file, check_output_file, save_npz_atomic
+    from ..io import check_input_file, check_output_file, save_npz_atomic
 
     inputs = {"--support-image": args.support_image, "--support-mask": args.support_mask, "--queries": args.queries}
     for option, path in inputs.items():
@@ -78,7 +84,7 @@ def cmd_slices(args) -> int:
 def cmd_segment(args) -> int:
     # Everything that can be checked without the models is checked first, without importing
     # torch (seconds): files, output place, labels. Only then are the models loaded.
-    from .io import check_segment_paths, write_labelmap
+    from ..io import check_segment_paths, write_labelmap
 
     check_segment_paths(args.image, args.support_mask, args.output, args.support_image, args.report)
     inputs, query_image = read_segment_inputs(
@@ -93,8 +99,8 @@ def cmd_segment(args) -> int:
     write_labelmap(output, query_image, args.output)
     try:
         if args.report:
-            from .evaluation.pictures import axial_display_flips
-            from .evaluation.segment_report import write_segment_report
+            from ..evaluation.pictures import axial_display_flips
+            from ..evaluation.segment_report import write_segment_report
 
             axis = result.axis
             flip_rows, flip_cols = axial_display_flips(query_image.GetDirection()) if axis == 0 else (False, False)
@@ -115,7 +121,7 @@ def cmd_segment(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .weights import cli as weights_cli
+    from . import weights as weights_cli
 
     parser = argparse.ArgumentParser(
         prog="protosam", description="ProtoSAM one-shot segmentation: DINOv2 + ALPNet prototypes prompt SAM."
@@ -158,17 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     segment.set_defaults(func=cmd_segment)
 
     weights_cli.add_subcommands(commands)
-    from . import batch_cli, worker_process
+    from . import batch as batch_cli
+    from ..serving import worker_process
 
     batch_cli.add_subcommand(commands)
     worker = commands.add_parser("worker", help="persistent worker process of a ProtoSAM client (started by Slicer)")
     worker_process.build_parser(worker).set_defaults(func=worker_process.cli_serve)
-    from . import server
+    from . import serve as server
 
     serve = commands.add_parser("serve", help="ProtoSAM server for remote Slicer workstations (needs ProtoSAMLib[serve])")
     server.build_parser(serve).set_defaults(func=server.cli_serve)
     try:
-        from .evaluation import cli as evaluation_cli
+        from . import evaluate as evaluation_cli
     except ImportError:  # pragma: no cover - only while the evaluation package is absent
         evaluation_cli = None
     if evaluation_cli is not None:

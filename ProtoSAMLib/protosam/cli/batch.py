@@ -1,0 +1,53 @@
+"""The ``protosam batch`` command over :mod:`protosam.cohorts.batch` (local runner) and
+:mod:`protosam.cohorts.ray_cluster` (``--ray``), which imports :mod:`protosam.cohorts.batch` itself."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..cohorts.batch import default_summary_path, run_batch
+from .common import add_model_options
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    run_remote = None
+    if args.ray is not None:
+        from ..cohorts.ray_cluster import run_on_ray as run_remote  # Ray itself is imported only when a row is run
+    summary = args.summary or default_summary_path(args.manifest)
+    try:
+        outcomes = run_batch(args, run_remote)
+    except KeyboardInterrupt:
+        # Finished rows are complete (output + sidecar), the row being computed was never
+        # renamed into place, and run_batch wrote the summary on its way out.
+        print(f"protosam: interrupted; finished volumes are kept and the summary ({summary}) lists "
+              "the rest as not run. Run the same command again to resume.", file=sys.stderr)
+        return 130
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
+    print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed; summary in {summary}")
+    for outcome in outcomes:
+        if outcome.status == "failed":
+            print(f"row {outcome.job.row} ({outcome.job.image}): {outcome.error}")
+    return 1 if counts["failed"] else 0
+
+
+def add_subcommand(commands) -> None:
+    """Register ``protosam batch`` on the ``protosam`` sub-command parser."""
+    batch = commands.add_parser(
+        "batch", help="segment a cohort listed in a CSV manifest from one support example (resumable; --ray for a cluster)"
+    )
+    batch.add_argument("--manifest", required=True, metavar="jobs.csv",
+                       help="CSV with columns image,output[,support_image,support_mask]; paths relative to it")
+    batch.add_argument("--support-image", default=None, metavar="S",
+                       help="volume the support labels were drawn on (default: each row's own image)")
+    batch.add_argument("--support-mask", default=None, metavar="M", help="label map on the support image's grid")
+    batch.add_argument("--labels", default=None, help="comma-separated labels to propagate (default: all)")
+    batch.add_argument("--support-slice", type=int, default=None, help="support slice index (default: largest area per label)")
+    batch.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"])
+    batch.add_argument("--modality", default="auto", choices=["auto", "ct", "mri", "none"])
+    batch.add_argument("--summary", default=None, metavar="FILE", help="summary CSV (default: <manifest>.summary.csv beside it)")
+    batch.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="run on Ray: no ADDRESS = connect to or start a local instance; 'auto', host:port or ray://...")
+    batch.add_argument("--ray-cpus-per-worker", type=int, default=None, metavar="N",
+                       help="CPUs per Ray worker (default: 1 beside each GPU; 4 on CPU-only clusters)")
+    add_model_options(batch)
+    batch.set_defaults(func=cmd_batch)

@@ -1,0 +1,162 @@
+"""``protosam evaluate`` and ``protosam demo`` (registered by :func:`add_subcommands`)."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Optional, Tuple
+
+from .. import catalogue
+from ..errors import InputError
+
+logger = logging.getLogger(__name__)
+
+#: The paper's models and behaviour: DINOv2 ViT-L/14 + SAM ViT-H, ``paper`` preset.
+EVALUATE_DEFAULTS = {"dinov2": catalogue.PAPER_DINOV2, "sam": catalogue.PAPER_SAM, "preset": "paper"}
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    from .common import add_model_options  # one definition of the model options for all commands
+
+    add_model_options(parser)
+
+
+def _engine(args):
+    from .common import engine_from_args
+
+    return engine_from_args(args)
+
+
+def _parse_range(text: Optional[str]) -> Optional[Tuple[int, int]]:
+    if text is None:
+        return None
+    try:
+        first, last = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise InputError(f"--slices must look like FIRST:LAST (inclusive), e.g. 60:100; got {text!r}") from None
+    if first < 0 or last < first:
+        raise InputError(f"--slices {text}: need 0 <= FIRST <= LAST.")
+    return first, last
+
+
+def _print_progress(line: str) -> None:
+    print(line, flush=True)
+
+
+def cmd_evaluate(args) -> int:
+    from ..evaluation.polyp import run_polyp
+    from ..evaluation.runner import AbdominalEvaluation, run_abdominal
+
+    if (args.data is None) == (args.polyp_images is None):
+        raise InputError("Give either --data (abdominal NIfTI scans) or --polyp-images/--polyp-masks.")
+    engine = _engine(args)
+    out_dir = Path(args.out)
+    if args.polyp_images is not None:
+        if args.polyp_masks is None:
+            raise InputError("--polyp-images needs --polyp-masks.")
+        report = run_polyp(engine, Path(args.polyp_images), Path(args.polyp_masks), out_dir, seed=args.seed,
+                           support_images_dir=Path(args.support_images) if args.support_images else None,
+                           support_masks_dir=Path(args.support_masks) if args.support_masks else None,
+                           dataset_name=args.name, max_images=args.max_images, pictures=args.pictures,
+                           progress=_print_progress)
+    else:
+        protocols = ("paper", "realistic") if args.protocol == "both" else (args.protocol,)
+        organs = [o.strip() for o in args.organs.split(",") if o.strip()] if args.organs else None
+        config = AbdominalEvaluation(
+            data=Path(args.data), out_dir=out_dir, label_map=args.label_map, organs=organs,
+            layout=args.layout, fold=args.fold, n_folds=args.folds, support_scan=args.support_scan,
+            protocols=protocols, n_chunks=args.chunks,
+            normalization=None if args.normalize == "auto" else args.normalize,
+            pictures=args.pictures, save_masks=args.save_masks, seed=args.seed,
+        )
+        report = run_abdominal(engine, config, progress=_print_progress)
+    print()
+    print(report.format_table())
+    print(f"\nwrote {out_dir}/summary.csv, per_scan.csv, per_slice.csv, results.json, table.txt"
+          + (f" and {len(report.meta.get('pictures', []))} pictures" if report.meta.get("pictures") else ""))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .common import ProgressBar
+    from ..evaluation.demo import DEFAULT_STRUCTURES, run_demo
+    from ..evaluation.pseudo_scans import build_pseudo_dataset
+    from ..evaluation.sample_data import get_sample
+
+    sample = get_sample(download=not args.no_sample_download,
+                        cache_dir=Path(args.sample_dir) if args.sample_dir else None)
+    print(f"sample data: {sample.image} + {sample.labels} ({sample.source})")
+    if args.write_pseudo_dataset:
+        description = build_pseudo_dataset(sample, Path(args.write_pseudo_dataset))
+        print(f"wrote {len(description['scans'])} pseudo-scans (Synapse label map) to "
+              f"{args.write_pseudo_dataset}; try: protosam evaluate --data {args.write_pseudo_dataset}")
+        return 0
+    structures = [s.strip() for s in args.structures.split(",") if s.strip()] if args.structures else list(DEFAULT_STRUCTURES)
+    engine = _engine(args)
+    result = run_demo(engine, Path(args.out), structures=structures, slice_range=_parse_range(args.slices),
+                      sample=sample, progress=ProgressBar("demo"))
+    for name in structures:
+        print(f"{name}: support slice {result.support_slices[name]}, 3-D Dice {100 * result.dice_3d[name]:.1f}% "
+              f"(2-D mean {100 * result.dice_2d_mean[name]:.1f}%), false-positive slices outside "
+              f"{result.fp_slices_outside[name]}")
+    print(f"wrote {result.segmentation}, {result.summary} and {len(result.pictures)} pictures in "
+          f"{result.seconds:.1f} s")
+    return 0
+
+
+def add_subcommands(subparsers) -> None:
+    """Register ``evaluate`` and ``demo`` on the ``protosam`` command's subparsers."""
+    evaluate = subparsers.add_parser(
+        "evaluate", help="reproduce the paper's evaluation on your data (abdominal NIfTI or polyp images)",
+        description="One-shot evaluation as in the ProtoSAM / SSL-ALPNet papers. Defaults: DINOv2 ViT-L/14 + "
+                    "SAM ViT-H with the 'paper' preset, fold 0, 3 support parts, Dice in 2-D and 3-D.")
+    data = evaluate.add_argument_group("abdominal data (one NIfTI image + label per scan)")
+    data.add_argument("--data", default=None, metavar="DIR",
+                      help="image_<id>.nii.gz + label_<id>.nii.gz, or imagesTr/+labelsTr/, or images/+labels/")
+    data.add_argument("--layout", default="auto", choices=["auto", "alpnet", "nnunet", "pairs"])
+    data.add_argument("--label-map", default="synapse", metavar="NAME|JSON|FILE",
+                      help="synapse (spleen 1, RK 2, LK 3, liver 6), chaos (liver 1, RK 2, LK 3, spleen 4), "
+                           "or a JSON object / file such as '{\"liver\": 6}'")
+    data.add_argument("--organs", default=None, help="comma-separated subset of the label map (default all)")
+    data.add_argument("--fold", type=int, default=0, help="fold index (support = first scan after the fold)")
+    data.add_argument("--folds", type=int, default=5, help="number of folds")
+    data.add_argument("--support-scan", default=None, metavar="ID", help="use this scan as support, all others as queries")
+    data.add_argument("--protocol", default="paper", choices=["paper", "realistic", "both"],
+                      help="paper: 3 support slices, query parts from its GT extent; realistic: one support slice, "
+                           "whole-volume propagation, no GT extent")
+    data.add_argument("--chunks", type=int, default=3, help="support parts of the paper protocol")
+    data.add_argument("--normalize", default="auto", choices=["auto", "dataset", "volume", "none"],
+                      help="z-score with the fold's dataset statistics (CT), per volume (MRI), or not; "
+                           "auto: dataset for synapse, volume otherwise")
+    polyp = evaluate.add_argument_group("polyp data (2-D images + masks)")
+    polyp.add_argument("--polyp-images", default=None, metavar="DIR")
+    polyp.add_argument("--polyp-masks", default=None, metavar="DIR")
+    polyp.add_argument("--support-images", default=None, metavar="DIR", help="pick the support here (default: the test set)")
+    polyp.add_argument("--support-masks", default=None, metavar="DIR")
+    polyp.add_argument("--max-images", type=int, default=None, help="evaluate only the first N query images")
+    polyp.add_argument("--name", default=None, help="data set name in the table (default: the folder's parent)")
+    output = evaluate.add_argument_group("output")
+    output.add_argument("--out", default="protosam-evaluation", metavar="DIR")
+    output.add_argument("--pictures", default="first", choices=["none", "first", "all"],
+                        help="overlay montages for the first query scan per organ, all, or none")
+    output.add_argument("--save-masks", action="store_true", help="also write every predicted mask (NIfTI)")
+    output.add_argument("--seed", type=int, default=0, help="random seed (polyp support choice; recorded)")
+    _model_options(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate, **EVALUATE_DEFAULTS)
+
+    demo = subparsers.add_parser(
+        "demo", help="segment structures of the Colin27 sample brain from one slice each, with pictures",
+        description="Runs ProtoSAM end to end on Colin27 + AAL (Debian package mricron-data, or a verified "
+                    "download of it) and writes the segmentation, an overlay montage and a per-slice plot.")
+    demo.add_argument("--out", default="protosam-demo", metavar="DIR")
+    demo.add_argument("--structures", default=None,
+                      help="comma-separated AAL region names (default Thalamus_L,Thalamus_R)")
+    demo.add_argument("--slices", default=None, metavar="FIRST:LAST",
+                      help="only process these axial slices (inclusive), for a quick run")
+    demo.add_argument("--no-sample-download", action="store_true",
+                      help="do not download the sample when mricron-data is not installed")
+    demo.add_argument("--sample-dir", default=None, metavar="DIR", help="sample download cache folder")
+    demo.add_argument("--write-pseudo-dataset", default=None, metavar="DIR",
+                      help="only write a small Synapse-layout dataset cut from the sample (for 'evaluate') and exit")
+    _model_options(demo)
+    demo.set_defaults(func=cmd_demo)
