@@ -34,20 +34,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_volumes import load_volume  # noqa: E402
 
 from protosam import Engine, ModelSelection  # noqa: E402
+from protosam import catalogue  # noqa: E402
 from protosam.testing import save_random_checkpoint as save_random_dinov2  # noqa: E402
 from protosam.testing import save_random_sam_checkpoint  # noqa: E402
 from protosam.session import Session  # noqa: E402
 
-TINY = {"dinov2": "dinov2_tiny14", "sam": "sam_tiny", "slices": 16, "size": 64, "input_size": 112}
+TINY = {"dinov2": catalogue.TINY_DINOV2, "sam": catalogue.TINY_SAM, "slices": 16, "size": 64, "input_size": 112}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dinov2", default="dinov2_vitb14")
-    p.add_argument("--sam", default="vit_b")
+    p.add_argument("--dinov2", default=catalogue.DEFAULT_DINOV2)
+    p.add_argument("--sam", default=catalogue.DEFAULT_SAM)
     p.add_argument("--slices", type=int, default=64)
     p.add_argument("--size", type=int, default=256, help="slice height = width")
-    p.add_argument("--input-size", type=int, default=672)
+    p.add_argument("--input-size", type=int, default=catalogue.DEFAULT_INPUT_SIZE)
     p.add_argument("--device", default="cpu")
     p.add_argument("--volume", choices=("auto", "colin27", "synthetic"), default="auto")
     p.add_argument("--tiny", action="store_true", help="tiny random models, %d slices of %d px at %d" %

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from protosam import Engine, ModelSelection, segment_volume
+from protosam import Engine, ModelSelection, catalogue, segment_volume
 from protosam.testing import save_random_checkpoint as save_random_dinov2
 from protosam.testing import save_random_sam_checkpoint
 
@@ -120,9 +120,10 @@ def check_out_of_memory(models: ModelSelection, device: str, volume, oom_batch: 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dinov2", default="dinov2_vitl14")
-    parser.add_argument("--sam", default="vit_h")
-    parser.add_argument("--input-size", type=int, default=672)
+    # The paper's models on purpose: the check is of the largest models users run on a GPU.
+    parser.add_argument("--dinov2", default=catalogue.PAPER_DINOV2)
+    parser.add_argument("--sam", default=catalogue.PAPER_SAM)
+    parser.add_argument("--input-size", type=int, default=catalogue.DEFAULT_INPUT_SIZE)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--slices", type=int, default=6, help="slices of the bf16 volume")
     parser.add_argument("--size", type=int, default=256)

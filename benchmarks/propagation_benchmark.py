@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import protosam
-from protosam import largest_area_slice, resolve_device
+from protosam import catalogue, largest_area_slice, resolve_device
 from protosam.testing import save_random_checkpoint as save_random_dinov2
 from protosam.testing import save_random_sam_checkpoint
 from protosam.preprocessing import normalize_volume
@@ -44,12 +44,12 @@ HERE = Path(__file__).resolve()
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dinov2", default="dinov2_vitb14", help="DINOv2 architecture (random weights)")
-    p.add_argument("--sam", default="vit_b", help="SAM architecture (random weights)")
+    p.add_argument("--dinov2", default=catalogue.DEFAULT_DINOV2, help="DINOv2 architecture (random weights)")
+    p.add_argument("--sam", default=catalogue.DEFAULT_SAM, help="SAM architecture (random weights)")
     p.add_argument("--slices", type=int, default=64, help="slices in the volume")
     p.add_argument("--segments", type=int, default=4, help="structures propagated at once")
     p.add_argument("--size", type=int, default=256, help="slice height = width")
-    p.add_argument("--input-size", type=int, default=672, help="engine input size S")
+    p.add_argument("--input-size", type=int, default=catalogue.DEFAULT_INPUT_SIZE, help="engine input size S")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--batch-size", type=int, default=None,
                    help="encoder batch size of ours (default: the engine's, 8 on CUDA, 1 on CPU); the naive "

@@ -63,7 +63,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     folder = Path(tempfile.mkdtemp(prefix="protosam-server-bench-"))
-    models = ModelSelection(input_size=672) if args.vitb else write_tiny_checkpoints(folder / "models", input_size=112)
+    models = ModelSelection() if args.vitb else write_tiny_checkpoints(folder / "models", input_size=112)
     request = make_request(models, args.slices, args.size)
     nothing = threading.Event()
 

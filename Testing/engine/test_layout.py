@@ -1,28 +1,42 @@
 """The package's layout rules, read from the source with ``ast`` (nothing is imported).
 
-* No import cycle among ``protosam`` modules: the command modules share
-  :mod:`protosam.cli.common` instead of importing each other.
-* Only the command-line layer imports :mod:`protosam.evaluation`, and only ``__main__``
-  imports :mod:`protosam.cli`.
+The rules are docs/layout.md's table "Who may import whom", parsed here, so the page and the
+check cannot drift apart:
+
+* every ``protosam`` module belongs to a layer (core, serving, evaluation, cohorts, cli, main)
+  and imports only what its layer may; the Slicer library (layer ``slicer``) likewise;
+* no import cycle among ``protosam`` modules;
+* at most 18 top-level modules besides the packages and the deprecated shims, and a shim is
+  exactly a warning plus re-exports; nothing in the repository imports a shim but its test.
 """
 from __future__ import annotations
 
 import ast
+import importlib
+import re
+import sys
+import warnings
 from pathlib import Path
-from typing import Dict, List, Set
+from typing import Dict, List, Optional, Set
+
+import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2] / "ProtoSAMLib" / "protosam"
+REPOSITORY = PACKAGE_DIR.parents[1]
+LAYOUT_DOC = REPOSITORY / "docs" / "layout.md"
+SLICER_DIR = REPOSITORY / "ProtoSAMSlicer"
+MAX_TOP_LEVEL_MODULES = 18
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts)
+def _module_name(path: Path, root: Path = PACKAGE_DIR.parent) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def _modules() -> Dict[str, Path]:
-    return {_module_name(path): path for path in sorted(PACKAGE_DIR.rglob("*.py"))}
+def _modules(package_dir: Path = PACKAGE_DIR) -> Dict[str, Path]:
+    return {_module_name(path, package_dir.parent): path for path in sorted(package_dir.rglob("*.py"))}
 
 
 def _resolve(module: str, is_package: bool, level: int, name: str) -> str:
@@ -36,32 +50,39 @@ def _resolve(module: str, is_package: bool, level: int, name: str) -> str:
     return ".".join(base + ([name] if name else []))
 
 
-def import_graph() -> Dict[str, Set[str]]:
-    """module -> the protosam modules it imports (at any place in the file, lazily or not)."""
-    modules = _modules()
+def imported_names(path: Path, module: str = "") -> Set[str]:
+    """Every module name the file imports, at any place in it (lazily or not); for
+    ``from X import y`` both X and X.y (y may be a submodule)."""
+    is_package = path.name == "__init__.py"
+    names: Set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = _resolve(module, is_package, node.level, node.module or "")
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+    return names
+
+
+def import_graph(package_dir: Path = PACKAGE_DIR) -> Dict[str, Set[str]]:
+    """module -> the modules of the package it imports (at any place in the file, lazily or not)."""
+    modules = _modules(package_dir)
     graph: Dict[str, Set[str]] = {}
     for module, path in modules.items():
-        is_package = path.name == "__init__.py"
         targets: Set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
-            names: List[str] = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = _resolve(module, is_package, node.level, node.module or "")
-                # "from . import x" imports the submodule x when there is one.
-                names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
-            for name in names:
-                # The deepest protosam module the name refers to.
-                while name and name not in modules:
-                    name = name.rpartition(".")[0]
-                if name and name != module:
-                    targets.add(name)
+        for name in imported_names(path, module):
+            # The deepest module of the package the name refers to ("from . import x" imports
+            # the submodule x when there is one).
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                targets.add(name)
         graph[module] = targets
     return graph
 
 
-def _find_cycle(graph: Dict[str, Set[str]]):
+def _find_cycle(graph: Dict[str, Set[str]], root: str = "protosam"):
     state: Dict[str, int] = {}
     stack: List[str] = []
 
@@ -69,10 +90,10 @@ def _find_cycle(graph: Dict[str, Set[str]]):
         state[node] = 1
         stack.append(node)
         for target in sorted(graph.get(node, ())):
-            # A package's __init__ is run before its submodules; "protosam" importing its
-            # submodules and a submodule importing "protosam" is Python's normal package
+            # A package's __init__ is run before its submodules; the root package importing its
+            # submodules and a submodule importing the root is Python's normal package
             # structure, not a cycle between modules.
-            if target == "protosam" or (node == "protosam"):
+            if target == root or node == root:
                 continue
             if state.get(target) == 1:
                 return stack[stack.index(target):] + [target]
@@ -92,10 +113,76 @@ def _find_cycle(graph: Dict[str, Set[str]]):
     return None
 
 
+# ----------------------------------------------------------------------------- shims
+def is_shim(path: Path) -> bool:
+    """A deprecated alias module: a docstring, ``import warnings``, one DeprecationWarning and
+    ``from <module> import *`` lines, nothing else."""
+    body = ast.parse(path.read_text(encoding="utf-8")).body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    if len(body) < 3:
+        return False
+    first, warn, reexports = body[0], body[1], body[2:]
+    if not (isinstance(first, ast.Import) and [a.name for a in first.names] == ["warnings"]):
+        return False
+    if not (isinstance(warn, ast.Expr) and isinstance(warn.value, ast.Call)
+            and ast.unparse(warn.value.func) == "warnings.warn"
+            and any(ast.unparse(arg) == "DeprecationWarning" for arg in warn.value.args)):
+        return False
+    return all(isinstance(node, ast.ImportFrom) and [a.name for a in node.names] == ["*"] for node in reexports)
+
+
+def shims() -> Dict[str, Path]:
+    return {module: path for module, path in _modules().items() if is_shim(path)}
+
+
+# ----------------------------------------------------------------------------- layers
+def layer_rules(text: Optional[str] = None) -> Dict[str, Set[str]]:
+    """docs/layout.md's table between the layout-rules markers: layer -> layers it may import."""
+    text = LAYOUT_DOC.read_text(encoding="utf-8") if text is None else text
+    table = text.split("<!-- layout-rules", 1)[1].split("<!-- end layout-rules -->", 1)[0]
+    rules = {}
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0] not in ("layer", "") and not set(cells[0]) <= set("-"):
+            rules[cells[0]] = {name.strip() for name in cells[1].split(",")}
+    return rules
+
+
+def layer_of(module: str) -> str:
+    """The layer of a protosam module (docs/layout.md); ``cli.common`` is its own name in the
+    rules (cohorts may import it) and otherwise part of ``cli``."""
+    parts = module.split(".")
+    if module == "protosam.__main__":
+        return "main"
+    if len(parts) > 1 and parts[1] in ("serving", "evaluation", "cohorts", "cli"):
+        return parts[1]
+    return "core"
+
+
+def _allowed(rules: Dict[str, Set[str]], source_layer: str, target: str) -> bool:
+    allowed = rules[source_layer]
+    return layer_of(target) in allowed or (target == "protosam.cli.common" and "cli.common" in allowed)
+
+
+def layer_violations(graph: Dict[str, Set[str]], rules: Dict[str, Set[str]], shim_modules: Set[str]) -> List[str]:
+    found = []
+    for module, targets in sorted(graph.items()):
+        if module in shim_modules:
+            continue
+        for target in sorted(targets):
+            if target in shim_modules:
+                found.append(f"{module} imports the deprecated shim {target}")
+            elif not _allowed(rules, layer_of(module), target):
+                found.append(f"{module} ({layer_of(module)}) imports {target} ({layer_of(target)})")
+    return found
+
+
 def test_the_graph_sees_the_package():
     graph = import_graph()
     assert "protosam.cli" in graph and "protosam.cli.common" in graph["protosam.cli"]
     assert "protosam.cli" in graph["protosam.__main__"]
+    assert "protosam.serving.protocol" in graph["protosam.serving.worker_process"]
 
 
 def test_no_import_cycle_among_protosam_modules():
@@ -103,26 +190,141 @@ def test_no_import_cycle_among_protosam_modules():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_the_cycle_check_finds_a_cycle():
+def test_the_cycle_check_finds_a_cycle(tmp_path):
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _find_cycle({"a": {"b"}, "b": set()}) is None
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "__init__.py").write_text("")
+    (planted / "first.py").write_text("def f():\n    from . import second\n")
+    (planted / "second.py").write_text("from .first import f\n")
+    assert _find_cycle(import_graph(planted), root="planted") == ["planted.first", "planted.second", "planted.first"]
 
 
-def test_only_the_command_line_imports_evaluation_and_only_main_imports_cli():
-    graph = import_graph()
-    for module, targets in graph.items():
-        in_cli_layer = module.startswith(("protosam.evaluation", "protosam.cli")) or module.rpartition(".")[2] == "cli"
-        if not in_cli_layer:
-            evaluation = sorted(t for t in targets if t.startswith("protosam.evaluation"))
-            assert not evaluation, f"{module} imports {evaluation}; only the command-line layer may"
-        if module not in ("protosam.__main__", "protosam.cli_common") and not module.startswith("protosam.cli"):
-            assert "protosam.cli" not in targets, f"{module} imports protosam.cli; import protosam.cli.common"
+def test_the_layout_page_states_a_rule_for_every_layer():
+    rules = layer_rules()
+    assert set(rules) == {"core", "serving", "evaluation", "cohorts", "cli", "main", "slicer"}
+    assert rules["core"] == {"core"}
+
+
+def test_every_module_imports_only_what_its_layer_may():
+    violations = layer_violations(import_graph(), layer_rules(), set(shims()))
+    assert not violations, "docs/layout.md's rules are broken:\n" + "\n".join(violations)
+
+
+def test_the_layer_check_finds_a_planted_violation():
+    graph = {"protosam.engine": {"protosam.serving.protocol"}, "protosam.cohorts.batch": {"protosam.cli.common"},
+             "protosam.serving.server": {"protosam.cli.serve"}, "protosam.cli": {"protosam.protocol"}}
+    found = layer_violations(graph, layer_rules(), {"protosam.protocol"})
+    assert found == ["protosam.cli imports the deprecated shim protosam.protocol",
+                     "protosam.engine (core) imports protosam.serving.protocol (serving)",
+                     "protosam.serving.server (serving) imports protosam.cli.serve (cli)"]
+
+
+def test_the_rules_table_is_read_from_the_page():
+    text = "x\n<!-- layout-rules -->\n| layer | may import |\n|---|---|\n| core | core |\n| cli | core, cli |\n<!-- end layout-rules -->"
+    assert layer_rules(text) == {"core": {"core"}, "cli": {"core", "cli"}}
+
+
+def test_the_slicer_library_imports_only_core_and_serving():
+    rules = layer_rules()
+    modules = set(_modules())
+    violations = []
+    for path in sorted(SLICER_DIR.rglob("*.py")):
+        for name in sorted(imported_names(path)):
+            if name != "protosam" and not name.startswith("protosam."):
+                continue
+            while name not in modules:
+                name = name.rpartition(".")[0]
+            if name in shims():
+                violations.append(f"{path.relative_to(REPOSITORY)} imports the deprecated shim {name}")
+            elif not _allowed(rules, "slicer", name):
+                violations.append(f"{path.relative_to(REPOSITORY)} imports {name} ({layer_of(name)})")
+    assert not violations, "\n".join(violations)
+
+
+def test_the_top_level_keeps_the_algorithm():
+    top_level = sorted(path.stem for path in PACKAGE_DIR.glob("*.py") if not is_shim(path))
+    assert len(top_level) <= MAX_TOP_LEVEL_MODULES, top_level
+    packages = sorted(path.parent.name for path in PACKAGE_DIR.glob("*/__init__.py"))
+    assert packages == ["cli", "cohorts", "evaluation", "models", "serving", "weights"]
+
+
+# ----------------------------------------------------------------------------- deprecated shims
+#: old module -> the new modules it re-exports (docs/layout.md's table)
+MOVED = {
+    "protosam.protocol": ["protosam.serving.protocol"],
+    "protosam.worker_process": ["protosam.serving.worker_process"],
+    "protosam.server": ["protosam.serving.server", "protosam.serving.scheduler", "protosam.serving.tokens",
+                        "protosam.cli.serve"],
+    "protosam.server_client": ["protosam.serving.client"],
+    "protosam.batch": ["protosam.cohorts.batch"],
+    "protosam.batch_ray": ["protosam.cohorts.ray_cluster"],
+    "protosam.batch_cli": ["protosam.cli.batch"],
+    "protosam.cli_common": ["protosam.cli.common"],
+    "protosam.evaluation.cli": ["protosam.cli.evaluate"],
+    "protosam.weights.cli": ["protosam.cli.weights"],
+}
+
+
+def test_the_shims_are_exactly_the_moved_modules_and_the_page_lists_them():
+    assert set(shims()) == set(MOVED)
+    page = LAYOUT_DOC.read_text(encoding="utf-8")
+    for old in MOVED:
+        assert f"| `{old}` |" in page
+
+
+def test_the_shape_check_tells_a_shim_from_a_module(tmp_path):
+    shim = tmp_path / "shim.py"
+    shim.write_text('"""Moved."""\nimport warnings\n\nwarnings.warn("moved", DeprecationWarning, stacklevel=2)\n\n'
+                    "from .new import *  # noqa\n")
+    assert is_shim(shim)
+    shim.write_text(shim.read_text() + "\ndef extra():\n    return 1\n")
+    assert not is_shim(shim)
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_an_old_path_warns_and_gives_the_same_objects(old):
+    for name in [old] + [m for m in list(sys.modules) if m == old]:
+        sys.modules.pop(name, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shim = importlib.import_module(old)
+    assert any(issubclass(w.category, DeprecationWarning) and old in str(w.message) for w in caught)
+    exported = 0
+    for new in MOVED[old]:
+        module = importlib.import_module(new)
+        public = getattr(module, "__all__", None) or [n for n in vars(module) if not n.startswith("_")]
+        for name in public:
+            assert getattr(shim, name) is getattr(module, name), f"{old}.{name}"
+            exported += 1
+    assert exported > 0
+
+
+def test_nothing_in_the_repository_imports_a_shim():
+    shim_names = set(MOVED)
+    this_file = Path(__file__).resolve()
+    users = []
+    for folder in ("ProtoSAMLib", "ProtoSAMSlicer", "Testing", "benchmarks", "docs", "Resources"):
+        for path in sorted((REPOSITORY / folder).rglob("*.py")):
+            if path.resolve() == this_file or is_shim(path):
+                continue
+            module = _module_name(path, PACKAGE_DIR.parent) if PACKAGE_DIR in path.parents else ""
+            for name in imported_names(path, module):
+                if name in shim_names:
+                    users.append(f"{path.relative_to(REPOSITORY)}: {name}")
+    # The worker bootstrap is a string: it must name the new module too.
+    bootstrap = (SLICER_DIR / "ProtoSAM" / "ProtoSAMSlicerLib" / "worker_client.py").read_text(encoding="utf-8")
+    if re.search(r"from protosam\.worker_process import", bootstrap):
+        users.append("worker_client.py's bootstrap names protosam.worker_process")
+    assert not users, "import the new paths (docs/layout.md):\n" + "\n".join(users)
 
 
 # ----------------------------------------------------------------------------- model catalogue
-REPOSITORY = PACKAGE_DIR.parents[1]
-#: The installed source: the engine package and the Slicer extension (not tests, benchmarks, docs).
-INSTALLED_SOURCES = sorted(PACKAGE_DIR.rglob("*.py")) + sorted((REPOSITORY / "ProtoSAMSlicer").rglob("*.py"))
+#: The installed source (the engine package and the Slicer extension) and the benchmarks, whose
+#: defaults must be the catalogue's (not tests or docs).
+INSTALLED_SOURCES = (sorted(PACKAGE_DIR.rglob("*.py")) + sorted((REPOSITORY / "ProtoSAMSlicer").rglob("*.py"))
+                     + sorted((REPOSITORY / "benchmarks").glob("*.py")))
 
 
 def _literals_in(path: Path):

@@ -22,7 +22,7 @@ from protosam.weights import (
     verify_file,
     weights_dir,
 )
-from protosam.weights.cli import add_subcommands
+from protosam.cli.weights import add_subcommands
 from protosam.weights.registry import REGISTRY, TEST_ONLY_ARCHITECTURES, WeightsEntry, is_allowed_url
 
 try:

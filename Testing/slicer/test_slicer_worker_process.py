@@ -32,7 +32,8 @@ from ProtoSAMSlicerLib import geometry, models, mrml_io, worker_client
 from ProtoSAMSlicerLib.logic import ProtoSAMLogic
 from ProtoSAMSlicerLib.worker import JobState, workerForDevice
 from ProtoSAMSlicerLib.worker_client import WorkerClient, WorkerStartError
-from protosam import ModelSelection, protocol
+from protosam import ModelSelection
+from protosam.serving import protocol
 from protosam.errors import CancelledError, InputError
 from protosam.serving.protocol import WorkerCrashedError
 from protosam.weights import WeightsEntry
