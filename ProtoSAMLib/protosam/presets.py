@@ -1,6 +1,6 @@
 """Behaviour presets: ``paper`` reproduces the published reference, ``default`` is for users.
 
-Every field that differs between the two is explained in the README ("Presets").
+Every field that differs between the two is explained in docs/cli.md ("Presets").
 """
 from __future__ import annotations
 
