@@ -188,11 +188,21 @@ def test_extensions_index_checker_reads_literal_urls_and_finds_the_license():
     assert re.search(r'^license = \{ text = "Apache-2.0" \}', pyproject, re.M)  # the same license as the package
 
 
-def test_stated_minimum_slicer_version_is_5_8():
-    """JSON index entries (ProtoSAM.json) exist from the 5.8 index branch on (5.6 takes only .s4ext),
-    and 5.8 ships Python 3.9: the README states 5.8 and no code keeps fallbacks for older Slicer."""
+def test_stated_minimum_slicer_version_is_5_10():
+    """Slicer 5.10 is the minimum: the first with slicer.vtkSlicerSegmentEditorLogic (mrml_io edits
+    through it) and Python 3.12; the Extensions Index's 5.8 branch is frozen. The build refuses
+    older Slicer, the README and the Slicer guide say 5.10, the engine needs Python 3.10, and no
+    code keeps fallbacks for older Slicer."""
     readme = (REPO / "README.md").read_text()
-    assert "3D Slicer 5.8 or later" in readme and "Slicer 5.6 or later" not in readme
+    guide = (REPO / "docs" / "slicer.md").read_text()
+    assert "3D Slicer 5.10 or later" in readme and "3D Slicer 5.10 or later" in guide
+    assert "Slicer 5.8 or later" not in readme + guide and "Slicer 5.6 or later" not in readme + guide
+    sets = cmakeSets((REPO / "CMakeLists.txt").read_text())
+    assert sets["PROTOSAM_MINIMUM_SLICER_VERSION"] == ["5.10"]
+    assert re.search(r'VERSION_LESS PROTOSAM_MINIMUM_SLICER_VERSION\)\s*message\(FATAL_ERROR',
+                     (REPO / "CMakeLists.txt").read_text())
+    pyproject = (REPO / "ProtoSAMLib" / "pyproject.toml").read_text()
+    assert re.search(r'^requires-python = ">=3.10"$', pyproject, re.M)
     for path in (REPO / "ProtoSAMSlicer").rglob("*.py"):
         text = path.read_text()
         assert "Slicer < 5" not in text and "GetMasterVolumeNode" not in text, path
