@@ -104,15 +104,26 @@ def test_vits14_matches_official_implementation(name, size, loaded, vits_feature
 
 
 @pytest.mark.parametrize("name", ["dinov2_tiny14", "dinov2_vits14"])
-def test_explicit_attention_is_bit_identical_to_the_official_code(name, checkpoint, reference):
-    """The paper preset's attention order reproduces the official features exactly at 672."""
+def test_explicit_attention_matches_the_official_code_up_to_summation_order(name, checkpoint, reference):
+    """The paper preset's attention order reproduces the official features at 672 up to the
+    rounding of the matrix products' summation order.
+
+    Ours multiplies one head at a time, the official code all heads in one batched product: the
+    same operations, but the BLAS may block the two shapes differently. On AMD EPYC they gave
+    the same bits; MKL's AVX-512 kernels on Intel Xeon differ by 3.7e-6 (ViT-S/14, features up
+    to ~5). The bound is 64 float32 epsilons of the largest feature: summation-order rounding,
+    far below any difference in what is computed (the fused-attention path, another algorithm,
+    is held only to TOLERANCE).
+    """
     ours = load_dinov2(name, checkpoint(name))
     ours.set_fused_attention(False)
     x = images(1, (672, 672), seed=5)
     with torch.no_grad():
         got = ours.patch_features(x)
     state = torch.load(checkpoint(name), map_location="cpu", weights_only=True)
-    assert max_abs(got, official_features(reference, name, state, x)) == 0.0
+    expected = official_features(reference, name, state, x)
+    rounding = 64 * torch.finfo(torch.float32).eps * expected.abs().max().item()
+    assert max_abs(got, expected) <= rounding
 
 
 def test_explicit_attention_head_chunks_are_bit_identical(checkpoint):
