@@ -28,7 +28,8 @@ def _slices(size):
 
 
 # Tolerances against the independent reference (reference_flow.py). With the official
-# attention order (paper preset) the DINOv2 features are bit-identical; ALPNet sums in another
+# attention order (paper preset) the DINOv2 features agree to the last bits (bit-identical on AMD
+# EPYC, a few 1e-6 with MKL AVX-512 on Intel Xeon); ALPNet sums in another
 # order there (matrix products per pixel against one convolution here), which moves the
 # probabilities by float32 rounding: measured <= 4e-6, bar 1e-5 (the fidelity bar is
 # 1e-3). A pixel whose probability is that close to 1/2 may fall on either side, and at 1024

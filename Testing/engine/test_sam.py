@@ -187,7 +187,7 @@ def test_checkpoint_errors_are_clear(tmp_path, tiny_sam):
         load_sam("vit_x", good)
 
 
-def test_head_chunked_global_attention_gives_the_same_embedding(tmp_path):
+def test_head_chunked_global_attention_gives_the_same_embedding_up_to_rounding(tmp_path):
     from protosam.models.sam import build_sam
     from protosam.models.sam_memory import limit_global_attention_memory
 
@@ -201,9 +201,14 @@ def test_head_chunked_global_attention_gives_the_same_embedding(tmp_path):
     expected = SamRefiner(plain).embed(image)
     # The tiny model has 2 heads and a 64 x 64 token grid (1 MiB of attention map per query
     # row): one head and 16 rows, one row, 3 rows (a shorter last band), both heads at once.
+    # The same operations per query row in the same order; only the BLAS's blocking of the
+    # smaller products may differ: bit-identical on AMD EPYC, last-bit differences with MKL's
+    # AVX-512 kernels on Intel Xeon. Held to 64 float32 epsilons of the largest value.
+    rounding = 64 * torch.finfo(torch.float32).eps * expected.abs().max().item()
     for heads, chunk_bytes in ((1, 16 * 2**20), (1, 1), (1, 3 * 2**20), (2, 2**30)):
         limit_global_attention_memory(chunked, heads, chunk_bytes)
-        assert torch.equal(SamRefiner(chunked).embed(image), expected), (heads, chunk_bytes)
+        difference = (SamRefiner(chunked).embed(image) - expected).abs().max().item()
+        assert difference <= rounding, (heads, chunk_bytes, difference)
     with pytest.raises(ValueError):
         limit_global_attention_memory(plain, 0)
     with pytest.raises(ValueError):
