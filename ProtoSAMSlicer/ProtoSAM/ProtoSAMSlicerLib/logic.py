@@ -28,7 +28,8 @@ import numpy as np
 
 import slicer
 import protosam
-from protosam import ModelSelection, protocol
+from protosam import ModelSelection
+from protosam.serving import protocol
 from protosam.errors import CancelledError, InputError
 from protosam.orientation import plane_of_ijk_axis
 
