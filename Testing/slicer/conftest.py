@@ -83,11 +83,20 @@ def tinyOptions(tinyModels):
     The encoder cache lets a test re-run the engine on the same arrays for reference at no cost.
     """
     from ProtoSAMSlicerLib.logic import ProcessOptions
-    from ProtoSAMSlicerLib.worker import shutdownAllWorkers
+    from ProtoSAMSlicerLib.worker_client import shutdownAllWorkers
 
     yield ProcessOptions(models=tinyModels, preset="default", device="cpu", autoExtent=False,
                          cacheBytes=256 * 1024 * 1024)
     shutdownAllWorkers()
+
+
+@pytest.fixture
+def cpuWorker(tinyOptions):
+    """The CPU worker process client every test shares (``worker_client.workerForDevice("cpu")``,
+    the one ProtoSAMLogic uses): its process starts once and keeps the tiny models loaded."""
+    from ProtoSAMSlicerLib.worker_client import workerForDevice
+
+    return workerForDevice("cpu")
 
 
 SLICER_MODULES = ("ProtoSAM", "SegmentEditorProtoSAM")
