@@ -12,7 +12,6 @@ import pathlib
 import sys
 import types
 
-import numpy as np
 import pytest
 
 # Testing/support holds helpers shared by Testing/engine and Testing/slicer (required_modules).
@@ -91,12 +90,22 @@ def tinyOptions(tinyModels):
 
 
 @pytest.fixture
-def cpuWorker(tinyOptions):
+def cpuWorker():
     """The CPU worker process client every test shares (``worker_client.workerForDevice("cpu")``,
-    the one ProtoSAMLogic uses): its process starts once and keeps the tiny models loaded."""
+    the one ProtoSAMLogic uses): its process starts once and keeps the tiny models loaded until
+    ``tinyOptions`` ends (or this process exits)."""
     from ProtoSAMSlicerLib.worker_client import workerForDevice
 
     return workerForDevice("cpu")
+
+
+@pytest.fixture
+def editedVolume(scene):
+    """Builds the Segment Editor effect tests' volume, segments and editor in ``scene``
+    (slicer_mrml_helpers.addEditedVolume; keywords: liverSlices, kidney, parentTransform)."""
+    from slicer_mrml_helpers import addEditedVolume
+
+    return lambda **options: addEditedVolume(scene, **options)
 
 
 SLICER_MODULES = ("ProtoSAM", "SegmentEditorProtoSAM")

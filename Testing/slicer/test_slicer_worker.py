@@ -1,6 +1,7 @@
 """Device workers: progress, cancel, errors, queueing, on the worker process (worker_client),
 the one compute path of the Slicer code; the deprecated thread worker's own checks (worker)."""
 
+import dataclasses
 import os
 import threading
 import time
@@ -10,7 +11,6 @@ import pytest
 
 from ProtoSAMSlicerLib import worker_client
 from ProtoSAMSlicerLib.jobs import JobHandle, JobState
-from ProtoSAMSlicerLib.logic import engineSpecFor
 from ProtoSAMSlicerLib.worker import Worker
 from ProtoSAMSlicerLib.worker_client import RequestFunction
 from protosam import VolumeResult
@@ -18,22 +18,29 @@ from protosam.serving import protocol
 from protosam.errors import CancelledError, InputError
 
 
-def sliceJob(options, nSlices, *, badMask=False):
-    """A segment_volume job of ``nSlices`` slices on the tiny models (one progress unit per slice,
-    cancel checked per slice); ``badMask``: a support mask of the wrong shape (the engine refuses it)."""
+def engineSpec(models):
+    """tinyOptions' engine (same cache budget): the worker keeps the one engine the other tests load."""
+    return dataclasses.asdict(protocol.EngineSpec(models=dataclasses.asdict(models), device="cpu",
+                                                  cache_bytes=256 * 1024 * 1024))
+
+
+def sliceJob(models, nSlices, *, badMask=False):
+    """A segment_volume job of ``nSlices`` slices on the tiny ``models`` on the CPU (one progress
+    unit per slice, cancel checked per slice); ``badMask``: a support mask of the wrong shape (the
+    engine refuses it)."""
     rng = np.random.default_rng(nSlices)
     volume = rng.normal(0, 20, (nSlices, 16, 16)).astype(np.float32)
     volume[:, 4:12, 4:12] += 300
     mask = np.zeros((nSlices, 16, 16) if not badMask else (nSlices, 8, 8), np.uint8)
     mask[0, 4:12, 4:12] = 1
     request = protocol.JobSubmit(
-        id=protocol.new_id(), operation="segment_volume", engine=engineSpecFor(options, "cpu"),
+        id=protocol.new_id(), operation="segment_volume", engine=engineSpec(models),
         kwargs=dict(query_volume=volume, support_volume=None, support_masks={"box": mask}, axis=0,
                     support_slices=[0], auto_extent=False))
     return RequestFunction(request, decodeResult=lambda value: VolumeResult(**value))
 
 
-def test_progress_is_monotonic_complete_and_delivered_on_polling_thread(cpuWorker, tinyOptions):
+def test_progress_is_monotonic_complete_and_delivered_on_polling_thread(cpuWorker, tinyModels):
     seen, threads = [], set()
 
     def onProgress(job, done, total):
@@ -41,7 +48,7 @@ def test_progress_is_monotonic_complete_and_delivered_on_polling_thread(cpuWorke
         threads.add(threading.get_ident())
 
     finished = []
-    job = cpuWorker.submit(sliceJob(tinyOptions, 3), name="three", onProgress=onProgress,
+    job = cpuWorker.submit(sliceJob(tinyModels, 3), name="three", onProgress=onProgress,
                            onFinished=lambda j: finished.append(threading.get_ident()))
     cpuWorker.runUntilFinished(job, timeout=120)
     assert job.state is JobState.SUCCEEDED, job.errorTraceback
@@ -68,8 +75,8 @@ def test_progress_checks_catch_engine_bugs():
     assert job.state is JobState.FAILED and "backwards" in str(job.error)
 
 
-def test_cancel_stops_within_one_slice(cpuWorker, tinyOptions):
-    job = cpuWorker.submit(sliceJob(tinyOptions, 10), name="long")
+def test_cancel_stops_within_one_slice(cpuWorker, tinyModels):
+    job = cpuWorker.submit(sliceJob(tinyModels, 10), name="long")
     while job.progress[0] < 1 and not job.finished:
         cpuWorker.poll()
         time.sleep(0.002)
@@ -83,8 +90,8 @@ def test_cancel_stops_within_one_slice(cpuWorker, tinyOptions):
     assert job.result is None
 
 
-def test_engine_exception_reaches_main_side_with_traceback(cpuWorker, tinyOptions):
-    job = cpuWorker.submit(sliceJob(tinyOptions, 2, badMask=True), name="fails")
+def test_engine_exception_reaches_main_side_with_traceback(cpuWorker, tinyModels):
+    job = cpuWorker.submit(sliceJob(tinyModels, 2, badMask=True), name="fails")
     cpuWorker.runUntilFinished(job, timeout=120)
     assert job.state is JobState.FAILED
     with pytest.raises(InputError):
@@ -93,11 +100,11 @@ def test_engine_exception_reaches_main_side_with_traceback(cpuWorker, tinyOption
     assert job.progress == (0, 0)  # refused before the first slice
 
 
-def test_two_jobs_queued_both_finish_in_order_on_one_persistent_thread(cpuWorker, tinyOptions):
+def test_two_jobs_queued_both_finish_in_order_on_one_persistent_thread(cpuWorker, tinyModels):
     order = []
-    first = cpuWorker.submit(sliceJob(tinyOptions, 2), name="first", onFinished=lambda j: order.append(j.name))
+    first = cpuWorker.submit(sliceJob(tinyModels, 2), name="first", onFinished=lambda j: order.append(j.name))
     pid = cpuWorker.pid
-    second = cpuWorker.submit(sliceJob(tinyOptions, 2), name="second", onFinished=lambda j: order.append(j.name))
+    second = cpuWorker.submit(sliceJob(tinyModels, 2), name="second", onFinished=lambda j: order.append(j.name))
     assert len(cpuWorker.pendingJobs) == 2
     cpuWorker.runUntilFinished(second, timeout=120)
     cpuWorker.poll()
@@ -107,9 +114,9 @@ def test_two_jobs_queued_both_finish_in_order_on_one_persistent_thread(cpuWorker
     assert first.finishedAt <= second.startedAt
 
 
-def test_cancelled_queued_job_never_runs(cpuWorker, tinyOptions):
-    blocker = cpuWorker.submit(sliceJob(tinyOptions, 2), name="blocker")
-    queued = cpuWorker.submit(sliceJob(tinyOptions, 2), name="queued")
+def test_cancelled_queued_job_never_runs(cpuWorker, tinyModels):
+    blocker = cpuWorker.submit(sliceJob(tinyModels, 2), name="blocker")
+    queued = cpuWorker.submit(sliceJob(tinyModels, 2), name="queued")
     queued.cancel()
     cpuWorker.runUntilFinished(queued, timeout=120)
     cpuWorker.runUntilFinished(blocker, timeout=120)
@@ -117,9 +124,9 @@ def test_cancelled_queued_job_never_runs(cpuWorker, tinyOptions):
     assert queued.state is JobState.CANCELLED and queued.startedAt is None and queued.progress == (0, 0)
 
 
-def test_cancel_after_last_slice_still_discards_result(cpuWorker, tinyOptions):
-    cpuWorker.runUntilFinished(cpuWorker.submit(sliceJob(tinyOptions, 1)), timeout=120)  # started, models loaded
-    job = cpuWorker.submit(sliceJob(tinyOptions, 1))
+def test_cancel_after_last_slice_still_discards_result(cpuWorker, tinyModels):
+    cpuWorker.runUntilFinished(cpuWorker.submit(sliceJob(tinyModels, 1)), timeout=120)  # started, models loaded
+    job = cpuWorker.submit(sliceJob(tinyModels, 1))
     time.sleep(2.0)  # the worker finishes; its result waits, unread, until the next poll
     job.cancel()  # the user pressed Cancel while the last slice was finishing
     cpuWorker.runUntilFinished(job, timeout=120)
@@ -135,8 +142,8 @@ def test_remaining_time_estimate():
     assert job.remainingSeconds(now=108.0) == pytest.approx(12.0)
 
 
-def test_run_until_finished_times_out_and_idle_is_called(cpuWorker, tinyOptions):
-    job = cpuWorker.submit(sliceJob(tinyOptions, 2))
+def test_run_until_finished_times_out_and_idle_is_called(cpuWorker, tinyModels):
+    job = cpuWorker.submit(sliceJob(tinyModels, 2))
     idles = []
     with pytest.raises(TimeoutError):
         cpuWorker.runUntilFinished(job, timeout=0.01, idle=lambda: idles.append(1))
