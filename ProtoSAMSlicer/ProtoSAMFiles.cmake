@@ -17,6 +17,7 @@ set(PROTOSAM_MODULE_SCRIPTS
   ProtoSAMSlicerLib/dependencies.py
   ProtoSAMSlicerLib/effect_session.py
   ProtoSAMSlicerLib/geometry.py
+  ProtoSAMSlicerLib/jobs.py
   ProtoSAMSlicerLib/logic.py
   ProtoSAMSlicerLib/models.py
   ProtoSAMSlicerLib/mrml_io.py

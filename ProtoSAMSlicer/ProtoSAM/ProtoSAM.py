@@ -54,8 +54,11 @@ class ProtoSAM(ScriptedLoadableModule):
 def _shutdownWorkers():
     import sys
 
-    if "ProtoSAMSlicerLib.worker" in sys.modules:
-        sys.modules["ProtoSAMSlicerLib.worker"].shutdownAllWorkers(timeout=2.0)
+    # The worker processes; and the deprecated thread workers, when a script imported them.
+    for name in ("ProtoSAMSlicerLib.worker_client", "ProtoSAMSlicerLib.worker"):
+        module = sys.modules.get(name)
+        if module is not None:
+            module.shutdownAllWorkers(timeout=2.0)
 
 
 class SliceView(enum.Enum):
@@ -402,7 +405,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def startDownload(self, options, then):
         from ProtoSAMSlicerLib import models
         from ProtoSAMSlicerLib.logic import resolveDevice
-        from ProtoSAMSlicerLib.worker import workerForDevice
+        from ProtoSAMSlicerLib.worker_client import workerForDevice
 
         statuses = [s for s in models.weightsStatus(options.models, options.weightsHome) if not s.ready]
         total = sum(s.sizeBytes or 0 for s in statuses)

@@ -12,7 +12,6 @@ import pathlib
 import sys
 import types
 
-import numpy as np
 import pytest
 
 # Testing/support holds helpers shared by Testing/engine and Testing/slicer (required_modules).
@@ -83,11 +82,30 @@ def tinyOptions(tinyModels):
     The encoder cache lets a test re-run the engine on the same arrays for reference at no cost.
     """
     from ProtoSAMSlicerLib.logic import ProcessOptions
-    from ProtoSAMSlicerLib.worker import shutdownAllWorkers
+    from ProtoSAMSlicerLib.worker_client import shutdownAllWorkers
 
     yield ProcessOptions(models=tinyModels, preset="default", device="cpu", autoExtent=False,
                          cacheBytes=256 * 1024 * 1024)
     shutdownAllWorkers()
+
+
+@pytest.fixture
+def cpuWorker():
+    """The CPU worker process client every test shares (``worker_client.workerForDevice("cpu")``,
+    the one ProtoSAMLogic uses): its process starts once and keeps the tiny models loaded until
+    ``tinyOptions`` ends (or this process exits)."""
+    from ProtoSAMSlicerLib.worker_client import workerForDevice
+
+    return workerForDevice("cpu")
+
+
+@pytest.fixture
+def editedVolume(scene):
+    """Builds the Segment Editor effect tests' volume, segments and editor in ``scene``
+    (slicer_mrml_helpers.addEditedVolume; keywords: liverSlices, kidney, parentTransform)."""
+    from slicer_mrml_helpers import addEditedVolume
+
+    return lambda **options: addEditedVolume(scene, **options)
 
 
 SLICER_MODULES = ("ProtoSAM", "SegmentEditorProtoSAM")

@@ -72,3 +72,32 @@ def segmentEditor(scene, segmentationNode, sourceVolumeNode, segmentId, overwrit
     if overwriteMode is not None:
         editorNode.SetOverwriteMode(overwriteMode)
     return editorNode, editorLogic
+
+
+#: The Segment Editor effect tests' volume: LPS, anisotropic, (K, J, I) = EFFECT_SHAPE.
+EFFECT_SHAPE = (6, 16, 18)
+EFFECT_LPS = np.diag([-1.0, -1.0, 1.0])
+EFFECT_IJK_TO_RAS = ijkToRasFrom(EFFECT_LPS, (0.8, 0.8, 2.5), (7.0, 3.0, -2.0))
+
+
+def addEditedVolume(scene, *, liverSlices=(2,), kidney=False, parentTransform=None) -> dict:
+    """The effect tests' setup: a bright box on noise ("ct"), the segments "liver" (painted on
+    ``liverSlices``), "spleen" (a column at the border) and, with ``kidney``, "kidney", and
+    Slicer's segment editor on them with "liver" selected. Returns the nodes, ids, arrays and
+    the editor node and logic."""
+    rng = np.random.default_rng(3)
+    image = rng.normal(0, 20, EFFECT_SHAPE).astype(np.float32)
+    image[1:5, 4:12, 5:13] += 300
+    volume = addVolume(scene, image, EFFECT_IJK_TO_RAS, "ct", parentTransform=parentTransform)
+    arrays = {"liver": np.zeros(EFFECT_SHAPE, np.uint8), "spleen": np.zeros(EFFECT_SHAPE, np.uint8)}
+    painted = {2: (slice(4, 12), slice(5, 13)), 3: (slice(5, 11), slice(6, 12))}
+    for k in liverSlices:
+        arrays["liver"][(k,) + painted[k]] = 1
+    arrays["spleen"][0:6, 0:16, 14:18] = 1  # a column at the border, overlapping where results may land
+    if kidney:
+        arrays["kidney"] = np.zeros(EFFECT_SHAPE, np.uint8)
+        arrays["kidney"][0:6, 8:16, 0:18] = 1
+    segmentation, ids = addSegmentation(scene, volume, arrays)
+    editorNode, editorLogic = segmentEditor(scene, segmentation, volume, ids["liver"])
+    return dict(image=image, volume=volume, segmentation=segmentation, ids=ids, arrays=arrays,
+                editorNode=editorNode, editorLogic=editorLogic)

@@ -15,7 +15,7 @@ import slicer
 from ProtoSAMSlicerLib import effect_session, geometry, mrml_io
 from ProtoSAMSlicerLib.effect_session import EffectSession
 from ProtoSAMSlicerLib.logic import ProtoSAMLogic
-from ProtoSAMSlicerLib.worker import workerForDevice
+from ProtoSAMSlicerLib.worker_client import workerForDevice
 from ProtoSAMSlicerLib.worker_client import WorkerSession
 from protosam.errors import InputError
 from slicer_mrml_helpers import (addSegmentation, addVolume, homogeneous, ijkToRasFrom, rotationMatrix,

@@ -14,28 +14,20 @@ import pytest
 
 import slicer_app_standins as standins
 from ProtoSAMSlicerLib import effect_session, mrml_io
-from slicer_mrml_helpers import addSegmentation, addVolume, ijkToRasFrom, segmentEditor
+from slicer_mrml_helpers import EFFECT_IJK_TO_RAS, EFFECT_LPS, EFFECT_SHAPE, addVolume, ijkToRasFrom
 
 EFFECT_PY = (pathlib.Path(__file__).resolve().parents[2] / "ProtoSAMSlicer" / "SegmentEditorProtoSAM"
              / "SegmentEditorProtoSAMLib" / "SegmentEditorEffect.py")
-SHAPE = (6, 16, 18)
-LPS = np.diag([-1.0, -1.0, 1.0])
-IJK_TO_RAS = ijkToRasFrom(LPS, (0.8, 0.8, 2.5), (7.0, 3.0, -2.0))
+SHAPE, LPS, IJK_TO_RAS = EFFECT_SHAPE, EFFECT_LPS, EFFECT_IJK_TO_RAS
 
 
 @pytest.fixture
-def editor(scene, slicerApp):
+def editor(scene, slicerApp, editedVolume):
     """A Segment Editor: editor node and logic (real), the ProtoSAM effect loaded from its file."""
-    rng = np.random.default_rng(3)
-    image = rng.normal(0, 20, SHAPE).astype(np.float32)
-    image[1:5, 4:12, 5:13] += 300
-    volume = addVolume(scene, image, IJK_TO_RAS, "ct")
-    liver = np.zeros(SHAPE, np.uint8)
-    liver[2, 4:12, 5:13] = 1
-    spleen = np.zeros(SHAPE, np.uint8)
-    spleen[0:6, 0:16, 14:18] = 1
-    segmentation, ids = addSegmentation(scene, volume, {"liver": liver, "spleen": spleen})
-    editorNode, editorLogic = segmentEditor(scene, segmentation, volume, ids["liver"])
+    built = editedVolume()
+    volume, segmentation, ids, image = built["volume"], built["segmentation"], built["ids"], built["image"]
+    liver, spleen = built["arrays"]["liver"], built["arrays"]["spleen"]
+    editorNode, editorLogic = built["editorNode"], built["editorLogic"]
     sliceNode = scene.GetNodeByID("vtkMRMLSliceNodeRed")
     centre = IJK_TO_RAS @ np.array([9.0, 8.0, 2.0, 1.0])
     sliceNode.JumpSliceByOffsetting(*centre[:3])
@@ -255,7 +247,7 @@ def test_a_click_on_a_slice_without_embedding_shows_encoding_progress(editor):
     """The worker process encodes an evicted slice for a click: the effect shows its progress bar
     and "Encoding slice k for the click..." while Slicer keeps processing events; a click on a
     cached slice is one small request that shows nothing of the kind."""
-    from ProtoSAMSlicerLib.worker import workerForDevice
+    from ProtoSAMSlicerLib.worker_client import workerForDevice
 
     e = editor
     effect = propagate(e)

@@ -11,16 +11,15 @@ from ProtoSAMSlicerLib import effect_session, geometry, mrml_io
 from ProtoSAMSlicerLib.effect_session import EffectSession
 from ProtoSAMSlicerLib.logic import ProtoSAMLogic
 from protosam.errors import CancelledError, InputError
-from slicer_mrml_helpers import (addSegmentation, addVolume, homogeneous, ijkToRasFrom, rotationMatrix,
-                                 segmentEditor)
+from slicer_mrml_helpers import (EFFECT_IJK_TO_RAS, EFFECT_LPS, EFFECT_SHAPE, addVolume, homogeneous,
+                                 ijkToRasFrom, rotationMatrix)
 
-SHAPE = (6, 16, 18)  # K, J, I
-LPS = np.diag([-1.0, -1.0, 1.0])
+SHAPE, LPS = EFFECT_SHAPE, EFFECT_LPS  # K, J, I
 
 
 @pytest.fixture
-def makeEditor(scene):
-    return lambda withTransform=True: buildEditor(scene, withTransform)
+def makeEditor(scene, editedVolume):
+    return lambda withTransform=True: buildEditor(scene, editedVolume, withTransform)
 
 
 @pytest.fixture
@@ -28,23 +27,14 @@ def editor(makeEditor):
     return makeEditor(True)
 
 
-def buildEditor(scene, withTransform):
+def buildEditor(scene, editedVolume, withTransform):
     """LPS anisotropic volume (under a transform), three segments, Slicer's segment editor logic."""
-    rng = np.random.default_rng(3)
-    image = rng.normal(0, 20, SHAPE).astype(np.float32)
-    image[1:5, 4:12, 5:13] += 300
-    ijkToRas = ijkToRasFrom(LPS, (0.8, 0.8, 2.5), (7.0, 3.0, -2.0))
+    ijkToRas = EFFECT_IJK_TO_RAS
     parent = homogeneous(rotationMatrix((0, 0, 1), 90), (5.0, 0.0, 0.0)) if withTransform else np.eye(4)
-    volume = addVolume(scene, image, ijkToRas, "ct", parentTransform=parent if withTransform else None)
-    liver = np.zeros(SHAPE, np.uint8)
-    liver[2, 4:12, 5:13] = 1
-    liver[3, 5:11, 6:12] = 1  # two painted slices: both are support
-    spleen = np.zeros(SHAPE, np.uint8)
-    spleen[0:6, 0:16, 14:18] = 1  # a column at the border, overlapping where results may land
-    kidney = np.zeros(SHAPE, np.uint8)
-    kidney[0:6, 8:16, 0:18] = 1
-    segmentation, ids = addSegmentation(scene, volume, {"liver": liver, "spleen": spleen, "kidney": kidney})
-    editorNode, editorLogic = segmentEditor(scene, segmentation, volume, ids["liver"])
+    built = editedVolume(liverSlices=(2, 3), kidney=True,  # two painted slices: both are support
+                         parentTransform=parent if withTransform else None)
+    volume, segmentation, ids = built["volume"], built["segmentation"], built["ids"]
+    editorNode, editorLogic = built["editorNode"], built["editorLogic"]
     sliceNode = scene.AddNewNodeByClass("vtkMRMLSliceNode")
     sliceNode.SetOrientationToAxial()
     centre = parent @ ijkToRas @ np.array([9.0, 8.0, 2.0, 1.0])  # voxel (i, j, k) = (9, 8, 2)
@@ -60,7 +50,7 @@ def buildEditor(scene, withTransform):
                                             editorLogic.ModificationModeAdd, True, False)
 
     session = EffectSession(ProtoSAMLogic(), saveStateForUndo, modifySegment)
-    arrays = {"liver": liver, "spleen": spleen, "kidney": kidney}
+    arrays = built["arrays"]
     return dict(volume=volume, segmentation=segmentation, ids=ids, editorNode=editorNode, editorLogic=editorLogic,
                 sliceNode=sliceNode, session=session, saves=saves, arrays=arrays)
 

@@ -226,3 +226,29 @@ def test_worker_gets_copies_not_views_of_scene_memory(scene):
     assert not np.shares_memory(prepared.query, view)
     for mask in prepared.masks.values():
         assert mask.flags.c_contiguous and mask.dtype == np.uint8
+
+
+def test_the_thread_worker_kind_is_deprecated(tmp_path):
+    import warnings
+
+    from ProtoSAMSlicerLib import worker
+    from ProtoSAMSlicerLib.models import downloadWeightsFunction
+    from ProtoSAMSlicerLib.worker_client import WorkerClient
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default, the worker process, warns of nothing
+        assert isinstance(ProtoSAMLogic()._workerFor("cpu-deprecated"), WorkerClient)
+    with pytest.warns(DeprecationWarning, match=r'workerKind="thread"\) is deprecated and will be removed in the '
+                                                r"next release.*protosam\.segment_volume or protosam\.Session"):
+        logic = ProtoSAMLogic(workerKind="thread")
+    # Still works for this release: the logic's jobs run on an in-process thread.
+    thread = logic._workerFor("cpu-deprecated")
+    assert isinstance(thread, worker.Worker)
+    checkpoint = tmp_path / "custom.pth"
+    checkpoint.write_bytes(b"x")  # custom checkpoints: nothing to download, the job returns at once
+    selection = protosam.ModelSelection(dinov2_checkpoint=str(checkpoint), sam_checkpoint=str(checkpoint))
+    try:
+        job = thread.runUntilFinished(thread.submit(downloadWeightsFunction(selection, str(tmp_path))), timeout=30)
+    finally:
+        worker.shutdownThreadWorkers()
+    assert job.resultOrRaise() == [] and job.threadIdent != threading.get_ident()

@@ -1,4 +1,4 @@
-"""Model manager: choices, weights status, offline instructions, downloads on the worker."""
+"""Model manager: choices, weights status, offline instructions, downloads in the worker process."""
 
 import functools
 import hashlib
@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from ProtoSAMSlicerLib import models
-from ProtoSAMSlicerLib.worker import JobState, Worker
+from ProtoSAMSlicerLib.jobs import JobState
 from protosam import ModelSelection
 from protosam.errors import WeightsUnavailableError
 from protosam.weights import WeightsEntry
@@ -44,7 +44,7 @@ def test_choices_are_known_architectures_and_selection_is_validated():
         models.modelSelection(sam="vit_x")
 
 
-def test_status_download_with_progress_and_verified_cache(server, tmp_path):
+def test_status_download_with_progress_and_verified_cache(server, tmp_path, cpuWorker):
     served, base = server
     dino, sam = b"d" * 300_000, b"s" * 200_000
     (served / "d1.pth").write_bytes(dino)
@@ -57,12 +57,11 @@ def test_status_download_with_progress_and_verified_cache(server, tmp_path):
     text = models.offlineInstructions(statuses)
     assert f"{base}/d1.pth" in text and str(tmp_path / "home" / "weights" / "s1.pth") in text
 
-    worker = Worker("download-test")
+    worker = cpuWorker
     progress = []
     job = worker.submit(models.downloadWeightsFunction(selection, home, registry=registry),
                         onProgress=lambda j, done, total: progress.append((done, total)))
     worker.runUntilFinished(job, timeout=60)
-    worker.shutdown(5)
     assert job.state is JobState.SUCCEEDED, job.errorTraceback
     assert progress[-1] == (500_000, 500_000)
     assert [d for d, _ in progress] == sorted(d for d, _ in progress)
@@ -70,7 +69,7 @@ def test_status_download_with_progress_and_verified_cache(server, tmp_path):
     assert models.offlineInstructions(models.weightsStatus(selection, home, registry)).startswith("All model")
 
 
-def test_wrong_file_on_server_is_refused_and_custom_paths(server, tmp_path):
+def test_wrong_file_on_server_is_refused_and_custom_paths(server, tmp_path, cpuWorker):
     served, base = server
     (served / "d2.pth").write_bytes(b"tampered" * 1000)
     registry = {"d2": entry("d2", "dinov2", b"original" * 1000, base)}
@@ -79,10 +78,9 @@ def test_wrong_file_on_server_is_refused_and_custom_paths(server, tmp_path):
     selection = ModelSelection(dinov2="d2", sam="medsam_vit_b", sam_checkpoint=str(custom))
     statuses = models.weightsStatus(selection, str(tmp_path / "home"), registry)
     assert [s.status for s in statuses] == ["missing", "custom"]
-    worker = Worker("download-test-2")
+    worker = cpuWorker
     job = worker.runUntilFinished(worker.submit(
         models.downloadWeightsFunction(selection, str(tmp_path / "home"), registry=registry)), timeout=60)
-    worker.shutdown(5)
     assert job.state is JobState.FAILED and "not the published" in str(job.error)
     assert not (tmp_path / "home" / "weights" / "d2.pth").exists()
     missingCustom = ModelSelection(dinov2="d2", sam="vit_b", sam_checkpoint=str(tmp_path / "nope.pth"))
@@ -90,14 +88,13 @@ def test_wrong_file_on_server_is_refused_and_custom_paths(server, tmp_path):
         models.downloadWeightsFunction(missingCustom, str(tmp_path / "home"), registry=registry)
 
 
-def test_unreachable_server_gives_offline_instructions(tmp_path):
+def test_unreachable_server_gives_offline_instructions(tmp_path, cpuWorker):
     registry = {"d3": WeightsEntry(name="d3", family="dinov2", architecture="d3", file_name="d3.pth",
                                    url="http://127.0.0.1:9/d3.pth", size=10, sha256="0" * 64)}
-    worker = Worker("download-test-3")
+    worker = cpuWorker
     job = worker.runUntilFinished(worker.submit(models.downloadWeightsFunction(
         ModelSelection(dinov2="d3", sam="vit_b", sam_checkpoint=__file__), str(tmp_path), registry=registry)),
         timeout=60)
-    worker.shutdown(5)
     assert job.state is JobState.FAILED and isinstance(job.error, WeightsUnavailableError)
     assert "http://127.0.0.1:9/d3.pth" in str(job.error)
 

@@ -20,11 +20,11 @@ require_slicer_core()
 import slicer
 from ProtoSAMSlicerLib import effect_session, mrml_io
 from ProtoSAMSlicerLib.effect_session import EffectSession
-from ProtoSAMSlicerLib.logic import LocalSession, ProtoSAMLogic, correctionOrientation
-from ProtoSAMSlicerLib.worker import localEngines, workerForDevice
-from ProtoSAMSlicerLib.worker_client import WorkerSession
+from ProtoSAMSlicerLib.logic import ProtoSAMLogic, correctionOrientation
+from ProtoSAMSlicerLib.worker_client import WorkerSession, workerForDevice
 from protosam.serving import protocol
 from protosam.errors import CancelledError, InputError
+from protosam.serving.worker_process import Engines
 from protosam.session import Session
 from slicer_mrml_helpers import addSegmentation, addVolume, ijkToRasFrom, segmentEditor
 from test_slicer_module_widget import openModule
@@ -100,6 +100,16 @@ def repaintSlice(scene, result, segmentId):
     return expected
 
 
+_engines = []
+
+
+def localEngines() -> Engines:
+    """This process's engines for the reference sessions (the engine API, run in-process)."""
+    if not _engines:
+        _engines.append(Engines())
+    return _engines[0]
+
+
 def freshSessionMask(result, options, segmentId, supportVolumeNode, supportMask_Kji, repainted):
     """What a fresh engine Session gives with the run's support (slice PAINTED of
     ``supportMask_Kji`` on ``supportVolumeNode``; None: no support but the repainted slices)
@@ -128,11 +138,10 @@ def freshSessionMask(result, options, segmentId, supportVolumeNode, supportMask_
 
 
 # ----------------------------------------------------------------------------- logic
-@pytest.mark.parametrize("workerKind", ["process", "thread"])
 @pytest.mark.parametrize("crossVolume", [False, True], ids=["same_volume", "support_from_another_volume"])
-def test_update_keeps_repainted_slices_and_equals_a_fresh_session(scene, tinyOptions, workerKind, crossVolume):
+def test_update_keeps_repainted_slices_and_equals_a_fresh_session(scene, tinyOptions, crossVolume):
     target, support, segmentation, ids = buildCase(scene, crossVolume)
-    logic = ProtoSAMLogic(workerKind=workerKind)
+    logic = ProtoSAMLogic()
     idleCalls = []
     logic.idle = lambda: idleCalls.append(1)  # the GUI's slicer.app.processEvents
     result = run(logic, target, support, segmentation, ids, tinyOptions)
@@ -151,12 +160,7 @@ def test_update_keeps_repainted_slices_and_equals_a_fresh_session(scene, tinyOpt
     np.testing.assert_array_equal(liver, expected)
     np.testing.assert_array_equal(previewOf(result, spleenId), spleenBefore)  # not repainted: not updated
     assert logic.repaintedSlices(result) == {}  # what the update wrote is the new reference
-    if workerKind == "process":
-        assert isinstance(result.corrections, WorkerSession) and idleCalls, "Slicer must stay responsive"
-    else:
-        assert isinstance(result.corrections, LocalSession)
-        external = result.corrections.session.structures[liverId].external
-        assert (external is not None) == crossVolume  # the other patient's support is kept
+    assert isinstance(result.corrections, WorkerSession) and idleCalls, "Slicer must stay responsive"
     if crossVolume:
         # Without the other volume's support (the repainted slice alone) the result differs:
         # the equality above really tells that the external support was used.
@@ -182,7 +186,7 @@ def test_update_keeps_repainted_slices_and_equals_a_fresh_session(scene, tinyOpt
 
 def test_nothing_repainted_or_cancelled_changes_nothing(scene, tinyOptions):
     target, support, segmentation, ids = buildCase(scene)
-    logic = ProtoSAMLogic(workerKind="thread")
+    logic = ProtoSAMLogic()
     result = run(logic, target, support, segmentation, ids, tinyOptions)
     before = {k: previewOf(result, k) for k in result.segmentIds}
     with pytest.raises(InputError, match="No slice of the preview was repainted: repaint the wrong slices"):
@@ -306,9 +310,8 @@ def buildEffect(scene, logic):
     return target, segmentation, ids, session
 
 
-@pytest.mark.parametrize("workerKind", ["process", "thread"])
-def test_a_click_on_a_slice_without_embedding_reports_encoding(scene, tinyOptions, workerKind):
-    logic = ProtoSAMLogic(workerKind=workerKind)
+def test_a_click_on_a_slice_without_embedding_reports_encoding(scene, tinyOptions):
+    logic = ProtoSAMLogic()
     idleCalls = []
     logic.idle = lambda: idleCalls.append(1)
     target, segmentation, ids, session = buildEffect(scene, logic)
@@ -317,10 +320,7 @@ def test_a_click_on_a_slice_without_embedding_reports_encoding(scene, tinyOption
                   waitForCompletion=True)
     assert session.state == effect_session.PREVIEW
     # Every embedding is evicted (as the scene-close release or a small budget does).
-    if workerKind == "process":
-        workerForDevice("cpu").releaseCaches()
-    else:
-        localEngines().release()
+    workerForDevice("cpu").releaseCaches()
 
     def clickOn(k, ijk=(8.0, 10.0)):
         calls = []
@@ -331,8 +331,7 @@ def test_a_click_on_a_slice_without_embedding_reports_encoding(scene, tinyOption
         return calls
 
     assert clickOn(4) == [(0, 1), (1, 1)]  # encoded on demand, with progress
-    if workerKind == "process":
-        assert idleCalls, "Slicer must stay responsive while the worker encodes"
+    assert idleCalls, "Slicer must stay responsive while the worker encodes"
     assert clickOn(4, (9.0, 11.0)) == []  # cached now: one small request, no progress
     assert clickOn(1) == [(0, 1), (1, 1)]
     assert session.clicks(4) == [(8.0, 10.0, 1), (9.0, 11.0, 1)] and session.clicks(1) == [(8.0, 10.0, 1)]

@@ -171,11 +171,11 @@ def test_settings_weights_scene_close_and_quit(scene, slicerApp, monkeypatch):
     scene.Clear(False)
     assert widget._parameterNode is not None and widget._parameterNode.supportSegmentation is None
     # Quitting Slicer stops the device workers.
-    from ProtoSAMSlicerLib import worker
+    from ProtoSAMSlicerLib import worker_client
 
-    worker.workerForDevice("cpu")
+    worker_client.workerForDevice("cpu")
     slicerApp.emit("aboutToQuit()")
-    assert worker._workers == {}
+    assert worker_client._processWorkers == {}
     widget.cleanup()
 
 

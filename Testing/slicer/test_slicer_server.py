@@ -177,7 +177,7 @@ def test_server_session_without_a_worker_process_talks_to_the_server_directly(ti
     """Headless scripts (thread worker): the ServerSession makes its requests itself, with the same
     results as through the worker process; after close the server has forgotten the session."""
     from ProtoSAMSlicerLib.server_session import ServerSession
-    from ProtoSAMSlicerLib.worker import workerForDevice
+    from ProtoSAMSlicerLib.worker_client import workerForDevice
 
     rng = np.random.default_rng(4)
     volume = rng.normal(0, 20, (4, 20, 24)).astype(np.float32)

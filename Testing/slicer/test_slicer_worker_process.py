@@ -30,12 +30,14 @@ require_slicer_core()
 
 from ProtoSAMSlicerLib import geometry, models, mrml_io, worker_client
 from ProtoSAMSlicerLib.logic import ProtoSAMLogic
-from ProtoSAMSlicerLib.worker import JobState, workerForDevice
-from ProtoSAMSlicerLib.worker_client import WorkerClient, WorkerStartError
+from ProtoSAMSlicerLib.jobs import JobState
+from ProtoSAMSlicerLib.worker_client import WorkerClient, WorkerStartError, workerForDevice
+import protosam
 from protosam import ModelSelection
 from protosam.serving import protocol
 from protosam.errors import CancelledError, InputError
 from protosam.serving.protocol import WorkerCrashedError
+from protosam.serving.worker_process import Engines, run_job
 from protosam.weights import WeightsEntry
 from slicer_mrml_helpers import addSegmentation, addVolume, homogeneous, ijkToRasFrom, rotationMatrix
 from test_slicer_logic import PAINTED, imageAndMasks
@@ -78,28 +80,40 @@ def runToEnd(logic, *args, timeout=600, **kwargs):
     return handle
 
 
+_engines = []
+
+
+def runInProcess(request, progress=lambda done, total: None, cancel=None):
+    """The worker's own ``run_job`` on a request the logic sent, called here in this process
+    (the engine API, no worker process); the engines stay loaded for the module's tests."""
+    if not _engines:
+        _engines.append(Engines())
+    return run_job(_engines[0], request, progress, cancel or threading.Event())
+
+
 # ----------------------------------------------------------------------------- same results
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_same_segmentation_through_the_worker_process_as_in_process(scene, tinyOptions, case):
     volume, segmentation, ids, arrays = buildVolume(scene, case)
-    viaProcess = runToEnd(ProtoSAMLogic(), volume, segmentation, [ids["liver"]], options=tinyOptions)
-    viaThread = runToEnd(ProtoSAMLogic(workerKind="thread"), volume, segmentation, [ids["liver"]], options=tinyOptions)
+    viaProcess = ProtoSAMLogic().process(volume, segmentation, [ids["liver"]], options=tinyOptions,
+                                         waitForCompletion=False)
+    request = viaProcess.job.function.workerRequest  # what the logic sent to the worker
+    viaProcess.worker.runUntilFinished(viaProcess.job, timeout=600)
     assert viaProcess.worker.pid not in (None, os.getpid())  # really another process
-    assert viaThread.worker.threadIdent is not None
-    processEngine, threadEngine = viaProcess.job.result, viaThread.job.result
+    processEngine = viaProcess.job.result
+    inProcess = protosam.VolumeResult(**runInProcess(request))
     # The engine ran on the same arrays with the same code: identical engine output, bit for bit
-    # (same machine, same library, same thread count), and identical masks in the scene.
-    assert processEngine.support_slices == threadEngine.support_slices
-    assert processEngine.processed_slices == threadEngine.processed_slices
-    for key, mask in threadEngine.masks.items():
+    # (same machine, same library, same thread count), and the scene holds exactly that mask.
+    assert processEngine.support_slices == inProcess.support_slices
+    assert processEngine.processed_slices == inProcess.processed_slices
+    for key, mask in inProcess.masks.items():
         assert processEngine.masks[key].dtype == mask.dtype and np.array_equal(processEngine.masks[key], mask)
-    first, second = viaProcess.resultOrRaise(), viaThread.resultOrRaise()
-    assert first.supportSlices == second.supportSlices == {ids["liver"]: [PAINTED]}
+    first = viaProcess.resultOrRaise()
+    assert first.supportSlices == {ids["liver"]: [PAINTED]}
     a = mrml_io.segmentToArray(first.previewSegmentationNode, ids["liver"], volume)
-    b = mrml_io.segmentToArray(second.previewSegmentationNode, ids["liver"], volume)
-    assert a.any() and np.array_equal(a, b)
+    assert a.any() and np.array_equal(a != 0, inProcess.masks[ids["liver"]] != 0)
     assert segmentsUnchanged(segmentation, volume, ids, arrays)
-    # The transfer files of both runs are gone.
+    # The transfer files of the run are gone.
     assert os.listdir(viaProcess.worker._transferDir) == []
 
 
@@ -288,24 +302,41 @@ def test_the_gil_trap_does_not_slow_the_worker_process(scene, tinyOptions):
     times = {True: [], False: []}
     for trapped in (True, False) * 3:  # interleaved: other load on the machine hits both alike
         handle = run(logic)
+        request = handle.job.function.workerRequest
         times[trapped].append(waitLikeSlicer(logic, handle, trapped))
         handle.resultOrRaise()
     print(f"\nworker process, 4 slices: trapped {times[True]} s, free {times[False]} s")
     assert min(times[True]) <= 1.5 * min(times[False]), times
 
-    # The old thread worker under the same trap (bounded measurement, models loaded first).
-    threadLogic = ProtoSAMLogic(workerKind="thread")
-    handle = run(threadLogic)
-    free = waitLikeSlicer(threadLogic, handle, trapped=False)
-    handle.resultOrRaise()
-    total = handle.progress[1]
-    handle = run(threadLogic)
+    # The same job on a Python thread of this process (what the removed thread worker did),
+    # under the same trap (bounded measurement, models loaded first).
+    def onThread(progressSeen, cancel):
+        def work():
+            try:
+                runInProcess(request, lambda done, total: progressSeen.append((done, total)), cancel)
+            except CancelledError:
+                pass
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        return thread
+
+    def waitThreadLikeSlicer(thread, trapped, limit=1e9):
+        started = time.monotonic()
+        while thread.is_alive() and time.monotonic() - started < limit:
+            (trappedSleep if trapped else time.sleep)(POLL_S)
+        return time.monotonic() - started
+
+    seen = []
+    free = waitThreadLikeSlicer(onThread(seen, threading.Event()), trapped=False)
+    total = seen[-1][1]
+    seen, cancel = [], threading.Event()
+    thread = onThread(seen, cancel)
     window = min(3 * free, 30.0)
-    waitLikeSlicer(threadLogic, handle, trapped=True, limit=window)
-    doneTrapped = handle.progress[0]
-    handle.cancel()
-    waitLikeSlicer(threadLogic, handle, trapped=False)
-    print(f"thread worker: free run {free:.1f} s for {total} slices; trapped: {doneTrapped}/{total} slices "
+    waitThreadLikeSlicer(thread, trapped=True, limit=window)
+    doneTrapped = seen[-1][0] if seen else 0
+    cancel.set()
+    thread.join(60)
+    print(f"thread: free run {free:.1f} s for {total} slices; trapped: {doneTrapped}/{total} slices "
           f"in {window:.1f} s")
     assert doneTrapped < total  # the thread starves where the process does not
 

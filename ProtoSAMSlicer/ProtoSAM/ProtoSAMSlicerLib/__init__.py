@@ -1,9 +1,10 @@
 """Qt-free building blocks of the ProtoSAM Slicer module and Segment Editor effect.
 
-geometry (numpy only), mrml_io (MRML <-> arrays), worker and worker_client (device workers: the
-worker process client, and an in-process thread for headless scripts; no Qt/MRML),
-logic (headless ProtoSAMLogic), results (preview and accepted segments), dependencies and
-models (first-run setup), effect_session (Segment Editor effect behaviour).
+geometry (numpy only), mrml_io (MRML <-> arrays), jobs (job states and handles; no Qt/MRML),
+worker_client (the device worker processes, the one compute path; no Qt/MRML), worker (the
+deprecated in-process thread worker, removed in the next release), logic (headless
+ProtoSAMLogic), results (preview and accepted segments), dependencies and models (first-run
+setup), effect_session (Segment Editor effect behaviour).
 """
 
 import pathlib

@@ -96,7 +96,7 @@ class EffectSession:
         self.lastError: Optional[BaseException] = None
         self._onFinished: Optional[Callable[["EffectSession"], None]] = None
         self.options = ProcessOptions()
-        self.corrections = None  # WorkerSession (or protosam Session on a thread worker), opened at the first click
+        self.corrections = None  # WorkerSession (LocalSession on the deprecated thread worker), opened at the 1st click
         self.clickMarkups = None  # vtkMRMLMarkupsFiducialNode drawing the clicks
         self._clickOrder: List[int] = []  # slice of each click, in order (for undo)
         self._clickLog: dict = {}  # slice -> [(x, y, label)] in clickTarget's frame

@@ -5,8 +5,9 @@ Python scripts and tests: ``waitForCompletion=True`` blocks (polling the worker)
 the result; ``False`` returns a PropagationJob at once and the caller polls ``logic.poll()``
 (the GUI does from a QTimer). No Qt anywhere; MRML is read and written on the calling (main)
 thread only, the worker receives numpy arrays. The engine runs in the persistent ProtoSAM worker
-process (worker_client.py; never on a Python thread inside Slicer: the GIL trap), or, with
-``ProtoSAMLogic(workerKind="thread")``, on an in-process thread for headless scripts.
+process (worker_client.py; never on a Python thread inside Slicer: the GIL trap). The in-process
+thread of ``ProtoSAMLogic(workerKind="thread")`` is deprecated and removed in the next release: a
+headless script that wants no worker process calls ``protosam.segment_volume`` / ``protosam.Session``.
 
 Geometry: volumes and segments are read as KJI arrays and handed to the engine with their
 ijkToWorld matrices and the slicing plane of the slice view (an oblique view is refused). The
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import warnings
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -32,10 +34,16 @@ from protosam.errors import CancelledError, InputError
 from protosam.orientation import plane_of_ijk_axis
 
 from . import geometry, mrml_io, results
-from .worker import Job, Worker, threadWorkerForDevice, workerForDevice
-from .worker_client import RequestFunction
+from .jobs import JobHandle, JobRunner
+from .worker_client import RequestFunction, workerForDevice
 
 logger = logging.getLogger(__name__)
+
+#: The warning of ``ProtoSAMLogic(workerKind="thread")``.
+THREAD_WORKER_DEPRECATION = (
+    'ProtoSAMLogic(workerKind="thread") is deprecated and will be removed in the next release: the '
+    "Slicer code computes in the worker process (the default). For in-process work without a worker "
+    "process, call the engine API: protosam.segment_volume or protosam.Session.")
 
 SupportSlices = Union[None, int, Sequence[int], Mapping[str, Union[int, Sequence[int]]]]
 AXIAL_NORMAL = (0.0, 0.0, 1.0)
@@ -123,8 +131,8 @@ class PropagationJob:
         self.logic = logic
         self.nodes = [n for n in nodes if n is not None]
         self.segmentIds = list(segmentIds)
-        self.job: Optional[Job] = None
-        self.worker: Optional[Worker] = None
+        self.job: Optional[JobHandle] = None
+        self.worker: Optional[JobRunner] = None
         self.result: Optional[PropagationResult] = None
         self.error: Optional[BaseException] = None
         self.finished = False
@@ -172,17 +180,21 @@ class ProtoSAMLogic:
     """Runs ProtoSAM on MRML nodes; works without the GUI (see module docstring)."""
 
     def __init__(self, worker=None, workerKind: str = "process"):
-        """worker: a Worker or WorkerClient to run every job on (default: the device's).
-        workerKind: "process" (default; the GUI's) or "thread" (headless scripts only)."""
+        """worker: a WorkerClient to run every job on (default: the device's worker process).
+        workerKind: "process" (default). "thread" (an in-process thread) is deprecated and
+        removed in the next release: for in-process work without a worker process, call the
+        engine API (``protosam.segment_volume``, ``protosam.Session``)."""
         if workerKind not in ("process", "thread"):
             raise ValueError(f"workerKind must be 'process' or 'thread', not {workerKind!r}")
+        if workerKind == "thread":
+            warnings.warn(THREAD_WORKER_DEPRECATION, DeprecationWarning, stacklevel=2)
         self._worker = worker
         self.workerKind = workerKind
         self.activeJobs: List[PropagationJob] = []
         #: Called between polls while waiting (the GUI sets slicer.app.processEvents).
         self.idle: Optional[Callable[[], None]] = None
         self._observedScenes = {}
-        self._usedWorkers: Dict[int, Worker] = {}
+        self._usedWorkers: Dict[int, JobRunner] = {}
 
     # ------------------------------------------------------------------ preparation (main)
     def prepare(self, targetVolumeNode, supportSegmentationNode, segmentIds: Sequence[str], *,
@@ -301,7 +313,7 @@ class ProtoSAMLogic:
                                 list(prepared.masks))
         handle.options = options
 
-        def onWorkerFinished(job: Job) -> None:
+        def onWorkerFinished(job: JobHandle) -> None:
             self._finish(handle, job, prepared, targetVolumeNode, supportVolumeNode, supportSegmentationNode)
             if onFinished is not None:
                 onFinished(handle)
@@ -357,9 +369,14 @@ class ProtoSAMLogic:
 
     def _workerFor(self, device: str):
         """The worker that runs jobs on ``device``: the one given to this logic, else the
-        device's persistent worker process (or its thread worker for headless scripts)."""
-        return self._worker or (workerForDevice(device) if self.workerKind == "process"
-                                else threadWorkerForDevice(device))
+        device's persistent worker process (or, deprecated, its in-process thread worker)."""
+        if self._worker is not None:
+            return self._worker
+        if self.workerKind == "thread":
+            from .worker import threadWorkerForDevice
+
+            return threadWorkerForDevice(device)
+        return workerForDevice(device)
 
     def poll(self) -> None:
         """Deliver progress and completion of queued runs (call from a QTimer in the GUI)."""
@@ -377,7 +394,7 @@ class ProtoSAMLogic:
             worker.releaseCaches(models=models)
 
     # ------------------------------------------------------------------ results (main)
-    def _finish(self, handle: PropagationJob, job: Job, prepared: PreparedRun, targetVolumeNode,
+    def _finish(self, handle: PropagationJob, job: JobHandle, prepared: PreparedRun, targetVolumeNode,
                 supportVolumeNode, supportSegmentationNode) -> None:
         try:
             engineResult = job.resultOrRaise()
@@ -447,12 +464,11 @@ class ProtoSAMLogic:
         It adopts the masks the run (or the last update) wrote, with the run's painted slices as
         fixed slices, or, when the support was painted on another volume, with that support.
         Returns a WorkerSession (worker process: the GUI's case), a ServerSession (Compute on:
-        server; the session lives on the server) or a LocalSession (thread worker: headless
-        scripts); all have the methods of protosam.session.Session it uses.
+        server; the session lives on the server) or a LocalSession (the deprecated thread
+        worker); all have the methods of protosam.session.Session it uses.
         """
         from protosam.orientation import canonical_orientation
 
-        from .worker import localEngines
         from .worker_client import WorkerClient, WorkerSession
 
         options = result.options or ProcessOptions()
@@ -507,6 +523,8 @@ class ProtoSAMLogic:
                                  supportVolume=supportVolume, supportMasks=supportMasks, supportSlices=supportSlices,
                                  idle=self.idle)
         from protosam.session import Session
+
+        from .worker import localEngines  # the deprecated thread worker's engines
 
         session = Session(localEngines().get(engineSpec), volume, axis=0, modality=options.modality,
                           cache_bytes=None, auto_extent=options.autoExtent,
@@ -647,7 +665,7 @@ def correctionOrientation(result: PropagationResult):
 
 
 class LocalSession:
-    """A protosam.session.Session on this process's engine (thread worker: headless scripts),
+    """A protosam.session.Session on this process's engine (the deprecated thread worker),
     with WorkerSession's methods: the Session's own, and progress for a click that encodes."""
 
     def __init__(self, session):

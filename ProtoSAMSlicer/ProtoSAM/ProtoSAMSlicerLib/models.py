@@ -131,8 +131,8 @@ def downloadWeightsFunction(models: ModelSelection, home: Optional[str] = None, 
 class EngineCache:
     """The last Engine built, reused while models, preset and device stay the same.
 
-    Build and use it only on the device's worker thread (models stay on that thread, see
-    worker.py). One engine at a time: big models do not fit twice in GPU memory.
+    Build and use it only on one thread (PyTorch/cuDNN cache kernels and plans per thread).
+    One engine at a time: big models do not fit twice in GPU memory.
     """
 
     def __init__(self):
@@ -163,6 +163,6 @@ _engineCachesLock = threading.Lock()
 
 
 def engineCacheForDevice(device: str) -> EngineCache:
-    """The session-wide engine cache of a device (pairs with worker.workerForDevice)."""
+    """The session-wide engine cache of a device (pairs with worker_client.workerForDevice)."""
     with _engineCachesLock:
         return _engineCaches.setdefault(device, EngineCache())

@@ -9,7 +9,7 @@ In Slicer every request goes through the local worker process, which relays it o
 (:func:`protosam.serving.client.forwarding_session_request`): no network transfer runs in
 Slicer's process, and while a request is in flight Slicer keeps processing events (the
 logic's ``idle`` callable, called between polls of the worker). Without a worker process
-(headless scripts with the thread worker) the requests are made directly on the calling thread.
+(the deprecated thread worker) the requests are made directly on the calling thread.
 """
 
 from __future__ import annotations

@@ -1,137 +1,42 @@
-"""Where ProtoSAM jobs run (no Qt, no MRML): the device workers and the in-process thread worker.
+"""DEPRECATED: the in-process thread worker (``ProtoSAMLogic(workerKind="thread")``); removed in
+the next release.
 
-``workerForDevice(device)`` is what the module, the effect and ``ProtoSAMLogic`` use: the client
-of a persistent worker PROCESS (worker_client.WorkerClient), because inside the Slicer
-application a Python thread only advances while the main thread runs Python (the GIL trap,
-see worker_client.py). ``Worker`` below is the in-process alternative: one persistent thread
-that runs job functions, kept for headless scripts and tests (``threadWorkerForDevice``).
-Both take the same job functions (``worker_client.RequestFunction``) and return handles with
-the same interface (progress, remainingSeconds(), cancel(), finished, resultOrRaise()).
+The Slicer code computes in the worker process only (worker_client.WorkerClient, reached
+through ``worker_client.workerForDevice``): inside the Slicer application a Python thread only
+advances while the main thread runs Python (the GIL trap, see worker_client.py), so a thread
+worker is a path users must never take. A headless script that wants no worker process calls
+the engine API instead (``protosam.segment_volume``, ``protosam.Session``), which is what it is for.
 
-Why persistent: PyTorch/cuDNN cache kernels and plans per thread (and per process), and a new
-thread per run was measured ~10x slower on its first call, so models stay loaded and run on
-the same thread for the lifetime of the Slicer session.
-
-Contract for thread job functions: they receive only numpy arrays and plain Python values, and
-they never touch Qt or MRML (neither is thread-safe). They are called as
-``function(progress, cancelEvent)`` where ``progress(done, total)`` reports work units (slices)
-and ``cancelEvent`` is a ``threading.Event`` they must check at least once per unit.
-
-Events (started, progress, finished) are queued by the worker thread and delivered on the
-thread that calls ``Worker.poll()``: the Slicer GUI calls it from a QTimer, synchronous callers
-from ``Worker.runUntilFinished``. Callbacks therefore run on the main thread and may update the
-GUI or MRML.
+``Worker`` runs the same jobs as the worker process (``worker_client.RequestFunction``, run here
+through ``protosam.serving.worker_process.run_job``) or plain functions called as
+``function(progress, cancelEvent)``, on one persistent daemon thread, and returns handles with
+the jobs.JobHandle interface. Events are queued by the thread and delivered by ``poll()`` on
+the calling thread. This module builds on jobs and worker_client; neither imports it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import itertools
 import logging
 import queue
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from protosam.errors import CancelledError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .worker_client import WorkerClient
+from .jobs import (DEFAULT_POLL_INTERVAL_S, FINAL_STATES, JobEvent, JobFunction, JobHandle, JobRunner, JobState,
+                   ProgressFunction)
+from .worker_client import RequestFunction, shutdownAllWorkers as shutdownProcessWorkers, workerForDevice
+
+# The names this module had before jobs.py and worker_client's registry took them: still here
+# for scripts that imported them from it, until the module goes.
+__all__ = ["DEFAULT_POLL_INTERVAL_S", "FINAL_STATES", "Job", "JobEvent", "JobFunction", "JobHandle", "JobRunner",
+           "JobState", "ProgressFunction", "Worker", "localEngines", "runRequest", "shutdownAllWorkers",
+           "shutdownThreadWorkers", "threadWorkerForDevice", "workerForDevice"]
 
 logger = logging.getLogger(__name__)
-
-ProgressFunction = Callable[[int, int], None]
-JobFunction = Callable[[ProgressFunction, threading.Event], Any]
-
-#: How long synchronous waits block between two polls (seconds): short enough to keep a GUI
-#: responsive when ``idle`` processes events, long enough not to spin.
-DEFAULT_POLL_INTERVAL_S = 0.03
-
-
-class JobState(enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-FINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
-
-
-@dataclasses.dataclass(frozen=True)
-class JobEvent:
-    """Something that happened to a job. kind: "started", "progress" or "finished"."""
-
-    job: "Job"
-    kind: str
-    done: int = 0
-    total: int = 0
-
-
-class JobHandle:
-    """What a caller holds of a queued job, on either worker (the thread Worker's Job, the
-    worker process's worker_client.ProcessJob): identity, callbacks, cancel, final state.
-
-    ``state``, ``result``, ``error`` are final once ``finished`` is True. ``progress`` is the
-    latest (done, total) delivered by ``poll``.
-    """
-
-    _ids = itertools.count(1)  # each subclass numbers its own jobs
-
-    def __init__(self, function, name: str, cancelEvent: Optional[threading.Event], onProgress, onFinished):
-        self.id = next(type(self)._ids)
-        self.name = name
-        self.function = function
-        self.cancelEvent = cancelEvent if cancelEvent is not None else threading.Event()
-        self.onProgress = onProgress
-        self.onFinished = onFinished
-        self.state = JobState.QUEUED
-        self.result: Any = None
-        self.error: Optional[BaseException] = None
-        self.errorTraceback = ""
-        self.progress = (0, 0)
-        self.startedAt: Optional[float] = None
-        self.finishedAt: Optional[float] = None
-        self._finishDelivered = False
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.id} {self.name!r} {self.state.value}>"
-
-    def cancel(self) -> None:
-        """Ask the job to stop: a queued job never starts, a running one stops at its next check."""
-        self.cancelEvent.set()
-
-    @property
-    def cancelRequested(self) -> bool:
-        return self.cancelEvent.is_set()
-
-    @property
-    def finished(self) -> bool:
-        return self.state in FINAL_STATES
-
-    def resultOrRaise(self) -> Any:
-        """The job's result on the calling thread; re-raises its error or CancelledError."""
-        if not self.finished:
-            raise RuntimeError(f"{self!r} has not finished yet")
-        if self.state is JobState.FAILED:
-            raise self.error
-        if self.state is JobState.CANCELLED:
-            raise self._cancelledError()
-        return self.result
-
-    def _cancelledError(self) -> CancelledError:
-        return CancelledError(f"'{self.name}' was cancelled; nothing was changed.")
-
-    def remainingSeconds(self, now: Optional[float] = None) -> Optional[float]:
-        """Estimated time left from the average time per unit so far, or None if unknown."""
-        done, total = self.progress
-        if self.startedAt is None or done <= 0 or total <= 0:
-            return None
-        elapsed = (now if now is not None else time.monotonic()) - self.startedAt
-        return max(0.0, elapsed / done * (total - done))
 
 
 class Job(JobHandle):
@@ -155,38 +60,8 @@ class Job(JobHandle):
         return self._threadDone.wait(timeout)
 
 
-class JobRunner:
-    """What the thread worker and the worker process share: a blocking wait on one job that
-    delivers its events (callbacks included) on the calling thread."""
-
-    def poll(self):
-        raise NotImplementedError
-
-    def _waitBetweenPolls(self, job: JobHandle, seconds: float) -> None:
-        raise NotImplementedError
-
-    def runUntilFinished(self, job: JobHandle, timeout: Optional[float] = None,
-                         interval: float = DEFAULT_POLL_INTERVAL_S,
-                         idle: Optional[Callable[[], None]] = None) -> JobHandle:
-        """Poll until ``job``'s 'finished' event has been delivered (callbacks included).
-
-        idle: called between polls (e.g. ``slicer.app.processEvents``) to keep a GUI alive.
-        Raises TimeoutError after ``timeout`` seconds (the job keeps running).
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            self.poll()
-            if job._finishDelivered:
-                return job
-            if idle is not None:
-                idle()
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"{job!r} did not finish within {timeout} s")
-            self._waitBetweenPolls(job, interval)
-
-
 class Worker(JobRunner):
-    """A persistent daemon thread executing jobs one at a time, in submission order."""
+    """A persistent daemon thread executing jobs one at a time, in submission order (deprecated)."""
 
     def __init__(self, name: str = "ProtoSAM-worker"):
         self.name = name
@@ -202,6 +77,9 @@ class Worker(JobRunner):
                onProgress: Optional[Callable[[Job, int, int], None]] = None,
                onFinished: Optional[Callable[[Job], None]] = None) -> Job:
         """Queue ``function(progress, cancelEvent)``; callbacks are called from ``poll``."""
+        if isinstance(function, RequestFunction):
+            request = function
+            function = lambda progress, cancel: runRequest(request, progress, cancel)  # noqa: E731
         if not callable(function):
             raise ValueError(f"function must be callable, got {function!r}")
         job = Job(function, name, cancelEvent, onProgress, onFinished)
@@ -319,7 +197,6 @@ class Worker(JobRunner):
 
 
 _workers: Dict[str, Worker] = {}
-_processWorkers: Dict[str, "WorkerClient"] = {}
 _workersLock = threading.Lock()
 _localEngines = None
 
@@ -335,9 +212,16 @@ def localEngines():
         return _localEngines
 
 
+def runRequest(function: RequestFunction, progress: ProgressFunction, cancel: threading.Event):
+    """Run a worker-process job on the calling thread, on this process's engines."""
+    from protosam.serving.worker_process import run_job
+
+    return function.decodeResult(run_job(localEngines(), function.workerRequest, progress, cancel))
+
+
 def threadWorkerForDevice(device: str) -> Worker:
-    """The session-wide in-process thread worker of a device (headless scripts and tests only:
-    inside the Slicer application a Python thread starves, see worker_client.py)."""
+    """The session-wide in-process thread worker of a device (deprecated, see the module's
+    docstring: inside the Slicer application a Python thread starves)."""
     _checkDevice(device)
     with _workersLock:
         worker = _workers.get(device)
@@ -346,30 +230,21 @@ def threadWorkerForDevice(device: str) -> Worker:
         return worker
 
 
-def workerForDevice(device: str) -> "WorkerClient":
-    """The session-wide worker process client of a device ("cpu", "cuda", "cuda:1", "mps"),
-    created on first use; its process starts with the first job."""
-    from .worker_client import WorkerClient
-
-    _checkDevice(device)
-    with _workersLock:
-        client = _processWorkers.get(device)
-        if client is None:
-            client = _processWorkers[device] = WorkerClient(name=f"ProtoSAM-{device}")
-        return client
-
-
 def _checkDevice(device: str) -> None:
     if not isinstance(device, str) or not device:
         raise ValueError(f"device must be a non-empty string, got {device!r}")
 
 
-def shutdownAllWorkers(timeout: Optional[float] = 5.0) -> None:
-    """Stop every device worker, threads and processes (called when Slicer exits or the
-    module is reloaded)."""
+def shutdownThreadWorkers(timeout: Optional[float] = 5.0) -> None:
+    """Stop every thread worker of this process."""
     with _workersLock:
-        workers = list(_workers.values()) + list(_processWorkers.values())
+        workers = list(_workers.values())
         _workers.clear()
-        _processWorkers.clear()
     for worker in workers:
         worker.shutdown(timeout)
+
+
+def shutdownAllWorkers(timeout: Optional[float] = 5.0) -> None:
+    """Stop every device worker, threads and processes."""
+    shutdownThreadWorkers(timeout)
+    shutdownProcessWorkers(timeout)

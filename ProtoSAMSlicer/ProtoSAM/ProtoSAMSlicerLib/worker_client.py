@@ -9,7 +9,7 @@ keeps models and encoder caches loaded between runs, and can be killed when it d
 Everything here is driven from ``WorkerClient.poll()``, called by the GUI from a QTimer (or by
 ``runUntilFinished`` in scripts): the socket is non-blocking, so ``poll`` only reads what has
 arrived and returns at once. Events (progress, finished) are delivered from ``poll`` on the
-calling thread, like the thread worker's, so callbacks may touch MRML and the GUI.
+calling thread (jobs.JobRunner), so callbacks may touch MRML and the GUI.
 
 Transport: a TCP socket on 127.0.0.1 that this client listens on; the worker connects back and
 sends the per-start random token it read from its stdin. Sockets have non-blocking reads with
@@ -44,7 +44,7 @@ import numpy as np
 from protosam.serving import protocol
 from protosam.errors import CancelledError, ProtoSAMError
 
-from .worker import DEFAULT_POLL_INTERVAL_S, JobHandle, JobRunner, JobState
+from .jobs import DEFAULT_POLL_INTERVAL_S, JobHandle, JobRunner, JobState
 
 logger = logging.getLogger(__name__)
 workerLogger = logging.getLogger("ProtoSAM.worker")
@@ -96,9 +96,7 @@ def logTail(path: Optional[Path], lines: int = LOG_TAIL_LINES) -> str:
 
 
 class RequestFunction:
-    """A job that either worker kind can run: the worker process receives ``workerRequest``
-    (a protocol.JobSubmit); the in-process thread worker calls the object, which runs the same
-    engine-side code (``protosam.serving.worker_process.run_job``) on its thread.
+    """A job for the worker process: ``workerRequest`` is the protocol.JobSubmit it receives.
 
     decodeResult: turns the job's JSON/array value into what callers expect (e.g. VolumeResult).
     """
@@ -107,16 +105,9 @@ class RequestFunction:
         self.workerRequest = request
         self.decodeResult = decodeResult
 
-    def __call__(self, progress, cancel):
-        from protosam.serving.worker_process import run_job
-
-        from .worker import localEngines
-
-        return self.decodeResult(run_job(localEngines(), self.workerRequest, progress, cancel))
-
 
 class ProcessJob(JobHandle):
-    """Handle of a job run by the worker process (same interface as worker.Job).
+    """Handle of a job run by the worker process (the jobs.JobHandle interface).
 
     ``details`` holds what the worker reported with an error (e.g. ``done_at_cancel`` /
     ``done_at_stop`` slices for a cancel).
@@ -387,7 +378,7 @@ class WorkerClient(JobRunner):
     def _startFailureText(self, what: str) -> str:
         return (f"The ProtoSAM worker process could not start: {what}.\nCommand line: "
                 f"{subprocess.list2cmdline(self.commandLine)}\nLog file {self.logPath}, last lines:\n{logTail(self.logPath)}"
-                "\nCheck that ProtoSAM's Python packages are installed for this Python (see README, 'Troubleshooting').")
+                "\nCheck that ProtoSAM's Python packages are installed for this Python (see docs/slicer.md, 'Troubleshooting').")
 
     def _advanceStart(self) -> None:
         process = self._process
@@ -740,6 +731,31 @@ def _shutdownAtExit() -> None:
             client.shutdown(timeout=2.0)
         except Exception:  # interpreter exit: best effort only
             pass
+
+
+_processWorkers: Dict[str, WorkerClient] = {}
+_processWorkersLock = threading.Lock()
+
+
+def workerForDevice(device: str) -> WorkerClient:
+    """The session-wide worker process client of a device ("cpu", "cuda", "cuda:1", "mps"),
+    created on first use; its process starts with the first job."""
+    if not isinstance(device, str) or not device:
+        raise ValueError(f"device must be a non-empty string, got {device!r}")
+    with _processWorkersLock:
+        client = _processWorkers.get(device)
+        if client is None:
+            client = _processWorkers[device] = WorkerClient(name=f"ProtoSAM-{device}")
+        return client
+
+
+def shutdownAllWorkers(timeout: Optional[float] = 5.0) -> None:
+    """Stop every device's worker process (called when Slicer exits or the module is reloaded)."""
+    with _processWorkersLock:
+        clients = list(_processWorkers.values())
+        _processWorkers.clear()
+    for client in clients:
+        client.shutdown(timeout)
 
 
 class WorkerSession:
