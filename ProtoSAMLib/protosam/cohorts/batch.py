@@ -11,9 +11,15 @@ The manifest is a CSV file with a header row and one row per target volume:
 Relative paths are relative to the manifest's folder. Every output is written atomically,
 then a sidecar ``<output>.protosam.json`` records the parameters that decided it (engine
 version, models and checkpoint identities, preset, labels, options, and the SHA-256 of the
-image, support image and support mask files) plus the output's own SHA-256. A later run
-skips a row whose output and sidecar match the current parameters and redoes the others, so
-an interrupted cohort resumes where it stopped and a changed option or file is redone.
+image, support image and support mask) plus the output's own SHA-256; a volume stored as a
+detached header (``.nhdr``, ``.mhd``, ``.hdr``) is hashed with the data files it names. A
+later run skips a row whose output and sidecar match the current parameters and redoes the
+others, so an interrupted cohort resumes where it stopped and a changed option or file is
+redone.
+
+Before anything is read, :func:`check_batch_paths` refuses a summary or output that is an
+input of any row, a support file or the manifest. Each row ends ``done``, ``skipped``,
+``failed``, ``interrupted`` or ``not run`` (see :class:`JobOutcome`).
 
 Reading, checking and propagating reuse ``protosam segment``'s own functions
 (:func:`protosam.cli.common.read_segment_inputs`, :func:`protosam.cli.common.propagate_labels`). This module
