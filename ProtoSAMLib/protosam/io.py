@@ -14,8 +14,9 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -28,7 +29,7 @@ __all__ = [
     "read_volume", "write_labelmap", "check_same_geometry", "slice_axis_for_plane", "atomic_output",
     "save_npz_atomic", "PLANES", "MAX_LABEL_VALUE", "LABELMAP_FORMATS", "labelmap_files", "volume_files",
     "same_file", "check_input_file", "check_output_file", "check_labelmap_output", "check_report_folder",
-    "check_segment_paths",
+    "check_segment_paths", "check_writable", "check_labelmap_format", "WritePlan",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -129,28 +130,71 @@ def labelmap_files(path: PathLike) -> List[Path]:
     return [path] + [path.with_name(stem + companion) for companion in LABELMAP_FORMATS.get(suffix, ())]
 
 
+#: Header keys naming the data file(s) of a detached header: NRRD ``data file:`` (also
+#: ``datafile:``) and MetaImage ``ElementDataFile =``. Each takes one file name, ``LIST`` (the
+#: names follow, one a line, to the end of the header), or a printf pattern with ``min max step``
+#: (``slice%03d.raw 1 40 1``); NRRD's ``LOCAL`` / MetaImage's ``LOCAL`` mean the data follow the
+#: header in the same file.
+_DATA_FILE_KEY = re.compile(r"^\s*(?:ElementDataFile\s*=|data\s*file\s*:)\s*(.*?)\s*$", re.IGNORECASE)
+_HEADER_BYTES = 1 << 20
+
+
+def _data_file_names(header: Path) -> List[str]:
+    """The data file names written in a detached NRRD / MetaImage header (see ``_DATA_FILE_KEY``)."""
+    try:
+        with open(header, "rb") as stream:
+            raw = stream.read(_HEADER_BYTES)
+    except OSError:
+        return []
+    nrrd = raw.startswith(b"NRRD")
+    lines = raw.decode("latin-1").splitlines()
+    names: List[str] = []
+    for position, line in enumerate(lines):
+        if nrrd and not line.strip():
+            break  # the end of a NRRD header (data may follow)
+        match = _DATA_FILE_KEY.match(line)
+        if not match:
+            continue
+        value = match.group(1)
+        words = value.split()
+        if not words or words[0].upper() == "LOCAL":
+            return []
+        if words[0].upper() == "LIST":
+            for name in lines[position + 1:]:
+                if nrrd and not name.strip():
+                    break
+                if name.strip():
+                    names.append(name.strip())
+            return names
+        if "%" in words[0] and len(words) >= 4:
+            try:
+                first, last, step = int(words[1]), int(words[2]), int(words[3])
+                if step == 0:
+                    raise ValueError
+                numbers = range(first, last + (1 if step > 0 else -1), step)
+                if len(numbers) > 100_000:
+                    raise ValueError
+                return [words[0] % number for number in numbers]
+            except (ValueError, TypeError):
+                return []
+        return [value]
+    return []
+
+
 def volume_files(path: PathLike) -> List[Path]:
-    """The files a volume on disk consists of: ``path`` and, for a detached header
-    (``.mhd``, ``.nhdr``, NIfTI pair), the data file it names."""
+    """The files a volume on disk consists of: ``path`` and, for a detached header, the data
+    file(s) it names: ``.nhdr`` / ``.nrrd`` ``data file:`` and ``.mhd`` / ``.mha``
+    ``ElementDataFile`` (one name, a ``LIST`` or a printf pattern, relative to the header's
+    folder), and the ``.img`` of an Analyze / NIfTI-pair ``.hdr`` (and the ``.hdr`` of an ``.img``)."""
     path = Path(path)
     files = [path]
     name = path.name.lower()
     if name.endswith((".hdr", ".img")):
         files.append(path.with_suffix(".img" if name.endswith(".hdr") else ".hdr"))
-    elif name.endswith((".mhd", ".nhdr")):
-        key = re.compile(r"^\s*(ElementDataFile\s*=|data\s*file\s*:)\s*(.+?)\s*$", re.IGNORECASE)
-        try:
-            with open(path, "rb") as header:
-                text = header.read(65536).decode("latin-1")  # headers are short; binary data may follow
-        except OSError:
-            return files
-        for line in text.splitlines():
-            match = key.match(line)
-            value = match.group(2) if match else ""
-            # One data file only: LOCAL (data in the header), LIST and printf patterns name several.
-            if value and value.upper() not in ("LOCAL", "LIST") and "%" not in value:
-                files.append(path.parent / value)
-                break
+    elif name.endswith((".mhd", ".mha", ".nhdr", ".nrrd")):
+        for data in _data_file_names(path):
+            data_path = Path(data).expanduser()
+            files.append(data_path if data_path.is_absolute() else path.parent / data_path)
     return files
 
 
@@ -174,51 +218,189 @@ def check_input_file(path: PathLike, option: str) -> Path:
     return path
 
 
-def check_output_file(path: PathLike, option: str, inputs: Mapping[str, PathLike],
-                      files: Optional[Sequence[Path]] = None) -> Path:
-    """Check, before any work, that ``path`` can be written and overwrites no input.
+def _place(path: PathLike) -> str:
+    """``path`` with its spelling normalised: absolute, ``..`` and symbolic links resolved (as far
+    as the path exists), case-folded where the platform folds case."""
+    return os.path.normcase(os.path.realpath(os.path.abspath(os.fspath(path))))
 
-    Args:
-        path: the output file.
-        option: its command-line name, for messages.
-        inputs: command-line name -> input file; none of the files they consist of (see
-            :func:`volume_files`) may be one of the files the output writes.
-        files: the files the output writes (default: ``path`` alone).
-    Raises:
-        InputError: the path is a directory, its folder is missing or read-only, or it is an input
-            (also through symbolic or hard links and other spellings of the same path).
+
+@dataclass
+class _Output:
+    option: str
+    path: Path
+    files: List[Path]
+    folder: bool
+    make_folder: bool
+
+
+class WritePlan:
+    """Every path a command will write and every file it reads, checked together before any
+    work: the one decision "this path may be written" of ``segment``, ``slices``, ``batch``,
+    ``evaluate`` and ``demo``.
+
+    Register inputs with :meth:`read` (an image, a mask, a manifest; a folder the command reads
+    from) and outputs with :meth:`write` (a file, with the companion files it writes) or
+    :meth:`write_folder`; :meth:`check` then refuses, with an :class:`InputError` that says
+    what to do:
+
+    * an output file that is an input's file: the input itself or a data file its header
+      names (:func:`volume_files`), through symbolic or hard links or any other spelling;
+    * an output folder that is an input file or a folder the command reads inputs from;
+    * two outputs that are one file;
+    * an output that is a directory, or whose folder is missing (unless it is to be created)
+      or not writable.
+
+    Example::
+
+        plan = WritePlan()
+        plan.read("--image", image)
+        plan.write("--output", output, labelmap_files(output))
+        plan.check()
     """
-    path = Path(path)
+
+    def __init__(self):
+        self.inputs: List[Tuple[str, Path]] = []
+        self.input_folders: List[Tuple[str, Path]] = []
+        self.outputs: List[_Output] = []
+
+    def read(self, option: str, path: Optional[PathLike], *, folder: bool = False) -> "WritePlan":
+        """An input file (``folder=True``: a folder inputs are read from); None is ignored."""
+        if path is not None:
+            (self.input_folders if folder else self.inputs).append((option, Path(path)))
+        return self
+
+    def write(self, option: str, path: PathLike, files: Optional[Sequence[PathLike]] = None, *,
+              make_folder: bool = False) -> "WritePlan":
+        """An output file and ``files``, every file writing it creates (default: ``path`` alone);
+        ``make_folder``: its folder is created when missing."""
+        path = Path(path)
+        self.outputs.append(_Output(option, path, [Path(f) for f in (files or [path])], False, make_folder))
+        return self
+
+    def write_folder(self, option: str, path: PathLike, files: Sequence[PathLike] = ()) -> "WritePlan":
+        """An output folder (created when missing) and the files the command writes in it."""
+        path = Path(path)
+        self.outputs.append(_Output(option, path, [Path(f) for f in files], True, True))
+        return self
+
+    def check(self) -> None:
+        """Raise InputError for the first path that may not be written (see the class)."""
+        for output in self.outputs:
+            _check_place(output)
+        self.check_collisions()
+
+    def check_collisions(self) -> None:
+        """Only the checks between paths: no output is an input, no two outputs are one file.
+        Linear in the number of paths (a cohort of thousands of rows is checked in a blink)."""
+        input_files: Dict[object, Tuple[str, Path]] = {}
+        for option, path in self.inputs:
+            for data in volume_files(path):
+                for key in _identities(data):
+                    input_files.setdefault(key, (option, data))
+        input_folders: Dict[object, Tuple[str, Path]] = {}
+        for option, folder in self.input_folders:
+            for key in _identities(folder):
+                input_folders.setdefault(key, (option, folder))
+        written: Dict[object, Tuple[_Output, Path]] = {}
+        for output in self.outputs:
+            keys = _identities(output.path)
+            if output.folder:
+                for key in keys:
+                    if key in input_files:
+                        option, _ = input_files[key]
+                        raise InputError(f"{output.option} {output.path} is the file of {option}; give a new folder "
+                                         "for the results.")
+                    if key in input_folders:
+                        option, _ = input_folders[key]
+                        raise InputError(
+                            f"{output.option} {output.path} is the folder of {option}: the results would be mixed "
+                            "with your data. Give another folder for the results.")
+            for file in output.files:
+                file_keys = _identities(file)
+                for key in file_keys:
+                    if key in input_files:
+                        option, input_file = input_files[key]
+                        what = "is" if file == output.path else f"would write {file.name}, which is"
+                        raise InputError(
+                            f"{output.option} {output.path} {what} the file of {option} ({input_file}): writing it "
+                            "would destroy your input. Choose another output file name.")
+                for key in file_keys:
+                    other, _ = written.get(key, (output, file))
+                    if other is not output:
+                        raise InputError(
+                            f"{output.option} {output.path} and {other.option} {other.path} both write {file}: "
+                            "give each its own file name.")
+                for key in file_keys:
+                    written.setdefault(key, (output, file))
+
+
+def _identities(path: PathLike) -> List[object]:
+    """What makes ``path`` one file: its normalised spelling (:func:`_place`) and, when it
+    exists, its (device, inode)."""
+    keys: List[object] = [_place(path)]
+    try:
+        status = os.stat(path)
+        keys.append((status.st_dev, status.st_ino))
+    except OSError:
+        pass
+    return keys
+
+
+def _check_place(output: _Output) -> None:
+    option, path = output.option, output.path
+    if output.folder:
+        check_report_folder(path, option)
+        return
     if path.is_dir():
         raise InputError(f"{option} {path} is a directory; give a file name inside it, e.g. {path / 'seg.nii.gz'}.")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        raise InputError(f"The folder of {option} {path} does not exist: create {folder} first.")
+        if not output.make_folder:
+            raise InputError(f"The folder of {option} {path} does not exist: create {folder} first.")
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise InputError(f"The folder of {option} {path} cannot be made: {existing} is a file, not a folder.")
+        folder = existing
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"The folder of {option} {path} is not writable: choose another output path.")
-    for written in files or [path]:
-        for input_option, input_path in inputs.items():
-            if input_path is None:
-                continue
-            for input_file in volume_files(input_path):
-                if same_file(written, input_file):
-                    what = "is" if written == path else f"would write {written.name}, which is"
-                    raise InputError(
-                        f"{option} {path} {what} the file of {input_option} ({input_file}): writing it would "
-                        "destroy your input. Choose another output file name."
-                    )
-    return path
+
+
+def check_writable(path: PathLike, option: str, inputs: Mapping[str, Optional[PathLike]],
+                   files: Optional[Sequence[PathLike]] = None) -> Path:
+    """A :class:`WritePlan` of one output file ``path`` (writing ``files``) and ``inputs``
+    (command-line name -> file): InputError unless ``path`` may be written."""
+    plan = WritePlan()
+    for input_option, input_path in inputs.items():
+        plan.read(input_option, input_path)
+    plan.write(option, path, files)
+    plan.check()
+    return Path(path)
+
+
+def check_output_file(path: PathLike, option: str, inputs: Mapping[str, PathLike],
+                      files: Optional[Sequence[Path]] = None) -> Path:
+    """Check, before any work, that ``path`` can be written and overwrites no input
+    (:func:`check_writable`, under its former name)."""
+    return check_writable(path, option, inputs, files)
 
 
 def check_labelmap_output(path: PathLike, option: str, inputs: Mapping[str, PathLike]) -> Path:
-    """:func:`check_output_file` for a label map, plus: its format keeps a 3-D volume and its geometry."""
+    """:func:`check_writable` for a label map, plus: its format keeps a 3-D volume and its geometry."""
+    check_labelmap_format(path, option)
+    return check_writable(path, option, inputs, labelmap_files(path))
+
+
+def check_labelmap_format(path: PathLike, option: str) -> Path:
+    """InputError unless ``path`` ends with a format that keeps a 3-D label map and its geometry."""
     path = Path(path)
     if not path.is_dir() and not _format_suffix(path):
         raise InputError(
             f"{option} {path}: cannot write a 3-D label map with its geometry in this format; "
             f"end the name with one of {', '.join(LABELMAP_FORMATS)}."
         )
-    return check_output_file(path, option, inputs, labelmap_files(path))
+    return path
 
 
 def check_report_folder(path: PathLike, option: str, output: Optional[PathLike] = None) -> Path:
@@ -248,9 +430,15 @@ def check_segment_paths(image: PathLike, support_mask: PathLike, output: PathLik
     for option, value in inputs.items():
         if value is not None:
             check_input_file(value, option)
-    check_labelmap_output(output, "--output", inputs)
+    check_labelmap_format(output, "--output")
+    plan = WritePlan()
+    for option, value in inputs.items():
+        plan.read(option, value)
+    plan.write("--output", output, labelmap_files(output))
     if report is not None:
         check_report_folder(report, "--report", output)
+        plan.write_folder("--report", report)
+    plan.check()
 
 
 @contextlib.contextmanager

@@ -7,12 +7,27 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["as_float_slices", "as_binary_mask", "check_finite", "support_labels", "MAX_LABELS"]
+__all__ = ["as_float_slices", "as_binary_mask", "check_finite", "support_labels", "MAX_LABELS", "format_values",
+           "MAX_LISTED"]
 
 #: More distinct non-zero values than this in a support label map, with no labels picked, means
 #: it is an intensity image (an MRI stored as integers has thousands): each label is a whole
 #: propagation with its own mask volume, so thousands would run for days and take many GB.
 MAX_LABELS = 255
+
+
+#: How many values an error message lists before "... and N more".
+MAX_LISTED = 10
+
+
+def format_values(values: Sequence, limit: int = MAX_LISTED) -> str:
+    """``values`` for a message: ``1, 2, 3``, or the first ``limit`` and how many more
+    (``1, 2, ..., 10 and 19,990 more``), so that a long list never makes a huge line."""
+    values = list(values)
+    shown = ", ".join(str(v) for v in values[:limit])
+    if len(values) > limit:
+        shown += f" ... and {len(values) - limit:,} more"
+    return shown
 
 
 def check_finite(array: np.ndarray, name: str) -> None:
@@ -107,12 +122,12 @@ def support_labels(labelmap: np.ndarray, requested: Optional[Sequence[int]], *, 
     present_set = set(present)
     missing = [label for label in labels if label not in present_set]
     if missing:
-        shown = present if len(present) <= 20 else present[:20] + ["..."]
-        raise InputError(f"Label(s) {missing} do not occur in {mask_option} {mask_path}; it contains {shown}.")
+        raise InputError(f"Label(s) {format_values(missing)} do not occur in {mask_option} {mask_path}; it contains "
+                         f"{format_values(present)}.")
     too_large = [label for label in labels if label > max_value]
     if too_large:
         raise InputError(
-            f"Label(s) {too_large} of {mask_option} {mask_path} are above {max_value}, the largest value the output "
+            f"Label(s) {format_values(too_large)} of {mask_option} {mask_path} are above {max_value}, the largest value the output "
             "label map can hold; renumber them, or pick others with --labels."
         )
     return labels

@@ -204,7 +204,7 @@ def test_interrupted_batch_says_what_was_kept(tmp_path, monkeypatch, capsys):
     assert "finished volumes are kept" in err and "no output was written" not in err
     with open(batch.default_summary_path(manifest)) as handle:
         rows = list(csv.DictReader(handle))
-    assert [row["status"] for row in rows] == ["failed"] and "not run" in rows[0]["error"]
+    assert [row["status"] for row in rows] == ["not run"] and "stopped before" in rows[0]["error"]
 
 
 def test_ray_missing_gives_install_advice(monkeypatch):
@@ -343,3 +343,180 @@ def test_ray_batch_matches_local_retries_a_killed_worker_and_resumes(ray_instanc
     assert _mtimes([outputs[0]]) == [before[0]]
     assert set(np.unique(_labels(outputs[1]))) <= {0, chosen[1]}
     np.testing.assert_array_equal(_labels(outputs[2]), reference[2])
+
+
+# --- Paths a batch may write, checked before anything runs ---------------------------------------
+
+@pytest.fixture
+def small_cohort(tmp_path, monkeypatch):
+    """Tiny volumes on disk and an engine that must not be built: every check here comes first."""
+    import protosam.cohorts.batch as batch
+
+    def no_engine(args):
+        raise AssertionError("the models were loaded before the paths were checked")
+
+    monkeypatch.setattr(batch, "engine_from_args", no_engine)
+    rng = np.random.default_rng(0)
+    image = sitk.GetImageFromArray(rng.integers(0, 4000, (6, 12, 12)).astype(np.int16))
+    labels = np.zeros((6, 12, 12), np.uint8)
+    labels[1:5, 3:8, 3:8] = 1
+    mask = sitk.GetImageFromArray(labels)
+    mask.CopyInformation(image)
+    for name in ("a.nii.gz", "b.nii.gz", "c.nii.gz"):
+        sitk.WriteImage(image, str(tmp_path / name))
+    sitk.WriteImage(mask, str(tmp_path / "m.nii.gz"))
+    sitk.WriteImage(image, str(tmp_path / "scan.nhdr"))  # header + scan.raw
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _files(folder):
+    return {path.name: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("case", ["row_image", "support_mask", "manifest", "symlink", "hard_link", "dotdot",
+                                  "data_file_of_a_header", "a_row_output"])
+def test_a_summary_that_is_an_input_is_refused_before_anything_runs(small_cohort, case, capsys):
+    folder = small_cohort
+    manifest = _manifest(folder / "jobs.csv", [["a.nii.gz", "out/a_seg.nii.gz", ""],
+                                              ["scan.nhdr", "out/scan_seg.nii.gz", ""]])
+    (folder / "sub").mkdir()
+    summary, expect = {
+        "row_image": (folder / "a.nii.gz", "the image of row 1"),
+        "support_mask": (folder / "m.nii.gz", "--support-mask"),
+        "manifest": (manifest, "--manifest"),
+        "symlink": (folder / "link.csv", "the image of row 1"),
+        "hard_link": (folder / "hard.csv", "--support-mask"),
+        "dotdot": ("./sub/../a.nii.gz", "the image of row 1"),
+        "data_file_of_a_header": (folder / "scan.raw", "the image of row 2"),
+        "a_row_output": (folder / "out" / "a_seg.nii.gz", "both write"),
+    }[case]
+    if case == "symlink":
+        os.symlink(folder / "a.nii.gz", summary)
+    elif case == "hard_link":
+        os.link(folder / "m.nii.gz", summary)
+    before = _files(folder)
+    code = main(["batch", "--manifest", str(manifest), "--support-mask", "m.nii.gz", "--summary", str(summary)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("protosam: error: --summary") and expect in err, err
+    assert _files(folder) == before and not (folder / "out").exists()
+
+
+def test_an_output_that_is_another_rows_input_is_refused_before_anything_runs(small_cohort, capsys):
+    """a -> b, b -> c: row 1 would replace b by a label map and row 2 segment that label map."""
+    folder = small_cohort
+    manifest = _manifest(folder / "jobs.csv", [["a.nii.gz", "b.nii.gz", ""], ["b.nii.gz", "c.nii.gz", ""]])
+    before = _files(folder)
+    code = main(["batch", "--manifest", str(manifest), "--support-mask", "m.nii.gz"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the output of row 1" in err and "the image of row 2" in err and "destroy your input" in err
+    assert _files(folder) == before  # no summary either: nothing ran
+
+    # The support image of the command, written by a row through another spelling.
+    manifest = _manifest(folder / "jobs.csv", [["a.nii.gz", "./sub/../c.nii.gz", ""]])
+    (folder / "sub").mkdir()
+    code = main(["batch", "--manifest", str(manifest), "--support-image", "c.nii.gz", "--support-mask", "m.nii.gz"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the output of row 1" in err and "--support-image" in err
+    assert (folder / "c.nii.gz").read_bytes() == before["c.nii.gz"]
+
+
+def test_support_slice_takes_segments_grammar_and_is_checked_before_the_models(small_cohort, capsys):
+    folder = small_cohort
+    from protosam.cli import build_parser
+
+    common = ["batch", "--manifest", "jobs.csv", "--support-mask", "m.nii.gz", "--support-slice"]
+    assert build_parser().parse_args(common + ["1,3"]).support_slice == [1, 3]
+    assert build_parser().parse_args(common + ["painted"]).support_slice == "painted"
+    manifest = _manifest(folder / "jobs.csv", [["a.nii.gz", "out/a.nii.gz", ""], ["b.nii.gz", "out/b.nii.gz", ""]])
+    code = main(["batch", "--manifest", str(manifest), "--support-mask", "m.nii.gz", "--support-slice", "0,9"])
+    assert code == 1
+    with open(folder / "jobs.summary.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["status"] for row in rows] == ["failed", "failed"]
+    assert "--support-slice 9 is outside" in rows[0]["error"], rows[0]["error"]
+
+
+def test_a_nan_image_fails_its_row_before_the_models_and_names_the_file(small_cohort, capsys):
+    folder = small_cohort
+    reference = sitk.ReadImage(str(folder / "a.nii.gz"))
+    array = sitk.GetArrayFromImage(reference).astype(np.float32)
+    array[2, 3, 3] = np.nan
+    nan = sitk.GetImageFromArray(array)
+    nan.CopyInformation(reference)
+    sitk.WriteImage(nan, str(folder / "nan.nrrd"))
+    manifest = _manifest(folder / "jobs.csv", [["nan.nrrd", "out/nan.nii.gz", ""]])
+    assert main(["batch", "--manifest", str(manifest), "--support-mask", "m.nii.gz"]) == 1
+    with open(folder / "jobs.summary.csv", newline="") as stream:
+        row = next(csv.DictReader(stream))
+    assert row["status"] == "failed" and "nan.nrrd contains 1 NaN" in row["error"], row["error"]
+
+
+def test_an_interrupt_records_the_running_row_and_marks_the_rest_not_run(small_cohort, monkeypatch, capsys):
+    import protosam.cohorts.batch as batch
+
+    folder = small_cohort
+    manifest = _manifest(folder / "jobs.csv", [[name, f"out/{name}", ""] for name in ("a.nii.gz", "b.nii.gz", "c.nii.gz")])
+    monkeypatch.setattr(batch, "engine_from_args", lambda args: type("Engine", (), {"device": "cpu"})())
+    calls = []
+
+    def propagate(engine, inputs, **options):
+        calls.append(options)
+        if len(calls) == 2:
+            time.sleep(0.3)
+            raise KeyboardInterrupt
+        return np.zeros(inputs.query.shape, np.uint8), None
+
+    monkeypatch.setattr(batch, "propagate_labels", propagate)
+    code = main(["batch", "--manifest", str(manifest), "--support-mask", "m.nii.gz"])
+    assert code == 130
+    with open(folder / "jobs.summary.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["status"] for row in rows] == ["done", "interrupted", "not run"]
+    assert float(rows[1]["seconds"]) >= 0.3 and rows[1]["attempts"] == "1"
+    assert "interrupted" in capsys.readouterr().err
+
+
+def _write_detached(image, header):
+    """``image`` as an uncompressed detached header + raw data file (NRRD .nhdr or MetaImage .mhd)."""
+    sitk.WriteImage(image, str(header), useCompression=False)
+    return header.with_suffix(".raw")
+
+
+def test_resume_hashes_the_data_files_behind_headers(cohort, tiny_models, tmp_path):
+    """Inputs, supports and outputs as .nhdr/.mhd + .raw: a changed data file redoes the row."""
+    folder, _ = cohort
+    target = _write_detached(sitk.ReadImage(str(folder / "target_0.nii.gz")), tmp_path / "target.nhdr")
+    support = _write_detached(sitk.ReadImage(str(folder / "support.nii.gz")), tmp_path / "support.mhd")
+    mask = _write_detached(sitk.ReadImage(str(folder / "support_labels.nii.gz")), tmp_path / "mask.mhd")
+    manifest = _manifest(tmp_path / "jobs.csv", [["target.nhdr", "out/seg.nhdr", ""]])
+
+    def run():
+        code = main(["batch", "--manifest", str(manifest), "--support-image", str(tmp_path / "support.mhd"),
+                     "--support-mask", str(tmp_path / "mask.mhd"), "--support-slice", "painted",
+                     *_model_args(tiny_models)])
+        with open(tmp_path / "jobs.summary.csv", newline="") as stream:
+            row = next(csv.DictReader(stream))
+        return code, row["status"]
+
+    def change_voxels(data_file):
+        data = bytearray(data_file.read_bytes())
+        data[len(data) // 2: len(data) // 2 + 1000] = bytes(1000)
+        data_file.write_bytes(bytes(data))
+
+    assert run() == (0, "done")
+    assert run() == (0, "skipped")
+    change_voxels(target)  # the scan's data, behind an unchanged header
+    assert run() == (0, "done")
+    change_voxels(support)
+    assert run() == (0, "done")
+    mask.write_bytes(mask.read_bytes()[::-1])  # the same values in another order
+    assert run() == (0, "done")
+    assert run() == (0, "skipped")
+    written = tmp_path / "out" / "seg.raw.gz"
+    assert written.is_file()
+    written.unlink()  # the output's data file is gone
+    assert run() == (0, "done")
+    assert written.is_file()
+    written.write_bytes(b"corrupt")
+    assert run() == (0, "done")

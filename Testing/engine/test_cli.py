@@ -270,6 +270,22 @@ def _case_argv(folder, case):
         _write(big, folder / "big.nrrd", like=sitk.ReadImage(str(image)))
         argv["--support-mask"] = folder / "big.nrrd"
         expect = ["80000", "65535"]
+    elif case == "nan_image":  # found by reading, before the models (was: after them, as "query volume")
+        reference = sitk.ReadImage(str(image))
+        array = sitk.GetArrayFromImage(reference).astype(np.float32)
+        array[3, 4, 4] = np.nan
+        _write(array, folder / "nan.mha", like=reference)  # ITK's NIfTI reader drops NaNs
+        argv["--image"] = folder / "nan.mha"
+        expect = ["--image", str(folder / "nan.mha"), "1 NaN"]
+    elif case == "support_slice_outside":
+        argv["--support-slice"] = "3,8"
+        expect = ["--support-slice 8", "outside", "0..7"]
+    elif case == "support_slice_not_painted":
+        argv["--support-slice"] = "2"  # label 1 is painted on slices 2-5, label 2 on 3-4
+        expect = ["Label 2", "not painted on support slice(s) 2", "3, 4"]
+    elif case == "many_absent_labels":  # the message lists 10 of them, not a 129 kB line
+        argv["--labels"] = ",".join(str(v) for v in range(1, 20001))
+        expect = ["Label(s) 3, 4, 5", "and 19,988 more"]
     else:
         raise AssertionError(case)
     kept = [image, labels, support, folder / "scan.mhd", folder / "other.zraw"]
@@ -283,7 +299,8 @@ EARLY_CASES = [
     "output_is_image", "output_is_mask", "output_is_support_image", "relative_spelling", "dotdot_spelling",
     "symlink", "hard_link", "data_file_of_a_header", "output_is_a_directory", "output_folder_missing",
     "output_format", "output_format_upper_case", "input_is_a_directory", "report_is_a_file", "swapped", "mask_is_an_image",
-    "float_mask_is_an_image", "label_above_65535",
+    "float_mask_is_an_image", "label_above_65535", "nan_image", "support_slice_outside", "support_slice_not_painted",
+    "many_absent_labels",
 ]
 
 
@@ -299,6 +316,7 @@ def test_bad_arguments_are_refused_before_the_models_and_inputs_are_kept(small_c
         assert fragment in err, (fragment, err)
     assert {path: path.read_bytes() for path in kept if path.is_file()} == before
     assert not (small_case / "seg.nii.gz").exists() and not list(small_case.glob(".*part*"))
+    assert max(len(line) for line in err.splitlines()) < 1000, "an error line lists too much"
 
 
 def test_checks_run_without_importing_torch_and_fast(small_case):

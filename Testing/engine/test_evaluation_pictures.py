@@ -15,6 +15,7 @@ from protosam.evaluation.pictures import (
     axial_display_flips,
     compose_panel,
     from_sam_frame,
+    overlay_montage_figure,
     prompts_to_arrays,
     spread,
     write_dice_plot,
@@ -106,11 +107,11 @@ def test_montage_png_has_size_and_visible_overlays(thalamus, tmp_path):
                             points=points, point_labels=labels, caption=f"slice {k}"))
     path = write_overlay_montage(tmp_path / "m.png", panels, title="thalamus", columns=3, flip_rows=True)
     counts = _counts(path)
-    assert counts["size"] == (960, 730)  # 3 x 3.2 in by (2 x 3.2 + 0.9) in at 100 dpi
+    assert counts["size"] == (960, 795)  # 3 x 3.2 in by (2 x (3.2 + 0.35 caption) + 0.4 title + 0.45 legend) in at 100 dpi
     assert counts["red"] > 500 and counts["green"] > 100 and counts["yellow"] > 20 and counts["cyan"] > 20
     bare = write_overlay_montage(tmp_path / "bare.png", [Panel(image[k]) for k in range(5)], columns=3)
     bare_counts = _counts(bare)
-    assert bare_counts["size"] == (960, 730)
+    assert bare_counts["size"] == (960, 710)  # no title, no legend
     assert bare_counts["red"] == bare_counts["green"] == bare_counts["yellow"] == bare_counts["cyan"] == 0
 
 
@@ -158,3 +159,26 @@ def test_segment_report_along_another_axis(thalamus, tmp_path):
     labels = np.where(mask > 0, 3, 0).astype(np.uint8)
     write_segment_report(tmp_path / "labels", query=image, labels=labels)
     assert list(json.loads((tmp_path / "labels" / "report.json").read_text())) == ["3"]
+
+
+@pytest.mark.parametrize("shape", [(181, 217), (128, 128), (60, 90), (200, 120)])
+def test_montage_captions_sit_between_their_own_tile_and_the_row_above(shape):
+    """Three rows of tiles with a title and a legend: every caption is drawn above its own
+    image and below the images of the row above (tight_layout put the captions of rows 2 and 3
+    over the images above them for square-ish slices)."""
+    rng = np.random.default_rng(0)
+    panels = [Panel(rng.random(shape), (rng.random(shape) > 0.7).astype(np.uint8), kind="support" if i == 0 else "query",
+                    gt=(rng.random(shape) > 0.8).astype(np.uint8), caption=f"scan 12 slice {i} (part 2)")
+              for i in range(10)]
+    figure = overlay_montage_figure(panels, title="liver: support and queries", columns=4)
+    renderer = figure.canvas.get_renderer()
+    tiles = figure.axes[:len(panels)]
+    boxes = [(axes.title.get_window_extent(renderer), axes.get_window_extent(renderer)) for axes in tiles]
+    for index, (caption, tile) in enumerate(boxes):
+        assert caption.y0 >= tile.y1 - 0.5, (index, caption, tile)  # above its own image
+        assert caption.x0 < tile.x1 and caption.x1 > tile.x0, (index, caption, tile)
+        if index >= 4:
+            above = boxes[index - 4][1]
+            assert caption.y1 <= above.y0 + 0.5, (index, caption, above)  # below the row above
+    top_captions = max(caption.y1 for caption, _ in boxes)
+    assert top_captions <= figure._suptitle.get_window_extent(renderer).y0 + 0.5

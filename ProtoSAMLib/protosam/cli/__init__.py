@@ -22,7 +22,8 @@ import numpy as np
 
 from .. import __version__
 from .common import (
-    ProgressBar, add_model_options, engine_from_args, parse_support_slices, propagate_labels, read_segment_inputs,
+    ProgressBar, add_model_options, check_support_slices, engine_from_args, parse_support_slices, propagate_labels,
+    read_segment_inputs,
 )
 from ..errors import CancelledError, InputError, ProtoSAMError
 
@@ -90,6 +91,7 @@ def cmd_segment(args) -> int:
     inputs, query_image = read_segment_inputs(
         args.image, args.support_mask, support_image=args.support_image, labels=args.labels, plane=args.axis
     )
+    check_support_slices(inputs, args.support_slice, args.support_mask)
     engine = engine_from_args(args)
     cancel = threading.Event()
     output, result = propagate_labels(

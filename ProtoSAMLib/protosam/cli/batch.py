@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..cohorts.batch import default_summary_path, run_batch
-from .common import add_model_options
+from .common import add_model_options, parse_support_slices
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -20,7 +20,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         # Finished rows are complete (output + sidecar), the row being computed was never
         # renamed into place, and run_batch wrote the summary on its way out.
         print(f"protosam: interrupted; finished volumes are kept and the summary ({summary}) lists "
-              "the rest as not run. Run the same command again to resume.", file=sys.stderr)
+              "the volume being computed as interrupted and the rest as not run. Run the same command again to "
+              "resume.", file=sys.stderr)
         return 130
     counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
     print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed; summary in {summary}")
@@ -41,7 +42,12 @@ def add_subcommand(commands) -> None:
                        help="volume the support labels were drawn on (default: each row's own image)")
     batch.add_argument("--support-mask", default=None, metavar="M", help="label map on the support image's grid")
     batch.add_argument("--labels", default=None, help="comma-separated labels to propagate (default: all)")
-    batch.add_argument("--support-slice", type=int, default=None, help="support slice index (default: largest area per label)")
+    batch.add_argument(
+        "--support-slice", type=parse_support_slices, default=None, metavar="K[,K...]|painted",
+        help="as for 'protosam segment', for every row: support slice indices along the support's slicing axis, in "
+             "the file's own voxel order, or 'painted' for every painted slice of each label "
+             "(default: the slice where each label is largest)",
+    )
     batch.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"])
     batch.add_argument("--modality", default="auto", choices=["auto", "ct", "mri", "none"])
     batch.add_argument("--summary", default=None, metavar="FILE", help="summary CSV (default: <manifest>.summary.csv beside it)")

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ProgressBar", "add_model_options", "engine_from_args", "SegmentInputs", "read_segment_inputs",
-    "propagate_labels", "parse_support_slices",
+    "propagate_labels", "parse_support_slices", "check_support_slices",
 ]
 
 
@@ -118,7 +118,8 @@ def _parse_labels(text: Optional[str]) -> Optional[List[int]]:
     try:
         labels = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise InputError(f"--labels must be comma-separated integers such as 1,3,6; got {text!r}") from None
+        shown = text if len(text) <= 60 else f"{text[:60]}... ({len(text):,} characters)"
+        raise InputError(f"--labels must be comma-separated integers such as 1,3,6; got {shown!r}") from None
     if not labels or any(label <= 0 for label in labels):
         raise InputError("--labels must list positive label values such as 1,3,6.")
     return labels
@@ -159,8 +160,11 @@ def read_segment_inputs(image, support_mask, *, support_image=None, labels: Opti
     read = read or read_volume
     requested = _parse_labels(labels)
     query, query_image = read(image, "image")
+    _check_finite_file(query, "--image", image)
     same = support_image is None or same_file(support_image, image)
     support, support_header = (query, query_image) if same else read(support_image, "support image")
+    if not same:
+        _check_finite_file(support, "--support-image", support_image)
     labelmap, labelmap_image = read(support_mask, "support mask")
     check_same_geometry(support_header, labelmap_image, "support image", "support mask")
     chosen = support_labels(
@@ -175,6 +179,47 @@ def read_segment_inputs(image, support_mask, *, support_image=None, labels: Opti
     geometry = {"query_ijk_to_ras": query_ijk_to_ras, "support_ijk_to_ras": None if same else ijk_to_ras(support_header),
                 "plane": choose_plane(query_ijk_to_ras, plane)}
     return SegmentInputs(query, None if same else support, labelmap, chosen, geometry), query_image
+
+
+def _check_finite_file(array: np.ndarray, option: str, path) -> None:
+    """NaN or infinite voxels in a float image: refused here, before any model loads, naming the file."""
+    if np.issubdtype(array.dtype, np.floating):
+        from ..validation import check_finite
+
+        check_finite(array, f"{option} {path}")
+
+
+def check_support_slices(inputs: SegmentInputs, support_slice, mask_path) -> None:
+    """``--support-slice`` against the support label map, before any model loads: every index
+    lies inside the support's slices along its slicing axis and every label is painted on it.
+
+    ``support_slice``: as :func:`parse_support_slices` returns it, or None (nothing to check).
+    Slice numbers are the file's own, along the axis :func:`propagate_labels` slices.
+    """
+    if support_slice is None or support_slice == "painted":
+        return
+    from ..orientation import canonical_orientation
+    from ..validation import format_values
+
+    geometry = inputs.geometry
+    axis = canonical_orientation(geometry["support_ijk_to_ras"] if geometry["support_ijk_to_ras"] is not None
+                                 else geometry["query_ijk_to_ras"], geometry["plane"]).slice_axis
+    count = inputs.labelmap.shape[axis]
+    outside = [index for index in support_slice if not 0 <= index < count]
+    if outside:
+        raise InputError(
+            f"--support-slice {format_values(outside)} is outside the support's {count} {geometry['plane']} slices "
+            f"(0..{count - 1}): give slice indices in that range, or 'painted'.")
+    other_axes = tuple(a for a in range(3) if a != axis)
+    for label in inputs.labels:
+        painted = (inputs.labelmap == label).any(axis=other_axes)
+        missing = [index for index in support_slice if not painted[index]]
+        if missing:
+            where = np.flatnonzero(painted).tolist()
+            raise InputError(
+                f"Label {label} of --support-mask {mask_path} is not painted on support slice(s) "
+                f"{format_values(missing)}; it is painted on slice(s) {format_values(where)}. Give --support-slice "
+                "slices where every label is painted, 'painted', or pick labels with --labels.")
 
 
 def parse_support_slices(text: str):

@@ -43,14 +43,46 @@ def _print_progress(line: str) -> None:
     print(line, flush=True)
 
 
+EVALUATE_FILES = ("summary.csv", "per_scan.csv", "per_slice.csv", "results.json", "table.txt")
+
+
+def check_evaluate_paths(args) -> None:
+    """Before any model loads: ``--out`` is a folder that can be made, not a data folder or a
+    label-map file the evaluation reads (:class:`protosam.io.WritePlan`)."""
+    from ..io import WritePlan
+
+    out_dir = Path(args.out)
+    plan = WritePlan()
+    for option in ("data", "polyp_images", "polyp_masks", "support_images", "support_masks"):
+        plan.read(f"--{option.replace('_', '-')}", getattr(args, option), folder=True)
+    if args.label_map and Path(args.label_map).is_file():
+        plan.read("--label-map", args.label_map)
+    plan.write_folder("--out", out_dir, [out_dir / name for name in EVALUATE_FILES])
+    plan.check()
+
+
+def check_demo_paths(out_dir: Path, sample, option: str = "--out", files=()) -> None:
+    """Before any model loads: the demo's output folder is not the sample's folder or file."""
+    from ..io import WritePlan
+
+    plan = WritePlan()
+    for what, path in (("the sample image", sample.image), ("the sample labels", sample.labels),
+                       ("the sample label names", sample.names)):
+        plan.read(what, path)
+    plan.read("the sample folder", Path(sample.image).parent, folder=True)
+    plan.write_folder(option, out_dir, [out_dir / name for name in files])
+    plan.check()
+
+
 def cmd_evaluate(args) -> int:
     from ..evaluation.polyp import run_polyp
     from ..evaluation.runner import AbdominalEvaluation, run_abdominal
 
     if (args.data is None) == (args.polyp_images is None):
         raise InputError("Give either --data (abdominal NIfTI scans) or --polyp-images/--polyp-masks.")
-    engine = _engine(args)
     out_dir = Path(args.out)
+    check_evaluate_paths(args)
+    engine = _engine(args)
     if args.polyp_images is not None:
         if args.polyp_masks is None:
             raise InputError("--polyp-images needs --polyp-masks.")
@@ -87,11 +119,13 @@ def cmd_demo(args) -> int:
                         cache_dir=Path(args.sample_dir) if args.sample_dir else None)
     print(f"sample data: {sample.image} + {sample.labels} ({sample.source})")
     if args.write_pseudo_dataset:
+        check_demo_paths(Path(args.write_pseudo_dataset), sample, "--write-pseudo-dataset")
         description = build_pseudo_dataset(sample, Path(args.write_pseudo_dataset))
         print(f"wrote {len(description['scans'])} pseudo-scans (Synapse label map) to "
               f"{args.write_pseudo_dataset}; try: protosam evaluate --data {args.write_pseudo_dataset}")
         return 0
     structures = [s.strip() for s in args.structures.split(",") if s.strip()] if args.structures else list(DEFAULT_STRUCTURES)
+    check_demo_paths(Path(args.out), sample, files=("demo_segmentation.nii.gz", "demo_results.json", "pictures"))
     engine = _engine(args)
     result = run_demo(engine, Path(args.out), structures=structures, slice_range=_parse_range(args.slices),
                       sample=sample, progress=ProgressBar("demo"))

@@ -11,9 +11,15 @@ The manifest is a CSV file with a header row and one row per target volume:
 Relative paths are relative to the manifest's folder. Every output is written atomically,
 then a sidecar ``<output>.protosam.json`` records the parameters that decided it (engine
 version, models and checkpoint identities, preset, labels, options, and the SHA-256 of the
-image, support image and support mask files) plus the output's own SHA-256. A later run
-skips a row whose output and sidecar match the current parameters and redoes the others, so
-an interrupted cohort resumes where it stopped and a changed option or file is redone.
+image, support image and support mask) plus the output's own SHA-256; a volume stored as a
+detached header (``.nhdr``, ``.mhd``, ``.hdr``) is hashed with the data files it names. A
+later run skips a row whose output and sidecar match the current parameters and redoes the
+others, so an interrupted cohort resumes where it stopped and a changed option or file is
+redone.
+
+Before anything is read, :func:`check_batch_paths` refuses a summary or output that is an
+input of any row, a support file or the manifest. Each row ends ``done``, ``skipped``,
+``failed``, ``interrupted`` or ``not run`` (see :class:`JobOutcome`).
 
 Reading, checking and propagating reuse ``protosam segment``'s own functions
 (:func:`protosam.cli.common.read_segment_inputs`, :func:`protosam.cli.common.propagate_labels`). This module
@@ -38,7 +44,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from .. import __version__
-from ..cli.common import ProgressBar, _parse_labels, engine_from_args, propagate_labels, read_segment_inputs
+from ..cli.common import (
+    ProgressBar, _parse_labels, check_support_slices, engine_from_args, propagate_labels, read_segment_inputs,
+)
 from ..errors import InputError, ProtoSAMError
 
 logger = logging.getLogger(__name__)
@@ -49,6 +57,7 @@ __all__ = [
 
 MANIFEST_COLUMNS = ("image", "output", "support_image", "support_mask")
 SIDECAR_SUFFIX = ".protosam.json"
+STATUSES = ("done", "skipped", "failed", "interrupted", "not run")
 SIDECAR_FORMAT = 1
 HASH_BLOCK = 1 << 20
 # Support volumes kept in memory by the driver (rows usually share one; a few cover
@@ -73,7 +82,9 @@ class BatchJob:
 
 @dataclass
 class JobOutcome:
-    """What happened to one row: ``status`` is ``done``, ``skipped`` or ``failed``."""
+    """What happened to one row: ``status`` is one of :data:`STATUSES`: ``done``, ``skipped``,
+    ``failed``, ``interrupted`` (the row being computed when the batch was interrupted: its
+    seconds and attempts so far) or ``not run`` (the batch stopped before it)."""
 
     job: BatchJob
     status: str
@@ -143,6 +154,27 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def volume_sha256(path: Path, what: str) -> str:
+    """SHA-256 of a volume: of its file, or, for a detached header (``.nhdr``, ``.mhd``, ``.hdr``;
+    see :func:`protosam.io.volume_files`), of the header and every data file it names, so that
+    changed voxels in a data file change it. InputError when a file is missing."""
+    from ..io import volume_files
+
+    files = volume_files(path)
+    for file in files:
+        if not file.is_file():
+            if file == path:
+                raise InputError(f"The {what} file does not exist: {path}")
+            raise InputError(f"The {what} {path} names the data file {file}, which does not exist: restore it, "
+                             "or correct the header.")
+    if len(files) == 1:
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}\0{file_sha256(file)}\n".encode("utf-8"))
+    return digest.hexdigest()
+
+
 def _checkpoint_identity(name: str, checkpoint: Optional[str]) -> str:
     """An explicit file: its SHA-256; an official one: the registry's published SHA-256."""
     if checkpoint:
@@ -180,18 +212,15 @@ class RunParameters:
     def _hash(self, path: Path, what: str) -> str:
         key = os.path.abspath(path)
         if key not in self._hashes:
-            if not path.is_file():
-                raise InputError(f"The {what} file does not exist: {path}")
-            self._hashes[key] = file_sha256(path)
+            self._hashes[key] = volume_sha256(path, what)
         return self._hashes[key]
 
     def for_job(self, job: BatchJob) -> dict:
-        """The job's full parameters (support files hashed once per run). InputError if a file is missing."""
-        if not job.image.is_file():
-            raise InputError(f"The image file does not exist: {job.image}")
+        """The job's full parameters (support files hashed once per run; a detached header with
+        its data files). InputError if a file is missing."""
         return dict(
             self.common,
-            image_sha256=file_sha256(job.image),
+            image_sha256=volume_sha256(job.image, "image"),
             support_image_sha256=self._hash(job.support_image, "support image") if job.support_image else "image",
             support_mask_sha256=self._hash(job.support_mask, "support mask"),
         )
@@ -205,7 +234,10 @@ def finished_record(job: BatchJob, parameters: dict) -> Optional[dict]:
         return None
     if not isinstance(record, dict) or record.get("format") != SIDECAR_FORMAT or record.get("parameters") != parameters:
         return None
-    if not job.output.is_file() or file_sha256(job.output) != record.get("output_sha256"):
+    try:
+        if volume_sha256(job.output, "output") != record.get("output_sha256"):
+            return None
+    except (InputError, OSError):  # the output, or a data file its header names, is missing
         return None
     return record
 
@@ -224,7 +256,7 @@ def save_result(job: BatchJob, labelmap: np.ndarray, reference, parameters: dict
     record = {
         "format": SIDECAR_FORMAT,
         "parameters": parameters,
-        "output_sha256": file_sha256(job.output),
+        "output_sha256": volume_sha256(job.output, "output"),
         "voxels": {str(label): count for label, count in voxels.items()},
         "seconds": round(seconds, 3),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -271,9 +303,11 @@ def read_job(job: BatchJob, args: argparse.Namespace, reader: SupportReader):
 
     job.output.parent.mkdir(parents=True, exist_ok=True)
     check_segment_paths(job.image, job.support_mask, job.output, job.support_image)
-    return read_segment_inputs(
+    inputs, reference = read_segment_inputs(
         job.image, job.support_mask, support_image=job.support_image, labels=args.labels, plane=args.axis, read=reader
     )
+    check_support_slices(inputs, args.support_slice, job.support_mask)
+    return inputs, reference
 
 
 def failed_outcome(job: BatchJob, error: BaseException, seconds: float = 0.0, attempts: int = 0) -> JobOutcome:
@@ -282,6 +316,12 @@ def failed_outcome(job: BatchJob, error: BaseException, seconds: float = 0.0, at
     logger.warning("Row %d (%s) failed: %s", job.row, job.image, error, exc_info=error if not ours else None)
     message = str(error) if ours else f"{type(error).__name__}: {error}"
     return JobOutcome(job, "failed", seconds, attempts, error=" ".join(message.split()))
+
+
+def interrupted_outcome(job: BatchJob, seconds: float, attempts: int) -> JobOutcome:
+    """The row that was being computed when the batch was interrupted: what it spent so far."""
+    return JobOutcome(job, "interrupted", seconds, attempts,
+                      error="interrupted while this volume was computed; run the same command again to redo it")
 
 
 # ----------------------------------------------------------------------------- summary
@@ -302,7 +342,7 @@ def write_summary(path, outcomes: Iterable[JobOutcome]) -> None:
             writer = csv.writer(stream)
             writer.writerow(fields)
             for o in outcomes:
-                counts = [o.voxels.get(label, 0) if o.status != "failed" else "" for label in labels]
+                counts = [o.voxels.get(label, 0) if o.status in ("done", "skipped") else "" for label in labels]
                 writer.writerow([o.job.row, o.job.image, o.job.output, o.status, f"{o.seconds:.2f}", o.attempts,
                                  *counts, o.error])
 
@@ -318,25 +358,55 @@ def run_local(pending: List[PendingJob], args: argparse.Namespace, report: Repor
     engine = None
     for job, parameters in pending:
         started = time.perf_counter()
-        # Broad catches: this is the per-volume boundary; one volume's failure (bad file,
-        # unexpected error) is reported in the summary and must not stop the cohort.
+        attempts = 0
         try:
-            inputs, reference = read_job(job, args, reader)
-        except Exception as error:
-            report(failed_outcome(job, error, time.perf_counter() - started, attempts=0))
-            continue
-        if engine is None:
-            loading = time.perf_counter()
-            engine = engine_from_args(args)  # models that do not load fail the whole run
-            started += time.perf_counter() - loading
-        try:
-            labelmap, _ = propagate_labels(engine, inputs, support_slice=args.support_slice, modality=args.modality)
-            seconds = time.perf_counter() - started
-            voxels = save_result(job, labelmap, reference, parameters, seconds, {"device": str(engine.device)})
-        except Exception as error:
-            report(failed_outcome(job, error, time.perf_counter() - started, attempts=1))
-            continue
+            # Broad catches: this is the per-volume boundary; one volume's failure (bad file,
+            # unexpected error) is reported in the summary and must not stop the cohort.
+            try:
+                inputs, reference = read_job(job, args, reader)
+            except Exception as error:
+                report(failed_outcome(job, error, time.perf_counter() - started, attempts=0))
+                continue
+            if engine is None:
+                loading = time.perf_counter()
+                engine = engine_from_args(args)  # models that do not load fail the whole run
+                started += time.perf_counter() - loading
+            attempts = 1
+            try:
+                labelmap, _ = propagate_labels(engine, inputs, support_slice=args.support_slice,
+                                               modality=args.modality)
+                seconds = time.perf_counter() - started
+                voxels = save_result(job, labelmap, reference, parameters, seconds, {"device": str(engine.device)})
+            except Exception as error:
+                report(failed_outcome(job, error, time.perf_counter() - started, attempts=1))
+                continue
+        except KeyboardInterrupt:
+            report(interrupted_outcome(job, time.perf_counter() - started, attempts))
+            raise
         report(JobOutcome(job, "done", seconds, 1, voxels))
+
+
+def check_batch_paths(args: argparse.Namespace, jobs: List[BatchJob], summary: Path) -> None:
+    """Before anything is read or run: no row's output (with its companion files and sidecar)
+    and not the summary is an input of any row, the command's support image or mask, or the
+    manifest, and no two of them are one file (links, hard links and other spellings
+    included; :class:`protosam.io.WritePlan`). InputError otherwise; the summary's folder
+    must be writable. Each row's own format and folder are checked when it runs."""
+    from ..io import WritePlan, labelmap_files
+
+    plan = WritePlan()
+    plan.read("--manifest", args.manifest)
+    plan.read("--support-image", args.support_image)
+    plan.read("--support-mask", args.support_mask)
+    for job in jobs:
+        plan.read(f"the image of row {job.row}", job.image)
+        plan.read(f"the support image of row {job.row}", job.support_image)
+        plan.read(f"the support mask of row {job.row}", job.support_mask)
+    for job in jobs:
+        plan.write(f"the output of row {job.row}", job.output, [*labelmap_files(job.output), job.sidecar])
+    plan.write("--summary", summary)
+    plan.check_collisions()
+    WritePlan().write("--summary", summary, make_folder=True).check()
 
 
 def run_batch(args: argparse.Namespace, run_remote: Optional[Callable[[List[PendingJob], argparse.Namespace, Report], None]] = None
@@ -345,6 +415,7 @@ def run_batch(args: argparse.Namespace, run_remote: Optional[Callable[[List[Pend
     :func:`protosam.cohorts.ray_cluster.run_on_ray`); write the summary; return outcomes."""
     jobs = read_manifest(args.manifest, support_image=args.support_image, support_mask=args.support_mask)
     summary = Path(args.summary) if args.summary else default_summary_path(args.manifest)
+    check_batch_paths(args, jobs, summary)
     parameters = RunParameters(args)
     outcomes: Dict[int, JobOutcome] = {}
     progress = ProgressBar("batch")
@@ -376,7 +447,7 @@ def run_batch(args: argparse.Namespace, run_remote: Optional[Callable[[List[Pend
     finally:
         for job in jobs:
             if job.row not in outcomes:
-                outcomes[job.row] = JobOutcome(job, "failed", error="not run: the batch stopped early")
+                outcomes[job.row] = JobOutcome(job, "not run", error="the batch stopped before this volume")
         summary.parent.mkdir(parents=True, exist_ok=True)
         write_summary(summary, outcomes.values())
     return [outcomes[job.row] for job in jobs]

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional
 
 from .batch import (
-    SUPPORT_FILES_KEPT, BatchJob, JobOutcome, PendingJob, Report, SupportReader, failed_outcome, read_job, save_result,
+    SUPPORT_FILES_KEPT, BatchJob, JobOutcome, PendingJob, Report, SupportReader, failed_outcome, interrupted_outcome,
+    read_job, save_result,
 )
 from ..cli.common import SegmentInputs, engine_from_args, propagate_labels
 from ..errors import InputError, ProtoSAMError
@@ -90,6 +91,7 @@ class _Task:
     losses: int = 0
     arguments: Optional[tuple] = None  # object refs and options, built once, reused on resubmission
     reference: object = None  # the target's sitk header, for writing the output
+    submitted: float = 0.0  # perf_counter() when last sent to a worker
 
 
 @dataclass
@@ -200,6 +202,7 @@ class _Scheduler:
             while worker.info is not None and len(worker.in_flight) < IN_FLIGHT_PER_WORKER and self.queue:
                 task = self.queue.popleft()
                 if self._prepare(task):
+                    task.submitted = time.perf_counter()
                     worker.in_flight.append((task, worker.handle.segment.remote(*task.arguments)))
 
     # ------------------------------------------------------------------ results
@@ -252,6 +255,15 @@ class _Scheduler:
                 # Only start() gets here: models that do not load on a worker fail the whole run.
                 raise (error.cause if error.cause is not None else error) from None
 
+    def interrupted(self) -> None:
+        """Ctrl-C: the row each worker was computing is reported ``interrupted`` with its time
+        and attempts; the rows behind it never started (``not run``, by the caller)."""
+        now = time.perf_counter()
+        for worker in self.workers:
+            if worker.in_flight:
+                task, _ = worker.in_flight[0]
+                self.report(interrupted_outcome(task.job, now - task.submitted, task.losses + 1))
+
     def close(self) -> None:
         for worker in self.workers:
             self.ray.kill(worker.handle, no_restart=True)
@@ -273,7 +285,11 @@ def run_on_ray(pending: List[PendingJob], args: argparse.Namespace, report: Repo
     scheduler = None
     try:
         scheduler = _Scheduler(ray, args, pending, report)
-        scheduler.run()
+        try:
+            scheduler.run()
+        except KeyboardInterrupt:
+            scheduler.interrupted()
+            raise
     finally:
         if scheduler is not None:
             scheduler.close()

@@ -197,6 +197,11 @@ def axial_display_flips(direction: Sequence[float]) -> Tuple[bool, bool]:
     return bool(matrix[1, 1] < 0), bool(matrix[0, 0] < 0)
 
 
+#: Montage layout, in inches: each tile, the band above it for its caption, the figure
+#: title's band and the legend's band.
+TILE_INCHES, CAPTION_INCHES, TITLE_INCHES, LEGEND_INCHES = 3.2, 0.35, 0.4, 0.45
+
+
 def write_overlay_montage(path: Path, panels: Sequence[Panel], *, title: str = "",
                           columns: int = 4, flip_rows: bool = False,
                           flip_cols: bool = False) -> Path:
@@ -205,6 +210,21 @@ def write_overlay_montage(path: Path, panels: Sequence[Panel], *, title: str = "
     ``flip_rows``/``flip_cols`` mirror every tile for display only (see
     :func:`axial_display_flips`); prompts are mirrored with it.
     """
+    figure = overlay_montage_figure(panels, title=title, columns=columns, flip_rows=flip_rows, flip_cols=flip_cols)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def overlay_montage_figure(panels: Sequence[Panel], *, title: str = "", columns: int = 4,
+                           flip_rows: bool = False, flip_cols: bool = False) -> Figure:
+    """The montage of :func:`write_overlay_montage` as a matplotlib Figure (Agg canvas).
+
+    Laid out explicitly, not by ``tight_layout`` (which let the captions of the lower rows
+    overlap the images above them): every row of tiles has its own caption band above it, so a
+    caption always sits between its own tile and the row above.
+    """
     panels = list(panels)
     if not panels:
         raise ValueError("write_overlay_montage needs at least one panel")
@@ -212,11 +232,19 @@ def write_overlay_montage(path: Path, panels: Sequence[Panel], *, title: str = "
     rows = math.ceil(len(panels) / columns)
     largest = max(max(np.asarray(p.image).shape) for p in panels)
     factor = max(1, math.ceil(MIN_PANEL_PIXELS / largest))
-    tile_inches = 3.2
-    figure = Figure(figsize=(tile_inches * columns, tile_inches * rows + 0.9), dpi=100)
+    handles = _legend_handles(panels)
+    title_band = TITLE_INCHES if title else 0.0
+    legend_band = LEGEND_INCHES if handles else 0.0
+    width = TILE_INCHES * columns
+    height = rows * (TILE_INCHES + CAPTION_INCHES) + title_band + legend_band
+    figure = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(
+        rows, columns, left=0.1 / width, right=1 - 0.1 / width, bottom=legend_band / height,
+        top=1 - (title_band + CAPTION_INCHES) / height, hspace=CAPTION_INCHES / TILE_INCHES, wspace=0.2 / TILE_INCHES,
+    )
     for index, panel in enumerate(panels):
-        axes = figure.add_subplot(rows, columns, index + 1)
+        axes = figure.add_subplot(grid[index // columns, index % columns])
         rgb = compose_panel(panel, factor)
         if flip_rows:
             rgb = rgb[::-1]
@@ -241,17 +269,12 @@ def write_overlay_montage(path: Path, panels: Sequence[Panel], *, title: str = "
         axes.set_title(panel.caption, fontsize=8)
         axes.set_xticks([])
         axes.set_yticks([])
-    handles = _legend_handles(panels)
     if handles:
-        figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8,
-                      frameon=False)
+        figure.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 6),
+                      fontsize=8, frameon=False)
     if title:
-        figure.suptitle(title, fontsize=10)
-    figure.tight_layout(rect=(0, 0.06 if handles else 0, 1, 0.95 if title else 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    return path
+        figure.suptitle(title, fontsize=10, y=1 - 0.5 * title_band / height, va="center")
+    return figure
 
 
 def write_dice_plot(path: Path, series: Mapping[str, Mapping[int, float]], *, title: str = "",
