@@ -303,22 +303,63 @@ def test_non_loopback_addresses_need_tls_or_insecure(capsys):
     assert serve_cli.is_loopback("127.0.0.1") and serve_cli.is_loopback("::1") and not serve_cli.is_loopback("0.0.0.0")
 
 
-def test_generated_token_is_private_printed_once_and_reused(tmp_path):
+def test_generated_token_is_private_never_printed_and_reused(tmp_path):
     printed = []
     first = tokens.load_tokens(None, None, str(tmp_path), announce=printed.append)
     (token,) = first
     path = tmp_path / tokens.TOKEN_FILE_NAME
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and path.read_text().strip() == token
-    assert token in printed[0] and str(path) in printed[0]
+    assert token not in printed[0] and str(path) in printed[0]  # journals keep stdout: the path, not the token
     assert tokens.load_tokens(None, None, str(tmp_path), announce=printed.append) == first
     assert token not in printed[1] and str(path) in printed[1]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="file modes and links")
+def test_a_reused_token_file_must_be_a_private_plain_file(tmp_path):
+    (token,) = tokens.load_tokens(None, None, str(tmp_path), announce=lambda text: None)
+    path = tmp_path / tokens.TOKEN_FILE_NAME
+    path.chmod(0o644)
+    with pytest.raises(InputError, match="chmod 600"):
+        tokens.load_tokens(None, None, str(tmp_path), announce=lambda text: None)
+    path.chmod(0o600)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "secret").write_text(token + "\n")
+    (elsewhere / "secret").chmod(0o600)
+    path.unlink()
+    path.symlink_to(elsewhere / "secret")
+    with pytest.raises(InputError, match="symbolic link"):
+        tokens.load_tokens(None, None, str(tmp_path), announce=lambda text: None)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes")
+def test_a_tokens_file_others_can_read_or_write_is_refused(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text("alice:" + "a" * 20 + "\n")
+    for mode in (0o666, 0o644, 0o640, 0o620):
+        path.chmod(mode)
+        with pytest.raises(InputError, match=f"mode {mode:04o}"):
+            tokens.load_tokens(None, str(path))
+    path.chmod(0o600)
+    assert tokens.load_tokens(None, str(path)) == {"a" * 20: "alice"}
+
+
+def test_the_generated_token_stays_in_protosam_home_whatever_weights_home_says(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PROTOSAM_HOME", str(tmp_path / "home"))
+    args = serve_cli.build_parser().parse_args(["--weights-home", str(tmp_path / "weights")])
+    (token,) = serve_cli.server_tokens(args)
+    assert (tmp_path / "home" / tokens.TOKEN_FILE_NAME).read_text().strip() == token
+    assert not (tmp_path / "weights" / tokens.TOKEN_FILE_NAME).exists()
+    assert token not in capsys.readouterr().out
+
+
 def test_tokens_file_format_and_errors(tmp_path):
     good = tmp_path / "tokens"
-    good.write_text("# lab users\nalice:" + "a" * 20 + "\n\nbob: " + "b" * 20 + "\n")
+    good.write_text("# lab users\nalice:" + "a" * 20 + "   # Alice, radiology\n\nbob: " + "b" * 20 + "#no space\n")
+    good.chmod(0o600)
     assert tokens.load_tokens(None, str(good)) == {"a" * 20: "alice", "b" * 20: "bob"}
     for text, match in (("alice\n", "name:token"), ("alice:short\n", "shorter than"),
+                        ("alice:" + "a" * 20 + " more\n", "contains a space"),
                         ("alice:" + "a" * 20 + "\nalice:" + "c" * 20 + "\n", "twice"), ("# nobody\n", "names no user")):
         good.write_text(text)
         with pytest.raises(InputError, match=match):

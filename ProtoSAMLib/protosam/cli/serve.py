@@ -12,7 +12,7 @@ from ..serving.scheduler import JobScheduler, ServerConfig
 from ..serving.server import DEFAULT_PORT, create_app
 from ..serving.tokens import TOKEN_FILE_NAME, load_tokens
 
-__all__ = ["build_parser", "serve", "cli_serve", "main", "is_loopback"]
+__all__ = ["build_parser", "server_tokens", "serve", "cli_serve", "main", "is_loopback"]
 
 _DESCRIPTION = "The ProtoSAM server: runs the worker protocol over HTTP for many users."
 
@@ -64,6 +64,13 @@ def _served_models(args) -> Dict[str, Any]:
             "sam_checkpoint": args.sam_checkpoint, "input_size": args.input_size}
 
 
+def server_tokens(args: argparse.Namespace) -> Dict[str, str]:
+    """The users of ``args`` (see :func:`load_tokens`). The generated token lives in
+    ``$PROTOSAM_HOME/server_token`` (``~/.protosam`` by default) whatever ``--weights-home`` says:
+    that option moves the weights, not the server's secret."""
+    return load_tokens(args.token, args.tokens, None, announce=lambda text: print(text, flush=True))
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -85,7 +92,7 @@ def serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    tokens = load_tokens(args.token, args.tokens, args.weights_home, announce=lambda text: print(text, flush=True))
+    tokens = server_tokens(args)
     from ..engine import resolve_device
 
     config = ServerConfig(models=_served_models(args), tokens=tokens, device=str(resolve_device(args.device)),
