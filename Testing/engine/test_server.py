@@ -200,6 +200,23 @@ def test_malformed_requests_get_clear_json_errors_and_the_server_keeps_serving(l
     cases.append((post("/v1/jobs", with_files), 400, "ProtocolError", "refers to a file"))
     cases.append((httpx.get(live.url + "/v1/jobs/abc", params={"wait": "soon"}, headers=auth), 422, "InputError",
                   "wait"))
+    # Hostile headers: refused with 400 before anything is allocated (these were 500s).
+    def raw(header: bytes, blobs: bytes = b"") -> bytes:
+        return protocol._PREFIX.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION, len(header), len(blobs)) + header + blobs
+
+    result = b'{"type": "job_result", "fields": {"id": "a", "value": %s}, "arrays": %s}'
+    hostile = [
+        (raw(b'{"type": "job_submit", "fields": {"id": "a", "operation": "segment_volume", "kwargs": {"x": 1e400}}}'),
+         "out of range"),
+        (raw(result % (b"[" * 100000 + b"]" * 100000, b"[]")), "deeper than 64"),
+        (raw(result % (b'{"$array": 0}', b'[{"dtype": "<f4", "shape": [4294967296, 4294967296], "offset": 0, '
+                                          b'"nbytes": 0}]')), "needs"),
+        (raw(result % (b"null", b"[" + b",".join([b'{"dtype":"|u1","shape":[0],"offset":0,"nbytes":0}'] * 5000)
+                       + b"]")), "more than 4096"),
+        (raw(result % (b'"' + b"x" * (1024 * 1024) + b'"', b"[]")), "exceeds 1048576"),
+    ]
+    for body, text in hostile:
+        cases.append((post("/v1/requests", body), 400, "ProtocolError", text))
     for response, status, error_type, text in cases:
         assert response.status_code == status, response.text
         assert response.json()["error_type"] == error_type and text in response.json()["message"], response.text

@@ -51,6 +51,7 @@ job ids and timings, never tokens or image data.
 """
 # No "from __future__ import annotations": FastAPI reads the endpoint annotations (Request)
 # at runtime, and they are local to create_app.
+import functools
 import logging
 from typing import Dict, Optional
 
@@ -65,6 +66,9 @@ __all__ = ["create_app", "DEFAULT_PORT", "HEALTH_PATH"]
 
 DEFAULT_PORT = 8765
 HEALTH_PATH = "/health"
+#: The largest JSON header of a request (its metadata: arrays travel as blobs); the protocol's
+#: own cap (16 MiB) is for the local worker's replies.
+MAX_REQUEST_HEADER_BYTES = 1024 * 1024
 
 
 def _json_error(status: int, error_type: str, message: str, headers: Optional[Dict[str, str]] = None):
@@ -166,7 +170,8 @@ def create_app(scheduler: JobScheduler):
     async def read_message(request: Request) -> protocol.Message:
         body = await _read_body(request, limit)
         # Inline arrays only: file references are refused (no trusted folder on a server).
-        return await run_in_threadpool(protocol.decode, body)
+        return await run_in_threadpool(functools.partial(protocol.decode, max_header_bytes=MAX_REQUEST_HEADER_BYTES),
+                                       body)
 
     @app.get(HEALTH_PATH)
     async def health():
