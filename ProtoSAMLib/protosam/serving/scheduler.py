@@ -78,6 +78,9 @@ class _Job:
         self.done = 0
         self.total = 0
         self.done_at_cancel: Optional[int] = None
+        #: bytes a session open will hold once it runs (its volume and masks), counted in the
+        #: user's budget from the moment it is queued
+        self.session_bytes = 0
         self.reply: Optional[bytes] = None  # encoded JobResult / ErrorReply once finished
         self.finished_at: Optional[float] = None
         self.submitted_at = time.monotonic()
@@ -245,23 +248,29 @@ class JobScheduler:
         needed = volume.size * 4 + volume.size * len(message.structures)  # float32 volume + uint8 masks
         limit = self.config.max_sessions_per_user
 
+        job = _Job(user, secrets.token_urlsafe(24), message, 0)
+        job.session_bytes = needed
+
         def admit():
-            opening = {job.request.session_id for job in self._jobs.values()
-                       if job.user == user and job.state != "finished" and isinstance(job.request, protocol.SessionOpen)}
+            pending = [other for other in self._jobs.values() if other.user == user and other.state != "finished"
+                       and isinstance(other.request, protocol.SessionOpen)]
+            opening = {other.request.session_id for other in pending}
+            # Queued (and running, not yet registered) opens count: their arrays are in memory already.
+            pending_bytes = sum(other.session_bytes for other in pending if other.request.session_id not in sessions)
             held = len(sessions) + len(opening - {message.session_id})
             if message.session_id not in sessions and message.session_id not in opening and held >= limit:
                 raise ServerError(429, (
                     f"You have {held} correction sessions open on this server (the limit is {limit}, "
                     "--max-sessions-per-user): close one (Apply or Cancel a ProtoSAM preview) or wait until idle ones "
                     f"expire ({self.config.session_idle_s / 60:g} min without a click)."), "ProtoSAMError")
-            if sessions.array_bytes() + needed > self.config.cache_bytes_per_user:
+            if sessions.array_bytes() + pending_bytes + needed > self.config.cache_bytes_per_user:
                 raise ServerError(413, (
-                    f"This correction session needs {needed / 2**20:.0f} MiB for its volume and masks, more than is "
+                    f"This correction session needs {needed / 2**20:.1f} MiB for its volume and masks, more than is "
                     f"left of your {self.config.cache_bytes_per_user / 2**20:.0f} MiB on this server "
                     "(--cache-mb-per-user): close other sessions, crop the volume, or ask the administrator to raise "
                     "the budget."), "InputError")
 
-        return self._enqueue(_Job(user, secrets.token_urlsafe(24), message, 0), admit)
+        return self._enqueue(job, admit)
 
     @staticmethod
     def _no_session() -> ServerError:
