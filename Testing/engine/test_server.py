@@ -174,6 +174,64 @@ def test_oversized_requests_get_413_and_the_server_keeps_serving(live):
     assert isinstance(server_health(live.url, live.tokens["alice"]), dict)
 
 
+def stalled_upload(live, path: bytes, user: str, length: int) -> socket.socket:
+    """A request whose headers announce ``length`` body bytes, of which only 10 are sent."""
+    sock = socket.create_connection(("127.0.0.1", int(live.url.rsplit(":", 1)[1])), timeout=5)
+    sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + live.tokens[user].encode() +
+                 b"\r\nContent-Length: %d\r\n\r\n" % length + b"\0" * 10)
+    return sock
+
+
+def answer_now(sock: socket.socket) -> bytes:
+    """What the server answers within 5 s while the body is still incomplete (b"" if nothing)."""
+    received = b""
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return received
+            received += data
+            sock.settimeout(1.0)  # the rest of an answer that has started
+    except socket.timeout:
+        return received
+
+
+def test_uploads_are_admitted_from_the_token_and_content_length_before_the_body_is_read(live, tiny_models):
+    # bob's job slots (--max-jobs-per-user 3): submissions still uploading count; the next is refused at once.
+    stalled = []
+    try:
+        for _ in range(4):
+            sock = stalled_upload(live, b"/v1/jobs", "bob", 200_000)
+            stalled.append(sock)
+            sock.settimeout(1.0)
+            answer = answer_now(sock)
+            if answer:
+                break
+        assert answer.startswith(b"HTTP/1.1 429") and b"still uploading" in answer, answer[:300]
+        # bytes in flight: two 3 MiB bodies of alice exceed her 4 MiB (--max-request-mb) at once
+        first = stalled_upload(live, b"/v1/requests", "alice", 3 * 1024 * 1024)
+        stalled.append(first)
+        second = stalled_upload(live, b"/v1/requests", "alice", 3 * 1024 * 1024)
+        stalled.append(second)
+        answer = answer_now(second)
+        assert answer.startswith(b"HTTP/1.1 413") and b"uploads in progress" in answer, answer[:300]
+        assert isinstance(server_health(live.url, live.tokens["bob"]), dict)  # small requests still pass
+    finally:
+        for sock in stalled:
+            sock.close()
+    # Closed uploads give their slots and bytes back.
+    deadline = time.monotonic() + 10
+    while True:
+        response = httpx.post(live.url + "/v1/jobs", content=protocol.encode(make_request(tiny_models, slices=2)),
+                              headers=headers(live, "bob"))
+        if response.status_code == 202 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert response.status_code == 202, response.text
+    assert isinstance(wait_reply(live, response.json()["id"], user="bob"), protocol.JobResult)
+    httpx.delete(f"{live.url}/v1/jobs/{response.json()['id']}", headers=headers(live, "bob"))
+
+
 def test_malformed_requests_get_clear_json_errors_and_the_server_keeps_serving(live, tiny_models, tmp_path):
     auth = headers(live)
 

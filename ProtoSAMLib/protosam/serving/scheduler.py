@@ -124,6 +124,8 @@ class JobScheduler:
         self._jobs: Dict[str, _Job] = {}
         self._queue: Deque[_Job] = collections.deque()
         self._running: Optional[_Job] = None
+        #: user -> [job submissions being uploaded, bytes being uploaded] (see admit_upload)
+        self._uploads: Dict[str, list] = {}
         self._lock = threading.Condition()
         self._stopping = False
         self.started = time.monotonic()
@@ -193,6 +195,51 @@ class JobScheduler:
             self._lock.notify_all()
         logger.info("Job %s of %s queued (%s, %d ahead).", job.id[:8], job.user, job.request.TYPE, len(self._queue) - 1)
         return job
+
+    # -- uploads (before a body is read) ------------------------------------------------------
+    def upload_budget(self) -> int:
+        """Bytes one user may have uploading at once (bodies being received, not yet decoded)."""
+        return max(self.config.max_request_bytes, 1)
+
+    def admit_upload(self, user: str, nbytes: int, is_job: bool) -> None:
+        """Admit a request body of ``nbytes`` (its Content-Length, 0 when unknown) before it is
+        read, or refuse it: 429 when ``is_job`` and the user's jobs plus the submissions still
+        uploading reach --max-jobs-per-user; 413 when the user's bodies in flight would exceed
+        :meth:`upload_budget`. Pair every admission with :meth:`end_upload`."""
+        with self._lock:
+            if self._stopping:
+                raise ServerError(503, "The server is shutting down.", "ProtoSAMError")
+            counts = self._uploads.setdefault(user, [0, 0])
+            if is_job:
+                self._forget_expired()
+                held = sum(1 for other in self._jobs.values() if other.user == user) + counts[0]
+                if held >= self.config.max_jobs_per_user:
+                    raise ServerError(429, f"You already have {held} jobs on this server, counting those still "
+                                           f"uploading (the limit is {self.config.max_jobs_per_user}); wait for them "
+                                           "or cancel one.", "ProtoSAMError")
+            if counts[1] + nbytes > self.upload_budget():
+                raise ServerError(413, f"Your uploads in progress would exceed {self.upload_budget() / 2**20:.0f} MiB "
+                                       "(--max-request-mb, per user); wait for them to finish.", "InputError")
+            counts[0] += int(is_job)
+            counts[1] += nbytes
+
+    def add_upload_bytes(self, user: str, nbytes: int) -> None:
+        """Count ``nbytes`` more of a body without Content-Length (chunked); 413 beyond the budget."""
+        with self._lock:
+            counts = self._uploads.setdefault(user, [0, 0])
+            if counts[1] + nbytes > self.upload_budget():
+                raise ServerError(413, f"Your uploads in progress exceed {self.upload_budget() / 2**20:.0f} MiB "
+                                       "(--max-request-mb, per user).", "InputError")
+            counts[1] += nbytes
+
+    def end_upload(self, user: str, nbytes: int, is_job: bool) -> None:
+        with self._lock:
+            counts = self._uploads.get(user)
+            if counts is not None:
+                counts[0] -= int(is_job)
+                counts[1] -= nbytes
+                if counts == [0, 0]:
+                    del self._uploads[user]
 
     # -- correction sessions ------------------------------------------------------------------
     # A user's sessions live in that user's WorkerSessions (the worker process's own handler),

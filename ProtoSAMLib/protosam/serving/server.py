@@ -81,10 +81,11 @@ class _Guard:
     """ASGI middleware in front of everything: the token check (401 for every path but the
     health path, before any body is read) and the Content-Length limit (413)."""
 
-    def __init__(self, app, tokens: TokenTable, max_request_bytes: int):
+    def __init__(self, app, tokens: TokenTable, max_request_bytes: int, scheduler: Optional[JobScheduler] = None):
         self.app = app
         self.tokens = tokens
         self.max_request_bytes = max_request_bytes
+        self.scheduler = scheduler
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "websocket":  # the API has none
@@ -108,7 +109,37 @@ class _Guard:
                 return await _json_error(400, "ProtocolError", "Invalid Content-Length header.")(scope, receive, send)
             if too_big:
                 return await self._too_big(scope, receive, send)
-        return await self.app(scope, receive, send)
+        if self.scheduler is None or scope["method"] not in ("POST", "PUT", "PATCH") or scope["path"] == HEALTH_PATH:
+            return await self.app(scope, receive, send)
+        return await self._admitted(scope, receive, send, int(length) if length is not None else 0)
+
+    async def _admitted(self, scope, receive, send, declared: int):
+        """Admit the body from the token and Content-Length before reading it (429: too many
+        jobs counting those uploading; 413: the user's bodies in flight over budget), count it
+        while it uploads, and give its bytes back when the request is answered."""
+        user = scope["state"]["user"]
+        is_job = scope["method"] == "POST" and scope["path"] == "/v1/jobs"
+        try:
+            self.scheduler.admit_upload(user, declared, is_job)
+        except ServerError as error:
+            return await _json_error(error.status, error.error_type, str(error),
+                                     {"Connection": "close"})(scope, receive, send)
+        counted = declared
+        scheduler = self.scheduler
+
+        async def counting_receive():
+            nonlocal counted
+            message = await receive()
+            if declared == 0 and message.get("type") == "http.request":
+                size = len(message.get("body", b""))
+                scheduler.add_upload_bytes(user, size)  # ServerError: answered as a 413 by the app
+                counted += size
+            return message
+
+        try:
+            return await self.app(scope, counting_receive, send)
+        finally:
+            scheduler.end_upload(user, counted, is_job)
 
     async def _too_big(self, scope, receive, send):
         response = _json_error(413, "InputError", (
@@ -242,4 +273,4 @@ def create_app(scheduler: JobScheduler):
             raise ServerError(400, f"'{message.TYPE}' is not a request this server answers.", "ProtocolError")
         return Response(content=protocol.encode(reply), media_type=octets)
 
-    return _Guard(app, TokenTable(scheduler.config.tokens), limit)
+    return _Guard(app, TokenTable(scheduler.config.tokens), limit, scheduler)
