@@ -62,13 +62,128 @@ from .tokens import TokenTable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["create_app", "DEFAULT_PORT", "HEALTH_PATH"]
+__all__ = ["create_app", "ConnectionLimits", "guarded_protocol_class", "DEFAULT_PORT", "HEALTH_PATH"]
 
 DEFAULT_PORT = 8765
 HEALTH_PATH = "/health"
 #: The largest JSON header of a request (its metadata: arrays travel as blobs); the protocol's
 #: own cap (16 MiB) is for the local worker's replies.
 MAX_REQUEST_HEADER_BYTES = 1024 * 1024
+
+
+# ----------------------------------------------------------------------------- connection limits
+class ConnectionLimits:
+    """Limits on connections, enforced by :func:`guarded_protocol_class` (a subclass of
+    uvicorn's h11 protocol, which parses HTTP): a connection that has not sent a complete
+    request head within ``header_timeout`` s of opening (or of its last answer) is closed; a
+    request body slower than ``min_body_rate`` bytes/s on average once ``body_grace`` s have
+    passed is cut; at most ``per_address`` open connections per client address (further ones
+    are closed at once). Counters live on the event loop's thread (no lock needed)."""
+
+    def __init__(self, header_timeout: float = 10.0, min_body_rate: float = 64 * 1024, body_grace: float = 10.0,
+                 per_address: int = 32):
+        self.header_timeout = header_timeout
+        self.min_body_rate = min_body_rate
+        self.body_grace = body_grace
+        self.per_address = per_address
+        self.open: Dict[str, int] = {}
+        self.closed = {"per_address": 0, "header_timeout": 0, "slow_body": 0}
+
+    def acquire(self, address: Optional[str]) -> bool:
+        if address is None:
+            return True
+        if self.open.get(address, 0) >= self.per_address:
+            self.closed["per_address"] += 1
+            return False
+        self.open[address] = self.open.get(address, 0) + 1
+        return True
+
+    def release(self, address: Optional[str]) -> None:
+        if address is not None and address in self.open:
+            self.open[address] -= 1
+            if not self.open[address]:
+                del self.open[address]
+
+
+def guarded_protocol_class(limits: ConnectionLimits):
+    """uvicorn's ``H11Protocol`` with :class:`ConnectionLimits` (pass it as ``uvicorn.run(http=...)``).
+    h11 still parses everything; this only watches the connection's state (``conn.their_state``)
+    and the time, and closes the transport."""
+    import time
+
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._address = self.client[0] if self.client else None
+            self._timer = None
+            self._body_started: Optional[float] = None
+            self._body_bytes = 0
+            self._counted = limits.acquire(self._address)
+            if not self._counted:
+                transport.abort()
+                return
+            self._arm(limits.header_timeout, self._head_too_slow)
+
+        def _arm(self, delay: float, callback) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_later(delay, callback)
+
+        def _close(self, reason: str) -> None:
+            limits.closed[reason] += 1
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def _head_too_slow(self) -> None:
+            self._timer = None
+            if self.conn.their_state is h11.IDLE:  # no complete request head yet
+                self._close("header_timeout")
+
+        def _check_body_rate(self) -> None:
+            self._timer = None
+            if self.conn.their_state is not h11.SEND_BODY or self._body_started is None:
+                return
+            elapsed = time.monotonic() - self._body_started
+            if elapsed >= limits.body_grace and self._body_bytes < limits.min_body_rate * elapsed:
+                self._close("slow_body")
+            else:
+                self._arm(1.0, self._check_body_rate)
+
+        def data_received(self, data: bytes) -> None:
+            before = self.conn.their_state
+            super().data_received(data)
+            if not self._counted:
+                return
+            state = self.conn.their_state
+            if state is h11.SEND_BODY:
+                if before is not h11.SEND_BODY:  # the head just completed: the body's clock starts
+                    self._body_started, self._body_bytes = time.monotonic(), 0
+                    self._arm(1.0, self._check_body_rate)
+                else:
+                    self._body_bytes += len(data)
+            elif state is not h11.IDLE and self._timer is not None and before is h11.IDLE:
+                self._timer.cancel()  # a complete request without body
+                self._timer = None
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._counted and not self.transport.is_closing():
+                self._body_started = None
+                self._arm(limits.header_timeout, self._head_too_slow)
+
+        def connection_lost(self, exc) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._counted:
+                self._counted = False
+                limits.release(self._address)
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
 
 
 def _json_error(status: int, error_type: str, message: str, headers: Optional[Dict[str, str]] = None):
@@ -81,11 +196,16 @@ class _Guard:
     """ASGI middleware in front of everything: the token check (401 for every path but the
     health path, before any body is read) and the Content-Length limit (413)."""
 
-    def __init__(self, app, tokens: TokenTable, max_request_bytes: int, scheduler: Optional[JobScheduler] = None):
+    def __init__(self, app, tokens: TokenTable, max_request_bytes: int, scheduler: Optional[JobScheduler] = None,
+                 max_active: int = 128):
         self.app = app
         self.tokens = tokens
         self.max_request_bytes = max_request_bytes
         self.scheduler = scheduler
+        #: authenticated requests in the app at once (503 beyond); idle and unauthenticated
+        #: connections never count here, so they cannot take this capacity
+        self.max_active = max_active
+        self.active = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "websocket":  # the API has none
@@ -101,6 +221,17 @@ class _Guard:
                                        "start, or yours from its tokens file).", {"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
             scope.setdefault("state", {})["user"] = user
+            if self.active >= self.max_active:
+                return await _json_error(503, "ProtoSAMError", "The server is answering too many requests at once; "
+                                         "try again in a moment.", {"Retry-After": "1"})(scope, receive, send)
+            self.active += 1
+            try:
+                return await self._checked(scope, receive, send, headers)
+            finally:
+                self.active -= 1
+        return await self._checked(scope, receive, send, headers)
+
+    async def _checked(self, scope, receive, send, headers):
         length = headers.get(b"content-length")
         if length is not None:
             try:
@@ -161,7 +292,7 @@ async def _read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(scheduler: JobScheduler):
+def create_app(scheduler: JobScheduler, max_active_requests: int = 128):
     """The FastAPI application (public docs routes off; the schema only behind the token)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -273,4 +404,4 @@ def create_app(scheduler: JobScheduler):
             raise ServerError(400, f"'{message.TYPE}' is not a request this server answers.", "ProtocolError")
         return Response(content=protocol.encode(reply), media_type=octets)
 
-    return _Guard(app, TokenTable(scheduler.config.tokens), limit, scheduler)
+    return _Guard(app, TokenTable(scheduler.config.tokens), limit, scheduler, max_active_requests)
