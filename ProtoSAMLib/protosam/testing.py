@@ -147,6 +147,7 @@ def start_server(models: ModelSelection, folder: Union[str, Path], *, users=("al
     tokens = {user: secrets.token_urlsafe(24) for user in users}
     tokens_file = folder / "tokens"
     tokens_file.write_text("".join(f"{user}:{token}\n" for user, token in tokens.items()), encoding="utf-8")
+    tokens_file.chmod(0o600)  # the server refuses a tokens file others can read
     port = free_port()
     command = [sys.executable, "-m", "protosam", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--tokens", str(tokens_file), "--device", "cpu", "--no-download", "--threads", str(threads),

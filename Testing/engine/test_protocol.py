@@ -161,6 +161,65 @@ def test_malformed_messages_get_clear_errors(data, match):
         protocol.decode(data)
 
 
+def raw_header(text: bytes, blobs: bytes = b"") -> bytes:
+    return struct.pack("<4sIQQ", b"PSAM", protocol.PROTOCOL_VERSION, len(text), len(blobs)) + text + blobs
+
+
+def array_result(entry: dict, blobs: bytes = b"") -> bytes:
+    return with_header({"type": "job_result", "fields": {"id": "a", "value": {"$array": 0}}, "arrays": [entry]}, blobs)
+
+
+@pytest.mark.parametrize("data, match", [
+    # a shape whose product overflows int64 (2**32 * 2**32 wraps to 0 bytes in numpy's product)
+    (array_result({"dtype": "<f4", "shape": [2 ** 32, 2 ** 32], "offset": 0, "nbytes": 0}), "needs"),
+    (array_result({"dtype": "|u1", "shape": [2 ** 62, 4], "offset": 0, "nbytes": 0}), "needs"),
+    (array_result({"dtype": "|u1", "shape": [1] * 33, "offset": 0, "nbytes": 1}, b"\0"), "at most 32"),
+    (array_result({"dtype": "|u1", "shape": [1.5], "offset": 0, "nbytes": 1}, b"\0"), "list of at most"),
+    (array_result({"dtype": "|u1", "shape": "12", "offset": 0, "nbytes": 1}, b"\0"), "list of at most"),
+    (array_result({"dtype": ["<f4"], "shape": [1], "offset": 0, "nbytes": 4}, b"\0" * 4), "no valid dtype"),
+    (array_result({"dtype": "|u1", "shape": [1], "offset": "0", "nbytes": 1}, b"\0"), "offset/nbytes"),
+    (array_result({"dtype": "|u1", "shape": [1], "offset": 0, "nbytes": 1,
+                   "ijk_to_physical": [[1, 0, 0, 0]] * 3 + [["a", 0, 0, 1]]}, b"\0"), "non-numbers"),
+    (array_result({"dtype": "|u1", "shape": [1], "offset": 0, "nbytes": 1, "ijk_to_physical": {"a": 1}}, b"\0"),
+     "not 4x4"),
+    # numbers JSON can write but a message may not carry
+    (raw_header(b'{"type": "job_result", "fields": {"id": "a", "value": 1e400}}'), "out of range"),
+    (raw_header(b'{"type": "job_result", "fields": {"id": "a", "value": -1e400}}'), "out of range"),
+    (raw_header(b'{"type": "job_result", "fields": {"id": "a", "value": NaN}}'), "NaN is not a number"),
+    (raw_header(b'{"type": "job_result", "fields": {"id": "a", "value": [Infinity]}}'), "Infinity is not"),
+    (raw_header(b'{"type": "job_result", "fields": {"id": "a", "value": 9223372036854775808}}'), "int64"),
+    (raw_header(b'{"type": "job_result", "fields": {"id": "a", "value": 1' + b"0" * 5000 + b'}}'), "out of range"),
+    # nesting: deeper than the cap, and deeper than Python's recursion limit
+    (raw_header(b'{"type": "job_result", "fields": {"id": "a", "value": ' + b"[" * 70 + b"]" * 70 + b"}}"),
+     "deeper than 64"),
+    (raw_header(b'{"type": "job_result", "fields": {"id": "a", "value": ' + b"[" * 100000 + b"]" * 100000 + b"}}"),
+     "deeper than 64"),
+    (with_header({"type": "job_result", "fields": {"id": "a", "value": None},
+                  "arrays": [{"dtype": "|u1", "shape": [0], "offset": 0, "nbytes": 0}] * 4097}),
+     "more than 4096"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_hostile_messages_are_refused_before_anything_is_allocated(data, match):
+    with pytest.raises(ProtocolError, match=match):
+        protocol.decode(data)
+
+
+def test_many_zero_size_arrays_are_refused_quickly_and_a_smaller_header_cap_applies():
+    import time
+
+    data = with_header({"type": "job_result", "fields": {"id": "a", "value": None},
+                        "arrays": [{"dtype": "|u1", "shape": [0], "offset": 0, "nbytes": 0}] * 200_000})
+    start = time.process_time()
+    with pytest.raises(ProtocolError, match="arrays, more than"):
+        protocol.decode(data)
+    assert time.process_time() - start < 1.5
+    with pytest.raises(ProtocolError, match="exceeds 1024"):
+        protocol.decode(with_header({"type": "job_result", "fields": {"id": "a", "value": "x" * 2000}}),
+                        max_header_bytes=1024)
+    # the largest legitimate arrays still decode: many dimensions of size 1, a big 8-byte product
+    value = np.zeros((1,) * 32, dtype=np.uint8)
+    assert protocol.decode(protocol.encode(protocol.JobResult(id="a", value=value))).value.shape == (1,) * 32
+
+
 def test_file_references_only_inside_the_trusted_folder(tmp_path):
     trusted, other = tmp_path / "trusted", tmp_path / "other"
     trusted.mkdir()

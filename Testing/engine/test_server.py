@@ -174,6 +174,64 @@ def test_oversized_requests_get_413_and_the_server_keeps_serving(live):
     assert isinstance(server_health(live.url, live.tokens["alice"]), dict)
 
 
+def stalled_upload(live, path: bytes, user: str, length: int) -> socket.socket:
+    """A request whose headers announce ``length`` body bytes, of which only 10 are sent."""
+    sock = socket.create_connection(("127.0.0.1", int(live.url.rsplit(":", 1)[1])), timeout=5)
+    sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + live.tokens[user].encode() +
+                 b"\r\nContent-Length: %d\r\n\r\n" % length + b"\0" * 10)
+    return sock
+
+
+def answer_now(sock: socket.socket) -> bytes:
+    """What the server answers within 5 s while the body is still incomplete (b"" if nothing)."""
+    received = b""
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return received
+            received += data
+            sock.settimeout(1.0)  # the rest of an answer that has started
+    except socket.timeout:
+        return received
+
+
+def test_uploads_are_admitted_from_the_token_and_content_length_before_the_body_is_read(live, tiny_models):
+    # bob's job slots (--max-jobs-per-user 3): submissions still uploading count; the next is refused at once.
+    stalled = []
+    try:
+        for _ in range(4):
+            sock = stalled_upload(live, b"/v1/jobs", "bob", 200_000)
+            stalled.append(sock)
+            sock.settimeout(1.0)
+            answer = answer_now(sock)
+            if answer:
+                break
+        assert answer.startswith(b"HTTP/1.1 429") and b"still uploading" in answer, answer[:300]
+        # bytes in flight: two 3 MiB bodies of alice exceed her 4 MiB (--max-request-mb) at once
+        first = stalled_upload(live, b"/v1/requests", "alice", 3 * 1024 * 1024)
+        stalled.append(first)
+        second = stalled_upload(live, b"/v1/requests", "alice", 3 * 1024 * 1024)
+        stalled.append(second)
+        answer = answer_now(second)
+        assert answer.startswith(b"HTTP/1.1 413") and b"uploads in progress" in answer, answer[:300]
+        assert isinstance(server_health(live.url, live.tokens["bob"]), dict)  # small requests still pass
+    finally:
+        for sock in stalled:
+            sock.close()
+    # Closed uploads give their slots and bytes back.
+    deadline = time.monotonic() + 10
+    while True:
+        response = httpx.post(live.url + "/v1/jobs", content=protocol.encode(make_request(tiny_models, slices=2)),
+                              headers=headers(live, "bob"))
+        if response.status_code == 202 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert response.status_code == 202, response.text
+    assert isinstance(wait_reply(live, response.json()["id"], user="bob"), protocol.JobResult)
+    httpx.delete(f"{live.url}/v1/jobs/{response.json()['id']}", headers=headers(live, "bob"))
+
+
 def test_malformed_requests_get_clear_json_errors_and_the_server_keeps_serving(live, tiny_models, tmp_path):
     auth = headers(live)
 
@@ -200,6 +258,23 @@ def test_malformed_requests_get_clear_json_errors_and_the_server_keeps_serving(l
     cases.append((post("/v1/jobs", with_files), 400, "ProtocolError", "refers to a file"))
     cases.append((httpx.get(live.url + "/v1/jobs/abc", params={"wait": "soon"}, headers=auth), 422, "InputError",
                   "wait"))
+    # Hostile headers: refused with 400 before anything is allocated (these were 500s).
+    def raw(header: bytes, blobs: bytes = b"") -> bytes:
+        return protocol._PREFIX.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION, len(header), len(blobs)) + header + blobs
+
+    result = b'{"type": "job_result", "fields": {"id": "a", "value": %s}, "arrays": %s}'
+    hostile = [
+        (raw(b'{"type": "job_submit", "fields": {"id": "a", "operation": "segment_volume", "kwargs": {"x": 1e400}}}'),
+         "out of range"),
+        (raw(result % (b"[" * 100000 + b"]" * 100000, b"[]")), "deeper than 64"),
+        (raw(result % (b'{"$array": 0}', b'[{"dtype": "<f4", "shape": [4294967296, 4294967296], "offset": 0, '
+                                          b'"nbytes": 0}]')), "needs"),
+        (raw(result % (b"null", b"[" + b",".join([b'{"dtype":"|u1","shape":[0],"offset":0,"nbytes":0}'] * 5000)
+                       + b"]")), "more than 4096"),
+        (raw(result % (b'"' + b"x" * (1024 * 1024) + b'"', b"[]")), "exceeds 1048576"),
+    ]
+    for body, text in hostile:
+        cases.append((post("/v1/requests", body), 400, "ProtocolError", text))
     for response, status, error_type, text in cases:
         assert response.status_code == status, response.text
         assert response.json()["error_type"] == error_type and text in response.json()["message"], response.text
@@ -303,22 +378,63 @@ def test_non_loopback_addresses_need_tls_or_insecure(capsys):
     assert serve_cli.is_loopback("127.0.0.1") and serve_cli.is_loopback("::1") and not serve_cli.is_loopback("0.0.0.0")
 
 
-def test_generated_token_is_private_printed_once_and_reused(tmp_path):
+def test_generated_token_is_private_never_printed_and_reused(tmp_path):
     printed = []
     first = tokens.load_tokens(None, None, str(tmp_path), announce=printed.append)
     (token,) = first
     path = tmp_path / tokens.TOKEN_FILE_NAME
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and path.read_text().strip() == token
-    assert token in printed[0] and str(path) in printed[0]
+    assert token not in printed[0] and str(path) in printed[0]  # journals keep stdout: the path, not the token
     assert tokens.load_tokens(None, None, str(tmp_path), announce=printed.append) == first
     assert token not in printed[1] and str(path) in printed[1]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="file modes and links")
+def test_a_reused_token_file_must_be_a_private_plain_file(tmp_path):
+    (token,) = tokens.load_tokens(None, None, str(tmp_path), announce=lambda text: None)
+    path = tmp_path / tokens.TOKEN_FILE_NAME
+    path.chmod(0o644)
+    with pytest.raises(InputError, match="chmod 600"):
+        tokens.load_tokens(None, None, str(tmp_path), announce=lambda text: None)
+    path.chmod(0o600)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "secret").write_text(token + "\n")
+    (elsewhere / "secret").chmod(0o600)
+    path.unlink()
+    path.symlink_to(elsewhere / "secret")
+    with pytest.raises(InputError, match="symbolic link"):
+        tokens.load_tokens(None, None, str(tmp_path), announce=lambda text: None)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes")
+def test_a_tokens_file_others_can_read_or_write_is_refused(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text("alice:" + "a" * 20 + "\n")
+    for mode in (0o666, 0o644, 0o640, 0o620):
+        path.chmod(mode)
+        with pytest.raises(InputError, match=f"mode {mode:04o}"):
+            tokens.load_tokens(None, str(path))
+    path.chmod(0o600)
+    assert tokens.load_tokens(None, str(path)) == {"a" * 20: "alice"}
+
+
+def test_the_generated_token_stays_in_protosam_home_whatever_weights_home_says(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PROTOSAM_HOME", str(tmp_path / "home"))
+    args = serve_cli.build_parser().parse_args(["--weights-home", str(tmp_path / "weights")])
+    (token,) = serve_cli.server_tokens(args)
+    assert (tmp_path / "home" / tokens.TOKEN_FILE_NAME).read_text().strip() == token
+    assert not (tmp_path / "weights" / tokens.TOKEN_FILE_NAME).exists()
+    assert token not in capsys.readouterr().out
+
+
 def test_tokens_file_format_and_errors(tmp_path):
     good = tmp_path / "tokens"
-    good.write_text("# lab users\nalice:" + "a" * 20 + "\n\nbob: " + "b" * 20 + "\n")
+    good.write_text("# lab users\nalice:" + "a" * 20 + "   # Alice, radiology\n\nbob: " + "b" * 20 + "#no space\n")
+    good.chmod(0o600)
     assert tokens.load_tokens(None, str(good)) == {"a" * 20: "alice", "b" * 20: "bob"}
     for text, match in (("alice\n", "name:token"), ("alice:short\n", "shorter than"),
+                        ("alice:" + "a" * 20 + " more\n", "contains a space"),
                         ("alice:" + "a" * 20 + "\nalice:" + "c" * 20 + "\n", "twice"), ("# nobody\n", "names no user")):
         good.write_text(text)
         with pytest.raises(InputError, match=match):

@@ -335,7 +335,7 @@ def finish(scheduler, job, timeout=300):
 
 
 def test_sessions_volumes_and_encodings_share_the_users_budget(tiny_models):
-    from protosam.serving import scheduler
+    from protosam.serving.scheduler import ServerError
 
     volume, mask = box_volume(seed=11)
     arrays = volume.size * 4 + volume.size  # the session's float32 volume and uint8 mask
@@ -355,13 +355,32 @@ def test_sessions_volumes_and_encodings_share_the_users_budget(tiny_models):
         # A second session that cannot fit beside it is refused before anything runs.
         too_big = dataclasses.replace(message, session_id="t", volume=protocol.Image(np.zeros((6, 400, 1000), np.float32)),
                                       structures={"1": np.zeros((6, 400, 1000), np.uint8)})
-        with pytest.raises(scheduler.ServerError) as caught:
+        with pytest.raises(ServerError) as caught:
             scheduler.submit_session_job("alice", too_big)
         assert caught.value.status == 413 and "--cache-mb-per-user" in str(caught.value)
         scheduler.session_request("alice", close("s"))
         assert cache.nbytes == 0 and cache.max_bytes == budget  # the session's arrays are given back
     finally:
         scheduler.stop()
+
+
+def test_queued_session_opens_count_against_the_users_budget(tiny_models):
+    volume, mask = box_volume(seed=11)
+    needed = volume.size * 4 + volume.size
+    scheduler = scheduler_for(tiny_models, needed * 3 // 2)  # room for one open, not two
+    # Not started: the runner is "busy", every open stays queued with its volume in memory.
+    message = protocol.SessionOpen(id="o", session_id="s1", engine=engine_spec(tiny_models),
+                                   volume=protocol.Image(volume), structures={"1": mask},
+                                   options={"axis": 0, "modality": "auto"})
+    first = scheduler.submit_session_job("alice", message)
+    from protosam.serving.scheduler import ServerError
+
+    with pytest.raises(ServerError) as caught:
+        scheduler.submit_session_job("alice", dataclasses.replace(message, session_id="s2"))
+    assert caught.value.status == 413 and "--cache-mb-per-user" in str(caught.value)
+    scheduler.cancel("alice", first.id)  # a cancelled open gives its bytes back
+    assert scheduler.submit_session_job("alice", dataclasses.replace(message, session_id="s3")).state == "queued"
+    scheduler.stop()
 
 
 def test_closing_a_session_on_a_shared_cache_keeps_other_volumes_encodings(tiny_models):

@@ -9,10 +9,10 @@ from typing import Any, Dict, Optional, Sequence
 from .. import __version__
 from ..errors import InputError
 from ..serving.scheduler import JobScheduler, ServerConfig
-from ..serving.server import DEFAULT_PORT, create_app
+from ..serving.server import DEFAULT_PORT, ConnectionLimits, create_app, guarded_protocol_class
 from ..serving.tokens import TOKEN_FILE_NAME, load_tokens
 
-__all__ = ["build_parser", "serve", "cli_serve", "main", "is_loopback"]
+__all__ = ["build_parser", "server_tokens", "serve", "cli_serve", "main", "is_loopback"]
 
 _DESCRIPTION = "The ProtoSAM server: runs the worker protocol over HTTP for many users."
 
@@ -55,6 +55,16 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     net.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default torch's); the same count as a local run gives the same bits")
     net.add_argument("--access-log", action="store_true", help="log every request line (paths hold job ids)")
+    limits = parser.add_argument_group("connection limits (see docs/security.md)")
+    limits.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                        help="close a connection that has not sent a complete request head within S seconds")
+    limits.add_argument("--min-body-rate-kb", type=float, default=64.0, metavar="KB",
+                        help="cut a request body slower than KB kB/s on average after --body-grace seconds")
+    limits.add_argument("--body-grace", type=float, default=10.0, metavar="S", help="see --min-body-rate-kb")
+    limits.add_argument("--max-connections-per-address", type=int, default=32, metavar="N",
+                        help="open connections per client address (behind a proxy: per proxy address)")
+    limits.add_argument("--max-active-requests", type=int, default=128, metavar="N",
+                        help="authenticated requests answered at once (503 beyond); idle connections do not count")
     add_model_options(parser)
     return parser
 
@@ -62,6 +72,13 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
 def _served_models(args) -> Dict[str, Any]:
     return {"dinov2": args.dinov2, "dinov2_checkpoint": args.dinov2_checkpoint, "sam": args.sam,
             "sam_checkpoint": args.sam_checkpoint, "input_size": args.input_size}
+
+
+def server_tokens(args: argparse.Namespace) -> Dict[str, str]:
+    """The users of ``args`` (see :func:`load_tokens`). The generated token lives in
+    ``$PROTOSAM_HOME/server_token`` (``~/.protosam`` by default) whatever ``--weights-home`` says:
+    that option moves the weights, not the server's secret."""
+    return load_tokens(args.token, args.tokens, None, announce=lambda text: print(text, flush=True))
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -85,7 +102,7 @@ def serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    tokens = load_tokens(args.token, args.tokens, args.weights_home, announce=lambda text: print(text, flush=True))
+    tokens = server_tokens(args)
     from ..engine import resolve_device
 
     config = ServerConfig(models=_served_models(args), tokens=tokens, device=str(resolve_device(args.device)),
@@ -97,14 +114,20 @@ def serve(args: argparse.Namespace) -> int:
                           session_idle_s=args.session_idle_minutes * 60.0)
     scheduler = JobScheduler(config)
     scheduler.start()
-    app = create_app(scheduler)
+    app = create_app(scheduler, max_active_requests=args.max_active_requests)
+    limits = ConnectionLimits(header_timeout=args.header_timeout, min_body_rate=args.min_body_rate_kb * 1024,
+                              body_grace=args.body_grace, per_address=args.max_connections_per_address)
     scheme = "https" if args.ssl_certfile else "http"
     print(f"ProtoSAM server {__version__}: {scheme}://{args.host}:{args.port} on {config.device}, "
           f"{len(set(tokens.values()))} user(s), models {args.dinov2} + {args.sam}", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,
                     ssl_keyfile=args.ssl_keyfile, access_log=args.access_log, log_level="info",
-                    limit_concurrency=256, timeout_graceful_shutdown=5)
+                    # h11 parses; the guarded protocol times out heads and slow bodies and caps
+                    # connections per address; uvicorn's limit_concurrency is off (it counted idle
+                    # connections): create_app's guard bounds authenticated requests instead.
+                    http=guarded_protocol_class(limits), limit_concurrency=None, timeout_keep_alive=5,
+                    timeout_graceful_shutdown=5)
     finally:
         scheduler.stop()
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
+import ipaddress
 import json
 import logging
 import socket
@@ -27,7 +28,7 @@ from ..errors import CancelledError, InputError, ProtoSAMError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ServerConnection", "forwarding_request", "forwarding_session_request", "forward_job", "session_request",
+__all__ = ["ServerConnection", "is_loopback_host", "forwarding_request", "forwarding_session_request", "forward_job", "session_request",
            "FORWARD_OPERATION"]
 
 FORWARD_OPERATION = "forward_to_server"
@@ -37,17 +38,53 @@ POLL_WAIT_S = 0.5
 POLL_RETRIES = 3
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: urllib would resend the token (``Authorization``) to wherever
+    it points, another host or plain HTTP. The 3xx then reaches the caller as an HTTPError."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+#: The one opener of every server request (no redirects; proxies from the environment as urllib's default).
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1): traffic that never leaves this machine."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class ServerConnection:
     """HTTP(S) requests to one server with its token. Errors: :class:`protocol.WorkerCrashedError`
-    when the server cannot be reached, the server's own error class (from its JSON error) else."""
+    when the server cannot be reached, the server's own error class (from its JSON error) else.
 
-    def __init__(self, url: str, token: str, timeout: float = 60.0):
+    ``http://`` to a host other than this machine is refused unless ``allow_unencrypted`` (the
+    token and the images would cross the network in clear): then a warning is logged at each
+    connection. Redirects are never followed (the token would go along): a 3xx is an error
+    that names where it pointed."""
+
+    def __init__(self, url: str, token: str, timeout: float = 60.0, allow_unencrypted: bool = False):
         parsed = urllib.parse.urlsplit(url.strip())
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        if parsed.scheme not in ("http", "https") or not parsed.netloc or not parsed.hostname:
             raise InputError(f"The ProtoSAM server URL must look like https://host:8765, not {url!r}.")
         if not token:
             raise InputError("Enter the ProtoSAM server's token (printed by 'protosam serve' at its first start).")
         self.url = url.strip().rstrip("/")
+        self.unencrypted = parsed.scheme == "http" and not is_loopback_host(parsed.hostname)
+        if self.unencrypted:
+            if not allow_unencrypted:
+                raise InputError(
+                    f"Refusing plain http:// to {parsed.hostname}: your token and images would cross the network "
+                    "unencrypted. Use the server's https:// address, or, on a network you trust, tick 'Allow "
+                    "unencrypted connection' in ProtoSAM's server settings (allow_unencrypted=True).")
+            logger.warning("Unencrypted connection to the ProtoSAM server at %s: the token and images travel in clear "
+                           "(allowed by the user).", self.url)
         self._token = token
         self.timeout = timeout
 
@@ -61,7 +98,7 @@ class ServerConnection:
             headers["Content-Type"] = "application/octet-stream"
         request = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
+            with _OPENER.open(request, timeout=timeout or self.timeout) as response:
                 return response.status, response.read()
         except urllib.error.HTTPError as error:
             raise self._error_from_http(error) from None
@@ -75,6 +112,11 @@ class ServerConnection:
             error_type, message = str(content["error_type"]), str(content["message"])
         except (ValueError, KeyError, TypeError, OSError):
             error_type, message = "ProtoSAMError", f"HTTP {error.code} {error.reason}"
+        if 300 <= error.code < 400:
+            where = error.headers.get("Location", "?") if error.headers is not None else "?"
+            return InputError(f"The ProtoSAM server at {self.url} answered with a redirect (HTTP {error.code}) to "
+                              f"{where}. ProtoSAM does not follow redirects (your token would be sent there): enter "
+                              "the server's final https:// address.")
         if error.code == 401:
             return InputError(f"The ProtoSAM server at {self.url} refused the token: check the token in ProtoSAM's "
                               "'Compute on' settings (the server prints it at its first start).")
@@ -84,15 +126,17 @@ class ServerConnection:
                                                              message=f"ProtoSAM server: {message}"))
 
 
-def forwarding_request(request: protocol.JobSubmit, url: str, token: str) -> protocol.JobSubmit:
-    """The job that makes a local worker run ``request`` on the server at ``url``.
+def forwarding_request(request: protocol.JobSubmit, url: str, token: str,
+                       allow_unencrypted: bool = False) -> protocol.JobSubmit:
+    """The job that makes a local worker run ``request`` on the server at ``url``
+    (``allow_unencrypted``: see :class:`ServerConnection`).
 
     Checkpoint paths and the weights folder are dropped from the engine: they name files on
     this machine; the server runs the models it was started with (their names must match)."""
-    ServerConnection(url, token)  # checks the URL and token now, on the caller's side
+    ServerConnection(url, token, allow_unencrypted=allow_unencrypted)  # checks the URL and token now, on the caller's side
     engine = _server_engine(request.engine)
     return protocol.JobSubmit(id=request.id, operation=FORWARD_OPERATION, name=request.name, engine=None, kwargs={
-        "server_url": url, "server_token": token,
+        "server_url": url, "server_token": token, "allow_unencrypted": bool(allow_unencrypted),
         "job": {"operation": request.operation, "kwargs": request.kwargs, "engine": engine}})
 
 
@@ -104,7 +148,8 @@ def forward_job(request: protocol.JobSubmit, progress: Callable[[int, int], None
     WorkerCrashedError when the server stops answering mid-job (nothing is returned, so the
     caller writes nothing)."""
     kwargs = request.kwargs
-    connection = ServerConnection(str(kwargs.get("server_url", "")), str(kwargs.get("server_token", "")))
+    connection = ServerConnection(str(kwargs.get("server_url", "")), str(kwargs.get("server_token", "")),
+                                  allow_unencrypted=kwargs.get("allow_unencrypted") is True)
     if "session" in kwargs:
         return session_request(connection, _session_message(kwargs["session"]), progress, cancel)
     job = kwargs.get("job")
@@ -186,13 +231,15 @@ def session_request(connection: ServerConnection, message: protocol.Message,
     return reply.value
 
 
-def forwarding_session_request(message: protocol.Message, url: str, token: str) -> protocol.JobSubmit:
+def forwarding_session_request(message: protocol.Message, url: str, token: str,
+                               allow_unencrypted: bool = False) -> protocol.JobSubmit:
     """The job that makes a local worker relay a session message to the server at ``url``
     (:func:`forward_job` runs it with :func:`session_request`); the value is the server's."""
-    ServerConnection(url, token)
+    ServerConnection(url, token, allow_unencrypted=allow_unencrypted)
     fields = {field.name: getattr(message, field.name) for field in dataclasses.fields(message)}
     return protocol.JobSubmit(id=message.id, operation=FORWARD_OPERATION, engine=None, name=message.TYPE, kwargs={
-        "server_url": url, "server_token": token, "session": dict(fields, type=message.TYPE)})
+        "server_url": url, "server_token": token, "allow_unencrypted": bool(allow_unencrypted),
+        "session": dict(fields, type=message.TYPE)})
 
 
 def _session_message(value: Any) -> protocol.Message:
@@ -220,9 +267,9 @@ def _forget(connection: ServerConnection, path: str) -> None:
         pass
 
 
-def server_health(url: str, token: str, timeout: float = 10.0) -> Dict[str, Any]:
+def server_health(url: str, token: str, timeout: float = 10.0, allow_unencrypted: bool = False) -> Dict[str, Any]:
     """The server's health for this user (checks URL and token; used by "Test connection")."""
-    connection = ServerConnection(url, token, timeout)
+    connection = ServerConnection(url, token, timeout, allow_unencrypted=allow_unencrypted)
     _, body = connection.request("POST", "/v1/requests", protocol.encode(protocol.HealthRequest(id=protocol.new_id())))
     message = protocol.decode(body)
     if not isinstance(message, protocol.Health):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import struct
 import uuid
@@ -48,6 +49,13 @@ _PREFIX = struct.Struct("<4sIQQ")
 PREFIX_SIZE = _PREFIX.size
 #: A header is metadata only (arrays are blobs or files): anything bigger is not a message.
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+#: Caps that bound the work and memory of decoding before anything is allocated (a server
+#: decodes messages from the network): nesting of the JSON header, arrays per message,
+#: dimensions per array. Numbers must be finite and integers within int64.
+MAX_JSON_DEPTH = 64
+MAX_ARRAYS = 4096
+MAX_DIMENSIONS = 32
+_INT64 = 2 ** 63
 #: Array dtypes a message may carry (no object or structured dtypes: nothing executable).
 ALLOWED_DTYPES = frozenset(np.dtype(t).str for t in (
     np.bool_, np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.uint64, np.int64,
@@ -492,16 +500,22 @@ def read_prefix(prefix: bytes) -> Tuple[int, int]:
 def _load_array(entry: Any, index: int, blobs: memoryview, file_dir: Optional[Path]) -> Any:
     if not isinstance(entry, dict):
         raise ProtocolError(f"array {index} is not described by an object")
+    raw_shape = entry.get("shape")
+    if (not isinstance(raw_shape, list) or len(raw_shape) > MAX_DIMENSIONS
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in raw_shape)):
+        raise ProtocolError(f"array {index} needs a shape: a list of at most {MAX_DIMENSIONS} integers")
+    if not isinstance(entry.get("dtype"), str) or len(entry["dtype"]) > 8:
+        raise ProtocolError(f"array {index} has no valid dtype")
     try:
         dtype = np.dtype(entry["dtype"])
-        shape = tuple(int(n) for n in entry["shape"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise ProtocolError(f"array {index} has no valid dtype/shape: {error}") from None
+    except (TypeError, ValueError) as error:
+        raise ProtocolError(f"array {index} has no valid dtype: {error}") from None
+    shape = tuple(raw_shape)
     if dtype.str not in ALLOWED_DTYPES and dtype != np.bool_:
         raise ProtocolError(f"array {index} has the refused dtype {entry['dtype']!r}")
     if any(n < 0 for n in shape):
         raise ProtocolError(f"array {index} has a negative dimension {shape}")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python integers: no overflow, checked before any allocation
     if "file" in entry:
         if file_dir is None:
             raise ProtocolError(f"array {index} refers to a file, which this side does not accept")
@@ -517,10 +531,9 @@ def _load_array(entry: Any, index: int, blobs: memoryview, file_dir: Optional[Pa
         array = np.array(mapped)  # own memory: the file can be removed (and unmapped on Windows) at once
         del mapped
     else:
-        try:
-            offset, nbytes = int(entry["offset"]), int(entry["nbytes"])
-        except (KeyError, TypeError, ValueError):
-            raise ProtocolError(f"array {index} has neither a file nor a valid offset/nbytes") from None
+        offset, nbytes = entry.get("offset"), entry.get("nbytes")
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in (offset, nbytes)):
+            raise ProtocolError(f"array {index} has neither a file nor a valid offset/nbytes")
         if nbytes != expected:
             raise ProtocolError(f"array {index} declares {nbytes} bytes but {dtype} {shape} needs {expected}")
         if offset < 0 or offset + nbytes > len(blobs):
@@ -529,10 +542,12 @@ def _load_array(entry: Any, index: int, blobs: memoryview, file_dir: Optional[Pa
     geometry = entry.get("ijk_to_physical")
     if geometry is None:
         return array
-    matrix = np.asarray(geometry, dtype=np.float64)
-    if matrix.shape != (4, 4):
-        raise ProtocolError(f"array {index} has an ijk_to_physical of shape {matrix.shape}, not 4x4")
-    return Image(array, matrix)
+    if (not isinstance(geometry, list) or len(geometry) != 4
+            or not all(isinstance(row, list) and len(row) == 4 for row in geometry)):
+        raise ProtocolError(f"array {index} has an ijk_to_physical that is not 4x4")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for row in geometry for v in row):
+        raise ProtocolError(f"array {index} has an ijk_to_physical with non-numbers")
+    return Image(array, np.asarray(geometry, dtype=np.float64))
 
 
 def _from_json(value: Any, arrays: List[Any]) -> Any:
@@ -548,18 +563,62 @@ def _from_json(value: Any, arrays: List[Any]) -> Any:
     return value
 
 
-def decode(data: bytes, *, file_dir: Optional[os.PathLike] = None) -> Message:
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a message may carry")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _int64(text: str) -> int:
+    if len(text) > 20:
+        raise ValueError(f"the integer {text[:40]}... is out of range")
+    value = int(text)
+    if not -_INT64 <= value < _INT64:
+        raise ValueError(f"the integer {text} is out of the int64 range")
+    return value
+
+
+def _check_depth(value: Any) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH (iterative: no recursion on hostile input)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ProtocolError(f"message header is nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+
+
+def decode(data: bytes, *, file_dir: Optional[os.PathLike] = None, max_header_bytes: int = MAX_HEADER_BYTES) -> Message:
     """The message in ``data`` (exactly one encoded message). ``file_dir``: the one folder
-    whose ``.npy`` files may be referenced (None: file references are refused)."""
+    whose ``.npy`` files may be referenced (None: file references are refused).
+    ``max_header_bytes``: the largest JSON header accepted (a server passes a smaller one).
+
+    Hostile input gets a :class:`ProtocolError`, after bounded work: the header's size, depth,
+    numbers (finite, int64) and array count are checked, and each array's byte count (shape
+    product in Python integers) is checked against the blobs, before any array is allocated."""
     view = memoryview(data)
     header_length, blob_length = read_prefix(bytes(view[:PREFIX_SIZE]))
+    if header_length > max_header_bytes:
+        raise ProtocolError(f"message header of {header_length} bytes exceeds {max_header_bytes}")
     if len(view) != PREFIX_SIZE + header_length + blob_length:
         raise ProtocolError(f"message is {len(view)} bytes, but its prefix announces "
                             f"{PREFIX_SIZE + header_length + blob_length}")
     try:
-        header = json.loads(bytes(view[PREFIX_SIZE:PREFIX_SIZE + header_length]).decode("utf-8"))
+        header = json.loads(bytes(view[PREFIX_SIZE:PREFIX_SIZE + header_length]).decode("utf-8"),
+                            parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_int64)
+    except RecursionError:
+        raise ProtocolError(f"message header is nested deeper than {MAX_JSON_DEPTH} levels") from None
     except (UnicodeDecodeError, ValueError) as error:
         raise ProtocolError(f"message header is not valid JSON: {error}") from None
+    _check_depth(header)
     if not isinstance(header, dict) or not isinstance(header.get("fields"), dict):
         raise ProtocolError("message header must be an object with 'type', 'fields' and 'arrays'")
     cls = MESSAGE_TYPES.get(header.get("type"))
@@ -568,6 +627,8 @@ def decode(data: bytes, *, file_dir: Optional[os.PathLike] = None) -> Message:
     entries = header.get("arrays", [])
     if not isinstance(entries, list):
         raise ProtocolError("message 'arrays' must be a list")
+    if len(entries) > MAX_ARRAYS:
+        raise ProtocolError(f"message carries {len(entries)} arrays, more than {MAX_ARRAYS}")
     folder = Path(file_dir).resolve() if file_dir is not None else None
     blobs = view[PREFIX_SIZE + header_length:]
     arrays = [_load_array(entry, i, blobs, folder) for i, entry in enumerate(entries)]

@@ -78,6 +78,9 @@ class _Job:
         self.done = 0
         self.total = 0
         self.done_at_cancel: Optional[int] = None
+        #: bytes a session open will hold once it runs (its volume and masks), counted in the
+        #: user's budget from the moment it is queued
+        self.session_bytes = 0
         self.reply: Optional[bytes] = None  # encoded JobResult / ErrorReply once finished
         self.finished_at: Optional[float] = None
         self.submitted_at = time.monotonic()
@@ -121,6 +124,8 @@ class JobScheduler:
         self._jobs: Dict[str, _Job] = {}
         self._queue: Deque[_Job] = collections.deque()
         self._running: Optional[_Job] = None
+        #: user -> [job submissions being uploaded, bytes being uploaded] (see admit_upload)
+        self._uploads: Dict[str, list] = {}
         self._lock = threading.Condition()
         self._stopping = False
         self.started = time.monotonic()
@@ -191,6 +196,51 @@ class JobScheduler:
         logger.info("Job %s of %s queued (%s, %d ahead).", job.id[:8], job.user, job.request.TYPE, len(self._queue) - 1)
         return job
 
+    # -- uploads (before a body is read) ------------------------------------------------------
+    def upload_budget(self) -> int:
+        """Bytes one user may have uploading at once (bodies being received, not yet decoded)."""
+        return max(self.config.max_request_bytes, 1)
+
+    def admit_upload(self, user: str, nbytes: int, is_job: bool) -> None:
+        """Admit a request body of ``nbytes`` (its Content-Length, 0 when unknown) before it is
+        read, or refuse it: 429 when ``is_job`` and the user's jobs plus the submissions still
+        uploading reach --max-jobs-per-user; 413 when the user's bodies in flight would exceed
+        :meth:`upload_budget`. Pair every admission with :meth:`end_upload`."""
+        with self._lock:
+            if self._stopping:
+                raise ServerError(503, "The server is shutting down.", "ProtoSAMError")
+            counts = self._uploads.setdefault(user, [0, 0])
+            if is_job:
+                self._forget_expired()
+                held = sum(1 for other in self._jobs.values() if other.user == user) + counts[0]
+                if held >= self.config.max_jobs_per_user:
+                    raise ServerError(429, f"You already have {held} jobs on this server, counting those still "
+                                           f"uploading (the limit is {self.config.max_jobs_per_user}); wait for them "
+                                           "or cancel one.", "ProtoSAMError")
+            if counts[1] + nbytes > self.upload_budget():
+                raise ServerError(413, f"Your uploads in progress would exceed {self.upload_budget() / 2**20:.0f} MiB "
+                                       "(--max-request-mb, per user); wait for them to finish.", "InputError")
+            counts[0] += int(is_job)
+            counts[1] += nbytes
+
+    def add_upload_bytes(self, user: str, nbytes: int) -> None:
+        """Count ``nbytes`` more of a body without Content-Length (chunked); 413 beyond the budget."""
+        with self._lock:
+            counts = self._uploads.setdefault(user, [0, 0])
+            if counts[1] + nbytes > self.upload_budget():
+                raise ServerError(413, f"Your uploads in progress exceed {self.upload_budget() / 2**20:.0f} MiB "
+                                       "(--max-request-mb, per user).", "InputError")
+            counts[1] += nbytes
+
+    def end_upload(self, user: str, nbytes: int, is_job: bool) -> None:
+        with self._lock:
+            counts = self._uploads.get(user)
+            if counts is not None:
+                counts[0] -= int(is_job)
+                counts[1] -= nbytes
+                if counts == [0, 0]:
+                    del self._uploads[user]
+
     # -- correction sessions ------------------------------------------------------------------
     # A user's sessions live in that user's WorkerSessions (the worker process's own handler),
     # on views of the shared engine that hold the user's cache: every session's encodings count
@@ -245,23 +295,29 @@ class JobScheduler:
         needed = volume.size * 4 + volume.size * len(message.structures)  # float32 volume + uint8 masks
         limit = self.config.max_sessions_per_user
 
+        job = _Job(user, secrets.token_urlsafe(24), message, 0)
+        job.session_bytes = needed
+
         def admit():
-            opening = {job.request.session_id for job in self._jobs.values()
-                       if job.user == user and job.state != "finished" and isinstance(job.request, protocol.SessionOpen)}
+            pending = [other for other in self._jobs.values() if other.user == user and other.state != "finished"
+                       and isinstance(other.request, protocol.SessionOpen)]
+            opening = {other.request.session_id for other in pending}
+            # Queued (and running, not yet registered) opens count: their arrays are in memory already.
+            pending_bytes = sum(other.session_bytes for other in pending if other.request.session_id not in sessions)
             held = len(sessions) + len(opening - {message.session_id})
             if message.session_id not in sessions and message.session_id not in opening and held >= limit:
                 raise ServerError(429, (
                     f"You have {held} correction sessions open on this server (the limit is {limit}, "
                     "--max-sessions-per-user): close one (Apply or Cancel a ProtoSAM preview) or wait until idle ones "
                     f"expire ({self.config.session_idle_s / 60:g} min without a click)."), "ProtoSAMError")
-            if sessions.array_bytes() + needed > self.config.cache_bytes_per_user:
+            if sessions.array_bytes() + pending_bytes + needed > self.config.cache_bytes_per_user:
                 raise ServerError(413, (
-                    f"This correction session needs {needed / 2**20:.0f} MiB for its volume and masks, more than is "
+                    f"This correction session needs {needed / 2**20:.1f} MiB for its volume and masks, more than is "
                     f"left of your {self.config.cache_bytes_per_user / 2**20:.0f} MiB on this server "
                     "(--cache-mb-per-user): close other sessions, crop the volume, or ask the administrator to raise "
                     "the budget."), "InputError")
 
-        return self._enqueue(_Job(user, secrets.token_urlsafe(24), message, 0), admit)
+        return self._enqueue(job, admit)
 
     @staticmethod
     def _no_session() -> ServerError:

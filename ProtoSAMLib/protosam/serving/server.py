@@ -51,6 +51,7 @@ job ids and timings, never tokens or image data.
 """
 # No "from __future__ import annotations": FastAPI reads the endpoint annotations (Request)
 # at runtime, and they are local to create_app.
+import functools
 import logging
 from typing import Dict, Optional
 
@@ -61,10 +62,128 @@ from .tokens import TokenTable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["create_app", "DEFAULT_PORT", "HEALTH_PATH"]
+__all__ = ["create_app", "ConnectionLimits", "guarded_protocol_class", "DEFAULT_PORT", "HEALTH_PATH"]
 
 DEFAULT_PORT = 8765
 HEALTH_PATH = "/health"
+#: The largest JSON header of a request (its metadata: arrays travel as blobs); the protocol's
+#: own cap (16 MiB) is for the local worker's replies.
+MAX_REQUEST_HEADER_BYTES = 1024 * 1024
+
+
+# ----------------------------------------------------------------------------- connection limits
+class ConnectionLimits:
+    """Limits on connections, enforced by :func:`guarded_protocol_class` (a subclass of
+    uvicorn's h11 protocol, which parses HTTP): a connection that has not sent a complete
+    request head within ``header_timeout`` s of opening (or of its last answer) is closed; a
+    request body slower than ``min_body_rate`` bytes/s on average once ``body_grace`` s have
+    passed is cut; at most ``per_address`` open connections per client address (further ones
+    are closed at once). Counters live on the event loop's thread (no lock needed)."""
+
+    def __init__(self, header_timeout: float = 10.0, min_body_rate: float = 64 * 1024, body_grace: float = 10.0,
+                 per_address: int = 32):
+        self.header_timeout = header_timeout
+        self.min_body_rate = min_body_rate
+        self.body_grace = body_grace
+        self.per_address = per_address
+        self.open: Dict[str, int] = {}
+        self.closed = {"per_address": 0, "header_timeout": 0, "slow_body": 0}
+
+    def acquire(self, address: Optional[str]) -> bool:
+        if address is None:
+            return True
+        if self.open.get(address, 0) >= self.per_address:
+            self.closed["per_address"] += 1
+            return False
+        self.open[address] = self.open.get(address, 0) + 1
+        return True
+
+    def release(self, address: Optional[str]) -> None:
+        if address is not None and address in self.open:
+            self.open[address] -= 1
+            if not self.open[address]:
+                del self.open[address]
+
+
+def guarded_protocol_class(limits: ConnectionLimits):
+    """uvicorn's ``H11Protocol`` with :class:`ConnectionLimits` (pass it as ``uvicorn.run(http=...)``).
+    h11 still parses everything; this only watches the connection's state (``conn.their_state``)
+    and the time, and closes the transport."""
+    import time
+
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._address = self.client[0] if self.client else None
+            self._timer = None
+            self._body_started: Optional[float] = None
+            self._body_bytes = 0
+            self._counted = limits.acquire(self._address)
+            if not self._counted:
+                transport.abort()
+                return
+            self._arm(limits.header_timeout, self._head_too_slow)
+
+        def _arm(self, delay: float, callback) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_later(delay, callback)
+
+        def _close(self, reason: str) -> None:
+            limits.closed[reason] += 1
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def _head_too_slow(self) -> None:
+            self._timer = None
+            if self.conn.their_state is h11.IDLE:  # no complete request head yet
+                self._close("header_timeout")
+
+        def _check_body_rate(self) -> None:
+            self._timer = None
+            if self.conn.their_state is not h11.SEND_BODY or self._body_started is None:
+                return
+            elapsed = time.monotonic() - self._body_started
+            if elapsed >= limits.body_grace and self._body_bytes < limits.min_body_rate * elapsed:
+                self._close("slow_body")
+            else:
+                self._arm(1.0, self._check_body_rate)
+
+        def data_received(self, data: bytes) -> None:
+            before = self.conn.their_state
+            super().data_received(data)
+            if not self._counted:
+                return
+            state = self.conn.their_state
+            if state is h11.SEND_BODY:
+                if before is not h11.SEND_BODY:  # the head just completed: the body's clock starts
+                    self._body_started, self._body_bytes = time.monotonic(), 0
+                    self._arm(1.0, self._check_body_rate)
+                else:
+                    self._body_bytes += len(data)
+            elif state is not h11.IDLE and self._timer is not None and before is h11.IDLE:
+                self._timer.cancel()  # a complete request without body
+                self._timer = None
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._counted and not self.transport.is_closing():
+                self._body_started = None
+                self._arm(limits.header_timeout, self._head_too_slow)
+
+        def connection_lost(self, exc) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._counted:
+                self._counted = False
+                limits.release(self._address)
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
 
 
 def _json_error(status: int, error_type: str, message: str, headers: Optional[Dict[str, str]] = None):
@@ -77,10 +196,16 @@ class _Guard:
     """ASGI middleware in front of everything: the token check (401 for every path but the
     health path, before any body is read) and the Content-Length limit (413)."""
 
-    def __init__(self, app, tokens: TokenTable, max_request_bytes: int):
+    def __init__(self, app, tokens: TokenTable, max_request_bytes: int, scheduler: Optional[JobScheduler] = None,
+                 max_active: int = 128):
         self.app = app
         self.tokens = tokens
         self.max_request_bytes = max_request_bytes
+        self.scheduler = scheduler
+        #: authenticated requests in the app at once (503 beyond); idle and unauthenticated
+        #: connections never count here, so they cannot take this capacity
+        self.max_active = max_active
+        self.active = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "websocket":  # the API has none
@@ -96,6 +221,17 @@ class _Guard:
                                        "start, or yours from its tokens file).", {"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
             scope.setdefault("state", {})["user"] = user
+            if self.active >= self.max_active:
+                return await _json_error(503, "ProtoSAMError", "The server is answering too many requests at once; "
+                                         "try again in a moment.", {"Retry-After": "1"})(scope, receive, send)
+            self.active += 1
+            try:
+                return await self._checked(scope, receive, send, headers)
+            finally:
+                self.active -= 1
+        return await self._checked(scope, receive, send, headers)
+
+    async def _checked(self, scope, receive, send, headers):
         length = headers.get(b"content-length")
         if length is not None:
             try:
@@ -104,7 +240,37 @@ class _Guard:
                 return await _json_error(400, "ProtocolError", "Invalid Content-Length header.")(scope, receive, send)
             if too_big:
                 return await self._too_big(scope, receive, send)
-        return await self.app(scope, receive, send)
+        if self.scheduler is None or scope["method"] not in ("POST", "PUT", "PATCH") or scope["path"] == HEALTH_PATH:
+            return await self.app(scope, receive, send)
+        return await self._admitted(scope, receive, send, int(length) if length is not None else 0)
+
+    async def _admitted(self, scope, receive, send, declared: int):
+        """Admit the body from the token and Content-Length before reading it (429: too many
+        jobs counting those uploading; 413: the user's bodies in flight over budget), count it
+        while it uploads, and give its bytes back when the request is answered."""
+        user = scope["state"]["user"]
+        is_job = scope["method"] == "POST" and scope["path"] == "/v1/jobs"
+        try:
+            self.scheduler.admit_upload(user, declared, is_job)
+        except ServerError as error:
+            return await _json_error(error.status, error.error_type, str(error),
+                                     {"Connection": "close"})(scope, receive, send)
+        counted = declared
+        scheduler = self.scheduler
+
+        async def counting_receive():
+            nonlocal counted
+            message = await receive()
+            if declared == 0 and message.get("type") == "http.request":
+                size = len(message.get("body", b""))
+                scheduler.add_upload_bytes(user, size)  # ServerError: answered as a 413 by the app
+                counted += size
+            return message
+
+        try:
+            return await self.app(scope, counting_receive, send)
+        finally:
+            scheduler.end_upload(user, counted, is_job)
 
     async def _too_big(self, scope, receive, send):
         response = _json_error(413, "InputError", (
@@ -126,7 +292,7 @@ async def _read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(scheduler: JobScheduler):
+def create_app(scheduler: JobScheduler, max_active_requests: int = 128):
     """The FastAPI application (public docs routes off; the schema only behind the token)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -166,7 +332,8 @@ def create_app(scheduler: JobScheduler):
     async def read_message(request: Request) -> protocol.Message:
         body = await _read_body(request, limit)
         # Inline arrays only: file references are refused (no trusted folder on a server).
-        return await run_in_threadpool(protocol.decode, body)
+        return await run_in_threadpool(functools.partial(protocol.decode, max_header_bytes=MAX_REQUEST_HEADER_BYTES),
+                                       body)
 
     @app.get(HEALTH_PATH)
     async def health():
@@ -237,4 +404,4 @@ def create_app(scheduler: JobScheduler):
             raise ServerError(400, f"'{message.TYPE}' is not a request this server answers.", "ProtocolError")
         return Response(content=protocol.encode(reply), media_type=octets)
 
-    return _Guard(app, TokenTable(scheduler.config.tokens), limit)
+    return _Guard(app, TokenTable(scheduler.config.tokens), limit, scheduler, max_active_requests)
