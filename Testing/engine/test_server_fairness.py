@@ -15,14 +15,16 @@ import pytest
 
 from protosam.serving import protocol
 
-from engine_helpers import box_volume, segment_volume_request
+from engine_helpers import box_volume, cpu_engine_spec, segment_volume_request
 
 LONG_SLICES = 48
 SHORT_SLICES = 3
-#: B's job interleaved with A's may take at most this many times its own run time alone (plus
-#: BOUND_SLACK_S). Turn by turn it needs about 2x: each of its slices waits for one of A's.
-BOUND_FACTOR = 4.0
-BOUND_SLACK_S = 1.0
+#: B's job beside A's may take at most this many times its own run time alone, plus
+#: BOUND_SLACK_S. Turn by turn, each of B's slices (and its preparation) waits for one of A's:
+#: 1.5x to 3.6x measured on a shared 2-core machine (A's slices cost more than B's here: the
+#: per-slice time grows with the volume's length). Without fair share B waits for the rest of A.
+BOUND_FACTOR = 6.0
+BOUND_SLACK_S = 2.0
 
 
 def scheduler_for(models, users=("alice", "bob", "carol"), max_jobs=8):
@@ -98,7 +100,7 @@ def test_a_short_job_finishes_during_another_users_long_job_with_identical_resul
     long_alone = value_of(finish(scheduler, scheduler.submit("alice", long_request)))
     a_alone_s = time.monotonic() - started
     bound_s = BOUND_FACTOR * b_alone_s + BOUND_SLACK_S
-    assert a_alone_s > 2 * bound_s, "A's job is too short for this test to tell anything"
+    assert a_alone_s > 1.5 * bound_s, "A's job is too short for this test to tell anything"
 
     long_job = scheduler.submit("alice", long_request)
     wait_until_running(scheduler, long_job)
@@ -158,3 +160,23 @@ def test_cancel_of_a_job_waiting_for_its_turn_stops_it_within_a_slice(scheduler,
     assert finish(scheduler, long_job, timeout=120).error_type == "CancelledError"
     queued = scheduler.submit("carol", request(tiny_models, SHORT_SLICES, seed=3))
     assert isinstance(finish(scheduler, queued), protocol.JobResult)  # the device is free again
+
+
+def test_a_session_open_takes_turns_with_another_users_job_and_opens_as_alone(scheduler, tiny_models):
+    volume, mask = box_volume(slices=12, seed=7)
+
+    def open_session(session_id):
+        return scheduler.submit_session_job("carol", protocol.SessionOpen(
+            id=protocol.new_id(), session_id=session_id, engine=cpu_engine_spec(tiny_models),
+            volume=protocol.Image(volume), structures={"1": mask}, options={"axis": 0, "modality": "auto"}))
+
+    alone = value_of(finish(scheduler, open_session("alone")))
+    long_job = scheduler.submit("alice", request(tiny_models, LONG_SLICES, seed=1))
+    wait_until_running(scheduler, long_job)
+    beside = value_of(finish(scheduler, open_session("beside")))
+    state, done, total, _ = scheduler.snapshot(long_job)
+    assert state == "running" and done < total  # the open took turns with alice's job
+    assert beside["masks"]["1"].tobytes() == alone["masks"]["1"].tobytes() and alone["masks"]["1"].any()
+    assert beside["fixed_slices"] == alone["fixed_slices"]
+    scheduler.cancel("alice", long_job.id)
+    assert finish(scheduler, long_job, timeout=120).error_type == "CancelledError"
