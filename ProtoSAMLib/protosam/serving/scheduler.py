@@ -542,7 +542,7 @@ class JobScheduler:
     def _take_turns(self, job: _Job) -> None:
         """At a slice boundary of ``job`` (which holds the turn): let the next user's job run a
         slice, and return when it is ``job``'s turn again (at once when nobody else waits)."""
-        if job.cancel.is_set():  # stopping: keep the turn, the job ends within this slice
+        if job.cancel.is_set():  # cancelled (or the server stopping): keep the turn, it ends within a slice
             return
         with self._lock:
             following = self._next_turn_locked(job)
