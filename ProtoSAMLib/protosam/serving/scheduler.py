@@ -1,10 +1,24 @@
-"""The ProtoSAM server's job scheduler: the queue and the one job-runner thread of a server (one
-device), per-user limits, caches and correction sessions. Thread-safe; knows nothing of HTTP
+"""The ProtoSAM server's job scheduler: the queue and the job threads of a server (one device),
+per-user limits, caches and correction sessions. Thread-safe; knows nothing of HTTP
 (:mod:`protosam.serving.server` puts it behind the API).
 
-Scheduling: jobs run one at a time in submission order, whoever submitted them; everything else
-(submit, progress, cancel) is answered at once. A user's encoder-output cache is their own (the
-models are shared; each user's jobs run on a view of the engine with that user's cache).
+Scheduling (fair share between users): the device computes for one job at a time, but jobs of
+different users take turns at slice granularity, round-robin by user, so that one user's short
+job does not wait behind another user's 200-slice run. Each started job runs on its own thread
+with the unchanged job code (:func:`~protosam.serving.worker_process.run_job`, or the session
+handler); only the thread holding the *turn* computes. A job gives the turn up at each progress
+callback (a slice boundary: propagation reports progress once per slice) and waits there until
+the turn comes back; the turn goes to the next user in the ring of users with work (their
+started job, or else their oldest queued job, which is started then). Within one user jobs run
+in submission order, one at a time, so there is at most one job thread per user with work (and
+a user's queued and running jobs stay bounded by ``max_jobs_per_user``). A job alone keeps the
+turn without any thread switch. Because a job's computation runs on one thread, uninterrupted
+between its slices, with the same engine calls on the same inputs in the same order, its result
+is bit for bit what it would be alone; only its wall time changes. A job cancelled while
+waiting for its turn gets the next turn, so it stops within one slice of the running job.
+Everything else (submit, progress, cancel, health, clicks) is answered at once. A user's
+encoder-output cache is their own (the models are shared; each user's jobs run on a view of the
+engine with that user's cache).
 """
 import asyncio
 import collections
@@ -109,7 +123,7 @@ class _UserEngines:
 
 
 class JobScheduler:
-    """Queue and runner thread of a server; thread-safe; knows nothing about HTTP."""
+    """Queue and job threads of a server (fair turns on one device); thread-safe; knows nothing about HTTP."""
 
     def __init__(self, config: ServerConfig):
         from ..cache import EmbeddingCache
@@ -122,19 +136,28 @@ class JobScheduler:
         self._sessions: Dict[str, Any] = {}  # user -> WorkerSessions
         self._click_lane = threading.Lock()
         self._jobs: Dict[str, _Job] = {}
-        self._queue: Deque[_Job] = collections.deque()
-        self._running: Optional[_Job] = None
+        self._queue: Deque[_Job] = collections.deque()  # not started yet, in submission order
+        #: user -> that user's started, unfinished job (at most one per user; each has a thread)
+        self._running: Dict[str, _Job] = {}
+        #: users with a running or queued job, in round-robin order (stale entries are dropped
+        #: when the turn passes them)
+        self._ring: Deque[str] = collections.deque()
+        #: the job whose thread may compute now (None: the device is idle)
+        self._turn: Optional[_Job] = None
+        self._dispatching = False  # set by start(): before it, every job stays queued
         #: user -> [job submissions being uploaded, bytes being uploaded] (see admit_upload)
         self._uploads: Dict[str, list] = {}
         self._lock = threading.Condition()
         self._stopping = False
         self.started = time.monotonic()
-        self._thread = threading.Thread(target=self._run_forever, name="protosam-jobs", daemon=True)
         self._reaper = threading.Thread(target=self._expire_sessions_forever, name="protosam-sessions", daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
         self._reaper.start()
+        with self._lock:
+            self._dispatching = True
+            if self._turn is None:
+                self._grant_locked(self._next_turn_locked(None))
 
     def stop(self) -> None:
         with self._lock:
@@ -192,8 +215,14 @@ class JobScheduler:
                 admit()
             self._jobs[job.id] = job
             self._queue.append(job)
+            if job.user not in self._ring:
+                self._ring.append(job.user)
+            queued, running = len(self._queue), len(self._running)
+            if self._turn is None and self._dispatching:  # the device is idle: start it now
+                self._grant_locked(self._next_turn_locked(None))
             self._lock.notify_all()
-        logger.info("Job %s of %s queued (%s, %d ahead).", job.id[:8], job.user, job.request.TYPE, len(self._queue) - 1)
+        logger.info("Job %s of %s queued (%s; %d queued, %d running).", job.id[:8], job.user, job.request.TYPE,
+                    queued, running)
         return job
 
     # -- uploads (before a body is read) ------------------------------------------------------
@@ -250,11 +279,11 @@ class JobScheduler:
     #
     # Scheduling: opening and updating run over the whole volume, so they are jobs (queue,
     # progress, cancel). A click (correct, undo, clear, painted slice, close) decodes one slice
-    # (encoding it first if evicted): it does not wait behind the job-runner thread, where
+    # (encoding it first if evicted): it does not wait for a turn of the running jobs, where
     # another user's 200-slice run may be, but runs at once on a thread of the request pool,
     # in one "click lane" (a lock): PyTorch inference on the shared models from two threads is
     # safe (inference mode, no module state changes), and the lane bounds the extra device
-    # memory to one click at a time beside the running job; a click takes well under a second,
+    # memory to one click at a time beside the job holding the turn; a click takes well under a second,
     # so clicks of several users queue only briefly. What is not thread-safe is guarded: the
     # caches have their own lock, the session tables this scheduler's lock, and each session
     # its own lock; a click on a session whose update is running is refused at once (409)
@@ -422,7 +451,7 @@ class JobScheduler:
         from .worker_process import resident_bytes
 
         with self._lock:
-            running = self._running.id if self._running is not None and self._running.user == user else None
+            running = self._running[user].id if user in self._running else None
             queued = sum(1 for job in self._queue if job.user == user)
             cache = self._caches.get(user)
         gpu = int(torch.cuda.memory_allocated()) if torch.cuda.is_available() and torch.cuda.is_initialized() else 0
@@ -442,7 +471,7 @@ class JobScheduler:
         if cache is not None:
             cache.clear()
 
-    # -- runner thread ------------------------------------------------------------------------
+    # -- job threads --------------------------------------------------------------------------
     def _forget_expired(self) -> None:
         now = time.monotonic()
         for job_id in [job.id for job in self._jobs.values()
@@ -471,28 +500,79 @@ class JobScheduler:
             cache.resize(max_bytes)
         return cache
 
-    def _run_forever(self) -> None:
-        while True:
+    # -- turns: fair share of the device between users ----------------------------------------
+    def _next_turn_locked(self, current: Optional[_Job]) -> Optional[_Job]:
+        """Under the lock: the job to compute next after ``current`` (the job giving up its turn,
+        or None), starting a queued job if it is that job's user's turn. A started job whose
+        cancel is set comes first (it stops within a slice); otherwise the next user in the
+        ring after ``current``'s user (moved to the back: it had its slice) with a started job,
+        or else with a queued one (their oldest). None when nothing can run."""
+        for job in self._running.values():
+            if job is not current and job.cancel.is_set():
+                return job
+        if current is not None and current.user in self._ring:
+            self._ring.remove(current.user)
+            self._ring.append(current.user)
+        for _ in range(len(self._ring)):
+            user = self._ring[0]
+            job = self._running.get(user)
+            if job is None and not self._stopping:
+                job = next((queued for queued in self._queue if queued.user == user), None)
+                if job is not None:
+                    self._queue.remove(job)
+                    self._start_locked(job)
+            if job is not None:
+                return job
+            self._ring.popleft()  # no work left: out of the ring until the user submits again
+        return None
+
+    def _grant_locked(self, job: Optional[_Job]) -> None:
+        self._turn = job
+        self._lock.notify_all()
+
+    def _start_locked(self, job: _Job) -> None:
+        job.state = "running"
+        self._running[job.user] = job
+        threading.Thread(target=self._run_job, args=(job,), name=f"protosam-job-{job.user}", daemon=True).start()
+
+    def _wait_for_turn_locked(self, job: _Job) -> None:
+        while self._turn is not job:
+            self._lock.wait()
+
+    def _take_turns(self, job: _Job) -> None:
+        """At a slice boundary of ``job`` (which holds the turn): let the next user's job run a
+        slice, and return when it is ``job``'s turn again (at once when nobody else waits)."""
+        if job.cancel.is_set():  # cancelled (or the server stopping): keep the turn, it ends within a slice
+            return
+        with self._lock:
+            following = self._next_turn_locked(job)
+            if following is None or following is job:
+                return
+            self._grant_locked(following)
+            self._wait_for_turn_locked(job)
+
+    def _run_job(self, job: _Job) -> None:
+        """A job's thread: run it in its turns, store its reply, hand the turn on."""
+        reply: Optional[protocol.Message] = None
+        try:
             with self._lock:
-                while not self._queue and not self._stopping:
-                    self._lock.wait()
-                if self._stopping:
-                    return
-                job = self._queue.popleft()
-                job.state = "running"
-                self._running = job
+                self._wait_for_turn_locked(job)
             try:
                 reply = self._execute(job)
-            except BaseException as error:  # the runner never dies for one job
+            except BaseException as error:  # a job thread never leaves the turn held
                 reply = protocol.reply_for_exception(job.id, error, traceback.format_exc())
+        finally:
             with self._lock:
-                self._running = None
-                if job.id in self._jobs:
+                self._running.pop(job.user, None)
+                if reply is not None and job.id in self._jobs:
                     self._finish(job, reply)
-            state = "cancelled" if reply.TYPE == "error" and reply.error_type == "CancelledError" else reply.TYPE
-            logger.info("Job %s of %s finished (%s) after %.1f s.", job.id[:8], job.user,
-                        state if reply.TYPE != "error" else f"{state}: {reply.error_type}",
-                        time.monotonic() - job.submitted_at)
+                self._grant_locked(self._next_turn_locked(job))
+        if reply is None:
+            return
+        state = "cancelled" if reply.TYPE == "error" and reply.error_type == "CancelledError" else reply.TYPE
+        logger.info("Job %s of %s finished (%s) after %.1f s.", job.id[:8], job.user,
+                    state if reply.TYPE != "error" else f"{state}: {reply.error_type}",
+                    time.monotonic() - job.submitted_at)
 
     def _session_job(self, job: _Job, progress) -> Dict[str, Any]:
         """A session open or update, with the user's one session handler (the worker's code).
@@ -519,6 +599,7 @@ class JobScheduler:
             with self._lock:
                 job.done, job.total = int(done), int(total)
                 job.notify()
+            self._take_turns(job)  # a slice boundary: another user's job may run its slice
 
         try:
             if isinstance(job.request, protocol.JobSubmit):
