@@ -883,6 +883,33 @@ def workerForDevice(device: str) -> WorkerClient:
         return client
 
 
+_devices: Optional[protocol.Devices] = None
+#: Seconds to wait for the device list: the first answer imports torch in the worker.
+DEVICES_TIMEOUT_S = 180.0
+
+
+def knownDevices() -> Optional[protocol.Devices]:
+    """The device list a worker gave this session, or None before one answered."""
+    return _devices
+
+
+def availableDevices(timeout: float = DEVICES_TIMEOUT_S, idle: Optional[Callable[[], None]] = None) -> protocol.Devices:
+    """The devices the worker process's torch can use and what "auto" picks there (CUDA, MPS,
+    CPU), asked once per Slicer session: Slicer's own process never imports torch. A running
+    worker answers; else the worker started to ask becomes the worker of the device "auto" picked."""
+    global _devices
+    if _devices is not None:
+        return _devices
+    with _processWorkersLock:
+        running = [client for client in _processWorkers.values() if client.ready]
+    client = running[0] if running else workerForDevice("auto")
+    reply = client.request(protocol.DevicesRequest(id=protocol.new_id()), timeout, idle=idle)
+    with _processWorkersLock:
+        _processWorkers.setdefault(reply.auto, client)  # one process (and one copy of the models) for both names
+    _devices = reply
+    return reply
+
+
 def shutdownAllWorkers(timeout: Optional[float] = 5.0) -> None:
     """Stop every device's worker process (called when Slicer exits or the module is reloaded)."""
     with _processWorkersLock:
