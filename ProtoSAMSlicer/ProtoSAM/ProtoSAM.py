@@ -239,6 +239,8 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.computeOnComboBox.connect("currentIndexChanged(int)", self.onComputeOnChanged)
         self.ui.serverUrlLineEdit.connect("editingFinished()", self.onComputeOnChanged)
         self.ui.serverTokenLineEdit.connect("editingFinished()", self.onComputeOnChanged)
+        self.ui.serverAllowUnencryptedCheckBox.checked = readSetting("ServerAllowUnencrypted") == "true"
+        self.ui.serverAllowUnencryptedCheckBox.connect("toggled(bool)", self.onComputeOnChanged)
         self.onComputeOnChanged()
 
     def onComputeOnChanged(self, *args):
@@ -246,8 +248,12 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         writeSetting("ComputeOn", self.ui.computeOnComboBox.currentData)
         writeSetting("ServerURL", self.ui.serverUrlLineEdit.text.strip())
         writeSetting("ServerToken", self.ui.serverTokenLineEdit.text.strip())
-        for widget in (self.ui.serverUrlLineEdit, self.ui.serverTokenLineEdit):
+        unencrypted = self.ui.serverAllowUnencryptedCheckBox.checked
+        writeSetting("ServerAllowUnencrypted", "true" if unencrypted else "false")
+        for widget in (self.ui.serverUrlLineEdit, self.ui.serverTokenLineEdit, self.ui.serverAllowUnencryptedCheckBox):
             widget.enabled = onServer
+        # The choice stays visible: the box is red while it allows an unencrypted connection.
+        self.ui.serverAllowUnencryptedCheckBox.styleSheet = "color: #c00000; font-weight: bold" if unencrypted else ""
 
     def cleanup(self):
         self.pollTimer.stop()

@@ -72,6 +72,9 @@ class ProcessOptions:
     computeOn: str = "local"
     serverUrl: str = ""
     serverToken: str = dataclasses.field(default="", repr=False)  # never in logs or reprs
+    #: The user's explicit choice to allow plain http:// to a computer other than this one (token
+    #: and images then cross the network unencrypted); without it such a URL is refused.
+    serverAllowUnencrypted: bool = False
 
 
 @dataclasses.dataclass
@@ -553,10 +556,11 @@ class ProtoSAMLogic:
         if onServer:
             from .server_session import ServerSession
 
+            warnIfUnencrypted(options)
             return ServerSession(worker if isinstance(worker, WorkerClient) else None, options.serverUrl,
                                  options.serverToken, engineSpec, volume, 0, masks, fixed, sessionOptions,
                                  supportVolume=supportVolume, supportMasks=supportMasks, supportSlices=supportSlices,
-                                 idle=self.idle)
+                                 idle=self.idle, allowUnencrypted=options.serverAllowUnencrypted)
         if isinstance(worker, WorkerClient):
             return WorkerSession(worker, engineSpec, volume, 0, masks, fixed, sessionOptions,
                                  supportVolume=supportVolume, supportMasks=supportMasks, supportSlices=supportSlices,
@@ -752,8 +756,21 @@ def _engineJob(prepared: PreparedRun, options: ProcessOptions, device: str) -> R
     if _onServer(options):
         from protosam.serving.client import forwarding_request
 
-        request = forwarding_request(request, options.serverUrl, options.serverToken)
+        warnIfUnencrypted(options)
+        request = forwarding_request(request, options.serverUrl, options.serverToken,
+                                     allow_unencrypted=options.serverAllowUnencrypted)
     return RequestFunction(request, decodeResult=lambda value: VolumeRunResult(**value))
+
+
+def warnIfUnencrypted(options: ProcessOptions) -> None:
+    """Log that a run goes to the server unencrypted, when the user allowed it and the URL is one."""
+    from protosam.serving.client import ServerConnection
+
+    if options.serverAllowUnencrypted:
+        connection = ServerConnection(options.serverUrl, options.serverToken, allow_unencrypted=True)
+        if connection.unencrypted:
+            logger.warning("ProtoSAM: unencrypted connection to %s allowed in the settings: the token and the images "
+                           "cross the network without encryption.", options.serverUrl)
 
 
 def _onServer(options: ProcessOptions) -> bool:
