@@ -90,14 +90,60 @@ class SliceResults:
     prompts: List[List[ComponentPrompt]]
 
 
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
 def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; otherwise the named device (checked)."""
+    """``"auto"`` -> CUDA when available, else MPS (Apple GPUs), else CPU; otherwise the named
+    device (checked)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if _mps_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise InputError("Device 'cuda' was requested but no CUDA GPU is available: use --device cpu or auto.")
+    if resolved.type == "mps" and not _mps_available():
+        raise InputError("Device 'mps' was requested but this computer has no usable Apple GPU (MPS needs macOS 12.3+ "
+                         "on Apple silicon or an AMD GPU): use --device cpu or auto.")
     return resolved
+
+
+def available_devices() -> List[dict]:
+    """The devices this process's torch can compute on, best first: ``{"name", "type", "label"}``
+    ("cuda:0"... with the GPU's name, "mps", "cpu")."""
+    devices = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            devices.append({"name": f"cuda:{index}", "type": "cuda",
+                            "label": f"GPU {index}: {torch.cuda.get_device_name(index)} (CUDA)"})
+    if _mps_available():
+        devices.append({"name": "mps", "type": "mps", "label": "Apple GPU (MPS)"})
+    devices.append({"name": "cpu", "type": "cpu", "label": "CPU"})
+    return devices
+
+
+#: The text of the error PyTorch's MPS allocator raises (a plain RuntimeError, not
+#: torch.cuda.OutOfMemoryError): "MPS backend out of memory (MPS allocated: ...)".
+MPS_OUT_OF_MEMORY = "MPS backend out of memory"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A GPU out-of-memory error: CUDA's own class, or MPS's RuntimeError."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and MPS_OUT_OF_MEMORY in str(error))
+
+
+def _empty_device_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        try:
+            torch.mps.empty_cache()
+        except (AttributeError, RuntimeError):  # torch without MPS support
+            pass
 
 
 def _check_cancel(cancel: Optional[threading.Event]) -> None:
@@ -189,13 +235,12 @@ class Engine:
 
         Raises ProtoSAMError when there is nothing left to try (already on the CPU, batch 1).
         """
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        _empty_device_cache(self.device)
         if self.batch_size > 1:
             self.batch_size //= 2
             logger.warning("Out of memory: retrying with %d slice(s) per batch.", self.batch_size)
             return
-        if self.device.type == "cuda":
+        if self.device.type in ("cuda", "mps"):
             logger.warning("GPU out of memory even one slice at a time: continuing on the CPU (slower).")
             self.encoder.to("cpu")
             self.refiner.sam.to("cpu")
@@ -216,7 +261,9 @@ class Engine:
             batch = images[start:start + self.batch_size].to(self.device)
             try:
                 features = self._encode_batch(batch)
-            except torch.cuda.OutOfMemoryError as error:
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
+                if not is_out_of_memory(error):
+                    raise
                 self._recover_from_out_of_memory(error)
                 continue
             outputs.append(features)
@@ -264,7 +311,9 @@ class Engine:
         while True:
             try:
                 return self.refiner.embed(self.sam_images(image[None].to(self.device)), autocast_dtype=self.autocast_dtype)
-            except torch.cuda.OutOfMemoryError as error:
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
+                if not is_out_of_memory(error):
+                    raise
                 self.batch_size = 1
                 self._recover_from_out_of_memory(error)
 

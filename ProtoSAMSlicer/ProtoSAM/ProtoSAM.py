@@ -205,12 +205,14 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _populateModelWidgets(self):
         # The torch-free catalogue: the module must load before torch is installed.
         from protosam import catalogue
+        from ProtoSAMSlicerLib.logic import deviceChoices
 
         choices = {
             self.ui.dinov2ComboBox: ([(name, _(label)) for name, label in catalogue.choices("dinov2")], "DINOv2"),
             self.ui.samComboBox: ([(name, _(label)) for name, label in catalogue.choices("sam")], "SAM"),
             self.ui.presetComboBox: ([("default", _("default")), ("paper", _("paper"))], "Preset"),
-            self.ui.deviceComboBox: ([("auto", _("auto")), ("cuda", _("GPU (CUDA)")), ("cpu", _("CPU"))], "Device"),
+            # What the worker process reports once it has answered (logic.deviceChoices); see refreshDeviceList.
+            self.ui.deviceComboBox: ([(name, _(label)) for name, label in deviceChoices()], "Device"),
             self.ui.modalityComboBox: ([("auto", _("auto")), ("ct", _("CT")), ("mri", _("MRI")), ("none", _("none"))],
                                        "Modality"),
         }
@@ -237,6 +239,8 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.computeOnComboBox.connect("currentIndexChanged(int)", self.onComputeOnChanged)
         self.ui.serverUrlLineEdit.connect("editingFinished()", self.onComputeOnChanged)
         self.ui.serverTokenLineEdit.connect("editingFinished()", self.onComputeOnChanged)
+        self.ui.serverAllowUnencryptedCheckBox.checked = readSetting("ServerAllowUnencrypted") == "true"
+        self.ui.serverAllowUnencryptedCheckBox.connect("toggled(bool)", self.onComputeOnChanged)
         self.onComputeOnChanged()
 
     def onComputeOnChanged(self, *args):
@@ -244,8 +248,12 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         writeSetting("ComputeOn", self.ui.computeOnComboBox.currentData)
         writeSetting("ServerURL", self.ui.serverUrlLineEdit.text.strip())
         writeSetting("ServerToken", self.ui.serverTokenLineEdit.text.strip())
-        for widget in (self.ui.serverUrlLineEdit, self.ui.serverTokenLineEdit):
+        unencrypted = self.ui.serverAllowUnencryptedCheckBox.checked
+        writeSetting("ServerAllowUnencrypted", "true" if unencrypted else "false")
+        for widget in (self.ui.serverUrlLineEdit, self.ui.serverTokenLineEdit, self.ui.serverAllowUnencryptedCheckBox):
             widget.enabled = onServer
+        # The choice stays visible: the box is red while it allows an unencrypted connection.
+        self.ui.serverAllowUnencryptedCheckBox.styleSheet = "color: #c00000; font-weight: bold" if unencrypted else ""
 
     def cleanup(self):
         self.pollTimer.stop()
@@ -402,6 +410,24 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.pollTimer.start()
         self.updateGUI()
 
+    def refreshDeviceList(self):
+        """Show the devices the worker process reported (its torch knows them; Slicer's process
+        never imports torch). Called after a run, when a worker has answered."""
+        from ProtoSAMSlicerLib.logic import deviceChoices
+
+        comboBox = self.ui.deviceComboBox
+        current = comboBox.currentData or readSetting("Device")
+        comboBox.blockSignals(True)
+        comboBox.clear()
+        for name, label in deviceChoices():
+            comboBox.addItem(label, name)
+        index = comboBox.findData(current)
+        if index < 0:  # a device this computer does not have: keep the choice visible, the run says why
+            comboBox.addItem(current, current)
+            index = comboBox.findData(current)
+        comboBox.setCurrentIndex(index)
+        comboBox.blockSignals(False)
+
     def startDownload(self, options, then):
         from ProtoSAMSlicerLib import models
         from ProtoSAMSlicerLib.logic import resolveDevice
@@ -415,7 +441,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                   windowTitle=_("ProtoSAM weights")):
             return
         function = models.downloadWeightsFunction(options.models, options.weightsHome)
-        worker = workerForDevice(resolveDevice(options.device))
+        worker = workerForDevice(resolveDevice(options.device, idle=slicer.app.processEvents))
         self._afterDownload = then
         self.downloadJob = worker.submit(function, name="ProtoSAM weights", onFinished=self.onDownloadFinished)
         self._downloadWorker = worker
@@ -477,6 +503,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("ProtoSAM failed: {error}").format(error=job.error), windowTitle=_("ProtoSAM"))
         if all(j.finished for j in self.jobs):
             self.jobs = []
+            self.refreshDeviceList()  # the worker has said which devices it has
             if self.results:
                 self.ui.statusLabel.text = _("Preview ready: Accept or Discard.")
         self._stopPollingIfIdle()

@@ -73,7 +73,8 @@ def example(cls):
               "queued_jobs": 0, "uptime_s": 3.0, "models": {"dinov2": "dinov2_vitb14"}, "weights": [], "loaded": [],
               "session_id": "s1", "engine": {"models": {}}, "volume": protocol.Image(np.zeros((3, 4, 5), np.int16), np.eye(4)),
               "structures": {"liver": np.zeros((3, 4, 5), np.uint8)}, "structure": "liver", "axis": 0, "slice_index": 2,
-              "mask": np.ones((4, 5), np.uint8), "points": [[1.5, 2.0]], "labels": [1], "level": 20, "name": "protosam"}
+              "mask": np.ones((4, 5), np.uint8), "points": [[1.5, 2.0]], "labels": [1], "level": 20, "name": "protosam",
+              "devices": [{"name": "cpu", "type": "cpu", "label": "CPU"}], "auto": "cpu"}
     if cls is protocol.ReleaseCaches:
         values["models"] = True
     fields = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
@@ -311,6 +312,20 @@ def test_worker_process_answers_rejects_and_exits_with_its_connection(worker, tm
     # The client's connection closes (the client died): the worker exits by itself.
     channel.sock.close()
     assert process.wait(30) == 0
+
+
+def test_worker_process_lists_its_devices_and_what_auto_picks(worker, tmp_path):
+    """The Slicer process never imports torch: it asks the worker which devices exist."""
+    import torch
+
+    channel, _ = worker
+    channel.send(protocol.DevicesRequest(id="d1"))
+    reply = receive_reply(channel, tmp_path, "d1")
+    assert isinstance(reply, protocol.Devices)
+    names = [device["name"] for device in reply.devices]
+    assert names[-1] == "cpu" and all(device["label"] for device in reply.devices)
+    assert ("cuda:0" in names) == torch.cuda.is_available()
+    assert reply.auto == ("cuda" if torch.cuda.is_available() else "mps" if "mps" in names else "cpu")
 
 
 def test_worker_process_exits_when_the_stream_is_garbage(worker):

@@ -8,6 +8,7 @@ import pytest
 
 from ProtoSAMSlicerLib import dependencies
 from ProtoSAMSlicerLib.dependencies import DependencyError, Requirement
+from required_modules import require_slicer_core
 
 
 def versions(**installed):
@@ -95,3 +96,66 @@ def test_setup_modules_import_without_torch():
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                cwd=str(pathlib.Path(__file__).resolve().parents[2]))
     assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+TORCH_BLOCKER = """
+import importlib.abc, sys
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'torchvision', 'segment_anything'):
+            raise ImportError(f'{name} imported in Slicer\\'s process')
+        return None
+sys.meta_path.insert(0, Blocker())
+sys.path.insert(0, 'ProtoSAMSlicer/ProtoSAM')
+"""
+
+
+def test_every_slicer_library_module_imports_and_works_without_torch():
+    """Slicer's process never imports torch (it would freeze the UI for seconds and may create a
+    CUDA context there): every module of ProtoSAMSlicerLib loads with torch made unimportable, and
+    what the GUI does before a run (the device "auto", the model choices, the weights status, a
+    run's request) works, asking the worker process where torch is needed."""
+    require_slicer_core()
+    library = pathlib.Path(__file__).resolve().parents[2] / "ProtoSAMSlicer" / "ProtoSAM" / "ProtoSAMSlicerLib"
+    names = sorted(path.stem for path in library.glob("*.py") if path.stem != "__init__")
+    assert {"logic", "worker_client", "effect_session", "models", "results", "server_session"} <= set(names)
+    code = TORCH_BLOCKER + f"""
+import importlib
+for name in {names!r}:
+    importlib.import_module('ProtoSAMSlicerLib.' + name)
+from ProtoSAMSlicerLib import logic, models, worker_client
+selection = models.modelSelection('dinov2_vits14', 'vit_b')
+assert [s.status for s in models.weightsStatus(selection, 'weights-home-that-does-not-exist')] == ['missing', 'missing']
+device = logic.resolveDevice('auto')
+assert device == worker_client.availableDevices().auto and device in ('cuda', 'mps', 'cpu'), device
+assert worker_client.workerForDevice(device) is worker_client.workerForDevice('auto')  # one process
+assert logic.deviceChoices()[-1] == ('cpu', 'CPU')
+worker_client.shutdownAllWorkers()
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'segment_anything'))
+print('heavy:', heavy)
+sys.exit(1 if heavy else 0)
+"""
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                               cwd=str(pathlib.Path(__file__).resolve().parents[2]))
+    assert completed.returncode == 0, completed.stdout + completed.stderr[-3000:]
+
+
+def test_the_slicer_model_selection_mirrors_the_engines():
+    """models.ModelSelection is the engine's class without torch: same fields, defaults, checks."""
+    import dataclasses
+
+    import protosam
+    from protosam import catalogue
+    from protosam.models.dinov2 import DINOV2_ARCHITECTURES
+    from protosam.models.sam import SAM_ARCHITECTURES
+    from ProtoSAMSlicerLib import models
+
+    def shape(cls):
+        return [(f.name, f.type, f.default) for f in dataclasses.fields(cls)]
+
+    assert shape(models.ModelSelection) == shape(protosam.ModelSelection)
+    assert models.ModelSelection.__dataclass_params__.frozen and protosam.ModelSelection.__dataclass_params__.frozen
+    with pytest.raises(ValueError, match="input_size"):
+        models.ModelSelection(input_size=8)
+    assert {m.name for m in catalogue.models_of("dinov2")} == set(DINOV2_ARCHITECTURES)
+    assert {m.name for m in catalogue.models_of("sam")} == set(SAM_ARCHITECTURES)

@@ -35,7 +35,7 @@ def entry(name, family, payload, base):
 
 def test_choices_are_known_architectures_and_selection_is_validated():
     selection = models.modelSelection("dinov2_vitl14", "vit_h", samCheckpoint="  ", inputSize=518)
-    assert selection == ModelSelection(dinov2="dinov2_vitl14", sam="vit_h", input_size=518)
+    assert selection == models.ModelSelection(dinov2="dinov2_vitl14", sam="vit_h", input_size=518)
     for name, _ in models.DINOV2_CHOICES:
         models.modelSelection(dinov2=name)
     for name, _ in models.SAM_CHOICES:

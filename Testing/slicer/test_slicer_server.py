@@ -7,6 +7,8 @@ machine and environment), so the same code gives the same bits on both paths.
 """
 
 import dataclasses
+import logging
+import threading
 
 import numpy as np
 import pytest
@@ -228,3 +230,105 @@ def test_module_update_preview_on_the_server_equals_the_local_worker(scene, tiny
         logic.discard(result)
         np.testing.assert_array_equal(mrml_io.segmentToArray(segmentation, ids["liver"], support), painted()["liver"])
     np.testing.assert_array_equal(updated["server"], updated["local"])
+
+
+def nonLoopbackAddress():
+    """An IPv4 address of this machine that is not loopback, or None."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+    except OSError:
+        infos = []
+    for info in infos:
+        address = info[4][0]
+        if not address.startswith("127."):
+            return address
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: picks the outgoing interface
+        address = probe.getsockname()[0]
+        return None if address.startswith("127.") or address == "0.0.0.0" else address
+    except OSError:
+        return None
+    finally:
+        probe.close()
+
+
+@pytest.fixture
+def plainHttpAddress(live):
+    """``http://<this machine's non-loopback address>:<port>`` relayed to the live server (which
+    listens on 127.0.0.1 only): a URL the client must treat as another computer on the network."""
+    import socket
+
+    address = nonLoopbackAddress()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    target = live.url.rsplit("//", 1)[1]
+    host, port = target.rsplit(":", 1)
+    listener = socket.create_server((address, 0))
+    stop = threading.Event()
+
+    def pipe(source, sink):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def serve():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                continue
+            upstream = socket.create_connection((host, int(port)))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://{address}:{listener.getsockname()[1]}"
+    stop.set()
+    thread.join(5)
+    listener.close()
+
+
+def test_plain_http_to_another_computer_needs_the_explicit_unencrypted_choice(scene, tinyOptions, live,
+                                                                              plainHttpAddress, caplog):
+    volume, segmentation, liverId, liver = rotatedAnisotropicCase(scene)
+    logic = ProtoSAMLogic()
+    options = dataclasses.replace(serverOptions(tinyOptions, live), serverUrl=plainHttpAddress)
+    with pytest.raises(InputError, match="Refusing plain http://.*Allow unencrypted connection"):
+        logic.process(volume, segmentation, [liverId], options=options)
+    # The setting (the module's "Allow unencrypted connection" box) reaches the options.
+    class Store(dict):  # qt.QSettings' value / setValue
+        value, setValue = dict.get, dict.__setitem__
+
+    store = Store()
+    assert settings.processOptions(store).serverAllowUnencrypted is False
+    settings.write(store, "ServerAllowUnencrypted", "true")
+    assert settings.processOptions(store).serverAllowUnencrypted is True
+    allowed = dataclasses.replace(options, serverAllowUnencrypted=True)
+    serverRunsBefore = live.log().count("finished (job_result)")
+    with caplog.at_level(logging.WARNING):
+        result = logic.process(volume, segmentation, [liverId], options=allowed)
+    assert live.log().count("finished (job_result)") == serverRunsBefore + 1  # it ran on the server, via http
+    assert mrml_io.segmentToArray(result.previewSegmentationNode, liverId, volume).any()
+    assert "unencrypted connection" in caplog.text.lower() and live.tokens["alice"] not in caplog.text
+    # The correction session on the server follows the same choice.
+    session = logic.openCorrectionSession(result)
+    assert session.allowUnencrypted and session.mask(liverId).any()
+    session.close()
+    logic.discard(result)
+    logic.cleanup()

@@ -114,7 +114,8 @@ def test_same_segmentation_through_the_worker_process_as_in_process(scene, tinyO
     assert a.any() and np.array_equal(a != 0, inProcess.masks[ids["liver"]] != 0)
     assert segmentsUnchanged(segmentation, volume, ids, arrays)
     # The transfer files of the run are gone.
-    assert os.listdir(viaProcess.worker._transferDir) == []
+    transfer = viaProcess.worker._transferDir  # it holds the worker's log (private folder) and nothing else
+    assert os.listdir(transfer) == [viaProcess.worker.logPath.name]
 
 
 # ----------------------------------------------------------------------------- cancel and faults

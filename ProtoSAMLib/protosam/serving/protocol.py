@@ -38,7 +38,7 @@ from ..errors import ProtoSAMError
 __all__ = [
     "PROTOCOL_VERSION", "ProtocolError", "NotSupportedError", "WorkerCrashedError", "Image", "Message",
     "Hello", "JobSubmit", "JobProgress", "JobCancel", "JobResult", "ErrorReply", "HealthRequest", "Health",
-    "ReleaseCaches", "ModelsStatusRequest", "ModelsStatus", "SessionOpen", "SessionAddSupport",
+    "ReleaseCaches", "ModelsStatusRequest", "ModelsStatus", "DevicesRequest", "Devices", "SessionOpen", "SessionAddSupport",
     "SessionCorrect", "SessionUndoClick", "SessionClearClicks", "SessionUpdate", "SessionClose", "LogRecord", "Shutdown", "EngineSpec",
     "encode", "decode", "read_prefix", "PREFIX_SIZE", "new_id", "error_from_reply", "ERROR_TYPES",
 ]
@@ -233,6 +233,25 @@ class ModelsStatus(Message):
     loaded: List[Dict[str, Any]]
 
 
+@dataclasses.dataclass
+class DevicesRequest(Message):
+    """Which compute devices the worker's torch can use (the Slicer process never imports torch)."""
+
+    TYPE = "devices_request"
+    id: str
+
+
+@dataclasses.dataclass
+class Devices(Message):
+    """``devices``: [{"name": "cuda:0" | "mps" | "cpu", "type": "cuda" | "mps" | "cpu", "label": text}],
+    best first; ``auto``: what the device "auto" resolves to there (CUDA, then MPS, then CPU)."""
+
+    TYPE = "devices"
+    id: str
+    devices: List[Dict[str, Any]]
+    auto: str
+
+
 # Sessions (corrections issue): defined here so that both transports share them; a worker
 # that does not implement them answers ErrorReply(error_type="NotSupportedError").
 @dataclasses.dataclass
@@ -354,7 +373,7 @@ class Shutdown(Message):
 
 MESSAGE_TYPES: Dict[str, Type[Message]] = {cls.TYPE: cls for cls in (
     Hello, JobSubmit, JobProgress, JobCancel, JobResult, ErrorReply, HealthRequest, Health, ReleaseCaches,
-    ModelsStatusRequest, ModelsStatus, SessionOpen, SessionAddSupport, SessionCorrect, SessionUndoClick,
+    ModelsStatusRequest, ModelsStatus, DevicesRequest, Devices, SessionOpen, SessionAddSupport, SessionCorrect, SessionUndoClick,
     SessionClearClicks, SessionUpdate, SessionClose, LogRecord, Shutdown)}
 SESSION_TYPES = (SessionOpen, SessionAddSupport, SessionCorrect, SessionUndoClick, SessionClearClicks, SessionUpdate,
                  SessionClose)

@@ -238,6 +238,37 @@ def models_status(request: protocol.ModelsStatusRequest, engines: Engines) -> pr
     return protocol.ModelsStatus(id=request.id, weights=statuses, loaded=engines.describe())
 
 
+def devices(request: protocol.DevicesRequest) -> protocol.Devices:
+    """The devices this worker's torch can use and what "auto" picks (CUDA, MPS, CPU)."""
+    from ..engine import available_devices, resolve_device
+
+    return protocol.Devices(id=request.id, devices=available_devices(), auto=str(resolve_device("auto")))
+
+
+#: The start of the warning PyTorch gives once per operator when PYTORCH_ENABLE_MPS_FALLBACK=1
+#: runs it on the CPU (aten/src/ATen/mps/MPSFallback.mm): "The operator 'aten::...' is not
+#: currently supported on the MPS backend and will fall back to run on the CPU. ..."
+MPS_FALLBACK_WARNING = "is not currently supported on the MPS backend and will fall back to run on the CPU"
+
+
+def log_mps_fallbacks() -> None:
+    """Log each operator MPS runs on the CPU (PyTorch warns once per operator) in the worker's
+    log and the client's, where users look when a Mac is slower than expected."""
+    import warnings
+
+    previous = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if MPS_FALLBACK_WARNING in text:
+            operator = text.split("'")[1] if text.count("'") >= 2 else text
+            logger.warning("MPS fallback: operator %s runs on the CPU (PYTORCH_ENABLE_MPS_FALLBACK=1).", operator)
+            return
+        previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
+
+
 # ----------------------------------------------------------------------------- sessions
 class SessionBusyError(InputError):
     """A click arrived while the session runs a long operation (an update) and the caller
@@ -538,6 +569,8 @@ class WorkerService:
             self._reply(self.health(message.id))
         elif isinstance(message, protocol.ModelsStatusRequest):
             self._reply(models_status(message, self.engines))
+        elif isinstance(message, protocol.DevicesRequest):
+            self._reply(devices(message))
         elif (isinstance(message, (protocol.SessionOpen, protocol.SessionUpdate))
               or self.sessions.needs_encoding(message)):
             self.jobs.put(message)  # propagation or encoding: a job, with progress and cancel
@@ -626,9 +659,13 @@ class WorkerService:
 
 
 def _exit_when_stdin_closes() -> None:
-    """The client holds our stdin open; EOF means it died (even by kill -9): exit too."""
+    """The client holds our stdin open; EOF means it died (even by kill -9): exit too.
+
+    Reads with ``os.read``: a daemon thread blocked in ``sys.stdin.buffer.read`` holds the buffer's
+    lock, and a normal exit (Shutdown) then aborts with "could not acquire lock for <stdin> at
+    interpreter shutdown" (SIGABRT), so a clean stop looked like a crash and kept its log."""
     try:
-        while sys.stdin.buffer.read(4096):
+        while os.read(sys.stdin.fileno(), 4096):
             pass
     except (OSError, ValueError):
         pass
@@ -657,6 +694,9 @@ def serve(args: argparse.Namespace) -> int:
     channel.send(protocol.Hello(token=token, pid=os.getpid(), protosam_version=__version__,
                                 python=sys.version.split()[0]))
     logging.getLogger("protosam").addHandler(_ForwardingHandler(channel))
+    log_mps_fallbacks()
+    if os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK") == "1" and sys.platform == "darwin":
+        logger.info("PYTORCH_ENABLE_MPS_FALLBACK=1: operators without an MPS kernel run on the CPU (logged below).")
     service = WorkerService(channel)
     threading.Thread(target=_exit_when_stdin_closes, name="stdin-watch", daemon=True).start()
     threading.Thread(target=service.read_forever, name="control", daemon=True).start()

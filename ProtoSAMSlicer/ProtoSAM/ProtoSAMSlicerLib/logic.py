@@ -27,15 +27,14 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 
 import slicer
-import protosam
-from protosam import ModelSelection
 from protosam.serving import protocol
 from protosam.errors import CancelledError, InputError
 from protosam.orientation import plane_of_ijk_axis
 
 from . import geometry, mrml_io, results
 from .jobs import JobHandle, JobRunner
-from .worker_client import RequestFunction, workerForDevice
+from .models import ModelSelection
+from .worker_client import RequestFunction, availableDevices, workerForDevice
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +72,9 @@ class ProcessOptions:
     computeOn: str = "local"
     serverUrl: str = ""
     serverToken: str = dataclasses.field(default="", repr=False)  # never in logs or reprs
+    #: The user's explicit choice to allow plain http:// to a computer other than this one (token
+    #: and images then cross the network unencrypted); without it such a URL is refused.
+    serverAllowUnencrypted: bool = False
 
 
 @dataclasses.dataclass
@@ -163,9 +165,49 @@ class PropagationJob:
         return self.result
 
 
-def resolveDevice(device: str) -> str:
-    """"auto" -> "cuda" when available else "cpu"; other names are checked and normalised."""
-    return str(protosam.resolve_device(device))
+def resolveDevice(device: str, idle: Optional[Callable[[], None]] = None) -> str:
+    """"auto" -> what the worker process's torch picks (CUDA, then MPS, then CPU), asked once per
+    Slicer session (Slicer's process never imports torch); other names are returned as they are
+    and checked by the worker when it loads the models."""
+    if not isinstance(device, str) or not device.strip():
+        raise InputError(f"device must be 'auto' or a device name such as 'cuda', 'mps' or 'cpu', not {device!r}")
+    device = device.strip()
+    if device != "auto":
+        return device
+    return availableDevices(idle=idle).auto
+
+
+def deviceChoices(devices: Optional[protocol.Devices] = None) -> List[Tuple[str, str]]:
+    """(name, label) of the Device list: "auto" (with what it picks) and what the worker reports;
+    before a worker has answered, the names it may report (the list fills in after the first run)."""
+    from . import worker_client
+
+    devices = devices or worker_client.knownDevices()
+    if devices is None:
+        import sys
+
+        names = [("auto", "auto"), ("cuda", "GPU (CUDA)")]
+        if sys.platform == "darwin":
+            names.append(("mps", "Apple GPU (MPS)"))
+        return names + [("cpu", "CPU")]
+    labels = {device["name"]: device["label"] for device in devices.devices}
+    auto = next((label for name, label in labels.items() if name.split(":")[0] == devices.auto), devices.auto)
+    return [("auto", f"auto: {auto}")] + [(device["name"], device["label"]) for device in devices.devices]
+
+
+@dataclasses.dataclass
+class VolumeRunResult:
+    """The fields of ``protosam.VolumeResult`` (propagation.py, which imports torch) as the worker
+    sends them: ``masks``, ``support_slices``, ``processed_slices``, ``seconds``, ``axis``,
+    ``support_axis``, ``plane``."""
+
+    masks: Dict
+    support_slices: Dict
+    processed_slices: Dict
+    seconds: float
+    axis: int = 0
+    support_axis: int = 0
+    plane: str = ""
 
 
 def sliceViewGeometry(sliceNode) -> Tuple[np.ndarray, np.ndarray]:
@@ -307,7 +349,7 @@ class ProtoSAMLogic:
         if supportVolumeNode is None:
             supportVolumeNode = self.defaultSupportVolume(supportSegmentationNode) or targetVolumeNode
         # A server run only needs a local worker to relay it: never the GPU one.
-        device = "cpu" if _onServer(options) else resolveDevice(options.device)
+        device = "cpu" if _onServer(options) else resolveDevice(options.device, idle=self.idle)
         worker = self._workerFor(device)
         handle = PropagationJob(self, [targetVolumeNode, supportVolumeNode, supportSegmentationNode],
                                 list(prepared.masks))
@@ -508,16 +550,17 @@ class ProtoSAMLogic:
         onServer = _onServer(options)
         # On a server the session lives there (ServerSession, beside the run's encodings); the
         # local worker, on the CPU, only relays the requests.
-        device = "cpu" if onServer else resolveDevice(options.device)
+        device = "cpu" if onServer else resolveDevice(options.device, idle=self.idle)
         engineSpec = engineSpecFor(options, device)  # the run's engine: its cached encodings serve the session
         worker = self._workerFor(device)
         if onServer:
             from .server_session import ServerSession
 
+            warnIfUnencrypted(options)
             return ServerSession(worker if isinstance(worker, WorkerClient) else None, options.serverUrl,
                                  options.serverToken, engineSpec, volume, 0, masks, fixed, sessionOptions,
                                  supportVolume=supportVolume, supportMasks=supportMasks, supportSlices=supportSlices,
-                                 idle=self.idle)
+                                 idle=self.idle, allowUnencrypted=options.serverAllowUnencrypted)
         if isinstance(worker, WorkerClient):
             return WorkerSession(worker, engineSpec, volume, 0, masks, fixed, sessionOptions,
                                  supportVolume=supportVolume, supportMasks=supportMasks, supportSlices=supportSlices,
@@ -713,8 +756,21 @@ def _engineJob(prepared: PreparedRun, options: ProcessOptions, device: str) -> R
     if _onServer(options):
         from protosam.serving.client import forwarding_request
 
-        request = forwarding_request(request, options.serverUrl, options.serverToken)
-    return RequestFunction(request, decodeResult=lambda value: protosam.VolumeResult(**value))
+        warnIfUnencrypted(options)
+        request = forwarding_request(request, options.serverUrl, options.serverToken,
+                                     allow_unencrypted=options.serverAllowUnencrypted)
+    return RequestFunction(request, decodeResult=lambda value: VolumeRunResult(**value))
+
+
+def warnIfUnencrypted(options: ProcessOptions) -> None:
+    """Log that a run goes to the server unencrypted, when the user allowed it and the URL is one."""
+    from protosam.serving.client import ServerConnection
+
+    if options.serverAllowUnencrypted:
+        connection = ServerConnection(options.serverUrl, options.serverToken, allow_unencrypted=True)
+        if connection.unencrypted:
+            logger.warning("ProtoSAM: unencrypted connection to %s allowed in the settings: the token and the images "
+                           "cross the network without encryption.", options.serverUrl)
 
 
 def _onServer(options: ProcessOptions) -> bool:

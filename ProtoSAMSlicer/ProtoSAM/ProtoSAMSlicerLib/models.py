@@ -1,5 +1,10 @@
 """Model choices, weights status and downloads, and a per-device engine cache (no Qt, no MRML).
 
+Nothing here imports torch (Slicer's process never does): the model names come from the
+engine's torch-free catalogue, the weights status from ``protosam.weights`` (files and the
+registry), and :class:`ModelSelection` mirrors the engine's class field for field (a test holds
+them equal). Only :class:`EngineCache` (the deprecated in-process path) loads the engine, lazily.
+
 The Slicer module offers the official models by name; a custom checkpoint path (offline sites,
 fine-tuned MedSAM) replaces the cached official file. Weights live in the ProtoSAM cache
 (``protosam.weights``: ``$PROTOSAM_HOME`` or ``~/.protosam``, or the folder set in the module's
@@ -14,10 +19,8 @@ import threading
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from protosam import Engine, ModelSelection, catalogue
+from protosam import catalogue
 from protosam import weights as protosamWeights
-from protosam.models.dinov2 import DINOV2_ARCHITECTURES
-from protosam.models.sam import SAM_ARCHITECTURES
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +34,32 @@ DEFAULT_SAM = catalogue.DEFAULT_SAM
 DEFAULT_INPUT_SIZE = catalogue.DEFAULT_INPUT_SIZE
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelSelection:
+    """Which models to run: the fields of ``protosam.ModelSelection`` (engine.py, which imports
+    torch), sent to the worker as ``dataclasses.asdict``. ``*_checkpoint`` None: the official file."""
+
+    dinov2: str = catalogue.DEFAULT_DINOV2
+    dinov2_checkpoint: Optional[str] = None
+    sam: str = catalogue.DEFAULT_SAM
+    sam_checkpoint: Optional[str] = None
+    input_size: int = catalogue.DEFAULT_INPUT_SIZE
+
+    def __post_init__(self):
+        if not isinstance(self.input_size, int) or self.input_size < 14:
+            raise ValueError(f"input_size must be an integer >= 14, not {self.input_size!r}")
+
+
+def _architectures(family: str) -> frozenset:
+    return frozenset(model.name for model in catalogue.models_of(family))
+
+
 def modelSelection(dinov2: str = DEFAULT_DINOV2, sam: str = DEFAULT_SAM, *, dinov2Checkpoint: str = "",
                    samCheckpoint: str = "", inputSize: int = DEFAULT_INPUT_SIZE) -> ModelSelection:
     """Validated ModelSelection from GUI values; empty checkpoint strings mean "official file"."""
-    if dinov2 not in DINOV2_ARCHITECTURES:
+    if dinov2 not in _architectures("dinov2"):
         raise ValueError(f"Unknown DINOv2 model {dinov2!r}; choose one of {', '.join(n for n, _ in DINOV2_CHOICES)}")
-    if sam not in SAM_ARCHITECTURES:
+    if sam not in _architectures("sam"):
         raise ValueError(f"Unknown SAM model {sam!r}; choose one of {', '.join(n for n, _ in SAM_CHOICES)}")
     return ModelSelection(dinov2=dinov2, dinov2_checkpoint=dinov2Checkpoint.strip() or None,
                           sam=sam, sam_checkpoint=samCheckpoint.strip() or None, input_size=int(inputSize))
@@ -63,7 +86,7 @@ class WeightsStatus:
         return self.status in ("custom", "verified", "present")
 
 
-def weightsStatus(models: ModelSelection, home: Optional[str] = None,
+def weightsStatus(models, home: Optional[str] = None,
                   registry: Optional[Mapping[str, "protosamWeights.WeightsEntry"]] = None) -> List[WeightsStatus]:
     """Status of the DINOv2 and SAM weights ``models`` needs (cheap: no hashing).
 
@@ -103,7 +126,7 @@ def offlineInstructions(statuses: Sequence[WeightsStatus]) -> str:
     return "Missing model weights:\n" + "\n".join(lines)
 
 
-def downloadWeightsFunction(models: ModelSelection, home: Optional[str] = None, *,
+def downloadWeightsFunction(models, home: Optional[str] = None, *,
                             registry: Optional[Mapping[str, "protosamWeights.WeightsEntry"]] = None,
                             baseUrl: Optional[str] = None):
     """Worker job that downloads the missing official weights of ``models`` (a RequestFunction:
@@ -137,17 +160,20 @@ class EngineCache:
 
     def __init__(self):
         self._key = None
-        self._engine: Optional[Engine] = None
+        self._engine = None
         self._lock = threading.Lock()
 
-    def get(self, models: ModelSelection, preset: str, device: str, *, weightsHome: Optional[str] = None,
-            download: bool = False, cacheBytes: int = 0) -> Engine:
+    def get(self, models, preset: str, device: str, *, weightsHome: Optional[str] = None,
+            download: bool = False, cacheBytes: int = 0):
+        import protosam  # the engine, with torch: only this deprecated in-process path loads it
+
+        models = protosam.ModelSelection(**dataclasses.asdict(models))
         key = (models, preset, device, weightsHome, cacheBytes)
         with self._lock:
             if self._engine is None or self._key != key:
                 self._engine = None  # release the previous models before loading new ones
                 logger.info("Loading ProtoSAM models %s + %s on %s", models.dinov2, models.sam, device)
-                self._engine = Engine(models, preset=preset, device=device, download=download,
+                self._engine = protosam.Engine(models, preset=preset, device=device, download=download,
                                       weights_home=weightsHome, cache_bytes=cacheBytes)
                 self._key = key
             return self._engine

@@ -34,13 +34,16 @@ class ServerSession(WorkerSession):
     every method are WorkerSession's; only where the requests go differs.
 
     ``client``: a worker_client.WorkerClient that relays the requests (the GUI's case), or None
-    to make them directly (headless scripts).
+    to make them directly (headless scripts). ``allowUnencrypted``: the user's explicit choice to
+    allow ``http://`` to another computer (refused otherwise, see ServerConnection).
     """
 
     def __init__(self, client, url: str, token: str, engineSpec: Dict[str, Any], volume, axis: int,
-                 structures: Dict[str, Any], fixedSlices: Dict[str, List[int]], options: Dict[str, Any], **kwargs):
-        self.url, self._token = url, token
-        self._connection = ServerConnection(url, token)  # checks URL and token before anything is sent
+                 structures: Dict[str, Any], fixedSlices: Dict[str, List[int]], options: Dict[str, Any], *,
+                 allowUnencrypted: bool = False, **kwargs):
+        self.url, self._token, self.allowUnencrypted = url, token, bool(allowUnencrypted)
+        # Checks URL and token before anything is sent.
+        self._connection = ServerConnection(url, token, allow_unencrypted=self.allowUnencrypted)
         super().__init__(client, engineSpec, volume, axis, structures, fixedSlices, options, **kwargs)
 
     def __repr__(self) -> str:  # never the token
@@ -51,6 +54,6 @@ class ServerSession(WorkerSession):
         long = isinstance(message, (protocol.SessionOpen, protocol.SessionUpdate))
         if self.client is None:
             return session_request(self._connection, message, progress or (lambda done, total: None), cancel)
-        relay = forwarding_session_request(message, self.url, self._token)
+        relay = forwarding_session_request(message, self.url, self._token, allow_unencrypted=self.allowUnencrypted)
         return self.client.request(relay, timeout=LONG_REQUEST_TIMEOUT_S if long else CLICK_TIMEOUT_S,
                                    idle=self.idle, progress=progress, cancel=cancel).value

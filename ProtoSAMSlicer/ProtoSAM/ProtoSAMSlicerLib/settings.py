@@ -28,6 +28,8 @@ DEFAULTS = {
     "ComputeOn": "local",
     "ServerURL": "",
     "ServerToken": "",
+    # "true": plain http:// to a computer other than this one is allowed (token and images unencrypted).
+    "ServerAllowUnencrypted": "false",
 }
 #: Encoder outputs kept between runs on the same volume (re-runs after a corrected support,
 #: click corrections): holds a 64-slice volume with DINOv2 ViT-B/14 at 672 px and SAM ViT-B
@@ -60,4 +62,5 @@ def processOptions(settings, *, autoExtent: Optional[bool] = None):
                           modality=read(settings, "Modality"), weightsHome=read(settings, "WeightsFolder") or None,
                           autoExtent=autoExtent, cacheBytes=DEFAULT_CACHE_BYTES,
                           computeOn=read(settings, "ComputeOn"), serverUrl=read(settings, "ServerURL"),
-                          serverToken=read(settings, "ServerToken"))
+                          serverToken=read(settings, "ServerToken"),
+                          serverAllowUnencrypted=read(settings, "ServerAllowUnencrypted") == "true")

@@ -53,6 +53,15 @@ workerLogger = logging.getLogger("ProtoSAM.worker")
 DEFAULT_START_TIMEOUT_S = 60.0
 #: Seconds a running job may take to stop after Cancel before the worker is killed.
 DEFAULT_CANCEL_GRACE_S = 5.0
+#: Seconds a request (a session open or update, an on-demand encoding) may go without any message
+#: from the worker before the client gives up and sends JobCancel: the limit counts inactivity,
+#: not the total time, so a long update that keeps reporting progress (a 64-slice ViT-B update
+#: takes ~780 s on two CPU cores) is never cut off. docs/slicer.md says this number.
+DEFAULT_REQUEST_INACTIVITY_S = 600.0
+#: A connection to the client's socket gets this long to send its hello; the bytes a hello may
+#: take (it carries a token, a pid and versions: never a blob).
+HELLO_TIMEOUT_S = 10.0
+MAX_HELLO_BYTES = 4096
 LOG_TAIL_LINES = 25
 
 _BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
@@ -78,6 +87,16 @@ def workerPythonExecutable() -> str:
         if found:
             return found
     return sys.executable
+
+
+def temporaryFolder() -> Path:
+    """Where transfer folders and worker logs go: Slicer's own temporary folder
+    (``slicer.app.temporaryPath``, which users move to a large disk) inside the application,
+    else the system's temporary folder."""
+    slicerModule = sys.modules.get("slicer")
+    app = getattr(slicerModule, "app", None) if slicerModule is not None else None
+    path = getattr(app, "temporaryPath", None) if app is not None else None
+    return Path(str(path)) if path else Path(tempfile.gettempdir())
 
 
 def enginePackageParent() -> str:
@@ -128,6 +147,44 @@ class ProcessJob(JobHandle):
         return self.error if isinstance(self.error, CancelledError) else super()._cancelledError()
 
 
+class _Candidate:
+    """A connection to the client's socket whose hello has not been checked yet."""
+
+    def __init__(self, sock: socket.socket, since: float):
+        self.sock, self.since = sock, since
+        self.buffer = bytearray()
+
+    def readHello(self) -> Optional[protocol.Hello]:
+        """The hello once it has arrived whole; raises ProtocolError as soon as the bytes cannot be
+        one (a prefix announcing more than a hello takes, a blob, a field of the wrong type), so
+        nothing a stranger claims is buffered."""
+        while len(self.buffer) <= MAX_HELLO_BYTES:
+            try:
+                chunk = self.sock.recv(MAX_HELLO_BYTES + 1 - len(self.buffer))
+            except BlockingIOError:
+                break
+            if not chunk:
+                raise EOFError("closed before its hello")
+            self.buffer += chunk
+        if len(self.buffer) < protocol.PREFIX_SIZE:
+            return None
+        headerLength, blobLength = protocol.read_prefix(bytes(self.buffer[:protocol.PREFIX_SIZE]))
+        total = protocol.PREFIX_SIZE + headerLength + blobLength
+        if blobLength or total > MAX_HELLO_BYTES:
+            raise protocol.ProtocolError(f"a hello is at most {MAX_HELLO_BYTES} bytes without arrays; this one announces "
+                                         f"{headerLength} header and {blobLength} blob bytes")
+        if len(self.buffer) < total:
+            return None
+        message = protocol.decode(bytes(self.buffer[:total]))
+        del self.buffer[:total]
+        if not isinstance(message, protocol.Hello):
+            raise protocol.ProtocolError(f"expected a hello, got '{message.TYPE}'")
+        if (not isinstance(message.token, str) or type(message.pid) is not int or message.pid <= 0
+                or not isinstance(message.protocol_version, int)):
+            raise protocol.ProtocolError("a hello needs a string token and a positive integer pid")
+        return message
+
+
 class _PendingRequest:
     def __init__(self, message: protocol.Message, progress: Optional[Callable[[int, int], None]] = None):
         self.message = message
@@ -135,6 +192,8 @@ class _PendingRequest:
         self.reply: Optional[protocol.Message] = None
         self.error: Optional[BaseException] = None
         self.sent = False
+        self.files: List[str] = []  # transfer files of the request: removed when it ends
+        self.lastActivity = time.monotonic()  # the last message about this request (send, progress)
 
     @property
     def done(self) -> bool:
@@ -164,7 +223,7 @@ class WorkerClient(JobRunner):
         self._process: Optional[subprocess.Popen] = None
         self._logFile = None
         self._listener: Optional[socket.socket] = None
-        self._candidate: Optional[socket.socket] = None  # accepted, hello not yet verified
+        self._candidates: List[_Candidate] = []  # accepted, hello not yet verified
         self._sock: Optional[socket.socket] = None
         self._buffer = bytearray()
         self._token = ""
@@ -226,26 +285,38 @@ class WorkerClient(JobRunner):
         or an on-demand encoding runs in the worker); ``progress(done, total)`` receives the
         worker's progress messages for this request. Setting ``cancel`` (e.g. from a Cancel
         button handled during ``idle``) asks the worker to stop a request it runs as a job (a
-        session update); the request then raises CancelledError."""
+        session update); the request then raises CancelledError.
+
+        ``timeout`` counts inactivity: seconds without any message about this request (its
+        progress resets the clock; a worker start counts as activity). When it expires the client
+        sends JobCancel, so the worker stops the request instead of computing on and blocking
+        every later one, and raises TimeoutError."""
         pending = _PendingRequest(message, progress)
         self._requests[message.id] = pending
-        deadline = time.monotonic() + timeout
         cancelSent = False
         try:
             while not pending.done:
+                if not pending.sent:
+                    pending.lastActivity = time.monotonic()  # still starting the worker (own start timeout)
                 self.poll()
                 if pending.done:
                     break
                 if cancel is not None and cancel.is_set() and not cancelSent and pending.sent:
                     self._send(protocol.JobCancel(id=message.id))
                     cancelSent = True
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the ProtoSAM worker did not answer '{message.TYPE}' within {timeout} s")
+                if time.monotonic() - pending.lastActivity > timeout:
+                    if pending.sent and not cancelSent and self._sock is not None:
+                        self._send(protocol.JobCancel(id=message.id))
+                    raise TimeoutError(f"the ProtoSAM worker sent nothing about '{message.TYPE}' for {timeout:.0f} s: "
+                                       "it was asked to stop (see 'Troubleshooting' in docs/slicer.md)")
                 self._wait(DEFAULT_POLL_INTERVAL_S)
                 if idle is not None:
                     idle()
         finally:
             self._requests.pop(message.id, None)
+            for path in pending.files:  # the worker has read them (or never will): see docs/slicer.md
+                _removeFile(path)
+            pending.files = []
         if pending.error is not None:
             raise pending.error
         return pending.reply
@@ -284,7 +355,7 @@ class WorkerClient(JobRunner):
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
-            process.kill()
+            self._killProcesses()
             process.wait(5)
         current = self._current
         if current is not None:
@@ -294,8 +365,24 @@ class WorkerClient(JobRunner):
 
     def kill(self) -> None:
         """Kill the worker at once (its current job fails; the next job starts a new worker)."""
-        if self._process is not None:
-            self._process.kill()
+        self._killProcesses()
+
+    def _killProcesses(self) -> None:
+        """Kill the worker's interpreter and the process we started. Inside Slicer that process is
+        the CTK launcher ``PythonSlicer``, whose child is the real interpreter: killing the launcher
+        alone leaves the worker (and its GPU memory) behind. The interpreter's pid comes with its
+        hello; it is killed only while the launcher still runs (then it is still the launcher's
+        child, not a reused pid)."""
+        process = self._process
+        if process is None or process.poll() is not None:
+            return
+        workerPid = self._workerPid
+        if workerPid is not None and workerPid != process.pid:
+            _killPid(workerPid)
+        try:
+            process.kill()
+        except OSError:
+            pass
 
     # ------------------------------------------------------------------ internals
     def _waitBetweenPolls(self, job: ProcessJob, seconds: float) -> None:
@@ -303,7 +390,8 @@ class WorkerClient(JobRunner):
 
     def _wait(self, seconds: float) -> None:
         """Sleep up to ``seconds``, waking early when the worker sends something."""
-        sockets = [s for s in (self._sock, self._listener, self._candidate) if s is not None]
+        sockets = [s for s in (self._sock, self._listener) if s is not None]
+        sockets += [candidate.sock for candidate in self._candidates]
         if sockets:
             select.select(sockets, [], [], seconds)
         else:
@@ -338,42 +426,61 @@ class WorkerClient(JobRunner):
             for pending in list(self._requests.values()):
                 if not pending.sent and self._sock is not None:
                     pending.sent = True
-                    self._send(pending.message)
+                    pending.lastActivity = time.monotonic()
+                    try:
+                        data = protocol.encode(pending.message, file_dir=self._transferDir)
+                    except Exception as error:  # something a message cannot carry: fail this request only
+                        pending.error = error
+                        continue
+                    pending.files = protocol.array_files(data)
+                    self._sendBytes(data)
 
     def _start(self) -> None:
         self.starts += 1
-        removeStaleTransferFolders()
-        self._transferDir = Path(tempfile.mkdtemp(prefix=f"{TRANSFER_PREFIX}{os.getpid()}-"))
-        logDir = Path(tempfile.gettempdir()) / "ProtoSAM"
-        logDir.mkdir(parents=True, exist_ok=True)
-        self.logPath = logDir / f"worker-{os.getpid()}-{self.starts}.log"
+        try:
+            self._launch()
+        except OSError as error:  # e.g. an unwritable temporary folder: one clear error, nothing left behind
+            self._cleanup(removeLog=False)
+            raise WorkerStartError(self._startFailureText(f"it could not be launched ({error})")) from error
+        logger.info("Starting the ProtoSAM worker process (pid %d, log %s): %s", self._process.pid, self.logPath,
+                    subprocess.list2cmdline(self.commandLine))
+
+    def _launch(self) -> None:
+        self.commandLine = []
+        self.logPath = None
+        self._workerPid = None
+        folder = temporaryFolder()
+        removeStaleTransferFolders(folder)
+        # A private folder (mkdtemp: 0700, a fresh name, never a link) under Slicer's temporary
+        # folder holds the transfer files and the log: no other local user can read them or plant
+        # links in it, and no folder made by another user is reused (docs/slicer.md, Troubleshooting).
+        self._transferDir = Path(tempfile.mkdtemp(prefix=f"{TRANSFER_PREFIX}{os.getpid()}-", dir=str(folder)))
+        self.logPath = self._transferDir / f"worker-{os.getpid()}-{self.starts}.log"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+        self._logFile = os.fdopen(os.open(str(self.logPath), flags, 0o600), "wb")
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(4)
+        self._listener.listen(8)
         self._listener.setblocking(False)
         port = self._listener.getsockname()[1]
         self._token = secrets.token_hex(32)
         python = self.python or workerPythonExecutable()
         self.commandLine = [python, "-c", _BOOTSTRAP, enginePackageParent(), "--connect", f"127.0.0.1:{port}",
                             "--transfer-dir", str(self._transferDir)]
+        # MPS (Apple GPUs): operations without an MPS kernel run on the CPU instead of failing; the
+        # worker logs which ones did. A value the user set is kept.
         environment = dict(os.environ, PYTHONUNBUFFERED="1")
+        environment.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
         creationFlags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
-        self._logFile = open(self.logPath, "wb")
-        try:
-            self._process = subprocess.Popen(self.commandLine, stdin=subprocess.PIPE, stdout=self._logFile,
-                                             stderr=subprocess.STDOUT, env=environment, cwd=str(self._transferDir),
-                                             creationflags=creationFlags)
-        except OSError as error:
-            self._cleanup(removeLog=False)
-            raise WorkerStartError(self._startFailureText(f"it could not be launched ({error})")) from error
+        self._process = subprocess.Popen(self.commandLine, stdin=subprocess.PIPE, stdout=self._logFile,
+                                         stderr=subprocess.STDOUT, env=environment, cwd=str(self._transferDir),
+                                         creationflags=creationFlags)
         try:  # the token never appears on a command line (visible to other users)
             self._process.stdin.write((self._token + "\n").encode("ascii"))
             self._process.stdin.flush()
         except OSError:
             pass  # it died already: reported by _advanceStart with its log
         self._startedAt = time.monotonic()
-        logger.info("Starting the ProtoSAM worker process (pid %d, log %s): %s", self._process.pid, self.logPath,
-                    subprocess.list2cmdline(self.commandLine))
 
     def _startFailureText(self, what: str) -> str:
         return (f"The ProtoSAM worker process could not start: {what}.\nCommand line: "
@@ -381,67 +488,66 @@ class WorkerClient(JobRunner):
                 "\nCheck that ProtoSAM's Python packages are installed for this Python (see docs/slicer.md, 'Troubleshooting').")
 
     def _advanceStart(self) -> None:
+        """Accept every connection to the socket and check each one's hello on its own: a silent
+        or wrong connection (another local user can read the port on the worker's command line)
+        is dropped when it misbehaves or after HELLO_TIMEOUT_S and never delays the real worker."""
         process = self._process
-        if self._candidate is None:
+        now = time.monotonic()
+        while self._listener is not None:
             try:
                 readable, _, _ = select.select([self._listener], [], [], 0)
-                if readable:
-                    self._candidate, _ = self._listener.accept()
-                    self._candidate.setblocking(False)
-                    self._buffer.clear()
+                if not readable:
+                    break
+                connection, _ = self._listener.accept()
             except OSError:
-                self._candidate = None
-        if self._candidate is not None:
-            hello = None
+                break
+            connection.setblocking(False)
+            self._candidates.append(_Candidate(connection, now))
+        for candidate in list(self._candidates):
             try:
-                hello = self._readHello()
+                hello = candidate.readHello()
             except (OSError, EOFError, protocol.ProtocolError) as error:
                 logger.warning("Dropped a connection to the ProtoSAM worker socket: %s", error)
-                self._closeCandidate()
-            if hello is not None:
-                if hmac.compare_digest(hello.token, self._token):
-                    self._sock, self._candidate = self._candidate, None
-                    self._listener.close()
-                    self._listener = None
-                    self._workerPid = hello.pid
-                    logger.info("ProtoSAM worker %d ready (protocol %d, ProtoSAM %s, Python %s)", hello.pid,
-                                hello.protocol_version, hello.protosam_version, hello.python)
-                    return
+                self._dropCandidate(candidate)
+                continue
+            if hello is None:
+                if now - candidate.since > HELLO_TIMEOUT_S:
+                    logger.warning("Dropped a connection to the ProtoSAM worker socket: no hello within %.0f s.",
+                                   HELLO_TIMEOUT_S)
+                    self._dropCandidate(candidate)
+                continue
+            if not hmac.compare_digest(hello.token.encode("utf-8"), self._token.encode("utf-8")):
                 logger.warning("Refused a connection to the ProtoSAM worker socket with a wrong token.")
-                self._closeCandidate()
+                self._dropCandidate(candidate)
+                continue
+            self._candidates.remove(candidate)
+            for other in list(self._candidates):
+                self._dropCandidate(other)
+            self._sock, self._buffer = candidate.sock, candidate.buffer
+            self._listener.close()
+            self._listener = None
+            self._workerPid = hello.pid
+            logger.info("ProtoSAM worker %d ready (protocol %d, ProtoSAM %s, Python %s)", hello.pid,
+                        hello.protocol_version, hello.protosam_version, hello.python)
+            return
         if process.poll() is not None:
             error = WorkerStartError(self._startFailureText(f"it exited with code {process.returncode}"))
             self._cleanup(removeLog=False)
             self._failEverything(error)
         elif time.monotonic() - self._startedAt > self.startTimeout:
-            process.kill()
+            self._killProcesses()
             process.wait(5)
             error = WorkerStartError(self._startFailureText(f"it did not connect within {self.startTimeout:.0f} s"))
             self._cleanup(removeLog=False)
             self._failEverything(error)
 
-    def _closeCandidate(self) -> None:
-        if self._candidate is not None:
-            self._candidate.close()
-        self._candidate = None
-        self._buffer.clear()
-
-    def _readHello(self) -> Optional[protocol.Hello]:
-        while True:
-            try:
-                chunk = self._candidate.recv(65536)
-            except BlockingIOError:
-                break
-            if not chunk:
-                raise EOFError("closed before its hello")
-            self._buffer += chunk
-        data = self._takeMessage()
-        if data is None:
-            return None
-        message = protocol.decode(data)
-        if not isinstance(message, protocol.Hello):
-            raise protocol.ProtocolError(f"expected a hello, got '{message.TYPE}'")
-        return message
+    def _dropCandidate(self, candidate: "_Candidate") -> None:
+        if candidate in self._candidates:
+            self._candidates.remove(candidate)
+        try:
+            candidate.sock.close()
+        except OSError:
+            pass
 
     def _takeMessage(self) -> Optional[bytes]:
         if len(self._buffer) < protocol.PREFIX_SIZE:
@@ -522,6 +628,7 @@ class WorkerClient(JobRunner):
             return
         pending = self._requests.get(identifier)
         if pending is not None:
+            pending.lastActivity = time.monotonic()
             if isinstance(message, protocol.JobProgress):  # a session update's progress: wait on
                 if pending.progress is not None:
                     pending.progress(message.done, message.total)
@@ -599,12 +706,16 @@ class WorkerClient(JobRunner):
                 name = f"signal {-code}"
             hint = " (on Linux often the out-of-memory killer)" if name == "SIGKILL" else ""
             return f"killed by {name}{hint}"
+        if code == 1 and CTK_ABNORMAL_EXIT in logTail(self.logPath):
+            # The CTK launcher (PythonSlicer) exits with 1 when its interpreter dies of a signal.
+            return ("the worker's interpreter was killed or crashed (on Linux often the out-of-memory killer; "
+                    "PythonSlicer exited with code 1)")
         return f"exit code {code}"
 
     def _workerLost(self, reason: str, kill: bool = False) -> None:
         """The worker is gone (or must go): fail or cancel its job, clean up, restart on demand."""
-        if kill and self._process is not None and self._process.poll() is None:
-            self._process.kill()
+        if kill:
+            self._killProcesses()
         status = self._exitDescription()
         current, self._current = self._current, None
         tail = logTail(self.logPath)
@@ -656,18 +767,21 @@ class WorkerClient(JobRunner):
             callback(job)
 
     def _cleanup(self, removeLog: bool) -> None:
-        for sock in (self._sock, self._candidate, self._listener):
+        for sock in [self._sock, self._listener] + [candidate.sock for candidate in self._candidates]:
             if sock is not None:
                 try:
                     sock.close()
                 except OSError:
                     pass
-        self._sock = self._candidate = self._listener = None
+        self._sock = self._listener = None
+        self._candidates = []
         self._buffer.clear()
         process, self._process = self._process, None
         if process is not None:
             if process.poll() is None:
-                process.kill()
+                self._process = process
+                self._killProcesses()
+                self._process = None
             try:
                 process.wait(5)
             except subprocess.TimeoutExpired:
@@ -681,19 +795,39 @@ class WorkerClient(JobRunner):
             self._logFile.close()
             self._logFile = None
         if self._transferDir is not None:
-            shutil.rmtree(self._transferDir, ignore_errors=True)
+            keep = None if removeLog or self.logPath is None else self.logPath
+            if keep is not None and keep.parent == self._transferDir and keep.exists():
+                # The log of a failed worker stays for the user to read (its path is in the error);
+                # the transfer files go now, the folder when Slicer next starts a worker after exit.
+                for path in self._transferDir.iterdir():
+                    if path != keep:
+                        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else _removeFile(str(path))
+            else:
+                shutil.rmtree(self._transferDir, ignore_errors=True)
             self._transferDir = None
-        if removeLog and self.logPath is not None:
-            _removeFile(str(self.logPath))
 
 
 TRANSFER_PREFIX = "protosam-worker-"
+#: What CTK's launcher prints (stderr, so into the worker log) when the interpreter it started
+#: crashed or was killed (ctkAppLauncherPrivate::applicationFinished, then exit(EXIT_FAILURE)).
+CTK_ABNORMAL_EXIT = "exit abnormally - Report the problem."
 
 
-def removeStaleTransferFolders() -> None:
+def _killPid(pid: int) -> None:
+    """Kill one process by pid (TerminateProcess on Windows, SIGKILL elsewhere); gone is fine."""
+    import signal
+
+    try:
+        os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+    except OSError:
+        pass
+
+
+def removeStaleTransferFolders(folder: Optional[Path] = None) -> None:
     """Remove transfer folders left by a client process that died without cleaning up (a Slicer
-    crash): they may hold copies of volumes. The folder name carries the client's pid."""
-    for folder in Path(tempfile.gettempdir()).glob(TRANSFER_PREFIX + "*-*"):
+    crash): they may hold copies of volumes and the worker's log. The folder name carries the
+    client's pid. ``folder``: where to look (default :func:`temporaryFolder`)."""
+    for folder in Path(folder or temporaryFolder()).glob(TRANSFER_PREFIX + "*-*"):
         pid = folder.name[len(TRANSFER_PREFIX):].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _processExists(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
@@ -749,6 +883,33 @@ def workerForDevice(device: str) -> WorkerClient:
         return client
 
 
+_devices: Optional[protocol.Devices] = None
+#: Seconds to wait for the device list: the first answer imports torch in the worker.
+DEVICES_TIMEOUT_S = 180.0
+
+
+def knownDevices() -> Optional[protocol.Devices]:
+    """The device list a worker gave this session, or None before one answered."""
+    return _devices
+
+
+def availableDevices(timeout: float = DEVICES_TIMEOUT_S, idle: Optional[Callable[[], None]] = None) -> protocol.Devices:
+    """The devices the worker process's torch can use and what "auto" picks there (CUDA, MPS,
+    CPU), asked once per Slicer session: Slicer's own process never imports torch. A running
+    worker answers; else the worker started to ask becomes the worker of the device "auto" picked."""
+    global _devices
+    if _devices is not None:
+        return _devices
+    with _processWorkersLock:
+        running = [client for client in _processWorkers.values() if client.ready]
+    client = running[0] if running else workerForDevice("auto")
+    reply = client.request(protocol.DevicesRequest(id=protocol.new_id()), timeout, idle=idle)
+    with _processWorkersLock:
+        _processWorkers.setdefault(reply.auto, client)  # one process (and one copy of the models) for both names
+    _devices = reply
+    return reply
+
+
 def shutdownAllWorkers(timeout: Optional[float] = 5.0) -> None:
     """Stop every device's worker process (called when Slicer exits or the module is reloaded)."""
     with _processWorkersLock:
@@ -772,7 +933,7 @@ class WorkerSession:
     def __init__(self, client: "WorkerClient", engineSpec: Dict[str, Any], volume, axis: int,
                  structures: Dict[str, Any], fixedSlices: Dict[str, List[int]], options: Dict[str, Any], *,
                  supportVolume=None, supportMasks: Optional[Dict[str, Any]] = None,
-                 supportSlices: Optional[Dict[str, List[int]]] = None, timeout: float = 600.0,
+                 supportSlices: Optional[Dict[str, List[int]]] = None, timeout: float = DEFAULT_REQUEST_INACTIVITY_S,
                  idle: Optional[Callable[[], None]] = None):
         self.client, self.axis, self.timeout, self.idle = client, int(axis), timeout, idle
         self.sessionId = protocol.new_id()
