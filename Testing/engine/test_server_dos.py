@@ -13,7 +13,6 @@ import time
 import httpx
 import pytest
 
-from protosam.serving import protocol
 from protosam.serving.client import forward_job, forwarding_request
 from protosam.testing import start_server
 

@@ -13,7 +13,6 @@ import socket
 import stat
 import struct
 import sys
-import threading
 import time
 import types
 from pathlib import Path
@@ -25,7 +24,6 @@ from required_modules import require_slicer_core
 require_slicer_core()
 
 import slicer
-from ProtoSAMSlicerLib import worker_client
 from ProtoSAMSlicerLib.worker_client import WorkerClient, WorkerSession, WorkerStartError
 from protosam.errors import InputError
 from protosam.serving import protocol
