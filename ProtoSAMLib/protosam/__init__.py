@@ -23,7 +23,7 @@ from .errors import (
 # first use so that `protosam --help` and `protosam weights ...` start instantly.
 _LAZY = {
     "Engine": "engine",
-    "ModelSelection": "engine",
+    "ModelSelection": "catalogue",
     "SliceResults": "engine",
     "resolve_device": "engine",
     "Preset": "presets",
@@ -36,7 +36,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Engine, ModelSelection, SliceResults, resolve_device
+    from .catalogue import ModelSelection
+    from .engine import Engine, SliceResults, resolve_device
     from .presets import PRESETS, Preset, get_preset
     from .propagation import VolumeResult, largest_area_slice, segment_volume
     from .session import Session

@@ -1,10 +1,12 @@
 """The model catalogue: every model name, the label users see, its family, and the defaults.
 
 This is the one place a model name or a model default is written: the engine
-(:mod:`protosam.models.dinov2`, :mod:`protosam.models.sam`, ``ModelSelection``), the command
+(:mod:`protosam.models.dinov2`, :mod:`protosam.models.sam`), the command
 line, the weights registry and the Slicer module read it from here
 (``Testing/engine/test_layout.py`` checks that). It imports nothing but the standard library,
-so Slicer's settings code and ``protosam --help`` read it without torch.
+so Slicer's settings code and ``protosam --help`` read it without torch. :class:`ModelSelection`
+(which models a run uses) lives here for the same reason: Slicer's process builds it and sends
+it to the worker without importing torch.
 
 Families: ``"dinov2"`` (the feature encoder), ``"sam"`` (the refiner; MedSAM is a SAM ViT-B
 fine-tuned on medical images, marked ``medsam``). Test-only models are tiny random-weight
@@ -14,12 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping, Tuple
+from typing import Mapping, Optional, Tuple
 
 __all__ = [
     "CatalogueModel", "MODELS", "FAMILIES", "models_of", "choices", "test_only_models",
     "DEFAULT_DINOV2", "DEFAULT_SAM", "DEFAULT_INPUT_SIZE", "PAPER_DINOV2", "PAPER_SAM",
-    "TINY_DINOV2", "TINY_DINOV2_REG4", "TINY_SAM",
+    "TINY_DINOV2", "TINY_DINOV2_REG4", "TINY_SAM", "ModelSelection",
 ]
 
 FAMILIES = ("dinov2", "sam")
@@ -87,6 +89,21 @@ DEFAULT_INPUT_SIZE = 672
 #: The published reference's models (``protosam evaluate`` defaults).
 PAPER_DINOV2 = DINOV2_VITL14
 PAPER_SAM = SAM_VIT_H
+
+
+@dataclass(frozen=True)
+class ModelSelection:
+    """Which models to run. ``*_checkpoint`` None means the official file from the cache."""
+
+    dinov2: str = DEFAULT_DINOV2
+    dinov2_checkpoint: Optional[str] = None
+    sam: str = DEFAULT_SAM
+    sam_checkpoint: Optional[str] = None
+    input_size: int = DEFAULT_INPUT_SIZE
+
+    def __post_init__(self):
+        if not isinstance(self.input_size, int) or self.input_size < 14:
+            raise ValueError(f"input_size must be an integer >= 14, not {self.input_size!r}")
 
 
 def models_of(family: str) -> Tuple[CatalogueModel, ...]:

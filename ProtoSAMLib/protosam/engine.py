@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import catalogue
+from .catalogue import ModelSelection  # torch-free, so Slicer's process can build one (re-exported)
 from .cache import EmbeddingCache
 from .errors import CancelledError, InputError, ProtoSAMError
 from .models.alpnet import ALPNetConfig, Prototypes, compute_prototypes, mask_to_grid, score_queries
@@ -38,21 +38,6 @@ __all__ = ["ModelSelection", "Engine", "SliceResults", "RefinedSlice", "resolve_
 # ALPNet's prototype pooling assumes at least a 32 x 32 grid (smaller grids are upsampled).
 MIN_FEATURE_GRID = 32
 ProgressCallback = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class ModelSelection:
-    """Which models to run. ``*_checkpoint`` None means the official file from the cache."""
-
-    dinov2: str = catalogue.DEFAULT_DINOV2
-    dinov2_checkpoint: Optional[str] = None
-    sam: str = catalogue.DEFAULT_SAM
-    sam_checkpoint: Optional[str] = None
-    input_size: int = catalogue.DEFAULT_INPUT_SIZE
-
-    def __post_init__(self):
-        if not isinstance(self.input_size, int) or self.input_size < 14:
-            raise ValueError(f"input_size must be an integer >= 14, not {self.input_size!r}")
 
 
 @dataclass

@@ -141,20 +141,16 @@ sys.exit(1 if heavy else 0)
 
 
 def test_the_slicer_model_selection_mirrors_the_engines():
-    """models.ModelSelection is the engine's class without torch: same fields, defaults, checks."""
-    import dataclasses
-
+    """models.ModelSelection is the engine's own class, from the torch-free catalogue (no copy)."""
     import protosam
+    import protosam.engine
     from protosam import catalogue
     from protosam.models.dinov2 import DINOV2_ARCHITECTURES
     from protosam.models.sam import SAM_ARCHITECTURES
     from ProtoSAMSlicerLib import models
 
-    def shape(cls):
-        return [(f.name, f.type, f.default) for f in dataclasses.fields(cls)]
-
-    assert shape(models.ModelSelection) == shape(protosam.ModelSelection)
-    assert models.ModelSelection.__dataclass_params__.frozen and protosam.ModelSelection.__dataclass_params__.frozen
+    assert models.ModelSelection is protosam.ModelSelection is protosam.engine.ModelSelection
+    assert models.ModelSelection.__dataclass_params__.frozen
     with pytest.raises(ValueError, match="input_size"):
         models.ModelSelection(input_size=8)
     assert {m.name for m in catalogue.models_of("dinov2")} == set(DINOV2_ARCHITECTURES)

@@ -2,8 +2,7 @@
 
 Nothing here imports torch (Slicer's process never does): the model names come from the
 engine's torch-free catalogue, the weights status from ``protosam.weights`` (files and the
-registry), and :class:`ModelSelection` mirrors the engine's class field for field (a test holds
-them equal). Only :class:`EngineCache` (the deprecated in-process path) loads the engine, lazily.
+registry), and :class:`ModelSelection` is the catalogue's (torch-free, the engine's own). Only :class:`EngineCache` (the deprecated in-process path) loads the engine, lazily.
 
 The Slicer module offers the official models by name; a custom checkpoint path (offline sites,
 fine-tuned MedSAM) replaces the cached official file. Weights live in the ProtoSAM cache
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from protosam import catalogue
+from protosam.catalogue import ModelSelection
 from protosam import weights as protosamWeights
 
 logger = logging.getLogger(__name__)
@@ -32,22 +32,6 @@ DEFAULT_DINOV2 = catalogue.DEFAULT_DINOV2
 DEFAULT_SAM = catalogue.DEFAULT_SAM
 #: Side of the square the engine resizes slices to (the paper's value).
 DEFAULT_INPUT_SIZE = catalogue.DEFAULT_INPUT_SIZE
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSelection:
-    """Which models to run: the fields of ``protosam.ModelSelection`` (engine.py, which imports
-    torch), sent to the worker as ``dataclasses.asdict``. ``*_checkpoint`` None: the official file."""
-
-    dinov2: str = catalogue.DEFAULT_DINOV2
-    dinov2_checkpoint: Optional[str] = None
-    sam: str = catalogue.DEFAULT_SAM
-    sam_checkpoint: Optional[str] = None
-    input_size: int = catalogue.DEFAULT_INPUT_SIZE
-
-    def __post_init__(self):
-        if not isinstance(self.input_size, int) or self.input_size < 14:
-            raise ValueError(f"input_size must be an integer >= 14, not {self.input_size!r}")
 
 
 def _architectures(family: str) -> frozenset:
