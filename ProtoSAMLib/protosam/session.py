@@ -129,6 +129,8 @@ class _StructureState:
     # Each propagated prompt set's own mask (CroppedMask at the slice's size), per slice.
     prompt_masks: Dict[int, list] = field(default_factory=dict)
     output: Optional[np.ndarray] = None  # [N, H, W] uint8
+    # "Other segments": [N, H, W] bool voxels that are not this structure (see set_negatives).
+    negatives: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -255,12 +257,14 @@ class Session:
         support_slices: Optional[Mapping[Hashable, Sequence[int]]] = None,
         progress: Optional[Callable[[int, int], None]] = None,
         cancel: Optional[threading.Event] = None,
+        negatives: Optional[Mapping[Hashable, np.ndarray]] = None,
     ) -> Dict[Hashable, np.ndarray]:
         """First propagation of each structure, as ``segment_volume`` does it (same results).
 
         ``support_masks``: key -> 3-D mask on ``support_volume`` (None: this volume, the painted
         slices then become fixed slices) in the caller's order; ``support_slices``: key ->
-        support slice indices (default: each structure's largest slice).
+        support slice indices (default: each structure's largest slice); ``negatives``: key ->
+        3-D voxels that are not that structure (see :meth:`set_negatives`).
         Returns key -> uint8 mask volume in the caller's order.
         """
         with self._lock:
@@ -290,6 +294,8 @@ class Session:
                     state.fixed = {i: mask[i].astype(np.uint8) for i in indices}
                 else:
                     state = _StructureState(key, (external_volume, mask, indices))
+                if negatives is not None and negatives.get(key) is not None:
+                    state.negatives = self._as_negatives(key, negatives[key])
                 self.structures[key] = state
             self._run(list(support_masks), progress, cancel)
             return {key: self.mask(key) for key in support_masks}
@@ -336,6 +342,22 @@ class Session:
                 raise InputError(
                     f"Support slice {index} of '{structure}' is outside the support volume or empty there.")
         return support, mask, indices
+
+    def set_negatives(self, structure: Hashable, negatives) -> None:
+        """Voxels that are *not* ``structure`` ("other segments as not this"): a 3-D bool volume
+        in the caller's order (e.g. the union of the other visible segments), or None to drop
+        the option. From the next :meth:`update` (or :meth:`start`) on, on every propagated
+        slice where they appear they are removed from the structure's mask, give the refiner
+        negative points (:func:`protosam.prompts.add_negative_points`, not for MedSAM) and give
+        ALPNet background prototypes from that slice
+        (:func:`protosam.propagation.with_background_examples`). Fixed slices keep their masks."""
+        with self._lock:
+            state = self._state(structure)
+            state.negatives = None if negatives is None else self._as_negatives(structure, negatives)
+
+    def _as_negatives(self, structure: Hashable, negatives) -> Optional[np.ndarray]:
+        mask = np.moveaxis(as_binary_mask(negatives, f"negatives of '{structure}'", self.caller_shape), self.axis, 0)
+        return mask.astype(bool) if mask.any() else None
 
     def has_sam_embedding(self, index: int) -> bool:
         """Whether slice ``index``'s SAM image embedding is at hand, so a click there needs no
@@ -390,6 +412,7 @@ class Session:
                 key, support_indices + sorted(state.fixed), sorted(prototypes), copied,
                 combine_supports(prototypes, self.support_mode), np.zeros(self.volume.shape, np.uint8), [],
                 known_present=any(p.any() for p in state.fixed.values()), prompt_masks={},
+                negatives=state.negatives,
             )
             prepared.append(structure)
         auto_extent = self.engine.preset.auto_extent if self.auto_extent is None else self.auto_extent
