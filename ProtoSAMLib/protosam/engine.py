@@ -27,7 +27,7 @@ from .models.dinov2 import get_dinov2_architecture, load_dinov2
 from .models.sam import SAM_ARCHITECTURES, SAM_IMAGE_SIZE, SamRefiner, load_sam
 from .models.sam_memory import limit_global_attention_memory, use_stock_global_attention
 from .presets import Preset, get_preset
-from .prompts import ComponentPrompt, extract_prompts
+from .prompts import ComponentPrompt, add_negative_points, extract_prompts
 from .validation import as_binary_mask, as_float_slices
 from .weights import resolve_checkpoint
 
@@ -50,6 +50,10 @@ class RefinedSlice:
     # With refine(keep_prompt_masks=True): [P, S, S] bool, each prompt set's own mask (their
     # union is ``mask``: nearest resizing picks pixels, so it commutes with the union).
     prompt_masks: Optional[torch.Tensor] = None
+    # With refine(keep_probability=True): [S, S] float32, the refined mask probability: the
+    # sigmoid of SAM's upsampled mask logits at 1024 (MedSAM: its upsampled sigmoid), the
+    # maximum over the prompt sets (the union's), resized to S by nearest neighbour as the mask is.
+    probability: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -309,6 +313,8 @@ class Engine:
         embedding_for_slice: Callable[[], torch.Tensor],
         decode: Optional[Callable[[torch.Tensor, List[ComponentPrompt]], torch.Tensor]] = None,
         keep_prompt_masks: bool = False,
+        keep_probability: bool = False,
+        extra_negatives: Optional[np.ndarray] = None,
     ) -> RefinedSlice:
         """Prompts from coarse logits ``[2, S, S]`` -> SAM -> mask ``[S, S]``.
 
@@ -322,10 +328,16 @@ class Engine:
         replaces the preset's SAM decoding (it returns the ``[1024, 1024]`` bool union; used by
         the benchmark's reference flow to decode through segment-anything's ``SamPredictor``).
         ``keep_prompt_masks`` also returns each prompt set's mask (``RefinedSlice.prompt_masks``;
-        not with ``decode``).
+        not with ``decode``). ``keep_probability`` also returns the refined mask probability
+        (``RefinedSlice.probability``; exclusive structures): the prompt sets are then decoded one
+        at a time (the CPU's way, same mask bits there; batched GPU decoding may round differently).
+        ``extra_negatives``: ``[H, W]`` bool voxels of the slice that are not the structure ("other
+        segments"): negative points are added to the prompt sets (see
+        :func:`protosam.prompts.add_negative_points`); not for MedSAM (box-only).
         """
-        if keep_prompt_masks and decode is not None:
-            raise ValueError("keep_prompt_masks needs the engine's own SAM decoding, not a decode callable")
+        if (keep_prompt_masks or keep_probability) and decode is not None:
+            raise ValueError("keep_prompt_masks and keep_probability need the engine's own SAM decoding, "
+                             "not a decode callable")
         logits_1024 = F.interpolate(logits[None].float(), size=(SAM_IMAGE_SIZE, SAM_IMAGE_SIZE), mode="bilinear", align_corners=False)
         prob = F.softmax(logits_1024, dim=1)[0]
         fg_mask = prob.argmax(dim=0) == 1
@@ -340,8 +352,15 @@ class Engine:
             negative_points=self.preset.negative_points,
             max_components=self.preset.max_components,
         )
+        if extra_negatives is not None and not self.refiner.medsam and extra_negatives.any():
+            prompts = add_negative_points(prompts, extra_negatives)
         embedding = embedding_for_slice().to(self.device)
         each = None
+        if keep_probability:
+            union, scores, prob, each = self._decode_with_probability(embedding, prompts, keep_prompt_masks)
+            each = None if each is None else self.sam_mask_to_input_size(each)
+            return RefinedSlice(self.sam_mask_to_input_size(union), prompts, scores, each,
+                                self._probability_to_input_size(prob))
         if decode is not None:
             union, scores = decode(embedding, prompts).to(self.device), []
         else:
@@ -359,6 +378,55 @@ class Engine:
             if keep_prompt_masks:
                 each = self.sam_mask_to_input_size(decoded[2])
         return RefinedSlice(self.sam_mask_to_input_size(union), prompts, scores, each)
+
+    def _decode_with_probability(self, embedding: torch.Tensor, prompts: List[ComponentPrompt], keep_each: bool):
+        """Each prompt set decoded on its own, as ``SamRefiner`` decodes one set (same steps,
+        same bits), keeping the upsampled mask logits' sigmoid: ``(union [1024, 1024] bool,
+        scores, probability [1024, 1024] float32 (max over sets), each [P, 1024, 1024] or None)``."""
+        refiner, sam = self.refiner, self.refiner.sam
+        device = refiner.device
+        size = (SAM_IMAGE_SIZE, SAM_IMAGE_SIZE)
+        union = torch.zeros(size, dtype=torch.bool, device=device)
+        probability = torch.zeros(size, dtype=torch.float32, device=device)
+        each = torch.zeros((len(prompts),) + size, dtype=torch.bool, device=device) if keep_each else None
+        scores = []
+        multimask = False if refiner.medsam else self.preset.effective_multimask
+        for number, prompt in enumerate(prompts):
+            boxes = None if prompt.box is None else torch.as_tensor(prompt.box[None], dtype=torch.float, device=device)
+            points = None
+            if not refiner.medsam:
+                points = (torch.as_tensor(prompt.points[None], dtype=torch.float, device=device),
+                          torch.as_tensor(prompt.point_labels[None], dtype=torch.int, device=device))
+            sparse, _ = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
+            low_res, iou = refiner.shared_decoder.decode(embedding, sparse, multimask_output=multimask)
+            choice = int(iou[0].argmax()) if self.preset.pick_best_score else 0
+            chosen = low_res[:, choice:choice + 1]
+            if refiner.medsam:
+                prob = F.interpolate(torch.sigmoid(chosen), size=size, mode="bilinear", align_corners=False)[0, 0]
+                mask = prob > 0.5
+            else:
+                full = sam.postprocess_masks(chosen, size, size)[0, 0]
+                mask = full > sam.mask_threshold
+                prob = torch.sigmoid(full)
+            union |= mask
+            torch.maximum(probability, prob.float(), out=probability)
+            if each is not None:
+                each[number] = mask
+            scores.append(float(iou[0, choice]))
+        return union, scores, probability, each
+
+    def _probability_to_input_size(self, probability: torch.Tensor) -> torch.Tensor:
+        """``[1024, 1024]`` float probability at ``[S, S]`` by nearest neighbour (as the mask)."""
+        size = (self.input_size, self.input_size)
+        return F.interpolate(probability[None, None], size=size, mode="nearest")[0, 0]
+
+    @staticmethod
+    def probability_to_slice_size(probability: torch.Tensor, hw) -> np.ndarray:
+        """Nearest-neighbour resize of a ``[S, S]`` float probability to ``hw``; float32 numpy
+        (the same voxels :meth:`to_slice_size` picks for the mask)."""
+        if tuple(probability.shape) != tuple(hw):
+            probability = F.interpolate(probability[None, None].float(), size=tuple(hw), mode="nearest")[0, 0]
+        return probability.cpu().numpy().astype(np.float32)
 
     def sam_mask_to_input_size(self, masks: torch.Tensor) -> torch.Tensor:
         """SAM's ``[..., 1024, 1024]`` bool masks at the model input size ``[..., S, S]``. Nearest

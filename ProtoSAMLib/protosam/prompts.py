@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["ComponentPrompt", "connected_components", "extract_prompts"]
+__all__ = ["ComponentPrompt", "add_negative_points", "connected_components", "extract_prompts"]
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 NEGATIVE_RING_DILATIONS = 10
@@ -179,3 +179,56 @@ def extract_prompts(
         point_labels = np.array([1] * len(positives) + [0] * len(negatives), dtype=np.int64)
         prompts.append(ComponentPrompt(_box_xyxy(local, offset), points, point_labels, window, local, float(masses[index])))
     return prompts
+
+
+# "Other segments" (not this structure): negative points each prompt set receives at most.
+NOT_THIS_MAX_POINTS = 3
+
+
+def add_negative_points(prompts: List[ComponentPrompt], negatives: np.ndarray,
+                        max_points: int = NOT_THIS_MAX_POINTS) -> List[ComponentPrompt]:
+    """Prompt sets (SAM's 1024 frame) with negative points from voxels known not to be the
+    structure ("other segments").
+
+    ``negatives``: ``[H, W]`` bool in the slice's own frame (any size; its voxels map to SAM's
+    1024 frame as the slice is resized, pixel centres aligned). Rule: for each prompt set with a
+    box, the 8-connected components of ``negatives`` with voxel centres inside the box, largest
+    overlap first (ties: component order), at most ``max_points`` of them, each give one
+    negative point: its voxel inside the box deepest in the component (largest Euclidean
+    distance to the component's edge; ties: first in row-major order). Sets without a box, and
+    sets whose box holds no negative voxel, are unchanged.
+    """
+    negatives = np.asarray(negatives, bool)
+    if not negatives.any() or not prompts:
+        return list(prompts)
+    height, width = negatives.shape
+    labels, _ = connected_components(negatives)
+    depth = ndimage.distance_transform_edt(np.pad(negatives, 1))[1:-1, 1:-1]
+    result = []
+    for prompt in prompts:
+        if prompt.box is None:
+            result.append(prompt)
+            continue
+        # Voxel columns/rows whose centres lie inside the box: (v + 0.5) * 1024 / n - 0.5 in [lo, hi].
+        x0, y0, x1, y1 = prompt.box
+        cols = slice(max(int(np.ceil((x0 + 0.5) * width / 1024 - 0.5)), 0), min(int(np.floor((x1 + 0.5) * width / 1024 - 0.5)), width - 1) + 1)
+        rows = slice(max(int(np.ceil((y0 + 0.5) * height / 1024 - 0.5)), 0), min(int(np.floor((y1 + 0.5) * height / 1024 - 0.5)), height - 1) + 1)
+        inside = labels[rows, cols]
+        found = np.unique(inside[inside > 0])
+        if not len(found):
+            result.append(prompt)
+            continue
+        sizes = ndimage.sum_labels(np.ones_like(inside), inside, found)
+        order = sorted(range(len(found)), key=lambda i: (-sizes[i], found[i]))[:max_points]
+        points, point_labels = list(prompt.points), list(prompt.point_labels)
+        local_depth = depth[rows, cols]
+        for i in order:
+            values = np.where(inside == found[i], local_depth, -1.0)
+            r, c = np.unravel_index(int(np.argmax(values)), values.shape)
+            x = (c + cols.start + 0.5) * 1024 / width - 0.5
+            y = (r + rows.start + 0.5) * 1024 / height - 0.5
+            points.append((x, y))
+            point_labels.append(0)
+        result.append(ComponentPrompt(prompt.box, np.asarray(points, np.float64).reshape(-1, 2),
+                                      np.asarray(point_labels, np.int64), prompt.window, prompt.local_mask, prompt.mass))
+    return result

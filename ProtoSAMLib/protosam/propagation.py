@@ -34,7 +34,8 @@ from .validation import as_binary_mask, as_float_slices
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VolumeResult", "segment_volume", "largest_area_slice", "SUPPORT_MODES"]
+__all__ = ["VolumeResult", "segment_volume", "largest_area_slice", "resolve_exclusive", "with_background_examples",
+           "SUPPORT_MODES"]
 
 # How a query slice uses several support slices of one structure: "nearest" takes the
 # prototypes of the support (seed) nearest to it; "all" pools the prototypes of every support,
@@ -189,6 +190,11 @@ class _Structure:
     # When a dict (correction sessions): each processed slice's prompt sets' own masks at the
     # slice's size, as cropped masks (see crop_mask), so a click re-decodes only its set.
     prompt_masks: Optional[Dict[int, list]] = None
+    # "Other segments": [N, H, W] bool voxels that are not this structure (None: no such option).
+    negatives: Optional[np.ndarray] = None
+    # Exclusive runs: per processed slice with a mask, (rows, cols, float32 crop) of the refined
+    # mask probability over the mask's bounding box (see resolve_exclusive). None: not kept.
+    probabilities: Optional[Dict[int, tuple]] = None
 
     def nearest_prototypes(self, index: int) -> Prototypes:
         seed = min(self.prototypes_by_seed, key=lambda s: (abs(s - index), s))
@@ -262,6 +268,8 @@ def segment_volume(
     auto_extent: Optional[bool] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     cancel: Optional[threading.Event] = None,
+    exclusive: bool = False,
+    negatives: Optional[Mapping[Hashable, np.ndarray]] = None,
 ) -> VolumeResult:
     """Segment every structure of ``support_masks`` through ``query_volume``.
 
@@ -295,6 +303,15 @@ def segment_volume(
         auto_extent: stop following a structure once absent (default: the preset's choice).
         progress: called with ``(done, total)`` slices; monotonic, ends at ``total``.
         cancel: set it from another thread to stop; raises :class:`CancelledError`.
+        exclusive: give each voxel to at most one structure: the one whose refined mask
+            probability there is highest (see :func:`resolve_exclusive`; ties go to the first
+            key of ``support_masks``; painted support slices count as probability 1).
+        negatives: key -> 3-D bool volume with the query's shape (and voxel order) of voxels
+            that are *not* that structure (e.g. the other visible segments): on each slice where
+            they appear they are removed from its result, give the refiner negative points
+            (:func:`protosam.prompts.add_negative_points`; none for MedSAM) and give ALPNet
+            background prototypes (:func:`with_background_examples`). Painted support slices
+            keep what was painted.
     """
     if query_ijk_to_ras is not None:
         if axis is not None:
@@ -303,7 +320,7 @@ def segment_volume(
             engine, query_volume, support_volume, support_masks, query_ijk_to_ras=query_ijk_to_ras,
             support_ijk_to_ras=support_ijk_to_ras, plane=plane, support_slices=support_slices,
             slice_range=slice_range, support_mode=support_mode, modality=modality, auto_extent=auto_extent,
-            progress=progress, cancel=cancel)
+            progress=progress, cancel=cancel, exclusive=exclusive, negatives=negatives)
     if support_ijk_to_ras is not None:
         raise ValueError("support_ijk_to_ras needs query_ijk_to_ras as well (or neither, for arrays as stored).")
     axis = 0 if axis is None else axis
@@ -334,12 +351,22 @@ def segment_volume(
                            support_mode)
         for key, mask in masks.items()
     ]
+    for structure in structures:
+        if negatives is not None and negatives.get(structure.key) is not None:
+            structure.negatives = np.moveaxis(
+                as_binary_mask(negatives[structure.key], f"negatives of '{structure.key}'", np.moveaxis(query, 0, axis).shape),
+                axis, 0).astype(bool)
+        if exclusive:
+            structure.probabilities = {}
     _propagate(engine, query_store, structures, (first, last), use_auto_extent, progress, cancel)
 
-    results = {}
     for structure in structures:
         for index, painted in structure.copied.items():
             structure.output[index] = painted
+    if exclusive:
+        resolve_exclusive(structures)
+    results = {}
+    for structure in structures:
         results[structure.key] = np.ascontiguousarray(np.moveaxis(structure.output, 0, axis))
     seconds = time.perf_counter() - started
     logger.info("Propagated %d structure(s) over %d slices in %.1f s", len(structures), count, seconds)
@@ -370,16 +397,35 @@ def _propagate(engine: Engine, query_store: _SliceStore, structures: List[_Struc
         features = query_store.features(index, upcoming)
         found = {}
         for position, (structure, _) in enumerate(active):
-            logits = engine.coarse_logits(structure.nearest_prototypes(index), features[None])[0]
+            prototypes = structure.nearest_prototypes(index)
+            negative = None
+            if structure.negatives is not None and structure.negatives[index].any():
+                negative = structure.negatives[index]
+                prototypes = with_background_examples(engine, prototypes, features, negative)
+            logits = engine.coarse_logits(prototypes, features[None])[0]
             keep = structure.prompt_masks is not None
-            refined = engine.refine(logits, lambda: query_store.sam_embedding(index), keep_prompt_masks=keep)
+            keep_probability = structure.probabilities is not None
+            refined = engine.refine(logits, lambda: query_store.sam_embedding(index), keep_prompt_masks=keep,
+                                    keep_probability=keep_probability, extra_negatives=negative)
             mask = engine.to_slice_size(refined.mask, query_shape[1:])
+            if negative is not None:
+                mask[negative] = 0
             structure.output[index] = mask
             structure.processed.append(index)
             structure.prompts[index] = refined.prompts
             if keep:
-                structure.prompt_masks[index] = [
-                    crop_mask(engine.to_slice_size(each, query_shape[1:])) for each in refined.prompt_masks]
+                each_masks = [engine.to_slice_size(each, query_shape[1:]) for each in refined.prompt_masks]
+                if negative is not None:
+                    for each in each_masks:
+                        each[negative] = 0
+                structure.prompt_masks[index] = [crop_mask(each) for each in each_masks]
+            if keep_probability:
+                box = crop_mask(mask)
+                if box.values.size:
+                    probability = engine.probability_to_slice_size(refined.probability, query_shape[1:])
+                    structure.probabilities[index] = (box.rows, box.cols, probability[box.rows, box.cols].copy())
+                else:
+                    structure.probabilities.pop(index, None)
             found[position] = bool(mask.any())
         query_store.release(index)
         tracker.advance(len(active))
@@ -401,7 +447,8 @@ def _propagate(engine: Engine, query_store: _SliceStore, structures: List[_Struc
     tracker.finish()
 
 def _segment_oriented(engine, query_volume, support_volume, support_masks, *, query_ijk_to_ras,
-                      support_ijk_to_ras, plane, support_slices, slice_range, **options) -> VolumeResult:
+                      support_ijk_to_ras, plane, support_slices, slice_range, negatives=None,
+                      **options) -> VolumeResult:
     """``segment_volume`` with geometry: canonical order in, the caller's KJI order out."""
     query = np.asarray(query_volume)
     same_volume = support_volume is None or support_volume is query_volume
@@ -439,10 +486,22 @@ def _segment_oriented(engine, query_volume, support_volume, support_masks, *, qu
         first, last = _check_range(slice_range, query_count)
         ends = [query_orientation.canonical_slice(v, query_count) for v in (first, last)]
         canonical_range = (min(ends), max(ends))
+    canonical_negatives = None
+    if negatives is not None:
+        canonical_negatives = {}
+        for key, value in negatives.items():
+            if value is None:
+                continue
+            value = np.asarray(value)
+            if value.shape != query.shape:
+                raise InputError(f"The negatives of '{key}' have shape {value.shape} but the volume to segment has "
+                                 f"shape {query.shape}; they must match.")
+            canonical_negatives[key] = query_orientation.to_canonical(value)
     result = segment_volume(
         engine, query_orientation.to_canonical(query),
         None if same_volume else support_orientation.to_canonical(support), masks, axis=0,
-        support_slices=canonical_support_slices, slice_range=canonical_range, **options)
+        support_slices=canonical_support_slices, slice_range=canonical_range, negatives=canonical_negatives,
+        **options)
     return VolumeResult(
         masks={key: query_orientation.from_canonical(mask) for key, mask in result.masks.items()},
         support_slices={key: sorted(support_orientation.stored_slice(i, support_count) for i in indices)
@@ -496,6 +555,59 @@ def _prepare_structure(engine, key, mask, support_store, support_slices, same_vo
             copied[index] = mask[index].astype(np.uint8)
     return _Structure(key, indices, sorted(prototypes), copied, combine_supports(prototypes, support_mode),
                       np.zeros(query_shape, np.uint8), [], known_present=same_volume)
+
+
+def with_background_examples(engine: Engine, prototypes: Prototypes, features: torch.Tensor,
+                             negative: np.ndarray) -> Prototypes:
+    """``prototypes`` with more background rows: the background prototypes ALPNet pools from
+    this slice's own features ``[C, g, g]`` under ``negative`` (``[H, W]`` bool, "not the
+    structure"), so those voxels score as background here. Unchanged when the negative voxels
+    fill the whole slice (nothing left to be foreground) or none survive the grid."""
+    try:
+        extra = engine.prototypes_from_features(features, ~negative)
+    except InputError:
+        return prototypes
+    background = torch.cat([prototypes.background, extra.background.to(prototypes.background.device)])
+    return Prototypes(background, prototypes.foreground, prototypes.foreground_is_local)
+
+
+def resolve_exclusive(structures: Sequence["_Structure"]) -> None:
+    """Exclusive structures: each voxel kept by at most one structure, in place of ``output``.
+
+    Where several structures' masks overlap, the voxel goes to the one whose refined mask
+    probability there is highest (the sigmoid of SAM's upsampled logits, kept in
+    ``probabilities`` by the run); a painted (copied) slice counts as probability 1 on its
+    painted voxels; ties go to the structure listed first. Only slices where masks overlap are
+    looked at; the kept probabilities are dropped afterwards.
+    """
+    if len(structures) < 2:
+        return
+    count = structures[0].output.shape[0]
+    for index in range(count):
+        holders = [s for s in structures if s.output[index].any()]
+        if len(holders) < 2:
+            continue
+        stack = np.stack([s.output[index] > 0 for s in holders])
+        overlap = stack.sum(axis=0) > 1
+        if not overlap.any():
+            continue
+        scores = np.full(stack.shape, -1.0, np.float32)
+        for number, structure in enumerate(holders):
+            if index in structure.copied:
+                scores[number][stack[number]] = 1.0
+                continue
+            kept = (structure.probabilities or {}).get(index)
+            if kept is None:
+                scores[number][stack[number]] = 0.5  # no probability kept: as sure as the threshold
+                continue
+            rows, cols, values = kept
+            scores[number][rows, cols] = values
+            scores[number][~stack[number]] = -1.0
+        winner = np.argmax(scores, axis=0)  # the first holder on ties
+        for number, structure in enumerate(holders):
+            structure.output[index][overlap & (winner != number)] = 0
+    for structure in structures:
+        structure.probabilities = None
 
 
 def combine_supports(prototypes_by_seed: Dict[int, Prototypes], support_mode: str) -> Dict[int, Prototypes]:

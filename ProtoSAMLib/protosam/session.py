@@ -24,6 +24,25 @@ Rules:
 - MedSAM takes boxes only: clicks are refused with :class:`~protosam.errors.InputError`
   (turning a point into a small box asks MedSAM for a tiny object round the point, not for
   "this belongs to the structure"); painting a slice (:meth:`Session.add_support`) works.
+- Gestures (:meth:`Session.box`, :meth:`Session.scribble`, :meth:`Session.lasso`) change one
+  slice, which becomes fixed (a support at the next update, like a painted slice):
+  a *box* ``(x0, y0, x1, y1)`` (inclusive voxels) replaces all of the slice's prompt sets by
+  one set with that box; the slice's clicks inside it join it, those outside are dropped, and
+  earlier scribbles and lassos of the slice are dropped too (the box starts the slice anew).
+  A *lasso* (closed polygon, voxel vertices) adds (positive) or removes (negative) the
+  enclosed voxels (pixel centres inside the polygon, and the voxels its outline crosses),
+  with no decoding. A *scribble* (open polyline) says "these voxels are / are not the
+  structure": the voxels it covers are set to 1 (positive) or 0 (negative), only those (not
+  the whole connected part of the mask it crosses: a leak joined to the structure would take
+  the structure with it), and up to ``SCRIBBLE_MAX_POINTS`` points sampled along it (one per
+  ``SCRIBBLE_POINT_SPACING`` voxels of length, at the middles of equal arc-length pieces) join
+  the slice's prompt sets as clicks of its sign, so the refiner re-decodes round them.
+  Lasso and scribble voxels stay forced through the slice's later clicks (they are applied,
+  in order, after every re-decoding). MedSAM refuses scribbles as it refuses clicks; boxes
+  and lassos work with every refiner.
+- Undo (:meth:`Session.undo`, alias :meth:`Session.undo_click`) takes back the slice's last
+  correction (one click, or one box, scribble or lasso) and gives the slice back exactly as it
+  was before it; :meth:`Session.clear_clicks` gives it back as it was before its first one.
 """
 from __future__ import annotations
 
@@ -63,11 +82,30 @@ def session_cache_bytes(feature_channels: int, grid: int, sam_channels: int = 25
     return slices * 4 * (feature_channels * grid * grid + sam_channels * 64 * 64)
 
 
+# A scribble gives the refiner one point per this many voxels of its length, at most this many.
+SCRIBBLE_POINT_SPACING = 16.0
+SCRIBBLE_MAX_POINTS = 4
+
+
 @dataclass
 class _Click:
     x: float
     y: float
     positive: bool
+    # A point sampled along a scribble (not listed by Session.clicks).
+    scribbled: bool = False
+
+
+@dataclass
+class _Gesture:
+    """A slice as it was before a box, scribble or lasso: undoing the gesture restores it."""
+
+    kind: str
+    mask: np.ndarray
+    fixed: Optional[np.ndarray]
+    clicks: Optional[List[_Click]]
+    before_clicks: Optional["_BeforeClicks"]
+    edits: Optional[list]
 
 
 @dataclass
@@ -81,10 +119,18 @@ class _StructureState:
     clicks: Dict[int, List[_Click]] = field(default_factory=dict)
     # Each clicked slice as it was before its first click; restored when its clicks are cleared.
     before_clicks: Dict[int, "_BeforeClicks"] = field(default_factory=dict)
+    # Per slice, its corrections in order: "click" (one point of Session.correct) or a _Gesture.
+    history: Dict[int, list] = field(default_factory=dict)
+    # Per slice, (mask, fixed mask or None) before its first correction (clear_clicks restores it).
+    origin: Dict[int, Tuple[np.ndarray, Optional[np.ndarray]]] = field(default_factory=dict)
+    # Per slice, voxels forced by scribbles and lassos, in order: (positive, CroppedMask).
+    edits: Dict[int, list] = field(default_factory=dict)
     prompts: Dict[int, list] = field(default_factory=dict)  # propagated prompt sets per slice
     # Each propagated prompt set's own mask (CroppedMask at the slice's size), per slice.
     prompt_masks: Dict[int, list] = field(default_factory=dict)
     output: Optional[np.ndarray] = None  # [N, H, W] uint8
+    # "Other segments": [N, H, W] bool voxels that are not this structure (see set_negatives).
+    negatives: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -211,12 +257,14 @@ class Session:
         support_slices: Optional[Mapping[Hashable, Sequence[int]]] = None,
         progress: Optional[Callable[[int, int], None]] = None,
         cancel: Optional[threading.Event] = None,
+        negatives: Optional[Mapping[Hashable, np.ndarray]] = None,
     ) -> Dict[Hashable, np.ndarray]:
         """First propagation of each structure, as ``segment_volume`` does it (same results).
 
         ``support_masks``: key -> 3-D mask on ``support_volume`` (None: this volume, the painted
         slices then become fixed slices) in the caller's order; ``support_slices``: key ->
-        support slice indices (default: each structure's largest slice).
+        support slice indices (default: each structure's largest slice); ``negatives``: key ->
+        3-D voxels that are not that structure (see :meth:`set_negatives`).
         Returns key -> uint8 mask volume in the caller's order.
         """
         with self._lock:
@@ -246,6 +294,8 @@ class Session:
                     state.fixed = {i: mask[i].astype(np.uint8) for i in indices}
                 else:
                     state = _StructureState(key, (external_volume, mask, indices))
+                if negatives is not None and negatives.get(key) is not None:
+                    state.negatives = self._as_negatives(key, negatives[key])
                 self.structures[key] = state
             self._run(list(support_masks), progress, cancel)
             return {key: self.mask(key) for key in support_masks}
@@ -292,6 +342,22 @@ class Session:
                 raise InputError(
                     f"Support slice {index} of '{structure}' is outside the support volume or empty there.")
         return support, mask, indices
+
+    def set_negatives(self, structure: Hashable, negatives) -> None:
+        """Voxels that are *not* ``structure`` ("other segments as not this"): a 3-D bool volume
+        in the caller's order (e.g. the union of the other visible segments), or None to drop
+        the option. From the next :meth:`update` (or :meth:`start`) on, on every propagated
+        slice where they appear they are removed from the structure's mask, give the refiner
+        negative points (:func:`protosam.prompts.add_negative_points`, not for MedSAM) and give
+        ALPNet background prototypes from that slice
+        (:func:`protosam.propagation.with_background_examples`). Fixed slices keep their masks."""
+        with self._lock:
+            state = self._state(structure)
+            state.negatives = None if negatives is None else self._as_negatives(structure, negatives)
+
+    def _as_negatives(self, structure: Hashable, negatives) -> Optional[np.ndarray]:
+        mask = np.moveaxis(as_binary_mask(negatives, f"negatives of '{structure}'", self.caller_shape), self.axis, 0)
+        return mask.astype(bool) if mask.any() else None
 
     def has_sam_embedding(self, index: int) -> bool:
         """Whether slice ``index``'s SAM image embedding is at hand, so a click there needs no
@@ -346,6 +412,7 @@ class Session:
                 key, support_indices + sorted(state.fixed), sorted(prototypes), copied,
                 combine_supports(prototypes, self.support_mode), np.zeros(self.volume.shape, np.uint8), [],
                 known_present=any(p.any() for p in state.fixed.values()), prompt_masks={},
+                negatives=state.negatives,
             )
             prepared.append(structure)
         auto_extent = self.engine.preset.auto_extent if self.auto_extent is None else self.auto_extent
@@ -361,14 +428,14 @@ class Session:
     # ------------------------------------------------------------------ corrections
     def add_support(self, structure: Hashable, index: int, mask) -> np.ndarray:
         """A painted slice ``index`` (``[H, W]``, non-zero = structure) becomes fixed and, at the
-        next update, a support. Its clicks are dropped (the painting replaces them)."""
+        next update, a support. Its clicks, gestures and their undo history are dropped (the
+        painting replaces them)."""
         with self._lock:
             state = self._state(structure)
             index = self._check_slice(index)
             painted = as_binary_mask(mask, "painted slice", self.volume.shape[1:]).astype(np.uint8)
             state.fixed[index] = painted
-            state.clicks.pop(index, None)
-            state.before_clicks.pop(index, None)
+            self._forget_corrections(state, index)
             state.output[index] = painted
             return painted.copy()
 
@@ -377,11 +444,7 @@ class Session:
         ``labels`` ``[P]`` 1 = positive, 0 = negative. SAM re-decodes the slice from its cached
         embedding (encoded now if it is not cached). Only this slice changes until
         :meth:`update`. Returns the slice's new uint8 mask ``[H, W]``."""
-        if self.engine.refiner.medsam:
-            raise InputError(
-                "MedSAM takes boxes only, so clicks cannot correct its masks: paint the slice instead "
-                "(a painted slice becomes a support), or choose a SAM model for click corrections."
-            )
+        self._refuse_points("clicks")
         points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
         labels = np.asarray(labels).reshape(-1)
         if len(points) != len(labels) or not len(points):
@@ -395,42 +458,156 @@ class Session:
                     raise InputError(f"Click ({x:g}, {y:g}) is outside slice {index} ({width} x {height} voxels).")
                 if int(label) not in (0, 1):
                     raise InputError(f"Click label {label!r} must be 1 (positive) or 0 (negative).")
-            if index not in state.clicks:
-                state.before_clicks[index] = self._before_clicks(state, index)
-                state.clicks[index] = []
+            self._begin_correction(state, index)
+            self._open_clicks(state, index)
             state.clicks[index].extend(_Click(float(x), float(y), bool(label)) for (x, y), label in zip(points, labels))
+            state.history[index].extend(["click"] * len(points))
             return self._redecode(state, index)
+
+    # ------------------------------------------------------------------ gestures
+    def box(self, structure: Hashable, index: int, box_xyxy) -> np.ndarray:
+        """A box dragged on slice ``index``: ``box_xyxy`` ``(x0, y0, x1, y1)`` voxels of the
+        slice (column, row; inclusive, any corner order). It replaces all of the slice's prompt
+        sets by one set with this box (edges at the outer edges of those voxels, in SAM's frame);
+        the slice's clicks inside it join it, the others are dropped, and so are the slice's
+        scribbles and lassos. The refiner decodes it (any refiner, MedSAM too); the slice becomes
+        fixed. Returns its new uint8 mask ``[H, W]``."""
+        values = np.asarray(box_xyxy, dtype=np.float64).reshape(-1)
+        if values.shape != (4,) or not np.isfinite(values).all():
+            raise InputError("A box is four numbers (x0, y0, x1, y1) in voxels of the slice.")
+        x0, x1 = sorted(values[[0, 2]])
+        y0, y1 = sorted(values[[1, 3]])
+        height, width = self.volume.shape[1:]
+        if x1 < 0 or y1 < 0 or x0 > width - 1 or y0 > height - 1:
+            raise InputError(f"Box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is outside the slice ({width} x {height} voxels).")
+        x0, x1 = max(x0, 0.0), min(x1, width - 1.0)
+        y0, y1 = max(y0, 0.0), min(y1, height - 1.0)
+        with self._lock:
+            state = self._state(structure)
+            index = self._check_slice(index)
+            hw = self.volume.shape[1:]
+            prompt = ComponentPrompt(_voxel_box_to_sam(x0, y0, x1, y1, hw), np.zeros((0, 2)), np.zeros(0, np.int64),
+                                     None, None, 0.0)
+            only_box = self._decode_set(index, prompt)
+            self._begin_correction(state, index)
+            self._push_gesture(state, index, "box")
+            kept = [c for c in state.clicks.get(index, []) if x0 <= c.x <= x1 and y0 <= c.y <= y1]
+            mask = np.zeros(hw, np.uint8)
+            only_box.paint(mask)
+            before = _BeforeClicks(mask, mask, [prompt], [only_box])
+            state.before_clicks[index] = before
+            state.clicks[index] = kept
+            state.edits.pop(index, None)
+            if kept:
+                return self._redecode(state, index)
+            state.output[index] = mask
+            state.fixed[index] = mask.copy()
+            return mask.copy()
+
+    def scribble(self, structure: Hashable, index: int, points_xy, positive: bool, *, radius: float = 0.0) -> np.ndarray:
+        """A scribble (open polyline) on slice ``index``: ``points_xy`` ``[P, 2]`` ``(x, y)``
+        voxels of the slice, in drawing order (one point: a dot). The voxels it covers (its
+        segments rasterised one voxel wide, widened by ``radius`` voxels) become structure
+        (``positive``) or not, and points sampled along it join the slice's prompt sets as
+        clicks of its sign (rule in the module docstring), so the refiner re-decodes the sets
+        they join. Refused for box-only refiners (MedSAM). The slice becomes fixed; at the next
+        update its mask (with the scribbled voxels in or out) is a support. Returns the new uint8
+        mask ``[H, W]``."""
+        self._refuse_points("scribbles")
+        points = self._gesture_points(points_xy, "scribble", 1)
+        covered = _rasterise_polyline(points, self.volume.shape[1:], radius)
+        sampled = _sample_along(points)
+        with self._lock:
+            state = self._state(structure)
+            index = self._check_slice(index)
+            self._begin_correction(state, index)
+            self._push_gesture(state, index, "scribble")
+            self._open_clicks(state, index)
+            state.clicks[index].extend(_Click(float(x), float(y), bool(positive), True) for x, y in sampled)
+            state.edits.setdefault(index, []).append((bool(positive), crop_mask(covered)))
+            return self._redecode(state, index)
+
+    def lasso(self, structure: Hashable, index: int, polygon_xy, positive: bool) -> np.ndarray:
+        """A lasso (closed polygon) on slice ``index``: ``polygon_xy`` ``[P, 2]`` ``(x, y)``
+        voxel vertices (P >= 3; the last joins the first). The voxels it encloses (centres
+        inside, even-odd rule, plus the voxels its outline crosses) are added to
+        (``positive``) or removed from the slice's mask directly, with no decoding, for every
+        refiner. The slice becomes fixed. Returns the new uint8 mask ``[H, W]``."""
+        points = self._gesture_points(polygon_xy, "lasso", 3)
+        enclosed = _rasterise_polygon(points, self.volume.shape[1:])
+        with self._lock:
+            state = self._state(structure)
+            index = self._check_slice(index)
+            self._begin_correction(state, index)
+            self._push_gesture(state, index, "lasso")
+            edit = (bool(positive), crop_mask(enclosed))
+            state.edits.setdefault(index, []).append(edit)
+            mask = state.output[index].copy()
+            _apply_edits(mask, [edit])
+            state.output[index] = mask
+            state.fixed[index] = mask.copy()
+            return mask.copy()
+
+    # ------------------------------------------------------------------ undo
+    def undo(self, structure: Hashable, index: int) -> np.ndarray:
+        """Take back the last correction of slice ``index`` (one click, or one box, scribble or
+        lasso): the slice is exactly as it was before it (mask, fixed or not, clicks). Returns
+        the slice's uint8 mask ``[H, W]``."""
+        with self._lock:
+            state = self._state(structure)
+            index = self._check_slice(index)
+            history = state.history.get(index)
+            if not history:
+                raise InputError(f"Slice {index} has no click to undo, nor a box, scribble or lasso.")
+            last = history.pop()
+            if isinstance(last, _Gesture):
+                state.output[index] = last.mask.copy()
+                _restore(state.fixed, index, last.fixed)
+                _restore(state.clicks, index, last.clicks)
+                _restore(state.before_clicks, index, last.before_clicks)
+                _restore(state.edits, index, last.edits)
+            else:
+                state.clicks[index].pop()
+                if state.clicks[index]:
+                    self._redecode(state, index)
+                else:
+                    # As before the slice's first click (or before its clicks since its box).
+                    before = state.before_clicks[index]
+                    mask = before.mask.copy()
+                    _apply_edits(mask, state.edits.get(index, []))
+                    state.output[index] = mask
+                    _restore(state.fixed, index, before.fixed)
+            if not history:
+                self._forget_corrections(state, index)
+            return state.output[index].copy()
 
     def undo_click(self, structure: Hashable, index: int) -> np.ndarray:
-        """Remove the last click of slice ``index``; without clicks left the slice is as before them."""
-        with self._lock:
-            state = self._state(structure)
-            index = self._check_slice(index)
-            if not state.clicks.get(index):
-                raise InputError(f"Slice {index} has no click to undo.")
-            state.clicks[index].pop()
-            if not state.clicks[index]:
-                return self.clear_clicks(structure, index)
-            return self._redecode(state, index)
+        """Alias of :meth:`undo` (the slice's last correction, a click or a gesture); without
+        corrections left the slice is as before them."""
+        return self.undo(structure, index)
 
     def clear_clicks(self, structure: Hashable, index: int) -> np.ndarray:
-        """Drop every click of slice ``index`` and give it back the mask it had before them."""
+        """Drop every correction of slice ``index`` (clicks, boxes, scribbles, lassos) and give
+        it back the mask it had before them."""
         with self._lock:
             state = self._state(structure)
             index = self._check_slice(index)
-            state.clicks.pop(index, None)
-            before = state.before_clicks.pop(index, None)
-            if before is not None:
-                state.output[index] = before.mask
-                if before.fixed is None:
-                    state.fixed.pop(index, None)
-                else:
-                    state.fixed[index] = before.fixed
+            origin = state.origin.get(index)
+            if origin is not None:
+                state.output[index] = origin[0].copy()
+                _restore(state.fixed, index, origin[1])
+            self._forget_corrections(state, index)
             return state.output[index].copy()
 
     def clicks(self, structure: Hashable, index: int) -> List[Tuple[float, float, int]]:
-        """The clicks of slice ``index`` as ``(x, y, label)``, in the order given."""
-        return [(c.x, c.y, int(c.positive)) for c in self._state(structure).clicks.get(index, [])]
+        """The clicks of slice ``index`` as ``(x, y, label)``, in the order given (not the points
+        sampled along scribbles)."""
+        return [(c.x, c.y, int(c.positive)) for c in self._state(structure).clicks.get(index, []) if not c.scribbled]
+
+    def corrections(self, structure: Hashable, index: int) -> List[str]:
+        """The kinds of slice ``index``'s corrections that :meth:`undo` can take back, oldest
+        first: "click", "box", "scribble", "lasso"."""
+        return [e if isinstance(e, str) else e.kind for e in self._state(structure).history.get(index, [])]
 
     def fixed_slices(self, structure: Hashable) -> List[int]:
         return sorted(self._state(structure).fixed)
@@ -438,6 +615,61 @@ class Session:
     def mask(self, structure: Hashable) -> np.ndarray:
         """uint8 mask volume of ``structure`` in the caller's order."""
         return np.ascontiguousarray(np.moveaxis(self._state(structure).output, 0, self.axis))
+
+    # ------------------------------------------------------------------ correction helpers
+    def _refuse_points(self, what: str) -> None:
+        if self.engine.refiner.medsam:
+            raise InputError(
+                f"MedSAM takes boxes only, so {what} cannot correct its masks: draw a box or a lasso, or paint the "
+                "slice instead (a painted slice becomes a support), or choose a SAM model for click and scribble "
+                "corrections."
+            )
+
+    def _gesture_points(self, points_xy, what: str, at_least: int) -> np.ndarray:
+        points = np.asarray(points_xy, dtype=np.float64)
+        if points.ndim != 2 or points.shape[1] != 2 or len(points) < at_least or not np.isfinite(points).all():
+            raise InputError(f"A {what} is a list of at least {at_least} (x, y) points in voxels of the slice.")
+        height, width = self.volume.shape[1:]
+        outside = (points[:, 0] < 0) | (points[:, 0] > width - 1) | (points[:, 1] < 0) | (points[:, 1] > height - 1)
+        if outside.any():
+            x, y = points[np.argmax(outside)]
+            raise InputError(f"The {what}'s point ({x:g}, {y:g}) is outside the slice ({width} x {height} voxels).")
+        return points
+
+    def _begin_correction(self, state: _StructureState, index: int) -> None:
+        if index not in state.origin:
+            fixed = state.fixed.get(index)
+            state.origin[index] = (state.output[index].copy(), None if fixed is None else fixed.copy())
+        state.history.setdefault(index, [])
+
+    def _push_gesture(self, state: _StructureState, index: int, kind: str) -> None:
+        fixed = state.fixed.get(index)
+        clicks = state.clicks.get(index)
+        edits = state.edits.get(index)
+        state.history[index].append(_Gesture(
+            kind, state.output[index].copy(), None if fixed is None else fixed.copy(),
+            None if clicks is None else list(clicks), state.before_clicks.get(index),
+            None if edits is None else list(edits)))
+
+    def _open_clicks(self, state: _StructureState, index: int) -> None:
+        if index not in state.clicks:
+            state.before_clicks[index] = self._before_clicks(state, index)
+            state.clicks[index] = []
+
+    def _forget_corrections(self, state: _StructureState, index: int) -> None:
+        for record in (state.clicks, state.before_clicks, state.history, state.origin, state.edits):
+            record.pop(index, None)
+
+    def _decode_set(self, index: int, prompt: ComponentPrompt) -> CroppedMask:
+        """One prompt set decoded on slice ``index``, at the slice's size."""
+        embedding = self.store.sam_embedding(index).to(self.engine.device)
+        with torch.inference_mode():
+            union, _ = self.engine.refiner.decode(
+                embedding, [prompt], multimask_output=self.engine.preset.effective_multimask,
+                pick_best_score=self.engine.preset.pick_best_score, batch_prompts=False,
+            )
+        self.store.release(index)
+        return crop_mask(self.engine.to_slice_size(self.engine.sam_mask_to_input_size(union), self.volume.shape[1:]))
 
     def _before_clicks(self, state: _StructureState, index: int) -> _BeforeClicks:
         """The slice's state before its first click, with the prompt sets its clicks join: the
@@ -486,8 +718,10 @@ class Session:
                     decoded.paint(mask)
             # The embedding stays in the session's cache (within its budget), not in the store.
             self.store.release(index)
+        # Scribbled and lassoed voxels stay as the user drew them, in the order drawn.
+        _apply_edits(mask, state.edits.get(index, []))
         state.output[index] = mask
-        state.fixed[index] = mask
+        state.fixed[index] = mask.copy()
         return mask.copy()
 
     def _state(self, structure: Hashable) -> _StructureState:
@@ -559,3 +793,82 @@ def _box_distance(box, x: float, y: float) -> float:
     dx = max(box[0] - x, 0.0, x - box[2])
     dy = max(box[1] - y, 0.0, y - box[3])
     return float(np.hypot(dx, dy))
+
+
+def _restore(record: dict, index: int, value) -> None:
+    """``record[index] = value``, or no entry when ``value`` is None (copies arrays and lists)."""
+    if value is None:
+        record.pop(index, None)
+    else:
+        record[index] = value.copy() if isinstance(value, (np.ndarray, list)) else value
+
+
+def _apply_edits(mask: np.ndarray, edits) -> None:
+    """Force the voxels of each ``(positive, CroppedMask)`` edit to 1 or 0, in order, in place."""
+    for positive, pixels in edits:
+        if positive:
+            pixels.paint(mask)
+        else:
+            mask[pixels.rows, pixels.cols] &= (~pixels.values).astype(mask.dtype)
+
+
+def _voxel_box_to_sam(x0: float, y0: float, x1: float, y1: float, hw) -> np.ndarray:
+    """XYXY box in SAM's 1024 frame spanning voxels ``x0..x1``, ``y0..y1`` (inclusive, edges
+    included), as :func:`_mask_prompts` makes a component's box."""
+    height, width = hw
+    a, b = _to_sam_frame(x0, y0, hw)
+    c, d = _to_sam_frame(x1, y1, hw)
+    half_x, half_y = 0.5 * SAM_IMAGE_SIZE / width, 0.5 * SAM_IMAGE_SIZE / height
+    return np.array([a - half_x + 0.5, b - half_y + 0.5, c + half_x - 0.5, d + half_y - 0.5])
+
+
+def _rasterise_polyline(points: np.ndarray, hw, radius: float = 0.0) -> np.ndarray:
+    """bool ``[H, W]``: the voxels an ``(x, y)`` polyline passes through (its segments sampled
+    every quarter voxel, each sample's nearest voxel), widened to a disc of ``radius`` voxels."""
+    height, width = hw
+    mask = np.zeros(hw, bool)
+    samples = [points[:1]]
+    for start, stop in zip(points[:-1], points[1:]):
+        steps = max(int(np.ceil(np.abs(stop - start).max() * 4)), 1)
+        t = np.linspace(0.0, 1.0, steps + 1)[1:, None]
+        samples.append(start + t * (stop - start))
+    xy = np.rint(np.concatenate(samples)).astype(np.int64)
+    mask[np.clip(xy[:, 1], 0, height - 1), np.clip(xy[:, 0], 0, width - 1)] = True
+    if radius > 0:
+        r = int(np.floor(radius))
+        yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+        mask = ndimage.binary_dilation(mask, structure=(xx**2 + yy**2) <= radius**2)
+    return mask
+
+
+def _rasterise_polygon(points: np.ndarray, hw) -> np.ndarray:
+    """bool ``[H, W]``: voxels whose centres lie inside the closed ``(x, y)`` polygon (even-odd
+    rule), plus the voxels its outline passes through."""
+    closed = np.concatenate([points, points[:1]])
+    mask = _rasterise_polyline(closed, hw)
+    height, width = hw
+    x_lo, x_hi = max(int(np.floor(points[:, 0].min())), 0), min(int(np.ceil(points[:, 0].max())), width - 1)
+    y_lo, y_hi = max(int(np.floor(points[:, 1].min())), 0), min(int(np.ceil(points[:, 1].max())), height - 1)
+    yy, xx = np.mgrid[y_lo:y_hi + 1, x_lo:x_hi + 1].astype(np.float64)
+    inside = np.zeros(xx.shape, bool)
+    for (xa, ya), (xb, yb) in zip(closed[:-1], closed[1:]):
+        crosses = (ya > yy) != (yb > yy)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x_cross = xa + (yy - ya) * (xb - xa) / (yb - ya)
+        inside ^= crosses & (xx < x_cross)
+    mask[y_lo:y_hi + 1, x_lo:x_hi + 1] |= inside
+    return mask
+
+
+def _sample_along(points: np.ndarray) -> np.ndarray:
+    """``[K, 2]`` points along an ``(x, y)`` polyline: K = its length / SCRIBBLE_POINT_SPACING
+    rounded up, between 1 and SCRIBBLE_MAX_POINTS, at the middles of K equal arc-length pieces
+    (a single point or a zero-length scribble: that point)."""
+    lengths = np.hypot(*np.diff(points, axis=0).T) if len(points) > 1 else np.zeros(0)
+    total = float(lengths.sum())
+    if total == 0:
+        return points[:1].copy()
+    count = int(min(max(np.ceil(total / SCRIBBLE_POINT_SPACING), 1), SCRIBBLE_MAX_POINTS))
+    cumulative = np.concatenate([[0.0], np.cumsum(lengths)])
+    wanted = (np.arange(count) + 0.5) * total / count
+    return np.stack([np.interp(wanted, cumulative, points[:, 0]), np.interp(wanted, cumulative, points[:, 1])], axis=1)

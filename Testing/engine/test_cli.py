@@ -480,3 +480,28 @@ def test_support_slice_values_are_checked(value, capsys):
         main(["segment", "--image", "a.nii", "--support-mask", "b.nii", "--output", "c.nii", "--support-slice", value])
     assert exit_info.value.code == 2
     assert "'painted' or slice indices like 12,30,41" in capsys.readouterr().err
+
+
+def test_segment_exclusive_reaches_segment_volume(monkeypatch):
+    """``--exclusive`` is parsed and propagate_labels hands it to segment_volume (the rule
+    itself is tested on segment_volume in test_exclusive_negatives.py)."""
+    from protosam import propagation
+    from protosam.cli import build_parser, common
+
+    assert build_parser().parse_args(["segment", "--image", "a", "--support-mask", "b", "--output", "c",
+                                      "--exclusive"]).exclusive is True
+    assert build_parser().parse_args(["segment", "--image", "a", "--support-mask", "b", "--output", "c"]).exclusive is False
+    seen = {}
+
+    def fake_segment_volume(engine, query, support, masks, **options):
+        seen.update(options)
+        return propagation.VolumeResult({k: np.asarray(m, np.uint8) for k, m in masks.items()},
+                                        {k: [0] for k in masks}, {k: [0] for k in masks}, 0.0)
+
+    monkeypatch.setattr(propagation, "segment_volume", fake_segment_volume)
+    labelmap = np.zeros((2, 3, 3), np.uint8)
+    labelmap[0, 1, 1] = 1
+    inputs = common.SegmentInputs(query=np.zeros((2, 3, 3), np.float32), support=None, labelmap=labelmap, labels=[1],
+                                  geometry={"query_ijk_to_ras": np.eye(4), "support_ijk_to_ras": None, "plane": "axial"})
+    common.propagate_labels(None, inputs, exclusive=True)
+    assert seen["exclusive"] is True

@@ -96,7 +96,7 @@ def cmd_segment(args) -> int:
     cancel = threading.Event()
     output, result = propagate_labels(
         engine, inputs, support_slice=args.support_slice, support_mode=args.support_mode, modality=args.modality,
-        progress=ProgressBar("segment"), cancel=cancel,
+        progress=ProgressBar("segment"), cancel=cancel, exclusive=args.exclusive,
     )
     write_labelmap(output, query_image, args.output)
     try:
@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument(
         "--support-mode", default="nearest", choices=["nearest", "all"],
         help="with several support slices: each slice uses the nearest one's prototypes (default), or all pooled",
+    )
+    segment.add_argument(
+        "--exclusive", action="store_true",
+        help="give each voxel to at most one label: the one whose refined mask probability is highest there "
+             "(ties: the label listed first); without it the label listed first keeps every overlap",
     )
     segment.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"],
                          help="slicing plane (auto: the coarsest-spacing axis, axial when isotropic)")

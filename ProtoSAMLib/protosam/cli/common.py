@@ -238,15 +238,18 @@ def parse_support_slices(text: str):
 
 
 def propagate_labels(engine, inputs: SegmentInputs, *, support_slice=None, support_mode: str = "nearest",
-                     modality: str = "auto", progress=None, cancel: Optional[threading.Event] = None):
+                     modality: str = "auto", progress=None, cancel: Optional[threading.Event] = None,
+                     exclusive: bool = False):
     """Propagate every label of ``inputs`` -> (``[k, j, i]`` uint8/uint16 label map, :class:`VolumeResult`).
 
     ``support_slice``: None (each label's largest slice), a slice index or indices along the
     slicing axis (the same for every label), or ``"painted"`` (every slice each label is
     painted on); ``support_mode``: "nearest" or "all" (see ``segment_volume``).
 
-    Where labels overlap the one listed first keeps the voxel; within one volume the painted
-    support slices are kept exactly as painted.
+    Where labels overlap the one listed first keeps the voxel; with ``exclusive`` the overlap
+    is settled before that, voxel by voxel, by the highest refined mask probability (ties: the
+    label listed first; see ``segment_volume``). Within one volume the painted support slices
+    are kept exactly as painted.
     """
     from ..propagation import segment_volume
 
@@ -265,7 +268,7 @@ def propagate_labels(engine, inputs: SegmentInputs, *, support_slice=None, suppo
     result = segment_volume(
         engine, inputs.query, inputs.support, {label: labelmap == label for label in labels},
         support_slices=support_slices, support_mode=support_mode, modality=modality, progress=progress,
-        cancel=cancel, **inputs.geometry,
+        cancel=cancel, exclusive=exclusive, **inputs.geometry,
     )
     axis = result.axis  # the files' array axis of the plane
     output = np.zeros(inputs.query.shape, np.uint16 if max(labels) > 255 else np.uint8)
