@@ -9,7 +9,7 @@ import torch
 
 from protosam import PRESETS, Engine, segment_volume
 from protosam.prompts import ComponentPrompt, add_negative_points
-from protosam.propagation import CroppedMask, _Structure, resolve_exclusive
+from protosam.propagation import _Structure, resolve_exclusive
 from protosam.session import Session
 
 SLICES, SIZE = 6, 40
