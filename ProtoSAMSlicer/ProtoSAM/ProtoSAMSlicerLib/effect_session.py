@@ -311,16 +311,20 @@ class EffectSession:
                      for axis, flip in zip(orientation.permutation, orientation.flips))
 
     def _showSlice(self, canonicalSlice: int, mask) -> None:
-        """Put a canonical slice's mask ``[rows, columns]`` into the preview."""
-        current = self._orientation.to_canonical(
-            mrml_io.segmentToArray(self.result.previewSegmentationNode, self.segmentId, self.sourceVolumeNode))
-        current[canonicalSlice] = mask
-        self._writePreview(self._orientation.from_canonical(current))
+        """Put a canonical slice's mask ``[rows, columns]`` into the preview: that slice alone is
+        read and written (mrml_io's box write keeps the segment's voxels outside it)."""
+        kjiAxis = self.result.sliceAxis.kjiAxis
+        shape = mrml_io.volumeShapeKji(self.sourceVolumeNode)
+        storedSlice = self._orientation.stored_slice(canonicalSlice, shape[kjiAxis])
+        box = tuple((storedSlice, storedSlice + 1) if axis == kjiAxis else (0, n) for axis, n in enumerate(shape))
+        # A one-slice canonical array back to KJI: its slice axis has length 1, so the flip of
+        # that axis is a no-op and the row/column transposes and flips are the volume's.
+        slice_Kji = self._orientation.from_canonical(np.asarray(mask, dtype=np.uint8)[np.newaxis])
+        mrml_io.writeSegmentFromArray(slice_Kji, self.result.previewSegmentationNode, self.segmentId,
+                                      self.sourceVolumeNode, box=box)
 
     def _writePreview(self, mask_Kji) -> None:
-        # The whole extent is written: a write limited to the changed box (the default of
-        # writeSegmentFromArray) was seen to clear voxels of other slices of the preview segment
-        # (flipped anisotropic volume, box = one slice); see the corrections report.
+        """Replace the whole preview segment (after an update)."""
         mask_Kji = np.asarray(mask_Kji)
         mrml_io.writeSegmentFromArray(mask_Kji, self.result.previewSegmentationNode, self.segmentId,
                                       self.sourceVolumeNode, previous_Kji=(mask_Kji == 0))
