@@ -201,3 +201,28 @@ def test_cancel_after_corrections_leaves_the_segmentation_as_it_was(scene, tinyO
         np.testing.assert_array_equal(read(e, name), e["arrays"][name])
     with pytest.raises(InputError, match="propagate first"):
         session.addClick(world(e["ijkToWorld"], (14, 3, 4)), normal)
+
+
+@pytest.mark.parametrize("userList", [True, False], ids=["user_point_list", "no_active_list"])
+def test_the_clicks_markup_does_not_take_over_point_placement(scene, tinyOptions, markupsLogic, userList):
+    """#21 item 7: adding the "ProtoSAM clicks" markups node made it Slicer's active place list
+    (vtkSlicerMarkupsLogic::OnMRMLSceneNodeAdded -> SetActiveList, real logic here), so points the
+    user then placed from the toolbar went into it and were deleted on Apply/Cancel."""
+    e = buildEditor(scene, *GEOMETRIES["flipped_anisotropic"])
+    selection = scene.GetNodeByID("vtkMRMLSelectionNodeSingleton")
+    if userList:
+        user = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "F")
+        expected = ("vtkMRMLMarkupsFiducialNode", user.GetID())
+    else:
+        expected = (selection.GetActivePlaceNodeClassName(), selection.GetActivePlaceNodeID())
+    assert (selection.GetActivePlaceNodeClassName(), selection.GetActivePlaceNodeID()) == expected
+    normal = startPreview(e, tinyOptions)
+    e["session"].addClick(world(e["ijkToWorld"], (14, 3, 4)), normal, positive=True)
+    assert e["session"].clickMarkups is not None
+    assert (selection.GetActivePlaceNodeClassName(), selection.GetActivePlaceNodeID()) == expected
+    # What the toolbar's place mode does: the markups logic adds the point to the active list.
+    assert markupsLogic.AddControlPoint(1.0, 2.0, 3.0) >= 0
+    assert e["session"].clickMarkups.GetNumberOfControlPoints() == 1
+    e["session"].cancel()
+    placed = [node for node in slicer.util.getNodesByClass("vtkMRMLMarkupsFiducialNode")]
+    assert len(placed) == 1 and placed[0].GetNumberOfControlPoints() == 1

@@ -332,10 +332,24 @@ class EffectSession:
     def _markups(self):
         if self.clickMarkups is None or self.clickMarkups.GetScene() is None:
             scene = self.sourceVolumeNode.GetScene()
+            # Adding a markups node makes it Slicer's active place list (vtkSlicerMarkupsLogic::
+            # OnMRMLSceneNodeAdded -> SetActiveList): the user's next toolbar points would go into
+            # this hidden node, deleted on Apply/Cancel. The user's active list is put back.
+            selection = scene.GetNodeByID("vtkMRMLSelectionNodeSingleton") or scene.GetFirstNodeByClass(
+                "vtkMRMLSelectionNode")
+            previous = None
+            if selection is not None:
+                previous = (selection.GetActivePlaceNodeClassName(), selection.GetActivePlaceNodeID())
             node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "ProtoSAM clicks")
             node.SetHideFromEditors(True)
             node.SetSaveWithScene(False)
             node.CreateDefaultDisplayNodes()
+            if selection is not None:
+                className, nodeId = previous
+                if selection.GetActivePlaceNodeClassName() != className:
+                    selection.SetReferenceActivePlaceNodeClassName(className)
+                if selection.GetActivePlaceNodeID() != nodeId:
+                    selection.SetReferenceActivePlaceNodeID(nodeId)
             self.clickMarkups = node
         return self.clickMarkups
 
