@@ -7,6 +7,10 @@ user actions here, with two callables bound to the Segment Editor:
 - ``modifySegment(labelmap, segmentId)`` -> ``scriptedEffect.modifySegmentByLabelmap(
   segmentationNode, segmentId, labelmap, ModificationModeAdd)``, which applies the editor's
   masking settings (editable area, editable intensity range, overwrite other segments).
+- ``editedSegmentationNode()`` (optional) -> ``scriptedEffect.parameterSetNode().GetSegmentationNode()``:
+  the segmentation the Segment Editor edits now. A preview outlives deactivation, and the user
+  may select another segmentation meanwhile: Apply and corrections are then refused (naming
+  both) and the preview is kept, since ``modifySegment`` writes into the editor's segmentation.
 - ``defaultModifierLabelmap()`` (optional) -> ``scriptedEffect.defaultModifierLabelmap()``: an
   empty labelmap on the segmentation's reference geometry. The result is written on that grid,
   never on the source volume's: Slicer's masking needs the modifier on the reference geometry
@@ -82,8 +86,10 @@ class EffectSession:
 
     def __init__(self, logic: ProtoSAMLogic, saveStateForUndo: Callable[[], None],
                  modifySegment: Callable[[object, str], None],
-                 defaultModifierLabelmap: Optional[Callable[[], object]] = None):
+                 defaultModifierLabelmap: Optional[Callable[[], object]] = None,
+                 editedSegmentationNode: Optional[Callable[[], object]] = None):
         self.logic = logic
+        self.editedSegmentationNode = editedSegmentationNode
         self.saveStateForUndo = saveStateForUndo
         self.modifySegment = modifySegment
         self.defaultModifierLabelmap = defaultModifierLabelmap
@@ -180,6 +186,7 @@ class EffectSession:
         if self.segmentationNode.GetSegmentation().GetSegment(self.segmentId) is None:
             self.cancel()
             raise InputError("The selected segment was deleted; nothing was applied.")
+        self._requireEditedSegmentation("applied")
         labelmap = self.defaultModifierLabelmap() if self.defaultModifierLabelmap is not None else None
         if labelmap is None:
             labelmap = mrml_io.referenceGeometryImage(self.segmentationNode, self.sourceVolumeNode)
@@ -202,6 +209,20 @@ class EffectSession:
         if self.job is not None:
             self.job.cancel("The ProtoSAM effect was deactivated; the run was cancelled and nothing was changed.")
 
+    def _requireEditedSegmentation(self, action: str) -> None:
+        """Refuse (the preview is kept) when the Segment Editor now edits another segmentation
+        than the one the preview was made for: Apply would write into that one."""
+        if self.editedSegmentationNode is None or self.segmentationNode is None:
+            return
+        edited = self.editedSegmentationNode()
+        if edited is self.segmentationNode:
+            return
+        editedName = f"'{edited.GetName()}'" if edited is not None else "no segmentation"
+        ownName = self.segmentationNode.GetName()
+        raise InputError(f"The ProtoSAM preview was made for segmentation '{ownName}', but the Segment Editor now "
+                         f"edits {editedName}: the preview can be {action} only in '{ownName}'. Select '{ownName}' "
+                         "in the Segment Editor again, or Cancel the preview. The preview is kept.")
+
     # ------------------------------------------------------------------ corrections
     def clickTarget(self, point_World, sliceNormal_World) -> Tuple[int, int, int]:
         """``(slice, x, y)`` of a click: the slice index along the propagation axis and the
@@ -210,6 +231,7 @@ class EffectSession:
         to the volume or along another axis."""
         if self.state != PREVIEW or self.result is None:
             raise InputError("Clicks correct a ProtoSAM preview: propagate first.")
+        self._requireEditedSegmentation("corrected")
         ijkToWorld = mrml_io.ijkToWorldMatrix(self.sourceVolumeNode)
         axis = geometry.sliceAxisFromNormal(sliceNormal_World, ijkToWorld)
         if axis.ijkAxis != self.result.sliceAxis.ijkAxis:
@@ -255,6 +277,7 @@ class EffectSession:
         """Undo the last click (of any slice); returns its slice, None when there was none."""
         if not self._clickOrder:
             return None
+        self._requireEditedSegmentation("corrected")
         sliceIndex = self._clickOrder.pop()
         canonicalSlice = self._canonicalSlice(sliceIndex)
         self._showSlice(canonicalSlice, self.corrections.undo_click(self.segmentId, canonicalSlice))
@@ -270,6 +293,7 @@ class EffectSession:
         """Forget every click of one slice; the slice gets back its propagated mask."""
         if self.corrections is None:
             return
+        self._requireEditedSegmentation("corrected")
         canonicalSlice = self._canonicalSlice(sliceIndex)
         self._showSlice(canonicalSlice, self.corrections.clear_clicks(self.segmentId, canonicalSlice))
         self._clickLog.pop(sliceIndex, None)
@@ -283,6 +307,7 @@ class EffectSession:
         """Propagate again with every corrected slice as a support; corrected slices are kept."""
         if self.state != PREVIEW or self.result is None:
             raise InputError("There is no ProtoSAM preview to update.")
+        self._requireEditedSegmentation("updated")
         session = self._correctionSession()
         self._writePreview(self._orientation.from_canonical(session.update(self.segmentId, progress=progressCallback)))
 

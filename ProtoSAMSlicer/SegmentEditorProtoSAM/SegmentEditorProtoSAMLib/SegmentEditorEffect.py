@@ -153,7 +153,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         logic = ProtoSAMLogic()
         logic.idle = slicer.app.processEvents
         self.session = EffectSession(logic, self.scriptedEffect.saveStateForUndo, self._modifySegment,
-                                     self.scriptedEffect.defaultModifierLabelmap)
+                                     self.scriptedEffect.defaultModifierLabelmap,
+                                     editedSegmentationNode=lambda: self.scriptedEffect.parameterSetNode().GetSegmentationNode())
         return True
 
     def _modifySegment(self, labelmap, segmentId):
