@@ -37,11 +37,12 @@ encodings serve the clicks and the update; a click is one small request.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from protosam.errors import InputError
+from protosam.errors import CancelledError, InputError
 
 from . import geometry, mrml_io, results
 from .logic import (
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 #: then only the slice shown in the view is used as support, if it is painted.
 MAX_SUPPORT_SLICES = 8
 
-IDLE, RUNNING, PREVIEW = "idle", "running", "preview"
+IDLE, RUNNING, PREVIEW, UPDATING = "idle", "running", "preview", "updating"
 
 
 def paintedSlices(mask_Kji: np.ndarray, kjiAxis: int) -> List[int]:
@@ -82,7 +83,14 @@ def chooseSupportSlices(painted: Sequence[int], currentSlice: Optional[int],
 
 
 class EffectSession:
-    """State machine idle -> running -> preview -> idle of one Segment Editor effect instance."""
+    """State machine idle -> running -> preview -> idle of one Segment Editor effect instance.
+
+    ``updating``: an Update volume runs in the worker (preview <-> updating). Meanwhile only
+    ``cancel`` is accepted (it stops the update; the preview stays as it was): Apply, clicks,
+    Undo click, Clear slice and another update are refused. ``stateChanged()`` (optional,
+    set by the effect) is called when an update starts and ends, so the GUI follows at once:
+    the wait processes GUI events.
+    """
 
     def __init__(self, logic: ProtoSAMLogic, saveStateForUndo: Callable[[], None],
                  modifySegment: Callable[[object, str], None],
@@ -107,6 +115,8 @@ class EffectSession:
         self._clickOrder: List[int] = []  # slice of each click, in order (for undo)
         self._clickLog: dict = {}  # slice -> [(x, y, label)] in clickTarget's frame
         self._orientation = None  # protosam.orientation.Orientation of the correction session
+        self._updateCancel: Optional[threading.Event] = None  # set by cancel() during an update
+        self.stateChanged: Optional[Callable[[], None]] = None
 
     def start(self, sourceVolumeNode, segmentationNode, segmentId: str, sliceNode=None, *,
               sliceNormal_World=None, slicePoint_World=None, options: ProcessOptions = ProcessOptions(),
@@ -176,6 +186,7 @@ class EffectSession:
 
     def apply(self) -> None:
         """Add the preview to the selected segment: one undo state, one modification."""
+        self._refuseWhileUpdating("applied")
         if self.state != PREVIEW or self.result is None:
             raise RuntimeError("There is no ProtoSAM preview to apply.")
         preview = self.result.previewSegmentationNode
@@ -198,7 +209,12 @@ class EffectSession:
         self._reset()
 
     def cancel(self) -> None:
-        """Stop a running propagation or discard the preview; the segment is left as it was."""
+        """Stop a running propagation or discard the preview; the segment is left as it was.
+        During an update: stop the update only (the preview stays as it was before it)."""
+        if self.state == UPDATING:
+            if self._updateCancel is not None:
+                self._updateCancel.set()
+            return  # updateVolume returns to the preview when the worker has stopped
         if self.job is not None:
             self.job.cancel("Cancelled by the user; nothing was changed.")
             return  # _jobFinished resets the state when the worker stops
@@ -208,6 +224,17 @@ class EffectSession:
         """Cancel a running propagation only; a preview is kept (the effect was deactivated)."""
         if self.job is not None:
             self.job.cancel("The ProtoSAM effect was deactivated; the run was cancelled and nothing was changed.")
+        if self.state == UPDATING and self._updateCancel is not None:
+            self._updateCancel.set()
+
+    @property
+    def updating(self) -> bool:
+        return self.state == UPDATING
+
+    def _refuseWhileUpdating(self, action: str) -> None:
+        if self.state == UPDATING:
+            raise InputError(f"ProtoSAM is updating the preview; it can be {action} when the update has finished "
+                             "(or Cancel the update).")
 
     def _requireEditedSegmentation(self, action: str) -> None:
         """Refuse (the preview is kept) when the Segment Editor now edits another segmentation
@@ -229,6 +256,7 @@ class EffectSession:
         voxel's column ``x`` / row ``y`` in that slice of the KJI array (the correction session
         itself runs in the engine's canonical order, see _toCanonical). Refuses views oblique
         to the volume or along another axis."""
+        self._refuseWhileUpdating("corrected")
         if self.state != PREVIEW or self.result is None:
             raise InputError("Clicks correct a ProtoSAM preview: propagate first.")
         self._requireEditedSegmentation("corrected")
@@ -275,6 +303,7 @@ class EffectSession:
 
     def undoClick(self) -> Optional[int]:
         """Undo the last click (of any slice); returns its slice, None when there was none."""
+        self._refuseWhileUpdating("corrected")
         if not self._clickOrder:
             return None
         self._requireEditedSegmentation("corrected")
@@ -291,6 +320,7 @@ class EffectSession:
 
     def clearSliceClicks(self, sliceIndex: int) -> None:
         """Forget every click of one slice; the slice gets back its propagated mask."""
+        self._refuseWhileUpdating("corrected")
         if self.corrections is None:
             return
         self._requireEditedSegmentation("corrected")
@@ -304,12 +334,41 @@ class EffectSession:
                 markups.RemoveNthControlPoint(n)
 
     def updateVolume(self, progressCallback: Optional[Callable[[int, int], None]] = None) -> None:
-        """Propagate again with every corrected slice as a support; corrected slices are kept."""
+        """Propagate again with every corrected slice as a support; corrected slices are kept.
+
+        The state is ``updating`` meanwhile (the wait processes GUI events). ``cancel()`` stops
+        the update: CancelledError is raised and the preview stays as it was, also when the
+        worker had finished its last slice before the cancel reached it."""
+        self._refuseWhileUpdating("updated again")
         if self.state != PREVIEW or self.result is None:
             raise InputError("There is no ProtoSAM preview to update.")
         self._requireEditedSegmentation("updated")
-        session = self._correctionSession()
-        self._writePreview(self._orientation.from_canonical(session.update(self.segmentId, progress=progressCallback)))
+        cancel = self._updateCancel = threading.Event()
+        self._setState(UPDATING)
+        stopped = None  # the worker's own CancelledError, when it stopped the update
+        try:
+            session = self._correctionSession()
+            if cancel.is_set():
+                raise CancelledError("Update cancelled; the preview is as it was.")
+            try:
+                mask = session.update(self.segmentId, progress=progressCallback, cancel=cancel)
+            except CancelledError as error:
+                cancel.set()
+                stopped = error
+            if cancel.is_set():  # also when Cancel came after the worker's last slice
+                raise CancelledError("Update cancelled; the preview is as it was.") from stopped
+        finally:
+            self._updateCancel = None
+            self._setState(PREVIEW)
+        preview = self.result.previewSegmentationNode
+        if preview.GetScene() is None or not preview.GetScene().IsNodePresent(preview):
+            raise InputError("The preview was removed during the update; nothing was written.")
+        self._writePreview(self._orientation.from_canonical(mask))
+
+    def _setState(self, state: str) -> None:
+        self.state = state
+        if self.stateChanged is not None:
+            self.stateChanged()
 
     def _correctionSession(self):
         """The correction session, opened at the first click on the worker that ran the preview
