@@ -13,10 +13,9 @@ import threading
 import numpy as np
 import pytest
 
-import slicer_app_standins as standins
 from ProtoSAMSlicerLib import effect_session, mrml_io
 from protosam.errors import InputError
-from test_slicer_effect_class import IJK_TO_RAS, clickAt, editor, propagate, read  # noqa: F401 (fixture)
+from test_slicer_effect_class import clickAt, editor, propagate, read  # noqa: F401 (editor: the fixture)
 
 
 def test_each_control_pressed_mid_update_then_cancel_keeps_the_preview(editor):  # noqa: F811
