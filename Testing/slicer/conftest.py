@@ -67,6 +67,22 @@ def scene():
                 setattr(slicer, name, value)
 
 
+@pytest.fixture
+def markupsLogic(scene):
+    """Slicer's real Markups module logic (slicer-core's vtkSlicerMarkupsLogic) bound to ``scene``
+    as the application binds it: from then on, adding a markups node makes it the active place
+    list of the selection node (vtkSlicerMarkupsLogic::OnMRMLSceneNodeAdded -> SetActiveList)."""
+    slicer = require_slicer_core()
+    appLogic = scene._protosamTestLogics[0]
+    logic = slicer.vtkSlicerMarkupsLogic()
+    logic.SetMRMLApplicationLogic(appLogic)
+    logic.SetMRMLScene(scene)
+    appLogic.SetModuleLogic("Markups", logic)
+    slicer.modules.markups = types.SimpleNamespace(logic=lambda: logic)
+    scene._protosamMarkupsLogic = logic
+    return logic
+
+
 @pytest.fixture(scope="session")
 def tinyModels(tmp_path_factory):
     """Tiny random-weight DINOv2 + SAM checkpoints in the official formats (engine's own writer)."""
@@ -124,9 +140,10 @@ def addSliceNode(scene, layoutName, orientation="Axial"):
 
 
 @pytest.fixture
-def slicerApp(scene, tmp_path, tinyModels):
+def slicerApp(scene, tmp_path, tinyModels, markupsLogic):
     """The stand-in application (slicer_app_standins) with the user's settings choosing the tiny
-    models on the CPU, and a Red slice view. ProtoSAM's module files are imported afresh."""
+    models on the CPU, a Red slice view and the Markups logic (as in the application). ProtoSAM's module
+    files are imported afresh."""
     import slicer_app_standins as standins
 
     slicer = require_slicer_core()

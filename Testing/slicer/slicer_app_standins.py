@@ -544,6 +544,11 @@ def parameterNodeWrapper(cls):
                         widget.addItem(kind.label(member))
                 signal, getter = widget.currentIndexChanged, (lambda w=widget, k=kind: list(k)[w.currentIndex])
             else:
+                # guiConnectors.py's QSpinBox <-> int connector opens the spin box to the whole
+                # int range (-2**31 .. 2**31 - 1) unless the field is annotated with a range:
+                # what the .ui sets as minimum/maximum does not hold in Slicer.
+                if kind is int and isinstance(widget, QtWidgets.QSpinBox):
+                    widget.setRange(-2**31, 2**31 - 1)
                 signal, getter = widget.valueChanged, (lambda w=widget: w.value)
             slot = (lambda *args, n=name, g=getter: write(self, n, g()))
             signal.connect(slot)

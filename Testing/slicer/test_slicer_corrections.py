@@ -82,14 +82,23 @@ def read(e, name):
 
 
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
-def test_clicks_in_ras_land_on_the_right_voxel_of_the_right_slice(scene, tinyOptions, name):
+def test_clicks_in_ras_land_on_the_right_voxel_of_the_right_slice(scene, tinyOptions, name, monkeypatch):
     e = buildEditor(scene, *GEOMETRIES[name])
+    written = []  # (box argument, box written) of each preview write
+    write = mrml_io.writeSegmentFromArray
+
+    def recordingWrite(*args, **kwargs):
+        written.append((kwargs.get("box"), write(*args, **kwargs)))
+        return written[-1][1]
+
+    monkeypatch.setattr(mrml_io, "writeSegmentFromArray", recordingWrite)
     idleCalls = []
     # What the GUI sets (slicer.app.processEvents): called while the logic waits on the worker.
     e["session"].logic.idle = lambda: idleCalls.append(1)
     normal = startPreview(e, tinyOptions)
     session = e["session"]
     before = preview(e)
+    written.clear()
     # A point 0.3 voxel off the centre of voxel (i, j, k) = (14, 3, 4) still belongs to it.
     point = world(e["ijkToWorld"], (14.3, 2.7, 4.2))
     assert session.clickTarget(point, normal) == (4, 14, 3)  # slice k=4; column i=14, row j=3
@@ -104,6 +113,9 @@ def test_clicks_in_ras_land_on_the_right_voxel_of_the_right_slice(scene, tinyOpt
     session.addClick(world(e["ijkToWorld"], (13, 4, 4)), normal, positive=False)
     assert worker.health().cache_bytes == cachedAfter
     after = preview(e)
+    # A click reads and writes its slice only (#21 item 11), not the whole extent.
+    assert len(written) == 2 and all(box == ((4, 5), (0, SHAPE[1]), (0, SHAPE[2])) for box, _ in written)
+    assert all(changed is None or changed[0] == (4, 5) for _, changed in written)
     assert session.clicks(4) == [(14.0, 3.0, 1), (13.0, 4.0, 0)]
     unchanged = [k for k in range(SHAPE[0]) if k != 4]
     np.testing.assert_array_equal(after[unchanged], before[unchanged])
@@ -189,3 +201,28 @@ def test_cancel_after_corrections_leaves_the_segmentation_as_it_was(scene, tinyO
         np.testing.assert_array_equal(read(e, name), e["arrays"][name])
     with pytest.raises(InputError, match="propagate first"):
         session.addClick(world(e["ijkToWorld"], (14, 3, 4)), normal)
+
+
+@pytest.mark.parametrize("userList", [True, False], ids=["user_point_list", "no_active_list"])
+def test_the_clicks_markup_does_not_take_over_point_placement(scene, tinyOptions, markupsLogic, userList):
+    """#21 item 7: adding the "ProtoSAM clicks" markups node made it Slicer's active place list
+    (vtkSlicerMarkupsLogic::OnMRMLSceneNodeAdded -> SetActiveList, real logic here), so points the
+    user then placed from the toolbar went into it and were deleted on Apply/Cancel."""
+    e = buildEditor(scene, *GEOMETRIES["flipped_anisotropic"])
+    selection = scene.GetNodeByID("vtkMRMLSelectionNodeSingleton")
+    if userList:
+        user = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "F")
+        expected = ("vtkMRMLMarkupsFiducialNode", user.GetID())
+    else:
+        expected = (selection.GetActivePlaceNodeClassName(), selection.GetActivePlaceNodeID())
+    assert (selection.GetActivePlaceNodeClassName(), selection.GetActivePlaceNodeID()) == expected
+    normal = startPreview(e, tinyOptions)
+    e["session"].addClick(world(e["ijkToWorld"], (14, 3, 4)), normal, positive=True)
+    assert e["session"].clickMarkups is not None
+    assert (selection.GetActivePlaceNodeClassName(), selection.GetActivePlaceNodeID()) == expected
+    # What the toolbar's place mode does: the markups logic adds the point to the active list.
+    assert markupsLogic.AddControlPoint(1.0, 2.0, 3.0) >= 0
+    assert e["session"].clickMarkups.GetNumberOfControlPoints() == 1
+    e["session"].cancel()
+    placed = [node for node in slicer.util.getNodesByClass("vtkMRMLMarkupsFiducialNode")]
+    assert len(placed) == 1 and placed[0].GetNumberOfControlPoints() == 1

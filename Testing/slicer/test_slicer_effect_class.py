@@ -290,3 +290,37 @@ def test_a_click_on_a_slice_without_embedding_shows_encoding_progress(editor):
     effect.clickRunning = True
     assert clickAt(e, (9, 9, 3)) is True and effect.session.clicks(3) == []
     effect.clickRunning = False
+
+
+def test_apply_and_corrections_refused_after_the_editor_switched_segmentation(editor):
+    """#21 item 6: a preview survives deactivation; after the user selected another segmentation
+    in the Segment Editor, Apply wrote the preview's segment ID into that one (or nothing).
+    Apply and corrections are refused naming both segmentations; the preview is kept."""
+    from protosam.errors import InputError
+
+    e = editor
+    scene = e["volume"].GetScene()
+    effect = propagate(e)
+    e["app"].runEventLoopUntil(lambda: effect.session.state == effect_session.PREVIEW)
+    preview = effect.session.result.previewSegmentationNode
+    effect.deactivate()
+    other = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "other segmentation")
+    other.CreateDefaultDisplayNodes()
+    other.SetReferenceImageGeometryParameterFromVolumeNode(e["volume"])
+    otherId = other.GetSegmentation().AddEmptySegment(e["ids"]["liver"], "liver")
+    assert otherId == e["ids"]["liver"]  # the same segment ID: Apply would have written there
+    e["editorNode"].SetAndObserveSegmentationNode(other)
+    effect.activate()
+    refused = "made for segmentation 'segmentation'.*now edits 'other segmentation'"
+    with pytest.raises(InputError, match=refused):
+        effect.onApply()  # the button's slot; tryWithErrorDisplay shows the error, then re-raises
+    with pytest.raises(InputError, match=refused):
+        effect.session.addClick((IJK_TO_RAS @ np.array([9.0, 8.0, 4.0, 1.0]))[:3], IJK_TO_RAS[:3, 2])
+    with pytest.raises(InputError, match=refused):
+        effect.session.updateVolume()
+    assert effect.session.state == effect_session.PREVIEW and scene.IsNodePresent(preview)
+    assert not mrml_io.segmentToArray(other, otherId, e["volume"]).any()
+    assert np.array_equal(read(e, "liver"), e["liver"]) and not e["editorLogic"].CanUndo()
+    e["editorNode"].SetAndObserveSegmentationNode(e["segmentation"])  # back: Apply works
+    effect.ui.applyButton.click()
+    assert read(e, "liver").sum() > e["liver"].sum() and not mrml_io.segmentToArray(other, otherId, e["volume"]).any()

@@ -178,11 +178,28 @@ def test_batch_over_two_volumes_with_the_same_support_and_accept(scene, tinyOpti
     other = addVolume(scene, image[:, ::-1, ::-1].copy(), ijkToRasFrom(LPS, (1.0, 1.0, 1.0), (23.0, 19.0, 9.0)),
                       name="other")
     logic = ProtoSAMLogic()
+    copied = []  # the volumes whose voxels the logic copied, in order (#21 item 9)
+    prepare = logic.prepare
+
+    def recordingPrepare(target, *args, **kwargs):
+        prepared = prepare(target, *args, **kwargs)
+        if prepared.query is not None:
+            copied.append(target.GetName())
+        return prepared
+
+    logic.prepare = recordingPrepare
+    finished = []
     jobs = logic.processBatch([volume, other], segmentation, [ids["liver"]], options=tinyOptions,
-                              supportVolumeNode=volume, waitForCompletion=False)
-    assert len(jobs) == 2 and jobs[0].worker is jobs[1].worker  # queued on one persistent worker
+                              supportVolumeNode=volume, waitForCompletion=False,
+                              onFinished=lambda job: finished.append((job, list(copied))))
+    # Every volume was checked, only the first one copied: the second is copied when it is sent.
+    assert len(jobs) == 2 and copied == [volume.GetName()] and jobs[1].job is None
+    jobs[0].worker.runUntilFinished(jobs[0].job, timeout=300)
+    assert finished[0] == (jobs[0], [volume.GetName()])  # "other" not copied while the first ran
+    assert jobs[1].job is not None and copied == [volume.GetName(), "other"]
+    assert jobs[0].worker is jobs[1].worker  # one persistent worker
     jobs[1].worker.runUntilFinished(jobs[1].job, timeout=300)
-    jobs[0].worker.poll()
+    assert [job for job, _ in finished] == jobs
     first, second = (job.resultOrRaise() for job in jobs)
     assert first.previewSegmentationNode is not second.previewSegmentationNode
     # "other" is the same anatomy flipped in I and J: the canonical orientation makes the
@@ -208,11 +225,15 @@ def test_batch_with_one_unusable_volume_runs_none(scene, tinyOptions):
     with pytest.raises(geometry.ObliqueSliceError):
         logic.processBatch([volume, oblique], segmentation, [ids["liver"]], options=tinyOptions,
                            supportVolumeNode=volume, waitForCompletion=False)
-    assert len(logic.activeJobs) == 1
-    handle = logic.activeJobs[0]
-    handle.worker.runUntilFinished(handle.job, timeout=120)
-    assert isinstance(handle.error, CancelledError) and handle.result is None
+    # Every volume is checked before any is copied or sent: nothing was queued.
+    assert logic.activeJobs == []
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    # The module's slice range spin boxes allow -2**31..2**31-1 (parameter-node int connector).
+    for sliceRange in ((-3, 2), (2, -1), (0, 2**31 - 1), (0.5, 2)):
+        with pytest.raises(InputError, match="Slice range"):
+            logic.processBatch([volume, volume], segmentation, [ids["liver"]], options=tinyOptions,
+                               supportVolumeNode=volume, sliceRange=sliceRange, waitForCompletion=False)
+        assert logic.activeJobs == []
     with pytest.raises(InputError, match="at least one volume"):
         logic.processBatch([], segmentation, [ids["liver"]], options=tinyOptions, supportVolumeNode=volume)
 
@@ -252,3 +273,29 @@ def test_the_thread_worker_kind_is_deprecated(tmp_path):
     finally:
         worker.shutdownThreadWorkers()
     assert job.resultOrRaise() == [] and job.threadIdent != threading.get_ident()
+
+
+def test_batch_job_cancelled_before_it_is_sent_never_copies_its_volume(scene, tinyOptions):
+    volume, segmentation, ids, image, *_ = buildCase(scene, "identity_axial")
+    other = addVolume(scene, image.copy(), ijkToRasFrom(np.eye(3)), name="other")
+    logic = ProtoSAMLogic()
+    copied = []
+    prepare = logic.prepare
+    logic.prepare = lambda target, *a, **k: (lambda p: (copied.append(target.GetName()) if p.query is not None
+                                                        else None, p)[1])(prepare(target, *a, **k))
+    finished = []
+    jobs = logic.processBatch([volume, other], segmentation, [ids["liver"]], options=tinyOptions,
+                              supportVolumeNode=volume, waitForCompletion=False, onFinished=finished.append)
+    assert len(logic.activeJobs) == 2  # the sent job and the one waiting: cancelAll reaches both
+    logic.cancelAll("Cancelled by the user; nothing was written.")
+    jobs[0].worker.runUntilFinished(jobs[0].job, timeout=120)
+    assert finished == jobs and copied == [volume.GetName()] and jobs[1].job is None
+    for job in jobs:
+        assert isinstance(job.error, CancelledError) and job.result is None and job.finished
+        assert str(job.error) == "Cancelled by the user; nothing was written."
+    assert logic.activeJobs == [] and scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    # waitForCompletion=True: results in order, each volume copied when its turn came.
+    copied.clear()
+    results_ = logic.processBatch([volume, other], segmentation, [ids["liver"]], options=tinyOptions,
+                                  supportVolumeNode=volume)
+    assert copied == [volume.GetName(), "other"] and all(r.previewSegmentationNode is not None for r in results_)

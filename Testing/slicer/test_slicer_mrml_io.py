@@ -267,3 +267,41 @@ def test_accept_replace_that_changes_one_slice_keeps_the_users_other_slices(scen
     assert written == {ids["liver"]: ids["liver"]}
     assert np.array_equal(mrml_io.segmentToArray(segmentation, ids["liver"], volume), propagated)
     assert np.array_equal(mrml_io.segmentToArray(segmentation, ids["other"], volume), other)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own_layer", "shared_layer"])
+@pytest.mark.parametrize("sliceAxis", [0, 2], ids=["k_slice", "i_slice"])
+def test_one_slice_write_on_a_flipped_anisotropic_volume_keeps_the_other_slices(scene, shared, sliceAxis):
+    """Regression (#21 item 11): a click writes one slice of the preview (``box`` = that slice).
+    On a volume flipped along every axis (K too) with 2.5 mm slices, every voxel of the other
+    slices must stay, and so must the segment sharing the layer. The bug behind the effect's
+    whole-extent write was Slicer's MODE_REPLACE (it replaces the whole segment by the box-sized
+    modifier); writeSegmentFromArray merges MIN then MASK inside the box instead."""
+    flipped = np.diag([-1.0, -1.0, -1.0])
+    volume = addVolume(scene, np.zeros(SHAPE, np.float32), ijkToRasFrom(flipped, (0.8, 0.6, 2.5), (5.0, -3.0, 8.0)),
+                       "flipped")
+    rng = np.random.default_rng(11)
+    a = (rng.random(SHAPE) < 0.4).astype(np.uint8)  # voxels on every slice
+    b = ((rng.random(SHAPE) < 0.3) & (a == 0)).astype(np.uint8)
+    segmentation, ids = addSegmentation(scene, volume, {"a": a, "b": b})
+    if shared:
+        segmentation.GetSegmentation().CollapseBinaryLabelmaps(False)
+        assert segmentation.GetSegmentation().GetNumberOfLayers() == 1
+    index = 3
+    box = tuple((index, index + 1) if axis == sliceAxis else (0, n) for axis, n in enumerate(SHAPE))
+    region = tuple(slice(lo, hi) for lo, hi in box)
+    assert np.array_equal(mrml_io.segmentToArray(segmentation, ids["a"], volume, box=box), a[region])
+    newSlice = np.zeros(mrml_io._boxShape(box), np.uint8)
+    newSlice[(slice(None),) * 3] = rng.random(newSlice.shape) < 0.5
+    written = mrml_io.writeSegmentFromArray(newSlice, segmentation, ids["a"], volume, box=box)
+    assert written is not None and written[sliceAxis] == (index, index + 1)
+    expected = a.copy()
+    expected[region] = newSlice
+    out = mrml_io.segmentToArray(segmentation, ids["a"], volume)
+    others = np.ones(SHAPE, bool)
+    others[region] = False
+    assert np.array_equal(out[others], a[others]), f"{int((out != a)[others].sum())} voxels of other slices changed"
+    assert np.array_equal(out, expected)
+    assert np.array_equal(mrml_io.segmentToArray(segmentation, ids["b"], volume), b)
+    with pytest.raises(ValueError, match="box"):
+        mrml_io.writeSegmentFromArray(newSlice, segmentation, ids["a"], volume, box=((0, 1), (0, 99), (0, 11)))

@@ -395,6 +395,11 @@ class WorkerSessions:
         """A click, undo, clear, painted slice or close. ``wait=False``: raise
         :class:`SessionBusyError` at once instead of waiting for the session's running update."""
         if isinstance(message, protocol.SessionClose):
+            with self._lock:
+                in_use = message.session_id in self._busy
+            if in_use and not wait:  # closing waits for the session's lock, which the update holds
+                raise SessionBusyError("This correction session is updating the volume: close it when the update "
+                                       "has finished.")
             return {"closed": self.close(message.session_id)}
         with self._using(message.session_id) as session, session.exclusive(wait) as held:
             if not held:
@@ -575,9 +580,11 @@ class WorkerService:
               or self.sessions.needs_encoding(message)):
             self.jobs.put(message)  # propagation or encoding: a job, with progress and cancel
         elif isinstance(message, protocol.SESSION_TYPES):
-            # A click, a painted slice or a close is small: answered at once on this thread.
+            # A click, a painted slice or a close is small: answered at once on this thread, never
+            # waiting for the session's running update (that would stall cancel and health
+            # requests behind it): a busy reply (SessionBusyError) instead.
             try:
-                value = self.sessions.small_request(message)
+                value = self.sessions.small_request(message, wait=False)
                 self._reply(protocol.JobResult(id=message.id, value=value))
             except Exception as error:
                 self._reply(protocol.reply_for_exception(message.id, error, traceback.format_exc()))

@@ -7,6 +7,10 @@ user actions here, with two callables bound to the Segment Editor:
 - ``modifySegment(labelmap, segmentId)`` -> ``scriptedEffect.modifySegmentByLabelmap(
   segmentationNode, segmentId, labelmap, ModificationModeAdd)``, which applies the editor's
   masking settings (editable area, editable intensity range, overwrite other segments).
+- ``editedSegmentationNode()`` (optional) -> ``scriptedEffect.parameterSetNode().GetSegmentationNode()``:
+  the segmentation the Segment Editor edits now. A preview outlives deactivation, and the user
+  may select another segmentation meanwhile: Apply and corrections are then refused (naming
+  both) and the preview is kept, since ``modifySegment`` writes into the editor's segmentation.
 - ``defaultModifierLabelmap()`` (optional) -> ``scriptedEffect.defaultModifierLabelmap()``: an
   empty labelmap on the segmentation's reference geometry. The result is written on that grid,
   never on the source volume's: Slicer's masking needs the modifier on the reference geometry
@@ -33,11 +37,12 @@ encodings serve the clicks and the update; a click is one small request.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from protosam.errors import InputError
+from protosam.errors import CancelledError, InputError
 
 from . import geometry, mrml_io, results
 from .logic import (
@@ -50,7 +55,7 @@ logger = logging.getLogger(__name__)
 #: then only the slice shown in the view is used as support, if it is painted.
 MAX_SUPPORT_SLICES = 8
 
-IDLE, RUNNING, PREVIEW = "idle", "running", "preview"
+IDLE, RUNNING, PREVIEW, UPDATING = "idle", "running", "preview", "updating"
 
 
 def paintedSlices(mask_Kji: np.ndarray, kjiAxis: int) -> List[int]:
@@ -78,12 +83,21 @@ def chooseSupportSlices(painted: Sequence[int], currentSlice: Optional[int],
 
 
 class EffectSession:
-    """State machine idle -> running -> preview -> idle of one Segment Editor effect instance."""
+    """State machine idle -> running -> preview -> idle of one Segment Editor effect instance.
+
+    ``updating``: an Update volume runs in the worker (preview <-> updating). Meanwhile only
+    ``cancel`` is accepted (it stops the update; the preview stays as it was): Apply, clicks,
+    Undo click, Clear slice and another update are refused. ``stateChanged()`` (optional,
+    set by the effect) is called when an update starts and ends, so the GUI follows at once:
+    the wait processes GUI events.
+    """
 
     def __init__(self, logic: ProtoSAMLogic, saveStateForUndo: Callable[[], None],
                  modifySegment: Callable[[object, str], None],
-                 defaultModifierLabelmap: Optional[Callable[[], object]] = None):
+                 defaultModifierLabelmap: Optional[Callable[[], object]] = None,
+                 editedSegmentationNode: Optional[Callable[[], object]] = None):
         self.logic = logic
+        self.editedSegmentationNode = editedSegmentationNode
         self.saveStateForUndo = saveStateForUndo
         self.modifySegment = modifySegment
         self.defaultModifierLabelmap = defaultModifierLabelmap
@@ -101,6 +115,8 @@ class EffectSession:
         self._clickOrder: List[int] = []  # slice of each click, in order (for undo)
         self._clickLog: dict = {}  # slice -> [(x, y, label)] in clickTarget's frame
         self._orientation = None  # protosam.orientation.Orientation of the correction session
+        self._updateCancel: Optional[threading.Event] = None  # set by cancel() during an update
+        self.stateChanged: Optional[Callable[[], None]] = None
 
     def start(self, sourceVolumeNode, segmentationNode, segmentId: str, sliceNode=None, *,
               sliceNormal_World=None, slicePoint_World=None, options: ProcessOptions = ProcessOptions(),
@@ -170,6 +186,7 @@ class EffectSession:
 
     def apply(self) -> None:
         """Add the preview to the selected segment: one undo state, one modification."""
+        self._refuseWhileUpdating("applied")
         if self.state != PREVIEW or self.result is None:
             raise RuntimeError("There is no ProtoSAM preview to apply.")
         preview = self.result.previewSegmentationNode
@@ -180,6 +197,7 @@ class EffectSession:
         if self.segmentationNode.GetSegmentation().GetSegment(self.segmentId) is None:
             self.cancel()
             raise InputError("The selected segment was deleted; nothing was applied.")
+        self._requireEditedSegmentation("applied")
         labelmap = self.defaultModifierLabelmap() if self.defaultModifierLabelmap is not None else None
         if labelmap is None:
             labelmap = mrml_io.referenceGeometryImage(self.segmentationNode, self.sourceVolumeNode)
@@ -191,7 +209,12 @@ class EffectSession:
         self._reset()
 
     def cancel(self) -> None:
-        """Stop a running propagation or discard the preview; the segment is left as it was."""
+        """Stop a running propagation or discard the preview; the segment is left as it was.
+        During an update: stop the update only (the preview stays as it was before it)."""
+        if self.state == UPDATING:
+            if self._updateCancel is not None:
+                self._updateCancel.set()
+            return  # updateVolume returns to the preview when the worker has stopped
         if self.job is not None:
             self.job.cancel("Cancelled by the user; nothing was changed.")
             return  # _jobFinished resets the state when the worker stops
@@ -201,6 +224,31 @@ class EffectSession:
         """Cancel a running propagation only; a preview is kept (the effect was deactivated)."""
         if self.job is not None:
             self.job.cancel("The ProtoSAM effect was deactivated; the run was cancelled and nothing was changed.")
+        if self.state == UPDATING and self._updateCancel is not None:
+            self._updateCancel.set()
+
+    @property
+    def updating(self) -> bool:
+        return self.state == UPDATING
+
+    def _refuseWhileUpdating(self, action: str) -> None:
+        if self.state == UPDATING:
+            raise InputError(f"ProtoSAM is updating the preview; it can be {action} when the update has finished "
+                             "(or Cancel the update).")
+
+    def _requireEditedSegmentation(self, action: str) -> None:
+        """Refuse (the preview is kept) when the Segment Editor now edits another segmentation
+        than the one the preview was made for: Apply would write into that one."""
+        if self.editedSegmentationNode is None or self.segmentationNode is None:
+            return
+        edited = self.editedSegmentationNode()
+        if edited is self.segmentationNode:
+            return
+        editedName = f"'{edited.GetName()}'" if edited is not None else "no segmentation"
+        ownName = self.segmentationNode.GetName()
+        raise InputError(f"The ProtoSAM preview was made for segmentation '{ownName}', but the Segment Editor now "
+                         f"edits {editedName}: the preview can be {action} only in '{ownName}'. Select '{ownName}' "
+                         "in the Segment Editor again, or Cancel the preview. The preview is kept.")
 
     # ------------------------------------------------------------------ corrections
     def clickTarget(self, point_World, sliceNormal_World) -> Tuple[int, int, int]:
@@ -208,8 +256,10 @@ class EffectSession:
         voxel's column ``x`` / row ``y`` in that slice of the KJI array (the correction session
         itself runs in the engine's canonical order, see _toCanonical). Refuses views oblique
         to the volume or along another axis."""
+        self._refuseWhileUpdating("corrected")
         if self.state != PREVIEW or self.result is None:
             raise InputError("Clicks correct a ProtoSAM preview: propagate first.")
+        self._requireEditedSegmentation("corrected")
         ijkToWorld = mrml_io.ijkToWorldMatrix(self.sourceVolumeNode)
         axis = geometry.sliceAxisFromNormal(sliceNormal_World, ijkToWorld)
         if axis.ijkAxis != self.result.sliceAxis.ijkAxis:
@@ -253,8 +303,10 @@ class EffectSession:
 
     def undoClick(self) -> Optional[int]:
         """Undo the last click (of any slice); returns its slice, None when there was none."""
+        self._refuseWhileUpdating("corrected")
         if not self._clickOrder:
             return None
+        self._requireEditedSegmentation("corrected")
         sliceIndex = self._clickOrder.pop()
         canonicalSlice = self._canonicalSlice(sliceIndex)
         self._showSlice(canonicalSlice, self.corrections.undo_click(self.segmentId, canonicalSlice))
@@ -268,8 +320,10 @@ class EffectSession:
 
     def clearSliceClicks(self, sliceIndex: int) -> None:
         """Forget every click of one slice; the slice gets back its propagated mask."""
+        self._refuseWhileUpdating("corrected")
         if self.corrections is None:
             return
+        self._requireEditedSegmentation("corrected")
         canonicalSlice = self._canonicalSlice(sliceIndex)
         self._showSlice(canonicalSlice, self.corrections.clear_clicks(self.segmentId, canonicalSlice))
         self._clickLog.pop(sliceIndex, None)
@@ -280,11 +334,41 @@ class EffectSession:
                 markups.RemoveNthControlPoint(n)
 
     def updateVolume(self, progressCallback: Optional[Callable[[int, int], None]] = None) -> None:
-        """Propagate again with every corrected slice as a support; corrected slices are kept."""
+        """Propagate again with every corrected slice as a support; corrected slices are kept.
+
+        The state is ``updating`` meanwhile (the wait processes GUI events). ``cancel()`` stops
+        the update: CancelledError is raised and the preview stays as it was, also when the
+        worker had finished its last slice before the cancel reached it."""
+        self._refuseWhileUpdating("updated again")
         if self.state != PREVIEW or self.result is None:
             raise InputError("There is no ProtoSAM preview to update.")
-        session = self._correctionSession()
-        self._writePreview(self._orientation.from_canonical(session.update(self.segmentId, progress=progressCallback)))
+        self._requireEditedSegmentation("updated")
+        cancel = self._updateCancel = threading.Event()
+        self._setState(UPDATING)
+        stopped = None  # the worker's own CancelledError, when it stopped the update
+        try:
+            session = self._correctionSession()
+            if cancel.is_set():
+                raise CancelledError("Update cancelled; the preview is as it was.")
+            try:
+                mask = session.update(self.segmentId, progress=progressCallback, cancel=cancel)
+            except CancelledError as error:
+                cancel.set()
+                stopped = error
+            if cancel.is_set():  # also when Cancel came after the worker's last slice
+                raise CancelledError("Update cancelled; the preview is as it was.") from stopped
+        finally:
+            self._updateCancel = None
+            self._setState(PREVIEW)
+        preview = self.result.previewSegmentationNode
+        if preview.GetScene() is None or not preview.GetScene().IsNodePresent(preview):
+            raise InputError("The preview was removed during the update; nothing was written.")
+        self._writePreview(self._orientation.from_canonical(mask))
+
+    def _setState(self, state: str) -> None:
+        self.state = state
+        if self.stateChanged is not None:
+            self.stateChanged()
 
     def _correctionSession(self):
         """The correction session, opened at the first click on the worker that ran the preview
@@ -311,16 +395,20 @@ class EffectSession:
                      for axis, flip in zip(orientation.permutation, orientation.flips))
 
     def _showSlice(self, canonicalSlice: int, mask) -> None:
-        """Put a canonical slice's mask ``[rows, columns]`` into the preview."""
-        current = self._orientation.to_canonical(
-            mrml_io.segmentToArray(self.result.previewSegmentationNode, self.segmentId, self.sourceVolumeNode))
-        current[canonicalSlice] = mask
-        self._writePreview(self._orientation.from_canonical(current))
+        """Put a canonical slice's mask ``[rows, columns]`` into the preview: that slice alone is
+        read and written (mrml_io's box write keeps the segment's voxels outside it)."""
+        kjiAxis = self.result.sliceAxis.kjiAxis
+        shape = mrml_io.volumeShapeKji(self.sourceVolumeNode)
+        storedSlice = self._orientation.stored_slice(canonicalSlice, shape[kjiAxis])
+        box = tuple((storedSlice, storedSlice + 1) if axis == kjiAxis else (0, n) for axis, n in enumerate(shape))
+        # A one-slice canonical array back to KJI: its slice axis has length 1, so the flip of
+        # that axis is a no-op and the row/column transposes and flips are the volume's.
+        slice_Kji = self._orientation.from_canonical(np.asarray(mask, dtype=np.uint8)[np.newaxis])
+        mrml_io.writeSegmentFromArray(slice_Kji, self.result.previewSegmentationNode, self.segmentId,
+                                      self.sourceVolumeNode, box=box)
 
     def _writePreview(self, mask_Kji) -> None:
-        # The whole extent is written: a write limited to the changed box (the default of
-        # writeSegmentFromArray) was seen to clear voxels of other slices of the preview segment
-        # (flipped anisotropic volume, box = one slice); see the corrections report.
+        """Replace the whole preview segment (after an update)."""
         mask_Kji = np.asarray(mask_Kji)
         mrml_io.writeSegmentFromArray(mask_Kji, self.result.previewSegmentationNode, self.segmentId,
                                       self.sourceVolumeNode, previous_Kji=(mask_Kji == 0))
@@ -328,10 +416,24 @@ class EffectSession:
     def _markups(self):
         if self.clickMarkups is None or self.clickMarkups.GetScene() is None:
             scene = self.sourceVolumeNode.GetScene()
+            # Adding a markups node makes it Slicer's active place list (vtkSlicerMarkupsLogic::
+            # OnMRMLSceneNodeAdded -> SetActiveList): the user's next toolbar points would go into
+            # this hidden node, deleted on Apply/Cancel. The user's active list is put back.
+            selection = scene.GetNodeByID("vtkMRMLSelectionNodeSingleton") or scene.GetFirstNodeByClass(
+                "vtkMRMLSelectionNode")
+            previous = None
+            if selection is not None:
+                previous = (selection.GetActivePlaceNodeClassName(), selection.GetActivePlaceNodeID())
             node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "ProtoSAM clicks")
             node.SetHideFromEditors(True)
             node.SetSaveWithScene(False)
             node.CreateDefaultDisplayNodes()
+            if selection is not None:
+                className, nodeId = previous
+                if selection.GetActivePlaceNodeClassName() != className:
+                    selection.SetReferenceActivePlaceNodeClassName(className)
+                if selection.GetActivePlaceNodeID() != nodeId:
+                    selection.SetReferenceActivePlaceNodeID(nodeId)
             self.clickMarkups = node
         return self.clickMarkups
 

@@ -139,6 +139,7 @@ class PropagationJob:
         self.error: Optional[BaseException] = None
         self.finished = False
         self.cancelReason = ""
+        self.cancelRequested = False  # also before a batch sends the job (processBatch)
         self.options: Optional[ProcessOptions] = None
 
     @property
@@ -151,6 +152,7 @@ class PropagationJob:
     def cancel(self, reason: str = "") -> None:
         if reason and not self.cancelReason:
             self.cancelReason = reason
+        self.cancelRequested = True
         if self.job is not None:
             self.job.cancel()
 
@@ -241,8 +243,11 @@ class ProtoSAMLogic:
     # ------------------------------------------------------------------ preparation (main)
     def prepare(self, targetVolumeNode, supportSegmentationNode, segmentIds: Sequence[str], *,
                 supportVolumeNode=None, sliceNormal_World=AXIAL_NORMAL, supportSlices: SupportSlices = None,
-                sliceRange: Optional[Tuple[int, int]] = None) -> PreparedRun:
-        """Read and check the inputs; everything the worker needs, as KJI arrays and plain values."""
+                sliceRange: Optional[Tuple[int, int]] = None, readVoxels: bool = True) -> PreparedRun:
+        """Read and check the inputs; everything the worker needs, as KJI arrays and plain values.
+
+        readVoxels=False: check everything without copying the volumes (``query`` and
+        ``support`` are None), as processBatch does for every volume before it runs any."""
         if targetVolumeNode is None:
             raise InputError("Select the volume to segment.")
         if supportSegmentationNode is None:
@@ -260,14 +265,16 @@ class ProtoSAMLogic:
         targetShape = mrml_io.volumeShapeKji(targetVolumeNode)
         # One float32 copy per volume. Always a copy: the worker must never read VTK memory that
         # the scene may change or free meanwhile.
-        query = np.array(mrml_io.volumeArrayView(targetVolumeNode), dtype=np.float32, order="C", copy=True)
+        query = mrml_io.volumeArrayView(targetVolumeNode)  # checks the voxels (scalar, not empty)
+        query = np.array(query, dtype=np.float32, order="C", copy=True) if readVoxels else None
         if sameVolume:
             supportAxis, supportIjkToWorld, supportShape, support = targetAxis, None, targetShape, None
         else:
             supportIjkToWorld = mrml_io.ijkToWorldMatrix(supportVolumeNode)
             supportAxis = geometry.sliceAxisFromNormal(sliceNormal_World, supportIjkToWorld)
             supportShape = mrml_io.volumeShapeKji(supportVolumeNode)
-            support = np.array(mrml_io.volumeArrayView(supportVolumeNode), dtype=np.float32, order="C", copy=True)
+            support = mrml_io.volumeArrayView(supportVolumeNode)
+            support = np.array(support, dtype=np.float32, order="C", copy=True) if readVoxels else None
             if plane_of_ijk_axis(supportIjkToWorld, supportAxis.ijkAxis) != plane:
                 raise InputError(
                     f"The view cuts '{supportVolumeNode.GetName()}' and '{targetVolumeNode.GetName()}' along different "
@@ -303,6 +310,9 @@ class ProtoSAMLogic:
 
         checkedRange = None
         if sliceRange is not None:
+            # The module's spin boxes (parameter-node int connector) allow -2**31..2**31-1.
+            if len(sliceRange) != 2 or any(not float(v).is_integer() for v in sliceRange):
+                raise InputError(f"Slice range {sliceRange} must be two whole slice indices.")
             first, last = (int(v) for v in sliceRange)
             size = targetShape[targetAxis.kjiAxis]
             if min(first, last) < 0 or max(first, last) >= size:
@@ -376,31 +386,74 @@ class ProtoSAMLogic:
 
     def processBatch(self, targetVolumeNodes: Sequence, supportSegmentationNode, segmentIds: Sequence[str],
                      **kwargs) -> List:
-        """``process`` for several volumes with the same support, queued on one worker.
+        """``process`` for several volumes with the same support, run one after the other on one worker.
+
+        Every volume is checked first, without copying its voxels: when one cannot be used,
+        none runs. Then each volume is copied only when its job is sent, after the previous
+        one has finished, so Slicer holds one volume's copy at a time, not N. A job cancelled
+        before it was sent finishes with CancelledError (its ``onFinished`` is called).
 
         With waitForCompletion=True (default) returns PropagationResults in order and raises
-        the first error after all runs have finished; otherwise returns PropagationJobs.
+        the first error after all runs have finished; otherwise returns PropagationJobs
+        (``job.job`` and ``job.worker`` are None until the job is sent).
         """
         wait = kwargs.pop("waitForCompletion", True)
+        onFinished = kwargs.pop("onFinished", None)
         if "supportVolumeNode" not in kwargs or kwargs["supportVolumeNode"] is None:
             kwargs["supportVolumeNode"] = self.defaultSupportVolume(supportSegmentationNode)
             if kwargs["supportVolumeNode"] is None:
                 raise InputError("Batch runs need the support volume: select the volume the support was painted on.")
         if not targetVolumeNodes:
             raise InputError("Select at least one volume to segment.")
-        jobs = []
-        try:
-            for volume in targetVolumeNodes:
-                jobs.append(self.process(volume, supportSegmentationNode, segmentIds, waitForCompletion=False,
-                                         **kwargs))
-        except Exception:
-            for handle in jobs:  # one volume cannot be used: run none of them
-                handle.cancel("Another volume of the batch could not be used; nothing was written.")
-            raise
+        checkKeys = ("supportVolumeNode", "sliceNormal_World", "supportSlices", "sliceRange")
+        checks = {key: kwargs[key] for key in checkKeys if key in kwargs}
+        for volume in targetVolumeNodes:  # one volume cannot be used: run none of them
+            self.prepare(volume, supportSegmentationNode, segmentIds, readVoxels=False, **checks)
+        pending = []
+        for volume in targetVolumeNodes:
+            handle = PropagationJob(self, [volume, kwargs["supportVolumeNode"], supportSegmentationNode], segmentIds)
+            handle.options = kwargs.get("options", ProcessOptions())
+            pending.append((handle, volume))
+        jobs = [handle for handle, _ in pending]
+        self.activeJobs.extend(jobs)  # cancelAll and scene observation reach the jobs not sent yet
+
+        def finish(handle: PropagationJob, result, error) -> None:
+            handle.result, handle.error, handle.finished = result, error, True
+            if handle in self.activeJobs:
+                self.activeJobs.remove(handle)
+            if onFinished is not None:
+                onFinished(handle)
+
+        def sendNext() -> None:
+            while pending:
+                handle, volume = pending.pop(0)
+                if handle.cancelRequested:
+                    finish(handle, None, CancelledError(handle.cancelReason or "Cancelled; nothing was written."))
+                    continue
+
+                def sent(job: PropagationJob, handle=handle) -> None:
+                    error = job.error
+                    if handle.cancelReason and isinstance(error, CancelledError):
+                        error = CancelledError(handle.cancelReason)
+                    finish(handle, job.result, error)
+                    sendNext()
+
+                try:  # the volume is copied now, when its job is sent
+                    submitted = self.process(volume, supportSegmentationNode, segmentIds, waitForCompletion=False,
+                                             onFinished=sent, **kwargs)
+                except Exception as error:  # e.g. the volume was removed from the scene meanwhile
+                    finish(handle, None, error)
+                    continue
+                handle.job, handle.worker, handle.nodes = submitted.job, submitted.worker, submitted.nodes
+                self.activeJobs.remove(handle)  # ``submitted`` stands for it there until it finishes
+                return
+
+        sendNext()
         if not wait:
             return jobs
         for handle in jobs:
-            handle.worker.runUntilFinished(handle.job, idle=self.idle)
+            while not handle.finished:
+                handle.worker.runUntilFinished(handle.job, idle=self.idle)
         errors = [handle.error for handle in jobs if handle.error is not None]
         if errors:
             for handle in jobs:

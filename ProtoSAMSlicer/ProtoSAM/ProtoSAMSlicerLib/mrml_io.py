@@ -143,11 +143,27 @@ def _requireSegment(segmentationNode, segmentId: str):
     return segment
 
 
-def segmentToArray(segmentationNode, segmentId: str, referenceVolumeNode) -> np.ndarray:
+def _boxExtent(box: BoxKji) -> Tuple[int, int, int, int, int, int]:
+    """Half-open KJI box -> inclusive VTK extent (i0, i1, j0, j1, k0, k1)."""
+    (k0, k1), (j0, j1), (i0, i1) = box
+    return (i0, i1 - 1, j0, j1 - 1, k0, k1 - 1)
+
+
+def _boxShape(box: BoxKji) -> Tuple[int, int, int]:
+    return tuple(int(b - a) for a, b in box)
+
+
+def _checkBox(box: BoxKji, shape) -> None:
+    if len(box) != 3 or any(not (0 <= a < b <= n) for (a, b), n in zip(box, shape)):
+        raise ValueError(f"box {box} is not a non-empty box inside the volume of shape {shape}")
+
+
+def segmentToArray(segmentationNode, segmentId: str, referenceVolumeNode, box: Optional[BoxKji] = None) -> np.ndarray:
     """A segment resampled (nearest neighbour) onto a volume's voxel grid: (K, J, I) uint8 0/1.
 
     Works when the segmentation has another geometry or another (linear) parent transform than
-    the volume; closed-surface segments are converted to a labelmap first.
+    the volume; closed-surface segments are converted to a labelmap first. ``box`` (half-open
+    KJI): read only these voxels of the grid (e.g. one slice); the array has the box's shape.
     """
     segment = _requireSegment(segmentationNode, segmentId)
     segmentation = segmentationNode.GetSegmentation()
@@ -157,13 +173,17 @@ def segmentToArray(segmentationNode, segmentId: str, referenceVolumeNode) -> np.
             raise InputError(f"Segmentation '{segmentationNode.GetName()}' cannot be converted to a "
                              "binary labelmap; convert it in the Segmentations module and try again.")
     shape = volumeShapeKji(referenceVolumeNode)
+    if box is not None:
+        _checkBox(box, shape)
+        shape = _boxShape(box)
     labelmap = slicer.vtkOrientedImageData()
     ok = slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
         segmentationNode, segmentId, labelmap, False)
     extent = labelmap.GetExtent()
     if not ok or extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5]:
         return np.zeros(shape, dtype=np.uint8)  # empty segment
-    reference = volumeGeometryImage(referenceVolumeNode, segmentationNode)
+    reference = volumeGeometryImage(referenceVolumeNode, segmentationNode,
+                                    None if box is None else _boxExtent(box))
     resampled = slicer.vtkOrientedImageData()
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
             labelmap, reference, resampled, False, False):
@@ -194,27 +214,34 @@ def changedBox(new_Kji: np.ndarray, old_Kji: Optional[np.ndarray]) -> Optional[B
 
 
 def writeSegmentFromArray(mask_Kji: np.ndarray, segmentationNode, segmentId: str,
-                          referenceVolumeNode, previous_Kji: Optional[np.ndarray] = None) -> Optional[BoxKji]:
+                          referenceVolumeNode, previous_Kji: Optional[np.ndarray] = None,
+                          box: Optional[BoxKji] = None) -> Optional[BoxKji]:
     """Replace a segment's voxels by ``mask_Kji`` where they differ; other segments untouched.
 
     mask_Kji: (K, J, I) mask on the reference volume's grid (nonzero = inside).
     previous_Kji: the segment on the same grid before the change (segmentToArray), if the caller
     already has it; read here otherwise. Only the box of changed voxels is written.
-    Returns the written box, or None when the segment already matched.
+    box: half-open KJI box of the grid that ``mask_Kji`` (and ``previous_Kji``) cover, e.g. one
+    slice; the segment's voxels outside it are left as they are. Default: the whole grid.
+    Returns the written box (in the whole grid's indices), or None when the segment already matched.
     """
     _requireSegment(segmentationNode, segmentId)
     shape = volumeShapeKji(referenceVolumeNode)
-    mask = np.asarray(mask_Kji)
-    if mask.shape != shape:
-        raise ValueError(f"mask shape {mask.shape} does not match volume shape {shape}")
-    if previous_Kji is None:
-        previous_Kji = segmentToArray(segmentationNode, segmentId, referenceVolumeNode)
-    box = changedBox(mask, previous_Kji)
     if box is None:
+        box = tuple((0, n) for n in shape)
+    _checkBox(box, shape)
+    mask = np.asarray(mask_Kji)
+    if mask.shape != _boxShape(box):
+        raise ValueError(f"mask shape {mask.shape} does not match the shape {_boxShape(box)} of box {box} "
+                         f"(volume shape {shape})")
+    if previous_Kji is None:
+        previous_Kji = segmentToArray(segmentationNode, segmentId, referenceVolumeNode, box=box)
+    changed = changedBox(mask, previous_Kji)
+    if changed is None:
         return None
-    (k0, k1), (j0, j1), (i0, i1) = box
-    extent = (i0, i1 - 1, j0, j1 - 1, k0, k1 - 1)
-    inside = mask[k0:k1, j0:j1, i0:i1] != 0
+    inside = mask[tuple(slice(a, b) for a, b in changed)] != 0
+    changed = tuple((a + origin, b + origin) for (a, b), (origin, _) in zip(changed, box))
+    extent = _boxExtent(changed)
     # Slicer's MODE_REPLACE replaces the WHOLE segment by the modifier (the extent only clips
     # it; on a shared layer it clears the segment first), so a box-sized modifier would drop
     # every voxel outside the box. Two merges confined to the box do what the Segment Editor's
@@ -242,7 +269,7 @@ def writeSegmentFromArray(mask_Kji: np.ndarray, segmentationNode, segmentId: str
         # its own layer first, so they keep their voxels (segments may overlap).
         if not logic.SetBinaryLabelmapToSegment(add, segmentationNode, segmentId, logic.MODE_MERGE_MASK, extent):
             raise InputError(f"Writing segment '{segmentId}' into '{segmentationNode.GetName()}' failed.")
-    return box
+    return changed
 
 
 def referenceGeometryImage(segmentationNode, sourceVolumeNode=None) -> "slicer.vtkOrientedImageData":

@@ -102,11 +102,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if viewWidget is None or viewWidget.className() != "qMRMLSliceWidget":
             return False
         self.lastSliceNode = viewWidget.mrmlSliceNode()
-        if self.session is None or self.session.state != "preview":
+        if self.session is None or self.session.state not in ("preview", "updating"):
             return False
         if eventId not in (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.RightButtonPressEvent):
             return False
-        if self.clickRunning:  # a click still encoding its slice (events are processed meanwhile)
+        if self.clickRunning or self.session.state == "updating":
+            # A click still encoding its slice, or an update running (events are processed
+            # meanwhile): the press is consumed and ignored.
             return True
         positive = eventId == vtk.vtkCommand.LeftButtonPressEvent and not callerInteractor.GetShiftKey()
         point_World = self.xyToRas(callerInteractor.GetEventPosition(), viewWidget)
@@ -153,7 +155,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         logic = ProtoSAMLogic()
         logic.idle = slicer.app.processEvents
         self.session = EffectSession(logic, self.scriptedEffect.saveStateForUndo, self._modifySegment,
-                                     self.scriptedEffect.defaultModifierLabelmap)
+                                     self.scriptedEffect.defaultModifierLabelmap,
+                                     editedSegmentationNode=lambda: self.scriptedEffect.parameterSetNode().GetSegmentationNode())
+        self.session.stateChanged = self.updateGUI  # an update starts or ends (events are processed meanwhile)
         return True
 
     def _modifySegment(self, labelmap, segmentId):
@@ -208,8 +212,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def onCancel(self):
         if self.session is not None:
+            state = self.session.state
             self.session.cancel()
-            self.ui.statusLabel.text = _("Cancelling...") if self.session.state == "running" else _("Discarded.")
+            if state == "updating":
+                self.ui.statusLabel.text = _("Cancelling the update...")
+            else:
+                self.ui.statusLabel.text = _("Cancelling...") if self.session.state == "running" else _("Discarded.")
         self.updateGUI()
 
     def onUndoClick(self):
@@ -235,12 +243,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.ui.progressBar.maximum = total
             self.ui.progressBar.value = done
 
-        # The update runs in the worker process; the logic processes events while it waits.
-        self.ui.progressBar.visible = True
+        from protosam.errors import CancelledError
+
+        # The update runs in the worker process; the logic processes events while it waits, and
+        # the session's "updating" state (stateChanged -> updateGUI) leaves only Cancel enabled.
+        self.ui.statusLabel.text = _("Updating the preview from the corrected slices...")
         try:
             with slicer.util.tryWithErrorDisplay(_("Updating the preview failed."), waitCursor=True):
-                self.session.updateVolume(progressCallback=showProgress)
-                self.ui.statusLabel.text = _("Preview updated from the corrected slices: Apply or Cancel.")
+                try:
+                    self.session.updateVolume(progressCallback=showProgress)
+                    self.ui.statusLabel.text = _("Preview updated from the corrected slices: Apply or Cancel.")
+                except CancelledError:
+                    self.ui.statusLabel.text = _("Update cancelled; the preview is as it was.")
         finally:
             self.updateGUI()
 
@@ -252,13 +266,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             state = "click"
         self.ui.propagateButton.enabled = state == "idle"
         self.ui.applyButton.enabled = state == "preview"
-        self.ui.cancelButton.enabled = state in ("running", "preview")
+        self.ui.cancelButton.enabled = state in ("running", "preview", "updating")
         hasClicks = state == "preview" and self.session.hasClicks
         self.ui.undoClickButton.enabled = hasClicks
         self.ui.clearSliceButton.enabled = hasClicks
         self.ui.updateVolumeButton.enabled = state == "preview"
         if state != "click":
-            self.ui.progressBar.visible = state == "running"
+            self.ui.progressBar.visible = state in ("running", "updating")
         try:
             from ProtoSAM import readSetting
 
