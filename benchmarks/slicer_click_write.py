@@ -30,28 +30,12 @@ import numpy as np
 
 
 def buildScene():
-    """A scene with the logics Slicer registers (as Testing/slicer/conftest.py's ``scene``)."""
+    """A scene with the logics Slicer registers (the tests' own helper), set as slicer.mrmlScene."""
     import slicer
+    from slicer_mrml_helpers import sceneWithLogics
 
-    scene = slicer.vtkMRMLScene()
-    appLogic = slicer.vtkSlicerApplicationLogic()
-    appLogic.SetMRMLScene(scene)
-    colorLogic = slicer.vtkSlicerColorLogic()
-    colorLogic.SetMRMLApplicationLogic(appLogic)
-    colorLogic.SetMRMLScene(scene)
-    appLogic.SetModuleLogic("Colors", colorLogic)
-    segmentationsLogic = slicer.vtkSlicerSegmentationsModuleLogic()
-    segmentationsLogic.SetMRMLApplicationLogic(appLogic)
-    segmentationsLogic.SetMRMLScene(scene)
-    volumesLogic = slicer.vtkSlicerVolumesLogic()
-    volumesLogic.SetMRMLApplicationLogic(appLogic)
-    volumesLogic.SetMRMLScene(scene)
+    scene, slicer.modules = sceneWithLogics()
     slicer.mrmlScene = scene
-    slicer.modules = types.SimpleNamespace(
-        segmentations=types.SimpleNamespace(logic=lambda: segmentationsLogic),
-        volumes=types.SimpleNamespace(logic=lambda: volumesLogic),
-        colors=types.SimpleNamespace(logic=lambda: colorLogic))
-    scene._keep = (appLogic, colorLogic, segmentationsLogic, volumesLogic)
     return scene
 
 

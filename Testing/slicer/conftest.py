@@ -33,28 +33,12 @@ for _path in (REPO / "ProtoSAMSlicer" / "ProtoSAM", REPO / "ProtoSAMSlicer" / "S
 def scene():
     """A fresh MRML scene with the logics Slicer modules would register, set as slicer.mrmlScene."""
     slicer = require_slicer_core()
-    mrmlScene = slicer.vtkMRMLScene()
-    appLogic = slicer.vtkSlicerApplicationLogic()
-    appLogic.SetMRMLScene(mrmlScene)
-    colorLogic = slicer.vtkSlicerColorLogic()
-    colorLogic.SetMRMLApplicationLogic(appLogic)
-    colorLogic.SetMRMLScene(mrmlScene)
-    appLogic.SetModuleLogic("Colors", colorLogic)
-    # Registers the labelmap <-> surface converters: without it AddEmptySegment returns ''.
-    segmentationsLogic = slicer.vtkSlicerSegmentationsModuleLogic()
-    segmentationsLogic.SetMRMLApplicationLogic(appLogic)
-    segmentationsLogic.SetMRMLScene(mrmlScene)
-    volumesLogic = slicer.vtkSlicerVolumesLogic()
-    volumesLogic.SetMRMLApplicationLogic(appLogic)
-    volumesLogic.SetMRMLScene(mrmlScene)
+    from slicer_mrml_helpers import sceneWithLogics
+
+    mrmlScene, modules = sceneWithLogics()
     saved = {name: getattr(slicer, name, None) for name in ("mrmlScene", "modules")}
     slicer.mrmlScene = mrmlScene
-    slicer.modules = types.SimpleNamespace(
-        segmentations=types.SimpleNamespace(logic=lambda: segmentationsLogic),
-        volumes=types.SimpleNamespace(logic=lambda: volumesLogic),
-        colors=types.SimpleNamespace(logic=lambda: colorLogic),
-    )
-    mrmlScene._protosamTestLogics = (appLogic, colorLogic, segmentationsLogic, volumesLogic)
+    slicer.modules = modules
     try:
         yield mrmlScene
     finally:

@@ -2,8 +2,37 @@
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import slicer
+
+
+def sceneWithLogics():
+    """A new MRML scene with the logics Slicer's modules register, and ``slicer.modules``-like
+    access to them: (scene, modules). Set both as ``slicer.mrmlScene`` / ``slicer.modules`` to
+    use ``slicer.util`` helpers (the ``scene`` fixture does, and restores them after)."""
+    scene = slicer.vtkMRMLScene()
+    appLogic = slicer.vtkSlicerApplicationLogic()
+    appLogic.SetMRMLScene(scene)
+    colorLogic = slicer.vtkSlicerColorLogic()
+    colorLogic.SetMRMLApplicationLogic(appLogic)
+    colorLogic.SetMRMLScene(scene)
+    appLogic.SetModuleLogic("Colors", colorLogic)
+    # Registers the labelmap <-> surface converters: without it AddEmptySegment returns ''.
+    segmentationsLogic = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentationsLogic.SetMRMLApplicationLogic(appLogic)
+    segmentationsLogic.SetMRMLScene(scene)
+    volumesLogic = slicer.vtkSlicerVolumesLogic()
+    volumesLogic.SetMRMLApplicationLogic(appLogic)
+    volumesLogic.SetMRMLScene(scene)
+    modules = types.SimpleNamespace(
+        segmentations=types.SimpleNamespace(logic=lambda: segmentationsLogic),
+        volumes=types.SimpleNamespace(logic=lambda: volumesLogic),
+        colors=types.SimpleNamespace(logic=lambda: colorLogic),
+    )
+    scene._protosamTestLogics = (appLogic, colorLogic, segmentationsLogic, volumesLogic)  # kept alive with it
+    return scene, modules
 
 
 def ijkToRasFrom(directions, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)) -> np.ndarray:
