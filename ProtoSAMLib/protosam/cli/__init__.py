@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import __version__
 from .common import (
-    ProgressBar, add_model_options, check_support_slices, engine_from_args, parse_support_slices, propagate_labels,
+    ProgressBar, add_label_options, add_model_options, check_support_slices, engine_from_args, propagate_labels,
     read_segment_inputs,
 )
 from ..errors import CancelledError, InputError, ProtoSAMError
@@ -146,13 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--image", required=True, help="volume to segment (NIfTI, NRRD, ...)")
     segment.add_argument("--support-image", default=None, help="volume the support labels were drawn on (default: --image)")
     segment.add_argument("--support-mask", required=True, help="label map on the support image's grid")
-    segment.add_argument("--labels", default=None, help="comma-separated labels to propagate (default: all)")
-    segment.add_argument(
-        "--support-slice", type=parse_support_slices, default=None, metavar="K[,K...]|painted",
-        help="support slice indices along the support's slicing axis, in the file's own voxel order, or 'painted' "
-             "for every painted slice of each label "
-             "(default: the slice where each label is largest)",
-    )
+    add_label_options(segment)
     segment.add_argument(
         "--support-mode", default="nearest", choices=["nearest", "all"],
         help="with several support slices: each slice uses the nearest one's prototypes (default), or all pooled",
@@ -162,9 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="give each voxel to at most one label: the one whose refined mask probability is highest there "
              "(ties: the label listed first); without it the label listed first keeps every overlap",
     )
-    segment.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"],
-                         help="slicing plane (auto: the coarsest-spacing axis, axial when isotropic)")
-    segment.add_argument("--modality", default="auto", choices=["auto", "ct", "mri", "none"])
     segment.add_argument("--output", required=True, help="output label map (same geometry as --image)")
     segment.add_argument("--report", default=None, metavar="DIR", help="also write overlay pictures into DIR")
     add_model_options(segment)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..cohorts.batch import default_summary_path, run_batch
-from .common import add_model_options, parse_support_slices
+from .common import add_label_options, add_model_options
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -41,15 +41,7 @@ def add_subcommand(commands) -> None:
     batch.add_argument("--support-image", default=None, metavar="S",
                        help="volume the support labels were drawn on (default: each row's own image)")
     batch.add_argument("--support-mask", default=None, metavar="M", help="label map on the support image's grid")
-    batch.add_argument("--labels", default=None, help="comma-separated labels to propagate (default: all)")
-    batch.add_argument(
-        "--support-slice", type=parse_support_slices, default=None, metavar="K[,K...]|painted",
-        help="as for 'protosam segment', for every row: support slice indices along the support's slicing axis, in "
-             "the file's own voxel order, or 'painted' for every painted slice of each label "
-             "(default: the slice where each label is largest)",
-    )
-    batch.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"])
-    batch.add_argument("--modality", default="auto", choices=["auto", "ct", "mri", "none"])
+    add_label_options(batch, every_row=True)
     batch.add_argument("--summary", default=None, metavar="FILE", help="summary CSV (default: <manifest>.summary.csv beside it)")
     batch.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                        help="run on Ray: no ADDRESS = connect to or start a local instance; 'auto', host:port or ray://...")

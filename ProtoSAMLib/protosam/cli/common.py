@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ProgressBar", "add_model_options", "engine_from_args", "SegmentInputs", "read_segment_inputs",
-    "propagate_labels", "parse_support_slices", "check_support_slices",
+    "propagate_labels", "parse_support_slices", "check_support_slices", "add_label_options",
 ]
 
 
@@ -76,6 +76,21 @@ class ProgressBar:
             self.stream.write("\n")
             self.stream.flush()
             self._open_line = False
+
+
+def add_label_options(parser: argparse.ArgumentParser, *, every_row: bool = False) -> None:
+    """``--labels``, ``--support-slice``, ``--axis`` and ``--modality``: one definition and one
+    grammar for ``segment`` and ``batch`` (``every_row``: the help says they apply to every row)."""
+    rows = "as for 'protosam segment', for every row: " if every_row else ""
+    parser.add_argument("--labels", default=None, help="comma-separated labels to propagate (default: all)")
+    parser.add_argument(
+        "--support-slice", type=parse_support_slices, default=None, metavar="K[,K...]|painted",
+        help=f"{rows}support slice indices along the support's slicing axis, in the file's own voxel order, or "
+             "'painted' for every painted slice of each label (default: the slice where each label is largest)",
+    )
+    parser.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"],
+                        help="slicing plane (auto: the coarsest-spacing axis, axial when isotropic)")
+    parser.add_argument("--modality", default="auto", choices=["auto", "ct", "mri", "none"])
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, default_size: int = catalogue.DEFAULT_INPUT_SIZE) -> None:
