@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "read_volume", "write_labelmap", "check_same_geometry", "slice_axis_for_plane", "atomic_output",
     "save_npz_atomic", "PLANES", "MAX_LABEL_VALUE", "LABELMAP_FORMATS", "labelmap_files", "volume_files",
-    "same_file", "check_input_file", "check_output_file", "check_labelmap_output", "check_report_folder",
+    "same_file", "check_input_file", "check_labelmap_output", "check_report_folder",
     "check_segment_paths", "check_writable", "check_labelmap_format", "WritePlan",
 ]
 
@@ -357,14 +357,19 @@ def _check_place(output: _Output) -> None:
     if not folder.is_dir():
         if not output.make_folder:
             raise InputError(f"The folder of {option} {path} does not exist: create {folder} first.")
-        existing = folder
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
+        existing = _nearest_existing(folder)
         if not existing.is_dir():
             raise InputError(f"The folder of {option} {path} cannot be made: {existing} is a file, not a folder.")
         folder = existing
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"The folder of {option} {path} is not writable: choose another output path.")
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor (where a missing folder would be created)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def check_writable(path: PathLike, option: str, inputs: Mapping[str, Optional[PathLike]],
@@ -377,13 +382,6 @@ def check_writable(path: PathLike, option: str, inputs: Mapping[str, Optional[Pa
     plan.write(option, path, files)
     plan.check()
     return Path(path)
-
-
-def check_output_file(path: PathLike, option: str, inputs: Mapping[str, PathLike],
-                      files: Optional[Sequence[Path]] = None) -> Path:
-    """Check, before any work, that ``path`` can be written and overwrites no input
-    (:func:`check_writable`, under its former name)."""
-    return check_writable(path, option, inputs, files)
 
 
 def check_labelmap_output(path: PathLike, option: str, inputs: Mapping[str, PathLike]) -> Path:
@@ -408,9 +406,7 @@ def check_report_folder(path: PathLike, option: str, output: Optional[PathLike] 
     path = Path(path)
     if output is not None and os.path.abspath(path) == os.path.abspath(output):
         raise InputError(f"{option} {path} is the output file; give a folder for the report.")
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _nearest_existing(path)
     if not existing.is_dir():
         raise InputError(f"{option} {path}: {existing} is a file, not a folder; give a folder for the report.")
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -58,12 +58,12 @@ def _pad_prompts(prompts_per_query):
 
 
 def cmd_slices(args) -> int:
-    from ..io import check_input_file, check_output_file, save_npz_atomic
+    from ..io import check_input_file, check_writable, save_npz_atomic
 
     inputs = {"--support-image": args.support_image, "--support-mask": args.support_mask, "--queries": args.queries}
     for option, path in inputs.items():
         check_input_file(path, option)
-    check_output_file(args.out, "--out", inputs)
+    check_writable(args.out, "--out", inputs)
     support_image = _load_npy(args.support_image, "support image")
     support_mask = _load_npy(args.support_mask, "support mask")
     queries = _load_npy(args.queries, "queries")
