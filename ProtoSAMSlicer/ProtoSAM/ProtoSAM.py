@@ -31,6 +31,7 @@ from slicer.i18n import translate
 logger = logging.getLogger(__name__)
 
 POLL_INTERVAL_MS = 100
+ERROR_RETRY_MS = 250
 SLICE_VIEWS = {"Red": "vtkMRMLSliceNodeRed", "Yellow": "vtkMRMLSliceNodeYellow", "Green": "vtkMRMLSliceNodeGreen"}
 
 
@@ -128,6 +129,51 @@ def optionsFromSettings(autoExtent=None):
     return settings.processOptions(qt.QSettings(), autoExtent=autoExtent)
 
 
+_pendingErrors = []  # (text, windowTitle) waiting for the dialog that is open to close
+_errorRetryScheduled = False
+
+
+def showError(text, windowTitle=None):
+    """``slicer.util.errorDisplay``, one dialog at a time (the module and the effect use it for
+    errors that arrive while jobs are polled).
+
+    A modal dialog runs a nested event loop in which Qt keeps firing QTimers: the module's and
+    the effect's poll timers (and every other) go on delivering job events while a dialog is
+    open, and an error shown from there would open a second dialog on top of the first. So when
+    any modal dialog is open the error waits, and is shown once that dialog has closed.
+    """
+    _pendingErrors.append((text, windowTitle or _("ProtoSAM")))
+    _showPendingErrors()
+
+
+def _showPendingErrors(retry=False):
+    global _errorRetryScheduled
+    if retry:
+        _errorRetryScheduled = False
+    if qt.QApplication.activeModalWidget() is not None:
+        if not _errorRetryScheduled:
+            _errorRetryScheduled = True
+            qt.QTimer.singleShot(ERROR_RETRY_MS, lambda: _showPendingErrors(retry=True))
+        return
+    while _pendingErrors:  # errors arriving while one is shown are queued, then shown here
+        text, windowTitle = _pendingErrors.pop(0)
+        slicer.util.errorDisplay(text, windowTitle=windowTitle)
+
+
+def batchFailureMessage(failures, volumeCount, previewsReady):
+    """One message for the failed volumes of a run: (volume name, error) pairs; volumes that
+    failed with the same error share a line."""
+    if volumeCount <= 1 and len(failures) == 1:
+        return _("ProtoSAM failed: {error}").format(error=failures[0][1])
+    byError = {}
+    for name, error in failures:
+        byError.setdefault(str(error), []).append(name)
+    text = _("ProtoSAM failed on {failed} of {count} volumes.").format(failed=len(failures), count=volumeCount)
+    if previewsReady:
+        text += " " + _("The previews of the other volumes are ready: Accept or Discard.")
+    return text + "\n\n" + "\n".join("- " + ", ".join(names) + ": " + error for error, names in byError.items())
+
+
 def ensureDependencies() -> bool:
     """First-run setup: one confirmation listing everything, then install. True when ready."""
     from ProtoSAMSlicerLib import dependencies
@@ -158,6 +204,8 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self.jobs = []
+        self.batchSize = 0
+        self.failures = []  # (volume name, error) of the running batch, shown when it ends
         self.results = []
         self.downloadJob = None
         self._afterDownload = None
@@ -399,6 +447,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 sliceRange = (parameters.firstSlice, parameters.lastSlice)
             options = dataclasses.replace(options, autoExtent=parameters.rangeMode is RangeMode.Automatic)
             targets = list(self.ui.targetVolumesSelector.checkedNodes())
+            self.batchSize, self.failures = len(targets), []
             self.jobs = self.logic.processBatch(
                 targets, segmentation, segmentIds, supportVolumeNode=supportVolume, sliceNormal_World=normal,
                 supportSlices=supportSlices, sliceRange=sliceRange, options=options, waitForCompletion=False,
@@ -460,13 +509,13 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.downloadJob = None
         self.updateWeightsStatus()
         after, self._afterDownload = self._afterDownload, None
+        self._stopPollingIfIdle()  # before a dialog: see showError
         if job.error is not None:
             self.ui.statusLabel.text = str(job.error)
             if job.state.value != "cancelled":
-                slicer.util.errorDisplay(str(job.error), windowTitle=_("ProtoSAM weights"))
+                showError(str(job.error), windowTitle=_("ProtoSAM weights"))
         elif after is not None:
             after()
-        self._stopPollingIfIdle()
 
     def onPoll(self):
         if self.logic is not None:
@@ -499,13 +548,24 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif isinstance(job.error, CancelledError):
             self.ui.statusLabel.text = str(job.error)
         else:
-            logger.error("ProtoSAM run failed: %s", job.error)
-            slicer.util.errorDisplay(_("ProtoSAM failed: {error}").format(error=job.error), windowTitle=_("ProtoSAM"))
+            # Shown once, for every failed volume, when the batch has ended (not one dialog per
+            # volume while the others still run: see showError).
+            name = job.nodes[0].GetName() if job.nodes else "?"
+            logger.error("ProtoSAM run on '%s' failed: %s", name, job.error)
+            self.failures.append((name, job.error))
         if all(j.finished for j in self.jobs):
+            volumeCount = len(self.jobs) or self.batchSize
             self.jobs = []
             self.refreshDeviceList()  # the worker has said which devices it has
             if self.results:
                 self.ui.statusLabel.text = _("Preview ready: Accept or Discard.")
+            failures, self.failures = self.failures, []
+            self._stopPollingIfIdle()  # the poll timer stops before the dialog opens
+            if failures:
+                self.ui.statusLabel.text = _("ProtoSAM failed on {failed} of {count} volume(s).").format(
+                    failed=len(failures), count=volumeCount)
+                showError(batchFailureMessage(failures, volumeCount, bool(self.results)), windowTitle=_("ProtoSAM"))
+            return
         self._stopPollingIfIdle()
 
     def _stopPollingIfIdle(self):

@@ -149,3 +149,15 @@ def slicerApp(scene, tmp_path, tinyModels, markupsLogic):
             sys.modules.pop(name, None)
         uninstall()
 
+
+
+@pytest.fixture
+def modalDialogs(slicerApp):
+    """``slicer.app.testingEnabled()`` False, as for a user: slicer.util's errorDisplay & co. open
+    modal dialogs, each a real nested Qt event loop (QTimers keep firing) that the stand-in user
+    answers after ``readSeconds`` (slicer_app_standins.ModalDialogs: ``shown``, ``maxOpen``)."""
+    slicerApp.testing = False
+    try:
+        yield slicerApp.dialogs
+    finally:
+        slicerApp.testing = True

@@ -8,7 +8,7 @@ segmentations logic and vtkSlicerSegmentEditorLogic, which the Segment Editor's 
 class delegates to) or for ProtoSAM's own code.
 
 ``install(scene)`` puts the stand-ins in place (``qt``, ``ctk``-style widget classes used by the
-.ui loader, ``slicer.app``, ``slicer.i18n``, ``slicer.ScriptedLoadableModule``,
+.ui loader, ``ctk.ctkMessageBox``, ``slicer.app`` (with the main window and modal dialogs), ``slicer.i18n``, ``slicer.ScriptedLoadableModule``,
 ``slicer.parameterNodeWrapper``, ``SegmentEditorEffects``, ``qSlicerSegmentationsEditorEffectsPythonQt``)
 and returns an ``uninstall`` callable.
 """
@@ -349,8 +349,12 @@ def _qtModule():
 class SlicerApplication:
     """Base/QTCore/qSlicerCoreApplication.h + Base/QTGUI/qSlicerApplication.h, as far as used:
     PythonQt-style ``connect`` to application signals (``emit`` plays them), processEvents,
-    testingEnabled (True, as when Slicer runs self-tests: dialogs are logged and skipped), override
-    cursors and render pausing."""
+    testingEnabled, topLevelWidgets (with the main window), override cursors and render pausing.
+
+    ``testing`` is what ``testingEnabled()`` answers: True (the default) as when Slicer runs
+    self-tests (``--testing``): slicer.util's errorDisplay & co. only log. False as for a user:
+    they open a modal ``ctkMessageBox`` over the main window, which ``dialogs`` (ModalDialogs)
+    runs in a real nested Qt event loop."""
 
     applicationName = "Slicer"
 
@@ -358,6 +362,12 @@ class SlicerApplication:
         self._qapplication = qapplication
         self._slots = {}
         self.renderPaused = 0
+        self.testing = True
+        self.dialogs = ModalDialogs()
+        # Base/QTApp/qSlicerMainWindow: slicer.util.mainWindow() finds it by object name among
+        # the application's top-level widgets; without it errorDisplay shows nothing.
+        self.mainWindowWidget = QT_CLASSES["QWidget"]()
+        self.mainWindowWidget.setObjectName("qSlicerMainWindow")
 
     def connect(self, signal, slot):
         self._slots.setdefault(signal, []).append(slot)
@@ -370,17 +380,46 @@ class SlicerApplication:
         self._qapplication.processEvents()
 
     def runEventLoopUntil(self, condition, timeout=300.0):
-        """The application's event loop (timers included) until ``condition()`` holds, so the
-        module's and the effect's QTimers poll as they do in Slicer."""
+        """The application's event loop until ``condition()`` holds, so the module's and the
+        effect's QTimers poll as they do in Slicer. A real ``QEventLoop.exec`` (as Slicer's
+        main loop): a modal dialog opened from a slot then runs a nested loop one level deeper,
+        and the ``deleteLater()`` slicer.util.messageBox calls before ``exec_()`` waits for
+        that dialog to close (with no loop running, Qt would delete it as the dialog opens)."""
+        if condition():
+            return
+        loop = QtCore.QEventLoop()
         deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the condition did not hold within {timeout} s")
-            self._qapplication.processEvents()
-            time.sleep(0.01)
+        outcome = {}
+
+        def check():
+            try:
+                if condition():
+                    loop.quit()
+                elif time.monotonic() > deadline:
+                    outcome["timeout"] = True
+                    loop.quit()
+            except BaseException as error:  # raised again below, out of the event loop
+                outcome["error"] = error
+                loop.quit()
+
+        checker = QtCore.QTimer()
+        checker.setInterval(10)
+        checker.timeout.connect(check)
+        checker.start()
+        try:
+            loop.exec()
+        finally:
+            checker.stop()
+        if "error" in outcome:
+            raise outcome["error"]
+        if outcome.get("timeout"):
+            raise TimeoutError(f"the condition did not hold within {timeout} s")
 
     def testingEnabled(self):
-        return True
+        return self.testing
+
+    def topLevelWidgets(self):
+        return QtWidgets.QApplication.topLevelWidgets()
 
     def setOverrideCursor(self, cursor):
         QtWidgets.QApplication.setOverrideCursor(cursor)
@@ -393,6 +432,90 @@ class SlicerApplication:
 
     def resumeRender(self):
         self.renderPaused -= 1
+
+
+class ModalDialogs:
+    """The user in front of the modal dialogs slicer.util opens when testing is off.
+
+    slicer.util (Base/Python/slicer/util.py, the real one from slicer-core runs here):
+    ``errorDisplay`` -> ``_messageDisplay``, which only logs when ``slicer.app.testingEnabled()``
+    and otherwise calls ``messageBox`` -> ``ctk.ctkMessageBox(mainWindow())`` ... ``mbox.exec_()``;
+    ``tryWithErrorDisplay`` calls ``errorDisplay`` only when testing is off. ``exec_`` is a
+    modal dialog's nested event loop: Qt goes on delivering every QTimer's timeouts (but not
+    those of a timer whose own timeout slot opened the dialog: Qt does not let a timer recurse,
+    qtimerinfo_unix.cpp QTimerInfoList::activateTimers), so the module's and the effect's poll
+    timers keep polling while the dialog is open. That is what happens here: the stand-in box
+    runs QMessageBox.exec (the real nested loop) and the "user" clicks ``answer`` once the
+    dialog is the top-most modal widget (one cannot click a dialog under another), has been
+    read for ``readSeconds``, and ``closeWhen()`` (if set) holds.
+
+    ``shown``: one dict per dialog in the order they opened (title, text, detailedText and
+    ``openAtOnce``, the number of dialogs open while it was); ``open``; ``maxOpen``.
+    """
+
+    def __init__(self):
+        self.readSeconds = 0.5
+        self.closeWhen = None
+        self.maxSeconds = 120.0
+        self.answer = QtWidgets.QMessageBox.Ok
+        self.open = 0
+        self.maxOpen = 0
+        self.shown = []
+
+    def run(self, box):
+        self.open += 1
+        self.maxOpen = max(self.maxOpen, self.open)
+        self.shown.append({"title": QtWidgets.QMessageBox.windowTitle(box).strip(),
+                           "text": QtWidgets.QMessageBox.text(box),
+                           "detailedText": QtWidgets.QMessageBox.detailedText(box), "openAtOnce": self.open})
+        opened = time.monotonic()
+
+        def userLooks():
+            if QtWidgets.QApplication.activeModalWidget() is not box:
+                return
+            waited = time.monotonic() - opened
+            if waited < self.readSeconds:
+                return
+            if self.closeWhen is not None and not self.closeWhen() and waited < self.maxSeconds:
+                return
+            closer.stop()
+            answered.append(True)
+            button = box.button(self.answer) or box.defaultButton()
+            if button is not None:
+                button.click()
+            else:
+                box.accept()
+
+        answered = []
+        closer = QtCore.QTimer()
+        closer.setInterval(20)
+        closer.timeout.connect(userLooks)
+        closer.start()
+        try:
+            result = QtWidgets.QMessageBox.exec(box)
+        finally:
+            closer.stop()
+            self.open -= 1
+        if not answered:
+            # messageBox() calls deleteLater() before exec_(): called outside any event loop (the
+            # test's own top level), Qt deletes the box as soon as exec_'s loop starts. In Slicer
+            # that code runs inside the application's event loop: open dialogs from a slot.
+            raise RuntimeError("the dialog closed before the user answered it (deleted by deleteLater()?)")
+        return result
+
+
+class ctkMessageBox(_pythonQtClass(QtWidgets.QMessageBox)):
+    """CTK Libs/Widgets/ctkMessageBox.h: a QMessageBox (with a "Don't show again" option, not
+    used here) as PythonQt exposes it; ``exec_`` is the modal loop, run by slicer.app.dialogs."""
+
+    def exec_(self):
+        return slicer.app.dialogs.run(self)
+
+
+def _ctkModule():
+    module = types.ModuleType("ctk")
+    module.ctkMessageBox = ctkMessageBox
+    return module
 
 
 def _i18nModule():
@@ -697,12 +820,14 @@ def install(settingsFolder):
     settingsFolder: where QSettings() writes (Slicer's application settings) for this test.
     """
     application = QtWidgets.QApplication.instance() or QtWidgets.QApplication(["slicer-standins"])
+    application.setQuitOnLastWindowClosed(False)  # Slicer's main window outlives its dialogs
     QtCore.QCoreApplication.setOrganizationName("ProtoSAMTests")
     QtCore.QCoreApplication.setApplicationName("Slicer")
     QtCore.QSettings.setDefaultFormat(QtCore.QSettings.IniFormat)
     QtCore.QSettings.setPath(QtCore.QSettings.IniFormat, QtCore.QSettings.UserScope, str(settingsFolder))
     modules = {
         "qt": _qtModule(),
+        "ctk": _ctkModule(),
         "slicer.i18n": _i18nModule(),
         "slicer.ScriptedLoadableModule": _scriptedLoadableModuleModule(),
         "slicer.parameterNodeWrapper": _parameterNodeWrapperModule(),
@@ -738,6 +863,7 @@ def install(settingsFolder):
                     delattr(slicer, name)
             else:
                 setattr(slicer, name, value)
+        attributes["app"].mainWindowWidget.deleteLater()
         qSlicerSegmentEditorEffectFactory._instance = None
         qSlicerSegmentEditorScriptedEffect.editorLogic = None
 

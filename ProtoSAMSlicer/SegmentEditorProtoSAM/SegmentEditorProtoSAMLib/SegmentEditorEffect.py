@@ -191,13 +191,17 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.ui.progressBar.value = done
 
     def onFinished(self, session):
-        self.pollTimer.stop()
+        self.pollTimer.stop()  # before a dialog: its event loop would go on running the timer
         if session.lastError is not None:
             self.ui.statusLabel.text = str(session.lastError)
             from protosam.errors import CancelledError
 
             if not isinstance(session.lastError, CancelledError):
-                slicer.util.errorDisplay(_("ProtoSAM failed: {error}").format(error=session.lastError))
+                # Not on top of a dialog already open (e.g. the module's, whose timer kept
+                # polling this run): ProtoSAM.showError waits for it to close.
+                from ProtoSAM import showError
+
+                showError(_("ProtoSAM failed: {error}").format(error=session.lastError), windowTitle=_("ProtoSAM"))
         else:
             segment = session.segmentationNode.GetSegmentation().GetSegment(session.segmentId)
             self.ui.statusLabel.text = _("Preview of '{segment}' ready: Apply or Cancel.").format(
