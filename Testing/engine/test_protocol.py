@@ -74,7 +74,8 @@ def example(cls):
               "session_id": "s1", "engine": {"models": {}}, "volume": protocol.Image(np.zeros((3, 4, 5), np.int16), np.eye(4)),
               "structures": {"liver": np.zeros((3, 4, 5), np.uint8)}, "structure": "liver", "axis": 0, "slice_index": 2,
               "mask": np.ones((4, 5), np.uint8), "points": [[1.5, 2.0]], "labels": [1], "level": 20, "name": "protosam",
-              "devices": [{"name": "cpu", "type": "cpu", "label": "CPU"}], "auto": "cpu"}
+              "devices": [{"name": "cpu", "type": "cpu", "label": "CPU"}], "auto": "cpu",
+              "box": [1.0, 2.0, 3.5, 4.0], "positive": False, "radius": 1.5, "negatives": np.zeros((3, 4, 5), np.uint8)}
     if cls is protocol.ReleaseCaches:
         values["models"] = True
     fields = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
@@ -246,6 +247,71 @@ def test_file_references_only_inside_the_trusted_folder(tmp_path):
 def test_unencodable_values_are_refused(kwargs, match):
     with pytest.raises(ProtocolError, match=match):
         protocol.encode(submit(**kwargs))
+
+
+# ----------------------------------------------------------------------------- gesture messages
+def gesture_header(type_: str, **fields) -> bytes:
+    target = {"id": "g", "session_id": "s", "structure": "organ", "axis": 0, "slice_index": 2}
+    return with_header({"type": type_, "fields": dict(target, **fields), "arrays": []})
+
+
+def test_gesture_messages_round_trip_as_plain_floats():
+    target = dict(id="g", session_id="s", structure="organ", axis=np.int64(0), slice_index=np.int64(2))
+    box = protocol.decode(protocol.encode(protocol.SessionBox(**target, box=np.array([4, 1, 0.5, 3]))))
+    assert box.box == [4.0, 1.0, 0.5, 3.0] and box.slice_index == 2 and type(box.slice_index) is int
+    points = np.array([[1, 2], [3.5, 4]])
+    scribble = protocol.decode(protocol.encode(protocol.SessionScribble(**target, points=points, positive=np.bool_(True))))
+    assert scribble.points == [[1.0, 2.0], [3.5, 4.0]] and scribble.positive is True and scribble.radius == 0.0
+    lasso = protocol.decode(protocol.encode(protocol.SessionLasso(**target, points=points.tolist(), positive=False)))
+    assert lasso.points == [[1.0, 2.0], [3.5, 4.0]] and lasso.positive is False
+    assert isinstance(protocol.decode(protocol.encode(protocol.SessionUndo(**target))), protocol.SessionUndo)
+    cleared = protocol.decode(protocol.encode(protocol.SessionSetNegatives(id="n", session_id="s", structure="organ")))
+    assert cleared.negatives is None
+    volume = np.zeros((3, 4, 5), np.uint8)
+    volume[1, 2, 3] = 1
+    negatives = protocol.decode(protocol.encode(protocol.SessionSetNegatives(id="n", session_id="s", structure="organ",
+                                                                             negatives=volume)))
+    np.testing.assert_array_equal(negatives.negatives, volume)
+    assert all(cls in protocol.SESSION_TYPES for cls in (protocol.SessionBox, protocol.SessionScribble,
+                                                          protocol.SessionLasso, protocol.SessionUndo,
+                                                          protocol.SessionSetNegatives))
+
+
+@pytest.mark.parametrize("data, match", [
+    (gesture_header("session_box", box=[1, 2, 3]), r"box must be 4 finite numbers"),
+    (gesture_header("session_box", box=[1, 2, 3, "4"]), r"box must be 4 finite numbers"),
+    (gesture_header("session_box", box=[1, 2, 3, True]), r"box must be 4 finite numbers"),
+    (gesture_header("session_box", box=[1, 2, 3, 1e400]), r"Infinity is not a number"),
+    (gesture_header("session_box", box=[1, 2, 3, 4], slice_index=2.5), r"slice_index must be an integer"),
+    (gesture_header("session_scribble", points=[], positive=True), r"non-empty list"),
+    (gesture_header("session_scribble", points=[[1, 2, 3]], positive=True), r"point 0 must be 2 finite numbers"),
+    (gesture_header("session_scribble", points=[[1, 2]], positive=1), r"positive must be true or false"),
+    (gesture_header("session_scribble", points=[[1, 2]], positive=True, radius=-1), r"radius must be between"),
+    (gesture_header("session_scribble", points=[[1, 2]] * (protocol.MAX_GESTURE_POINTS + 1), positive=True),
+     r"scribble of 10001 points is more than the 10000"),
+    (gesture_header("session_lasso", points=[[0, 0], [1, 0], [None, 1]], positive=False), r"point 2 must be"),
+    (gesture_header("session_lasso", points=[[0, 0]] * (protocol.MAX_GESTURE_POINTS + 1), positive=False),
+     r"lasso of 10001 points"),
+    (with_header({"type": "session_set_negatives", "fields": {"id": "n", "session_id": "s", "structure": "o",
+                                                              "negatives": [[[1]]]}}), r"3-D uint8 volume or none"),
+    (with_header({"type": "session_set_negatives", "fields": {"id": "n", "session_id": "s", "structure": "o",
+                                                              "negatives": {"$array": 0}},
+                  "arrays": [{"dtype": "<f4", "shape": [1, 1, 2], "offset": 0, "nbytes": 8}]}, b"\0" * 8),
+     r"got float32 \(1, 1, 2\)"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_malformed_gesture_messages_get_clear_errors(data, match):
+    with pytest.raises(ProtocolError, match=match):
+        protocol.decode(data)
+
+
+def test_malformed_gesture_messages_cannot_be_built_either():
+    target = dict(id="g", session_id="s", structure="organ", axis=0, slice_index=1)
+    with pytest.raises(ProtocolError, match="finite"):
+        protocol.SessionBox(**target, box=[0, 0, float("nan"), 1])
+    with pytest.raises(ProtocolError, match="more than the 10000"):
+        protocol.SessionLasso(**target, points=np.zeros((10_001, 2)), positive=True)
+    with pytest.raises(ProtocolError, match="3-D uint8"):
+        protocol.SessionSetNegatives(id="n", session_id="s", structure="organ", negatives=np.zeros((4, 5), np.uint8))
 
 
 # ----------------------------------------------------------------------------- the real process
@@ -437,3 +503,80 @@ def test_a_click_that_must_encode_its_slice_reports_progress_and_a_cached_one_do
                                                  slice_index=3, points=[[20, 20]], labels=[1]))
             progress = messages_until_reply(f"{name}-{click}")
             assert progress == ([(0, 1), (1, 1)] if click == "a" else second_click), (name, click)
+
+
+def test_worker_process_answers_boxes_lassos_scribbles_undo_and_negatives_as_the_session_does(worker, tmp_path,
+                                                                                               tiny_models):
+    """protocol.SessionBox / SessionLasso / SessionScribble / SessionUndo / SessionSetNegatives
+    in a real worker: each reply's slice mask equals the same call on an in-process Session on
+    the same inputs, the reply lists the slice's corrections, undo restores, and the engine's
+    refusals come back as InputError replies."""
+    import dataclasses
+
+    import torch
+
+    from protosam import Engine
+    from protosam.session import Session
+
+    channel, _ = worker
+    volume, truth = organ_volume(6)
+    spec = {"models": dataclasses.asdict(tiny_models), "preset": "default", "device": "cpu"}
+    options = {"axis": 0, "modality": "none", "support_slices": {"organ": [2]}, "auto_extent": False}
+
+    def reply_to(identifier, error=False):
+        while True:
+            message = protocol.decode(channel.receive(), file_dir=tmp_path)
+            if isinstance(message, (protocol.LogRecord, protocol.JobProgress)):
+                continue
+            assert message.id == identifier, message
+            assert isinstance(message, protocol.ErrorReply) == error, message
+            return message if error else message.value
+
+    def target(identifier):
+        return dict(id=identifier, session_id="g", structure="organ", axis=0, slice_index=4)
+
+    channel.send(protocol.SessionOpen(id="o", session_id="g", engine=spec, volume=protocol.Image(volume, np.eye(4)),
+                                      structures={"organ": truth}, options=options))
+    opened = reply_to("o")
+    lasso_points = [[10, 10], [30, 10], [30, 30], [10, 30]]
+    scribble_points = [[15, 15], [25, 25]]
+    channel.send(protocol.SessionBox(**target("b"), box=[12, 10, 30, 28]))
+    boxed = reply_to("b")
+    channel.send(protocol.SessionLasso(**target("l"), points=lasso_points, positive=False))
+    lassoed = reply_to("l")
+    channel.send(protocol.SessionScribble(**target("s"), points=scribble_points, positive=True, radius=1))
+    scribbled = reply_to("s")
+    channel.send(protocol.SessionUndo(**target("u1")))
+    undone = reply_to("u1")
+    channel.send(protocol.SessionUndoClick(**target("u2")))  # the old name undoes gestures too
+    undone_twice = reply_to("u2")
+    channel.send(protocol.SessionLasso(**target("bad"), points=[[1, 1], [2, 2]], positive=True))
+    refused = reply_to("bad", error=True)
+    negatives = np.zeros(volume.shape, np.uint8)
+    negatives[:, 20:, :] = 1
+    channel.send(protocol.SessionSetNegatives(id="n", session_id="g", structure="organ", negatives=negatives))
+    assert reply_to("n") == {"negatives": True}
+    channel.send(protocol.SessionUpdate(id="up", session_id="g", structure="organ"))
+    updated = reply_to("up")
+    channel.send(protocol.SessionSetNegatives(id="n0", session_id="g", structure="organ"))
+    assert reply_to("n0") == {"negatives": False}
+    channel.send(protocol.SessionClose(id="x", session_id="g"))
+    assert reply_to("x") == {"closed": True}
+
+    torch.set_num_threads(torch.get_num_threads())
+    local = Session(Engine(tiny_models, preset="default", device="cpu"), volume, modality="none", auto_extent=False)
+    before = local.start({"organ": truth}, support_slices={"organ": [2]})["organ"]
+    np.testing.assert_array_equal(opened["masks"]["organ"], before)
+    np.testing.assert_array_equal(boxed["mask"], local.box("organ", 4, (12, 10, 30, 28)))
+    np.testing.assert_array_equal(lassoed["mask"], local.lasso("organ", 4, lasso_points, False))
+    np.testing.assert_array_equal(scribbled["mask"], local.scribble("organ", 4, scribble_points, True, radius=1))
+    assert not np.array_equal(lassoed["mask"], boxed["mask"])  # the negative lasso changed the slice
+    assert scribbled["corrections"] == ["box", "lasso", "scribble"] and scribbled["clicks"] == []
+    np.testing.assert_array_equal(undone["mask"], lassoed["mask"])
+    np.testing.assert_array_equal(undone_twice["mask"], boxed["mask"])
+    assert undone["corrections"] == ["box", "lasso"] and undone_twice["corrections"] == ["box"]
+    assert refused.error_type == "InputError" and "at least 3" in refused.message
+    local.undo("organ", 4)
+    local.undo("organ", 4)
+    local.set_negatives("organ", negatives)
+    np.testing.assert_array_equal(updated["mask"], local.update("organ"))

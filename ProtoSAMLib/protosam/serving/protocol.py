@@ -39,7 +39,9 @@ __all__ = [
     "PROTOCOL_VERSION", "ProtocolError", "NotSupportedError", "WorkerCrashedError", "Image", "Message",
     "Hello", "JobSubmit", "JobProgress", "JobCancel", "JobResult", "ErrorReply", "HealthRequest", "Health",
     "ReleaseCaches", "ModelsStatusRequest", "ModelsStatus", "DevicesRequest", "Devices", "SessionOpen", "SessionAddSupport",
-    "SessionCorrect", "SessionUndoClick", "SessionClearClicks", "SessionUpdate", "SessionClose", "LogRecord", "Shutdown", "EngineSpec",
+    "SessionCorrect", "SessionUndoClick", "SessionClearClicks", "SessionUpdate", "SessionClose", "SessionBox",
+    "SessionScribble", "SessionLasso", "SessionUndo", "SessionSetNegatives", "MAX_GESTURE_POINTS", "LogRecord", "Shutdown",
+    "EngineSpec",
     "encode", "decode", "read_prefix", "PREFIX_SIZE", "new_id", "error_from_reply", "ERROR_TYPES",
 ]
 
@@ -336,6 +338,156 @@ class SessionClearClicks(Message):
     slice_index: int
 
 
+#: Most points a scribble or a lasso may carry (a hand-drawn stroke has hundreds): bounds the
+#: header and the rasterisation work a message can ask for.
+MAX_GESTURE_POINTS = 10_000
+#: Largest scribble radius, in voxels.
+MAX_SCRIBBLE_RADIUS = 1000.0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _finite_numbers(values: Any, count: int, where: str) -> List[float]:
+    if isinstance(values, np.ndarray):
+        values = values.tolist()
+    if (not isinstance(values, (list, tuple)) or len(values) != count or not all(_is_number(v) for v in values)
+            or not all(math.isfinite(float(v)) for v in values)):
+        raise ProtocolError(f"{where} must be {count} finite numbers, got {str(values)[:80]}")
+    return [float(v) for v in values]
+
+
+def _gesture_points(message: Message, what: str) -> None:
+    points = message.points  # type: ignore[attr-defined]
+    if isinstance(points, np.ndarray):
+        points = points.tolist()
+    if not isinstance(points, (list, tuple)) or not points:
+        raise ProtocolError(f"'{message.TYPE}': points must be a non-empty list of [x, y] voxel positions")
+    if len(points) > MAX_GESTURE_POINTS:
+        raise ProtocolError(f"'{message.TYPE}': a {what} of {len(points)} points is more than the {MAX_GESTURE_POINTS} a "
+                            f"message may carry; simplify the {what}")
+    message.points = [_finite_numbers(p, 2, f"'{message.TYPE}' point {i}")  # type: ignore[attr-defined]
+                      for i, p in enumerate(points)]
+    if not isinstance(message.positive, (bool, np.bool_)):  # type: ignore[attr-defined]
+        raise ProtocolError(f"'{message.TYPE}': positive must be true or false, got {message.positive!r}")  # type: ignore
+    message.positive = bool(message.positive)  # type: ignore[attr-defined]
+
+
+def _slice_target(message: Message) -> None:
+    for name in ("axis", "slice_index"):
+        value = getattr(message, name)
+        if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
+            raise ProtocolError(f"'{message.TYPE}': {name} must be an integer, got {value!r}")
+        setattr(message, name, int(value))
+
+
+@dataclasses.dataclass
+class SessionBox(Message):
+    """A box dragged on slice ``slice_index``: ``box`` ``[x0, y0, x1, y1]`` in the slice's pixel
+    frame (column, row; inclusive, any corner order; see protosam.session.Session.box). Every
+    refiner takes it (MedSAM too). Reply: as a click's (``mask``, ``slice_index``, ``clicks``,
+    ``corrections``); a slice without a SAM embedding is encoded first, with progress, as for
+    :class:`SessionCorrect`."""
+
+    TYPE = "session_box"
+    id: str
+    session_id: str
+    structure: str
+    axis: int
+    slice_index: int
+    box: List[float]
+
+    def __post_init__(self):
+        _slice_target(self)
+        self.box = _finite_numbers(self.box, 4, f"'{self.TYPE}': box")
+
+
+@dataclasses.dataclass
+class SessionScribble(Message):
+    """A scribble (open polyline) on slice ``slice_index``: ``points`` [[x, y], ...] in drawing
+    order (1 to :data:`MAX_GESTURE_POINTS`), ``positive`` adds, false removes, ``radius`` widens
+    it (voxels). Refused (InputError) by box-only refiners (MedSAM). Reply and encoding progress
+    as for :class:`SessionCorrect`."""
+
+    TYPE = "session_scribble"
+    id: str
+    session_id: str
+    structure: str
+    axis: int
+    slice_index: int
+    points: List[List[float]]
+    positive: bool
+    radius: float = 0.0
+
+    def __post_init__(self):
+        _slice_target(self)
+        _gesture_points(self, "scribble")
+        radius = _finite_numbers([self.radius], 1, f"'{self.TYPE}': radius")[0]
+        if not 0 <= radius <= MAX_SCRIBBLE_RADIUS:
+            raise ProtocolError(f"'{self.TYPE}': radius must be between 0 and {MAX_SCRIBBLE_RADIUS:g} voxels, "
+                                f"got {radius:g}")
+        self.radius = radius
+
+
+@dataclasses.dataclass
+class SessionLasso(Message):
+    """A lasso (closed polygon) on slice ``slice_index``: ``points`` its vertices [[x, y], ...]
+    (at least 3, checked by the session; at most :data:`MAX_GESTURE_POINTS`); ``positive`` adds
+    the enclosed voxels, false removes them. No decoding (every refiner, no encoding): answered
+    at once. Reply as for :class:`SessionCorrect`."""
+
+    TYPE = "session_lasso"
+    id: str
+    session_id: str
+    structure: str
+    axis: int
+    slice_index: int
+    points: List[List[float]]
+    positive: bool
+
+    def __post_init__(self):
+        _slice_target(self)
+        _gesture_points(self, "lasso")
+
+
+@dataclasses.dataclass
+class SessionUndo(Message):
+    """Take back the last correction of slice ``slice_index`` (a click, box, scribble or lasso).
+    Reply as for :class:`SessionCorrect`. (:class:`SessionUndoClick` does the same.)"""
+
+    TYPE = "session_undo"
+    id: str
+    session_id: str
+    structure: str
+    axis: int
+    slice_index: int
+
+
+@dataclasses.dataclass
+class SessionSetNegatives(Message):
+    """"Other segments as not this": ``negatives`` a uint8 (or bool) volume of the session's
+    volume's shape and order, nonzero where ``structure`` is not (e.g. the other segments), or
+    None to drop the option; used from the next :class:`SessionUpdate` (see
+    protosam.session.Session.set_negatives). Reply: ``{"negatives": true | false}`` (whether any
+    are set)."""
+
+    TYPE = "session_set_negatives"
+    id: str
+    session_id: str
+    structure: str
+    negatives: Any = None
+
+    def __post_init__(self):
+        if self.negatives is None:
+            return
+        array = self.negatives.array if isinstance(self.negatives, Image) else self.negatives
+        if not isinstance(array, np.ndarray) or array.dtype not in (np.uint8, np.bool_) or array.ndim != 3:
+            described = (f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray)
+                         else type(array).__name__)
+            raise ProtocolError(f"'{self.TYPE}': negatives must be a 3-D uint8 volume or none, got {described}")
+
+
 @dataclasses.dataclass
 class SessionUpdate(Message):
     """Re-run ``structure`` over the volume from the session's cached encodings (a job:
@@ -374,9 +526,13 @@ class Shutdown(Message):
 MESSAGE_TYPES: Dict[str, Type[Message]] = {cls.TYPE: cls for cls in (
     Hello, JobSubmit, JobProgress, JobCancel, JobResult, ErrorReply, HealthRequest, Health, ReleaseCaches,
     ModelsStatusRequest, ModelsStatus, DevicesRequest, Devices, SessionOpen, SessionAddSupport, SessionCorrect, SessionUndoClick,
-    SessionClearClicks, SessionUpdate, SessionClose, LogRecord, Shutdown)}
+    SessionClearClicks, SessionUpdate, SessionClose, SessionBox, SessionScribble, SessionLasso, SessionUndo,
+    SessionSetNegatives, LogRecord, Shutdown)}
 SESSION_TYPES = (SessionOpen, SessionAddSupport, SessionCorrect, SessionUndoClick, SessionClearClicks, SessionUpdate,
-                 SessionClose)
+                 SessionClose, SessionBox, SessionScribble, SessionLasso, SessionUndo, SessionSetNegatives)
+#: Session messages that correct one slice and whose reply is that slice's mask and corrections.
+SESSION_SLICE_TYPES = (SessionAddSupport, SessionCorrect, SessionUndoClick, SessionClearClicks, SessionBox,
+                       SessionScribble, SessionLasso, SessionUndo)
 
 
 # ----------------------------------------------------------------------------- errors

@@ -327,7 +327,7 @@ class WorkerSessions:
     def job(self, message: protocol.Message, progress: ProgressFunction, cancel: threading.Event) -> Dict[str, Any]:
         if isinstance(message, protocol.SessionOpen):
             return self._open(message, progress, cancel)
-        if isinstance(message, protocol.SessionCorrect):  # a click on a slice to encode first
+        if isinstance(message, _ENCODING_TYPES):  # a click, box or scribble on a slice to encode first
             progress(0, 1)
             value = self.small_request(message)
             progress(1, 1)
@@ -381,18 +381,24 @@ class WorkerSessions:
         return {"masks": masks, "fixed_slices": {key: session.fixed_slices(key) for key in masks}}
 
     def needs_encoding(self, message: protocol.Message) -> bool:
-        """A click on a slice whose SAM embedding its session does not hold (a job, with progress)."""
-        if not isinstance(message, protocol.SessionCorrect):
+        """A click, box or scribble on a slice whose SAM embedding its session does not hold (a
+        job, with progress). Lassos never decode; an undo that re-decodes the clicks left (its
+        embedding evicted meanwhile) encodes at once, without progress, as before."""
+        if not isinstance(message, _ENCODING_TYPES):
             return False
         with self._lock:
             session = self._sessions.get(message.session_id)
-        # An unknown session or a slice outside the volume is refused at once by small_request.
+        # An unknown session or a slice outside the volume is refused at once by small_request;
+        # so are clicks and scribbles for a box-only refiner (MedSAM).
         count = session.volume.shape[0] if session is not None else 0
-        return (session is not None and 0 <= message.slice_index < count
-                and not session.engine.refiner.medsam and not session.has_sam_embedding(message.slice_index))
+        if session is None or not 0 <= message.slice_index < count or message.axis != session.axis:
+            return False
+        if session.engine.refiner.medsam and not isinstance(message, protocol.SessionBox):
+            return False
+        return not session.has_sam_embedding(message.slice_index)
 
     def small_request(self, message: protocol.Message, wait: bool = True) -> Dict[str, Any]:
-        """A click, undo, clear, painted slice or close. ``wait=False``: raise
+        """A click, box, scribble, lasso, undo, clear, painted slice, negatives or close. ``wait=False``: raise
         :class:`SessionBusyError` at once instead of waiting for the session's running update."""
         if isinstance(message, protocol.SessionClose):
             with self._lock:
@@ -405,22 +411,38 @@ class WorkerSessions:
             if not held:
                 raise SessionBusyError("This correction session is updating the volume: click again when the update "
                                        "has finished.")
+            if isinstance(message, protocol.SessionSetNegatives):
+                negatives = None if message.negatives is None else _array(message.negatives)
+                session.set_negatives(message.structure, negatives)
+                return {"negatives": session.structures[message.structure].negatives is not None}
+            if not isinstance(message, protocol.SESSION_SLICE_TYPES):
+                raise protocol.ProtocolError(f"'{message.TYPE}' is not a small session request")
             return self._slice_request(session, message)
 
     def _slice_request(self, session, message: protocol.Message) -> Dict[str, Any]:
+        """Reply: the slice's ``mask``, ``slice_index``, ``clicks`` ([x, y, label], not the points
+        sampled along scribbles) and ``corrections`` (kinds an undo takes back, oldest first)."""
         if message.axis != session.axis:
             raise InputError(f"This session propagates along axis {session.axis}, not {message.axis}: "
                              "correct slices of the view it was propagated in.")
         if isinstance(message, protocol.SessionAddSupport):
             mask = session.add_support(message.structure, message.slice_index, _array(message.mask))
-        elif isinstance(message, protocol.SessionUndoClick):
-            mask = session.undo_click(message.structure, message.slice_index)
+        elif isinstance(message, (protocol.SessionUndoClick, protocol.SessionUndo)):
+            mask = session.undo(message.structure, message.slice_index)
         elif isinstance(message, protocol.SessionClearClicks):
             mask = session.clear_clicks(message.structure, message.slice_index)
+        elif isinstance(message, protocol.SessionBox):
+            mask = session.box(message.structure, message.slice_index, message.box)
+        elif isinstance(message, protocol.SessionScribble):
+            mask = session.scribble(message.structure, message.slice_index, message.points, message.positive,
+                                    radius=message.radius)
+        elif isinstance(message, protocol.SessionLasso):
+            mask = session.lasso(message.structure, message.slice_index, message.points, message.positive)
         else:
             mask = session.correct(message.structure, message.slice_index, message.points, message.labels)
         return {"mask": mask, "slice_index": message.slice_index,
-                "clicks": [list(c) for c in session.clicks(message.structure, message.slice_index)]}
+                "clicks": [list(c) for c in session.clicks(message.structure, message.slice_index)],
+                "corrections": session.corrections(message.structure, message.slice_index)}
 
     def close(self, session_id: str) -> bool:
         """Close a session and free its encodings; False when there was none."""
@@ -445,8 +467,10 @@ class WorkerSessions:
         """Bytes of the sessions' volumes and masks (what they hold besides encodings)."""
         with self._lock:
             sessions = list(self._sessions.values())
-        return sum(session.volume.nbytes + sum(state.output.nbytes for state in list(session.structures.values())
-                                               if state.output is not None) for session in sessions)
+        return sum(session.volume.nbytes + sum(
+            (state.output.nbytes if state.output is not None else 0)
+            + (state.negatives.nbytes if getattr(state, "negatives", None) is not None else 0)
+            for state in list(session.structures.values())) for session in sessions)
 
     def cache_bytes(self) -> int:
         """Bytes of the sessions' own caches (an adopted session's is its engine's, counted there)."""
@@ -460,6 +484,10 @@ class WorkerSessions:
             self._last_used.clear()
         for session in sessions:
             session.close()
+
+
+#: Session messages that decode the slice with SAM (encoded first, as a job, when not cached).
+_ENCODING_TYPES = (protocol.SessionCorrect, protocol.SessionBox, protocol.SessionScribble)
 
 
 def _array(value) -> np.ndarray:
