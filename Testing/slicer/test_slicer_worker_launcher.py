@@ -185,6 +185,51 @@ def test_a_sessions_transfer_files_are_removed_when_its_replies_arrive(slicerTem
         client.shutdown()
 
 
+def test_a_worker_session_sends_boxes_lassos_scribbles_undo_and_negatives(slicerTemporaryPath, tinyOptions):
+    """WorkerSession.box / lasso / scribble / undo / setNegatives through a real worker process:
+    each reply updates the session's mask volume and the slice's corrections (the engine's
+    results themselves are compared with an in-process Session in Testing/engine/test_protocol.py)."""
+    from ProtoSAMSlicerLib.logic import engineSpecFor
+
+    client = WorkerClient("session-gestures")
+    try:
+        rng = np.random.default_rng(1)
+        volume = rng.normal(0, 0.05, (5, 32, 32)).astype(np.float32)
+        mask = np.zeros((5, 32, 32), np.uint8)
+        mask[1:4, 8:20, 8:20] = 1
+        volume += 2.0 * mask
+        session = WorkerSession(client, engineSpecFor(tinyOptions, "cpu"), volume, 0, {"liver": mask.copy()},
+                                {"liver": [2]}, {})
+        boxed = session.box("liver", 3, (6, 6, 22, 22)).copy()
+        np.testing.assert_array_equal(session.mask("liver")[3], boxed)
+        lassoed = session.lasso("liver", 3, [[0, 0], [31, 0], [31, 12], [0, 12]], False).copy()
+        assert not lassoed[:12].any() and session.corrections("liver", 3) == ["box", "lasso"]
+        np.testing.assert_array_equal(lassoed[13:], boxed[13:])
+        scribbled = session.scribble("liver", 3, [[10, 16], [18, 16]], True, radius=1)
+        assert scribbled[15:18, 10:19].all() and session.corrections("liver", 3) == ["box", "lasso", "scribble"]
+        assert session.clicks("liver", 3) == []  # the points sampled along a scribble are not clicks
+        np.testing.assert_array_equal(session.undo("liver", 3), lassoed)
+        np.testing.assert_array_equal(session.undo("liver", 3), boxed)
+        np.testing.assert_array_equal(session.mask("liver")[3], boxed)
+        assert session.corrections("liver", 3) == ["box"]
+        with pytest.raises(InputError, match="at least 3"):
+            session.lasso("liver", 3, [[1, 1], [2, 2]], True)
+        with pytest.raises(protocol.ProtocolError, match="more than the 10000"):
+            session.scribble("liver", 3, np.zeros((10_001, 2)), True)
+        others = np.zeros(volume.shape, np.uint8)
+        others[:, 14:, :] = 3
+        assert session.setNegatives("liver", others) is True
+        updated = session.update("liver")
+        # Propagated slices lose the negatives; fixed slices (2: support, 3: corrected) keep their masks.
+        assert not updated[[1, 4], 14:].any() and updated[2, 14:20, 8:20].all()
+        np.testing.assert_array_equal(updated[3], boxed)
+        assert session.set_negatives("liver", None) is False
+        assert npyFiles(client) == []
+        session.close()
+    finally:
+        client.shutdown()
+
+
 # ----------------------------------------------------------------------------- item 4: inactivity
 @pytest.fixture
 def slowWorker(tmp_path, monkeypatch):

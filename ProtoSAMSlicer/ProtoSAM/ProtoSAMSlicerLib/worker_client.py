@@ -919,6 +919,10 @@ def shutdownAllWorkers(timeout: Optional[float] = 5.0) -> None:
         client.shutdown(timeout)
 
 
+def _points(points_xy) -> List[List[float]]:
+    return [[float(x), float(y)] for x, y in np.asarray(points_xy, dtype=float).reshape(-1, 2)]
+
+
 class WorkerSession:
     """A correction session (protosam.session.Session) held by the worker process: every call
     is one small request; the volume's encodings stay in the worker. Same method names as
@@ -948,6 +952,7 @@ class WorkerSession:
             support_masks=None if supportVolume is None else dict(supportMasks or {})))
         self._masks = {key: np.asarray(value["masks"][key]) for key in structures}
         self._clicks: Dict[Any, List] = {}
+        self._corrections: Dict[Any, List[str]] = {}
 
     def _call(self, message: protocol.Message, progress=None, cancel=None) -> Any:
         return self.client.request(message, timeout=self.timeout, idle=self.idle, progress=progress,
@@ -959,7 +964,12 @@ class WorkerSession:
         volume = np.moveaxis(self._masks[structure], self.axis, 0)
         volume[index] = mask
         self._clicks[(structure, index)] = [tuple(c) for c in value["clicks"]]
+        self._corrections[(structure, index)] = list(value.get("corrections", []))
         return mask
+
+    def _target(self, structure, index: int) -> Dict[str, Any]:
+        return dict(id=protocol.new_id(), session_id=self.sessionId, structure=structure, axis=self.axis,
+                    slice_index=int(index))
 
     def correct(self, structure, index: int, points, labels, progress=None):
         """Clicks on slice ``index``. ``progress(done, total)`` is called with (0, 1) and (1, 1)
@@ -977,6 +987,43 @@ class WorkerSession:
     def undo_click(self, structure, index: int):
         return self._slice(structure, index, protocol.SessionUndoClick(
             id=protocol.new_id(), session_id=self.sessionId, structure=structure, axis=self.axis, slice_index=int(index)))
+
+    def box(self, structure, index: int, box_xyxy, progress=None):
+        """A box ``(x0, y0, x1, y1)`` dragged on slice ``index`` (see Session.box); ``progress``
+        as for :meth:`correct`."""
+        return self._slice(structure, index, protocol.SessionBox(
+            **self._target(structure, index), box=[float(v) for v in np.asarray(box_xyxy, dtype=float).reshape(-1)]),
+            progress=progress)
+
+    def scribble(self, structure, index: int, points_xy, positive: bool, radius: float = 0.0, progress=None):
+        """A scribble through ``points_xy`` on slice ``index`` (see Session.scribble; refused
+        with InputError for MedSAM); ``progress`` as for :meth:`correct`."""
+        return self._slice(structure, index, protocol.SessionScribble(
+            **self._target(structure, index), points=_points(points_xy), positive=bool(positive), radius=float(radius)),
+            progress=progress)
+
+    def lasso(self, structure, index: int, polygon_xy, positive: bool):
+        """A lasso with vertices ``polygon_xy`` on slice ``index`` (see Session.lasso)."""
+        return self._slice(structure, index, protocol.SessionLasso(
+            **self._target(structure, index), points=_points(polygon_xy), positive=bool(positive)))
+
+    def undo(self, structure, index: int):
+        """Take back slice ``index``'s last correction (click, box, scribble or lasso)."""
+        return self._slice(structure, index, protocol.SessionUndo(**self._target(structure, index)))
+
+    def set_negatives(self, structure, negatives) -> bool:
+        """Voxels that are not ``structure`` (a volume in the session volume's order, e.g. the
+        other segments), or None; used from the next :meth:`update`. True when any are set."""
+        volume = None if negatives is None else np.ascontiguousarray(np.asarray(negatives) != 0, dtype=np.uint8)
+        value = self._call(protocol.SessionSetNegatives(id=protocol.new_id(), session_id=self.sessionId,
+                                                        structure=structure, negatives=volume))
+        return bool(value["negatives"])
+
+    setNegatives = set_negatives
+
+    def corrections(self, structure, index: int) -> List[str]:
+        """Kinds of slice ``index``'s corrections an undo takes back, oldest first (as last replied)."""
+        return list(self._corrections.get((structure, index), []))
 
     def clear_clicks(self, structure, index: int):
         return self._slice(structure, index, protocol.SessionClearClicks(
