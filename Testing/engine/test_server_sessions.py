@@ -11,6 +11,8 @@ cache. So every reduction happens in the same order, and masks are compared bit 
 from __future__ import annotations
 
 import dataclasses
+import json
+import struct
 import threading
 import time
 
@@ -286,6 +288,54 @@ def test_a_click_during_the_sessions_own_update_is_refused_with_409(live, tiny_m
     assert response.status_code == 409 and "updating" in response.json()["message"]
     httpx.post(f"{live.url}/v1/jobs/{job_id}/cancel", headers=headers(live, "alice"))
     session_request(connection(live), close(session_id))
+
+
+def test_boxes_lassos_scribbles_undo_and_negatives_over_http_with_the_click_checks(live, tiny_models):
+    """The gesture messages are answered like clicks: the slice's mask and corrections, undo
+    restores, the engine's refusals and malformed messages are 400s, another user's token 404."""
+    release(live, "alice")
+    volume, mask = box_volume(seed=5)
+    session_id, value = adopted(live, tiny_models, volume, mask)
+    remote = connection(live)
+    target = dict(session_id=session_id, structure="1", axis=0, slice_index=1)
+    boxed = session_request(remote, protocol.SessionBox(id="b", **target, box=[6, 6, 30, 30]))
+    assert boxed["corrections"] == ["box"] and boxed["slice_index"] == 1
+    lassoed = session_request(remote, protocol.SessionLasso(id="l", **target, points=[[0, 0], [39, 0], [39, 15], [0, 15]],
+                                                            positive=False))
+    assert not lassoed["mask"][:16].any() and lassoed["corrections"] == ["box", "lasso"]
+    scribbled = session_request(remote, protocol.SessionScribble(id="s", **target, points=[[10, 20], [20, 20]],
+                                                                 positive=True))
+    assert scribbled["mask"][20, 10:21].all() and scribbled["corrections"] == ["box", "lasso", "scribble"]
+    undone = session_request(remote, protocol.SessionUndo(id="u", **target))
+    np.testing.assert_array_equal(undone["mask"], lassoed["mask"])
+    # The engine's refusal: a lasso needs three points (400, InputError, its message).
+    response = post_request(live, "alice", protocol.SessionLasso(id="x", **target, points=[[1, 1], [2, 2]],
+                                                                 positive=True))
+    assert response.status_code == 400 and response.json()["error_type"] == "InputError"
+    assert "at least 3" in response.json()["message"]
+    # A malformed message: too many points (400, ProtocolError), before any session is looked up.
+    raw = {"type": "session_scribble", "fields": dict(target, id="m", points=[[1, 1]] * 10_001, positive=True),
+           "arrays": []}
+    header = json.dumps(raw).encode()
+    body = struct.pack("<4sIQQ", b"PSAM", protocol.PROTOCOL_VERSION, len(header), 0) + header
+    response = httpx.post(live.url + "/v1/requests", content=body, headers=headers(live, "alice"), timeout=60)
+    assert response.status_code == 400 and "10000" in response.json()["message"]
+    # Another user's token: 404, as for clicks.
+    assert post_request(live, "bob", protocol.SessionUndo(id="u2", **target)).status_code == 404
+    negatives = np.zeros(volume.shape, np.uint8)
+    negatives[:, :20] = 1
+    assert session_request(remote, protocol.SessionSetNegatives(id="n", session_id=session_id, structure="1",
+                                                                negatives=negatives)) == {"negatives": True}
+    response = post_request(live, "alice", protocol.SessionSetNegatives(id="n2", session_id=session_id, structure="1",
+                                                                        negatives=negatives[:2]))
+    assert response.status_code == 400 and response.json()["error_type"] == "InputError"
+    updated = session_request(remote, update(session_id))
+    np.testing.assert_array_equal(updated["mask"][1], undone["mask"])  # the corrected slice is kept
+    propagated = [k for k in range(volume.shape[0]) if k not in updated["fixed_slices"]]
+    assert updated["fixed_slices"] == [1, 3] and not updated["mask"][propagated, :20].any()
+    assert value["masks"]["1"][propagated, 10:20].any()  # which the negatives removed
+    assert session_request(remote, close(session_id)) == {"closed": True}
+    assert post_request(live, "alice", protocol.SessionUndo(id="u3", **target)).status_code == 404
 
 
 def test_session_messages_on_the_wrong_endpoint_are_clear_400s(live, tiny_models):
