@@ -354,7 +354,8 @@ class JobScheduler:
                                 "with your caches, or belongs to another user): propagate again.", "KeyError")
 
     def session_request(self, user: str, message: protocol.Message) -> protocol.JobResult:
-        """Answer a click, undo, clear, painted slice or close at once (on the caller's thread)."""
+        """Answer a click, box, scribble, lasso, undo, clear, painted slice, negatives or close at once
+        (on the caller's thread)."""
         from .worker_process import SessionBusyError
 
         with self._lock:

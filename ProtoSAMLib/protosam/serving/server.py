@@ -18,8 +18,11 @@ API (every path except ``/health`` needs ``Authorization: Bearer <token>``, else
 ``DELETE /v1/jobs/{id}``          cancel if needed and forget the job and its result
 ``POST /v1/requests``             ``health_request`` / ``release_caches`` /
                                   ``models_status_request`` -> the reply message;
-                                  ``session_correct`` / ``session_undo_click`` /
+                                  ``session_correct`` / ``session_box`` /
+                                  ``session_scribble`` / ``session_lasso`` /
+                                  ``session_undo`` / ``session_undo_click`` /
                                   ``session_clear_clicks`` / ``session_add_support`` /
+                                  ``session_set_negatives`` /
                                   ``session_close`` -> a ``job_result`` (at once, see below)
 ``GET  /openapi.json``            the API description
 ================================  ==========================================================
@@ -35,10 +38,11 @@ Correction sessions (:mod:`protosam.session`, served by the worker's own
 :class:`~protosam.serving.worker_process.WorkerSessions`, one per user): the client names a session
 by the ``session_id`` of its ``session_open`` (with ``adopt``, a result of the user's own job
 on this server, whose encodings are in the user's cache). Opening and updating are jobs (the
-job endpoints above: progress, cancel); a click, undo, clear, painted slice or close is
-answered at once, beside the job-runner thread (see :meth:`JobScheduler.session_request`): 200
-with a ``job_result`` (``mask`` of the slice, ``slice_index``, ``clicks``; close:
-``closed``); 404 for an unknown session (closed, expired, released, or another user's); 409
+job endpoints above: progress, cancel); a click, box, scribble, lasso, undo, clear, painted
+slice, negatives or close is answered at once, beside the job-runner thread (see
+:meth:`JobScheduler.session_request`): 200 with a ``job_result`` (``mask`` of the slice,
+``slice_index``, ``clicks``, ``corrections``; negatives: ``negatives``; close: ``closed``);
+404 for an unknown session (closed, expired, released, or another user's); 409
 while the session's update runs. Per user: at most ``--max-sessions-per-user`` sessions (429
 beyond), their volumes, masks and encodings within ``--cache-mb-per-user`` (413 for a session
 that cannot fit), closed after ``--session-idle-minutes`` without use; ``release_caches`` closes
