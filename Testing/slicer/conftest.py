@@ -12,6 +12,7 @@ import pathlib
 import sys
 import types
 
+import numpy as np
 import pytest
 
 # Testing/support holds helpers shared by Testing/engine and Testing/slicer (required_modules).
@@ -106,6 +107,35 @@ def editedVolume(scene):
     from slicer_mrml_helpers import addEditedVolume
 
     return lambda **options: addEditedVolume(scene, **options)
+
+
+EFFECT_PY = REPO / "ProtoSAMSlicer" / "SegmentEditorProtoSAM" / "SegmentEditorProtoSAMLib" / "SegmentEditorEffect.py"
+
+
+@pytest.fixture
+def editor(scene, slicerApp, editedVolume):
+    """A Segment Editor: editor node and logic (real), the ProtoSAM effect loaded from its file,
+    the red slice view on the painted slice (shared by the effect, updating and dialog tests)."""
+    import slicer_app_standins as standins
+    from slicer_mrml_helpers import EFFECT_IJK_TO_RAS
+
+    built = editedVolume()
+    volume, segmentation, ids, image = built["volume"], built["segmentation"], built["ids"], built["image"]
+    liver, spleen = built["arrays"]["liver"], built["arrays"]["spleen"]
+    editorNode, editorLogic = built["editorNode"], built["editorLogic"]
+    sliceNode = scene.GetNodeByID("vtkMRMLSliceNodeRed")
+    centre = EFFECT_IJK_TO_RAS @ np.array([9.0, 8.0, 2.0, 1.0])
+    sliceNode.JumpSliceByOffsetting(*centre[:3])
+    standins.qSlicerSegmentEditorScriptedEffect.editorLogic = editorLogic
+    scriptedEffect = standins.qSlicerSegmentEditorScriptedEffect(None)
+    scriptedEffect.setPythonSource(str(EFFECT_PY))
+    effect = scriptedEffect.self()
+    effect.setupOptionsFrame()
+    effect.activate()
+    yield dict(volume=volume, segmentation=segmentation, ids=ids, liver=liver, spleen=spleen, image=image,
+               editorNode=editorNode, editorLogic=editorLogic, sliceNode=sliceNode, effect=effect,
+               scriptedEffect=scriptedEffect, app=slicerApp)
+    effect.cleanup()
 
 
 SLICER_MODULES = ("ProtoSAM", "SegmentEditorProtoSAM")

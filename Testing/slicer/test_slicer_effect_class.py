@@ -6,7 +6,6 @@ hands undo states, the default modifier labelmap and segment modification to the
 vtkSlicerSegmentEditorLogic of slicer-core, bound to a real vtkMRMLSegmentEditorNode.
 """
 
-import pathlib
 
 import numpy as np
 import pytest
@@ -16,31 +15,7 @@ import slicer_app_standins as standins
 from ProtoSAMSlicerLib import effect_session, mrml_io
 from slicer_mrml_helpers import EFFECT_IJK_TO_RAS, EFFECT_LPS, EFFECT_SHAPE, addVolume, ijkToRasFrom
 
-EFFECT_PY = (pathlib.Path(__file__).resolve().parents[2] / "ProtoSAMSlicer" / "SegmentEditorProtoSAM"
-             / "SegmentEditorProtoSAMLib" / "SegmentEditorEffect.py")
 SHAPE, LPS, IJK_TO_RAS = EFFECT_SHAPE, EFFECT_LPS, EFFECT_IJK_TO_RAS
-
-
-@pytest.fixture
-def editor(scene, slicerApp, editedVolume):
-    """A Segment Editor: editor node and logic (real), the ProtoSAM effect loaded from its file."""
-    built = editedVolume()
-    volume, segmentation, ids, image = built["volume"], built["segmentation"], built["ids"], built["image"]
-    liver, spleen = built["arrays"]["liver"], built["arrays"]["spleen"]
-    editorNode, editorLogic = built["editorNode"], built["editorLogic"]
-    sliceNode = scene.GetNodeByID("vtkMRMLSliceNodeRed")
-    centre = IJK_TO_RAS @ np.array([9.0, 8.0, 2.0, 1.0])
-    sliceNode.JumpSliceByOffsetting(*centre[:3])
-    standins.qSlicerSegmentEditorScriptedEffect.editorLogic = editorLogic
-    scriptedEffect = standins.qSlicerSegmentEditorScriptedEffect(None)
-    scriptedEffect.setPythonSource(str(EFFECT_PY))
-    effect = scriptedEffect.self()
-    effect.setupOptionsFrame()
-    effect.activate()
-    yield dict(volume=volume, segmentation=segmentation, ids=ids, liver=liver, spleen=spleen, image=image,
-               editorNode=editorNode, editorLogic=editorLogic, sliceNode=sliceNode, effect=effect,
-               scriptedEffect=scriptedEffect, app=slicerApp)
-    effect.cleanup()
 
 
 def read(e, name, volume=None):

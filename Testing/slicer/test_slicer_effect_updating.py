@@ -15,7 +15,7 @@ import pytest
 
 from ProtoSAMSlicerLib import effect_session, mrml_io
 from protosam.errors import InputError
-from test_slicer_effect_class import clickAt, editor, propagate, read  # noqa: F401 (editor: the fixture)
+from test_slicer_effect_class import clickAt, propagate, read
 
 
 def test_each_control_pressed_mid_update_then_cancel_keeps_the_preview(editor):  # noqa: F811

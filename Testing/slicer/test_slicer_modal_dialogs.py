@@ -13,7 +13,6 @@ import pytest
 import slicer
 from ProtoSAMSlicerLib import effect_session
 from slicer_mrml_helpers import addVolume, ijkToRasFrom
-from test_slicer_effect_class import editor  # noqa: F401 (fixture)
 from test_slicer_effect_class import propagate
 from test_slicer_module_widget import LPS, buildCase, openModule, selectInputs
 
