@@ -212,7 +212,7 @@ def test_module_update_preview_on_the_server_equals_the_local_worker(scene, tiny
     from test_slicer_module_update import REPAINTED, buildCase, painted, previewOf, repaintSlice, run
 
     updated = {}
-    updatesBefore = live.log().count("(session_update,")
+    updatesBefore = live.log().count("(session_update;")
     for where, options in (("local", tinyOptions), ("server", serverOptions(tinyOptions, live))):
         target, support, segmentation, ids = buildCase(scene, crossVolume)
         logic = ProtoSAMLogic()
@@ -226,7 +226,7 @@ def test_module_update_preview_on_the_server_equals_the_local_worker(scene, tiny
         updated[where] = liver
         if where == "server":
             assert isinstance(result.corrections, ServerSession)
-            assert live.log().count("(session_update,") == updatesBefore + 1  # the update ran on the server
+            assert live.log().count("(session_update;") == updatesBefore + 1  # the update ran on the server
         logic.discard(result)
         np.testing.assert_array_equal(mrml_io.segmentToArray(segmentation, ids["liver"], support), painted()["liver"])
     np.testing.assert_array_equal(updated["server"], updated["local"])
