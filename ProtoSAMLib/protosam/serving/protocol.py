@@ -282,20 +282,27 @@ class SessionOpen(Message):
 
 
 @dataclasses.dataclass
-class SessionAddSupport(Message):
-    """Make slice ``slice_index`` (along ``axis``) with ``mask`` [H, W] a support of ``structure``."""
+class SliceRequest(Message):
+    """What every request on one slice of a correction session names: the session, the
+    structure, and slice ``slice_index`` along ``axis`` (fields shared by the slice messages)."""
 
-    TYPE = "session_add_support"
     id: str
     session_id: str
     structure: str
     axis: int
     slice_index: int
+
+
+@dataclasses.dataclass
+class SessionAddSupport(SliceRequest):
+    """Make slice ``slice_index`` (along ``axis``) with ``mask`` [H, W] a support of ``structure``."""
+
+    TYPE = "session_add_support"
     mask: Any
 
 
 @dataclasses.dataclass
-class SessionCorrect(Message):
+class SessionCorrect(SliceRequest):
     """Click corrections on one slice: ``points`` [[x, y], ...] in the slice's pixel frame
     (column, row), ``labels`` 1 = positive, 0 = negative. Reply: the slice's new mask.
 
@@ -305,37 +312,22 @@ class SessionCorrect(Message):
     started, ``(1, 1)`` that it is done, then the reply follows (a client shows "encoding")."""
 
     TYPE = "session_correct"
-    id: str
-    session_id: str
-    structure: str
-    axis: int
-    slice_index: int
     points: List[List[float]]
     labels: List[int]
 
 
 @dataclasses.dataclass
-class SessionUndoClick(Message):
+class SessionUndoClick(SliceRequest):
     """Remove the last click of slice ``slice_index``. Reply: the slice's mask and clicks."""
 
     TYPE = "session_undo_click"
-    id: str
-    session_id: str
-    structure: str
-    axis: int
-    slice_index: int
 
 
 @dataclasses.dataclass
-class SessionClearClicks(Message):
+class SessionClearClicks(SliceRequest):
     """Remove every click of slice ``slice_index`` (its mask before them comes back)."""
 
     TYPE = "session_clear_clicks"
-    id: str
-    session_id: str
-    structure: str
-    axis: int
-    slice_index: int
 
 
 #: Most points a scribble or a lasso may carry (a hand-drawn stroke has hundreds): bounds the
@@ -383,7 +375,7 @@ def _slice_target(message: Message) -> None:
 
 
 @dataclasses.dataclass
-class SessionBox(Message):
+class SessionBox(SliceRequest):
     """A box dragged on slice ``slice_index``: ``box`` ``[x0, y0, x1, y1]`` in the slice's pixel
     frame (column, row; inclusive, any corner order; see protosam.session.Session.box). Every
     refiner takes it (MedSAM too). Reply: as a click's (``mask``, ``slice_index``, ``clicks``,
@@ -391,11 +383,6 @@ class SessionBox(Message):
     :class:`SessionCorrect`."""
 
     TYPE = "session_box"
-    id: str
-    session_id: str
-    structure: str
-    axis: int
-    slice_index: int
     box: List[float]
 
     def __post_init__(self):
@@ -404,18 +391,13 @@ class SessionBox(Message):
 
 
 @dataclasses.dataclass
-class SessionScribble(Message):
+class SessionScribble(SliceRequest):
     """A scribble (open polyline) on slice ``slice_index``: ``points`` [[x, y], ...] in drawing
     order (1 to :data:`MAX_GESTURE_POINTS`), ``positive`` adds, false removes, ``radius`` widens
     it (voxels). Refused (InputError) by box-only refiners (MedSAM). Reply and encoding progress
     as for :class:`SessionCorrect`."""
 
     TYPE = "session_scribble"
-    id: str
-    session_id: str
-    structure: str
-    axis: int
-    slice_index: int
     points: List[List[float]]
     positive: bool
     radius: float = 0.0
@@ -431,18 +413,13 @@ class SessionScribble(Message):
 
 
 @dataclasses.dataclass
-class SessionLasso(Message):
+class SessionLasso(SliceRequest):
     """A lasso (closed polygon) on slice ``slice_index``: ``points`` its vertices [[x, y], ...]
     (at least 3, checked by the session; at most :data:`MAX_GESTURE_POINTS`); ``positive`` adds
     the enclosed voxels, false removes them. No decoding (every refiner, no encoding): answered
     at once. Reply as for :class:`SessionCorrect`."""
 
     TYPE = "session_lasso"
-    id: str
-    session_id: str
-    structure: str
-    axis: int
-    slice_index: int
     points: List[List[float]]
     positive: bool
 
@@ -452,16 +429,11 @@ class SessionLasso(Message):
 
 
 @dataclasses.dataclass
-class SessionUndo(Message):
+class SessionUndo(SliceRequest):
     """Take back the last correction of slice ``slice_index`` (a click, box, scribble or lasso).
     Reply as for :class:`SessionCorrect`. (:class:`SessionUndoClick` does the same.)"""
 
     TYPE = "session_undo"
-    id: str
-    session_id: str
-    structure: str
-    axis: int
-    slice_index: int
 
 
 @dataclasses.dataclass
