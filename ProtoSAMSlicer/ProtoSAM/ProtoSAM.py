@@ -235,7 +235,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoAcceptButton.connect("clicked(bool)", self.onUndoAcceptButton)
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeightsButton)
         for comboBox in (self.ui.dinov2ComboBox, self.ui.samComboBox, self.ui.presetComboBox,
-                         self.ui.deviceComboBox, self.ui.modalityComboBox):
+                         self.ui.deviceComboBox, self.ui.precisionComboBox, self.ui.modalityComboBox):
             comboBox.connect("currentIndexChanged(int)", self.onModelSettingChanged)
         self.ui.customCheckpointPathLineEdit.connect("currentPathChanged(QString)", self.onModelSettingChanged)
         self.ui.weightsFolderPathLineEdit.connect("currentPathChanged(QString)", self.onModelSettingChanged)
@@ -261,6 +261,8 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.presetComboBox: ([("default", _("default")), ("paper", _("paper"))], "Preset"),
             # What the worker process reports once it has answered (logic.deviceChoices); see refreshDeviceList.
             self.ui.deviceComboBox: ([(name, _(label)) for name, label in deviceChoices()], "Device"),
+            self.ui.precisionComboBox: ([("auto", _("auto")), ("fp32", _("fp32 (exact)")), ("bf16", _("bf16")),
+                                         ("fp16", _("fp16 (NVIDIA GPUs only)"))], "Precision"),
             self.ui.modalityComboBox: ([("auto", _("auto")), ("ct", _("CT")), ("mri", _("MRI")), ("none", _("none"))],
                                        "Modality"),
         }
@@ -380,6 +382,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         writeSetting("SAM", self.ui.samComboBox.currentData)
         writeSetting("Preset", self.ui.presetComboBox.currentData)
         writeSetting("Device", self.ui.deviceComboBox.currentData)
+        writeSetting("Precision", self.ui.precisionComboBox.currentData)
         writeSetting("Modality", self.ui.modalityComboBox.currentData)
         writeSetting("SAMCheckpoint", self.ui.customCheckpointPathLineEdit.currentPath)
         writeSetting("WeightsFolder", self.ui.weightsFolderPathLineEdit.currentPath)
