@@ -235,8 +235,9 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoAcceptButton.connect("clicked(bool)", self.onUndoAcceptButton)
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeightsButton)
         for comboBox in (self.ui.dinov2ComboBox, self.ui.samComboBox, self.ui.presetComboBox,
-                         self.ui.deviceComboBox, self.ui.precisionComboBox, self.ui.modalityComboBox):
+                         self.ui.deviceComboBox, self.ui.modalityComboBox):
             comboBox.connect("currentIndexChanged(int)", self.onModelSettingChanged)
+        self.ui.precisionComboBox.connect("currentIndexChanged(int)", self.onPrecisionChanged)
         self.ui.customCheckpointPathLineEdit.connect("currentPathChanged(QString)", self.onModelSettingChanged)
         self.ui.weightsFolderPathLineEdit.connect("currentPathChanged(QString)", self.onModelSettingChanged)
         self._setupComputeOn()
@@ -382,11 +383,15 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         writeSetting("SAM", self.ui.samComboBox.currentData)
         writeSetting("Preset", self.ui.presetComboBox.currentData)
         writeSetting("Device", self.ui.deviceComboBox.currentData)
-        writeSetting("Precision", self.ui.precisionComboBox.currentData)
         writeSetting("Modality", self.ui.modalityComboBox.currentData)
         writeSetting("SAMCheckpoint", self.ui.customCheckpointPathLineEdit.currentPath)
         writeSetting("WeightsFolder", self.ui.weightsFolderPathLineEdit.currentPath)
         self.updateWeightsStatus()
+
+    def onPrecisionChanged(self, *args):
+        # Its own setting only: the weights do not depend on it. The worker checks it against
+        # the device and the preset when the next run builds its engine.
+        writeSetting("Precision", self.ui.precisionComboBox.currentData)
 
     def updateWeightsStatus(self):
         from ProtoSAMSlicerLib import dependencies
