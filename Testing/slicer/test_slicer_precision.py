@@ -18,6 +18,8 @@ def test_the_precision_setting_goes_into_the_engine_spec():
 
     store = MemorySettings()
     assert settings.processOptions(store).precision == "auto"
+    # auto is the EngineSpec default, left out so that servers older than the option accept the spec.
+    assert "precision" not in engineSpecFor(settings.processOptions(store), "cpu")
     settings.write(store, "Precision", "bf16")
     options = settings.processOptions(store)
     assert options.precision == "bf16" and engineSpecFor(options, "cpu")["precision"] == "bf16"

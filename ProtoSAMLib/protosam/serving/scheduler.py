@@ -200,9 +200,9 @@ class JobScheduler:
         from ..precision import check_precision_for_device, check_precision_for_preset
         from ..presets import PRESETS
 
-        preset = PRESETS.get(spec.preset)
+        preset = PRESETS.get(str(spec.preset))
         try:
-            check_precision_for_device(str(spec.precision), self.config.device.split(":")[0])
+            check_precision_for_device(spec.precision, self.config.device.split(":")[0])
             if preset is not None:
                 check_precision_for_preset(spec.precision, preset)
         except InputError as error:

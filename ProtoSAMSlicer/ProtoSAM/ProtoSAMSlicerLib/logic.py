@@ -799,10 +799,13 @@ def engineSpecFor(options: ProcessOptions, device: str) -> Dict:
     """The engine ``options`` describe on ``device``, as a protocol.EngineSpec dict. A run and the
     correction session of its preview use this one description, so the worker gives them the
     same engine (and the session finds the run's encodings in its cache)."""
-    return dataclasses.asdict(protocol.EngineSpec(
+    spec = dataclasses.asdict(protocol.EngineSpec(
         models=dataclasses.asdict(options.models), preset=options.preset, device=device,
         weights_home=options.weightsHome, download=options.allowDownload, cache_bytes=options.cacheBytes,
         precision=options.precision))
+    if spec["precision"] == "auto":
+        del spec["precision"]  # the default: a server older than the precision option accepts the spec
+    return spec
 
 
 def _engineJob(prepared: PreparedRun, options: ProcessOptions, device: str) -> RequestFunction:
