@@ -222,3 +222,12 @@ def test_a_real_server_runs_its_precision_for_auto_and_refuses_fp16(tiny_models,
             assert note in server.log()
     finally:
         server.stop()
+
+
+def test_serve_refuses_a_precision_its_device_cannot_run_before_it_binds(tmp_path):
+    from protosam.cli import serve as serve_cli
+
+    args = serve_cli.build_parser().parse_args(["--device", "cpu", "--precision", "fp16", "--token", "t" * 24,
+                                                "--port", "1"])  # port 1: binding it would fail anyway
+    with pytest.raises(InputError, match="fp16 runs only on NVIDIA GPUs"):
+        serve_cli.serve(args)
