@@ -104,6 +104,18 @@ def test_this_machines_bf16_units_are_read_from_torch_and_cpuinfo():
     assert set(units) >= {flag for flag in flags if flag in ("avx512_bf16", "amx_bf16")}
 
 
+@pytest.mark.parametrize("asked, on_the_cpu", [("fp16", "fp32"), ("auto", "fp32"), ("bf16", "bf16")])
+def test_a_gpu_out_of_memory_fallback_chooses_again_for_the_cpu(tiny_models, asked, on_the_cpu):
+    """fp16 cannot follow the models onto the CPU, and auto means there what it means on a CPU."""
+    engine = Engine(tiny_models, device="cpu")
+    # As if built on a GPU with bfloat16 units (the precision auto or bf16 resolves to there).
+    engine.preset = dataclasses.replace(engine.preset, precision=asked)
+    engine.device, engine.precision, engine.batch_size = torch.device("cuda"), "bf16" if asked == "auto" else asked, 1
+    engine._recover_from_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"))
+    assert engine.device.type == "cpu" and engine.precision == on_the_cpu
+    assert engine.precision_note.startswith(f"precision {asked} -> {on_the_cpu} on cpu (")
+
+
 # ----------------------------------------------------------------------------- the command line
 @pytest.fixture(scope="module")
 def small_case(tmp_path_factory):
