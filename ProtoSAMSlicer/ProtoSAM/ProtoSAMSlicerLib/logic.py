@@ -51,6 +51,8 @@ AXIAL_NORMAL = (0.0, 0.0, 1.0)
 @dataclasses.dataclass(frozen=True)
 class ProcessOptions:
     """Engine settings of a run. ``device``: "auto", "cpu", "cuda", "cuda:1"...
+    ``precision``: the encoders' "auto", "fp32", "bf16" or "fp16" (protosam.precision; on a
+    server "auto" is the server's choice).
 
     allowDownload: let the run download missing official weights (the GUI downloads them first
     through the model manager, with a progress dialog, and leaves this False).
@@ -65,6 +67,7 @@ class ProcessOptions:
     preset: str = "default"
     device: str = "auto"
     modality: str = "auto"
+    precision: str = "auto"
     autoExtent: Optional[bool] = None
     weightsHome: Optional[str] = None
     allowDownload: bool = False
@@ -796,9 +799,13 @@ def engineSpecFor(options: ProcessOptions, device: str) -> Dict:
     """The engine ``options`` describe on ``device``, as a protocol.EngineSpec dict. A run and the
     correction session of its preview use this one description, so the worker gives them the
     same engine (and the session finds the run's encodings in its cache)."""
-    return dataclasses.asdict(protocol.EngineSpec(
+    spec = dataclasses.asdict(protocol.EngineSpec(
         models=dataclasses.asdict(options.models), preset=options.preset, device=device,
-        weights_home=options.weightsHome, download=options.allowDownload, cache_bytes=options.cacheBytes))
+        weights_home=options.weightsHome, download=options.allowDownload, cache_bytes=options.cacheBytes,
+        precision=options.precision))
+    if spec["precision"] == "auto":
+        del spec["precision"]  # the default: a server older than the precision option accepts the spec
+    return spec
 
 
 def _engineJob(prepared: PreparedRun, options: ProcessOptions, device: str) -> RequestFunction:
