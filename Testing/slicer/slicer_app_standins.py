@@ -830,10 +830,10 @@ class qSlicerSegmentEditorScriptedEffect:
 
     def addActor2D(self, viewWidget, actor):
         """qSlicerSegmentEditorAbstractEffect::addActor2D: the actor joins the view's renderer."""
-        self.renderer(viewWidget).AddActor2D(actor)
+        self.renderer(viewWidget).AddViewProp(actor)
 
     def removeActor2D(self, viewWidget, actor):
-        self.renderer(viewWidget).RemoveActor2D(actor)
+        self.renderer(viewWidget).RemoveViewProp(actor)
 
 
 #: qSlicerSegmentEditorAbstractEffect::ModificationMode (same values as the logic's enum).
