@@ -110,7 +110,7 @@ class EffectSession:
 
     ``updating``: an Update volume runs in the worker (preview <-> updating). Meanwhile only
     ``cancel`` is accepted (it stops the update; the preview stays as it was): Apply, clicks,
-    Undo click, Clear slice and another update are refused. ``stateChanged()`` (optional,
+    Undo correction, Clear slice and another update are refused. ``stateChanged()`` (optional,
     set by the effect) is called when an update starts and ends, so the GUI follows at once:
     the wait processes GUI events.
     """
