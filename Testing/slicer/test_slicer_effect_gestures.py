@@ -297,3 +297,30 @@ def test_box_only_refiner_refuses_clicks_and_scribbles_and_takes_boxes_and_lasso
     assert previewOf(effect, liverId, volume)[3, 1:3, 1:4].all()
     effect.ui.cancelButton.click()
     assert np.array_equal(read(e, "liver"), e["liver"]) and np.array_equal(read(e, "spleen"), e["spleen"])
+
+
+def test_the_deprecated_thread_worker_session_takes_gestures_with_encoding_progress(tinyModels):
+    """LocalSession (ProtoSAMLogic(workerKind="thread")) gives box and scribble the progress
+    argument WorkerSession takes: (0, 1) and (1, 1) when the slice is encoded first."""
+    from dataclasses import replace
+
+    from protosam import PRESETS, Engine
+    from protosam.session import Session
+    from ProtoSAMSlicerLib.logic import LocalSession
+
+    volume = np.random.default_rng(0).normal(0, 0.05, (4, 24, 24)).astype(np.float32)
+    volume[:, 8:16, 8:16] += 2.0
+    truth = np.zeros(volume.shape, np.uint8)
+    truth[:, 8:16, 8:16] = 1
+    engine = Engine(tinyModels, preset=replace(PRESETS["default"], auto_extent=False), device="cpu")
+    # No cache: every slice is encoded again for each correction (as an evicted slice is).
+    session = LocalSession(Session(engine, volume, modality="none", cache_bytes=0))
+    session.start({"organ": truth}, support_slices={"organ": [1]})
+    seen = []
+    assert not session.has_sam_embedding(3)
+    session.box("organ", 3, (6, 6, 17, 17), progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(0, 1), (1, 1)]
+    seen.clear()
+    session.scribble("organ", 3, [(9, 9), (14, 9)], True, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(0, 1), (1, 1)]
+    assert session.corrections("organ", 3) == ["box", "scribble"]

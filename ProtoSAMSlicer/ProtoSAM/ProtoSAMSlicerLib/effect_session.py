@@ -87,6 +87,23 @@ def paintedSlices(mask_Kji: np.ndarray, kjiAxis: int) -> List[int]:
     return [int(i) for i in np.flatnonzero(np.asarray(mask_Kji).any(axis=other))]
 
 
+#: A drag reports a point at every mouse move; points closer than this (voxels) to the last
+#: one kept add nothing to a scribble or a lasso and are left out (the last point is kept).
+MIN_GESTURE_STEP_VOXELS = 0.25
+
+
+def _thinned(xy: np.ndarray) -> np.ndarray:
+    """``[P, 2]`` points without those within MIN_GESTURE_STEP_VOXELS of the previous kept one."""
+    if len(xy) <= 2:
+        return xy
+    kept = [0]
+    for n in range(1, len(xy) - 1):
+        if np.hypot(*(xy[n] - xy[kept[-1]])) >= MIN_GESTURE_STEP_VOXELS:
+            kept.append(n)
+    kept.append(len(xy) - 1)
+    return xy[kept]
+
+
 def chooseSupportSlices(painted: Sequence[int], currentSlice: Optional[int],
                         maximum: int = MAX_SUPPORT_SLICES) -> List[int]:
     """Support slices from the painted ones: all of them if few, else the current one."""
@@ -323,7 +340,7 @@ class EffectSession:
         if not 0 <= sliceIndex < shape[kjiAxis]:
             raise InputError(f"The {_SINGULAR[what]} is outside the volume.")
         rows, cols = [a for a in range(3) if a != kjiAxis]
-        return sliceIndex, np.stack([kji[:, cols], kji[:, rows]], axis=1)
+        return sliceIndex, _thinned(np.stack([kji[:, cols], kji[:, rows]], axis=1))
 
     def _sliceSize(self) -> Tuple[int, int]:
         """(columns, rows) of a slice along the propagation axis (KJI frame)."""

@@ -771,10 +771,21 @@ class LocalSession:
         self.session = session
 
     def correct(self, structure, index: int, points, labels, progress=None):
+        return self._encoding(index, progress, lambda: self.session.correct(structure, index, points, labels))
+
+    def box(self, structure, index: int, box_xyxy, progress=None):
+        return self._encoding(index, progress, lambda: self.session.box(structure, index, box_xyxy))
+
+    def scribble(self, structure, index: int, points_xy, positive: bool, radius: float = 0.0, progress=None):
+        return self._encoding(index, progress,
+                              lambda: self.session.scribble(structure, index, points_xy, positive, radius=radius))
+
+    def _encoding(self, index: int, progress, decode):
+        """``decode()``, with progress (0, 1) and (1, 1) round it when the slice is encoded first."""
         encode = progress is not None and not self.session.has_sam_embedding(index)
         if encode:
             progress(0, 1)
-        mask = self.session.correct(structure, index, points, labels)
+        mask = decode()
         if encode:
             progress(1, 1)
         return mask

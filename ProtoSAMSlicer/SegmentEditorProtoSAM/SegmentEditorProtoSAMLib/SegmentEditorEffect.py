@@ -121,9 +121,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         # corrects the slice under the mouse (its events are consumed); other events pass through.
         if viewWidget is None or viewWidget.className() != "qMRMLSliceWidget":
             return False
-        self.lastSliceNode = viewWidget.mrmlSliceNode()
         if self.gesture is not None:
+            if viewWidget.mrmlSliceNode() is not self.gesture.sliceWidget.mrmlSliceNode():
+                return False  # a gesture belongs to the view it started in
             return self._continueGesture(callerInteractor, eventId, viewWidget)
+        self.lastSliceNode = viewWidget.mrmlSliceNode()
         if self.session is None or self.session.state not in ("preview", "updating"):
             return False
         if eventId not in (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.RightButtonPressEvent):
