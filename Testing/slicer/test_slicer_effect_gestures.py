@@ -308,19 +308,18 @@ def test_the_deprecated_thread_worker_session_takes_gestures_with_encoding_progr
     from protosam.session import Session
     from ProtoSAMSlicerLib.logic import LocalSession
 
-    volume = np.random.default_rng(0).normal(0, 0.05, (4, 24, 24)).astype(np.float32)
+    volume = np.random.default_rng(0).normal(0, 0.05, (2, 24, 24)).astype(np.float32)
     volume[:, 8:16, 8:16] += 2.0
     truth = np.zeros(volume.shape, np.uint8)
     truth[:, 8:16, 8:16] = 1
     engine = Engine(tinyModels, preset=replace(PRESETS["default"], auto_extent=False), device="cpu")
-    # No cache: every slice is encoded again for each correction (as an evicted slice is).
-    session = LocalSession(Session(engine, volume, modality="none", cache_bytes=0))
-    session.start({"organ": truth}, support_slices={"organ": [1]})
+    session = LocalSession(Session(engine, volume, modality="none"))
+    session.adopt("organ", truth, [0])  # a preview made elsewhere: no slice is encoded yet
     seen = []
-    assert not session.has_sam_embedding(3)
-    session.box("organ", 3, (6, 6, 17, 17), progress=lambda done, total: seen.append((done, total)))
+    assert not session.has_sam_embedding(1)
+    session.box("organ", 1, (6, 6, 17, 17), progress=lambda done, total: seen.append((done, total)))
     assert seen == [(0, 1), (1, 1)]
     seen.clear()
-    session.scribble("organ", 3, [(9, 9), (14, 9)], True, progress=lambda done, total: seen.append((done, total)))
-    assert seen == [(0, 1), (1, 1)]
-    assert session.corrections("organ", 3) == ["box", "scribble"]
+    session.scribble("organ", 1, [(9, 9), (14, 9)], True, progress=lambda done, total: seen.append((done, total)))
+    assert seen == []  # encoded for the box, kept in the session's cache
+    assert session.corrections("organ", 1) == ["box", "scribble"]
