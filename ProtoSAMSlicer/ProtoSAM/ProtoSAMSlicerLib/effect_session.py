@@ -35,7 +35,8 @@ slice as a support (protosam.session). The clicks are drawn as control points of
 ("+" / "-") and kept per slice until Apply or Cancel. With ``otherSegmentsAsNegatives`` (on by
 default), the segmentation's other visible segments are negatives of the structure ("not this")
 for the run and every update: removed from its result, negative points and background examples
-where they appear (protosam.segment_volume's and Session.set_negatives' ``negatives``). The correction session lives on the worker that ran the preview (the worker process
+where they appear (protosam.segment_volume's and Session.set_negatives' ``negatives``).
+The correction session lives on the worker that ran the preview (the worker process
 in the GUI) and shares that engine's cache (``ProcessOptions.cacheBytes``), so the run's
 encodings serve the clicks and the update; a click is one small request.
 """

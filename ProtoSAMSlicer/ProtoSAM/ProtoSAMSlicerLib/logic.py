@@ -800,12 +800,13 @@ def engineKwargs(prepared: PreparedRun, options: ProcessOptions, negatives: Opti
     """Keyword arguments of ``protosam.segment_volume`` for a prepared run: KJI arrays with their
     IJK-to-world matrices (the engine owns orientation) and plain JSON values, so they travel
     to the worker process as they are. ``negatives`` (segment ID -> KJI mask) only when given."""
-    extra = {} if not negatives else {"negatives": {key: np.ascontiguousarray(value, dtype=np.uint8)
-                                                    for key, value in negatives.items()}}
-    return dict(**extra,query_volume=prepared.query, support_volume=prepared.support, support_masks=prepared.masks,
-                query_ijk_to_ras=prepared.queryIjkToWorld, support_ijk_to_ras=prepared.supportIjkToWorld,
-                plane=prepared.plane, support_slices=prepared.supportSlices, slice_range=prepared.sliceRange,
-                modality=options.modality, auto_extent=options.autoExtent)
+    kwargs = dict(query_volume=prepared.query, support_volume=prepared.support, support_masks=prepared.masks,
+                  query_ijk_to_ras=prepared.queryIjkToWorld, support_ijk_to_ras=prepared.supportIjkToWorld,
+                  plane=prepared.plane, support_slices=prepared.supportSlices, slice_range=prepared.sliceRange,
+                  modality=options.modality, auto_extent=options.autoExtent)
+    if negatives:
+        kwargs["negatives"] = {key: np.ascontiguousarray(value, dtype=np.uint8) for key, value in negatives.items()}
+    return kwargs
 
 
 def engineSpecFor(options: ProcessOptions, device: str) -> Dict:
@@ -822,7 +823,8 @@ def _engineJob(prepared: PreparedRun, options: ProcessOptions, device: str,
     """The job for a device worker: "run segment_volume with these arrays and keyword arguments"
     on the engine ``options`` describe (a protocol message; no MRML reference inside)."""
     request = protocol.JobSubmit(id=protocol.new_id(), operation="segment_volume",
-                                 kwargs=engineKwargs(prepared, options, negatives), engine=engineSpecFor(options, device))
+                                 kwargs=engineKwargs(prepared, options, negatives),
+                                 engine=engineSpecFor(options, device))
     if _onServer(options):
         from protosam.serving.client import forwarding_request
 
