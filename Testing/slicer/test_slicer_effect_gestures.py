@@ -295,6 +295,21 @@ def test_box_only_refiner_refuses_clicks_and_scribbles_and_takes_boxes_and_lasso
     assert all(drag(e, 3, square(1, 1, 3, 2)))
     assert effect.session.correctionKinds() == [(4, "box"), (3, "lasso")]
     assert previewOf(effect, liverId, volume)[3, 1:3, 1:4].all()
+    # Esc while dragging drops the gesture: its drawing goes, nothing is sent.
+    corrected = previewOf(effect, liverId, volume)
+    dropped = {}
+
+    def pressEscape(widget):
+        dropped["actor"] = effect.gesture.actor
+        escape = vtk.vtkRenderWindowInteractor()
+        escape.SetKeySym("Escape")
+        assert effect.processInteractionEvents(escape, vtk.vtkCommand.KeyPressEvent, widget) is True
+        dropped["drawn"] = widget.sliceView().renderer.HasViewProp(dropped["actor"])
+
+    assert drag(e, 3, square(5, 5, 8, 8), whileDrawing=pressEscape)[-1] is False  # the release passes through
+    assert dropped["drawn"] == 0 and effect.gesture is None and effect.ui.statusLabel.text == "Drawing cancelled."
+    assert len(effect.session.correctionKinds()) == 2
+    np.testing.assert_array_equal(previewOf(effect, liverId, volume), corrected)
     effect.ui.cancelButton.click()
     assert np.array_equal(read(e, "liver"), e["liver"]) and np.array_equal(read(e, "spleen"), e["spleen"])
 
