@@ -9,8 +9,6 @@ from required_modules import require_slicer_core
 
 require_slicer_core()
 
-import slicer
-from ProtoSAMSlicerLib import mrml_io
 from test_slicer_module_update import IJK_TO_RAS, REPAINTED, SHAPE, image, previewOf, repaint
 from test_slicer_module_widget import openModule, selectInputs
 
