@@ -43,7 +43,7 @@ from scipy import ndimage
 DOCS = Path(__file__).resolve().parent
 sys.path.insert(0, str(DOCS))
 from render_correction_figure import (  # noqa: E402
-    ADDED, ATLAS, MASK, NEAR, PAINTED, REMOVED, AAL_STRUCTURES, colin27_volume, load_models, parse_args as _click_args,
+    ADDED, ATLAS, MASK, NEAR, REMOVED, AAL_STRUCTURES, colin27_volume, load_models, parse_args as _click_args,
 )
 
 from protosam import Engine  # noqa: E402

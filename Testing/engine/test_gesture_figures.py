@@ -49,6 +49,7 @@ def test_each_gesture_picture_shows_a_real_change_of_its_slice(figure_script, ti
             assert np.asarray(image.convert("RGB")).std() > 10
         entry, after = summary["gestures"][name], saved[f"after_{name}"]
         k = entry["slice"]
+        assert np.flatnonzero((preview != after).any(axis=(1, 2))).tolist() == entry["changed_slices"]
         assert entry["changed_slices"] and entry["added"] + entry["removed"] > 0, name
         if name != "not_this":
             assert entry["changed_slices"] == [k], f"{name} changed another slice"
