@@ -43,10 +43,21 @@ Rules:
 - Undo (:meth:`Session.undo`, alias :meth:`Session.undo_click`) takes back the slice's last
   correction (one click, or one box, scribble or lasso) and gives the slice back exactly as it
   was before it; :meth:`Session.clear_clicks` gives it back as it was before its first one.
+- Exclusive structures (``Session(..., exclusive=True)``): every result the session gives
+  (:meth:`Session.start`, :meth:`Session.update`, :meth:`Session.mask`, :meth:`Session.masks`
+  and the slice a correction returns) gives each voxel to at most one structure, by the rule of
+  ``segment_volume(exclusive=True)`` (:func:`protosam.propagation.resolve_exclusive`, the same
+  code): the structure whose refined mask probability there is highest, a fixed (painted or
+  corrected) slice counting as probability 1, ties to the structure that entered the session
+  first (:meth:`Session.start`'s order, then :meth:`Session.adopt`'s); an adopted structure,
+  until its first update, counts as probability 0.5 (the threshold). Each structure keeps its
+  own mask inside the session and the rule is applied to what is read, so a voxel a structure
+  gave up comes back to it when the structure that took it lets it go (at its update or undo).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from dataclasses import dataclass, field, replace
@@ -64,7 +75,7 @@ from .preprocessing import normalize_volume
 from .prompts import ComponentPrompt, connected_components
 from .propagation import (
     SUPPORT_MODES, CroppedMask, _check_range, _propagate, _seed_slices, _SliceStore, _Structure, combine_supports,
-    crop_mask, largest_area_slice,
+    crop_mask, largest_area_slice, resolve_exclusive,
 )
 from .validation import as_binary_mask, as_float_slices
 
@@ -131,6 +142,22 @@ class _StructureState:
     output: Optional[np.ndarray] = None  # [N, H, W] uint8
     # "Other segments": [N, H, W] bool voxels that are not this structure (see set_negatives).
     negatives: Optional[np.ndarray] = None
+    # Exclusive sessions: the last run's refined mask probability per propagated slice, as
+    # propagation keeps it (rows, cols, float32 crop; see resolve_exclusive). None: none kept.
+    probabilities: Optional[Dict[int, tuple]] = None
+
+
+def _resolved_slice(method):
+    """A correction returns its slice as the session's results give it: in an exclusive
+    session, with the voxels another structure wins taken out (rule in the module docstring)."""
+    @functools.wraps(method)
+    def correction(self, structure, index, *args, **kwargs):
+        mask = method(self, structure, index, *args, **kwargs)
+        if not self.exclusive_structures or len(self.structures) < 2:
+            return mask
+        with self._lock:
+            return self._resolved(int(index))[structure][0].copy()
+    return correction
 
 
 @dataclass
@@ -159,6 +186,9 @@ class Session:
             after an engine run in the same process finds that run's encodings.
         support_mode: "nearest" or "all" (see ``segment_volume``).
         slice_range, auto_extent: as for ``segment_volume``.
+        exclusive: give each voxel to at most one structure in every result (rule in the
+            module docstring; ``segment_volume(exclusive=True)``'s). Settable later through
+            the attribute ``exclusive_structures`` (``exclusive`` names the lock's context).
     """
 
     def __init__(
@@ -172,6 +202,7 @@ class Session:
         support_mode: str = "nearest",
         slice_range: Optional[Tuple[int, int]] = None,
         auto_extent: Optional[bool] = None,
+        exclusive: bool = False,
     ):
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2, not {axis!r}")
@@ -182,6 +213,7 @@ class Session:
         self.support_mode = support_mode
         self.slice_range = slice_range
         self.auto_extent = auto_extent
+        self.exclusive_structures = bool(exclusive)
         self._shares_engine_cache = cache_bytes is None
         self.cache = engine.cache if cache_bytes is None else EmbeddingCache(cache_bytes)
         self.structures: Dict[Hashable, _StructureState] = {}
@@ -298,7 +330,7 @@ class Session:
                     state.negatives = self._as_negatives(key, negatives[key])
                 self.structures[key] = state
             self._run(list(support_masks), progress, cancel)
-            return {key: self.mask(key) for key in support_masks}
+            return self.masks(list(support_masks))
 
     def adopt(self, structure: Hashable, masks, fixed_slices: Sequence[int], *, support_volume=None,
               support_mask=None, support_slices: Optional[Sequence[int]] = None) -> None:
@@ -412,7 +444,7 @@ class Session:
                 key, support_indices + sorted(state.fixed), sorted(prototypes), copied,
                 combine_supports(prototypes, self.support_mode), np.zeros(self.volume.shape, np.uint8), [],
                 known_present=any(p.any() for p in state.fixed.values()), prompt_masks={},
-                negatives=state.negatives,
+                negatives=state.negatives, probabilities={} if self.exclusive_structures else None,
             )
             prepared.append(structure)
         auto_extent = self.engine.preset.auto_extent if self.auto_extent is None else self.auto_extent
@@ -424,8 +456,10 @@ class Session:
             state.output = structure.output
             state.prompts = {k: v for k, v in structure.prompts.items() if k not in state.fixed}
             state.prompt_masks = {k: v for k, v in structure.prompt_masks.items() if k not in state.fixed}
+            state.probabilities = structure.probabilities
 
     # ------------------------------------------------------------------ corrections
+    @_resolved_slice
     def add_support(self, structure: Hashable, index: int, mask) -> np.ndarray:
         """A painted slice ``index`` (``[H, W]``, non-zero = structure) becomes fixed and, at the
         next update, a support. Its clicks, gestures and their undo history are dropped (the
@@ -439,6 +473,7 @@ class Session:
             state.output[index] = painted
             return painted.copy()
 
+    @_resolved_slice
     def correct(self, structure: Hashable, index: int, points, labels) -> np.ndarray:
         """Add clicks on slice ``index``: ``points`` ``[P, 2]`` ``(x, y)`` voxels of the slice,
         ``labels`` ``[P]`` 1 = positive, 0 = negative. SAM re-decodes the slice from its cached
@@ -465,6 +500,7 @@ class Session:
             return self._redecode(state, index)
 
     # ------------------------------------------------------------------ gestures
+    @_resolved_slice
     def box(self, structure: Hashable, index: int, box_xyxy) -> np.ndarray:
         """A box dragged on slice ``index``: ``box_xyxy`` ``(x0, y0, x1, y1)`` voxels of the
         slice (column, row; inclusive, any corner order). It replaces all of the slice's prompt
@@ -504,6 +540,7 @@ class Session:
             state.fixed[index] = mask.copy()
             return mask.copy()
 
+    @_resolved_slice
     def scribble(self, structure: Hashable, index: int, points_xy, positive: bool, *, radius: float = 0.0) -> np.ndarray:
         """A scribble (open polyline) on slice ``index``: ``points_xy`` ``[P, 2]`` ``(x, y)``
         voxels of the slice, in drawing order (one point: a dot). The voxels it covers (its
@@ -527,6 +564,7 @@ class Session:
             state.edits.setdefault(index, []).append((bool(positive), crop_mask(covered)))
             return self._redecode(state, index)
 
+    @_resolved_slice
     def lasso(self, structure: Hashable, index: int, polygon_xy, positive: bool) -> np.ndarray:
         """A lasso (closed polygon) on slice ``index``: ``polygon_xy`` ``[P, 2]`` ``(x, y)``
         voxel vertices (P >= 3; the last joins the first). The voxels it encloses (centres
@@ -549,6 +587,7 @@ class Session:
             return mask.copy()
 
     # ------------------------------------------------------------------ undo
+    @_resolved_slice
     def undo(self, structure: Hashable, index: int) -> np.ndarray:
         """Take back the last correction of slice ``index`` (one click, or one box, scribble or
         lasso): the slice is exactly as it was before it (mask, fixed or not, clicks). Returns
@@ -586,6 +625,7 @@ class Session:
         corrections left the slice is as before them."""
         return self.undo(structure, index)
 
+    @_resolved_slice
     def clear_clicks(self, structure: Hashable, index: int) -> np.ndarray:
         """Drop every correction of slice ``index`` (clicks, boxes, scribbles, lassos) and give
         it back the mask it had before them."""
@@ -613,8 +653,40 @@ class Session:
         return sorted(self._state(structure).fixed)
 
     def mask(self, structure: Hashable) -> np.ndarray:
-        """uint8 mask volume of ``structure`` in the caller's order."""
-        return np.ascontiguousarray(np.moveaxis(self._state(structure).output, 0, self.axis))
+        """uint8 mask volume of ``structure`` in the caller's order (exclusive sessions: with the
+        voxels other structures win taken out)."""
+        return self.masks([structure])[structure]
+
+    def masks(self, structures: Optional[Sequence[Hashable]] = None) -> Dict[Hashable, np.ndarray]:
+        """uint8 mask volumes (caller's order) of ``structures`` (default: every structure), as
+        :meth:`mask` gives them; an exclusive session resolves the structures once for all."""
+        with self._lock:
+            keys = [key for key, state in self.structures.items() if state.output is not None] \
+                if structures is None else list(structures)
+            outputs = {key: self._state(key).output for key in keys}
+            if self.exclusive_structures and len(self.structures) > 1:
+                resolved = self._resolved()
+                outputs = {key: resolved[key] for key in keys}
+            return {key: np.ascontiguousarray(np.moveaxis(output, 0, self.axis)) for key, output in outputs.items()}
+
+    def _resolved(self, index: Optional[int] = None) -> Dict[Hashable, np.ndarray]:
+        """Every structure's ``[N, H, W]`` output (only slice ``index``, as ``[1, H, W]``, when
+        given) with each voxel given to at most one structure, by
+        :func:`protosam.propagation.resolve_exclusive` on copies (the outputs stay each
+        structure's own). Fixed slices are its painted ones; structures in session order."""
+        window = slice(None) if index is None else slice(index, index + 1)
+        offset = 0 if index is None else index
+
+        def on_window(record: Mapping[int, object]) -> Dict[int, object]:
+            return {k - offset: v for k, v in record.items() if index is None or k == index}
+
+        contenders = [
+            _Structure(state.key, [], [], on_window(state.fixed), {}, state.output[window].copy(), [],
+                       probabilities=on_window(state.probabilities or {}))
+            for state in self.structures.values() if state.output is not None
+        ]
+        resolve_exclusive(contenders)
+        return {contender.key: contender.output for contender in contenders}
 
     # ------------------------------------------------------------------ correction helpers
     def _refuse_points(self, what: str) -> None:

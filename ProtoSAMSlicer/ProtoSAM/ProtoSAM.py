@@ -108,6 +108,7 @@ class ProtoSAMParameterNode:
     firstSlice: Annotated[int, Default(0)]
     lastSlice: Annotated[int, Default(0)]
     acceptMode: AcceptMode = AcceptMode.New
+    exclusive: bool = False  # each voxel to at most one segment (ProcessOptions.exclusive)
 
 
 def readSetting(name):
@@ -453,7 +454,8 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             sliceRange = None
             if parameters.rangeMode is RangeMode.FromTo:
                 sliceRange = (parameters.firstSlice, parameters.lastSlice)
-            options = dataclasses.replace(options, autoExtent=parameters.rangeMode is RangeMode.Automatic)
+            options = dataclasses.replace(options, autoExtent=parameters.rangeMode is RangeMode.Automatic,
+                                          exclusive=parameters.exclusive)
             targets = list(self.ui.targetVolumesSelector.checkedNodes())
             self.batchSize, self.failures = len(targets), []
             self.jobs = self.logic.processBatch(

@@ -520,3 +520,56 @@ def test_resume_hashes_the_data_files_behind_headers(cohort, tiny_models, tmp_pa
     assert written.is_file()
     written.write_bytes(b"corrupt")
     assert run() == (0, "done")
+
+
+# --- --exclusive ------------------------------------------------------------------------------------
+
+def test_exclusive_batch_rows_equal_segment_exclusive_locally_and_in_the_ray_worker(cohort, tiny_models, tmp_path):
+    """Each row propagates its labels exclusively (``protosam segment --exclusive``'s output), the
+    option is part of the row's parameters (a run without it redoes the row), and a Ray row's
+    arguments carry it to the actor's body (the same function a Ray worker runs, called here
+    without starting Ray)."""
+    import collections
+    import json
+    from argparse import Namespace
+
+    from protosam.cli import build_parser
+    from protosam.cohorts.batch import RunParameters, SupportReader, read_manifest
+    from protosam.cohorts.ray_cluster import MODEL_OPTIONS, BatchWorker, _Scheduler, _Task
+
+    folder, _ = cohort
+    target = folder / "target_0.nii.gz"
+    manifest = _manifest(tmp_path / "jobs.csv", [[target, "out/case_0.nii.gz", ""]])
+    output = tmp_path / "out" / "case_0.nii.gz"
+    code, summary = _batch(manifest, folder, tiny_models, "--exclusive")
+    assert code == 0 and summary[1]["status"] == "done"
+    sidecar = json.loads(output.with_name(output.name + SIDECAR_SUFFIX).read_text())
+    assert sidecar["parameters"]["exclusive"] is True
+    exclusive = _labels(output)
+    segmented = {}
+    for name, extra in (("exclusive", ["--exclusive"]), ("plain", [])):
+        path = tmp_path / f"{name}.nii.gz"
+        assert main(["segment", "--image", str(target), "--support-image", str(folder / "support.nii.gz"),
+                     "--support-mask", str(folder / "support_labels.nii.gz"), "--output", str(path),
+                     *_model_args(tiny_models), *extra]) == 0
+        segmented[name] = _labels(path)
+    np.testing.assert_array_equal(exclusive, segmented["exclusive"])
+    assert not np.array_equal(segmented["exclusive"], segmented["plain"]), "the labels do not overlap here"
+
+    code, summary = _batch(manifest, folder, tiny_models)  # without --exclusive: another output
+    assert summary[1]["status"] == "done"
+    np.testing.assert_array_equal(_labels(output), segmented["plain"])
+
+    args = build_parser().parse_args([
+        "batch", "--manifest", str(manifest), "--support-image", str(folder / "support.nii.gz"),
+        "--support-mask", str(folder / "support_labels.nii.gz"), *_model_args(tiny_models), "--exclusive"])
+    (job,) = read_manifest(args.manifest, support_image=args.support_image, support_mask=args.support_mask)
+    scheduler = object.__new__(_Scheduler)  # only its row preparation, with ray.put as the identity
+    scheduler.ray, scheduler.args, scheduler.reader = Namespace(put=lambda value: value), args, SupportReader()
+    scheduler.support_refs, scheduler.report = collections.OrderedDict(), None
+    task = _Task(job, RunParameters(args).for_job(job))
+    assert scheduler._prepare(task) and task.arguments[-1] is True
+    worker = BatchWorker({name: getattr(args, name) for name in MODEL_OPTIONS}, 1)
+    worker.start()
+    labelmap, _ = worker.segment(*task.arguments)
+    np.testing.assert_array_equal(labelmap, segmented["exclusive"])

@@ -143,3 +143,42 @@ def test_session_negatives_apply_at_update(engine):
     np.testing.assert_array_equal(updated[3], one[3]), "the painted support keeps what was painted"
     session.set_negatives("a", None)
     np.testing.assert_array_equal(session.update("a"), start)
+
+
+
+def test_exclusive_session_starts_as_segment_volume(engine, one_thread):
+    volume, one, two = _volume()
+    shared = {"a": one, "b": two}
+    run = segment_volume(engine, volume, None, shared, modality="none", exclusive=True)
+    started = Session(engine, volume, modality="none", exclusive=True).start(shared)
+    for key in shared:
+        np.testing.assert_array_equal(started[key], run.masks[key])
+
+
+def test_exclusive_session_updates_and_corrections_leave_no_voxel_in_two(engine, one_thread):
+    volume, one, _ = _volume()
+    session = Session(engine, volume, modality="none", exclusive=True)
+    session.start({"a": one, "b": one.copy()})  # identical: everything goes to a (listed first)
+    assert session.mask("a").any() and not session.mask("b").any()
+    # The session keeps each structure's own mask: without the rule b is a again.
+    session.exclusive_structures = False
+    np.testing.assert_array_equal(session.mask("b"), session.mask("a"))
+    session.exclusive_structures = True
+    # A corrected slice of b is fixed (probability 1): b takes its voxels there, and only there.
+    lasso = [(8, 8), (22, 8), (22, 22), (8, 22)]
+    b_slice = session.lasso("b", 1, lasso, True)
+    masks = session.masks()
+    assert not (masks["a"] & masks["b"]).any()
+    np.testing.assert_array_equal(b_slice, masks["b"][1])
+    assert b_slice[10:20, 10:20].all() and not masks["a"][1][b_slice > 0].any()
+    assert not masks["b"][[0, 2, 4, 5]].any()
+    # A lasso of a on the same slice: a tie at probability 1 goes to a, listed first.
+    a_slice = session.lasso("a", 1, lasso, True)
+    assert a_slice[10:20, 10:20].all() and not session.mask("b")[1][10:20, 10:20].any()
+    # Undo gives b its voxels back; an update keeps the rule.
+    session.undo("a", 1)
+    assert session.mask("b")[1][10:20, 10:20].all()
+    updated = session.update("b")
+    masks = session.masks()
+    np.testing.assert_array_equal(updated, masks["b"])
+    assert not (masks["a"] & masks["b"]).any()

@@ -656,6 +656,8 @@ def parameterNodeWrapper(cls):
         text = self.parameterNode.GetParameter(name)
         if not text:
             return default
+        if kind is bool:  # guiConnectors/serializers store "True" / "False"
+            return text == "True"
         return kind(text) if issubclass(kind, enum.Enum) else kind(int(text)) if kind is int else kind(text)
 
     def write(self, name, value):
@@ -685,6 +687,8 @@ def parameterNodeWrapper(cls):
                     for member in kind:
                         widget.addItem(kind.label(member))
                 signal, getter = widget.currentIndexChanged, (lambda w=widget, k=kind: list(k)[w.currentIndex])
+            elif kind is bool:  # QCheckBox <-> bool
+                signal, getter = widget.toggled, (lambda w=widget: w.checked)
             else:
                 # guiConnectors.py's QSpinBox <-> int connector opens the spin box to the whole
                 # int range (-2**31 .. 2**31 - 1) unless the field is annotated with a range:
@@ -709,6 +713,8 @@ def parameterNodeWrapper(cls):
                 widget.setCurrentNode(value)
             elif issubclass(kind, enum.Enum):
                 widget.setCurrentIndex(list(kind).index(value))
+            elif kind is bool:
+                widget.setChecked(value)
             else:
                 widget.setValue(value)
             widget.blockSignals(False)

@@ -42,6 +42,9 @@ def add_subcommand(commands) -> None:
                        help="volume the support labels were drawn on (default: each row's own image)")
     batch.add_argument("--support-mask", default=None, metavar="M", help="label map on the support image's grid")
     add_label_options(batch, every_row=True)
+    batch.add_argument("--exclusive", action="store_true",
+                       help="in every row, give each voxel to at most one label: the one whose refined mask probability "
+                            "is highest there (ties: the label listed first), as 'protosam segment --exclusive'")
     batch.add_argument("--summary", default=None, metavar="FILE", help="summary CSV (default: <manifest>.summary.csv beside it)")
     batch.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                        help="run on Ray: no ADDRESS = connect to or start a local instance; 'auto', host:port or ray://...")

@@ -208,6 +208,8 @@ class RunParameters:
             "modality": args.modality,
             "support_slice": args.support_slice,
         }
+        if getattr(args, "exclusive", False):  # recorded only when set: earlier outputs stay finished
+            self.common["exclusive"] = True
         self._hashes: Dict[str, str] = {}
 
     def _hash(self, path: Path, what: str) -> str:
@@ -375,7 +377,7 @@ def run_local(pending: List[PendingJob], args: argparse.Namespace, report: Repor
             attempts = 1
             try:
                 labelmap, _ = propagate_labels(engine, inputs, support_slice=args.support_slice,
-                                               modality=args.modality)
+                                               modality=args.modality, exclusive=getattr(args, "exclusive", False))
                 seconds = time.perf_counter() - started
                 voxels = save_result(job, labelmap, reference, parameters, seconds, {"device": str(engine.device)})
             except Exception as error:

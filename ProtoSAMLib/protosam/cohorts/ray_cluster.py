@@ -76,11 +76,12 @@ class BatchWorker:
         return {"pid": os.getpid(), "host": socket.gethostname(), "device": str(self.engine.device)}
 
     def segment(self, query, support, labelmap, labels: List[int], geometry: Dict[str, object],
-                support_slice: Optional[int], modality: str):
+                support_slice: Optional[int], modality: str, exclusive: bool = False):
         """Propagate one volume (arrays as :class:`SegmentInputs` holds them) -> (label map, seconds)."""
         started = time.perf_counter()
         inputs = SegmentInputs(query, support, labelmap, list(labels), geometry)
-        output, _ = propagate_labels(self.engine, inputs, support_slice=support_slice, modality=modality)
+        output, _ = propagate_labels(self.engine, inputs, support_slice=support_slice, modality=modality,
+                                     exclusive=exclusive)
         return output, time.perf_counter() - started
 
 
@@ -194,7 +195,7 @@ class _Scheduler:
         support = None if inputs.support is None else self._shared_ref(f"image:{os.path.abspath(job.support_image)}", inputs.support)
         labelmap = self._shared_ref(f"mask:{os.path.abspath(job.support_mask)}", inputs.labelmap)
         task.arguments = (self.ray.put(inputs.query), support, labelmap, inputs.labels, inputs.geometry,
-                          self.args.support_slice, self.args.modality)
+                          self.args.support_slice, self.args.modality, getattr(self.args, "exclusive", False))
         return True
 
     def _fill(self) -> None:

@@ -264,7 +264,8 @@ class SessionOpen(Message):
     (structure key -> support Image mask on ``support_volume``, or on ``volume`` when None).
 
     ``options``: ``axis``, ``modality``, ``support_mode``, ``support_slices``, ``slice_range``,
-    ``auto_extent``, ``cache_bytes`` (see protosam.session.Session). With ``adopt`` true the
+    ``auto_extent``, ``cache_bytes``, ``exclusive`` (see protosam.session.Session; exclusive
+    sessions give each voxel to at most one structure). With ``adopt`` true the
     structures are results already propagated by a job on this worker (``fixed_slices``: key ->
     painted slices): nothing is propagated, and the session shares the engine's cache, so that
     job's encodings serve the clicks. When such a run's support came from another volume,
@@ -465,7 +466,9 @@ class SessionSetNegatives(Message):
 @dataclasses.dataclass
 class SessionUpdate(Message):
     """Re-run ``structure`` over the volume from the session's cached encodings (a job:
-    progress and a JobResult follow)."""
+    progress and a JobResult follow). Reply: ``mask`` and ``fixed_slices``; an exclusive
+    session adds ``masks`` (every structure's mask: the others may have won or given back
+    voxels)."""
 
     TYPE = "session_update"
     id: str

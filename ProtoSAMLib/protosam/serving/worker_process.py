@@ -335,7 +335,10 @@ class WorkerSessions:
             return value
         with self._using(message.session_id) as session:
             mask = session.update(message.structure, progress=progress, cancel=cancel)
-            return {"mask": mask, "fixed_slices": session.fixed_slices(message.structure)}
+            reply = {"mask": mask, "fixed_slices": session.fixed_slices(message.structure)}
+            if session.exclusive_structures:  # the other structures may win or give back voxels
+                reply["masks"] = session.masks()
+            return reply
 
     def _open(self, message: protocol.SessionOpen, progress, cancel) -> Dict[str, Any]:
         from ..session import DEFAULT_SESSION_CACHE_BYTES, Session
@@ -343,7 +346,7 @@ class WorkerSessions:
         engine = self.engines.get(message.engine)
         options = dict(message.options)
         allowed = {"axis", "modality", "support_mode", "support_slices", "slice_range", "auto_extent", "cache_bytes",
-                   "adopt", "fixed_slices"}
+                   "adopt", "fixed_slices", "exclusive"}
         unknown = set(options) - allowed
         if unknown:
             raise InputError(f"Unknown session option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(allowed))}.")
@@ -356,7 +359,8 @@ class WorkerSessions:
             engine, volume, axis=int(options.get("axis", 0)), modality=options.get("modality", "auto"),
             cache_bytes=None if adopt or self.shared_cache else options.get("cache_bytes", DEFAULT_SESSION_CACHE_BYTES),
             support_mode=options.get("support_mode", "nearest"),
-            slice_range=None if range_ is None else tuple(range_), auto_extent=options.get("auto_extent"))
+            slice_range=None if range_ is None else tuple(range_), auto_extent=options.get("auto_extent"),
+            exclusive=bool(options.get("exclusive", False)))
         if adopt:
             fixed = options.get("fixed_slices") or {}
             support_masks = message.support_masks or {}
@@ -367,7 +371,7 @@ class WorkerSessions:
                     external = dict(support_volume=support_volume, support_mask=_array(support_masks[key]),
                                     support_slices=support_slices.get(key))
                 session.adopt(key, _array(mask), fixed.get(key, []), **external)
-            masks = {key: session.mask(key) for key in message.structures}
+            masks = session.masks(list(message.structures))
         else:
             try:
                 masks = session.start({key: _array(mask) for key, mask in message.structures.items()},

@@ -78,6 +78,9 @@ class ProcessOptions:
     #: The user's explicit choice to allow plain http:// to a computer other than this one (token
     #: and images then cross the network unencrypted); without it such a URL is refused.
     serverAllowUnencrypted: bool = False
+    #: Each voxel to at most one segment (protosam.segment_volume(exclusive=True)'s rule), in the
+    #: run and in the preview's updates (its correction session is exclusive too).
+    exclusive: bool = False
 
 
 @dataclasses.dataclass
@@ -602,6 +605,8 @@ class ProtoSAMLogic:
                 supportSlices[segmentId] = [supportOrientation.canonical_slice(k, supportCount)
                                             for k in result.supportSlices.get(segmentId, [])]
         sessionOptions = {"modality": options.modality, "auto_extent": options.autoExtent}
+        if options.exclusive:  # only then: a server without the option still serves the others
+            sessionOptions["exclusive"] = True
         if result.sliceRange is not None:
             ends = [orientation.canonical_slice(k, count) for k in result.sliceRange]
             sessionOptions["slice_range"] = [min(ends), max(ends)]
@@ -630,7 +635,7 @@ class ProtoSAMLogic:
 
         session = Session(localEngines().get(engineSpec), volume, axis=0, modality=options.modality,
                           cache_bytes=None, auto_extent=options.autoExtent,
-                          slice_range=sessionOptions.get("slice_range"))
+                          slice_range=sessionOptions.get("slice_range"), exclusive=options.exclusive)
         for segmentId, mask in masks.items():
             externalSupport = {}
             if external:
@@ -717,6 +722,11 @@ class ProtoSAMLogic:
                     raise CancelledError("Update cancelled; the preview is as it was.") from stopped
                 updated.append((result, segmentId, orientation.from_canonical(mask)))
                 position += 1
+            if result.options is not None and result.options.exclusive:
+                # An exclusive update may move voxels between segments: rewrite every segment.
+                updated = [entry for entry in updated if entry[0] is not result] + [
+                    (result, segmentId, orientation.from_canonical(session.mask(segmentId)))
+                    for segmentId in result.segmentIds]
         for result, segmentId, mask in updated:
             preview = result.previewSegmentationNode
             if preview.GetScene() is None or not preview.GetScene().IsNodePresent(preview):
@@ -809,6 +819,8 @@ def engineKwargs(prepared: PreparedRun, options: ProcessOptions, negatives: Opti
                   modality=options.modality, auto_extent=options.autoExtent)
     if negatives:
         kwargs["negatives"] = {key: np.ascontiguousarray(value, dtype=np.uint8) for key, value in negatives.items()}
+    if options.exclusive:  # only then, so that a server without the option runs the other jobs
+        kwargs["exclusive"] = True
     return kwargs
 
 

@@ -1034,6 +1034,9 @@ class WorkerSession:
         value = self._call(protocol.SessionUpdate(id=protocol.new_id(), session_id=self.sessionId, structure=structure),
                            progress=progress, cancel=cancel)
         self._masks[structure] = np.asarray(value["mask"])
+        for key, mask in (value.get("masks") or {}).items():  # exclusive sessions: the others too
+            if key in self._masks:
+                self._masks[key] = np.asarray(mask)
         return self._masks[structure]
 
     def clicks(self, structure, index: int):
