@@ -517,6 +517,9 @@ class Engine:
         stock SAM global attention instead of this engine's fused and head-chunked layouts (the
         same maths: features differ by float rounding). The engine's own kernels, and SAM's
         chunking settings, come back on exit."""
+        if not isinstance(self.refiner, SamRefiner):
+            raise ValueError("reference_kernels compares SAM's attention kernels; the refiner here is "
+                             f"{self.models.sam}, not SAM")
         sam = self.refiner.sam
         chunking = next(
             ((b.attn.heads_per_chunk, b.attn.chunk_bytes) for b in sam.image_encoder.blocks if "forward" in b.attn.__dict__),

@@ -186,3 +186,22 @@ def test_checkpoint_errors_are_clear(tmp_path, tiny_sam2):
     save_random_sam_checkpoint(catalogue.TINY_SAM, tmp_path / "sam.pth")
     with pytest.raises(CheckpointError, match="does not fit architecture"):
         load_sam2(TINY_SAM2, tmp_path / "sam.pth")
+
+
+def test_refiner_benchmark_measures_both_phases_for_sam2():
+    """benchmarks/refiner_benchmark.py's measurement on the tiny SAM 2 (one slice, two prompt sets)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        import refiner_benchmark
+    finally:
+        sys.path.pop(0)
+    threads = torch.get_num_threads()
+    try:
+        figures = refiner_benchmark.run_one(TINY_SAM2, slices=1, structures=2, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert figures["embed_seconds"] > 0 and figures["decode_seconds"] > 0 and figures["peak_rss_mib"] > 0
+    assert figures["cache_bytes_per_slice"] == catalogue.refiner_cache_bytes_per_slice(TINY_SAM2)
