@@ -24,7 +24,8 @@ from .cache import EmbeddingCache
 from .errors import CancelledError, InputError, ProtoSAMError
 from .models.alpnet import ALPNetConfig, Prototypes, compute_prototypes, mask_to_grid, score_queries
 from .models.dinov2 import get_dinov2_architecture, load_dinov2
-from .models.sam import SAM_ARCHITECTURES, SAM_IMAGE_SIZE, SamRefiner, load_sam
+from .models.refiners import check_refiner_name, load_refiner
+from .models.sam import SAM_IMAGE_SIZE, SamRefiner
 from .models.sam_memory import limit_global_attention_memory, use_stock_global_attention
 from .precision import resolve_precision
 from .presets import Preset, get_preset
@@ -175,8 +176,7 @@ class Engine:
             raise ValueError("batch_size must be >= 1")
         # Check both names before any download starts: a typo must not cost a 1 GB transfer.
         get_dinov2_architecture(models.dinov2)
-        if models.sam not in SAM_ARCHITECTURES:
-            raise ValueError(f"Unknown SAM model '{models.sam}'; choose one of {', '.join(SAM_ARCHITECTURES)}")
+        check_refiner_name(models.sam)  # SAM or SAM 2 family (ValueError listing the refiners)
         self.models = models
         self.preset: Preset = get_preset(preset, cca=cca, precision=precision)
         self.device = resolve_device(device)
@@ -198,9 +198,7 @@ class Engine:
         )
         self.encoder = load_dinov2(models.dinov2, dinov2_path, device=str(self.device))
         self.encoder.set_fused_attention(self.preset.fused_attention)
-        self.refiner = SamRefiner(
-            load_sam(models.sam, sam_path, device=str(self.device)), medsam=SAM_ARCHITECTURES[models.sam].medsam
-        )
+        self.refiner = load_refiner(models.sam, sam_path, device=str(self.device))
         logger.info(
             "ProtoSAM engine ready: %s + %s at %d px on %s, preset %s, %s",
             models.dinov2, models.sam, models.input_size, self.device, self.preset.name, self.precision,
@@ -397,6 +395,10 @@ class Engine:
         """Each prompt set decoded on its own, as ``SamRefiner`` decodes one set (same steps,
         same bits), keeping the upsampled mask logits' sigmoid: ``(union [1024, 1024] bool,
         scores, probability [1024, 1024] float32 (max over sets), each [P, 1024, 1024] or None)``."""
+        if not isinstance(self.refiner, SamRefiner):  # SAM 2: the refiner's own per-set decoding
+            return self.refiner.decode_with_probability(
+                embedding, prompts, multimask_output=self.preset.effective_multimask,
+                pick_best_score=self.preset.pick_best_score, keep_each=keep_each)
         refiner, sam = self.refiner, self.refiner.sam
         device = refiner.device
         size = (SAM_IMAGE_SIZE, SAM_IMAGE_SIZE)
@@ -529,6 +531,9 @@ class Engine:
         stock SAM global attention instead of this engine's fused and head-chunked layouts (the
         same maths: features differ by float rounding). The engine's own kernels, and SAM's
         chunking settings, come back on exit."""
+        if not isinstance(self.refiner, SamRefiner):
+            raise ValueError("reference_kernels compares SAM's attention kernels; the refiner here is "
+                             f"{self.models.sam}, not SAM")
         sam = self.refiner.sam
         chunking = next(
             ((b.attn.heads_per_chunk, b.attn.chunk_bytes) for b in sam.image_encoder.blocks if "forward" in b.attn.__dict__),

@@ -61,16 +61,18 @@ import functools
 import logging
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from scipy import ndimage
 
+from . import catalogue
 from .cache import EmbeddingCache, volume_fingerprint
 from .errors import InputError
+from .models.dinov2 import get_dinov2_architecture
 from .models.sam import SAM_IMAGE_SIZE
-from .engine import Engine
+from .engine import MIN_FEATURE_GRID, Engine
 from .preprocessing import normalize_volume
 from .prompts import ComponentPrompt, connected_components
 from .propagation import (
@@ -81,16 +83,30 @@ from .validation import as_binary_mask, as_float_slices
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Session", "DEFAULT_SESSION_CACHE_BYTES", "session_cache_bytes"]
+__all__ = ["Session", "DEFAULT_SESSION_CACHE_BYTES", "session_cache_bytes", "engine_session_cache_bytes"]
 
 # Holds a 64-slice volume with DINOv2 ViT-B/14 at 672 px (48 x 48 x 768 float32 = 7.1 MB a
 # slice) and SAM ViT-B embeddings (256 x 64 x 64 float32 = 4.2 MB): 64 x 11.3 MB = 0.72 GB.
 DEFAULT_SESSION_CACHE_BYTES = 768 * 2**20
 
 
-def session_cache_bytes(feature_channels: int, grid: int, sam_channels: int = 256, slices: int = 64) -> int:
-    """Bytes of float32 encoder outputs for ``slices`` slices (DINOv2 ``[C, g, g]`` + SAM ``[256, 64, 64]``)."""
-    return slices * 4 * (feature_channels * grid * grid + sam_channels * 64 * 64)
+def session_cache_bytes(feature_channels: int, grid: int, sam_channels: int = 256, slices: int = 64, *,
+                        refiner: Optional[str] = None) -> int:
+    """Bytes of float32 encoder outputs for ``slices`` slices: DINOv2 ``[C, g, g]`` plus the
+    refiner's image features, SAM's ``[256, 64, 64]`` or, with ``refiner`` named, that refiner's
+    own size from the catalogue (SAM 2 keeps two high-resolution levels too: 4x SAM's)."""
+    refiner_bytes = (catalogue.refiner_cache_bytes_per_slice(refiner) if refiner is not None
+                     else 4 * sam_channels * 64 * 64)
+    return slices * (4 * feature_channels * grid * grid + refiner_bytes)
+
+
+def engine_session_cache_bytes(engine: Engine, slices: int = 64) -> int:
+    """The default session budget for ``engine``'s models: ``slices`` slices of its DINOv2
+    features at its input size and of its refiner's image features (the default models give
+    :data:`DEFAULT_SESSION_CACHE_BYTES`'s 64 x 11.3 MB; SAM 2.1 at 1024 px, 64 x 23.9 MB)."""
+    grid = max(engine.encoder_input_size // 14, MIN_FEATURE_GRID)
+    channels = get_dinov2_architecture(engine.models.dinov2).embed_dim
+    return session_cache_bytes(channels, grid, slices=slices, refiner=engine.models.sam)
 
 
 # A scribble gives the refiner one point per this many voxels of its length, at most this many.
@@ -182,8 +198,10 @@ class Session:
         volume: 3-D raw intensities in the caller's order; ``axis`` is the slicing axis.
         modality: intensity preprocessing, as for ``segment_volume``.
         cache_bytes: budget of the encoder-output cache (LRU; evicted slices are re-encoded);
-            None shares the engine's own cache (``Engine(cache_bytes=...)``), so a session opened
-            after an engine run in the same process finds that run's encodings.
+            ``"auto"`` (default): 64 slices of the engine's models (:func:`engine_session_cache_bytes`,
+            so a SAM 2 refiner gets room for its larger features); None shares the engine's own
+            cache (``Engine(cache_bytes=...)``), so a session opened after an engine run in the
+            same process finds that run's encodings.
         support_mode: "nearest" or "all" (see ``segment_volume``).
         slice_range, auto_extent: as for ``segment_volume``.
         exclusive: give each voxel to at most one structure in every result (rule in the
@@ -198,7 +216,7 @@ class Session:
         *,
         axis: int = 0,
         modality: str = "auto",
-        cache_bytes: Optional[int] = DEFAULT_SESSION_CACHE_BYTES,
+        cache_bytes: Union[int, None, str] = "auto",
         support_mode: str = "nearest",
         slice_range: Optional[Tuple[int, int]] = None,
         auto_extent: Optional[bool] = None,
@@ -214,6 +232,8 @@ class Session:
         self.slice_range = slice_range
         self.auto_extent = auto_extent
         self.exclusive_structures = bool(exclusive)
+        if cache_bytes == "auto":
+            cache_bytes = engine_session_cache_bytes(engine)
         self._shares_engine_cache = cache_bytes is None
         self.cache = engine.cache if cache_bytes is None else EmbeddingCache(cache_bytes)
         self.structures: Dict[Hashable, _StructureState] = {}

@@ -17,13 +17,15 @@ from .models.dinov2 import DinoV2Encoder, PathLike, get_dinov2_architecture
 from .models.sam import build_sam
 
 __all__ = [
-    "TINY_DINOV2", "TINY_SAM", "TINY_MEDSAM", "write_tiny_checkpoints", "write_tiny_medsam", "save_random_checkpoint",
-    "save_random_sam_checkpoint", "start_server", "ServerProcess", "free_port",
+    "TINY_DINOV2", "TINY_SAM", "TINY_MEDSAM", "TINY_SAM2", "write_tiny_checkpoints", "write_tiny_medsam",
+    "save_random_checkpoint", "save_random_sam_checkpoint", "save_random_sam2_checkpoint", "write_tiny_sam2_checkpoint",
+    "start_server", "ServerProcess", "free_port",
 ]
 
 TINY_DINOV2 = catalogue.TINY_DINOV2
 TINY_SAM = catalogue.TINY_SAM
 TINY_MEDSAM = catalogue.TINY_MEDSAM
+TINY_SAM2 = catalogue.TINY_SAM2
 
 
 def write_tiny_checkpoints(folder: Union[str, Path], *, input_size: int = 224, seed: int = 0) -> ModelSelection:
@@ -105,6 +107,47 @@ def save_random_sam_checkpoint(name: str, path, seed: int = 0) -> None:
     """Write a random-weight SAM checkpoint in the official format (a plain state dict)."""
     torch.manual_seed(seed)
     torch.save(build_sam(name).state_dict(), path)
+
+
+def save_random_sam2_checkpoint(name: str, path, seed: int = 0) -> Path:
+    """Write a random-weight SAM 2 checkpoint in the official format (``{"model": state_dict}``,
+    as Meta's ``sam2.1_hiera_*.pt`` files and MedSAM2's are) and return its path.
+
+    The sam2 package's own initialisation leaves some tensors at zero (Hiera's position
+    embeddings, ...) or constant (norms); every tensor gets random values here, so every part
+    of the model changes the masks measurably (the parity test relies on it)."""
+    from .models.sam2_refiner import build_sam2_model
+
+    generator = torch.Generator().manual_seed(int(seed))
+    model = build_sam2_model(name)
+    with torch.no_grad():
+        for key, tensor in model.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            noise = torch.randn(tensor.shape, generator=generator)
+            if tensor.ndim >= 2:  # linear or conv weight, embeddings: O(1) activations
+                fan_in = tensor[0].numel() if tensor.ndim > 1 else 1
+                tensor.copy_(noise / max(fan_in, 1) ** 0.5)
+            elif key.endswith("weight"):  # norm scales around 1
+                tensor.copy_(1.0 + 0.2 * noise)
+            else:
+                tensor.copy_(0.05 * noise)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save({"model": {k: v.detach().contiguous() for k, v in model.state_dict().items()}}, partial)
+    os.replace(partial, path)
+    return path
+
+
+def write_tiny_sam2_checkpoint(folder: Union[str, Path], *, input_size: int = 224, seed: int = 0) -> ModelSelection:
+    """:func:`write_tiny_checkpoints` with the tiny SAM 2 as the refiner (``sam2_tiny.pt``)."""
+    selection = write_tiny_checkpoints(folder, input_size=input_size, seed=seed)
+    path = Path(folder) / f"{TINY_SAM2}.pt"
+    if not path.exists():
+        save_random_sam2_checkpoint(TINY_SAM2, path, seed=seed)
+    return ModelSelection(dinov2=selection.dinov2, dinov2_checkpoint=selection.dinov2_checkpoint, sam=TINY_SAM2,
+                          sam_checkpoint=str(path), input_size=input_size)
 
 
 # ----------------------------------------------------------------------------- test server

@@ -373,15 +373,31 @@ def test_engine_weights_and_slicer_agree_with_the_catalogue():
     from protosam.engine import ModelSelection
     from protosam.weights.registry import REGISTRY, TEST_ONLY_ARCHITECTURES
 
+    from protosam.models.sam2_refiner import SAM2_ARCHITECTURES
+
+    assert catalogue.FAMILIES == ("dinov2", "sam", "sam2") and catalogue.REFINER_FAMILIES == ("sam", "sam2")
     assert set(DINOV2_ARCHITECTURES) == {m.name for m in catalogue.models_of("dinov2")}
     assert set(SAM_ARCHITECTURES) == {m.name for m in catalogue.models_of("sam")}
+    assert set(SAM2_ARCHITECTURES) == {m.name for m in catalogue.models_of("sam2")}
     for model in catalogue.MODELS:
-        architecture = DINOV2_ARCHITECTURES.get(model.name) or SAM_ARCHITECTURES[model.name]
+        architecture = (DINOV2_ARCHITECTURES.get(model.name) or SAM_ARCHITECTURES.get(model.name)
+                        or SAM2_ARCHITECTURES[model.name])
         assert architecture.test_only == model.test_only
+        # Refiners say which prompts they take, how their input is prepared and their cache size.
+        refiner = model.family in catalogue.REFINER_FAMILIES
+        assert refiner == bool(model.prompts) == bool(model.input) == (model.cache_bytes > 0)
+        if model.family == "sam2":
+            assert architecture.box_only == model.box_only and architecture.source
         assert (model.name in REGISTRY) != model.test_only
         if model.name in REGISTRY:
             assert REGISTRY[model.name].family == model.family
     assert getattr(SAM_ARCHITECTURES[catalogue.MEDSAM_VIT_B], "medsam")
+    # Box-only refiners (MedSAM, MedSAM2) are the ones marked medsam (the engine's box-only switch).
+    assert {m.name for m in catalogue.MODELS if m.prompts and m.box_only} == {
+        m.name for m in catalogue.MODELS if m.medsam} == {catalogue.MEDSAM_VIT_B, catalogue.MEDSAM2}
+    # Slicer's refiner list offers both refiner families.
+    assert {name for name, _ in catalogue.choices("sam")} == {
+        m.name for m in catalogue.MODELS if m.family in catalogue.REFINER_FAMILIES and not m.test_only}
     assert dict(TEST_ONLY_ARCHITECTURES) == {m.name: m.family for m in catalogue.MODELS if m.test_only}
     default = ModelSelection()
     assert (default.dinov2, default.sam, default.input_size) == (

@@ -54,13 +54,37 @@ def served(server: LocalHTTPServer, route: Route, path: str = "/w/tiny_sam.pth")
 
 # ----------------------------------------------------------------------------- registry
 def test_registry_has_the_engine_names():
+    sam2 = {f"sam2.1_hiera_{s}" for s in ("tiny", "small", "base_plus", "large")} | {"medsam2"}
     expected = {f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg4")} | {"vit_b", "vit_l", "vit_h", "medsam_vit_b"}
-    assert set(REGISTRY) == expected
+    assert set(REGISTRY) == expected | sam2
     for name, entry in REGISTRY.items():
         assert entry.name == entry.architecture == name
         assert entry.url.startswith("https://") and entry.url.endswith("/" + entry.file_name)
-        assert entry.size and entry.sha256 and entry.source
+        assert entry.source
+        # Downloadable entries are verified; the others say why not (no checksum could be sourced).
+        assert bool(entry.size and entry.sha256) != bool(entry.local_only)
+        assert bool(entry.local_only) == (name in sam2)
     assert not set(TEST_ONLY_ARCHITECTURES) & set(REGISTRY)
+
+
+def test_local_only_weights_are_never_downloaded_and_the_message_says_what_to_do(tmp_path):
+    """SAM 2.1 / MedSAM2: no published checksum could be sourced, so no download: the error
+    names the official URL and --sam-checkpoint; an explicit file is used as given."""
+    from protosam.errors import WeightsUnavailableError
+    from protosam.weights import cache_status, download, resolve_checkpoint
+
+    entry = REGISTRY["sam2.1_hiera_tiny"]
+    assert entry.url == "https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_tiny.pt"
+    assert REGISTRY["medsam2"].url == "https://huggingface.co/wanglab/MedSAM2/resolve/main/MedSAM2_latest.pt"
+    for call in (lambda: download(entry, tmp_path), lambda: resolve_checkpoint(entry.name, home=tmp_path)):
+        with pytest.raises(WeightsUnavailableError, match="--sam-checkpoint FILE") as raised:
+            call()
+        assert entry.url in str(raised.value) and "does not download" in str(raised.value)
+    assert not any(tmp_path.iterdir())  # nothing was written
+    assert cache_status(entry, tmp_path) == "local only"
+    given = tmp_path / "mine.pt"
+    given.write_bytes(b"x")
+    assert resolve_checkpoint(entry.name, given, home=tmp_path) == given
 
 
 def test_dinov2_urls_follow_the_official_layout():

@@ -155,3 +155,23 @@ def test_the_slicer_model_selection_mirrors_the_engines():
         models.ModelSelection(input_size=8)
     assert {m.name for m in catalogue.models_of("dinov2")} == set(DINOV2_ARCHITECTURES)
     assert {m.name for m in catalogue.models_of("sam")} == set(SAM_ARCHITECTURES)
+
+
+def test_sam2_is_built_against_the_installed_torch_without_cuda(monkeypatch):
+    """sam2 is source only: pip gets --no-build-isolation (so the build sees the installed torch
+    instead of downloading another) and SAM2_BUILD_CUDA=0; every package keeps --no-deps."""
+    monkeypatch.delenv("SAM2_BUILD_CUDA", raising=False)
+    requirements = dependencies.readRequirements()
+    names = [dependencies.normalizeName(r.name) for r in requirements]
+    assert names[-1] == "sam2" and {"hydra-core", "omegaconf", "iopath"} <= set(names)
+    plan = dependencies.installPlan(requirements, versions(torch="2.14.1", torchvision="0.29.1"))
+    seen = []
+
+    def pip(arguments):
+        import os
+        seen.append((arguments, os.environ.get("SAM2_BUILD_CUDA")))
+
+    pinned = {dependencies.normalizeName(r.name): (r.specifier.lstrip("=<>~!") or "99") for r in requirements}
+    dependencies.install(plan, pip, versionOf=versions(torch="2.14.1", torchvision="0.29.1", **pinned))
+    assert all(arguments.split()[1] == "--no-deps" for arguments, _ in seen)
+    assert seen[-1] == ("sam2==1.1.0 --no-deps --no-build-isolation", "0")

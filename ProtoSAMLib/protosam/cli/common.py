@@ -103,7 +103,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, default_size: int = ca
     group.add_argument("--dinov2-checkpoint", default=None, metavar="FILE", help="DINOv2 checkpoint file (official format)")
     group.add_argument("--sam", default=catalogue.DEFAULT_SAM,
                        help=" or ".join(", ".join(name for name, _ in catalogue.choices("sam")).rsplit(", ", 1)))
-    group.add_argument("--sam-checkpoint", default=None, metavar="FILE", help="SAM/MedSAM checkpoint file (official format)")
+    group.add_argument("--sam-checkpoint", default=None, metavar="FILE", help="refiner checkpoint file in its official format (SAM, MedSAM, SAM 2.1, MedSAM2; "
+                       "required for SAM 2.1 and MedSAM2, whose downloads ProtoSAM cannot verify)")
     group.add_argument("--input-size", type=int, default=default_size, help="ALPNet/DINOv2 input size S (multiple of 14)")
     group.add_argument("--cca", action="store_true", default=None, help="keep only the largest coarse component")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")

@@ -70,8 +70,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     """Print one row per checkpoint: name, family, size, cache status, path."""
     rows = [("NAME", "FAMILY", "SIZE", "CACHED", "PATH")]
     for entry in _registry(args).values():
-        rows.append((entry.name, entry.family, human_size(entry.size), cache_status(entry, args.home),
-                     str(cache_path(entry, args.home))))
+        where = (f"(not downloaded: pass {checkpoint_option(entry.family)} FILE; see docs/weights.md)"
+                 if entry.local_only else str(cache_path(entry, args.home)))
+        rows.append((entry.name, entry.family, human_size(entry.size), cache_status(entry, args.home), where))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])

@@ -178,7 +178,7 @@ def _download_weights(engines: Engines, request: protocol.JobSubmit, progress: P
             continue
         entry = table.get(name)
         if entry is not None and weights.cache_status(entry, home) not in ("verified", "present"):
-            missing.append(entry)
+            missing.append(entry)  # a local-only entry fails in download() with what to do instead
     total = sum(entry.size or 0 for entry in missing)
     finished, paths = 0, []
     for entry in missing:
@@ -341,7 +341,7 @@ class WorkerSessions:
             return reply
 
     def _open(self, message: protocol.SessionOpen, progress, cancel) -> Dict[str, Any]:
-        from ..session import DEFAULT_SESSION_CACHE_BYTES, Session
+        from ..session import Session
 
         engine = self.engines.get(message.engine)
         options = dict(message.options)
@@ -357,7 +357,7 @@ class WorkerSessions:
         adopt = bool(options.get("adopt", False))
         session = Session(
             engine, volume, axis=int(options.get("axis", 0)), modality=options.get("modality", "auto"),
-            cache_bytes=None if adopt or self.shared_cache else options.get("cache_bytes", DEFAULT_SESSION_CACHE_BYTES),
+            cache_bytes=None if adopt or self.shared_cache else options.get("cache_bytes", "auto"),
             support_mode=options.get("support_mode", "nearest"),
             slice_range=None if range_ is None else tuple(range_), auto_extent=options.get("auto_extent"),
             exclusive=bool(options.get("exclusive", False)))

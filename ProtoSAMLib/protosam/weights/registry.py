@@ -22,9 +22,21 @@ Provenance of the integrity data (checked with the public search index; nothing 
   whose listed MD5 is ``3bb6db55bd0c9ca30b61248bca72f8d6``; its SHA-256 is as recorded by
   several independent projects.
 
-Verification uses the full SHA-256 (always present for official entries); the MD5 is kept
-only as the published cross-reference. Test-only tiny architectures have no entry: they
-must be given an explicit checkpoint path.
+* **SAM 2.1** (``dl.fbaipublicfiles.com/segment_anything_2/092824/``, Apache-2.0, linked from
+  the facebookresearch/sam2 README "Download Checkpoints" and its ``checkpoints/download_ckpts.sh``,
+  checked at commit 2b90b9f). Meta publishes no checksums, and no SHA-256 or exact byte size
+  could be sourced from the public search index while this entry was written (no internet
+  here). The URLs are recorded, but these files are **local only** (``local_only``): ProtoSAM
+  does not download a file it cannot verify. Fetch one yourself and pass it with
+  ``--sam-checkpoint FILE``.
+* **MedSAM2** (``MedSAM2_latest.pt`` on huggingface.co/wanglab/MedSAM2, linked from the
+  bowang-lab/MedSAM2 README through its ``download.sh``, checked at commit 332f30d; the code
+  is Apache-2.0). No checksum is published with it and none could be sourced: local only, as
+  SAM 2.1. Its 512 px configuration is in :mod:`protosam.models.sam2_refiner` with its source.
+
+Verification uses the full SHA-256 (always present for downloadable official entries); the
+MD5 is kept only as the published cross-reference. Test-only tiny architectures have no
+entry: they must be given an explicit checkpoint path.
 """
 from __future__ import annotations
 
@@ -95,6 +107,9 @@ class WeightsEntry:
         md5: published MD5 (lowercase hex), kept as a cross-reference, or None.
         source: where the URL and integrity data come from.
         license: licence of the weights as published.
+        local_only: why ProtoSAM does not download this file (no published SHA-256 could be
+            sourced); empty for downloadable entries. Such files are passed with
+            ``--sam-checkpoint FILE``.
     """
 
     name: str
@@ -107,6 +122,7 @@ class WeightsEntry:
     md5: Optional[str] = None
     source: str = ""
     license: str = ""
+    local_only: str = ""
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -163,6 +179,20 @@ def _dino(name: str, registers: bool, size: int, sha256: str) -> WeightsEntry:
     )
 
 
+_SAM2_SOURCE = "facebookresearch/sam2 README (Download Checkpoints, SAM 2.1) and checkpoints/download_ckpts.sh"
+_NO_HASH = ("no SHA-256 or size is published for this file and none could be sourced, so ProtoSAM cannot verify "
+            "a download")
+
+
+def _sam2(name: str) -> WeightsEntry:
+    file_name = f"{name}.pt"
+    return WeightsEntry(
+        name=name, family="sam2", architecture=name, file_name=file_name,
+        url=f"{_FB}/segment_anything_2/092824/{file_name}", source=_SAM2_SOURCE, license="Apache-2.0",
+        local_only=_NO_HASH,
+    )
+
+
 _ENTRIES = (
     _dino(catalogue.DINOV2_VITS14, False, 88_283_115, "b938bf1bc15cd2ec0feacfe3a1bb553fe8ea9ca46a7e1d8d00217f29aef60cd9"),
     _dino(catalogue.DINOV2_VITB14, False, 346_378_731, "0b8b82f85de91b424aded121c7e1dcc2b7bc6d0adeea651bf73a13307fad8c73"),
@@ -187,6 +217,18 @@ _ENTRIES = (
         source="Zenodo record 10.5281/zenodo.10689643 (MedSAM ViT-B, Ma et al. 2024); the "
         "bowang-lab/MedSAM README links the same file on Google Drive",
         license="CC-BY-4.0 (Zenodo record)",
+    ),
+    _sam2(catalogue.SAM2_1_HIERA_TINY),
+    _sam2(catalogue.SAM2_1_HIERA_SMALL),
+    _sam2(catalogue.SAM2_1_HIERA_BASE_PLUS),
+    _sam2(catalogue.SAM2_1_HIERA_LARGE),
+    WeightsEntry(
+        name=catalogue.MEDSAM2, family="sam2", architecture=catalogue.MEDSAM2, file_name="MedSAM2_latest.pt",
+        url="https://huggingface.co/wanglab/MedSAM2/resolve/main/MedSAM2_latest.pt",
+        source="bowang-lab/MedSAM2 README and download.sh (MedSAM2_latest.pt, used by medsam2_infer_3D_CT.py "
+        "with configs/sam2.1_hiera_t512.yaml)",
+        license="Apache-2.0 (bowang-lab/MedSAM2 repository; see the Hugging Face model card)",
+        local_only=_NO_HASH,
     ),
 )
 

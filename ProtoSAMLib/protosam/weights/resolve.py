@@ -68,7 +68,7 @@ def _sidecar(path: Path, suffix: str) -> Path:
 
 def checkpoint_option(family: str) -> str:
     """The command-line option that passes an explicit checkpoint for a model family."""
-    return "--sam-checkpoint" if family == "sam" else "--dinov2-checkpoint"
+    return "--sam-checkpoint" if family in ("sam", "sam2") else "--dinov2-checkpoint"
 
 
 # ----------------------------------------------------------------------------- verification
@@ -144,8 +144,11 @@ def cache_status(entry: WeightsEntry, home: Optional[PathLike] = None) -> str:
 
     One of ``"verified"`` (present, hash checked before and unchanged since), ``"present"``
     (right size, hash not checked yet), ``"wrong size"``, ``"partial"`` (an unfinished
-    download that can be resumed) or ``"missing"``.
+    download that can be resumed), ``"missing"``, or ``"local only"`` (never downloaded nor
+    taken from the cache: pass the file with ``--sam-checkpoint``, see ``entry.local_only``).
     """
+    if entry.local_only:
+        return "local only"
     path = cache_path(entry, home)
     try:
         stat = path.stat()
@@ -157,6 +160,15 @@ def cache_status(entry: WeightsEntry, home: Optional[PathLike] = None) -> str:
         return "verified"
     return "present"
 
+
+
+def local_only_message(entry: WeightsEntry) -> str:
+    """Why a local-only checkpoint is not downloaded, and what to do instead."""
+    return (
+        f"ProtoSAM does not download {entry.name}: {entry.local_only}. Download {entry.url} yourself "
+        f"(source: {entry.source}), check it as you see fit, and pass it with "
+        f"{checkpoint_option(entry.family)} FILE."
+    )
 
 
 def _entry_url(entry: WeightsEntry, base_url: Optional[str]) -> str:
@@ -212,6 +224,8 @@ def download(
     """
     if isinstance(entry, str):
         entry = get_entry(entry, registry)
+    if entry.local_only:
+        raise WeightsUnavailableError(local_only_message(entry))
     url = _entry_url(entry, base_url)
     target = cache_path(entry, home)
     try:
@@ -316,6 +330,8 @@ def resolve_checkpoint(
                 f"path ({option} FILE; protosam.testing.write_tiny_checkpoints writes one)."
             )
         entry = get_entry(name, registry)
+    if entry.local_only:
+        raise WeightsUnavailableError(local_only_message(entry))
     target = cache_path(entry, home)
     url = _entry_url(entry, base_url)
     if target.exists():

@@ -19,6 +19,7 @@ import dataclasses
 import importlib
 import importlib.metadata
 import logging
+import os
 import pathlib
 import re
 from typing import Callable, List, Optional, Sequence
@@ -33,6 +34,20 @@ TORCHVISION_MINIMUM = "0.16"
 #: Never installed with pip by ProtoSAM: owned by the PyTorch extension or shipped by Slicer.
 NEVER_PIP_INSTALL = frozenset({"torch", "torchvision", "torchaudio", "numpy", "vtk", "simpleitk", "slicer",
                                "slicer-core", "pyside6", "qt"})
+#: Packages published only as source that build against the installed torch: pip must see that
+#: torch (no build isolation, which would download another torch into a build environment), and
+#: the environment variables are set for the build. sam2: its optional CUDA extension only
+#: fills holes in video masks, which ProtoSAM does not use, and needs a CUDA compiler.
+SOURCE_BUILDS = {"sam2": ("--no-build-isolation", {"SAM2_BUILD_CUDA": "0"})}
+
+
+def pipArguments(requirement: "Requirement") -> str:
+    """What ``pip install`` gets for one requirement: always ``--no-deps``, plus the build
+    options of :data:`SOURCE_BUILDS`."""
+    options, _ = SOURCE_BUILDS.get(normalizeName(requirement.name), ("", {}))
+    return f"{requirement} --no-deps" + (f" {options}" if options else "")
+
+
 def defaultRequirementsPath() -> pathlib.Path:
     from . import resourcePath
 
@@ -190,7 +205,10 @@ def install(plan: InstallPlan, pipInstall: Callable[[str], None], torchInstaller
         if normalizeName(requirement.name) in NEVER_PIP_INSTALL:
             raise ValueError(f"refusing to pip-install {requirement.name}")
         logger.info("Installing %s", requirement)
-        pipInstall(f"{requirement} --no-deps")
+        _, environment = SOURCE_BUILDS.get(normalizeName(requirement.name), ("", {}))
+        for key, value in environment.items():  # pip's build subprocess inherits them
+            os.environ[key] = value
+        pipInstall(pipArguments(requirement))
     importlib.invalidate_caches()
     stillMissing = missingRequirements(plan.packages, versionOf)
     if stillMissing:

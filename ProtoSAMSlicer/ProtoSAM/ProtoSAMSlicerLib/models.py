@@ -43,7 +43,7 @@ def modelSelection(dinov2: str = DEFAULT_DINOV2, sam: str = DEFAULT_SAM, *, dino
     """Validated ModelSelection from GUI values; empty checkpoint strings mean "official file"."""
     if dinov2 not in _architectures("dinov2"):
         raise ValueError(f"Unknown DINOv2 model {dinov2!r}; choose one of {', '.join(n for n, _ in DINOV2_CHOICES)}")
-    if sam not in _architectures("sam"):
+    if sam not in _architectures("sam") | _architectures("sam2"):
         raise ValueError(f"Unknown SAM model {sam!r}; choose one of {', '.join(n for n, _ in SAM_CHOICES)}")
     return ModelSelection(dinov2=dinov2, dinov2_checkpoint=dinov2Checkpoint.strip() or None,
                           sam=sam, sam_checkpoint=samCheckpoint.strip() or None, input_size=int(inputSize))
@@ -54,7 +54,8 @@ class WeightsStatus:
     """Where the weights of one model come from and whether they are ready.
 
     status: "custom" (explicit checkpoint path), "verified", "present" (right size, hash not
-    checked yet), "partial" (resumable download), "wrong size", "missing", or
+    checked yet), "partial" (resumable download), "wrong size", "missing", "local only" (no
+    published checksum: the user gives the file as a custom checkpoint), or
     "custom missing" (the explicit path does not exist).
     """
 
@@ -102,6 +103,9 @@ def offlineInstructions(statuses: Sequence[WeightsStatus]) -> str:
         if status.status == "custom missing":
             lines.append(f"- {status.model}: the checkpoint file {status.path} does not exist; choose an existing "
                          "file or clear the custom path to use the official weights.")
+        elif status.status == "local only":  # no published checksum: never downloaded (docs/weights.md)
+            lines.append(f"- {status.model}: ProtoSAM cannot verify a download of this file (no published "
+                         f"checksum): download {status.url} yourself and choose it as the SAM checkpoint file.")
         else:
             lines.append(f"- {status.model}: download {status.url} on a computer with internet access and copy "
                          f"it to {status.path}")

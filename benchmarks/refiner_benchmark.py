@@ -1,0 +1,168 @@
+"""Refiner phases (image embeddings + decoding) and peak memory for SAM, SAM 2.1 and MedSAM2.
+
+Each refiner runs in its own process (so its peak memory is its own) on the real architecture
+with random weights: speed and memory do not depend on the weights' values, and pretrained
+weights cannot be downloaded here. Per slice it encodes one 1024 x 1024 image, then decodes
+``--structures`` prompt sets (a box and two points each, as ProtoSAM's default preset sends one
+per coarse-mask component) the way the engine does on a CPU (one set per decoder call).
+
+    python benchmarks/refiner_benchmark.py --slices 64 --structures 4 \
+        --out benchmarks/results/cpu_refiners_64slices.json
+
+Figures printed and written: seconds for the embeddings and the decoding (totals and per
+slice), peak resident memory of the process, the machine (CPU, threads, load average).
+Segmentation quality needs pretrained weights: see docs/refiners.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "ProtoSAMLib"))
+
+from protosam import catalogue  # noqa: E402  (torch-free)
+
+DEFAULT_REFINERS = (catalogue.SAM_VIT_B, catalogue.SAM2_1_HIERA_TINY, catalogue.SAM2_1_HIERA_SMALL, catalogue.MEDSAM2)
+
+
+def _parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--refiners", default=",".join(DEFAULT_REFINERS), help="comma-separated --sam names")
+    parser.add_argument("--slices", type=int, default=64)
+    parser.add_argument("--structures", type=int, default=4, help="prompt sets decoded per slice")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file for the figures")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one refiner
+    return parser.parse_args(argv)
+
+
+def _refiner(name):
+    """The engine's refiner object for ``name`` with random weights (the real architecture)."""
+    import torch
+
+    torch.manual_seed(0)
+    if catalogue.refiner_family(name) == "sam2":
+        from protosam.models.sam2_refiner import SAM2_ARCHITECTURES, Sam2Refiner, build_sam2_model
+
+        return Sam2Refiner(build_sam2_model(name).requires_grad_(False), box_only=SAM2_ARCHITECTURES[name].box_only)
+    from protosam.models.sam import SAM_ARCHITECTURES, SamRefiner, build_sam
+    from protosam.models.sam_memory import limit_global_attention_memory
+
+    sam = limit_global_attention_memory(build_sam(name).requires_grad_(False))
+    return SamRefiner(sam, medsam=SAM_ARCHITECTURES[name].medsam)
+
+
+def _prompts(count, seed):
+    import numpy as np
+
+    from protosam.prompts import ComponentPrompt
+
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(count):
+        x0, y0 = rng.uniform(100, 700, 2)
+        box = np.array([x0, y0, x0 + 200, y0 + 180])
+        points = np.array([[x0 + 100, y0 + 90], [x0 + 60, y0 + 40]])
+        prompts.append(ComponentPrompt(box, points, np.ones(2, np.int64), (slice(0, 1), slice(0, 1)),
+                                       np.ones((1, 1), bool), 1.0))
+    return prompts
+
+
+def run_one(name, slices, structures, threads):
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    refiner = _refiner(name)
+    build_seconds = time.perf_counter() - start
+    generator = torch.Generator().manual_seed(1)
+    embed_seconds = decode_seconds = embed_cpu = decode_cpu = 0.0
+    for index in range(slices):
+        coarse = torch.randn(1, 1, 32, 32, generator=generator)
+        image = torch.nn.functional.interpolate(coarse, size=(1024, 1024), mode="bilinear", align_corners=False)
+        image = image.expand(1, 3, -1, -1).contiguous()
+        tick, cpu = time.perf_counter(), time.process_time()
+        embedding = refiner.embed(image)
+        embed_seconds += time.perf_counter() - tick
+        embed_cpu += time.process_time() - cpu
+        tick, cpu = time.perf_counter(), time.process_time()
+        refiner.decode(embedding, _prompts(structures, index), multimask_output=True, pick_best_score=True,
+                       batch_prompts=False)
+        decode_seconds += time.perf_counter() - tick
+        decode_cpu += time.process_time() - cpu
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "refiner": name, "slices": slices, "structures_per_slice": structures,
+        "build_seconds": round(build_seconds, 2),
+        "embed_seconds": round(embed_seconds, 2), "decode_seconds": round(decode_seconds, 2),
+        "refiner_seconds": round(embed_seconds + decode_seconds, 2),
+        # CPU seconds of this process: on a busy machine (other work, see load_average) wall time
+        # grows with the contention, CPU time much less (with one torch thread, hardly at all).
+        "embed_cpu_seconds": round(embed_cpu, 2), "decode_cpu_seconds": round(decode_cpu, 2),
+        "refiner_cpu_seconds": round(embed_cpu + decode_cpu, 2),
+        "embed_seconds_per_slice": round(embed_seconds / slices, 3),
+        "decode_seconds_per_prompt_set": round(decode_seconds / (slices * structures), 4),
+        "cache_bytes_per_slice": catalogue.refiner_cache_bytes_per_slice(name),
+        "peak_rss_mib": round(peak_kib / 1024, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def machine():
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu_model": cpu, "nproc": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+            "python": platform.python_version(), "device": "cpu", "load_average": list(os.getloadavg())}
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    if args.one:
+        print(json.dumps(run_one(args.one, args.slices, args.structures, args.threads)))
+        return 0
+    names = [name.strip() for name in args.refiners.split(",") if name.strip()]
+    for name in names:
+        catalogue.refiner_family(name)  # unknown names fail before any work
+    results = []
+    load_before = list(os.getloadavg())
+    for name in names:
+        command = [sys.executable, __file__, "--one", name, "--slices", str(args.slices),
+                   "--structures", str(args.structures)] + (["--threads", str(args.threads)] if args.threads else [])
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        r = results[-1]
+        print(f"{name:24s} embed {r['embed_seconds']:8.2f} s  decode {r['decode_seconds']:7.2f} s  "
+              f"refiner {r['refiner_seconds']:8.2f} s (CPU {r['refiner_cpu_seconds']:8.2f} s)  "
+              f"peak {r['peak_rss_mib']:7.1f} MiB", flush=True)
+    report = {"benchmark": "refiner phases, random weights, real architectures, per-slice mode",
+              "machine": dict(machine(), load_average_at_start=load_before), "results": results}
+    base = next((r for r in results if r["refiner"] == catalogue.SAM_VIT_B), None)
+    if base:
+        for r in results:
+            r["refiner_time_vs_sam_vit_b"] = round(r["refiner_seconds"] / base["refiner_seconds"], 3)
+            r["refiner_cpu_time_vs_sam_vit_b"] = round(r["refiner_cpu_seconds"] / base["refiner_cpu_seconds"], 3)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
