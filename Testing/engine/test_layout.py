@@ -394,7 +394,7 @@ def test_engine_weights_and_slicer_agree_with_the_catalogue():
     assert getattr(SAM_ARCHITECTURES[catalogue.MEDSAM_VIT_B], "medsam")
     # Box-only refiners (MedSAM, MedSAM2) are the ones marked medsam (the engine's box-only switch).
     assert {m.name for m in catalogue.MODELS if m.prompts and m.box_only} == {
-        m.name for m in catalogue.MODELS if m.medsam} == {catalogue.MEDSAM_VIT_B, catalogue.MEDSAM2}
+        m.name for m in catalogue.MODELS if m.medsam} == {catalogue.MEDSAM_VIT_B, catalogue.MEDSAM2, catalogue.TINY_MEDSAM}
     # Slicer's refiner list offers both refiner families.
     assert {name for name, _ in catalogue.choices("sam")} == {
         m.name for m in catalogue.MODELS if m.family in catalogue.REFINER_FAMILIES and not m.test_only}
