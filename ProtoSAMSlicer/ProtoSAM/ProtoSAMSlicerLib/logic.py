@@ -201,7 +201,9 @@ def deviceChoices(devices: Optional[protocol.Devices] = None) -> List[Tuple[str,
 class VolumeRunResult:
     """The fields of ``protosam.VolumeResult`` (propagation.py, which imports torch) as the worker
     sends them: ``masks``, ``support_slices``, ``processed_slices``, ``seconds``, ``axis``,
-    ``support_axis``, ``plane``."""
+    ``support_axis``, ``plane``, and the confidence (``protosam.confidence``):
+    ``slice_confidence`` (key -> [N] float32, NaN: no score), ``structure_confidence``,
+    ``volume_confidence``."""
 
     masks: Dict
     support_slices: Dict
@@ -210,6 +212,9 @@ class VolumeRunResult:
     axis: int = 0
     support_axis: int = 0
     plane: str = ""
+    slice_confidence: Dict = dataclasses.field(default_factory=dict)
+    structure_confidence: Dict = dataclasses.field(default_factory=dict)
+    volume_confidence: Optional[float] = None
 
 
 def sliceViewGeometry(sliceNode) -> Tuple[np.ndarray, np.ndarray]:
