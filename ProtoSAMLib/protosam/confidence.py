@@ -53,7 +53,7 @@ from typing import Dict, Hashable, Iterable, List, Mapping, Optional
 import numpy as np
 
 __all__ = ["WEIGHTS", "SliceEvidence", "slice_evidence", "combine", "slice_scores", "structure_score",
-           "volume_score", "least_confident", "ReviewItem"]
+           "volume_score", "least_confident", "ReviewItem", "review_record"]
 
 #: Weight of each component in a slice's score (they sum to 1).
 WEIGHTS: Dict[str, float] = {"iou": 0.35, "agreement": 0.25, "margin": 0.2, "neighbours": 0.2}
@@ -187,3 +187,23 @@ def least_confident(slice_confidence: Mapping[Hashable, np.ndarray], count: Opti
                 items.append(ReviewItem(volume, str(structure), index, float(score)))
     items.sort(key=lambda item: (item.score, item.volume, item.structure, item.slice))
     return items if count is None else items[:max(0, int(count))]
+
+
+#: Voxel axis name of each array axis of a ``[k, j, i]`` volume.
+_VOXEL_AXES = ("k", "j", "i")
+
+
+def review_record(result, count: Optional[int] = None) -> dict:
+    """A JSON-ready summary of a :class:`protosam.VolumeResult`'s confidence: ``volume`` (the
+    volume's confidence), ``structures`` (each structure's, keys as strings), ``plane`` and
+    ``slice_axis`` (the voxel axis, ``k``/``j``/``i`` of a ``[k, j, i]`` array, slices run
+    along) and ``slices``: the ``count`` least confident (all scored ones with None) as
+    ``{"structure", "slice", "score"}`` from least confident (painted slices score 1, last)."""
+    queue = least_confident(result.slice_confidence, count)
+    return {
+        "volume": None if result.volume_confidence is None else round(float(result.volume_confidence), 4),
+        "structures": {str(key): round(float(value), 4) for key, value in result.structure_confidence.items()},
+        "plane": result.plane,
+        "slice_axis": _VOXEL_AXES[result.axis],
+        "slices": [{"structure": item.structure, "slice": item.slice, "score": round(item.score, 4)} for item in queue],
+    }
