@@ -118,9 +118,10 @@ def cmd_segment(args) -> int:
               f"the report in {args.report} is incomplete.", file=sys.stderr)
         return 130
     for label in inputs.labels:
+        confidence = result.structure_confidence.get(label)
         print(f"label {label}: {int(result.masks[label].sum())} voxels on {len(result.processed_slices[label])} "
-              f"processed slices (support slice {result.support_slices[label]}), "
-              f"confidence {result.structure_confidence[label]:.2f}")
+              f"processed slices (support slice {result.support_slices[label]})"
+              + ("" if confidence is None else f", confidence {confidence:.2f}"))
     _print_review(result, args.review_json)
     print(f"wrote {args.output} in {result.seconds:.1f} s")
     return 0
@@ -149,6 +150,8 @@ def _print_review(result, review_json) -> None:
 
     from ..confidence import review_record
 
+    if result.volume_confidence is None:
+        return
     record = review_record(result)
     shown = ", ".join(f"{item['structure']}@{item['slice']} {item['score']:.2f}"
                       for item in record["slices"][:PRINTED_REVIEW_SLICES])
