@@ -90,16 +90,18 @@ def slice_evidence(logits, refined_mask, iou_scores) -> SliceEvidence:
     difference = logits[1] - logits[0]
     if hasattr(difference, "float"):  # a torch tensor: stay on its device
         difference, refined = difference.float(), refined_mask.bool()
-        # p_fg - p_bg of a two-way softmax is tanh of half the score difference.
-        sureness = (difference / 2).tanh()
     else:
         difference, refined = np.asarray(difference, np.float32), np.asarray(refined_mask) > 0
-        sureness = np.tanh(difference / 2)
     coarse = difference > 0
     refined_count = float(refined.sum())
     total = refined_count + float(coarse.sum())
     agreement = 1.0 if total == 0 else 2.0 * float((coarse & refined).sum()) / total
-    margin = _clip(float(sureness[refined].sum()) / refined_count) if refined_count else 0.0
+    margin = 0.0
+    if refined_count:
+        inside = difference[refined] / 2
+        # p_fg - p_bg of a two-way softmax is tanh of half the score difference.
+        inside = inside.tanh() if hasattr(inside, "tanh") else np.tanh(inside)
+        margin = _clip(float(inside.sum()) / refined_count)
     return SliceEvidence(iou, margin, _clip(agreement))
 
 
