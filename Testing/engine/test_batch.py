@@ -548,3 +548,22 @@ def test_resume_hashes_the_data_files_behind_headers(cohort, tiny_models, tmp_pa
     assert written.is_file()
     written.write_bytes(b"corrupt")
     assert run() == (0, "done")
+
+
+def test_the_review_file_orders_the_cohort_and_leaves_out_unreadable_entries(tmp_path):
+    """write_review on outcomes as sidecars give them back: least confident first across rows,
+    ties by row, at most N; failed rows and hand-edited entries are left out."""
+    from protosam.cohorts.batch import BatchJob, JobOutcome, write_review
+
+    def outcome(row, status, slices):
+        job = BatchJob(row, tmp_path / f"{row}.nii.gz", tmp_path / f"out{row}.nii.gz", tmp_path / "m.nii.gz")
+        return JobOutcome(job, status, confidence={"plane": "axial", "slice_axis": "k", "slices": slices})
+
+    outcomes = [outcome(1, "done", [{"structure": "3", "slice": 4, "score": 0.5}, {"structure": "1", "slice": 2}]),
+                outcome(2, "skipped", [{"structure": "1", "slice": 7, "score": 0.5},
+                                       {"structure": "1", "slice": 1, "score": 0.25}]),
+                outcome(3, "failed", [{"structure": "1", "slice": 0, "score": 0.0}])]
+    write_review(tmp_path / "r.csv", outcomes, count=2)
+    with open(tmp_path / "r.csv", newline="") as stream:
+        rows = [(r["row"], r["label"], r["slice"], r["score"], r["slice_axis"]) for r in csv.DictReader(stream)]
+    assert rows == [("2", "1", "1", "0.2500", "k"), ("1", "3", "4", "0.5000", "k")]

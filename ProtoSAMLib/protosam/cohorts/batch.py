@@ -360,7 +360,8 @@ def write_summary(path, outcomes: Iterable[JobOutcome]) -> None:
                 counts = [o.voxels.get(label, 0) if o.status in ("done", "skipped") else "" for label in labels]
                 confidence = o.confidence if o.status in ("done", "skipped") and o.confidence else {}
                 volume = "" if confidence.get("volume") is None else confidence["volume"]
-                structures = [confidence.get("structures", {}).get(str(label), "") for label in labels]
+                per_label = confidence.get("structures") if isinstance(confidence.get("structures"), dict) else {}
+                structures = [per_label.get(str(label), "") for label in labels]
                 writer.writerow([o.job.row, o.job.image, o.job.output, o.status, f"{o.seconds:.2f}", o.attempts,
                                  *counts, volume, *structures, o.error])
 
@@ -375,8 +376,11 @@ def write_review(path, outcomes: Iterable[JobOutcome], count: int = REVIEW_SLICE
     for o in outcomes:
         confidence = o.confidence if o.status in ("done", "skipped") and o.confidence else {}
         for entry in confidence.get("slices", []):
-            items.append((float(entry["score"]), o.job.row, str(entry["structure"]), int(entry["slice"]), o.job.image,
-                          confidence.get("plane", ""), confidence.get("slice_axis", "")))
+            try:
+                key = (float(entry["score"]), o.job.row, str(entry["structure"]), int(entry["slice"]))
+            except (KeyError, TypeError, ValueError):  # a sidecar edited by hand: its row is left out
+                continue
+            items.append(key + (o.job.image, confidence.get("plane", ""), confidence.get("slice_axis", "")))
     items.sort(key=lambda item: (item[0], item[1], item[2], item[3]))
     with atomic_output(path) as temporary:
         with open(temporary, "w", newline="", encoding="utf-8") as stream:
