@@ -21,7 +21,7 @@ from typing import Mapping, Optional, Tuple
 __all__ = [
     "CatalogueModel", "MODELS", "FAMILIES", "models_of", "choices", "test_only_models",
     "DEFAULT_DINOV2", "DEFAULT_SAM", "DEFAULT_INPUT_SIZE", "PAPER_DINOV2", "PAPER_SAM",
-    "TINY_DINOV2", "TINY_DINOV2_REG4", "TINY_SAM", "ModelSelection",
+    "TINY_DINOV2", "TINY_DINOV2_REG4", "TINY_SAM", "TINY_MEDSAM", "ModelSelection",
 ]
 
 FAMILIES = ("dinov2", "sam")
@@ -42,6 +42,7 @@ MEDSAM_VIT_B = "medsam_vit_b"
 TINY_DINOV2 = "dinov2_tiny14"
 TINY_DINOV2_REG4 = TINY_DINOV2 + REGISTERS_SUFFIX
 TINY_SAM = "sam_tiny"
+TINY_MEDSAM = "medsam_tiny"  # sam_tiny's size with MedSAM's conventions (box-only refiner)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ MODELS: Tuple[CatalogueModel, ...] = (
     CatalogueModel(TINY_DINOV2, "dinov2", test_only=True),
     CatalogueModel(TINY_DINOV2_REG4, "dinov2", test_only=True),
     CatalogueModel(TINY_SAM, "sam", test_only=True),
+    CatalogueModel(TINY_MEDSAM, "sam", medsam=True, test_only=True),
 )
 
 #: name -> model, read-only.

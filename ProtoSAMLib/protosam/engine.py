@@ -26,6 +26,7 @@ from .models.alpnet import ALPNetConfig, Prototypes, compute_prototypes, mask_to
 from .models.dinov2 import get_dinov2_architecture, load_dinov2
 from .models.sam import SAM_ARCHITECTURES, SAM_IMAGE_SIZE, SamRefiner, load_sam
 from .models.sam_memory import limit_global_attention_memory, use_stock_global_attention
+from .precision import resolve_precision
 from .presets import Preset, get_preset
 from .prompts import ComponentPrompt, add_negative_points, extract_prompts
 from .validation import as_binary_mask, as_float_slices
@@ -151,6 +152,9 @@ class Engine:
         weights_home: cache folder override (default ``$PROTOSAM_HOME`` or ``~/.protosam``).
         batch_size: slices per encoder call (default 8 on CUDA, 1 on CPU).
         cache_bytes: memory bound of the encoder-output cache reused across runs (0 = off).
+        precision: the encoders' precision, ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA
+            only); None keeps the preset's (``paper`` pins fp32 and refuses another). See
+            :mod:`protosam.precision`; ``self.precision`` is what it resolved to on this device.
     """
 
     def __init__(
@@ -165,6 +169,7 @@ class Engine:
         batch_size: Optional[int] = None,
         cache_bytes: int = 0,
         download_progress: Optional[ProgressCallback] = None,
+        precision: Optional[str] = None,
     ):
         if batch_size is not None and batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -173,8 +178,14 @@ class Engine:
         if models.sam not in SAM_ARCHITECTURES:
             raise ValueError(f"Unknown SAM model '{models.sam}'; choose one of {', '.join(SAM_ARCHITECTURES)}")
         self.models = models
-        self.preset: Preset = get_preset(preset, cca=cca)
+        self.preset: Preset = get_preset(preset, cca=cca, precision=precision)
         self.device = resolve_device(device)
+        # "fp32", "bf16" or "fp16": what the encoders run in (the preset holds what was asked).
+        self.precision, reason = resolve_precision(self.preset.precision, self.device)
+        if precision in (None, "auto") and self.preset.precision != "auto":
+            reason = f"preset {self.preset.name} pins {self.preset.precision}"
+        self.precision_note = f"precision {self.preset.precision} -> {self.precision} on {self.device.type} ({reason})"
+        logger.info("%s", self.precision_note)
         # Batching pays on a GPU; on a CPU it only raises peak memory.
         self.batch_size = batch_size or (8 if self.device.type == "cuda" else 1)
         self.cache = EmbeddingCache(cache_bytes)
@@ -191,8 +202,8 @@ class Engine:
             load_sam(models.sam, sam_path, device=str(self.device)), medsam=SAM_ARCHITECTURES[models.sam].medsam
         )
         logger.info(
-            "ProtoSAM engine ready: %s + %s at %d px on %s, preset %s",
-            models.dinov2, models.sam, models.input_size, self.device, self.preset.name,
+            "ProtoSAM engine ready: %s + %s at %d px on %s, preset %s, %s",
+            models.dinov2, models.sam, models.input_size, self.device, self.preset.name, self.precision,
         )
 
     # ----------------------------------------------------------------- sizes and precision
@@ -206,10 +217,8 @@ class Engine:
 
     @property
     def autocast_dtype(self) -> Optional[torch.dtype]:
-        precision = self.preset.precision
-        if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"):
-            return torch.bfloat16
-        return None
+        """The encoders' autocast type (None: float32, no autocast)."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
     # ----------------------------------------------------------------- steps of the method
     def to_model_input(self, slices: np.ndarray) -> torch.Tensor:
@@ -234,6 +243,11 @@ class Engine:
             self.encoder.to("cpu")
             self.refiner.sam.to("cpu")
             self.device = torch.device("cpu")
+            # fp16 is CUDA-only, and auto means fp32 or bf16 on a CPU: choose again for it.
+            self.precision, reason = resolve_precision("auto" if self.preset.precision == "fp16" else self.preset.precision,
+                                                       self.device)
+            self.precision_note = f"precision {self.preset.precision} -> {self.precision} on cpu ({reason})"
+            logger.warning("On the CPU the encoders run in %s (%s).", self.precision, reason)
             return
         raise ProtoSAMError(
             "Out of memory while encoding one slice: close other programs, choose smaller models "

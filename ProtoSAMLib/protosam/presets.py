@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Dict, Optional
 
+from .precision import PRECISIONS, check_precision_for_preset
+
 __all__ = ["Preset", "PRESETS", "get_preset"]
 
 
@@ -33,12 +35,13 @@ class Preset:
     # DINOv2 attention through PyTorch's fused kernel; False runs the official code's explicit
     # attention for bit-level agreement with the reference (features differ by ~4e-6 otherwise).
     fused_attention: bool = True
-    # Reduced-precision autocast for the encoders: "fp32", "bf16", or "auto" (bf16 on CUDA only).
+    # The encoders' precision (protosam.precision): "fp32", "bf16", "fp16" (CUDA only), or "auto"
+    # (bf16 on CUDA GPUs with bfloat16 units, else fp32). A preset with another value pins it.
     precision: str = "auto"
 
     def __post_init__(self):
-        if self.precision not in ("fp32", "bf16", "auto"):
-            raise ValueError(f"precision must be fp32, bf16 or auto, not {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.stop_after_empty < 1:
             raise ValueError("stop_after_empty must be at least 1")
 
@@ -61,8 +64,9 @@ PRESETS: Dict[str, Preset] = {
 }
 
 
-def get_preset(preset, *, cca: Optional[bool] = None) -> Preset:
-    """Look up a preset by name (or pass a Preset through), optionally overriding CCA."""
+def get_preset(preset, *, cca: Optional[bool] = None, precision: Optional[str] = None) -> Preset:
+    """Look up a preset by name (or pass a Preset through), optionally overriding CCA and the
+    precision (None: the preset's; a preset that pins one refuses another, see protosam.precision)."""
     if isinstance(preset, Preset):
         chosen = preset
     else:
@@ -72,4 +76,7 @@ def get_preset(preset, *, cca: Optional[bool] = None) -> Preset:
             raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}") from None
     if cca is not None and cca != chosen.keep_largest_component:
         chosen = replace(chosen, keep_largest_component=cca)
+    precision = check_precision_for_preset(precision, chosen)
+    if precision is not None and precision != chosen.precision:
+        chosen = replace(chosen, precision=precision)
     return chosen

@@ -17,12 +17,13 @@ from .models.dinov2 import DinoV2Encoder, PathLike, get_dinov2_architecture
 from .models.sam import build_sam
 
 __all__ = [
-    "TINY_DINOV2", "TINY_SAM", "write_tiny_checkpoints", "save_random_checkpoint", "save_random_sam_checkpoint",
-    "start_server", "ServerProcess", "free_port",
+    "TINY_DINOV2", "TINY_SAM", "TINY_MEDSAM", "write_tiny_checkpoints", "write_tiny_medsam", "save_random_checkpoint",
+    "save_random_sam_checkpoint", "start_server", "ServerProcess", "free_port",
 ]
 
 TINY_DINOV2 = catalogue.TINY_DINOV2
 TINY_SAM = catalogue.TINY_SAM
+TINY_MEDSAM = catalogue.TINY_MEDSAM
 
 
 def write_tiny_checkpoints(folder: Union[str, Path], *, input_size: int = 224, seed: int = 0) -> ModelSelection:
@@ -40,6 +41,16 @@ def write_tiny_checkpoints(folder: Union[str, Path], *, input_size: int = 224, s
         dinov2=TINY_DINOV2, dinov2_checkpoint=str(dinov2_path), sam=TINY_SAM, sam_checkpoint=str(sam_path),
         input_size=input_size,
     )
+
+
+def write_tiny_medsam(folder: Union[str, Path], *, seed: int = 0) -> Path:
+    """Write ``medsam_tiny.pth`` (a box-only refiner, as MedSAM) into ``folder`` unless present;
+    returns its path (use it with ``ModelSelection(sam=TINY_MEDSAM, sam_checkpoint=...)``)."""
+    path = Path(folder) / f"{TINY_MEDSAM}.pth"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_random_sam_checkpoint(TINY_MEDSAM, path, seed=seed)
+    return path
 
 
 # ----------------------------------------------------------------------------- random-weight checkpoints

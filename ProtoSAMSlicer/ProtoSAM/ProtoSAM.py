@@ -241,6 +241,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for comboBox in (self.ui.dinov2ComboBox, self.ui.samComboBox, self.ui.presetComboBox,
                          self.ui.deviceComboBox, self.ui.modalityComboBox):
             comboBox.connect("currentIndexChanged(int)", self.onModelSettingChanged)
+        self.ui.precisionComboBox.connect("currentIndexChanged(int)", self.onPrecisionChanged)
         self.ui.customCheckpointPathLineEdit.connect("currentPathChanged(QString)", self.onModelSettingChanged)
         self.ui.weightsFolderPathLineEdit.connect("currentPathChanged(QString)", self.onModelSettingChanged)
         self._setupComputeOn()
@@ -266,6 +267,8 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.presetComboBox: ([("default", _("default")), ("paper", _("paper"))], "Preset"),
             # What the worker process reports once it has answered (logic.deviceChoices); see refreshDeviceList.
             self.ui.deviceComboBox: ([(name, _(label)) for name, label in deviceChoices()], "Device"),
+            self.ui.precisionComboBox: ([("auto", _("auto")), ("fp32", _("fp32 (exact)")), ("bf16", _("bf16")),
+                                         ("fp16", _("fp16 (NVIDIA GPUs only)"))], "Precision"),
             self.ui.modalityComboBox: ([("auto", _("auto")), ("ct", _("CT")), ("mri", _("MRI")), ("none", _("none"))],
                                        "Modality"),
         }
@@ -390,6 +393,11 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         writeSetting("SAMCheckpoint", self.ui.customCheckpointPathLineEdit.currentPath)
         writeSetting("WeightsFolder", self.ui.weightsFolderPathLineEdit.currentPath)
         self.updateWeightsStatus()
+
+    def onPrecisionChanged(self, *args):
+        # Its own setting only: the weights do not depend on it. The worker checks it against
+        # the device and the preset when the next run builds its engine.
+        writeSetting("Precision", self.ui.precisionComboBox.currentData)
 
     def updateWeightsStatus(self):
         from ProtoSAMSlicerLib import dependencies

@@ -94,11 +94,12 @@ def renderEffect():
     root, ui = load(UI / "SegmentEditorProtoSAM.ui")
     fill(ui["extentComboBox"], ["Automatic extent", "All slices"])
     ui["modelsLabel"].setText("Models: dinov2_vitb14 + vit_b (change them in the ProtoSAM module)")
-    ui["statusLabel"].setText("Preview ready: Apply or Cancel.")
+    ui["statusLabel"].setText("Slice 12 corrected by the lasso; Update volume to use it everywhere.")
     ui["propagateButton"].setEnabled(False)
-    ui["applyButton"].setEnabled(True)
-    ui["cancelButton"].setEnabled(True)
-    root.resize(380, 170)
+    for name in ("applyButton", "cancelButton", "undoCorrectionButton", "clearSliceButton", "updateVolumeButton"):
+        ui[name].setEnabled(True)
+    ui["lassoToolButton"].setChecked(True)  # the tool buttons are one exclusive group
+    root.resize(420, 250)
     root.grab().save(str(HERE / "SegmentEditorProtoSAM-effect.png"))
 
 

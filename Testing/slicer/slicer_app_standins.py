@@ -279,15 +279,34 @@ class qMRMLSegmentsTableView(QT_CLASSES["QWidget"]):
         self.selectionChanged.emit(None, None)
 
 
+class qMRMLSliceView:
+    """Libs/MRML/Widgets/qMRMLSliceView.h, as far as effects use it: ``scheduleRender()``
+    (counted in ``renders``) and the view's renderer (a real vtkRenderer, where effects put their
+    2-D actors through qSlicerSegmentEditorAbstractEffect::addActor2D)."""
+
+    def __init__(self):
+        import vtk
+
+        self.renderer = vtk.vtkRenderer()
+        self.renders = 0
+
+    def scheduleRender(self):
+        self.renders += 1
+
+
 class qMRMLSliceWidget(QT_CLASSES["QWidget"]):
-    """Libs/MRML/Widgets/qMRMLSliceWidget.h: a slice view; mrmlSliceNode()."""
+    """Libs/MRML/Widgets/qMRMLSliceWidget.h: a slice view; mrmlSliceNode(), sliceView()."""
 
     def __init__(self, sliceNode, parent=None):
         super().__init__(parent)
         self._sliceNode = sliceNode
+        self._sliceView = qMRMLSliceView()
 
     def mrmlSliceNode(self):
         return self._sliceNode
+
+    def sliceView(self):
+        return self._sliceView
 
 
 CUSTOM_WIDGETS = {cls.__name__: cls for cls in (
@@ -804,6 +823,17 @@ class qSlicerSegmentEditorScriptedEffect:
     def modifySegmentByLabelmap(self, segmentationNode, segmentId, labelmap, mode, bypassMasking=False):
         self.editorLogic.ModifySegmentByLabelmap(segmentationNode, segmentId, labelmap, mode, self.perSegment,
                                                  bypassMasking)
+
+    def renderer(self, viewWidget):
+        """qSlicerSegmentEditorAbstractEffect::renderer: the view's renderer."""
+        return viewWidget.sliceView().renderer
+
+    def addActor2D(self, viewWidget, actor):
+        """qSlicerSegmentEditorAbstractEffect::addActor2D: the actor joins the view's renderer."""
+        self.renderer(viewWidget).AddViewProp(actor)
+
+    def removeActor2D(self, viewWidget, actor):
+        self.renderer(viewWidget).RemoveViewProp(actor)
 
 
 #: qSlicerSegmentEditorAbstractEffect::ModificationMode (same values as the logic's enum).

@@ -178,7 +178,7 @@ def test_clicks_correct_the_preview_then_undo_clear_update_apply(editor):
     e = editor
     effect = propagate(e)
     e["app"].runEventLoopUntil(lambda: effect.session.state == effect_session.PREVIEW)
-    assert not effect.ui.undoClickButton.enabled and effect.ui.updateVolumeButton.enabled
+    assert not effect.ui.undoCorrectionButton.enabled and effect.ui.updateVolumeButton.enabled
     # Mouse moves are not consumed; presses are, while the preview is shown.
     moved = effect.processInteractionEvents(vtk.vtkRenderWindowInteractor(), vtk.vtkCommand.MouseMoveEvent,
                                             standins.qMRMLSliceWidget(e["sliceNode"]))
@@ -190,15 +190,15 @@ def test_clicks_correct_the_preview_then_undo_clear_update_apply(editor):
     clicked = {k: session.clicks(k) for k in (1, 4)}
     # Slice k; (x, y) = (i, j) of the voxel (the pixel nearest the voxel centre is in the voxel).
     assert clicked == {4: [(15.0, 3.0, 1), (6.0, 6.0, 0)], 1: [(9.0, 9.0, 0)]}
-    assert effect.ui.undoClickButton.enabled and effect.ui.clearSliceButton.enabled
+    assert effect.ui.undoCorrectionButton.enabled and effect.ui.clearSliceButton.enabled
     assert session.clickMarkups.GetNumberOfControlPoints() == 3
-    effect.ui.undoClickButton.click()
+    effect.ui.undoCorrectionButton.click()
     assert session.clicks(1) == [] and session.clickMarkups.GetNumberOfControlPoints() == 2
     effect.ui.clearSliceButton.click()  # the Red view shows slice 1 (the last press): nothing left there
     assert session.clicks(4) == [(15.0, 3.0, 1), (6.0, 6.0, 0)]
     e["sliceNode"].JumpSliceByOffsetting(*(IJK_TO_RAS @ np.array([9.0, 8.0, 4.0, 1.0]))[:3])
     effect.ui.clearSliceButton.click()
-    assert session.clicks(4) == [] and not effect.ui.undoClickButton.enabled
+    assert session.clicks(4) == [] and not effect.ui.undoCorrectionButton.enabled
     assert clickAt(e, (15, 3, 4)) is True
     corrected = mrml_io.segmentToArray(session.result.previewSegmentationNode, e["ids"]["liver"], e["volume"])[4]
     effect.ui.progressBar.value = 0

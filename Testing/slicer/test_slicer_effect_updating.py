@@ -41,13 +41,13 @@ def test_each_control_pressed_mid_update_then_cancel_keeps_the_preview(editor): 
         ui = effect.ui
         seen["state"] = session.state
         seen["enabled"] = {name: getattr(ui, name).enabled for name in (
-            "propagateButton", "applyButton", "cancelButton", "undoClickButton", "clearSliceButton",
+            "propagateButton", "applyButton", "cancelButton", "undoCorrectionButton", "clearSliceButton",
             "updateVolumeButton")}
         seen["progressShown"] = not ui.progressBar.isHidden()
-        for name in ("applyButton", "undoClickButton", "clearSliceButton", "updateVolumeButton", "propagateButton"):
+        for name in ("applyButton", "undoCorrectionButton", "clearSliceButton", "updateVolumeButton", "propagateButton"):
             getattr(ui, name).click()  # disabled: Qt does not emit clicked()
         # The slots themselves refuse too (e.g. a keyboard shortcut): nothing closes the session.
-        for slot in (effect.onApply, effect.onUndoClick, effect.onClearSlice, effect.onUpdateVolume):
+        for slot in (effect.onApply, effect.onUndoCorrection, effect.onClearSlice, effect.onUpdateVolume):
             with pytest.raises(InputError, match="updating the preview"):
                 slot()
         seen["press"] = clickAt(e, (6, 6, 4))  # consumed, ignored
@@ -60,7 +60,7 @@ def test_each_control_pressed_mid_update_then_cancel_keeps_the_preview(editor): 
     effect.ui.updateVolumeButton.click()
     assert seen["state"] == effect_session.UPDATING
     assert seen["enabled"] == {"propagateButton": False, "applyButton": False, "cancelButton": True,
-                               "undoClickButton": False, "clearSliceButton": False, "updateVolumeButton": False}
+                               "undoCorrectionButton": False, "clearSliceButton": False, "updateVolumeButton": False}
     assert seen["progressShown"] and seen["press"] is True
     assert seen["clicks"] == [(15.0, 3.0, 1)] and seen["stateAfterPresses"] == effect_session.UPDATING
     assert seen["status"] == "Cancelling the update..."
@@ -68,7 +68,7 @@ def test_each_control_pressed_mid_update_then_cancel_keeps_the_preview(editor): 
     assert session.state == effect_session.PREVIEW and session.result.previewSegmentationNode is previewNode
     assert effect.ui.statusLabel.text == "Update cancelled; the preview is as it was."
     assert np.array_equal(mrml_io.segmentToArray(previewNode, e["ids"]["liver"], e["volume"]), before)
-    assert effect.ui.applyButton.enabled and effect.ui.updateVolumeButton.enabled and effect.ui.undoClickButton.enabled
+    assert effect.ui.applyButton.enabled and effect.ui.updateVolumeButton.enabled and effect.ui.undoCorrectionButton.enabled
     assert effect.ui.progressBar.isHidden()
     assert np.array_equal(read(e, "liver"), e["liver"]) and not e["editorLogic"].CanUndo()
     effect.ui.updateVolumeButton.click()  # not cancelled this time

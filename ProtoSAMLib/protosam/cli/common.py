@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import catalogue
 from ..errors import InputError
+from ..precision import PRECISIONS
 from ..presets import PRESETS
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, default_size: int = ca
     group.add_argument("--input-size", type=int, default=default_size, help="ALPNet/DINOv2 input size S (multiple of 14)")
     group.add_argument("--cca", action="store_true", default=None, help="keep only the largest coarse component")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    group.add_argument("--precision", default="auto", choices=PRECISIONS,
+                       help="the encoders' precision: fp32 (exact), bf16, fp16 (NVIDIA GPUs only), or auto (bf16 on "
+                            "GPUs with bfloat16 units, else fp32; the log names the choice); --preset paper pins fp32")
     group.add_argument("--batch-size", type=int, default=None, help="slices per encoder call (default 8 on CUDA, 1 on CPU)")
     group.add_argument("--no-download", action="store_true", help="never download weights; fail with instructions instead")
     group.add_argument("--weights-home", default=None, metavar="DIR", help="weights cache folder (default $PROTOSAM_HOME or ~/.protosam)")
@@ -120,11 +124,13 @@ def engine_from_args(args):
         dinov2=args.dinov2, dinov2_checkpoint=args.dinov2_checkpoint, sam=args.sam,
         sam_checkpoint=args.sam_checkpoint, input_size=args.input_size,
     )
-    return Engine(
+    engine = Engine(
         models, preset=args.preset, device=args.device, cca=args.cca, download=not args.no_download,
-        weights_home=args.weights_home, batch_size=args.batch_size,
+        weights_home=args.weights_home, batch_size=args.batch_size, precision=getattr(args, "precision", "auto"),
         download_progress=ProgressBar("download", format_count=human_size) if not args.no_download else None,
     )
+    print(f"protosam: {engine.precision_note}", file=sys.stderr)  # what "auto" chose, and why
+    return engine
 
 
 def _parse_labels(text: Optional[str]) -> Optional[List[int]]:

@@ -86,7 +86,8 @@ def serve(args: argparse.Namespace) -> int:
 
     if args.preset != "default" or args.cca is not None or args.batch_size is not None:
         raise InputError("protosam serve takes no --preset, --cca or --batch-size: each request brings its preset, "
-                         "and the engine batches slices as it does locally.")
+                         "and the engine batches slices as it does locally. --precision sets what a request's "
+                         "precision 'auto' means here.")
     if not is_loopback(args.host):
         if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
             raise InputError("TLS needs both --ssl-certfile and --ssl-keyfile.")
@@ -102,10 +103,14 @@ def serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    tokens = server_tokens(args)
     from ..engine import resolve_device
+    from ..precision import resolve_precision
 
-    config = ServerConfig(models=_served_models(args), tokens=tokens, device=str(resolve_device(args.device)),
+    device = resolve_device(args.device)
+    # Checked before the token and the port: a precision this device cannot run fails now, not per request.
+    precision, reason = resolve_precision(args.precision, device)
+    tokens = server_tokens(args)
+    config = ServerConfig(models=_served_models(args), tokens=tokens, device=str(device), precision=args.precision,
                           weights_home=args.weights_home, download=not args.no_download,
                           max_request_bytes=int(args.max_request_mb * 1024 * 1024),
                           cache_bytes_per_user=int(args.cache_mb_per_user * 1024 * 1024),
@@ -119,7 +124,8 @@ def serve(args: argparse.Namespace) -> int:
                               body_grace=args.body_grace, per_address=args.max_connections_per_address)
     scheme = "https" if args.ssl_certfile else "http"
     print(f"ProtoSAM server {__version__}: {scheme}://{args.host}:{args.port} on {config.device}, "
-          f"{len(set(tokens.values()))} user(s), models {args.dinov2} + {args.sam}", flush=True)
+          f"{len(set(tokens.values()))} user(s), models {args.dinov2} + {args.sam}, precision {args.precision} -> "
+          f"{precision} ({reason}; a request may ask for another)", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,
                     ssl_keyfile=args.ssl_keyfile, access_log=args.access_log, log_level="info",

@@ -207,7 +207,8 @@ class RunParameters:
                 "sam": args.sam, "sam_checkpoint": _checkpoint_identity(args.sam, args.sam_checkpoint),
                 "input_size": args.input_size,
             },
-            "preset": asdict(get_preset(args.preset, cca=args.cca)),
+            # Holds the precision asked for (a change re-runs the rows; "auto" may differ across machines).
+            "preset": asdict(get_preset(args.preset, cca=args.cca, precision=getattr(args, "precision", None))),
             "labels": _parse_labels(args.labels) or "all",  # in order: the first listed wins overlaps
             "axis": args.axis,
             "modality": args.modality,

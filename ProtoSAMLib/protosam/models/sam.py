@@ -65,6 +65,10 @@ SAM_ARCHITECTURES: Dict[str, SamArchitecture] = {
             catalogue.TINY_SAM, 32, 2, 2, (1,), prompt_embed_dim=32, decoder_mlp_dim=64,
             decoder_num_heads=2, iou_head_hidden_dim=32, mask_in_chans=4, test_only=True,
         ),
+        SamArchitecture(
+            catalogue.TINY_MEDSAM, 32, 2, 2, (1,), prompt_embed_dim=32, decoder_mlp_dim=64,
+            decoder_num_heads=2, iou_head_hidden_dim=32, mask_in_chans=4, medsam=True, test_only=True,
+        ),
     )
 }
 

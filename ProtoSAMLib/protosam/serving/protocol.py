@@ -96,6 +96,8 @@ class EngineSpec:
     weights_home: Optional[str] = None
     download: bool = False
     cache_bytes: int = 0
+    #: The encoders' precision (protosam.precision.PRECISIONS): "auto", "fp32", "bf16", "fp16".
+    precision: str = "auto"
 
 
 @dataclasses.dataclass

@@ -75,6 +75,8 @@ class ServerConfig:
     result_ttl_s: float = 600.0
     max_sessions_per_user: int = 4
     session_idle_s: float = 1800.0
+    #: What a request's precision "auto" means on this server (protosam serve --precision).
+    precision: str = "auto"
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -169,7 +171,8 @@ class JobScheduler:
     # -- requests (event loop) --------------------------------------------------------------
     def engine_spec(self, requested: Optional[Dict[str, Any]]) -> Dict[str, Any]:
         """The engine a remote job runs on: the server's models, device and weights; the
-        client chooses the preset and (up to its budget) the cache size."""
+        client chooses the preset, the precision ("auto": the server's) and (up to its budget)
+        the cache size."""
         if not isinstance(requested, dict):
             raise ServerError(400, "A segment_volume job needs an 'engine' specification.")
         try:
@@ -188,7 +191,25 @@ class JobScheduler:
             raise ServerError(400, "engine.cache_bytes must be a non-negative integer")
         return dataclasses.asdict(protocol.EngineSpec(
             models=dict(served), preset=str(spec.preset), device=self.config.device,
-            weights_home=self.config.weights_home, download=self.config.download, cache_bytes=0))
+            weights_home=self.config.weights_home, download=self.config.download, cache_bytes=0,
+            precision=self._precision_for(spec)))
+
+    def _precision_for(self, spec: protocol.EngineSpec) -> str:
+        """The request's precision, checked against its preset and this server's device type;
+        "auto" becomes the server's own choice unless the preset pins one (paper: fp32)."""
+        from ..precision import check_precision_for_device, check_precision_for_preset
+        from ..presets import PRESETS
+
+        preset = PRESETS.get(str(spec.preset))
+        try:
+            check_precision_for_device(spec.precision, self.config.device.split(":")[0])
+            if preset is not None:
+                check_precision_for_preset(spec.precision, preset)
+        except InputError as error:
+            raise ServerError(400, f"This ProtoSAM server runs on {self.config.device}: {error}") from None
+        if spec.precision == "auto" and (preset is None or preset.precision == "auto"):
+            return self.config.precision
+        return spec.precision
 
     def submit(self, user: str, request: protocol.JobSubmit) -> _Job:
         if request.operation not in REMOTE_OPERATIONS:

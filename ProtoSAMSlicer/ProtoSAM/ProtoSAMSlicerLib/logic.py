@@ -51,6 +51,8 @@ AXIAL_NORMAL = (0.0, 0.0, 1.0)
 @dataclasses.dataclass(frozen=True)
 class ProcessOptions:
     """Engine settings of a run. ``device``: "auto", "cpu", "cuda", "cuda:1"...
+    ``precision``: the encoders' "auto", "fp32", "bf16" or "fp16" (protosam.precision; on a
+    server "auto" is the server's choice).
 
     allowDownload: let the run download missing official weights (the GUI downloads them first
     through the model manager, with a progress dialog, and leaves this False).
@@ -65,6 +67,7 @@ class ProcessOptions:
     preset: str = "default"
     device: str = "auto"
     modality: str = "auto"
+    precision: str = "auto"
     autoExtent: Optional[bool] = None
     weightsHome: Optional[str] = None
     allowDownload: bool = False
@@ -350,7 +353,8 @@ class ProtoSAMLogic:
                 waitForCompletion: bool = True,
                 progressCallback: Optional[Callable[[int, int], None]] = None,
                 cancelEvent: Optional[threading.Event] = None,
-                onFinished: Optional[Callable[[PropagationJob], None]] = None):
+                onFinished: Optional[Callable[[PropagationJob], None]] = None,
+                negatives: Optional[Dict[str, np.ndarray]] = None):
         """Propagate support segments through a volume into a new preview segmentation.
 
         targetVolumeNode: volume to segment. supportSegmentationNode / segmentIds: the painted
@@ -359,6 +363,8 @@ class ProtoSAMLogic:
         (default axial); oblique views are refused. supportSlices: slice index (or indices, or
         segment ID -> indices) along the support volume's slice axis; default the largest
         painted slice. sliceRange: inclusive target slice indices to process (default all).
+        negatives: segment ID -> KJI mask of the target volume's voxels that are not that
+        structure ("other segments as not this", protosam.segment_volume's ``negatives``).
 
         Returns a PropagationResult (waitForCompletion=True; raises the run's error, or
         CancelledError) or a PropagationJob. progressCallback(done, total) and onFinished(job)
@@ -382,7 +388,7 @@ class ProtoSAMLogic:
                 onFinished(handle)
 
         handle.job = worker.submit(
-            _engineJob(prepared, options, device), name=f"ProtoSAM {targetVolumeNode.GetName()}",
+            _engineJob(prepared, options, device, negatives), name=f"ProtoSAM {targetVolumeNode.GetName()}",
             cancelEvent=cancelEvent,
             onProgress=(lambda job, done, total: progressCallback(done, total)) if progressCallback else None,
             onFinished=onWorkerFinished)
@@ -782,10 +788,21 @@ class LocalSession:
         self.session = session
 
     def correct(self, structure, index: int, points, labels, progress=None):
+        return self._encoding(index, progress, lambda: self.session.correct(structure, index, points, labels))
+
+    def box(self, structure, index: int, box_xyxy, progress=None):
+        return self._encoding(index, progress, lambda: self.session.box(structure, index, box_xyxy))
+
+    def scribble(self, structure, index: int, points_xy, positive: bool, radius: float = 0.0, progress=None):
+        return self._encoding(index, progress,
+                              lambda: self.session.scribble(structure, index, points_xy, positive, radius=radius))
+
+    def _encoding(self, index: int, progress, decode):
+        """``decode()``, with progress (0, 1) and (1, 1) round it when the slice is encoded first."""
         encode = progress is not None and not self.session.has_sam_embedding(index)
         if encode:
             progress(0, 1)
-        mask = self.session.correct(structure, index, points, labels)
+        mask = decode()
         if encode:
             progress(1, 1)
         return mask
@@ -796,30 +813,39 @@ class LocalSession:
         return getattr(self.session, name)
 
 
-def engineKwargs(prepared: PreparedRun, options: ProcessOptions) -> Dict:
+def engineKwargs(prepared: PreparedRun, options: ProcessOptions, negatives: Optional[Dict] = None) -> Dict:
     """Keyword arguments of ``protosam.segment_volume`` for a prepared run: KJI arrays with their
     IJK-to-world matrices (the engine owns orientation) and plain JSON values, so they travel
-    to the worker process as they are."""
-    return dict(query_volume=prepared.query, support_volume=prepared.support, support_masks=prepared.masks,
-                query_ijk_to_ras=prepared.queryIjkToWorld, support_ijk_to_ras=prepared.supportIjkToWorld,
-                plane=prepared.plane, support_slices=prepared.supportSlices, slice_range=prepared.sliceRange,
-                modality=options.modality, auto_extent=options.autoExtent)
+    to the worker process as they are. ``negatives`` (segment ID -> KJI mask) only when given."""
+    kwargs = dict(query_volume=prepared.query, support_volume=prepared.support, support_masks=prepared.masks,
+                  query_ijk_to_ras=prepared.queryIjkToWorld, support_ijk_to_ras=prepared.supportIjkToWorld,
+                  plane=prepared.plane, support_slices=prepared.supportSlices, slice_range=prepared.sliceRange,
+                  modality=options.modality, auto_extent=options.autoExtent)
+    if negatives:
+        kwargs["negatives"] = {key: np.ascontiguousarray(value, dtype=np.uint8) for key, value in negatives.items()}
+    return kwargs
 
 
 def engineSpecFor(options: ProcessOptions, device: str) -> Dict:
     """The engine ``options`` describe on ``device``, as a protocol.EngineSpec dict. A run and the
     correction session of its preview use this one description, so the worker gives them the
     same engine (and the session finds the run's encodings in its cache)."""
-    return dataclasses.asdict(protocol.EngineSpec(
+    spec = dataclasses.asdict(protocol.EngineSpec(
         models=dataclasses.asdict(options.models), preset=options.preset, device=device,
-        weights_home=options.weightsHome, download=options.allowDownload, cache_bytes=options.cacheBytes))
+        weights_home=options.weightsHome, download=options.allowDownload, cache_bytes=options.cacheBytes,
+        precision=options.precision))
+    if spec["precision"] == "auto":
+        del spec["precision"]  # the default: a server older than the precision option accepts the spec
+    return spec
 
 
-def _engineJob(prepared: PreparedRun, options: ProcessOptions, device: str) -> RequestFunction:
+def _engineJob(prepared: PreparedRun, options: ProcessOptions, device: str,
+               negatives: Optional[Dict] = None) -> RequestFunction:
     """The job for a device worker: "run segment_volume with these arrays and keyword arguments"
     on the engine ``options`` describe (a protocol message; no MRML reference inside)."""
     request = protocol.JobSubmit(id=protocol.new_id(), operation="segment_volume",
-                                 kwargs=engineKwargs(prepared, options), engine=engineSpecFor(options, device))
+                                 kwargs=engineKwargs(prepared, options, negatives),
+                                 engine=engineSpecFor(options, device))
     if _onServer(options):
         from protosam.serving.client import forwarding_request
 

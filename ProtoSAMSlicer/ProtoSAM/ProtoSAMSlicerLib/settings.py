@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 from protosam import catalogue
+from protosam.precision import PRECISIONS
 
 PREFIX = "ProtoSAM/"
 #: setting name -> default value
@@ -22,6 +23,8 @@ DEFAULTS = {
     "DINOv2Checkpoint": "",
     "Preset": "default",
     "Device": "auto",
+    # The encoders' precision (protosam.precision.PRECISIONS): auto, fp32, bf16, fp16 (CUDA only).
+    "Precision": "auto",
     "Modality": "auto",
     "WeightsFolder": "",
     # "local" (this computer) or "server" (a ProtoSAM server: URL and token).
@@ -58,7 +61,12 @@ def processOptions(settings, *, autoExtent: Optional[bool] = None):
     selection = models.modelSelection(read(settings, "DINOv2"), read(settings, "SAM"),
                                       dinov2Checkpoint=read(settings, "DINOv2Checkpoint"),
                                       samCheckpoint=read(settings, "SAMCheckpoint"))
+    precision = read(settings, "Precision")
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision {precision!r} in ProtoSAM's settings: choose one of {', '.join(PRECISIONS)} "
+                         "in the module's Advanced section.")
     return ProcessOptions(models=selection, preset=read(settings, "Preset"), device=read(settings, "Device"),
+                          precision=precision,
                           modality=read(settings, "Modality"), weightsHome=read(settings, "WeightsFolder") or None,
                           autoExtent=autoExtent, cacheBytes=DEFAULT_CACHE_BYTES,
                           computeOn=read(settings, "ComputeOn"), serverUrl=read(settings, "ServerURL"),
