@@ -482,6 +482,7 @@ def test_a_nan_image_fails_its_row_before_the_models_and_names_the_file(small_co
 
 def test_an_interrupt_records_the_running_row_and_marks_the_rest_not_run(small_cohort, monkeypatch, capsys):
     import protosam.cohorts.batch as batch
+    from protosam.propagation import VolumeResult
 
     folder = small_cohort
     manifest = _manifest(folder / "jobs.csv", [[name, f"out/{name}", ""] for name in ("a.nii.gz", "b.nii.gz", "c.nii.gz")])
@@ -493,7 +494,7 @@ def test_an_interrupt_records_the_running_row_and_marks_the_rest_not_run(small_c
         if len(calls) == 2:
             time.sleep(0.3)
             raise KeyboardInterrupt
-        return np.zeros(inputs.query.shape, np.uint8), None
+        return np.zeros(inputs.query.shape, np.uint8), VolumeResult({}, {}, {}, 0.0)  # nothing found
 
     monkeypatch.setattr(batch, "propagate_labels", propagate)
     code = main(["batch", "--manifest", str(manifest), "--support-mask", "m.nii.gz"])
