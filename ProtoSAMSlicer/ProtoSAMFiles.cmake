@@ -83,6 +83,7 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/models/sam_memory.py
   protosam/models/vit_blocks.py
   protosam/orientation.py
+  protosam/precision.py
   protosam/preprocessing.py
   protosam/presets.py
   protosam/prompts.py
