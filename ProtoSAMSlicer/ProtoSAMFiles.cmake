@@ -22,6 +22,7 @@ set(PROTOSAM_MODULE_SCRIPTS
   ProtoSAMSlicerLib/models.py
   ProtoSAMSlicerLib/mrml_io.py
   ProtoSAMSlicerLib/results.py
+  ProtoSAMSlicerLib/review.py
   ProtoSAMSlicerLib/selftest.py
   ProtoSAMSlicerLib/server_session.py
   ProtoSAMSlicerLib/settings.py
@@ -45,6 +46,7 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/batch_ray.py
   protosam/cache.py
   protosam/catalogue.py
+  protosam/confidence.py
   protosam/cli/__init__.py
   protosam/cli/batch.py
   protosam/cli/common.py
@@ -81,6 +83,7 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/models/sam_memory.py
   protosam/models/vit_blocks.py
   protosam/orientation.py
+  protosam/precision.py
   protosam/preprocessing.py
   protosam/presets.py
   protosam/prompts.py

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .cache import EmbeddingCache, volume_fingerprint
+from .confidence import slice_evidence, slice_scores, structure_score, volume_score
 from .errors import CancelledError, InputError
 from .models.alpnet import Prototypes, pool_prototypes
 from .orientation import canonical_orientation, choose_plane
@@ -52,7 +53,10 @@ class VolumeResult:
     ``processed_slices``: query slices the engine ran on per key (sorted, along ``axis``);
     ``seconds``: wall time of the run; ``axis``: the query array axis the slice indices run
     along (with geometry: the axis of the plane; the support's may differ, see
-    ``support_axis``); ``plane``: the slicing plane when geometry was given, else ``""``."""
+    ``support_axis``); ``plane``: the slicing plane when geometry was given, else ``""``.
+    ``slice_confidence``: per key, ``[N]`` float32 scores in ``[0, 1]`` of the ``N`` slices along
+    ``axis`` (NaN: no score, outside the structure's extent); ``structure_confidence``: per key;
+    ``volume_confidence``: the lowest of those (see :mod:`protosam.confidence`)."""
 
     masks: Dict[Hashable, np.ndarray]
     support_slices: Dict[Hashable, List[int]]
@@ -61,6 +65,9 @@ class VolumeResult:
     axis: int = 0
     support_axis: int = 0
     plane: str = ""
+    slice_confidence: Dict[Hashable, np.ndarray] = field(default_factory=dict)
+    structure_confidence: Dict[Hashable, float] = field(default_factory=dict)
+    volume_confidence: Optional[float] = None
 
 
 def largest_area_slice(mask: np.ndarray) -> int:
@@ -195,6 +202,8 @@ class _Structure:
     # Exclusive runs: per processed slice with a mask, (rows, cols, float32 crop) of the refined
     # mask probability over the mask's bounding box (see resolve_exclusive). None: not kept.
     probabilities: Optional[Dict[int, tuple]] = None
+    # Per processed slice, what the models computed that says how sure it is (protosam.confidence).
+    evidence: Dict[int, object] = field(default_factory=dict)
 
     def nearest_prototypes(self, index: int) -> Prototypes:
         seed = min(self.prototypes_by_seed, key=lambda s: (abs(s - index), s))
@@ -368,6 +377,8 @@ def segment_volume(
     results = {}
     for structure in structures:
         results[structure.key] = np.ascontiguousarray(np.moveaxis(structure.output, 0, axis))
+    slice_confidence = {s.key: slice_scores(s.output, s.evidence, s.copied) for s in structures}
+    structure_confidence = {s.key: structure_score(slice_confidence[s.key], s.copied) for s in structures}
     seconds = time.perf_counter() - started
     logger.info("Propagated %d structure(s) over %d slices in %.1f s", len(structures), count, seconds)
     return VolumeResult(
@@ -377,6 +388,9 @@ def segment_volume(
         seconds=seconds,
         axis=axis,
         support_axis=axis,
+        slice_confidence=slice_confidence,
+        structure_confidence=structure_confidence,
+        volume_confidence=volume_score(structure_confidence),
     )
 
 
@@ -413,6 +427,7 @@ def _propagate(engine: Engine, query_store: _SliceStore, structures: List[_Struc
             structure.output[index] = mask
             structure.processed.append(index)
             structure.prompts[index] = refined.prompts
+            structure.evidence[index] = slice_evidence(logits, refined.mask, refined.scores)
             if keep:
                 each_masks = [engine.to_slice_size(each, query_shape[1:]) for each in refined.prompt_masks]
                 if negative is not None:
@@ -510,6 +525,10 @@ def _segment_oriented(engine, query_volume, support_volume, support_masks, *, qu
                           for key, indices in result.processed_slices.items()},
         seconds=result.seconds, axis=query_orientation.slice_axis, support_axis=support_orientation.slice_axis,
         plane=plane,
+        # The stored slice i is the canonical slice canonical_slice(i) (a flip is its own inverse).
+        slice_confidence={key: scores[[query_orientation.canonical_slice(i, query_count) for i in range(query_count)]]
+                          for key, scores in result.slice_confidence.items()},
+        structure_confidence=result.structure_confidence, volume_confidence=result.volume_confidence,
     )
 
 

@@ -31,6 +31,8 @@ from slicer.i18n import translate
 logger = logging.getLogger(__name__)
 
 POLL_INTERVAL_MS = 100
+#: Least confident slices the Review section lists (all volumes of the last run together).
+REVIEW_SLICES = 50
 ERROR_RETRY_MS = 250
 SLICE_VIEWS = {"Red": "vtkMRMLSliceNodeRed", "Yellow": "vtkMRMLSliceNodeYellow", "Green": "vtkMRMLSliceNodeGreen"}
 
@@ -212,6 +214,8 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._afterDownload = None
         self.acceptUndo = None  # results.AcceptUndo of the last Accept, until undone or replaced
         self.updateCancel = None  # threading.Event of the running "Update preview", else None
+        self.reviewResults = []  # results of the last run, listed in the Review section
+        self.reviewRows = {"volumes": [], "slices": []}  # review.ReviewRow shown in each table
 
     # ------------------------------------------------------------------ setup
     def setup(self):
@@ -244,6 +248,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._setupComputeOn()
         self.ui.targetVolumesSelector.connect("checkedNodesChanged()", self.updateGUI)
         self.ui.supportSegmentsTableView.connect("selectionChanged(QItemSelection,QItemSelection)", self.updateGUI)
+        self._setupReview()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -326,6 +331,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.cancelAll(_("The scene was closed; the run was cancelled."))
         self.results = []
         self.acceptUndo = None
+        self.showReview([])
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -439,6 +445,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.startDownload(options, then=self.onApplyButton)
                 return
             self.discardResults()
+            self.showReview([])
             parameters = self._parameterNode
             segmentation = parameters.supportSegmentation
             segmentIds = list(self.ui.supportSegmentsTableView.selectedSegmentIDs())
@@ -554,6 +561,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         if job.error is None:
             self.results.append(job.result)
+            self.reviewResults.append(job.result)
             slicer.util.setSliceViewerLayers(background=job.result.targetVolumeNode)
         elif isinstance(job.error, CancelledError):
             self.ui.statusLabel.text = str(job.error)
@@ -569,6 +577,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.refreshDeviceList()  # the worker has said which devices it has
             if self.results:
                 self.ui.statusLabel.text = _("Preview ready: Accept or Discard.")
+            self.showReview(self.reviewResults)
             failures, self.failures = self.failures, []
             self._stopPollingIfIdle()  # the poll timer stops before the dialog opens
             if failures:
@@ -654,8 +663,52 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onDiscardButton(self):
         self.discardResults()
+        self.showReview([])
         self.ui.statusLabel.text = _("Results discarded.")
         self.updateGUI()
+
+    # ------------------------------------------------------------------ review
+    def _setupReview(self):
+        from ProtoSAMSlicerLib import review
+
+        for table, columns, slot in ((self.ui.reviewVolumesTableWidget, review.VOLUME_COLUMNS, self.onReviewVolumeClicked),
+                                     (self.ui.reviewSlicesTableWidget, review.SLICE_COLUMNS, self.onReviewSliceClicked)):
+            table.setColumnCount(len(columns))
+            table.setHorizontalHeaderLabels([_(title) for title in columns])
+            table.connect("cellClicked(int,int)", slot)
+
+    def showReview(self, results):
+        """List ``results``' volumes and their REVIEW_SLICES least confident slices, least confident first."""
+        from ProtoSAMSlicerLib import review
+
+        self.reviewResults = list(results)
+        self.reviewRows = {"volumes": review.volumeRows(self.reviewResults),
+                           "slices": review.sliceRows(self.reviewResults, REVIEW_SLICES)}
+        for table, rows, texts in ((self.ui.reviewVolumesTableWidget, self.reviewRows["volumes"], review.volumeRowTexts),
+                                   (self.ui.reviewSlicesTableWidget, self.reviewRows["slices"], review.sliceRowTexts)):
+            table.setRowCount(len(rows))
+            for number, row in enumerate(rows):
+                for column, text in enumerate(texts(row)):
+                    table.setItem(number, column, qt.QTableWidgetItem(text))
+        if self.reviewRows["volumes"]:
+            self.ui.reviewStatusLabel.text = _(
+                "{volumes} volume(s), least confident first; click a row to show its slice.").format(
+                volumes=len(self.reviewRows["volumes"]))
+        else:
+            self.ui.reviewStatusLabel.text = _("Propagate to list the least confident volumes and slices here.")
+
+    def onReviewVolumeClicked(self, row, column=0):
+        self._jumpTo(self.reviewRows["volumes"][row])
+
+    def onReviewSliceClicked(self, row, column=0):
+        self._jumpTo(self.reviewRows["slices"][row])
+
+    def _jumpTo(self, row):
+        from ProtoSAMSlicerLib import review
+
+        with slicer.util.tryWithErrorDisplay(_("Cannot show this slice."), waitCursor=True):
+            slicer.util.setSliceViewerLayers(background=row.result.targetVolumeNode)
+            review.jumpToRow(row)
 
     def discardResults(self):
         for result in self.results:

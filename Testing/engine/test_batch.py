@@ -1,5 +1,6 @@
 """``protosam batch`` end to end: Colin27 slabs, tiny models, locally and on a local Ray instance."""
 import csv
+import json
 import os
 import shutil
 import signal
@@ -137,6 +138,7 @@ def test_local_batch_matches_segment_resumes_and_reports_bad_rows(cohort, tiny_m
     assert main([
         "segment", "--image", str(folder / "target_0.nii.gz"), "--support-image", str(folder / "support.nii.gz"),
         "--support-mask", str(folder / "support_labels.nii.gz"), "--output", str(single), *_model_args(tiny_models),
+        "--review-json", str(tmp_path / "review.json"),
     ]) == 0
     np.testing.assert_array_equal(_labels(run / "out" / "case_0.nii.gz"), _labels(single))
     for index in range(3):
@@ -144,6 +146,26 @@ def test_local_batch_matches_segment_resumes_and_reports_bad_rows(cohort, tiny_m
         for label in chosen:
             assert int(summary[index + 1][f"voxels_{label}"]) == int((_labels(output) == label).sum())
         assert output.with_name(output.name + SIDECAR_SUFFIX).is_file()
+    # The confidence columns: the volume's (its least confident label's) and each label's, in
+    # [0, 1]; empty for failed rows. segment's --review-json gives the same numbers for row 1.
+    review = json.loads((tmp_path / "review.json").read_text())
+    assert float(summary[1]["confidence"]) == review["volume"]
+    for row in range(1, 4):
+        per_label = [float(summary[row][f"confidence_{label}"]) for label in chosen]
+        assert all(0 <= value <= 1 for value in per_label) and float(summary[row]["confidence"]) == min(per_label)
+    assert summary[4]["confidence"] == summary[5][f"confidence_{chosen[0]}"] == ""
+    assert [entry["score"] for entry in review["slices"]] == sorted(entry["score"] for entry in review["slices"])
+    assert review["slice_axis"] == "k" and review["plane"] == "axial"
+    # The cohort's least confident slices, least confident first, from the done rows only.
+    with open(run / "jobs.summary.review.csv", newline="") as stream:
+        queue = list(csv.DictReader(stream))
+    assert queue and len(queue) <= 20 and list(queue[0]) == ["row", "image", "label", "plane", "slice_axis", "slice",
+                                                             "score"]
+    assert [float(item["score"]) for item in queue] == sorted(float(item["score"]) for item in queue)
+    assert {int(item["row"]) for item in queue} <= {1, 2, 3}
+    first_row = [(item["label"], int(item["slice"]), float(item["score"])) for item in queue if item["row"] == "1"]
+    assert first_row == [(e["structure"], e["slice"], e["score"]) for e in review["slices"]][:len(first_row)]
+    confidence = {row: summary[row]["confidence"] for row in range(1, 4)}
 
     # A copy of the finished cohort elsewhere, run again: every finished output is skipped, untouched.
     copy = tmp_path / "copy"
@@ -151,9 +173,13 @@ def test_local_batch_matches_segment_resumes_and_reports_bad_rows(cohort, tiny_m
     manifest = copy / "jobs.csv"
     outputs = [copy / "out" / f"case_{i}.nii.gz" for i in range(3)]
     before = _mtimes(outputs)
-    code, summary = _batch(manifest, folder, tiny_models)
+    code, summary = _batch(manifest, folder, tiny_models, "--review", "2")
     assert [summary[r]["status"] for r in range(1, 6)] == ["skipped"] * 3 + ["failed"] * 2
     assert _mtimes(outputs) == before
+    assert {row: summary[row]["confidence"] for row in range(1, 4)} == confidence  # kept in the sidecars
+    with open(copy / "jobs.summary.review.csv", newline="") as stream:
+        assert [(item["row"], item["label"], item["slice"]) for item in csv.DictReader(stream)] == \
+            [(item["row"], item["label"], item["slice"]) for item in queue[:2]]
 
     # Row 2's own support mask changes: only row 2 is redone, with the new mask.
     _keep_only(folder / "support_labels.nii.gz", copy / "row2_labels.nii.gz", chosen[0])
@@ -330,6 +356,8 @@ def test_ray_batch_matches_local_retries_a_killed_worker_and_resumes(ray_instanc
     for index, output in enumerate(outputs):
         np.testing.assert_array_equal(_labels(output), reference[index])
         assert sitk.ReadImage(str(output)).GetOrigin() == pytest.approx(sitk.ReadImage(str(targets[index])).GetOrigin())
+        # The confidence came back from the Ray worker: the same numbers as the local run's.
+        assert summary[index + 1]["confidence"] == local_run[2][index + 1]["confidence"] != ""
 
     # Re-run on Ray: row 1 is skipped; row 2 (its support mask changed) and row 3 (its output
     # was modified) are redone.
@@ -454,6 +482,7 @@ def test_a_nan_image_fails_its_row_before_the_models_and_names_the_file(small_co
 
 def test_an_interrupt_records_the_running_row_and_marks_the_rest_not_run(small_cohort, monkeypatch, capsys):
     import protosam.cohorts.batch as batch
+    from protosam.propagation import VolumeResult
 
     folder = small_cohort
     manifest = _manifest(folder / "jobs.csv", [[name, f"out/{name}", ""] for name in ("a.nii.gz", "b.nii.gz", "c.nii.gz")])
@@ -465,7 +494,7 @@ def test_an_interrupt_records_the_running_row_and_marks_the_rest_not_run(small_c
         if len(calls) == 2:
             time.sleep(0.3)
             raise KeyboardInterrupt
-        return np.zeros(inputs.query.shape, np.uint8), None
+        return np.zeros(inputs.query.shape, np.uint8), VolumeResult({}, {}, {}, 0.0)  # nothing found
 
     monkeypatch.setattr(batch, "propagate_labels", propagate)
     code = main(["batch", "--manifest", str(manifest), "--support-mask", "m.nii.gz"])
@@ -571,5 +600,24 @@ def test_exclusive_batch_rows_equal_segment_exclusive_locally_and_in_the_ray_wor
     assert scheduler._prepare(task) and task.arguments[-1] is True
     worker = BatchWorker({name: getattr(args, name) for name in MODEL_OPTIONS}, 1)
     worker.start()
-    labelmap, _ = worker.segment(*task.arguments)
+    labelmap, _, _ = worker.segment(*task.arguments)
     np.testing.assert_array_equal(labelmap, segmented["exclusive"])
+
+
+def test_the_review_file_orders_the_cohort_and_leaves_out_unreadable_entries(tmp_path):
+    """write_review on outcomes as sidecars give them back: least confident first across rows,
+    ties by row, at most N; failed rows and hand-edited entries are left out."""
+    from protosam.cohorts.batch import BatchJob, JobOutcome, write_review
+
+    def outcome(row, status, slices):
+        job = BatchJob(row, tmp_path / f"{row}.nii.gz", tmp_path / f"out{row}.nii.gz", tmp_path / "m.nii.gz")
+        return JobOutcome(job, status, confidence={"plane": "axial", "slice_axis": "k", "slices": slices})
+
+    outcomes = [outcome(1, "done", [{"structure": "3", "slice": 4, "score": 0.5}, {"structure": "1", "slice": 2}]),
+                outcome(2, "skipped", [{"structure": "1", "slice": 7, "score": 0.5},
+                                       {"structure": "1", "slice": 1, "score": 0.25}]),
+                outcome(3, "failed", [{"structure": "1", "slice": 0, "score": 0.0}])]
+    write_review(tmp_path / "r.csv", outcomes, count=2)
+    with open(tmp_path / "r.csv", newline="") as stream:
+        rows = [(r["row"], r["label"], r["slice"], r["score"], r["slice_axis"]) for r in csv.DictReader(stream)]
+    assert rows == [("2", "1", "1", "0.2500", "k"), ("1", "3", "4", "0.5000", "k")]

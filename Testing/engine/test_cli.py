@@ -124,6 +124,7 @@ def _write(array, path, like=None, spacing=None):
         ("missing_checkpoint", "not found"),
         ("truncated_checkpoint", "truncated"),
         ("wrong_architecture", "does not fit"),
+        ("review_json_is_an_input", "would destroy your input"),
     ],
 )
 def test_segment_errors_are_clear_exit_1_and_leave_no_output(colin_case, tiny_models, tmp_path, capsys, case, message):
@@ -157,6 +158,8 @@ def test_segment_errors_are_clear_exit_1_and_leave_no_output(colin_case, tiny_mo
         args[args.index("--sam-checkpoint") + 1] = str(tmp_path / "cut.pth")
     elif case == "wrong_architecture":
         args[args.index("--dinov2-checkpoint") + 1] = tiny_models.sam_checkpoint
+    elif case == "review_json_is_an_input":
+        extra = ["--review-json", str(labels_path)]
     output = tmp_path / "out" / "seg.nii.gz"
     output.parent.mkdir()
     code = main(["segment", "--image", str(image_path), "--support-mask", str(labels_path), "--output", str(output), *extra, *args])

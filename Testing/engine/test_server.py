@@ -95,6 +95,11 @@ def assert_same_result(value, expected):
     np.testing.assert_array_equal(value["masks"]["1"], expected["masks"]["1"])
     assert value["support_slices"] == expected["support_slices"]
     assert value["processed_slices"] == expected["processed_slices"]
+    # The confidence travels as arrays (NaN: no score) and numbers, equal to the local run's.
+    np.testing.assert_array_equal(value["slice_confidence"]["1"], expected["slice_confidence"]["1"])
+    assert np.isfinite(expected["slice_confidence"]["1"]).any()
+    assert value["structure_confidence"] == expected["structure_confidence"]
+    assert value["volume_confidence"] == expected["volume_confidence"] is not None
 
 
 def test_a_job_over_http_gives_exactly_the_local_label_map(live, tiny_models, local_result):

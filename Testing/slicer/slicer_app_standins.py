@@ -90,7 +90,7 @@ def _pythonQtClass(base):
 QT_CLASSES = {cls.__name__: _pythonQtClass(cls) for cls in (
     QtCore.QTimer, QtWidgets.QWidget, QtWidgets.QLabel, QtWidgets.QPushButton, QtWidgets.QComboBox,
     QtWidgets.QSpinBox, QtWidgets.QProgressBar, QtWidgets.QGroupBox, QtWidgets.QLineEdit,
-    QtWidgets.QCheckBox, QtWidgets.QDialog)}
+    QtWidgets.QCheckBox, QtWidgets.QDialog, QtWidgets.QTableWidget)}
 
 
 # --------------------------------------------------------------------------- CTK / qMRML widgets

@@ -15,6 +15,7 @@ import pytest
 import slicer
 import slicer_app_standins as standins
 from ProtoSAMSlicerLib import mrml_io
+from ProtoSAMSlicerLib import logic as ProtoSAMLogicModule
 from slicer_mrml_helpers import addSegmentation, addVolume, ijkToRasFrom
 
 SHAPE = (5, 20, 22)
@@ -83,6 +84,22 @@ def test_propagate_progress_preview_accept_and_undo(scene, slicerApp):
     preview = mrml_io.segmentToArray(result.previewSegmentationNode, ids["liver"], volume)
     assert preview.any() and np.array_equal(preview[2], liver[2])
     assert np.array_equal(mrml_io.segmentToArray(segmentation, ids["liver"], volume), liver)  # not yet written
+    # Review: the volume and its scored slices, least confident first; a click on a slice row
+    # puts the red view on that slice (its plane passes through that slice's centre).
+    volumeTable, sliceTable = widget.ui.reviewVolumesTableWidget, widget.ui.reviewSlicesTableWidget
+    assert volumeTable.rowCount == 1 and volumeTable.item(0, 0).text() == "ct"
+    assert float(volumeTable.item(0, 1).text()) == pytest.approx(result.volumeConfidence, abs=0.005)
+    scores = [float(sliceTable.item(row, 3).text()) for row in range(sliceTable.rowCount)]
+    assert scores and scores == sorted(scores) and all(0 <= score <= 1 for score in scores)
+    assert [sliceTable.horizontalHeaderItem(c).text() for c in range(4)] == ["Volume", "Segment", "Slice", "Confidence"]
+    assert {sliceTable.item(row, 1).text() for row in range(sliceTable.rowCount)} == {"liver"}
+    ijkToWorld = mrml_io.ijkToWorldMatrix(volume)
+    red = scene.GetNodeByID("vtkMRMLSliceNodeRed")
+    for row in (sliceTable.rowCount - 1, 0):
+        sliceTable.cellClicked.emit(row, 1)
+        point = ProtoSAMLogicModule.sliceViewGeometry(red)[1]
+        assert (np.linalg.inv(ijkToWorld) @ np.append(point, 1.0))[2] == pytest.approx(
+            int(sliceTable.item(row, 2).text()), abs=1e-6)
 
     widget.ui.acceptButton.click()  # "Replace segments of the same name": the painted segment is overwritten
     assert np.array_equal(mrml_io.segmentToArray(segmentation, ids["liver"], volume), preview)

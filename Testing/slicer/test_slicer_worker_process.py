@@ -106,6 +106,9 @@ def test_same_segmentation_through_the_worker_process_as_in_process(scene, tinyO
     # (same machine, same library, same thread count), and the scene holds exactly that mask.
     assert processEngine.support_slices == inProcess.support_slices
     assert processEngine.processed_slices == inProcess.processed_slices
+    for key, scores in inProcess.slice_confidence.items():  # confidence arrays came back whole
+        np.testing.assert_array_equal(processEngine.slice_confidence[key], scores)
+    assert processEngine.volume_confidence == inProcess.volume_confidence is not None
     for key, mask in inProcess.masks.items():
         assert processEngine.masks[key].dtype == mask.dtype and np.array_equal(processEngine.masks[key], mask)
     first = viaProcess.resultOrRaise()

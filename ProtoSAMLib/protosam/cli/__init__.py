@@ -88,6 +88,8 @@ def cmd_segment(args) -> int:
     from ..io import check_segment_paths, write_labelmap
 
     check_segment_paths(args.image, args.support_mask, args.output, args.support_image, args.report)
+    if args.review_json:
+        _check_review_json(args)
     inputs, query_image = read_segment_inputs(
         args.image, args.support_mask, support_image=args.support_image, labels=args.labels, plane=args.axis
     )
@@ -116,10 +118,51 @@ def cmd_segment(args) -> int:
               f"the report in {args.report} is incomplete.", file=sys.stderr)
         return 130
     for label in inputs.labels:
+        confidence = result.structure_confidence.get(label)
         print(f"label {label}: {int(result.masks[label].sum())} voxels on {len(result.processed_slices[label])} "
-              f"processed slices (support slice {result.support_slices[label]})")
+              f"processed slices (support slice {result.support_slices[label]})"
+              + ("" if confidence is None else f", confidence {confidence:.2f}"))
+    _print_review(result, args.review_json)
     print(f"wrote {args.output} in {result.seconds:.1f} s")
     return 0
+
+
+# Least confident slices ``segment`` prints (--review-json writes them all).
+PRINTED_REVIEW_SLICES = 5
+
+
+def _check_review_json(args) -> None:
+    """--review-json may be written: not an input, not the output, in a writable folder."""
+    from ..io import WritePlan, labelmap_files
+
+    plan = WritePlan()
+    for option in ("image", "support_image", "support_mask"):
+        plan.read("--" + option.replace("_", "-"), getattr(args, option))
+    plan.write("--output", args.output, labelmap_files(args.output))
+    plan.write("--review-json", args.review_json)
+    plan.check()
+
+
+def _print_review(result, review_json) -> None:
+    """Print the volume's confidence and its least confident slices; write them all to
+    ``review_json`` (atomically) when given."""
+    import json
+
+    from ..confidence import review_record
+
+    if result.volume_confidence is None:
+        return
+    record = review_record(result)
+    shown = ", ".join(f"{item['structure']}@{item['slice']} {item['score']:.2f}"
+                      for item in record["slices"][:PRINTED_REVIEW_SLICES])
+    print(f"confidence {record['volume']:.2f}; least confident slices (label@slice along {record['slice_axis']}): "
+          f"{shown or 'none'}")
+    if review_json:
+        from ..io import atomic_output
+
+        with atomic_output(review_json) as temporary:
+            temporary.write_text(json.dumps(record, indent=1), encoding="utf-8")
+        print(f"wrote the review list to {review_json}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     segment.add_argument("--output", required=True, help="output label map (same geometry as --image)")
     segment.add_argument("--report", default=None, metavar="DIR", help="also write overlay pictures into DIR")
+    segment.add_argument("--review-json", default=None, metavar="FILE",
+                         help="also write the confidence of the volume, of each label and of every scored slice, "
+                              "least confident first, as JSON (docs/cohorts.md)")
     add_model_options(segment)
     segment.set_defaults(func=cmd_segment)
 

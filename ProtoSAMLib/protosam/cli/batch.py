@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cohorts.batch import default_summary_path, run_batch
+from ..cohorts.batch import REVIEW_SLICES, default_summary_path, review_path, run_batch
 from .common import add_label_options, add_model_options
 
 
@@ -24,7 +24,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
               "resume.", file=sys.stderr)
         return 130
     counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
-    print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed; summary in {summary}")
+    print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed; summary in {summary}, "
+          f"least confident slices in {review_path(summary)}")
     for outcome in outcomes:
         if outcome.status == "failed":
             print(f"row {outcome.job.row} ({outcome.job.image}): {outcome.error}")
@@ -46,6 +47,8 @@ def add_subcommand(commands) -> None:
                        help="in every row, give each voxel to at most one label: the one whose refined mask probability "
                             "is highest there (ties: the label listed first), as 'protosam segment --exclusive'")
     batch.add_argument("--summary", default=None, metavar="FILE", help="summary CSV (default: <manifest>.summary.csv beside it)")
+    batch.add_argument("--review", type=int, default=REVIEW_SLICES, metavar="N",
+                       help=f"list the N least confident slices of the cohort in <summary>.review.csv (default {REVIEW_SLICES})")
     batch.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                        help="run on Ray: no ADDRESS = connect to or start a local instance; 'auto', host:port or ray://...")
     batch.add_argument("--ray-cpus-per-worker", type=int, default=None, metavar="N",

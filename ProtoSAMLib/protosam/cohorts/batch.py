@@ -47,6 +47,7 @@ from .. import __version__
 from ..cli.common import (
     ProgressBar, _parse_labels, check_support_slices, engine_from_args, propagate_labels, read_segment_inputs,
 )
+from ..confidence import review_record
 from ..errors import InputError, ProtoSAMError
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ __all__ = [
 ]
 
 MANIFEST_COLUMNS = ("image", "output", "support_image", "support_mask")
+#: Least confident slices listed in the review file by default (``--review``).
+REVIEW_SLICES = 20
+REVIEW_COLUMNS = ("row", "image", "label", "plane", "slice_axis", "slice", "score")
 SIDECAR_SUFFIX = ".protosam.json"
 STATUSES = ("done", "skipped", "failed", "interrupted", "not run")
 SIDECAR_FORMAT = 1
@@ -92,6 +96,8 @@ class JobOutcome:
     attempts: int = 0
     voxels: Dict[int, int] = field(default_factory=dict)
     error: str = ""
+    # protosam.confidence.review_record of the result (every scored slice), kept in the sidecar.
+    confidence: Optional[dict] = None
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -333,21 +339,58 @@ def default_summary_path(manifest) -> Path:
     return manifest.with_name(f"{manifest.stem}.summary.csv")
 
 
+def review_path(summary) -> Path:
+    """The review file written beside ``summary``: ``<summary stem>.review.csv``."""
+    summary = Path(summary)
+    return summary.with_name(f"{summary.stem}.review.csv")
+
+
 def write_summary(path, outcomes: Iterable[JobOutcome]) -> None:
-    """CSV, one line per row: row, image, output, status, seconds, attempts, voxels_<label>..., error."""
+    """CSV, one line per row: row, image, output, status, seconds, attempts, voxels_<label>...,
+    confidence (the volume's, see :mod:`protosam.confidence`), confidence_<label>..., error.
+    Confidence fields are empty for rows without a result, and for results from before it existed."""
     from ..io import atomic_output
 
     outcomes = sorted(outcomes, key=lambda o: o.job.row)
     labels = sorted({label for o in outcomes for label in o.voxels})
-    fields = ["row", "image", "output", "status", "seconds", "attempts", *[f"voxels_{l}" for l in labels], "error"]
+    fields = ["row", "image", "output", "status", "seconds", "attempts", *[f"voxels_{l}" for l in labels],
+              "confidence", *[f"confidence_{l}" for l in labels], "error"]
     with atomic_output(path) as temporary:
         with open(temporary, "w", newline="", encoding="utf-8") as stream:
             writer = csv.writer(stream)
             writer.writerow(fields)
             for o in outcomes:
                 counts = [o.voxels.get(label, 0) if o.status in ("done", "skipped") else "" for label in labels]
+                confidence = o.confidence if o.status in ("done", "skipped") and o.confidence else {}
+                volume = "" if confidence.get("volume") is None else confidence["volume"]
+                per_label = confidence.get("structures") if isinstance(confidence.get("structures"), dict) else {}
+                structures = [per_label.get(str(label), "") for label in labels]
                 writer.writerow([o.job.row, o.job.image, o.job.output, o.status, f"{o.seconds:.2f}", o.attempts,
-                                 *counts, o.error])
+                                 *counts, volume, *structures, o.error])
+
+
+def write_review(path, outcomes: Iterable[JobOutcome], count: int = REVIEW_SLICES) -> None:
+    """CSV of the ``count`` least confident slices of the whole cohort, least confident first:
+    row, image, label, plane, slice_axis (the voxel axis, k/j/i, the slice index runs along),
+    slice, score. Ties: row, label, slice."""
+    from ..io import atomic_output
+
+    items = []
+    for o in outcomes:
+        confidence = o.confidence if o.status in ("done", "skipped") and o.confidence else {}
+        for entry in confidence.get("slices", []):
+            try:
+                key = (float(entry["score"]), o.job.row, str(entry["structure"]), int(entry["slice"]))
+            except (KeyError, TypeError, ValueError):  # a sidecar edited by hand: its row is left out
+                continue
+            items.append(key + (o.job.image, confidence.get("plane", ""), confidence.get("slice_axis", "")))
+    items.sort(key=lambda item: (item[0], item[1], item[2], item[3]))
+    with atomic_output(path) as temporary:
+        with open(temporary, "w", newline="", encoding="utf-8") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(REVIEW_COLUMNS)
+            for score, row, label, index, image, plane, axis in items[:max(0, int(count))]:
+                writer.writerow([row, image, label, plane, axis, index, f"{score:.4f}"])
 
 
 # ----------------------------------------------------------------------------- runners
@@ -376,17 +419,19 @@ def run_local(pending: List[PendingJob], args: argparse.Namespace, report: Repor
                 started += time.perf_counter() - loading
             attempts = 1
             try:
-                labelmap, _ = propagate_labels(engine, inputs, support_slice=args.support_slice,
-                                               modality=args.modality, exclusive=getattr(args, "exclusive", False))
+                labelmap, result = propagate_labels(engine, inputs, support_slice=args.support_slice,
+                                                    modality=args.modality, exclusive=getattr(args, "exclusive", False))
                 seconds = time.perf_counter() - started
-                voxels = save_result(job, labelmap, reference, parameters, seconds, {"device": str(engine.device)})
+                confidence = review_record(result)
+                voxels = save_result(job, labelmap, reference, parameters, seconds,
+                                     {"device": str(engine.device), "confidence": confidence})
             except Exception as error:
                 report(failed_outcome(job, error, time.perf_counter() - started, attempts=1))
                 continue
         except KeyboardInterrupt:
             report(interrupted_outcome(job, time.perf_counter() - started, attempts))
             raise
-        report(JobOutcome(job, "done", seconds, 1, voxels))
+        report(JobOutcome(job, "done", seconds, 1, voxels, confidence=confidence))
 
 
 def check_batch_paths(args: argparse.Namespace, jobs: List[BatchJob], summary: Path) -> None:
@@ -407,7 +452,7 @@ def check_batch_paths(args: argparse.Namespace, jobs: List[BatchJob], summary: P
         plan.read(f"the support mask of row {job.row}", job.support_mask)
     for job in jobs:
         plan.write(f"the output of row {job.row}", job.output, [*labelmap_files(job.output), job.sidecar])
-    plan.write("--summary", summary)
+    plan.write("--summary", summary, [summary, review_path(summary)])
     plan.check_collisions()
     WritePlan().write("--summary", summary, make_folder=True).check()
 
@@ -438,7 +483,8 @@ def run_batch(args: argparse.Namespace, run_remote: Optional[Callable[[List[Pend
             record = finished_record(job, job_parameters)
             if record is not None:
                 voxels = {int(label): int(count) for label, count in record.get("voxels", {}).items()}
-                report(JobOutcome(job, "skipped", voxels=voxels))
+                confidence = record.get("confidence") if isinstance(record.get("confidence"), dict) else None
+                report(JobOutcome(job, "skipped", voxels=voxels, confidence=confidence))
             else:
                 pending.append((job, job_parameters))
         if pending and args.ray is not None:
@@ -453,4 +499,5 @@ def run_batch(args: argparse.Namespace, run_remote: Optional[Callable[[List[Pend
                 outcomes[job.row] = JobOutcome(job, "not run", error="the batch stopped before this volume")
         summary.parent.mkdir(parents=True, exist_ok=True)
         write_summary(summary, outcomes.values())
+        write_review(review_path(summary), outcomes.values(), getattr(args, "review", REVIEW_SLICES))
     return [outcomes[job.row] for job in jobs]

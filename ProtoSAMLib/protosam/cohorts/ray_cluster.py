@@ -33,6 +33,7 @@ from .batch import (
     read_job, save_result,
 )
 from ..cli.common import SegmentInputs, engine_from_args, propagate_labels
+from ..confidence import review_record
 from ..errors import InputError, ProtoSAMError
 
 logger = logging.getLogger(__name__)
@@ -77,12 +78,13 @@ class BatchWorker:
 
     def segment(self, query, support, labelmap, labels: List[int], geometry: Dict[str, object],
                 support_slice: Optional[int], modality: str, exclusive: bool = False):
-        """Propagate one volume (arrays as :class:`SegmentInputs` holds them) -> (label map, seconds)."""
+        """Propagate one volume (arrays as :class:`SegmentInputs` holds them) -> (label map, seconds,
+        the result's :func:`protosam.confidence.review_record`)."""
         started = time.perf_counter()
         inputs = SegmentInputs(query, support, labelmap, list(labels), geometry)
-        output, _ = propagate_labels(self.engine, inputs, support_slice=support_slice, modality=modality,
-                                     exclusive=exclusive)
-        return output, time.perf_counter() - started
+        output, result = propagate_labels(self.engine, inputs, support_slice=support_slice, modality=modality,
+                                          exclusive=exclusive)
+        return output, time.perf_counter() - started, review_record(result)
 
 
 @dataclass
@@ -210,7 +212,7 @@ class _Scheduler:
     def _finish(self, worker: _Worker, task: _Task, ref) -> None:
         attempts = task.losses + 1
         try:
-            labelmap, seconds = self.ray.get(ref)
+            labelmap, seconds, confidence = self.ray.get(ref)
         except self.ray.exceptions.RayActorError:
             raise  # the worker is lost: run() resubmits its rows, this one included
         except self.ray.exceptions.RayTaskError as error:
@@ -219,11 +221,12 @@ class _Scheduler:
             return
         worker.in_flight.popleft()
         try:
-            voxels = save_result(task.job, labelmap, task.reference, task.parameters, seconds, dict(worker.info))
+            voxels = save_result(task.job, labelmap, task.reference, task.parameters, seconds,
+                                 dict(worker.info, confidence=confidence))
         except Exception as error:  # writing the output failed: report the row, go on
             self.report(failed_outcome(task.job, error, attempts=attempts))
             return
-        self.report(JobOutcome(task.job, "done", seconds, attempts, voxels))
+        self.report(JobOutcome(task.job, "done", seconds, attempts, voxels, confidence=confidence))
 
     def run(self) -> None:
         ray = self.ray

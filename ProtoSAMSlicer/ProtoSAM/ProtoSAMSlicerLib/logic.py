@@ -109,6 +109,12 @@ class PropagationResult:
     writtenMasks: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
     #: The correction session of this preview (openCorrectionSession), once an update opened it.
     corrections: object = dataclasses.field(default=None, repr=False, compare=False)
+    #: The run's confidence (protosam.confidence; listed by review.py): segment ID -> [N]
+    #: float32 per slice along ``sliceAxis`` (NaN: no score), per segment, and the volume's.
+    #: They score the run as propagated (an "Update preview" does not rescore).
+    sliceConfidence: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+    segmentConfidence: Dict[str, float] = dataclasses.field(default_factory=dict)
+    volumeConfidence: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -207,7 +213,9 @@ def deviceChoices(devices: Optional[protocol.Devices] = None) -> List[Tuple[str,
 class VolumeRunResult:
     """The fields of ``protosam.VolumeResult`` (propagation.py, which imports torch) as the worker
     sends them: ``masks``, ``support_slices``, ``processed_slices``, ``seconds``, ``axis``,
-    ``support_axis``, ``plane``."""
+    ``support_axis``, ``plane``, and the confidence (``protosam.confidence``):
+    ``slice_confidence`` (key -> [N] float32, NaN: no score), ``structure_confidence``,
+    ``volume_confidence``."""
 
     masks: Dict
     support_slices: Dict
@@ -216,6 +224,9 @@ class VolumeRunResult:
     axis: int = 0
     support_axis: int = 0
     plane: str = ""
+    slice_confidence: Dict = dataclasses.field(default_factory=dict)
+    structure_confidence: Dict = dataclasses.field(default_factory=dict)
+    volume_confidence: Optional[float] = None
 
 
 def sliceViewGeometry(sliceNode) -> Tuple[np.ndarray, np.ndarray]:
@@ -516,7 +527,10 @@ class ProtoSAMLogic:
                 supportSlices={k: sorted(v) for k, v in engineResult.support_slices.items()},
                 processedSlices={k: sorted(v) for k, v in engineResult.processed_slices.items()},
                 seconds=engineResult.seconds, options=handle.options, sliceRange=prepared.sliceRange,
-                writtenMasks={k: np.array(v, dtype=np.uint8) for k, v in masks.items()})
+                writtenMasks={k: np.array(v, dtype=np.uint8) for k, v in masks.items()},
+                sliceConfidence={k: np.asarray(v, np.float32) for k, v in engineResult.slice_confidence.items()},
+                segmentConfidence=dict(engineResult.structure_confidence),
+                volumeConfidence=engineResult.volume_confidence)
         except CancelledError as error:
             handle.error = CancelledError(handle.cancelReason) if handle.cancelReason else error
         except Exception as error:  # carried to the caller (raised by resultOrRaise)
