@@ -20,8 +20,8 @@ from protosam.evaluation.sample_data import find_installed_sample
 from protosam.testing import write_tiny_checkpoints
 
 THALAMUS = {"thalamus": ("Thalamus",)}
-#: 6 slices (even axial slices 78..88) x 32 rows x 90 columns per hemisphere.
-SMALL = {"slice_range": (78, 90), "row_range": (90, 122), "structures": THALAMUS}
+#: 3 slices (even axial slices 84..88) x 32 rows x 90 columns per hemisphere: small, to keep CI fast.
+SMALL = {"slice_range": (84, 90), "row_range": (90, 122), "structures": THALAMUS}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_cvpr25_track_on_a_challenge_npz_case(sample, model_args, tmp_path):
     data = tmp_path / "npz"
     label_map = write_colin27_cases(sample, data, fmt="npz", scans=(PseudoScanSpec("1", "L", 0),), **SMALL)
     (case,) = discover_cases(data)
-    assert case.from_npz and case.modality == "MR" and case.boxes is not None and case.image.shape == (6, 32, 90)
+    assert case.from_npz and case.modality == "MR" and case.boxes is not None and case.image.shape == (3, 32, 90)
     out = tmp_path / "out"
     code, stdout = _run(["evaluate", "--interactive", "cvpr25", "--data", str(data), "--label-map",
                          json.dumps(label_map), "--out", str(out), *model_args])
@@ -76,7 +76,8 @@ def test_cvpr25_track_on_a_challenge_npz_case(sample, model_args, tmp_path):
     dscs = [float(v) for v in summary["dsc"].split()]
     assert dscs == pytest.approx([float(r["dsc"]) for r in steps], abs=1e-6)
     assert float(summary["dsc_auc"]) == pytest.approx(click_auc(dscs), abs=1e-5)
-    assert summary["within_budget"] == "True" and float(summary["budget_seconds"]) == 90.0
+    assert float(summary["budget_seconds"]) == 90.0
+    assert (summary["within_budget"] == "True") == (float(summary["seconds_total"]) <= 90.0)
     results = json.loads((out / "results.json").read_text())
     assert results["meta"]["tracks"] == ["cvpr25"] and len(results["steps"]) == 6
     report = (out / "report.html").read_text()
@@ -89,13 +90,14 @@ def test_cohort_track_grows_its_examples(sample, model_args, tmp_path):
     label_map = write_colin27_cases(sample, data, fmt="nifti",
                                     scans=(PseudoScanSpec("1", "L", 0), PseudoScanSpec("2", "R", 0)), **SMALL)
     out = tmp_path / "out"
-    code, stdout = _run(["evaluate", "--interactive", "cohort", "--data", str(data), "--label-map",
+    # Two clicks per volume (--clicks) keep the test short; the cvpr25 test runs all five.
+    code, stdout = _run(["evaluate", "--interactive", "cohort", "--clicks", "2", "--data", str(data), "--label-map",
                          json.dumps(label_map), "--out", str(out), *model_args])
     assert code == 0, stdout
     steps = _rows(out / "per_step.csv")
     first = [r for r in steps if r["volume_index"] == "0"]
     second = [r for r in steps if r["volume_index"] == "1"]
-    assert len(first) == len(second) == 6
+    assert len(first) == len(second) == 3
     assert first[0]["interaction"] == "mask"
     # The second volume starts from the first volume's examples: its z_mid slice and the
     # slices its clicks corrected (those not empty).

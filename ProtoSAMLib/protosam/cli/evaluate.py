@@ -98,6 +98,8 @@ def cmd_evaluate_interactive(args) -> int:
                          "or of image/label volume pairs (NIfTI, NRRD).")
     if args.polyp_images is not None:
         raise InputError("--interactive evaluates 3-D volumes; polyp images are 2-D.")
+    if args.clicks < 2:
+        raise InputError("--clicks must be at least 2: the AUC is the area under the click steps.")
     check_interactive_paths(args)
     cases = discover_cases(Path(args.data), layout=args.layout, modality=args.modality)
     if args.max_cases is not None:
@@ -120,7 +122,7 @@ def cmd_evaluate_interactive(args) -> int:
 
     results = InteractiveResults()
     for track in tracks:
-        options = TrackOptions(track, box_seed=None if args.no_box_jitter else 2025,
+        options = TrackOptions(track, clicks=args.clicks, box_seed=None if args.no_box_jitter else 2025,
                                modality=args.engine_modality, class_names=names, classes=classes)
         results.extend(run_track(engine, cases, options, progress=_print_progress))
     results.meta.update({
@@ -129,7 +131,11 @@ def cmd_evaluate_interactive(args) -> int:
         "preset": args.preset, "cca": bool(args.cca), "device": args.device, "versions": package_versions(),
         "protocol_source": "CVPR 2025 interactive challenge, JunMa11/CVPR-MedSegFMCompetition@748e862",
     })
-    paths = write_interactive_results(results, Path(args.out), notice=args.report_notice)
+    notice = args.report_notice
+    if notice is None and ("tiny" in str(args.dinov2) or "tiny" in str(args.sam)):
+        notice = ("These models are the test suite's tiny random-weight models: the numbers are meaningless; "
+                  "the report shows the mechanics (interactions, scores, curves).")
+    paths = write_interactive_results(results, Path(args.out), notice=notice)
     print()
     for case in results.cases:
         print(f"[{case.track}] {case.case}: DSC_AUC {case.dsc_auc:.3f} NSD_AUC {case.nsd_auc:.3f} "
@@ -237,6 +243,8 @@ def add_subcommands(subparsers) -> None:
     interactive.add_argument("--engine-modality", default="auto", choices=["auto", "ct", "mri", "none"],
                              help="intensity preprocessing of the engine (as segment's --modality)")
     interactive.add_argument("--max-cases", type=int, default=None, help="only the first N cases")
+    interactive.add_argument("--clicks", type=int, default=5,
+                             help="simulated clicks per class (the challenge's 5; at least 2, for the AUC)")
     interactive.add_argument("--no-box-jitter", action="store_true",
                              help="boxes made from labels (image/label pairs) without get_boxes.py's 0-5 px jitter")
     interactive.add_argument("--report-notice", default=None, help=argparse.SUPPRESS)

@@ -308,10 +308,10 @@ class _ClassRun:
 
         self.case, self.value, self.options = case, value, options
         self.truth = case.labels == value
-        # cache_bytes=None: the classes of a case share the engine's encoder cache, as the
-        # structures of one volume do in the module.
-        self.session = Session(engine, case.image, modality=options.modality, cache_bytes=None,
-                               slice_range=slice_range)
+        # The session's own encoder cache (the default budget): every update and click after
+        # the first step reuses the slices' encodings, as in the module. (The engine's shared
+        # cache is off unless the engine was made with one.)
+        self.session = Session(engine, case.image, modality=options.modality, slice_range=slice_range)
         self.started = False
         self.prediction = np.zeros(case.labels.shape, np.uint8)
         self.clicked_slices: List[int] = []
