@@ -146,3 +146,18 @@ def test_support_volume_places_examples_at_relative_positions():
     # Each slice repeats the nearest example's image (resized), so the volume looks like a scan.
     assert np.allclose(volume[0], volume[2]) and np.allclose(volume[5], volume[6])
     assert examples.supports(2) == [] and examples.count() == 2
+
+
+def test_nrrd_pairs_are_cases_with_their_spacing(tmp_path):
+    import SimpleITK as sitk
+
+    labels = np.zeros((4, 10, 12), np.uint8)
+    labels[1:3, 2:6, 3:8] = 2
+    for folder, array in (("images", labels.astype(np.float32) * 10), ("labels", labels)):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((0.7, 0.8, 2.5))  # x, y, z
+        (tmp_path / folder).mkdir()
+        sitk.WriteImage(image, str(tmp_path / folder / "scan7.nrrd"))
+    (case,) = discover_cases(tmp_path, modality="CT")
+    assert case.name == "scan7" and case.classes == [2] and case.modality == "CT" and not case.from_npz
+    assert case.spacing == pytest.approx((2.5, 0.8, 0.7)) and case.image.shape == (4, 10, 12)

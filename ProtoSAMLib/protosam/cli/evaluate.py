@@ -222,8 +222,9 @@ def add_subcommands(subparsers) -> None:
                       help="image_<id>.nii.gz + label_<id>.nii.gz, or imagesTr/+labelsTr/, or images/+labels/")
     data.add_argument("--layout", default="auto", choices=["auto", "alpnet", "nnunet", "pairs"])
     data.add_argument("--label-map", default=None, metavar="NAME|JSON|FILE",
-                      help="default synapse (--interactive: every label value, named by its number); synapse (spleen 1, RK 2, LK 3, liver 6), chaos (liver 1, RK 2, LK 3, spleen 4), "
-                           "or a JSON object / file such as '{\"liver\": 6}'")
+                      help="synapse (the default; spleen 1, RK 2, LK 3, liver 6), chaos (liver 1, RK 2, LK 3, "
+                           "spleen 4), or a JSON object / file such as '{\"liver\": 6}'; with --interactive the "
+                           "default is every label value, named by its number")
     data.add_argument("--organs", default=None, help="comma-separated subset of the label map (default all)")
     data.add_argument("--fold", type=int, default=0, help="fold index (support = first scan after the fold)")
     data.add_argument("--folds", type=int, default=5, help="number of folds")

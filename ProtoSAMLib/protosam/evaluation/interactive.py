@@ -328,7 +328,7 @@ class _ClassRun:
 
     def box(self, box: ChallengeBox) -> str:
         self.session.adopt(self.value, np.zeros(self.case.labels.shape, np.uint8), [])
-        self.started = True
+        self.started = True  # an adopted (empty) structure takes boxes and clicks
         self.session.box(self.value, box.z_mid, box.xyxy())
         return self._update()
 
@@ -371,10 +371,14 @@ def run_case(engine, case: InteractiveCase, options: TrackOptions, *, volume_ind
     """All classes of one case through the track's steps."""
     if options.track not in TRACKS:
         raise InputError(f"Unknown interactive track {options.track!r}: choose one of {', '.join(TRACKS)}.")
-    classes = options.classes if options.classes is not None else case.classes
-    missing = [c for c in classes if not (case.labels == c).any()]
-    if missing:
-        raise InputError(f"Case {case.name} has no voxels of class(es) {missing}.")
+    present = case.classes
+    classes = [c for c in options.classes if c in present] if options.classes is not None else present
+    if options.classes is not None and len(classes) < len(options.classes):
+        logger.warning("Case %s has no voxels of class(es) %s: they are not evaluated on it.", case.name,
+                       sorted(set(options.classes) - set(classes)))
+    if not classes:
+        logger.warning("Case %s has none of the classes to evaluate; skipped.", case.name)
+        return InteractiveResults()
     boxes = case.boxes
     if options.track == "cvpr25" and boxes is None and not case.from_npz:
         # NIfTI/NRRD pairs have no stored boxes: make them as get_boxes.py does.
@@ -392,19 +396,32 @@ def run_case(engine, case: InteractiveCase, options: TrackOptions, *, volume_ind
         try:
             # Step 0
             note = ""
+            support = None
+            if options.track == "cohort" and examples is not None and examples.supports(value):
+                support = support_volume_from_examples(examples.supports(value), case.labels.shape)
+                if not support[2]:
+                    support = None  # every example vanished when resized: start as volume 0 did
             if options.track == "cvpr25":
                 if box is not None:
-                    note, seconds = _timed(lambda: run.box(box))
-                    interaction = "box"
+                    step0, interaction = (lambda: run.box(box)), "box"
                 else:
-                    seconds, interaction, note = 0.0, "none", "no box: the challenge scores this step 0"
-            elif options.track == "one-shot" or examples is None or not examples.supports(value):
-                note, seconds = _timed(lambda: run.start_from_mask(z_mid))
-                interaction = "mask"
+                    step0, interaction = None, "none"
+            elif support is None:
+                step0, interaction = (lambda: run.start_from_mask(z_mid)), "mask"
             else:
-                volume, mask, slices = support_volume_from_examples(examples.supports(value), case.labels.shape)
-                note, seconds = _timed(lambda: run.start_from_examples(volume, mask, slices))
-                interaction = f"examples:{len(slices)}"
+                step0, interaction = (lambda: run.start_from_examples(*support)), f"examples:{len(support[2])}"
+            if step0 is None:
+                seconds, note = 0.0, "no box: the challenge scores this step 0"
+            else:
+                start = time.perf_counter()
+                try:
+                    note = step0()
+                except InputError as error:
+                    # E.g. a support too small for the feature grid: the user would see this
+                    # message; the prediction stays empty and the clicks go on.
+                    note = f"refused: {error}"
+                    run.prediction = np.zeros(case.labels.shape, np.uint8)
+                seconds = time.perf_counter() - start
             if interaction == "none":
                 dsc = nsd = nsd_raw = 0.0
             else:
