@@ -74,10 +74,83 @@ def check_demo_paths(out_dir: Path, sample, option: str = "--out", files=()) -> 
     plan.check()
 
 
+def check_interactive_paths(args) -> None:
+    """Before any model loads: ``--out`` can be made and is not the data it reads."""
+    from ..evaluation.interactive_report import RESULT_FILES
+    from ..io import WritePlan
+
+    out_dir = Path(args.out)
+    plan = WritePlan()
+    plan.read("--data", args.data, folder=Path(args.data).is_dir())
+    if args.label_map and Path(args.label_map).is_file():
+        plan.read("--label-map", args.label_map)
+    plan.write_folder("--out", out_dir, [out_dir / name for name in RESULT_FILES])
+    plan.check()
+
+
+def cmd_evaluate_interactive(args) -> int:
+    from ..evaluation.datasets import parse_label_map
+    from ..evaluation.interactive import TrackOptions, discover_cases, run_track
+    from ..evaluation.interactive_report import write_interactive_results
+
+    if args.data is None:
+        raise InputError("--interactive needs --data: a folder of challenge .npz cases (imgs, gts, spacing, boxes) "
+                         "or of image/label volume pairs (NIfTI, NRRD).")
+    if args.polyp_images is not None:
+        raise InputError("--interactive evaluates 3-D volumes; polyp images are 2-D.")
+    if args.clicks < 2:
+        raise InputError("--clicks must be at least 2: the AUC is the area under the click steps.")
+    check_interactive_paths(args)
+    cases = discover_cases(Path(args.data), layout=args.layout, modality=args.modality)
+    if args.max_cases is not None:
+        cases = cases[:args.max_cases]
+    names = {}
+    classes = None
+    if args.label_map is not None:
+        names = {value: name for name, value in parse_label_map(args.label_map).items()}
+        classes = sorted(names)
+        if args.organs:
+            wanted = [o.strip() for o in args.organs.split(",") if o.strip()]
+            unknown = [o for o in wanted if o not in names.values()]
+            if unknown:
+                raise InputError(f"--organs {', '.join(unknown)} not in the label map ({', '.join(names.values())}).")
+            classes = sorted(v for v, n in names.items() if n in wanted)
+    engine = _engine(args)
+    tracks = ("cvpr25", "one-shot", "cohort") if args.interactive == "all" else (args.interactive,)
+    from ..evaluation.interactive import InteractiveResults
+    from ..evaluation.report import package_versions
+
+    results = InteractiveResults()
+    for track in tracks:
+        options = TrackOptions(track, clicks=args.clicks, box_seed=None if args.no_box_jitter else 2025,
+                               modality=args.engine_modality, class_names=names, classes=classes)
+        results.extend(run_track(engine, cases, options, progress=_print_progress))
+    results.meta.update({
+        "tracks": list(tracks), "data": str(args.data), "cases": [c.name for c in cases],
+        "models": {"dinov2": args.dinov2, "sam": args.sam, "input_size": args.input_size},
+        "preset": args.preset, "cca": bool(args.cca), "device": args.device, "versions": package_versions(),
+        "protocol_source": "CVPR 2025 interactive challenge, JunMa11/CVPR-MedSegFMCompetition@748e862",
+    })
+    notice = args.report_notice
+    if notice is None and ("tiny" in str(args.dinov2) or "tiny" in str(args.sam)):
+        notice = ("These models are the test suite's tiny random-weight models: the numbers are meaningless; "
+                  "the report shows the mechanics (interactions, scores, curves).")
+    paths = write_interactive_results(results, Path(args.out), notice=notice)
+    print()
+    for case in results.cases:
+        print(f"[{case.track}] {case.case}: DSC_AUC {case.dsc_auc:.3f} NSD_AUC {case.nsd_auc:.3f} "
+              f"final DSC {case.dsc_final:.3f} NSD {case.nsd_final:.3f} ({case.seconds_total:.1f} s, "
+              f"budget {case.budget_seconds:.0f} s{'' if case.within_budget else ' EXCEEDED'})")
+    print(f"\nwrote {paths['per_step']}, per_class.csv, per_case.csv, results.json and {paths['html']}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from ..evaluation.polyp import run_polyp
     from ..evaluation.runner import AbdominalEvaluation, run_abdominal
 
+    if args.interactive is not None:
+        return cmd_evaluate_interactive(args)
     if (args.data is None) == (args.polyp_images is None):
         raise InputError("Give either --data (abdominal NIfTI scans) or --polyp-images/--polyp-masks.")
     out_dir = Path(args.out)
@@ -95,7 +168,7 @@ def cmd_evaluate(args) -> int:
         protocols = ("paper", "realistic") if args.protocol == "both" else (args.protocol,)
         organs = [o.strip() for o in args.organs.split(",") if o.strip()] if args.organs else None
         config = AbdominalEvaluation(
-            data=Path(args.data), out_dir=out_dir, label_map=args.label_map, organs=organs,
+            data=Path(args.data), out_dir=out_dir, label_map=args.label_map or "synapse", organs=organs,
             layout=args.layout, fold=args.fold, n_folds=args.folds, support_scan=args.support_scan,
             protocols=protocols, n_chunks=args.chunks,
             normalization=None if args.normalize == "auto" else args.normalize,
@@ -148,9 +221,10 @@ def add_subcommands(subparsers) -> None:
     data.add_argument("--data", default=None, metavar="DIR",
                       help="image_<id>.nii.gz + label_<id>.nii.gz, or imagesTr/+labelsTr/, or images/+labels/")
     data.add_argument("--layout", default="auto", choices=["auto", "alpnet", "nnunet", "pairs"])
-    data.add_argument("--label-map", default="synapse", metavar="NAME|JSON|FILE",
-                      help="synapse (spleen 1, RK 2, LK 3, liver 6), chaos (liver 1, RK 2, LK 3, spleen 4), "
-                           "or a JSON object / file such as '{\"liver\": 6}'")
+    data.add_argument("--label-map", default=None, metavar="NAME|JSON|FILE",
+                      help="synapse (the default; spleen 1, RK 2, LK 3, liver 6), chaos (liver 1, RK 2, LK 3, "
+                           "spleen 4), or a JSON object / file such as '{\"liver\": 6}'; with --interactive the "
+                           "default is every label value, named by its number")
     data.add_argument("--organs", default=None, help="comma-separated subset of the label map (default all)")
     data.add_argument("--fold", type=int, default=0, help="fold index (support = first scan after the fold)")
     data.add_argument("--folds", type=int, default=5, help="number of folds")
@@ -159,6 +233,22 @@ def add_subcommands(subparsers) -> None:
                       help="paper: 3 support slices, query parts from its GT extent; realistic: one support slice, "
                            "whole-volume propagation, no GT extent")
     data.add_argument("--chunks", type=int, default=3, help="support parts of the paper protocol")
+    interactive = evaluate.add_argument_group(
+        "interactive tracks (CVPR 2025 challenge protocol; docs/evaluation.md)")
+    interactive.add_argument("--interactive", default=None, choices=["cvpr25", "one-shot", "cohort", "all"],
+                             help="cvpr25: box then 5 simulated clicks per class; one-shot: the GT mask of the "
+                                  "median slice then 5 clicks; cohort: one example, growing with each corrected "
+                                  "volume. --data: challenge .npz cases or image/label pairs")
+    interactive.add_argument("--modality", default=None,
+                             help="modality name for the report (default: the npz name's prefix, e.g. CT_, MR_)")
+    interactive.add_argument("--engine-modality", default="auto", choices=["auto", "ct", "mri", "none"],
+                             help="intensity preprocessing of the engine (as segment's --modality)")
+    interactive.add_argument("--max-cases", type=int, default=None, help="only the first N cases")
+    interactive.add_argument("--clicks", type=int, default=5,
+                             help="simulated clicks per class (the challenge's 5; at least 2, for the AUC)")
+    interactive.add_argument("--no-box-jitter", action="store_true",
+                             help="boxes made from labels (image/label pairs) without get_boxes.py's 0-5 px jitter")
+    interactive.add_argument("--report-notice", default=None, help=argparse.SUPPRESS)
     data.add_argument("--normalize", default="auto", choices=["auto", "dataset", "volume", "none"],
                       help="z-score with the fold's dataset statistics (CT), per volume (MRI), or not; "
                            "auto: dataset for synapse, volume otherwise")
