@@ -352,7 +352,9 @@ class Engine:
                              "not a decode callable")
         logits_1024 = F.interpolate(logits[None].float(), size=(SAM_IMAGE_SIZE, SAM_IMAGE_SIZE), mode="bilinear", align_corners=False)
         prob = F.softmax(logits_1024, dim=1)[0]
-        fg_mask = prob.argmax(dim=0) == 1
+        # argmax's rule (background on ties) as one comparison: torch's argmax over a size-2
+        # leading dim of [2, 1024, 1024] costs ~90 ms of CPU per call, the comparison ~1 ms.
+        fg_mask = prob[1] > prob[0]
         size = (self.input_size, self.input_size)
         if not bool(fg_mask.any()):
             empty = torch.zeros((0,) + size, dtype=torch.bool, device=logits.device) if keep_prompt_masks else None
@@ -494,7 +496,7 @@ class Engine:
                 at_query_size = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
             prob = F.softmax(at_query_size, dim=1)
             coarse_prob[start:start + len(images)] = prob[:, 1].cpu().numpy()
-            coarse_mask[start:start + len(images)] = (prob.argmax(dim=1) == 1).cpu().numpy()
+            coarse_mask[start:start + len(images)] = (prob[:, 1] > prob[:, 0]).cpu().numpy()  # = argmax == 1
             for offset in range(len(images)):
                 index = start + offset
                 _check_cancel(cancel)

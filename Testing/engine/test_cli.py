@@ -34,6 +34,22 @@ def colin_case(colin27, tmp_path_factory):
     return folder, chosen
 
 
+@pytest.fixture(scope="module")
+def short_colin_case(colin_case, tmp_path_factory):
+    """The middle 4 slices of ``colin_case`` (for tests of what is written, not of propagation):
+    folder with image.nii.gz and labels.nii.gz, and the labels painted on them."""
+    source, _ = colin_case
+    folder = tmp_path_factory.mktemp("short_colin")
+    for name in ("image.nii.gz", "labels.nii.gz"):
+        image = sitk.ReadImage(str(source / name))
+        size = list(image.GetSize())
+        sitk.WriteImage(sitk.RegionOfInterest(image, [size[0], size[1], 4], [0, 0, 2]), str(folder / name))
+    painted = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labels.nii.gz")))
+    labels = sorted(int(v) for v in np.unique(painted[painted > 0]))
+    assert labels, "no label painted on the middle slices"
+    return folder, labels
+
+
 def _model_args(models, preset="default"):
     return [
         "--dinov2", models.dinov2, "--dinov2-checkpoint", models.dinov2_checkpoint,
@@ -364,10 +380,11 @@ def test_many_values_pass_when_labels_are_picked(small_case, capsys):
     assert code == 1 and "not found" in err and "/nonexistent/" in err, err
 
 
-def test_an_output_differing_from_an_input_in_case_only_is_another_file_here(colin_case, tiny_models, tmp_path, capsys):
+def test_an_output_differing_from_an_input_in_case_only_is_another_file_here(short_colin_case, tiny_models, tmp_path,
+                                                                           capsys):
     """On a case-sensitive file system (as here) IMAGE.nii.gz is not image.nii.gz: it is written,
     and the input is kept. (On a case-folding one, samefile() makes it the input: refused.)"""
-    folder, chosen = colin_case
+    folder, chosen = short_colin_case
     work = tmp_path / "case"
     work.mkdir()
     image = work / "image.nii.gz"
@@ -386,13 +403,13 @@ def test_an_output_differing_from_an_input_in_case_only_is_another_file_here(col
     assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(upper))))) <= {0, chosen[0]}
 
 
-def test_ctrl_c_while_writing_the_report_keeps_the_label_map_and_says_so(colin_case, tiny_models, tmp_path, capsys,
-                                                                        monkeypatch):
+def test_ctrl_c_while_writing_the_report_keeps_the_label_map_and_says_so(short_colin_case, tiny_models, tmp_path,
+                                                                        capsys, monkeypatch):
     """The label map is written first; a Ctrl-C during the pictures leaves no half picture and
     the message says the label map exists. Files get the umask's mode, pictures too."""
     from matplotlib.figure import Figure
 
-    folder, chosen = colin_case
+    folder, chosen = short_colin_case
     real_savefig = Figure.savefig
     calls = []
 

@@ -21,7 +21,6 @@ from PIL import Image
 from protosam.cli import main
 from protosam.evaluation.pseudo_scans import PseudoScanSpec, build_pseudo_dataset
 from protosam.evaluation.sample_data import find_installed_sample
-from protosam.testing import write_tiny_checkpoints
 
 SCANS = (PseudoScanSpec("1", "L", 0), PseudoScanSpec("2", "L", 1), PseudoScanSpec("3", "R", 0))
 LABELS = {"spleen": 1, "right_kidney": 2}
@@ -36,11 +35,13 @@ def sample():
 
 
 @pytest.fixture(scope="module")
-def model_args(tmp_path_factory):
-    models = write_tiny_checkpoints(tmp_path_factory.mktemp("eval_tiny"), input_size=224)
-    # CCA keeps one prompt set per slice: one SAM decoder call, which keeps the test fast.
-    return ["--dinov2", models.dinov2, "--dinov2-checkpoint", models.dinov2_checkpoint, "--sam", models.sam,
-            "--sam-checkpoint", models.sam_checkpoint, "--input-size", "224", "--device", "cpu", "--cca"]
+def model_args(tiny_models):
+    # The session's tiny checkpoints (conftest.py, input size 112): no second set to write, and a
+    # quarter of the encoder tokens of 224. CCA keeps one prompt set per slice: one SAM decoder
+    # call, which keeps the test fast.
+    return ["--dinov2", tiny_models.dinov2, "--dinov2-checkpoint", tiny_models.dinov2_checkpoint,
+            "--sam", tiny_models.sam, "--sam-checkpoint", tiny_models.sam_checkpoint,
+            "--input-size", str(tiny_models.input_size), "--device", "cpu", "--cca"]
 
 
 def _run(argv):
@@ -154,7 +155,7 @@ def test_summary_aggregates_and_json_meta(evaluation):
     results = json.loads((out / "results.json").read_text())
     meta = results["meta"]
     assert meta["models"]["dinov2"] == "dinov2_tiny14" and meta["models"]["sam"] == "sam_tiny"
-    assert meta["models"]["input_size"] == 224
+    assert meta["models"]["input_size"] == 112  # the --input-size given (conftest.tiny_models)
     assert meta["preset"] == "paper" and meta["preset_fields"]["keep_largest_component"] is True
     assert meta["seed"] == 7 and meta["support_scan"] == "1" and meta["query_scans"] == ["2", "3"]
     assert meta["label_map"] == LABELS and meta["normalization"] == "dataset"
