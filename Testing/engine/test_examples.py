@@ -1,0 +1,241 @@
+"""The example bank (protosam.examples): the teach-once loop, pooling, "similar", the feature
+cache, and the index under a killed writer and two writers at once (real processes)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from protosam import Engine, InputError, Session, segment_volume
+from protosam.examples import ExampleBank, add_session_slices
+from protosam.presets import PRESETS
+from protosam.propagation import SupportExample, _prepare_structure, pool_prototypes
+
+# Every slice processed: random-weight models lose a structure at once otherwise.
+WHOLE_VOLUME = replace(PRESETS["default"], auto_extent=False)
+SIZE = 48
+
+
+def _volume(slices, seed, centre=(24, 24)):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    volume = rng.normal(100.0, 10.0, (slices, SIZE, SIZE)).astype(np.float32)
+    truth = np.zeros(volume.shape, np.uint8)
+    for k in range(slices):
+        radius = 10 - 5 * abs(k / max(slices - 1, 1) - 0.5)
+        truth[k] = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+    volume += 60.0 * truth
+    return volume, truth
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models):
+    return Engine(tiny_models, preset=WHOLE_VOLUME, device="cpu")
+
+
+def _count_encoded(engine, monkeypatch):
+    counts = {"slices": 0}
+    encode = engine.encode
+
+    def counting(images):
+        counts["slices"] += images.shape[0]
+        return encode(images)
+
+    monkeypatch.setattr(engine, "encode", counting)
+    return counts
+
+
+def test_teach_once_loop_bank_alone_equals_the_same_supports_given_explicitly(engine, tmp_path, one_thread):
+    volume_a, truth_a = _volume(9, seed=1)
+    painted = np.zeros_like(truth_a)
+    painted[4] = truth_a[4]
+    session = Session(engine, volume_a, modality="mri", cache_bytes=2**26)
+    session.start({"organ": painted})
+    session.correct("organ", 1, [[24, 24]], [1])  # a click ...
+    session.add_support("organ", 7, truth_a[7])  # ... and a repainted slice
+    assert session.fixed_slices("organ") == [1, 4, 7]
+    assert session.mask("organ")[1].any()
+
+    bank = ExampleBank(tmp_path / "bank")
+    added = add_session_slices(bank, session, "organ", "liver", terminology="SCT^10200004^Liver")
+    assert [e.slice_index for e in added] == [1, 4, 7] and bank.structures() == {"liver": 3}
+    assert {e.volume_hash for e in added} == {bank.volume_hash(session.volume)}
+    index_text = (tmp_path / "bank" / "index.json").read_text()
+    assert json.loads(index_text)["version"] == 1 and str(tmp_path) not in index_text
+
+    volume_b, _ = _volume(13, seed=2)
+    from_bank = segment_volume(engine, volume_b, None, {}, axis=0, modality="mri",
+                               examples={"liver": bank.supports("liver", axis=0, engine=engine)})
+    explicit = segment_volume(engine, volume_b, volume_a, {"liver": session.mask("organ")}, axis=0, modality="mri",
+                              support_slices={"liver": [1, 4, 7]})
+    assert from_bank.masks["liver"].any()
+    np.testing.assert_array_equal(from_bank.masks["liver"], explicit.masks["liver"])
+    assert from_bank.processed_slices == explicit.processed_slices
+
+
+def test_examples_that_share_a_seed_are_pooled_into_its_prototypes(engine):
+    volume, truth = _volume(5, seed=3)
+    examples = [SupportExample(volume[2] / 100.0, truth[2], 2, 5), SupportExample(volume[3] / 100.0, truth[3], 3, 7)]
+    query = np.zeros((9, SIZE, SIZE), np.float32)
+    structure = _prepare_structure(engine, "x", None, None, None, False, query.shape, (0, 8), "nearest", examples)
+    assert structure.seeds == [4]  # 2/4 and 3/6 of the way: both seed slice 4 of 9
+    shots = [engine.support_prototypes(np.asarray(e.image, np.float32), e.mask.astype(bool)) for e in examples]
+    pooled = pool_prototypes(shots)
+    got = structure.prototypes_by_seed[4]
+    assert got.foreground.shape[0] == pooled.foreground.shape[0] > shots[0].foreground.shape[0]
+    np.testing.assert_allclose(got.foreground.numpy(), pooled.foreground.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(got.background.numpy(), pooled.background.numpy(), rtol=1e-5)
+
+
+def test_similar_uses_the_examples_closest_to_each_query_slice(engine):
+    images = [np.random.default_rng(seed).normal(size=(SIZE, SIZE)).astype(np.float32) for seed in range(3)]
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[10:30, 10:30] = True
+    examples = [SupportExample(image, mask, k, 3) for k, image in enumerate(images)]
+    query = np.zeros((3, SIZE, SIZE), np.float32)
+    structure = _prepare_structure(engine, "x", None, None, None, False, query.shape, (0, 2), "similar", examples,
+                                   similar_k=1)
+    for k, image in enumerate(images):
+        features = engine.encode(engine.to_model_input(image[None]))[0]
+        chosen = structure.prototypes_for(0, features)  # slice 0's nearest seed would be example 0's
+        own = structure.similar[k][1]
+        assert chosen is own, k
+    structure.similar_k = 3
+    assert structure.prototypes_for(0, features).foreground.shape[0] == sum(
+        p.foreground.shape[0] for _, p in structure.similar)
+    with pytest.raises(InputError, match="similar_k"):
+        _prepare_structure(engine, "x", None, None, None, False, query.shape, (0, 2), "similar", examples, similar_k=0)
+
+
+def test_cached_features_make_examples_cost_no_encoder_work(engine, tmp_path, monkeypatch, one_thread):
+    volume, truth = _volume(6, seed=4)
+    bank = ExampleBank(tmp_path / "bank")
+    bank.add_slices("organ", volume / 100.0, truth, range(6), axis=0)
+    counts = _count_encoded(engine, monkeypatch)
+    first = bank.supports("organ", axis=0, engine=engine)
+    assert counts["slices"] == 6 and all(s.features is not None for s in first)
+    setting_folders = list((tmp_path / "bank" / "features").iterdir())
+    assert len(setting_folders) == 1 and len(list(setting_folders[0].glob("*.npy"))) == 6
+    counts["slices"] = 0
+    again = bank.supports("organ", axis=0, engine=engine)
+    assert counts["slices"] == 0
+    query, _ = _volume(8, seed=5)
+    segment_volume(engine, query, None, {}, axis=0, modality="mri", examples={"organ": again})
+    assert counts["slices"] == 8  # the query's slices only
+    # Another encoder setting (input size) has its own cache.
+    other = Engine(replace(engine.models, input_size=56), preset=WHOLE_VOLUME, device="cpu")
+    bank.supports("organ", axis=0, engine=other)
+    assert len(list((tmp_path / "bank" / "features").iterdir())) == 2
+    # Removing an example removes its cached features.
+    bank.remove([bank.list()[0].id])
+    assert sorted(len(list(folder.glob("*.npy"))) for folder in (tmp_path / "bank" / "features").iterdir()) == [5, 5]
+
+
+def test_bank_refuses_bad_input_and_other_folders(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "scan.nii.gz").write_bytes(b"x")
+    with pytest.raises(InputError, match="not an example bank"):
+        ExampleBank(tmp_path / "data")
+    bank = ExampleBank(tmp_path / "bank")
+    image = np.ones((8, 8), np.float32)
+    with pytest.raises(InputError, match="empty"):
+        bank.add("a", image, np.zeros((8, 8)), slice_index=0, slice_count=3, volume_hash="h", axis=0)
+    with pytest.raises(InputError, match="outside"):
+        bank.add("a", image, np.ones((8, 8)), slice_index=3, slice_count=3, volume_hash="h", axis=0)
+    with pytest.raises(InputError, match="axis"):
+        bank.add("a", image, np.ones((8, 8)), slice_index=0, slice_count=3, volume_hash="h")
+    with pytest.raises(InputError, match="No example with id"):
+        bank.remove(["nope"])
+    assert bank.list() == []
+    index = json.loads((tmp_path / "bank" / "index.json").read_text())
+    index["version"] = 99
+    (tmp_path / "bank" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(InputError, match="newer ProtoSAM"):
+        ExampleBank(tmp_path / "bank").list()
+
+
+def test_export_to_a_folder_and_a_zip(tmp_path):
+    bank = ExampleBank(tmp_path / "bank")
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:5, 2:5] = 1
+    for name in ("liver", "spleen", "liver"):
+        bank.add(name, np.random.default_rng(0).normal(size=(8, 8)), mask, slice_index=1, slice_count=4,
+                 volume_hash="h", plane="axial")
+    copy = ExampleBank(bank.export(tmp_path / "copy", structures=["liver"]))
+    assert copy.structures() == {"liver": 2}
+    image, got = copy.arrays(copy.list()[0])
+    np.testing.assert_array_equal(image, bank.arrays(bank.list()[0])[0])
+    import zipfile
+
+    archive = bank.export(tmp_path / "bank.zip")
+    with zipfile.ZipFile(archive) as opened:
+        assert json.loads(opened.read("index.json"))["examples"] == json.loads((tmp_path / "bank" / "index.json")
+                                                                               .read_text())["examples"]
+        assert len([n for n in opened.namelist() if n.endswith(".npz")]) == 3
+    with pytest.raises(InputError, match="already exists"):
+        bank.export(tmp_path / "copy")
+
+
+_WRITER = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from protosam.examples import bank as bank_module
+    folder, name, count, stall = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "stall"
+    bank = bank_module.ExampleBank(folder)
+    if stall:  # publish nothing: stop for good just before the index is written, lock held
+        def stop(self, index):
+            open(folder + "/../stalled", "w").close()
+            time.sleep(600)
+        bank_module.ExampleBank._write_index = stop
+    mask = np.zeros((64, 64), np.uint8); mask[10:20, 10:20] = 1
+    for number in range(count):
+        bank.add(name, np.full((64, 64), number, np.float32), mask, slice_index=number, slice_count=count,
+                 volume_hash=name, axis=0)
+""")
+
+
+def _writer(tmp_path, folder, name, count, mode="run"):
+    script = tmp_path / "writer.py"
+    script.write_text(_WRITER)
+    return subprocess.Popen([sys.executable, str(script), str(folder), name, str(count), mode], env=dict(os.environ))
+
+
+def test_a_writer_killed_mid_add_leaves_the_index_valid(tmp_path):
+    folder = tmp_path / "bank"
+    bank = ExampleBank(folder)
+    mask = np.ones((4, 4), np.uint8)
+    kept = bank.add("kept", np.zeros((4, 4)), mask, slice_index=0, slice_count=1, volume_hash="h", axis=0)
+    writer = _writer(tmp_path, folder, "lost", 1, "stall")
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "stalled").exists():
+        assert writer.poll() is None and time.monotonic() < deadline, "the writer never reached the index write"
+        time.sleep(0.05)
+    assert len(list((folder / "examples").glob("*.npz"))) == 2  # its example file is written ...
+    os.kill(writer.pid, signal.SIGKILL)  # ... and it dies holding the lock, before publishing
+    writer.wait()
+    reopened = ExampleBank(folder)
+    assert [e.id for e in reopened.list()] == [kept.id]
+    reopened.add("after", np.zeros((4, 4)), mask, slice_index=0, slice_count=1, volume_hash="h", axis=0)  # lock free
+    assert reopened.structures() == {"kept": 1, "after": 1}
+    assert len(list((folder / "examples").glob("*.npz"))) == 2  # the dead writer's file was tidied away
+    assert not [p for p in folder.rglob(".writing-*")]
+
+
+def test_two_writers_at_once_lose_nothing(tmp_path):
+    folder = tmp_path / "bank"
+    ExampleBank(folder)
+    writers = [_writer(tmp_path, folder, name, 15) for name in ("left", "right")]
+    for writer in writers:
+        assert writer.wait(timeout=300) == 0
+    bank = ExampleBank(folder)
+    assert bank.structures() == {"left": 15, "right": 15} or bank.structures() == {"right": 15, "left": 15}
+    assert len({e.id for e in bank.list()}) == 30
+    for example in bank.list():
+        image, _ = bank.arrays(example)
+        assert image[0, 0] == example.slice_index
