@@ -239,3 +239,68 @@ def test_two_writers_at_once_lose_nothing(tmp_path):
     for example in bank.list():
         image, _ = bank.arrays(example)
         assert image[0, 0] == example.slice_index
+
+
+# ----------------------------------------------------------------------------- the command line
+def _nifti(array, path):
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.0, 1.0, 3.0))  # [k, j, i]: k is the coarse axis, so the plane is axial
+    sitk.WriteImage(image, str(path))
+    return str(path)
+
+
+def _read(path):
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_command_line_add_list_segment_from_the_bank_remove_export(tiny_models, tmp_path, capsys, one_thread):
+    from protosam.cli import main
+
+    models = ["--dinov2", tiny_models.dinov2, "--dinov2-checkpoint", tiny_models.dinov2_checkpoint, "--sam",
+              tiny_models.sam, "--sam-checkpoint", tiny_models.sam_checkpoint, "--input-size",
+              str(tiny_models.input_size), "--device", "cpu", "--no-download"]
+    volume_a, truth_a = _volume(7, seed=6)
+    labels_a = np.zeros_like(truth_a)
+    labels_a[[1, 3, 5]] = truth_a[[1, 3, 5]]
+    image_a, label_map = _nifti(volume_a, tmp_path / "a.nii.gz"), _nifti(labels_a, tmp_path / "a_labels.nii.gz")
+    image_b = _nifti(_volume(9, seed=7)[0], tmp_path / "b.nii.gz")
+    bank = str(tmp_path / "bank")
+
+    assert main(["examples", "add", bank, "--image", image_a, "--label-map", label_map, "--names", "liver"]) == 0
+    assert main(["examples", "list", bank]) == 0
+    assert "liver: 3 example(s)" in capsys.readouterr().out
+    assert main(["examples", "list", bank, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [e["slice_index"] for e in listed] == [1, 3, 5] and {e["plane"] for e in listed} == {"axial"}
+
+    # B from the bank alone equals B from the same three slices given explicitly.
+    assert main(["segment", "--image", image_b, "--examples", bank, "--output", str(tmp_path / "bank.nii.gz")]
+                + models) == 0
+    assert main(["segment", "--image", image_b, "--support-image", image_a, "--support-mask", label_map,
+                 "--support-slice", "1,3,5", "--output", str(tmp_path / "explicit.nii.gz")] + models) == 0
+    from_bank = _read(tmp_path / "bank.nii.gz")
+    assert from_bank.any()
+    np.testing.assert_array_equal(from_bank, _read(tmp_path / "explicit.nii.gz"))
+    # Both together: the support mask's label 1 and the bank's structure named "liver" as label 1.
+    assert main(["segment", "--image", image_b, "--support-image", image_a, "--support-mask", label_map,
+                 "--examples", bank, "--structures", "liver=1", "--support-mode", "similar",
+                 "--output", str(tmp_path / "both.nii.gz")] + models) == 0
+    assert "3 bank example(s) of 'liver'" in capsys.readouterr().out
+
+    # What may not be written, and what is missing, is refused before any work.
+    assert main(["segment", "--image", image_b, "--output", str(tmp_path / "x.nii.gz")] + models) == 1
+    assert main(["segment", "--image", image_b, "--examples", bank, "--output", bank + "/x.nii.gz"] + models) == 1
+    assert main(["examples", "add", image_a, "--image", image_a, "--label-map", label_map]) == 1
+    assert main(["examples", "add", str(tmp_path), "--image", image_a, "--label-map", label_map]) == 1
+    assert main(["examples", "add", bank, "--image", image_a, "--label-map", label_map, "--slices", "0"]) == 1
+    assert "not painted on slice(s) [0]" in capsys.readouterr().err
+
+    assert main(["examples", "export", bank, str(tmp_path / "shared.zip")]) == 0
+    assert main(["examples", "export", bank, str(tmp_path / "shared")]) == 0
+    assert ExampleBank(tmp_path / "shared").structures() == {"liver": 3}
+    assert main(["examples", "remove", bank, "--structure", "liver"]) == 0
+    assert ExampleBank(bank).structures() == {}

@@ -254,12 +254,14 @@ def parse_support_slices(text: str):
 
 def propagate_labels(engine, inputs: SegmentInputs, *, support_slice=None, support_mode: str = "nearest",
                      modality: str = "auto", progress=None, cancel: Optional[threading.Event] = None,
-                     exclusive: bool = False):
+                     exclusive: bool = False, examples: Optional[Dict[int, list]] = None, similar_k: int = 3):
     """Propagate every label of ``inputs`` -> (``[k, j, i]`` uint8/uint16 label map, :class:`VolumeResult`).
 
     ``support_slice``: None (each label's largest slice), a slice index or indices along the
     slicing axis (the same for every label), or ``"painted"`` (every slice each label is
-    painted on); ``support_mode``: "nearest" or "all" (see ``segment_volume``).
+    painted on); ``support_mode``: "nearest", "all" or "similar" (see ``segment_volume``);
+    ``examples``: label -> :class:`protosam.propagation.SupportExample` list (an example
+    bank's), used with the label's support mask or alone; ``similar_k``: see ``segment_volume``.
 
     Where labels overlap the one listed first keeps the voxel; with ``exclusive`` the overlap
     is settled before that, voxel by voxel, by the highest refined mask probability (ties: the
@@ -283,8 +285,9 @@ def propagate_labels(engine, inputs: SegmentInputs, *, support_slice=None, suppo
     result = segment_volume(
         engine, inputs.query, inputs.support, {label: labelmap == label for label in labels},
         support_slices=support_slices, support_mode=support_mode, modality=modality, progress=progress,
-        cancel=cancel, exclusive=exclusive, **inputs.geometry,
+        cancel=cancel, exclusive=exclusive, examples=examples, similar_k=similar_k, **inputs.geometry,
     )
+    labels = list(labels) + [label for label in result.masks if label not in labels]
     axis = result.axis  # the files' array axis of the plane
     output = np.zeros(inputs.query.shape, np.uint16 if max(labels) > 255 else np.uint8)
     # Overlaps: the label listed first keeps the voxel ...
