@@ -285,6 +285,18 @@ def test_command_line_add_list_segment_from_the_bank_remove_export(tiny_models, 
     from_bank = _read(tmp_path / "bank.nii.gz")
     assert from_bank.any()
     np.testing.assert_array_equal(from_bank, _read(tmp_path / "explicit.nii.gz"))
+    # batch: a row with no support mask runs from the bank alone (as segment did); a row with one
+    # uses both; a second run skips both rows (resume).
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f"image,output,support_image,support_mask\n{image_b},{tmp_path / 'rows' / 'b.nii.gz'},,\n"
+                        f"{image_b},{tmp_path / 'rows' / 'b2.nii.gz'},{image_a},{label_map}\n")
+    batch = ["batch", "--manifest", str(manifest), "--examples", bank, "--structures", "liver=1"] + models
+    assert main(batch) == 0
+    assert "2 done" in capsys.readouterr().out
+    np.testing.assert_array_equal(_read(tmp_path / "rows" / "b.nii.gz"), from_bank)
+    assert _read(tmp_path / "rows" / "b2.nii.gz").any()
+    assert main(batch) == 0
+    assert "2 skipped" in capsys.readouterr().out
     # Both together: the support mask's label 1 and the bank's structure named "liver" as label 1.
     assert main(["segment", "--image", image_b, "--support-image", image_a, "--support-mask", label_map,
                  "--examples", bank, "--structures", "liver=1", "--support-mode", "similar",

@@ -87,7 +87,8 @@ def cmd_segment(args) -> int:
     # torch (seconds): files, output place, labels. Only then are the models loaded.
     from ..io import check_segment_paths, write_labelmap
 
-    from . import examples as examples_cli
+    from ..examples.runs import bank_supports, open_bank_for_run, structure_labels
+    from .common import read_query_inputs
 
     if args.support_mask is None and args.examples is None:
         raise InputError("Give the support labels (--support-mask), an example bank (--examples BANK), or both.")
@@ -96,18 +97,18 @@ def cmd_segment(args) -> int:
     check_segment_paths(args.image, args.support_mask, args.output, args.support_image, args.report)
     bank, bank_labels = None, {}
     if args.examples is not None:
-        bank = examples_cli.open_bank_for_run(args.examples, {"--output": args.output, "--report": args.report})
+        bank = open_bank_for_run(args.examples, {"--output": args.output, "--report": args.report})
     if args.support_mask is None:
-        inputs, query_image = examples_cli.read_query_inputs(args.image, plane=args.axis)
+        inputs, query_image = read_query_inputs(args.image, plane=args.axis)
     else:
         inputs, query_image = read_segment_inputs(
             args.image, args.support_mask, support_image=args.support_image, labels=args.labels, plane=args.axis
         )
         check_support_slices(inputs, args.support_slice, args.support_mask)
     if bank is not None:
-        bank_labels = examples_cli.structure_labels(bank.structures(), args.structures, inputs.labels)
+        bank_labels = structure_labels(bank.structures(), args.structures, inputs.labels)
     engine = engine_from_args(args)
-    examples = examples_cli.bank_supports(bank, bank_labels, inputs.geometry["plane"], engine) if bank else None
+    examples = bank_supports(bank, bank_labels, inputs.geometry["plane"], engine) if bank else None
     cancel = threading.Event()
     output, result = propagate_labels(
         engine, inputs, support_slice=args.support_slice, support_mode=args.support_mode, modality=args.modality,

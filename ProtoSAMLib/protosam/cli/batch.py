@@ -37,11 +37,17 @@ def add_subcommand(commands) -> None:
         "batch", help="segment a cohort listed in a CSV manifest from one support example (resumable; --ray for a cluster)"
     )
     batch.add_argument("--manifest", required=True, metavar="jobs.csv",
-                       help="CSV with columns image,output[,support_image,support_mask]; paths relative to it")
+                       help="CSV with columns image,output[,support_image,support_mask]; paths relative to it "
+                            "(with --examples no support mask is needed)")
     batch.add_argument("--support-image", default=None, metavar="S",
                        help="volume the support labels were drawn on (default: each row's own image)")
     batch.add_argument("--support-mask", default=None, metavar="M", help="label map on the support image's grid")
     add_label_options(batch, every_row=True)
+    batch.add_argument("--support-mode", default="nearest", choices=["nearest", "all", "similar"],
+                       help="as for 'protosam segment'")
+    from .examples import add_examples_options
+
+    add_examples_options(batch)
     batch.add_argument("--summary", default=None, metavar="FILE", help="summary CSV (default: <manifest>.summary.csv beside it)")
     batch.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                        help="run on Ray: no ADDRESS = connect to or start a local instance; 'auto', host:port or ray://...")

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ProgressBar", "add_model_options", "engine_from_args", "SegmentInputs", "read_segment_inputs",
-    "propagate_labels", "parse_support_slices", "check_support_slices", "add_label_options",
+    "propagate_labels", "parse_support_slices", "check_support_slices", "add_label_options", "read_query_inputs",
 ]
 
 
@@ -194,6 +194,20 @@ def read_segment_inputs(image, support_mask, *, support_image=None, labels: Opti
     geometry = {"query_ijk_to_ras": query_ijk_to_ras, "support_ijk_to_ras": None if same else ijk_to_ras(support_header),
                 "plane": choose_plane(query_ijk_to_ras, plane)}
     return SegmentInputs(query, None if same else support, labelmap, chosen, geometry), query_image
+
+
+def read_query_inputs(image, *, plane: str = "auto", read=None):
+    """The volume to segment alone (a run from the bank with no support mask) -> (SegmentInputs, header)."""
+    from ..io import read_volume
+    from ..orientation import choose_plane, ijk_to_ras_from_lps
+    query, header = (read or read_volume)(image, "image")
+    if np.issubdtype(query.dtype, np.floating):
+        from ..validation import check_finite
+
+        check_finite(query, f"--image {image}")
+    ijk_to_ras = ijk_to_ras_from_lps(header.GetDirection(), header.GetSpacing(), header.GetOrigin())
+    geometry = {"query_ijk_to_ras": ijk_to_ras, "support_ijk_to_ras": None, "plane": choose_plane(ijk_to_ras, plane)}
+    return SegmentInputs(query, None, np.zeros((1, 1, 1), np.uint8), [], geometry), header
 
 
 def _check_finite_file(array: np.ndarray, option: str, path) -> None:
