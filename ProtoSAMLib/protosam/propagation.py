@@ -15,6 +15,7 @@ for ``stop_after_empty`` consecutive slices.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -392,7 +393,8 @@ def segment_volume(
     started = time.perf_counter()
     if axis not in (0, 1, 2):
         raise ValueError(f"axis must be 0, 1 or 2, not {axis!r}")
-    examples = {key: list(value) for key, value in (examples or {}).items() if value}
+    examples = {key: [_as_support_example(key, number, example) for number, example in enumerate(value)]
+                for key, value in (examples or {}).items() if value}
     if not support_masks and not examples:
         raise InputError("No structure to segment: give at least one support mask or example.")
     query = np.moveaxis(as_float_slices(query_volume, "query volume", 3), axis, 0)
@@ -649,6 +651,26 @@ def _prepare_structure(engine, key, mask, support_store, support_slices, same_vo
     if support_mode == "similar":
         structure.similar, structure.similar_k = described, _check_similar_k(similar_k)
     return structure
+
+
+def _as_support_example(key, number: int, value) -> SupportExample:
+    """A :class:`SupportExample`, or the mapping of its fields that a wire message carries
+    (the worker and the server receive examples as arrays and numbers, never as paths)."""
+    if isinstance(value, SupportExample):
+        return value
+    fields = [f.name for f in dataclasses.fields(SupportExample)]
+    if not isinstance(value, Mapping) or not {"image", "mask", "slice_index", "slice_count"} <= set(value) \
+            or set(value) - set(fields):
+        raise InputError(f"Example {number + 1} of '{key}' must be a SupportExample or a mapping of {', '.join(fields)} "
+                         "(image and mask arrays, slice_index and slice_count numbers).")
+    for name in ("slice_index", "slice_count"):
+        if isinstance(value[name], bool) or not isinstance(value[name], (int, np.integer)):
+            raise InputError(f"Example {number + 1} of '{key}': {name} must be a whole number.")
+    for name in ("image", "mask", "features"):
+        if value.get(name) is not None and not isinstance(value[name], (np.ndarray, torch.Tensor)):
+            raise InputError(f"Example {number + 1} of '{key}': {name} must be an array, not "
+                             f"{type(value[name]).__name__}.")
+    return SupportExample(**value)
 
 
 def _check_similar_k(value) -> int:

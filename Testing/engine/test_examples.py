@@ -316,3 +316,59 @@ def test_command_line_add_list_segment_from_the_bank_remove_export(tiny_models, 
     assert ExampleBank(tmp_path / "shared").structures() == {"liver": 3}
     assert main(["examples", "remove", bank, "--structure", "liver"]) == 0
     assert ExampleBank(bank).structures() == {}
+
+
+# ----------------------------------------------------------------------------- worker and server
+def test_examples_travel_as_arrays_to_the_server_and_its_worker(tiny_models, tmp_path, one_thread):
+    """A bank run over real HTTP (the server's worker process runs it) equals the same run here;
+    an example that names a path instead of carrying arrays is refused, never opened."""
+    import threading
+
+    import httpx
+
+    from protosam.serving import protocol
+    from protosam.serving.worker_process import Engines, run_job
+    from protosam.testing import start_server
+
+    from engine_helpers import bearer, cpu_engine_spec
+
+    volume_a, truth_a = _volume(7, seed=8)
+    bank = ExampleBank(tmp_path / "bank")
+    bank.add_slices("liver", volume_a / 100.0, truth_a, [2, 4], axis=0)
+    engine = Engine(tiny_models, preset="default", device="cpu")
+    examples = {"liver": bank.supports("liver", axis=0, engine=engine)}
+    query, _ = _volume(9, seed=9)
+
+    def request(examples):
+        kwargs = dict(query_volume=query, support_volume=None, support_masks={}, axis=0, modality="mri",
+                      examples=examples)
+        return protocol.JobSubmit(id=protocol.new_id(), operation="segment_volume", kwargs=kwargs,
+                                  engine=cpu_engine_spec(tiny_models))
+
+    wire = protocol.decode(protocol.encode(request(examples)))  # what a worker receives: arrays and numbers
+    local = run_job(Engines(), wire, lambda done, total: None, threading.Event())
+    assert local["masks"]["liver"].any()
+    server = start_server(tiny_models, tmp_path / "server")
+    try:
+        def run(job):
+            response = httpx.post(server.url + "/v1/jobs", content=protocol.encode(job), headers=bearer(server))
+            assert response.status_code == 202, response.text
+            job_id, done = response.json()["id"], -1
+            while True:
+                reply = httpx.get(f"{server.url}/v1/jobs/{job_id}", params={"done": done, "wait": 1},
+                                  headers=bearer(server), timeout=40)
+                message = protocol.decode(reply.content)
+                if not isinstance(message, protocol.JobProgress):
+                    return message
+                done = message.done
+
+        result = run(request(examples))
+        assert isinstance(result, protocol.JobResult), result
+        np.testing.assert_array_equal(result.value["masks"]["liver"], local["masks"]["liver"])
+        secret = tmp_path / "secret.npy"
+        np.save(secret, np.ones((SIZE, SIZE), np.float32))
+        named = [{"image": str(secret), "mask": truth_a[2], "slice_index": 2, "slice_count": 7}]
+        refused = run(request({"liver": named}))
+        assert isinstance(refused, protocol.ErrorReply) and "must be an array" in refused.message
+    finally:
+        server.stop()
