@@ -14,11 +14,8 @@ import pytest
 
 from protosam import Engine, InputError, Session, segment_volume
 from protosam.examples import ExampleBank, add_session_slices
-from protosam.presets import PRESETS
 from protosam.propagation import SupportExample, _prepare_structure, pool_prototypes
 
-# Every slice processed: random-weight models lose a structure at once otherwise.
-WHOLE_VOLUME = replace(PRESETS["default"], auto_extent=False)
 SIZE = 48
 
 
@@ -36,7 +33,7 @@ def _volume(slices, seed, centre=(24, 24)):
 
 @pytest.fixture(scope="module")
 def engine(tiny_models):
-    return Engine(tiny_models, preset=WHOLE_VOLUME, device="cpu")
+    return Engine(tiny_models, preset="default", device="cpu")
 
 
 def _count_encoded(engine, monkeypatch):
@@ -52,31 +49,49 @@ def _count_encoded(engine, monkeypatch):
 
 
 def test_teach_once_loop_bank_alone_equals_the_same_supports_given_explicitly(engine, tmp_path, one_thread):
-    volume_a, truth_a = _volume(9, seed=1)
+    volume_a, truth_a = _volume(7, seed=1)
     painted = np.zeros_like(truth_a)
-    painted[4] = truth_a[4]
-    session = Session(engine, volume_a, modality="mri", cache_bytes=2**26)
+    painted[3] = truth_a[3]
+    session = Session(engine, volume_a, modality="mri", cache_bytes=2**26, auto_extent=False)
     session.start({"organ": painted})
     session.correct("organ", 1, [[24, 24]], [1])  # a click ...
-    session.add_support("organ", 7, truth_a[7])  # ... and a repainted slice
-    assert session.fixed_slices("organ") == [1, 4, 7]
+    session.add_support("organ", 5, truth_a[5])  # ... and a repainted slice
+    assert session.fixed_slices("organ") == [1, 3, 5]
     assert session.mask("organ")[1].any()
 
     bank = ExampleBank(tmp_path / "bank")
     added = add_session_slices(bank, session, "organ", "liver", terminology="SCT^10200004^Liver")
-    assert [e.slice_index for e in added] == [1, 4, 7] and bank.structures() == {"liver": 3}
+    assert [e.slice_index for e in added] == [1, 3, 5] and bank.structures() == {"liver": 3}
     assert {e.volume_hash for e in added} == {bank.volume_hash(session.volume)}
     index_text = (tmp_path / "bank" / "index.json").read_text()
     assert json.loads(index_text)["version"] == 1 and str(tmp_path) not in index_text
 
-    volume_b, _ = _volume(13, seed=2)
-    from_bank = segment_volume(engine, volume_b, None, {}, axis=0, modality="mri",
+    volume_b, _ = _volume(9, seed=2)
+    from_bank = segment_volume(engine, volume_b, None, {}, axis=0, modality="mri", auto_extent=False,
                                examples={"liver": bank.supports("liver", axis=0, engine=engine)})
     explicit = segment_volume(engine, volume_b, volume_a, {"liver": session.mask("organ")}, axis=0, modality="mri",
-                              support_slices={"liver": [1, 4, 7]})
+                              support_slices={"liver": [1, 3, 5]}, auto_extent=False)
     assert from_bank.masks["liver"].any()
     np.testing.assert_array_equal(from_bank.masks["liver"], explicit.masks["liver"])
     assert from_bank.processed_slices == explicit.processed_slices
+
+    # The same in a correction session on B, opened by the worker from a wire message (arrays).
+    import threading
+    from dataclasses import asdict
+
+    from protosam.serving import protocol
+    from protosam.serving.worker_process import Engines, WorkerSessions
+
+    from engine_helpers import cpu_engine_spec
+
+    message = protocol.SessionOpen(
+        id="open", session_id="b", engine=cpu_engine_spec(engine.models), volume=protocol.Image(volume_b),
+        structures={}, options={"axis": 0, "modality": "mri", "auto_extent": False},
+        examples={"liver": [asdict(e) for e in bank.supports("liver", axis=0, engine=engine)]})
+    sessions = WorkerSessions(Engines())
+    opened = sessions.job(protocol.decode(protocol.encode(message)), lambda done, total: None, threading.Event())
+    np.testing.assert_array_equal(opened["masks"]["liver"], explicit.masks["liver"])
+    assert opened["fixed_slices"] == {"liver": []}
 
 
 def test_examples_that_share_a_seed_are_pooled_into_its_prototypes(engine):
@@ -129,7 +144,7 @@ def test_cached_features_make_examples_cost_no_encoder_work(engine, tmp_path, mo
     segment_volume(engine, query, None, {}, axis=0, modality="mri", examples={"organ": again})
     assert counts["slices"] == 8  # the query's slices only
     # Another encoder setting (input size) has its own cache.
-    other = Engine(replace(engine.models, input_size=56), preset=WHOLE_VOLUME, device="cpu")
+    other = Engine(replace(engine.models, input_size=56), preset="default", device="cpu")
     bank.supports("organ", axis=0, engine=other)
     assert len(list((tmp_path / "bank" / "features").iterdir())) == 2
     # Removing an example removes its cached features.
