@@ -47,6 +47,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field, replace
@@ -133,8 +134,10 @@ class _StructureState:
     output: Optional[np.ndarray] = None  # [N, H, W] uint8
     # "Other segments": [N, H, W] bool voxels that are not this structure (see set_negatives).
     negatives: Optional[np.ndarray] = None
-    # Supports from other volumes given as arrays (an example bank's): (seed, features, mask).
-    examples: List[Tuple[int, torch.Tensor, np.ndarray]] = field(default_factory=list)
+    # Supports from other volumes given as arrays (an example bank's): (example, image, mask),
+    # and their encoder features for the session's engine (dropped when the engine changes).
+    examples: List[Tuple[object, np.ndarray, np.ndarray]] = field(default_factory=list)
+    example_features: Dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -228,6 +231,11 @@ class Session:
                 return False
             self._key = key
             self.cache.clear()
+            for state in self.structures.values():
+                # Features made by (or carried for) the previous models no longer apply.
+                state.example_features.clear()
+                state.examples = [(dataclasses.replace(example, features=None), image, mask)
+                                  for example, image, mask in state.examples]
             logger.info("Session caches dropped: the volume, models, input size or preset changed.")
             return True
 
@@ -322,14 +330,13 @@ class Session:
             self._run(keys, progress, cancel)
             return {key: self.mask(key) for key in keys}
 
-    def _prepare_examples(self, key: Hashable, examples) -> List[Tuple[int, torch.Tensor, np.ndarray]]:
-        """(seed, encoder features, mask) of each example: encoded once here (or taken from the
-        example), so updates cost no encoder work for them."""
+    def _prepare_examples(self, key: Hashable, examples) -> List[Tuple[object, np.ndarray, np.ndarray]]:
+        """(example, image, mask) of each example, checked (all of them before any work)."""
         prepared = []
         for number, value in enumerate(examples):
             example = _as_support_example(key, number, value)
             image, mask = _check_example(key, number, example)
-            prepared.append((example.seed(self.volume.shape[0]), _example_features(self.engine, example, image), mask))
+            prepared.append((example, image, mask))
         return prepared
 
     def adopt(self, structure: Hashable, masks, fixed_slices: Sequence[int], *, support_volume=None,
@@ -446,7 +453,12 @@ class Session:
             # Bank examples pool with what shares their seed (as in segment_volume): this volume's
             # slice first, then the examples in the order given.
             shots: Dict[int, list] = {}
-            for seed, features, example_mask in state.examples:
+            for number, (example, image, example_mask) in enumerate(state.examples):
+                # Encoded once per engine (or carried by the example): updates cost no encoder work.
+                if number not in state.example_features:
+                    state.example_features[number] = _example_features(self.engine, example, image)
+                features = state.example_features[number]
+                seed = example.seed(self.volume.shape[0])
                 shot = self.engine.prototypes_from_features(features, example_mask)
                 shots.setdefault(seed, []).append(shot)
                 if similar:

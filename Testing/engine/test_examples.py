@@ -387,3 +387,17 @@ def test_examples_travel_as_arrays_to_the_server_and_its_worker(tiny_models, tmp
         assert isinstance(refused, protocol.ErrorReply) and "must be an array" in refused.message
     finally:
         server.stop()
+
+
+def test_a_session_rebound_to_other_models_encodes_its_examples_again(engine, tmp_path, one_thread):
+    volume_a, truth_a = _volume(5, seed=10)
+    bank = ExampleBank(tmp_path / "bank")
+    bank.add_slices("liver", volume_a / 100.0, truth_a, [2], axis=0)
+    query, _ = _volume(5, seed=11)
+    session = Session(engine, query, modality="mri", auto_extent=False)
+    session.start({}, examples={"liver": bank.supports("liver", axis=0, engine=engine)})
+    other = Engine(replace(engine.models, input_size=56), preset="default", device="cpu")
+    assert session.rebind(engine=other)
+    fresh = Session(other, query, modality="mri", auto_extent=False).start(
+        {}, examples={"liver": bank.supports("liver", axis=0)})
+    np.testing.assert_array_equal(session.update("liver"), fresh["liver"])
