@@ -15,6 +15,7 @@ for ``stop_after_empty`` consecutive slices.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -36,12 +37,49 @@ from .validation import as_binary_mask, as_float_slices
 logger = logging.getLogger(__name__)
 
 __all__ = ["VolumeResult", "segment_volume", "largest_area_slice", "resolve_exclusive", "with_background_examples",
-           "SUPPORT_MODES"]
+           "SUPPORT_MODES", "SupportExample", "slice_descriptor", "DEFAULT_SIMILAR_K"]
 
 # How a query slice uses several support slices of one structure: "nearest" takes the
 # prototypes of the support (seed) nearest to it; "all" pools the prototypes of every support,
-# as ALPNet does for several shots (see :func:`protosam.models.alpnet.pool_prototypes`).
-SUPPORT_MODES = ("nearest", "all")
+# as ALPNet does for several shots (see :func:`protosam.models.alpnet.pool_prototypes`);
+# "similar" pools the prototypes of the k supports whose slices look most like the query slice
+# (see :func:`slice_descriptor`).
+SUPPORT_MODES = ("nearest", "all", "similar")
+DEFAULT_SIMILAR_K = 3
+
+
+@dataclass(frozen=True)
+class SupportExample:
+    """A support slice from another volume, as plain arrays (an example bank's entry, an
+    example sent over the wire): the engine needs no file or volume to use it.
+
+    ``image``: ``[H, W]`` float32, the slice exactly as the engine normalised it
+    (:func:`protosam.preprocessing.normalize_volume` of its whole volume), in the slicing
+    order the query is run in (with geometry: the canonical order of
+    :mod:`protosam.orientation` for the query's plane); ``mask``: ``[H, W]``, non-zero = the
+    structure on the whole slice; ``slice_index`` of ``slice_count``: its place along the
+    slicing axis of its volume (it seeds the query slice at the same relative position);
+    ``features``: optional ``[C, g, g]`` encoder features of ``image`` for the engine in use
+    (an array or a tensor), so that the example costs no encoder work; None: encoded here.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    slice_index: int
+    slice_count: int
+    features: object = None
+
+    def seed(self, query_count: int) -> int:
+        """The query slice it seeds: the same relative position (as :func:`_seed_slices`)."""
+        return int(round(self.slice_index * (query_count - 1) / max(self.slice_count - 1, 1)))
+
+
+def slice_descriptor(features: torch.Tensor) -> torch.Tensor:
+    """What "similar" compares: a slice's encoder features ``[C, g, g]`` averaged over the whole
+    grid and scaled to unit length, ``[C]``. Two slices' similarity is the cosine of their
+    descriptors (the dot product): slices of the same anatomy at the same level score near 1."""
+    vector = features.float().mean(dim=(-2, -1))
+    return vector / vector.norm().clamp_min(1e-8)
 
 SupportSlices = Mapping[Hashable, Union[int, Sequence[int]]]
 
@@ -204,10 +242,28 @@ class _Structure:
     probabilities: Optional[Dict[int, tuple]] = None
     # Per processed slice, what the models computed that says how sure it is (protosam.confidence).
     evidence: Dict[int, object] = field(default_factory=dict)
+    # support_mode "similar": every support's (descriptor [C], prototypes), in support order,
+    # and how many the query slice pools (see prototypes_for). None: by seed.
+    similar: Optional[List[Tuple[torch.Tensor, Prototypes]]] = None
+    similar_k: int = DEFAULT_SIMILAR_K
+    _pooled: Dict[tuple, Prototypes] = field(default_factory=dict)
 
     def nearest_prototypes(self, index: int) -> Prototypes:
         seed = min(self.prototypes_by_seed, key=lambda s: (abs(s - index), s))
         return self.prototypes_by_seed[seed]
+
+    def prototypes_for(self, index: int, features: torch.Tensor) -> Prototypes:
+        """The prototypes query slice ``index`` (features ``[C, g, g]``) is scored with: the
+        nearest seed's, or with ``similar`` the pool of the k supports whose descriptors have
+        the highest cosine with the slice's (ties: the support given first)."""
+        if not self.similar:
+            return self.nearest_prototypes(index)
+        query = slice_descriptor(features)
+        scores = [float(torch.dot(query, descriptor.to(query.device))) for descriptor, _ in self.similar]
+        chosen = tuple(sorted(sorted(range(len(scores)), key=lambda i: (-scores[i], i))[: self.similar_k]))
+        if chosen not in self._pooled:
+            self._pooled[chosen] = pool_prototypes([self.similar[i][1] for i in chosen])
+        return self._pooled[chosen]
 
 
 @dataclass(frozen=True)
@@ -279,8 +335,10 @@ def segment_volume(
     cancel: Optional[threading.Event] = None,
     exclusive: bool = False,
     negatives: Optional[Mapping[Hashable, np.ndarray]] = None,
+    examples: Optional[Mapping[Hashable, Sequence[SupportExample]]] = None,
+    similar_k: int = DEFAULT_SIMILAR_K,
 ) -> VolumeResult:
-    """Segment every structure of ``support_masks`` through ``query_volume``.
+    """Segment every structure of ``support_masks`` and ``examples`` through ``query_volume``.
 
     Args:
         query_volume: 3-D array to segment (raw intensities; see ``modality``), indexed
@@ -305,7 +363,9 @@ def segment_volume(
             so both volumes run the same anatomical way); two support slices of one key that
             seed the same query slice are refused (:class:`InputError`).
         support_mode: with several support slices, "nearest" (each query slice uses the
-            prototypes of the nearest one) or "all" (the prototypes of all, pooled).
+            prototypes of the nearest one), "all" (the prototypes of all, pooled) or
+            "similar" (the pool of the ``similar_k`` supports whose slices are most alike the
+            query slice: the highest cosine between :func:`slice_descriptor` of both).
         slice_range: inclusive ``(first, last)`` query slices (along the query's slicing
             axis, its own voxel order) to process; default all.
         modality: intensity preprocessing, "auto" | "ct" | "mri" | "none".
@@ -321,6 +381,11 @@ def segment_volume(
             (:func:`protosam.prompts.add_negative_points`; none for MedSAM) and give ALPNet
             background prototypes (:func:`with_background_examples`). Painted support slices
             keep what was painted.
+        examples: key -> :class:`SupportExample` list: supports from other volumes given as
+            arrays (e.g. an example bank's, :mod:`protosam.examples`), used together with the
+            key's support mask when it has one; a key may have examples only. Each seeds the
+            query slice at its relative position; supports that seed one slice are pooled.
+        similar_k: how many supports a query slice pools with ``support_mode="similar"``.
     """
     if query_ijk_to_ras is not None:
         if axis is not None:
@@ -329,15 +394,18 @@ def segment_volume(
             engine, query_volume, support_volume, support_masks, query_ijk_to_ras=query_ijk_to_ras,
             support_ijk_to_ras=support_ijk_to_ras, plane=plane, support_slices=support_slices,
             slice_range=slice_range, support_mode=support_mode, modality=modality, auto_extent=auto_extent,
-            progress=progress, cancel=cancel, exclusive=exclusive, negatives=negatives)
+            progress=progress, cancel=cancel, exclusive=exclusive, negatives=negatives, examples=examples,
+            similar_k=similar_k)
     if support_ijk_to_ras is not None:
         raise ValueError("support_ijk_to_ras needs query_ijk_to_ras as well (or neither, for arrays as stored).")
     axis = 0 if axis is None else axis
     started = time.perf_counter()
     if axis not in (0, 1, 2):
         raise ValueError(f"axis must be 0, 1 or 2, not {axis!r}")
-    if not support_masks:
-        raise InputError("No structure to segment: give at least one support mask.")
+    examples = {key: [_as_support_example(key, number, example) for number, example in enumerate(value)]
+                for key, value in (examples or {}).items() if value}
+    if not support_masks and not examples:
+        raise InputError("No structure to segment: give at least one support mask or example.")
     query = np.moveaxis(as_float_slices(query_volume, "query volume", 3), axis, 0)
     same_volume = support_volume is None or support_volume is query_volume
     if not same_volume:
@@ -355,10 +423,11 @@ def segment_volume(
     }
     query_store = _SliceStore(engine, query)
     support_store = query_store if same_volume else _SliceStore(engine, support)
+    keys = list(masks) + [key for key in examples if key not in masks]
     structures = [
-        _prepare_structure(engine, key, mask, support_store, support_slices, same_volume, query.shape, (first, last),
-                           support_mode)
-        for key, mask in masks.items()
+        _prepare_structure(engine, key, masks.get(key), support_store, support_slices, same_volume, query.shape,
+                           (first, last), support_mode, examples.get(key, ()), similar_k)
+        for key in keys
     ]
     for structure in structures:
         if negatives is not None and negatives.get(structure.key) is not None:
@@ -411,7 +480,7 @@ def _propagate(engine: Engine, query_store: _SliceStore, structures: List[_Struc
         features = query_store.features(index, upcoming)
         found = {}
         for position, (structure, _) in enumerate(active):
-            prototypes = structure.nearest_prototypes(index)
+            prototypes = structure.prototypes_for(index, features)
             negative = None
             if structure.negatives is not None and structure.negatives[index].any():
                 negative = structure.negatives[index]
@@ -554,26 +623,104 @@ def _check_range(slice_range, count) -> Tuple[int, int]:
 
 
 def _prepare_structure(engine, key, mask, support_store, support_slices, same_volume, query_shape, bounds,
-                       support_mode="nearest"):
-    if not mask.any():
+                       support_mode="nearest", examples: Sequence[SupportExample] = (),
+                       similar_k: int = DEFAULT_SIMILAR_K):
+    """A structure's supports: slices of ``mask`` (None: none) and ``examples`` from elsewhere.
+
+    Supports that seed the same query slice are pooled into that seed's prototypes
+    (:func:`protosam.models.alpnet.pool_prototypes`, in order: the mask's slices, then the
+    examples as given), so fifty examples of fifty volumes may all land near one query slice.
+    Two slices of one support volume that seed one slice are still refused (``_seed_slices``):
+    they are a mistake in one call, not the many volumes of a bank.
+    """
+    examples = list(examples or ())
+    if mask is not None and not mask.any() and not examples:
         raise InputError(f"Support mask '{key}' is empty: paint the structure on at least one slice.")
-    support_count = mask.shape[0]
-    if support_slices is not None and key in support_slices:
-        indices = _as_index_list(support_slices[key], f"'{key}'", support_count)
-    else:
-        indices = [largest_area_slice(mask)]
-    for index in indices:
-        if not mask[index].any():
-            raise InputError(f"Support mask '{key}' is empty on support slice {index}: choose a slice where it is painted.")
-    seeds = _seed_slices(key, indices, support_count, query_shape[0], same_volume)
-    prototypes = {}
+    supports: List[Tuple[int, torch.Tensor, np.ndarray]] = []  # (seed, features, mask) in support order
+    indices: List[int] = []
     copied = {}
-    for index, seed in zip(indices, seeds):
-        prototypes[seed] = engine.prototypes_from_features(support_store.features(index), mask[index])
-        if same_volume and bounds[0] <= index <= bounds[1]:
-            copied[index] = mask[index].astype(np.uint8)
-    return _Structure(key, indices, sorted(prototypes), copied, combine_supports(prototypes, support_mode),
-                      np.zeros(query_shape, np.uint8), [], known_present=same_volume)
+    if mask is not None and mask.any():
+        support_count = mask.shape[0]
+        if support_slices is not None and key in support_slices:
+            indices = _as_index_list(support_slices[key], f"'{key}'", support_count)
+        else:
+            indices = [largest_area_slice(mask)]
+        for index in indices:
+            if not mask[index].any():
+                raise InputError(f"Support mask '{key}' is empty on support slice {index}: choose a slice where it is "
+                                 "painted.")
+        seeds = _seed_slices(key, indices, support_count, query_shape[0], same_volume)
+        for index, seed in zip(indices, seeds):
+            supports.append((seed, support_store.features(index), mask[index]))
+            if same_volume and bounds[0] <= index <= bounds[1]:
+                copied[index] = mask[index].astype(np.uint8)
+    for number, example in enumerate(examples):
+        image, example_mask = _check_example(key, number, example)
+        supports.append((example.seed(query_shape[0]), _example_features(engine, example, image), example_mask))
+    by_seed: Dict[int, List[Prototypes]] = {}
+    described = []
+    for seed, features, support_mask in supports:
+        prototypes = engine.prototypes_from_features(features, support_mask)
+        by_seed.setdefault(seed, []).append(prototypes)
+        if support_mode == "similar":
+            described.append((slice_descriptor(features), prototypes))
+    pooled = {seed: pool_prototypes(shots) for seed, shots in by_seed.items()}
+    structure = _Structure(key, indices, sorted(pooled), copied, combine_supports(pooled, support_mode),
+                           np.zeros(query_shape, np.uint8), [], known_present=same_volume and bool(indices))
+    if support_mode == "similar":
+        structure.similar, structure.similar_k = described, _check_similar_k(similar_k)
+    return structure
+
+
+def _as_support_example(key, number: int, value) -> SupportExample:
+    """A :class:`SupportExample`, or the mapping of its fields that a wire message carries
+    (the worker and the server receive examples as arrays and numbers, never as paths)."""
+    if isinstance(value, SupportExample):
+        return value
+    fields = [f.name for f in dataclasses.fields(SupportExample)]
+    if not isinstance(value, Mapping) or not {"image", "mask", "slice_index", "slice_count"} <= set(value) \
+            or set(value) - set(fields):
+        raise InputError(f"Example {number + 1} of '{key}' must be a SupportExample or a mapping of {', '.join(fields)} "
+                         "(image and mask arrays, slice_index and slice_count numbers).")
+    for name in ("slice_index", "slice_count"):
+        if isinstance(value[name], bool) or not isinstance(value[name], (int, np.integer)):
+            raise InputError(f"Example {number + 1} of '{key}': {name} must be a whole number.")
+    for name in ("image", "mask", "features"):
+        if value.get(name) is not None and not isinstance(value[name], (np.ndarray, torch.Tensor)):
+            raise InputError(f"Example {number + 1} of '{key}': {name} must be an array, not "
+                             f"{type(value[name]).__name__}.")
+    return SupportExample(**value)
+
+
+def _check_similar_k(value) -> int:
+    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+        raise InputError(f"similar_k must be a whole number of examples >= 1, not {value!r}.")
+    return int(value)
+
+
+def _check_example(key, number: int, example: SupportExample) -> Tuple[np.ndarray, np.ndarray]:
+    """(image float32 [H, W], mask bool [H, W]) of an example, or an InputError naming it."""
+    what = f"example {number + 1} of '{key}'"
+    image = as_float_slices(example.image, f"the image of {what}", 2)
+    mask = as_binary_mask(example.mask, f"the mask of {what}", image.shape).astype(bool)
+    if not mask.any():
+        raise InputError(f"The mask of {what} is empty: an example shows the structure on its slice.")
+    if not (0 <= int(example.slice_index) < int(example.slice_count)):
+        raise InputError(f"The {what} says it is slice {example.slice_index} of {example.slice_count}; "
+                         "its index must lie in 0..count-1.")
+    return image, mask
+
+
+def _example_features(engine: Engine, example: SupportExample, image: np.ndarray) -> torch.Tensor:
+    """The example's encoder features ``[C, g, g]`` on the engine's device: the ones it carries
+    (no encoder work) or encoded now, as a support slice is (one slice per call)."""
+    if example.features is None:
+        return engine.encode(engine.to_model_input(image[None]))[0]
+    features = torch.as_tensor(np.asarray(example.features, dtype=np.float32)
+                               if not isinstance(example.features, torch.Tensor) else example.features)
+    if features.ndim != 3:
+        raise InputError(f"Example features must be [C, g, g] encoder features, not shape {tuple(features.shape)}.")
+    return features.float().to(engine.device)
 
 
 def with_background_examples(engine: Engine, prototypes: Prototypes, features: torch.Tensor,
@@ -630,11 +777,12 @@ def resolve_exclusive(structures: Sequence["_Structure"]) -> None:
 
 
 def combine_supports(prototypes_by_seed: Dict[int, Prototypes], support_mode: str) -> Dict[int, Prototypes]:
-    """Prototypes each seed offers under ``support_mode``: its own ("nearest"), or every
+    """Prototypes each seed offers under ``support_mode``: its own ("nearest", "similar"), or every
     support's pooled in seed order ("all"), so the nearest seed's are the pooled ones."""
     if support_mode not in SUPPORT_MODES:
         raise InputError(f"Unknown support mode {support_mode!r}: choose one of {', '.join(SUPPORT_MODES)}.")
-    if support_mode == "nearest" or len(prototypes_by_seed) < 2:
+    # "similar" chooses per query slice (_Structure.prototypes_for); its seeds keep their own.
+    if support_mode in ("nearest", "similar") or len(prototypes_by_seed) < 2:
         return dict(prototypes_by_seed)
     pooled = pool_prototypes([prototypes_by_seed[seed] for seed in sorted(prototypes_by_seed)])
     return {seed: pooled for seed in prototypes_by_seed}

@@ -57,6 +57,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import threading
@@ -75,9 +76,11 @@ from .models.sam import SAM_IMAGE_SIZE
 from .engine import MIN_FEATURE_GRID, Engine
 from .preprocessing import normalize_volume
 from .prompts import ComponentPrompt, connected_components
+from .models.alpnet import pool_prototypes
 from .propagation import (
-    SUPPORT_MODES, CroppedMask, _check_range, _propagate, _seed_slices, _SliceStore, _Structure, combine_supports,
-    crop_mask, largest_area_slice, resolve_exclusive,
+    DEFAULT_SIMILAR_K, SUPPORT_MODES, CroppedMask, _as_support_example, _check_example, _check_range,
+    _check_similar_k, _example_features, _propagate, _seed_slices, _SliceStore, _Structure, combine_supports,
+    crop_mask, largest_area_slice, resolve_exclusive, slice_descriptor,
 )
 from .validation import as_binary_mask, as_float_slices
 
@@ -161,6 +164,10 @@ class _StructureState:
     # Exclusive sessions: the last run's refined mask probability per propagated slice, as
     # propagation keeps it (rows, cols, float32 crop; see resolve_exclusive). None: none kept.
     probabilities: Optional[Dict[int, tuple]] = None
+    # Supports from other volumes given as arrays (an example bank's): (example, image, mask),
+    # and their encoder features for the session's engine (dropped when the engine changes).
+    examples: List[Tuple[object, np.ndarray, np.ndarray]] = field(default_factory=list)
+    example_features: Dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def _resolved_slice(method):
@@ -202,8 +209,8 @@ class Session:
             so a SAM 2 refiner gets room for its larger features); None shares the engine's own
             cache (``Engine(cache_bytes=...)``), so a session opened after an engine run in the
             same process finds that run's encodings.
-        support_mode: "nearest" or "all" (see ``segment_volume``).
-        slice_range, auto_extent: as for ``segment_volume``.
+        support_mode: "nearest", "all" or "similar" (see ``segment_volume``).
+        slice_range, auto_extent, similar_k: as for ``segment_volume``.
         exclusive: give each voxel to at most one structure in every result (rule in the
             module docstring; ``segment_volume(exclusive=True)``'s). Settable later through
             the attribute ``exclusive_structures`` (``exclusive`` names the lock's context).
@@ -221,6 +228,7 @@ class Session:
         slice_range: Optional[Tuple[int, int]] = None,
         auto_extent: Optional[bool] = None,
         exclusive: bool = False,
+        similar_k: int = DEFAULT_SIMILAR_K,
     ):
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2, not {axis!r}")
@@ -229,6 +237,7 @@ class Session:
         self.axis = axis
         self.modality = modality
         self.support_mode = support_mode
+        self.similar_k = _check_similar_k(similar_k)
         self.slice_range = slice_range
         self.auto_extent = auto_extent
         self.exclusive_structures = bool(exclusive)
@@ -274,6 +283,11 @@ class Session:
                 return False
             self._key = key
             self.cache.clear()
+            for state in self.structures.values():
+                # Features made by (or carried for) the previous models no longer apply.
+                state.example_features.clear()
+                state.examples = [(dataclasses.replace(example, features=None), image, mask)
+                                  for example, image, mask in state.examples]
             logger.info("Session caches dropped: the volume, models, input size or preset changed.")
             return True
 
@@ -310,8 +324,13 @@ class Session:
         progress: Optional[Callable[[int, int], None]] = None,
         cancel: Optional[threading.Event] = None,
         negatives: Optional[Mapping[Hashable, np.ndarray]] = None,
+        examples: Optional[Mapping[Hashable, Sequence[object]]] = None,
     ) -> Dict[Hashable, np.ndarray]:
         """First propagation of each structure, as ``segment_volume`` does it (same results).
+
+        ``examples``: key -> :class:`protosam.propagation.SupportExample` list (an example
+        bank's, :meth:`protosam.examples.ExampleBank.supports`), kept as supports of the key at
+        every update, with its painted slices or alone (a key may have examples only).
 
         ``support_masks``: key -> 3-D mask on ``support_volume`` (None: this volume, the painted
         slices then become fixed slices) in the caller's order; ``support_slices``: key ->
@@ -328,6 +347,10 @@ class Session:
                     external_volume = support
             shape = (self.volume if external_volume is None else external_volume).shape
             caller_shape = self.caller_shape if external_volume is None else np.shape(support_volume)
+            prepared_examples = {key: self._prepare_examples(key, value) for key, value in (examples or {}).items()
+                                 if value}
+            if not support_masks and not prepared_examples:
+                raise InputError("No structure to segment: give at least one support mask or example.")
             for key, mask in support_masks.items():
                 mask = np.moveaxis(as_binary_mask(mask, f"support mask '{key}'", caller_shape), self.axis, 0)
                 if not mask.any():
@@ -349,8 +372,24 @@ class Session:
                 if negatives is not None and negatives.get(key) is not None:
                     state.negatives = self._as_negatives(key, negatives[key])
                 self.structures[key] = state
-            self._run(list(support_masks), progress, cancel)
-            return self.masks(list(support_masks))
+            keys = list(support_masks) + [key for key in prepared_examples if key not in support_masks]
+            for key in keys:
+                if key not in support_masks:
+                    self.structures[key] = _StructureState(key, None)
+                    if negatives is not None and negatives.get(key) is not None:
+                        self.structures[key].negatives = self._as_negatives(key, negatives[key])
+                self.structures[key].examples = prepared_examples.get(key, [])
+            self._run(keys, progress, cancel)
+            return self.masks(keys)
+
+    def _prepare_examples(self, key: Hashable, examples) -> List[Tuple[object, np.ndarray, np.ndarray]]:
+        """(example, image, mask) of each example, checked (all of them before any work)."""
+        prepared = []
+        for number, value in enumerate(examples):
+            example = _as_support_example(key, number, value)
+            image, mask = _check_example(key, number, example)
+            prepared.append((example, image, mask))
+        return prepared
 
     def adopt(self, structure: Hashable, masks, fixed_slices: Sequence[int], *, support_volume=None,
               support_mask=None, support_slices: Optional[Sequence[int]] = None) -> None:
@@ -431,13 +470,18 @@ class Session:
             state = self.structures[key]
             prototypes: Dict[int, object] = {}
             support_indices: List[int] = []
+            described = []  # (descriptor, prototypes) of every support, for support_mode "similar"
+            similar = self.support_mode == "similar"
             if state.external is not None:
                 support, mask, indices = state.external
                 external_store = _SliceStore(self.engine, support)
                 seeds = _seed_slices(key, indices, support.shape[0], self.volume.shape[0], False)
                 for index, seed in zip(indices, seeds):
-                    prototypes[seed] = self.engine.prototypes_from_features(external_store.features(index), mask[index])
+                    features = external_store.features(index)
+                    prototypes[seed] = self.engine.prototypes_from_features(features, mask[index])
                     support_indices.append(index)
+                    if similar:
+                        described.append((slice_descriptor(features), prototypes[seed]))
             copied = {}
             unusable: List[str] = []
             for index in sorted(state.fixed):
@@ -445,8 +489,10 @@ class Session:
                 if painted.any():
                     try:
                         # A slice of this volume wins over a support from elsewhere on the same seed.
-                        prototypes[index] = self.engine.prototypes_from_features(
-                            self.store.features(index), painted.astype(bool))
+                        features = self.store.features(index)
+                        prototypes[index] = self.engine.prototypes_from_features(features, painted.astype(bool))
+                        if similar:
+                            described.append((slice_descriptor(features), prototypes[index]))
                     except InputError as error:
                         # A fixed slice that cannot teach (e.g. a corrected mask covering the
                         # whole slice, or too small for the feature grid) is still kept exactly
@@ -456,6 +502,21 @@ class Session:
                                        key, index, error)
                 if first <= index <= last:
                     copied[index] = painted
+            # Bank examples pool with what shares their seed (as in segment_volume): this volume's
+            # slice first, then the examples in the order given.
+            shots: Dict[int, list] = {}
+            for number, (example, image, example_mask) in enumerate(state.examples):
+                # Encoded once per engine (or carried by the example): updates cost no encoder work.
+                if number not in state.example_features:
+                    state.example_features[number] = _example_features(self.engine, example, image)
+                features = state.example_features[number]
+                seed = example.seed(self.volume.shape[0])
+                shot = self.engine.prototypes_from_features(features, example_mask)
+                shots.setdefault(seed, []).append(shot)
+                if similar:
+                    described.append((slice_descriptor(features), shot))
+            for seed, pooled in shots.items():
+                prototypes[seed] = pool_prototypes(([prototypes[seed]] if seed in prototypes else []) + pooled)
             if not prototypes:
                 reasons = (" (" + "; ".join(unusable) + ")") if unusable else ""
                 raise InputError(f"Structure '{key}' has no usable support slice left{reasons}: "
@@ -466,6 +527,8 @@ class Session:
                 known_present=any(p.any() for p in state.fixed.values()), prompt_masks={},
                 negatives=state.negatives, probabilities={} if self.exclusive_structures else None,
             )
+            if similar:
+                structure.similar, structure.similar_k = described, self.similar_k
             prepared.append(structure)
         auto_extent = self.engine.preset.auto_extent if self.auto_extent is None else self.auto_extent
         _propagate(self.engine, self.store, prepared, (first, last), auto_extent, progress, cancel)

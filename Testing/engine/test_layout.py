@@ -3,7 +3,7 @@
 The rules are docs/layout.md's table "Who may import whom", parsed here, so the page and the
 check cannot drift apart:
 
-* every ``protosam`` module belongs to a layer (core, serving, evaluation, cohorts, cli, main)
+* every ``protosam`` module belongs to a layer (core, serving, evaluation, cohorts, examples, cli, main)
   and imports only what its layer may; the Slicer library (layer ``slicer``) likewise;
 * no import cycle among ``protosam`` modules;
 * at most 18 top-level modules besides the packages and the deprecated shims, and a shim is
@@ -158,7 +158,7 @@ def layer_of(module: str) -> str:
     parts = module.split(".")
     if module == "protosam.__main__":
         return "main"
-    if len(parts) > 1 and parts[1] in ("serving", "evaluation", "cohorts", "cli"):
+    if len(parts) > 1 and parts[1] in ("serving", "evaluation", "cohorts", "cli", "examples"):
         return parts[1]
     return "core"
 
@@ -206,7 +206,7 @@ def test_the_cycle_check_finds_a_cycle(tmp_path):
 
 def test_the_layout_page_states_a_rule_for_every_layer():
     rules = layer_rules()
-    assert set(rules) == {"core", "serving", "evaluation", "cohorts", "cli", "main", "slicer"}
+    assert set(rules) == {"core", "serving", "evaluation", "cohorts", "examples", "cli", "main", "slicer"}
     assert rules["core"] == {"core"}
 
 
@@ -250,7 +250,7 @@ def test_the_top_level_keeps_the_algorithm():
     top_level = sorted(path.stem for path in PACKAGE_DIR.glob("*.py") if not is_shim(path))
     assert len(top_level) <= MAX_TOP_LEVEL_MODULES, top_level
     packages = sorted(path.parent.name for path in PACKAGE_DIR.glob("*/__init__.py"))
-    assert packages == ["cli", "cohorts", "evaluation", "models", "serving", "weights"]
+    assert packages == ["cli", "cohorts", "evaluation", "examples", "models", "serving", "weights"]
 
 
 # ----------------------------------------------------------------------------- deprecated shims

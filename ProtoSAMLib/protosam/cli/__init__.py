@@ -1,4 +1,4 @@
-"""The ``protosam`` command line: ``slices``, ``segment``, ``batch``, ``weights``, ``evaluate``, ``demo``.
+"""The ``protosam`` command line: ``slices``, ``segment``, ``batch``, ``examples``, ``weights``, ``evaluate``, ``demo``.
 
 Exit codes: 0 success, 1 a ProtoSAM error (message on stderr, no partial output file),
 2 bad command-line usage, 130 interrupted.
@@ -87,18 +87,35 @@ def cmd_segment(args) -> int:
     # torch (seconds): files, output place, labels. Only then are the models loaded.
     from ..io import check_segment_paths, write_labelmap
 
+    from ..examples.runs import bank_supports, open_bank_for_run, structure_labels
+    from .common import read_query_inputs
+
+    if args.support_mask is None and args.examples is None:
+        raise InputError("Give the support labels (--support-mask), an example bank (--examples BANK), or both.")
+    if args.support_mask is None and args.report:
+        raise InputError("--report shows the support slices next to the result: it needs --support-mask.")
     check_segment_paths(args.image, args.support_mask, args.output, args.support_image, args.report)
     if args.review_json:
         _check_review_json(args)
-    inputs, query_image = read_segment_inputs(
-        args.image, args.support_mask, support_image=args.support_image, labels=args.labels, plane=args.axis
-    )
-    check_support_slices(inputs, args.support_slice, args.support_mask)
+    bank, bank_labels = None, {}
+    if args.examples is not None:
+        bank = open_bank_for_run(args.examples, {"--output": args.output, "--report": args.report})
+    if args.support_mask is None:
+        inputs, query_image = read_query_inputs(args.image, plane=args.axis)
+    else:
+        inputs, query_image = read_segment_inputs(
+            args.image, args.support_mask, support_image=args.support_image, labels=args.labels, plane=args.axis
+        )
+        check_support_slices(inputs, args.support_slice, args.support_mask)
+    if bank is not None:
+        bank_labels = structure_labels(bank.structures(), args.structures, inputs.labels)
     engine = engine_from_args(args)
+    examples = bank_supports(bank, bank_labels, inputs.geometry["plane"], engine) if bank else None
     cancel = threading.Event()
     output, result = propagate_labels(
         engine, inputs, support_slice=args.support_slice, support_mode=args.support_mode, modality=args.modality,
-        progress=ProgressBar("segment"), cancel=cancel, exclusive=args.exclusive,
+        progress=ProgressBar("segment"), cancel=cancel, exclusive=args.exclusive, examples=examples,
+        similar_k=args.similar_k,
     )
     write_labelmap(output, query_image, args.output)
     try:
@@ -117,11 +134,14 @@ def cmd_segment(args) -> int:
         print(f"protosam: interrupted while writing the report; {args.output} was written, "
               f"the report in {args.report} is incomplete.", file=sys.stderr)
         return 130
-    for label in inputs.labels:
+    for label in result.masks:
+        supports = f"support slice {result.support_slices[label]}" if result.support_slices[label] else ""
+        if examples and label in examples:
+            supports += (" and " if supports else "") + f"{len(examples[label])} bank example(s) of " \
+                                                         f"'{bank_labels[label]}'"
         confidence = result.structure_confidence.get(label)
         print(f"label {label}: {int(result.masks[label].sum())} voxels on {len(result.processed_slices[label])} "
-              f"processed slices (support slice {result.support_slices[label]})"
-              + ("" if confidence is None else f", confidence {confidence:.2f}"))
+              f"processed slices ({supports})" + ("" if confidence is None else f", confidence {confidence:.2f}"))
     _print_review(result, args.review_json)
     print(f"wrote {args.output} in {result.seconds:.1f} s")
     return 0
@@ -188,12 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     segment = commands.add_parser("segment", help="propagate labels of a support volume through a volume")
     segment.add_argument("--image", required=True, help="volume to segment (NIfTI, NRRD, ...)")
     segment.add_argument("--support-image", default=None, help="volume the support labels were drawn on (default: --image)")
-    segment.add_argument("--support-mask", required=True, help="label map on the support image's grid")
+    segment.add_argument("--support-mask", default=None,
+                         help="label map on the support image's grid (optional with --examples)")
     add_label_options(segment)
     segment.add_argument(
-        "--support-mode", default="nearest", choices=["nearest", "all"],
-        help="with several support slices: each slice uses the nearest one's prototypes (default), or all pooled",
+        "--support-mode", default="nearest", choices=["nearest", "all", "similar"],
+        help="with several support slices: each slice uses the nearest one's prototypes (default), all pooled, or "
+             "the --similar-k most similar ones pooled (cosine of mean encoder features)",
     )
+    from .examples import add_examples_options
+
+    add_examples_options(segment)
     segment.add_argument(
         "--exclusive", action="store_true",
         help="give each voxel to at most one label: the one whose refined mask probability is highest there "
@@ -208,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.set_defaults(func=cmd_segment)
 
     weights_cli.add_subcommands(commands)
+    from . import examples as examples_cli
+
+    examples_cli.add_subcommands(commands)
     from . import batch as batch_cli
     from ..serving import worker_process
 

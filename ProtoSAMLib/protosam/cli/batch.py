@@ -38,7 +38,8 @@ def add_subcommand(commands) -> None:
         "batch", help="segment a cohort listed in a CSV manifest from one support example (resumable; --ray for a cluster)"
     )
     batch.add_argument("--manifest", required=True, metavar="jobs.csv",
-                       help="CSV with columns image,output[,support_image,support_mask]; paths relative to it")
+                       help="CSV with columns image,output[,support_image,support_mask]; paths relative to it "
+                            "(with --examples no support mask is needed)")
     batch.add_argument("--support-image", default=None, metavar="S",
                        help="volume the support labels were drawn on (default: each row's own image)")
     batch.add_argument("--support-mask", default=None, metavar="M", help="label map on the support image's grid")
@@ -46,6 +47,11 @@ def add_subcommand(commands) -> None:
     batch.add_argument("--exclusive", action="store_true",
                        help="in every row, give each voxel to at most one label: the one whose refined mask probability "
                             "is highest there (ties: the label listed first), as 'protosam segment --exclusive'")
+    batch.add_argument("--support-mode", default="nearest", choices=["nearest", "all", "similar"],
+                       help="as for 'protosam segment'")
+    from .examples import add_examples_options
+
+    add_examples_options(batch)
     batch.add_argument("--summary", default=None, metavar="FILE", help="summary CSV (default: <manifest>.summary.csv beside it)")
     batch.add_argument("--review", type=int, default=REVIEW_SLICES, metavar="N",
                        help=f"list the N least confident slices of the cohort in <summary>.review.csv (default {REVIEW_SLICES})")

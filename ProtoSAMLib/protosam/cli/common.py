@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ProgressBar", "add_model_options", "engine_from_args", "SegmentInputs", "read_segment_inputs",
-    "propagate_labels", "parse_support_slices", "check_support_slices", "add_label_options",
+    "propagate_labels", "parse_support_slices", "check_support_slices", "add_label_options", "read_query_inputs",
 ]
 
 
@@ -203,6 +203,20 @@ def read_segment_inputs(image, support_mask, *, support_image=None, labels: Opti
     return SegmentInputs(query, None if same else support, labelmap, chosen, geometry), query_image
 
 
+def read_query_inputs(image, *, plane: str = "auto", read=None):
+    """The volume to segment alone (a run from the bank with no support mask) -> (SegmentInputs, header)."""
+    from ..io import read_volume
+    from ..orientation import choose_plane, ijk_to_ras_from_lps
+    query, header = (read or read_volume)(image, "image")
+    if np.issubdtype(query.dtype, np.floating):
+        from ..validation import check_finite
+
+        check_finite(query, f"--image {image}")
+    ijk_to_ras = ijk_to_ras_from_lps(header.GetDirection(), header.GetSpacing(), header.GetOrigin())
+    geometry = {"query_ijk_to_ras": ijk_to_ras, "support_ijk_to_ras": None, "plane": choose_plane(ijk_to_ras, plane)}
+    return SegmentInputs(query, None, np.zeros((1, 1, 1), np.uint8), [], geometry), header
+
+
 def _check_finite_file(array: np.ndarray, option: str, path) -> None:
     """NaN or infinite voxels in a float image: refused here, before any model loads, naming the file."""
     if np.issubdtype(array.dtype, np.floating):
@@ -261,12 +275,14 @@ def parse_support_slices(text: str):
 
 def propagate_labels(engine, inputs: SegmentInputs, *, support_slice=None, support_mode: str = "nearest",
                      modality: str = "auto", progress=None, cancel: Optional[threading.Event] = None,
-                     exclusive: bool = False):
+                     exclusive: bool = False, examples: Optional[Dict[int, list]] = None, similar_k: int = 3):
     """Propagate every label of ``inputs`` -> (``[k, j, i]`` uint8/uint16 label map, :class:`VolumeResult`).
 
     ``support_slice``: None (each label's largest slice), a slice index or indices along the
     slicing axis (the same for every label), or ``"painted"`` (every slice each label is
-    painted on); ``support_mode``: "nearest" or "all" (see ``segment_volume``).
+    painted on); ``support_mode``: "nearest", "all" or "similar" (see ``segment_volume``);
+    ``examples``: label -> :class:`protosam.propagation.SupportExample` list (an example
+    bank's), used with the label's support mask or alone; ``similar_k``: see ``segment_volume``.
 
     Where labels overlap the one listed first keeps the voxel; with ``exclusive`` the overlap
     is settled before that, voxel by voxel, by the highest refined mask probability (ties: the
@@ -290,8 +306,9 @@ def propagate_labels(engine, inputs: SegmentInputs, *, support_slice=None, suppo
     result = segment_volume(
         engine, inputs.query, inputs.support, {label: labelmap == label for label in labels},
         support_slices=support_slices, support_mode=support_mode, modality=modality, progress=progress,
-        cancel=cancel, exclusive=exclusive, **inputs.geometry,
+        cancel=cancel, exclusive=exclusive, examples=examples, similar_k=similar_k, **inputs.geometry,
     )
+    labels = list(labels) + [label for label in result.masks if label not in labels]
     axis = result.axis  # the files' array axis of the plane
     output = np.zeros(inputs.query.shape, np.uint16 if max(labels) > 255 else np.uint8)
     # Overlaps: the label listed first keeps the voxel ...

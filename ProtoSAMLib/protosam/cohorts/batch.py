@@ -6,7 +6,9 @@ The manifest is a CSV file with a header row and one row per target volume:
 * ``output`` (required): where its label map goes (folders are created);
 * ``support_image``, ``support_mask`` (optional): override the command's ``--support-image``
   and ``--support-mask`` for this row; an empty field falls back to the option, and with no
-  support image at all the labels are taken as painted on the row's own image.
+  support image at all the labels are taken as painted on the row's own image. With
+  ``--examples BANK`` a row needs no support mask (the bank's examples are its supports); with
+  both, the support and the bank are used together (docs/cohorts.md).
 
 Relative paths are relative to the manifest's folder. Every output is written atomically,
 then a sidecar ``<output>.protosam.json`` records the parameters that decided it (engine
@@ -45,7 +47,8 @@ import numpy as np
 
 from .. import __version__
 from ..cli.common import (
-    ProgressBar, _parse_labels, check_support_slices, engine_from_args, propagate_labels, read_segment_inputs,
+    ProgressBar, _parse_labels, check_support_slices, engine_from_args, propagate_labels, read_query_inputs,
+    read_segment_inputs,
 )
 from ..confidence import review_record
 from ..errors import InputError, ProtoSAMError
@@ -76,7 +79,7 @@ class BatchJob:
     row: int  # 1-based data row (the header is row 0)
     image: Path
     output: Path
-    support_mask: Path
+    support_mask: Optional[Path]  # None: the rows's supports are the example bank's alone
     support_image: Optional[Path] = None
 
     @property
@@ -101,7 +104,7 @@ class JobOutcome:
 
 
 # ----------------------------------------------------------------------------- manifest
-def read_manifest(path, *, support_image=None, support_mask=None) -> List[BatchJob]:
+def read_manifest(path, *, support_image=None, support_mask=None, examples=None) -> List[BatchJob]:
     """Parse the manifest CSV into jobs; the command's support files fill empty row fields.
 
     Raises InputError for a missing file, missing/unknown columns, a row without image or
@@ -136,9 +139,10 @@ def read_manifest(path, *, support_image=None, support_mask=None) -> List[BatchJ
             if image is None or output is None:
                 raise InputError(f"Row {number} of {path} has no image or no output path: fill both columns.")
             mask = resolve(row.get("support_mask")) or (Path(support_mask) if support_mask else None)
-            if mask is None:
+            if mask is None and examples is None:
                 raise InputError(
-                    f"Row {number} of {path} has no support mask: give --support-mask or a support_mask column."
+                    f"Row {number} of {path} has no support mask: give --support-mask, a support_mask column or "
+                    "an example bank (--examples)."
                 )
             row_support_image = resolve(row.get("support_image")) or (Path(support_image) if support_image else None)
             key = os.path.abspath(output)
@@ -216,6 +220,18 @@ class RunParameters:
         }
         if getattr(args, "exclusive", False):  # recorded only when set: earlier outputs stay finished
             self.common["exclusive"] = True
+        if getattr(args, "support_mode", "nearest") != "nearest":
+            # Only when not the default, so that the sidecars of earlier runs stay valid.
+            self.common["support_mode"] = args.support_mode
+        if getattr(args, "examples", None):
+            # Only with a bank, so that the sidecars of runs without one stay valid.
+            from ..examples import ExampleBank
+
+            ids = [e.id for e in ExampleBank(args.examples, create=False).list()]
+            self.common["examples"] = {
+                "bank": hashlib.sha256("\n".join(ids).encode()).hexdigest(), "structures": args.structures,
+                "similar_k": args.similar_k,
+            }
         self._hashes: Dict[str, str] = {}
 
     def _hash(self, path: Path, what: str) -> str:
@@ -231,7 +247,7 @@ class RunParameters:
             self.common,
             image_sha256=volume_sha256(job.image, "image"),
             support_image_sha256=self._hash(job.support_image, "support image") if job.support_image else "image",
-            support_mask_sha256=self._hash(job.support_mask, "support mask"),
+            support_mask_sha256=self._hash(job.support_mask, "support mask") if job.support_mask else "none",
         )
 
 
@@ -312,6 +328,8 @@ def read_job(job: BatchJob, args: argparse.Namespace, reader: SupportReader):
 
     job.output.parent.mkdir(parents=True, exist_ok=True)
     check_segment_paths(job.image, job.support_mask, job.output, job.support_image)
+    if job.support_mask is None:
+        return read_query_inputs(job.image, plane=args.axis, read=reader)
     inputs, reference = read_segment_inputs(
         job.image, job.support_mask, support_image=job.support_image, labels=args.labels, plane=args.axis, read=reader
     )
@@ -402,6 +420,11 @@ def run_local(pending: List[PendingJob], args: argparse.Namespace, report: Repor
     """Compute rows one after the other in this process with one Engine (models loaded once)."""
     reader = SupportReader()
     engine = None
+    bank = None
+    if getattr(args, "examples", None):
+        from ..examples import ExampleBank
+
+        bank = ExampleBank(args.examples, create=False)
     for job, parameters in pending:
         started = time.perf_counter()
         attempts = 0
@@ -419,8 +442,18 @@ def run_local(pending: List[PendingJob], args: argparse.Namespace, report: Repor
                 started += time.perf_counter() - loading
             attempts = 1
             try:
+                examples = None
+                if bank is not None:
+                    from ..examples.runs import bank_supports, structure_labels
+
+                    # Features come from the bank's cache: after the first row, no encoder work.
+                    labels = structure_labels(bank.structures(), args.structures, inputs.labels)
+                    examples = bank_supports(bank, labels, inputs.geometry["plane"], engine)
                 labelmap, result = propagate_labels(engine, inputs, support_slice=args.support_slice,
-                                                    modality=args.modality, exclusive=getattr(args, "exclusive", False))
+                                               modality=args.modality, examples=examples,
+                                               exclusive=getattr(args, "exclusive", False),
+                                               support_mode=getattr(args, "support_mode", "nearest"),
+                                               similar_k=getattr(args, "similar_k", 3))
                 seconds = time.perf_counter() - started
                 confidence = review_record(result)
                 voxels = save_result(job, labelmap, reference, parameters, seconds,
@@ -446,6 +479,12 @@ def check_batch_paths(args: argparse.Namespace, jobs: List[BatchJob], summary: P
     plan.read("--manifest", args.manifest)
     plan.read("--support-image", args.support_image)
     plan.read("--support-mask", args.support_mask)
+    if getattr(args, "examples", None):
+        from ..examples.runs import open_bank_for_run
+
+        plan.read("--examples", Path(args.examples) / "index.json")
+        outputs = {f"the output of row {job.row}": str(job.output) for job in jobs}
+        open_bank_for_run(args.examples, {**outputs, "--summary": str(summary)})
     for job in jobs:
         plan.read(f"the image of row {job.row}", job.image)
         plan.read(f"the support image of row {job.row}", job.support_image)
@@ -461,7 +500,11 @@ def run_batch(args: argparse.Namespace, run_remote: Optional[Callable[[List[Pend
               ) -> List[JobOutcome]:
     """Run a whole manifest (locally, or with ``args.ray`` through ``run_remote``, i.e.
     :func:`protosam.cohorts.ray_cluster.run_on_ray`); write the summary; return outcomes."""
-    jobs = read_manifest(args.manifest, support_image=args.support_image, support_mask=args.support_mask)
+    examples = getattr(args, "examples", None)
+    if args.ray is not None and (examples or getattr(args, "support_mode", "nearest") != "nearest"):
+        raise InputError("--examples and --support-mode do not run on Ray yet: run this cohort without --ray.")
+    jobs = read_manifest(args.manifest, support_image=args.support_image, support_mask=args.support_mask,
+                         examples=examples)
     summary = Path(args.summary) if args.summary else default_summary_path(args.manifest)
     check_batch_paths(args, jobs, summary)
     parameters = RunParameters(args)

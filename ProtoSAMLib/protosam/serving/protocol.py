@@ -271,7 +271,11 @@ class SessionOpen(Message):
     job's encodings serve the clicks. When such a run's support came from another volume,
     ``support_volume`` is that volume, ``support_masks`` (key -> mask on it) and the option
     ``support_slices`` (key -> slices) its support: the adopted structures keep it at every
-    update. Reply: ``masks`` and ``fixed_slices`` per structure."""
+    update. ``examples`` (key -> list of :class:`protosam.propagation.SupportExample` fields:
+    ``image``, ``mask`` arrays, ``slice_index``, ``slice_count``, optional ``features``) are
+    supports from an example bank, sent as arrays (a server never opens a path it is given); a
+    key may have examples and no structure mask. Reply: ``masks`` and ``fixed_slices`` per
+    structure."""
 
     TYPE = "session_open"
     id: str
@@ -282,6 +286,7 @@ class SessionOpen(Message):
     support_volume: Any = None
     options: Dict[str, Any] = dataclasses.field(default_factory=dict)
     support_masks: Optional[Dict[str, Any]] = None
+    examples: Optional[Dict[str, Any]] = None
 
 
 @dataclasses.dataclass

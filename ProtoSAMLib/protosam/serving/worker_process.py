@@ -346,7 +346,7 @@ class WorkerSessions:
         engine = self.engines.get(message.engine)
         options = dict(message.options)
         allowed = {"axis", "modality", "support_mode", "support_slices", "slice_range", "auto_extent", "cache_bytes",
-                   "adopt", "fixed_slices", "exclusive"}
+                   "adopt", "fixed_slices", "exclusive", "similar_k"}
         unknown = set(options) - allowed
         if unknown:
             raise InputError(f"Unknown session option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(allowed))}.")
@@ -358,7 +358,7 @@ class WorkerSessions:
         session = Session(
             engine, volume, axis=int(options.get("axis", 0)), modality=options.get("modality", "auto"),
             cache_bytes=None if adopt or self.shared_cache else options.get("cache_bytes", "auto"),
-            support_mode=options.get("support_mode", "nearest"),
+            support_mode=options.get("support_mode", "nearest"), similar_k=options.get("similar_k", 3),
             slice_range=None if range_ is None else tuple(range_), auto_extent=options.get("auto_extent"),
             exclusive=bool(options.get("exclusive", False)))
         if adopt:
@@ -376,7 +376,7 @@ class WorkerSessions:
             try:
                 masks = session.start({key: _array(mask) for key, mask in message.structures.items()},
                                       support_volume=support_volume, support_slices=options.get("support_slices"),
-                                      progress=progress, cancel=cancel)
+                                      progress=progress, cancel=cancel, examples=message.examples)
             except BaseException:
                 session.close()  # a failed or cancelled open keeps nothing
                 raise
