@@ -24,7 +24,7 @@ from .cache import EmbeddingCache
 from .errors import CancelledError, InputError, ProtoSAMError
 from .models.alpnet import ALPNetConfig, Prototypes, compute_prototypes, mask_to_grid, score_queries
 from .models.dinov2 import get_dinov2_architecture, load_dinov2
-from .models.sam import SAM_ARCHITECTURES, SAM_IMAGE_SIZE, SamRefiner, load_sam
+from .models.sam import SAM_ARCHITECTURES, SAM_IMAGE_SIZE, SamRefiner, load_sam, upsample_mask_logits
 from .models.sam_memory import limit_global_attention_memory, use_stock_global_attention
 from .presets import Preset, get_preset
 from .prompts import ComponentPrompt, add_negative_points, extract_prompts
@@ -405,7 +405,7 @@ class Engine:
                 prob = F.interpolate(torch.sigmoid(chosen), size=size, mode="bilinear", align_corners=False)[0, 0]
                 mask = prob > 0.5
             else:
-                full = sam.postprocess_masks(chosen, size, size)[0, 0]
+                full = upsample_mask_logits(chosen)[0, 0]  # postprocess_masks' bits, one resize
                 mask = full > sam.mask_threshold
                 prob = torch.sigmoid(full)
             union |= mask

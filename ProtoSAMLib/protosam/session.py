@@ -131,6 +131,9 @@ class _StructureState:
     output: Optional[np.ndarray] = None  # [N, H, W] uint8
     # "Other segments": [N, H, W] bool voxels that are not this structure (see set_negatives).
     negatives: Optional[np.ndarray] = None
+    # Per propagated slice, its outcome in the last run with what it depended on: an update
+    # matches and decodes again only the slices whose inputs changed (propagation._SliceOutcome).
+    outcomes: Dict[int, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -210,6 +213,9 @@ class Session:
         with self._lock:
             if engine is not None:
                 self.engine = engine
+                # Another engine may round differently (device): decode every slice again.
+                for state in self.structures.values():
+                    state.outcomes = {}
                 if self._shares_engine_cache:
                     self.cache = engine.cache
             if volume is not None:
@@ -412,7 +418,7 @@ class Session:
                 key, support_indices + sorted(state.fixed), sorted(prototypes), copied,
                 combine_supports(prototypes, self.support_mode), np.zeros(self.volume.shape, np.uint8), [],
                 known_present=any(p.any() for p in state.fixed.values()), prompt_masks={},
-                negatives=state.negatives,
+                negatives=state.negatives, reusable=state.outcomes, outcomes={},
             )
             prepared.append(structure)
         auto_extent = self.engine.preset.auto_extent if self.auto_extent is None else self.auto_extent
@@ -424,6 +430,7 @@ class Session:
             state.output = structure.output
             state.prompts = {k: v for k, v in structure.prompts.items() if k not in state.fixed}
             state.prompt_masks = {k: v for k, v in structure.prompt_masks.items() if k not in state.fixed}
+            state.outcomes = structure.outcomes
 
     # ------------------------------------------------------------------ corrections
     def add_support(self, structure: Hashable, index: int, mask) -> np.ndarray:
