@@ -10,9 +10,10 @@ change only how the BLAS blocks smaller matrix products (one attention head, a b
 rows): each element is then a different rounding of the same sums, a few float32 epsilons
 of the magnitudes summed. ``ROUNDING`` = 64 float32 epsilons (7.6e-6) of the largest
 magnitude of the compared tensor bounds the absolute error of every element; this is the
-bound the head-chunked attention test in test_sam.py uses. Bit equality is not required:
-MKL's AVX-512 kernels (Intel Xeon) round the blocked products differently from AVX2
-(AMD EPYC), where the embeddings happen to be bit-identical.
+bound the head-chunked attention test in test_sam.py uses. Bit equality is not required,
+as a BLAS may round blocked products differently on another CPU (MKL's AVX-512 kernels gave
+last-bit differences on one Intel Xeon for SAM ViT-B); measured here (Intel Xeon, 2 cores,
+tiny models): every error 0.
 """
 import numpy as np
 import pytest
