@@ -25,7 +25,7 @@ from .errors import CancelledError, InputError, ProtoSAMError
 from .models.alpnet import ALPNetConfig, Prototypes, compute_prototypes, mask_to_grid, score_queries
 from .models.dinov2 import get_dinov2_architecture, load_dinov2
 from .models.refiners import check_refiner_name, load_refiner
-from .models.sam import SAM_IMAGE_SIZE, SamRefiner
+from .models.sam import SAM_IMAGE_SIZE, SamRefiner, upsample_mask_logits
 from .models.sam_memory import limit_global_attention_memory, use_stock_global_attention
 from .precision import resolve_precision
 from .presets import Preset, get_preset
@@ -423,7 +423,7 @@ class Engine:
                 prob = F.interpolate(torch.sigmoid(chosen), size=size, mode="bilinear", align_corners=False)[0, 0]
                 mask = prob > 0.5
             else:
-                full = sam.postprocess_masks(chosen, size, size)[0, 0]
+                full = upsample_mask_logits(chosen)[0, 0]  # postprocess_masks' bits, one resize
                 mask = full > sam.mask_threshold
                 prob = torch.sigmoid(full)
             union |= mask

@@ -16,6 +16,7 @@ for ``stop_after_empty`` consecutive slices.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import threading
 import time
@@ -247,6 +248,10 @@ class _Structure:
     similar: Optional[List[Tuple[torch.Tensor, Prototypes]]] = None
     similar_k: int = DEFAULT_SIMILAR_K
     _pooled: Dict[tuple, Prototypes] = field(default_factory=dict)
+    # Correction sessions: each slice's outcome in the previous run (``reusable``) and in this
+    # one (``outcomes``), keyed by what determines it (see _SliceOutcome). None: not kept.
+    reusable: Optional[Dict[int, "_SliceOutcome"]] = None
+    outcomes: Optional[Dict[int, "_SliceOutcome"]] = None
 
     def nearest_prototypes(self, index: int) -> Prototypes:
         seed = min(self.prototypes_by_seed, key=lambda s: (abs(s - index), s))
@@ -288,6 +293,40 @@ def crop_mask(mask: np.ndarray) -> CroppedMask:
     cols = np.flatnonzero(mask.any(axis=0))
     box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
     return CroppedMask(box[0], box[1], mask[box].astype(bool))
+
+
+@dataclass(frozen=True)
+class _SliceOutcome:
+    """One slice's result for one structure, with the signature of everything it depends on
+    besides the slice's own (cached, deterministic) encodings: the prototypes' values, the
+    slice's "not this structure" voxels and what the run keeps. A session's update reuses it
+    when the signature is unchanged: the same inputs through the same steps give the same bits,
+    so only slices whose nearest support (or negatives) changed are matched and decoded again."""
+
+    signature: bytes
+    mask: CroppedMask
+    prompts: list
+    prompt_masks: Optional[list]
+    probability: Optional[tuple]
+    evidence: object = None  # protosam.confidence's slice evidence, kept with the slice
+
+
+def _outcome_signature(prototypes: Prototypes, negative: Optional[np.ndarray], keep: bool,
+                       keep_probability: bool, known: Dict[int, bytes]) -> bytes:
+    """Digest of a slice's inputs besides its encodings (``known``: digests by prototypes id)."""
+    digest = known.get(id(prototypes))
+    if digest is None:
+        hasher = hashlib.blake2b(digest_size=16)
+        for tensor in (prototypes.background, prototypes.foreground):
+            hasher.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+            hasher.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        hasher.update(bytes([prototypes.foreground_is_local]))
+        digest = known[id(prototypes)] = hasher.digest()
+    hasher = hashlib.blake2b(digest, digest_size=16)
+    hasher.update(bytes([keep, keep_probability, negative is not None]))
+    if negative is not None:
+        hasher.update(np.packbits(negative).tobytes())
+    return hasher.digest()
 
 
 class _Progress:
@@ -472,22 +511,35 @@ def _propagate(engine: Engine, query_store: _SliceStore, structures: List[_Struc
     first, last = bounds
     query_shape = query_store.volume.shape
     plans = [_plan(s, first, last, use_auto_extent) for s in structures]
+    known_prototypes: Dict[int, bytes] = {}  # outcome signatures' prototype digests, by id
     tracker = _Progress(sum(len(p.fixed) + len(p.up) + len(p.down) for p in plans), progress)
 
     def run_slice(index: int, active: List[Tuple[_Structure, "_Plan"]], upcoming: Sequence[int]) -> Dict[int, bool]:
         if cancel is not None and cancel.is_set():
             raise CancelledError("Cancelled by the user; no result was written.")
-        features = query_store.features(index, upcoming)
+        features = None
         found = {}
         for position, (structure, _) in enumerate(active):
+            if structure.similar and features is None:  # "similar" picks supports by the slice's features
+                features = query_store.features(index, upcoming)
             prototypes = structure.prototypes_for(index, features)
             negative = None
             if structure.negatives is not None and structure.negatives[index].any():
                 negative = structure.negatives[index]
-                prototypes = with_background_examples(engine, prototypes, features, negative)
-            logits = engine.coarse_logits(prototypes, features[None])[0]
             keep = structure.prompt_masks is not None
             keep_probability = structure.probabilities is not None
+            signature = None
+            if structure.outcomes is not None:
+                signature = _outcome_signature(prototypes, negative, keep, keep_probability, known_prototypes)
+                previous = (structure.reusable or {}).get(index)
+                if previous is not None and previous.signature == signature:
+                    found[position] = _reuse_outcome(structure, index, previous)
+                    continue
+            if features is None:
+                features = query_store.features(index, upcoming)
+            if negative is not None:
+                prototypes = with_background_examples(engine, prototypes, features, negative)
+            logits = engine.coarse_logits(prototypes, features[None])[0]
             refined = engine.refine(logits, lambda: query_store.sam_embedding(index), keep_prompt_masks=keep,
                                     keep_probability=keep_probability, extra_negatives=negative)
             mask = engine.to_slice_size(refined.mask, query_shape[1:])
@@ -510,6 +562,12 @@ def _propagate(engine: Engine, query_store: _SliceStore, structures: List[_Struc
                     structure.probabilities[index] = (box.rows, box.cols, probability[box.rows, box.cols].copy())
                 else:
                     structure.probabilities.pop(index, None)
+            if signature is not None:
+                structure.outcomes[index] = _SliceOutcome(
+                    signature, crop_mask(mask), refined.prompts,
+                    structure.prompt_masks[index] if keep else None,
+                    structure.probabilities.get(index) if keep_probability else None,
+                    structure.evidence[index])
             found[position] = bool(mask.any())
         query_store.release(index)
         tracker.advance(len(active))
@@ -529,6 +587,26 @@ def _propagate(engine: Engine, query_store: _SliceStore, structures: List[_Struc
         _sweep(structures, plans, direction, run_slice, tracker, engine.preset.stop_after_empty)
         query_store.end_phase()
     tracker.finish()
+
+def _reuse_outcome(structure: _Structure, index: int, outcome: _SliceOutcome) -> bool:
+    """Fill ``structure``'s records for ``index`` from an earlier run's outcome; whether present."""
+    mask = np.zeros(structure.output.shape[1:], np.uint8)
+    outcome.mask.paint(mask)
+    structure.output[index] = mask
+    structure.processed.append(index)
+    structure.prompts[index] = outcome.prompts
+    if structure.prompt_masks is not None:
+        structure.prompt_masks[index] = outcome.prompt_masks
+    if structure.probabilities is not None:
+        if outcome.probability is None:
+            structure.probabilities.pop(index, None)
+        else:
+            structure.probabilities[index] = outcome.probability
+    if outcome.evidence is not None:
+        structure.evidence[index] = outcome.evidence
+    structure.outcomes[index] = outcome
+    return bool(outcome.mask.values.any())
+
 
 def _segment_oriented(engine, query_volume, support_volume, support_masks, *, query_ijk_to_ras,
                       support_ijk_to_ras, plane, support_slices, slice_range, negatives=None,

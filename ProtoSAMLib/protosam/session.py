@@ -168,6 +168,9 @@ class _StructureState:
     # and their encoder features for the session's engine (dropped when the engine changes).
     examples: List[Tuple[object, np.ndarray, np.ndarray]] = field(default_factory=list)
     example_features: Dict[int, torch.Tensor] = field(default_factory=dict)
+    # Per propagated slice, its outcome in the last run with what it depended on: an update
+    # matches and decodes again only the slices whose inputs changed (propagation._SliceOutcome).
+    outcomes: Dict[int, object] = field(default_factory=dict)
 
 
 def _resolved_slice(method):
@@ -271,6 +274,9 @@ class Session:
         with self._lock:
             if engine is not None:
                 self.engine = engine
+                # Another engine may round differently (device): decode every slice again.
+                for state in self.structures.values():
+                    state.outcomes = {}
                 if self._shares_engine_cache:
                     self.cache = engine.cache
             if volume is not None:
@@ -526,6 +532,7 @@ class Session:
                 combine_supports(prototypes, self.support_mode), np.zeros(self.volume.shape, np.uint8), [],
                 known_present=any(p.any() for p in state.fixed.values()), prompt_masks={},
                 negatives=state.negatives, probabilities={} if self.exclusive_structures else None,
+                reusable=state.outcomes, outcomes={},
             )
             if similar:
                 structure.similar, structure.similar_k = described, self.similar_k
@@ -540,6 +547,7 @@ class Session:
             state.prompts = {k: v for k, v in structure.prompts.items() if k not in state.fixed}
             state.prompt_masks = {k: v for k, v in structure.prompt_masks.items() if k not in state.fixed}
             state.probabilities = structure.probabilities
+            state.outcomes = structure.outcomes
 
     # ------------------------------------------------------------------ corrections
     @_resolved_slice

@@ -227,3 +227,20 @@ def test_corrections_benchmark_reports_its_figures(colin27, tmp_path, one_thread
     assert report["click_s"] == report["click_times_s"][0] > 0
     assert report["support_slice"] not in report["click_slices"]
     assert len(report["machine"]["load_average_start"]) == 3
+    assert 0 <= report["update_slices_run_again"] <= report["processed_slices"]
+
+
+def test_performance_page_tables_are_generated_from_the_recorded_results(tmp_path):
+    """docs/performance.md's tables are benchmarks/performance_tables.py's output for the
+    JSON in benchmarks/results/ (regenerate with --write); --check refuses a stale page."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import performance_tables
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert performance_tables.main(["--check"]) == 0, "run: python benchmarks/performance_tables.py --write"
+    stale = tmp_path / "performance.md"
+    stale.write_text(performance_tables.PAGE.read_text().replace("| phase |", "| stage |", 1))
+    assert performance_tables.main(["--check", "--page", str(stale)]) == 1
+    assert performance_tables.main(["--write", "--page", str(stale)]) == 0
+    assert performance_tables.main(["--check", "--page", str(stale)]) == 0

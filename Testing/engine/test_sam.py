@@ -243,3 +243,32 @@ def test_shared_image_decoder_gives_the_mask_decoders_bits(tiny_sam, multimask):
         assert shared._terms.embedding is embedding  # terms were shared, then renewed
     with pytest.raises(ValueError, match="one prompt set"):
         shared.decode(embedding, torch.cat([sparse, sparse]), multimask_output=True)
+
+
+def test_one_resize_gives_postprocess_masks_bits(tiny_sam):
+    """SamRefiner skips postprocess_masks' second, 1024 -> 1024 resize: its weights are exactly
+    1 and 0, so the logits (hence every thresholded mask) keep their bits."""
+    from protosam.models.sam import upsample_mask_logits
+
+    generator = torch.Generator().manual_seed(0)
+    for scale in (1e-3, 1.0, 30.0, 1e4):
+        logits = torch.randn(3, 1, 256, 256, generator=generator) * scale
+        expected = tiny_sam[0].postprocess_masks(logits, (1024, 1024), (1024, 1024))
+        assert torch.equal(upsample_mask_logits(logits), expected)
+
+
+def test_loading_assigns_the_checkpoint_tensors_without_a_random_model(tiny_sam):
+    """load_sam builds SAM on the meta device and takes the file's tensors: the same values as
+    segment-anything's build-then-copy, every tensor real and on the CPU, the pixel statistics
+    (not saved in the file) set."""
+    from protosam.models.sam import build_sam
+
+    sam, path = tiny_sam
+    reference = build_sam("sam_tiny")
+    reference.load_state_dict(torch.load(path, weights_only=True))
+    loaded = dict(sam.state_dict(keep_vars=True))
+    for name, expected in reference.state_dict(keep_vars=True).items():
+        assert loaded[name].device.type == "cpu" and torch.equal(loaded[name], expected), name
+        assert not loaded[name].requires_grad
+    for name in ("pixel_mean", "pixel_std"):
+        assert torch.equal(getattr(sam, name), getattr(reference, name))

@@ -128,10 +128,11 @@ def test_update_after_adding_a_support_encodes_nothing_and_equals_a_fresh_run(en
 
 def test_eviction_under_a_small_budget_gives_the_same_masks(engine, monkeypatch):
     volume, truth = _volume()
-    roomy = Session(engine, volume, modality="none")
+    # "all": the added support changes every slice's prototypes, so every slice runs again.
+    roomy = Session(engine, volume, modality="none", support_mode="all")
     roomy.start({"organ": truth}, support_slices={"organ": [5]})
     slice_bytes = roomy.cache.nbytes // SLICES
-    small = Session(engine, volume, modality="none", cache_bytes=3 * slice_bytes)
+    small = Session(engine, volume, modality="none", cache_bytes=3 * slice_bytes, support_mode="all")
     small.start({"organ": truth}, support_slices={"organ": [5]})
     assert small.cache.nbytes <= 3 * slice_bytes
     for session in (roomy, small):
@@ -139,6 +140,49 @@ def test_eviction_under_a_small_budget_gives_the_same_masks(engine, monkeypatch)
     counts = _count_encodings(engine, monkeypatch)
     np.testing.assert_array_equal(small.update("organ"), roomy.update("organ"))
     assert counts["dinov2"] >= SLICES - 3, "the small session had to encode evicted slices again"
+
+
+def _count_refined_slices(engine, monkeypatch):
+    refined = []
+    refine = engine.refine
+
+    def counting_refine(*args, **kwargs):
+        refined.append(1)
+        return refine(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "refine", counting_refine)
+    return refined
+
+
+def test_update_runs_again_only_the_slices_whose_support_changed(engine, monkeypatch):
+    """Nearest support: after adding slice 2 to support 5, only slices 0, 1 and 3 (nearer to 2)
+    change prototypes; the others keep their outcome (same inputs, same bits) without being
+    matched or decoded again, and the result still equals a fresh run's."""
+    volume, truth = _volume(two_parts=True)
+    session = Session(engine, volume, modality="none")
+    session.start({"organ": truth}, support_slices={"organ": [5]})
+    prompts_before = {k: session.structures["organ"].prompts[k] for k in (4, 6, 9)}
+    refined = _count_refined_slices(engine, monkeypatch)
+    session.add_support("organ", 2, truth[2])
+    updated = session.update("organ")
+    assert len(refined) == 3, "slices 0, 1 and 3 only"
+    fresh = segment_volume(engine, volume, None, {"organ": _painted(truth, [2, 5])},
+                           support_slices={"organ": [2, 5]}, modality="none")
+    np.testing.assert_array_equal(updated, fresh.masks["organ"])
+    for k, prompts in prompts_before.items():
+        assert session.structures["organ"].prompts[k] is prompts
+    # Negatives on slice 8 only: that slice alone runs again; dropping them restores it.
+    negatives = np.zeros(volume.shape, bool)
+    negatives[8, 15:30, 20:35] = True
+    session.set_negatives("organ", negatives)
+    refined.clear()
+    with_negatives = session.update("organ")
+    assert len(refined) == 1
+    assert not with_negatives[8][negatives[8]].any()
+    session.set_negatives("organ", None)
+    refined.clear()
+    np.testing.assert_array_equal(session.update("organ"), updated)
+    assert len(refined) == 1, "slice 8 again, with its earlier inputs"
 
 
 def test_hand_corrected_slices_survive_update(engine):

@@ -28,11 +28,15 @@ from .sam_memory import limit_global_attention_memory
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SamArchitecture", "SAM_ARCHITECTURES", "build_sam", "load_sam", "SamRefiner", "SAM_IMAGE_SIZE"]
+__all__ = ["SamArchitecture", "SAM_ARCHITECTURES", "build_sam", "load_sam", "SamRefiner", "SAM_IMAGE_SIZE",
+           "upsample_mask_logits"]
 
 SAM_IMAGE_SIZE = 1024
 MAX_PROMPTS_PER_CALL = 16
 _SAM_PATCH = 16
+# SAM's pixel normalisation (segment-anything's build_sam values).
+_PIXEL_MEAN = (123.675, 116.28, 103.53)
+_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 @dataclass(frozen=True)
@@ -117,18 +121,27 @@ def build_sam(name: str) -> Sam:
             iou_head_depth=3,
             iou_head_hidden_dim=arch.iou_head_hidden_dim,
         ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
+        pixel_mean=list(_PIXEL_MEAN),
+        pixel_std=list(_PIXEL_STD),
     )
     return sam.eval()
 
 
 def load_sam(name: str, checkpoint_path, device: str = "cpu") -> Sam:
     """Build the named SAM and load an official-format checkpoint (strict, weights only)."""
-    sam = build_sam(name)
     state_dict = load_state_dict(checkpoint_path)
+    # Built on the meta device and given the file's tensors (assign): no random initialisation
+    # and no second copy of the weights, which glibc's heap kept mapped after the copy (peak and
+    # resident memory one model higher).
+    with torch.device("meta"):
+        sam = build_sam(name)
     check_state_dict_matches(sam, state_dict, model_name=name, path=checkpoint_path)
-    sam.load_state_dict(state_dict, strict=True)
+    parameters = dict(sam.state_dict())
+    sam.load_state_dict({key: value.to(parameters[key].dtype).contiguous() for key, value in state_dict.items()},
+                        strict=True, assign=True)
+    # SAM's pixel statistics are not saved in the file (non-persistent buffers).
+    for buffer_name, values in (("pixel_mean", _PIXEL_MEAN), ("pixel_std", _PIXEL_STD)):
+        sam.register_buffer(buffer_name, torch.tensor(values).view(-1, 1, 1), False)
     sam.requires_grad_(False)
     return limit_global_attention_memory(sam).to(device).eval()
 
@@ -255,6 +268,17 @@ class SamRefiner:
             prob = torch.sigmoid(chosen)
             masks = F.interpolate(prob, size=(SAM_IMAGE_SIZE, SAM_IMAGE_SIZE), mode="bilinear", align_corners=False) > 0.5
         else:
-            full = self.sam.postprocess_masks(chosen, (SAM_IMAGE_SIZE, SAM_IMAGE_SIZE), (SAM_IMAGE_SIZE, SAM_IMAGE_SIZE))
-            masks = full > self.sam.mask_threshold
+            masks = upsample_mask_logits(chosen) > self.sam.mask_threshold
         return masks[:, 0], iou[rows, choice].tolist()
+
+
+def upsample_mask_logits(low_res: torch.Tensor) -> torch.Tensor:
+    """``Sam.postprocess_masks(low_res, (1024, 1024), (1024, 1024))`` with one resize instead of two.
+
+    There the second step crops nothing and resizes 1024 -> 1024 bilinearly: every output pixel
+    then sits exactly on its source pixel (source coordinate ``(i + 0.5) * 1 - 0.5 = i``), with
+    weights exactly 1 and 0, so it returns its input bit for bit (finite logits) after a full
+    pass over 4 MiB per mask. Skipping it gives the same bits; a test checks it against
+    segment-anything's own ``postprocess_masks``.
+    """
+    return F.interpolate(low_res, size=(SAM_IMAGE_SIZE, SAM_IMAGE_SIZE), mode="bilinear", align_corners=False)
