@@ -46,24 +46,29 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/batch_ray.py
   protosam/cache.py
   protosam/catalogue.py
-  protosam/confidence.py
   protosam/cli/__init__.py
   protosam/cli/batch.py
   protosam/cli/common.py
   protosam/cli/evaluate.py
+  protosam/cli/examples.py
   protosam/cli/serve.py
   protosam/cli/weights.py
   protosam/cli_common.py
   protosam/cohorts/__init__.py
   protosam/cohorts/batch.py
   protosam/cohorts/ray_cluster.py
+  protosam/confidence.py
   protosam/engine.py
   protosam/errors.py
   protosam/evaluation/__init__.py
   protosam/evaluation/abdominal.py
   protosam/evaluation/cli.py
+  protosam/evaluation/click_simulation.py
   protosam/evaluation/datasets.py
   protosam/evaluation/demo.py
+  protosam/evaluation/interactive.py
+  protosam/evaluation/interactive_metrics.py
+  protosam/evaluation/interactive_report.py
   protosam/evaluation/metrics.py
   protosam/evaluation/pictures.py
   protosam/evaluation/polyp.py
@@ -74,11 +79,17 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/evaluation/runner.py
   protosam/evaluation/sample_data.py
   protosam/evaluation/segment_report.py
+  protosam/examples/__init__.py
+  protosam/examples/bank.py
+  protosam/examples/runs.py
+  protosam/examples/sessions.py
   protosam/io.py
   protosam/models/__init__.py
   protosam/models/alpnet.py
   protosam/models/dinov2.py
+  protosam/models/refiners.py
   protosam/models/sam.py
+  protosam/models/sam2_refiner.py
   protosam/models/sam_decoder.py
   protosam/models/sam_memory.py
   protosam/models/vit_blocks.py
