@@ -320,7 +320,11 @@ def run_case(engine, case: InteractiveCase, options: TrackOptions, *, volume_ind
         try:
             # Step 0
             note = ""
-            from_bank = options.track == "cohort" and examples is not None and bool(examples.list(name))
+            # The bank's examples this run can use: taken along the cases' slice axis (0), as
+            # ExampleBank.supports(name, axis=0) selects them.
+            usable = [e for e in examples.list(name) if not e.plane and e.axis == 0] \
+                if options.track == "cohort" and examples is not None else []
+            from_bank = bool(usable)
             if options.track == "cvpr25":
                 if box is not None:
                     step0, interaction = (lambda: run.box(box)), "box"
@@ -332,7 +336,7 @@ def run_case(engine, case: InteractiveCase, options: TrackOptions, *, volume_ind
                 # Reading the bank (and encoding examples not cached yet) is part of the step,
                 # as it is of a user's propagation from a bank.
                 step0 = lambda: run.start_from_examples(examples.supports(name, axis=0, engine=engine))  # noqa: E731
-                interaction = f"examples:{len(examples.list(name))}"
+                interaction = f"examples:{len(usable)}"
             if step0 is None:
                 seconds, note = 0.0, "no box: the challenge scores this step 0"
             else:
