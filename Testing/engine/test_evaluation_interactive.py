@@ -10,9 +10,8 @@ import pytest
 
 from protosam.cli import main
 from protosam.errors import InputError
-from protosam.evaluation.click_simulation import ChallengeBox
-from protosam.evaluation.interactive import (Example, InteractiveCase, PassedExamples, discover_cases,
-                                             load_npz_case, support_volume_from_examples, write_challenge_npz,
+from protosam.evaluation.click_simulation import ChallengeBox, median_foreground_slice
+from protosam.evaluation.interactive import (InteractiveCase, discover_cases, load_npz_case, write_challenge_npz,
                                              write_colin27_cases)
 from protosam.evaluation.interactive_metrics import click_auc
 from protosam.evaluation.pseudo_scans import PseudoScanSpec
@@ -85,28 +84,70 @@ def test_cvpr25_track_on_a_challenge_npz_case(sample, model_args, tmp_path):
     assert "DSC_AUC" in stdout
 
 
-def test_cohort_track_grows_its_examples(sample, model_args, tmp_path):
+def test_cohort_track_grows_an_example_bank_and_starts_from_it(sample, model_args, tmp_path):
+    from protosam.cli import build_parser
+    from protosam.cli.common import engine_from_args
+    from protosam.evaluation.interactive_metrics import dice
+    from protosam.examples import ExampleBank
+    from protosam.session import Session
+
     data = tmp_path / "pairs"
     label_map = write_colin27_cases(sample, data, fmt="nifti",
                                     scans=(PseudoScanSpec("1", "L", 0), PseudoScanSpec("2", "R", 0)), **SMALL)
-    out = tmp_path / "out"
+    out, bank_folder = tmp_path / "out", tmp_path / "bank"
     # Two clicks per volume (--clicks) keep the test short; the cvpr25 test runs all five.
-    code, stdout = _run(["evaluate", "--interactive", "cohort", "--clicks", "2", "--data", str(data), "--label-map",
-                         json.dumps(label_map), "--out", str(out), *model_args])
+    argv = ["evaluate", "--interactive", "cohort", "--clicks", "2", "--data", str(data), "--label-map",
+            json.dumps(label_map), "--out", str(out), "--examples", str(bank_folder), *model_args]
+    code, stdout = _run(argv)
     assert code == 0, stdout
     steps = _rows(out / "per_step.csv")
     first = [r for r in steps if r["volume_index"] == "0"]
     second = [r for r in steps if r["volume_index"] == "1"]
     assert len(first) == len(second) == 3
     assert first[0]["interaction"] == "mask"
-    # The second volume starts from the first volume's examples: its z_mid slice and the
-    # slices its clicks corrected (those not empty).
-    examples = int(second[0]["interaction"].split(":")[1])
+    # The bank grew by volume 0's painted z_mid slice and the slices its clicks corrected
+    # (those that show the structure), then by volume 1's corrected slices.
+    bank = ExampleBank(bank_folder, create=False)
+    grown = json.loads((out / "results.json").read_text())["meta"]["examples_after_volume"]
+    examples = bank.list("thalamus")
+    assert len(examples) == grown[1] and 1 <= grown[0] <= grown[1] and set(bank.structures()) == {"thalamus"}
+    cases = discover_cases(data)
+    from_first = examples[:grown[0]]
+    assert {e.volume_hash for e in from_first} == {from_first[0].volume_hash}
+    z_mid = median_foreground_slice(cases[0].labels == 1)
     clicked = {int(r["click_zyx"].split()[0]) for r in first[1:] if r["click_zyx"]}
-    assert 1 <= examples <= len(clicked) + 1
+    assert {e.slice_index for e in from_first} <= clicked | {z_mid}
+    assert all(e.slice_count == 3 and e.axis == 0 for e in from_first)
+    clicked_second = {int(r["click_zyx"].split()[0]) for r in second[1:] if r["click_zyx"]}
+    assert {e.slice_index for e in examples[grown[0]:]} <= clicked_second
+    # Volume 1 started from the bank alone: the same as a user's session given those examples.
+    assert second[0]["interaction"] == f"examples:{grown[0]}"
+    engine = engine_from_args(build_parser().parse_args(argv))
+    supports = bank.supports("thalamus", axis=0, engine=engine)[:grown[0]]
+    session = Session(engine, cases[1].image, modality="auto")
+    try:
+        explicit = session.start({}, examples={1: supports})[1]
+    finally:
+        session.close()
+    assert float(second[0]["dsc"]) == pytest.approx(dice(explicit, cases[1].labels == 1), abs=1e-6)
     assert (out / "pictures" / "cohort_volumes.png").is_file()
-    assert "cohort: DSC against the volume index" in (out / "report.html").read_text() or \
-        "Cohort: DSC against the volume index" in (out / "report.html").read_text()
+    assert "ohort: DSC against the volume index" in (out / "report.html").read_text()
+    # The default bank is a temporary folder inside --out, gone after the run.
+    assert not [p for p in out.iterdir() if p.name.startswith(".cohort-bank-")]
+
+
+def test_cohort_bank_option_is_checked(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    assert main(["evaluate", "--interactive", "cvpr25", "--data", str(data), "--out", str(tmp_path / "o"),
+                 "--examples", str(tmp_path / "bank")]) != 0
+    assert "use it with --interactive cohort" in capsys.readouterr().err
+    assert main(["evaluate", "--interactive", "cohort", "--data", str(data), "--out", str(tmp_path / "o"),
+                 "--examples", str(data / "bank")]) != 0
+    assert "lies inside --data" in capsys.readouterr().err
+    assert main(["evaluate", "--interactive", "cohort", "--data", str(data), "--out", str(tmp_path / "b" / "o"),
+                 "--examples", str(tmp_path / "b")]) != 0
+    assert "inside the example bank" in capsys.readouterr().err
 
 
 def test_interactive_needs_data(tmp_path, capsys):
@@ -129,23 +170,6 @@ def test_npz_case_errors_say_what_is_wrong(tmp_path):
     np.savez(tmp_path / "CT_y.npz", imgs=labels, gts=labels, spacing=np.array([1.0, 0.0, 1.0]))
     with pytest.raises(InputError, match="three positive numbers"):
         load_npz_case(tmp_path / "CT_y.npz")
-
-
-def test_support_volume_places_examples_at_relative_positions():
-    image = np.arange(4 * 6 * 6, dtype=np.float32).reshape(4, 6, 6)
-    mask = np.zeros((6, 6), np.uint8)
-    mask[2:4, 2:4] = 1
-    examples = PassedExamples()
-    examples.add(1, Example("a", 1, 4, image[1], mask))   # slice 1 of 4 -> slice 2 of 7
-    examples.add(1, Example("b", 3, 4, image[3], mask))   # slice 3 of 4 -> slice 6 of 7
-    with pytest.raises(InputError, match="empty"):
-        examples.add(1, Example("c", 0, 4, image[0], np.zeros((6, 6))))
-    volume, support, slices = support_volume_from_examples(examples.supports(1), (7, 12, 12))
-    assert slices == [2, 6] and support.shape == (7, 12, 12)
-    assert support[2].sum() == 16 and support[6].sum() == 16 and support[[0, 1, 3, 4, 5]].sum() == 0
-    # Each slice repeats the nearest example's image (resized), so the volume looks like a scan.
-    assert np.allclose(volume[0], volume[2]) and np.allclose(volume[5], volume[6])
-    assert examples.supports(2) == [] and examples.count() == 2
 
 
 def test_nrrd_pairs_are_cases_with_their_spacing(tmp_path):

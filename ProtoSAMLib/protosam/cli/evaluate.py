@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -86,6 +88,17 @@ def check_interactive_paths(args) -> None:
         plan.read("--label-map", args.label_map)
     plan.write_folder("--out", out_dir, [out_dir / name for name in RESULT_FILES])
     plan.check()
+    if args.examples is not None:
+        if args.interactive not in ("cohort", "all"):
+            raise InputError("--examples BANK is the cohort track's example bank: use it with --interactive cohort "
+                             "(or all).")
+        bank, data = Path(args.examples).resolve(), Path(args.data).resolve()
+        if bank == data or data in bank.parents:
+            raise InputError(f"--examples {args.examples} lies inside --data: choose a bank folder outside the cases.")
+        out = out_dir.resolve()
+        if bank == out or bank in out.parents:
+            raise InputError(f"--out {args.out} would be written inside the example bank {args.examples}: a bank "
+                             "holds only its own files; choose another --out or bank folder.")
 
 
 def cmd_evaluate_interactive(args) -> int:
@@ -124,7 +137,17 @@ def cmd_evaluate_interactive(args) -> int:
     for track in tracks:
         options = TrackOptions(track, clicks=args.clicks, box_seed=None if args.no_box_jitter else 2025,
                                modality=args.engine_modality, class_names=names, classes=classes)
-        results.extend(run_track(engine, cases, options, progress=_print_progress))
+        if track != "cohort":
+            results.extend(run_track(engine, cases, options, progress=_print_progress))
+            continue
+        # The cohort's example bank: --examples, or a temporary one inside --out (removed after).
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as scratch:
+            bank = args.examples if args.examples is not None else Path(
+                scratch.enter_context(tempfile.TemporaryDirectory(prefix=".cohort-bank-", dir=args.out))) / "bank"
+            cohort = run_track(engine, cases, options, examples=bank, progress=_print_progress)
+        results.extend(cohort)
+        results.meta.update({key: cohort.meta[key] for key in ("examples_after_volume", "examples_bank")})
     results.meta.update({
         "tracks": list(tracks), "data": str(args.data), "cases": [c.name for c in cases],
         "models": {"dinov2": args.dinov2, "sam": args.sam, "input_size": args.input_size},
@@ -248,6 +271,10 @@ def add_subcommands(subparsers) -> None:
                              help="simulated clicks per class (the challenge's 5; at least 2, for the AUC)")
     interactive.add_argument("--no-box-jitter", action="store_true",
                              help="boxes made from labels (image/label pairs) without get_boxes.py's 0-5 px jitter")
+    interactive.add_argument("--examples", default=None, metavar="BANK",
+                             help="cohort track: the example bank folder ('protosam examples') the corrected slices "
+                                  "are added to and each next volume starts from (default: a temporary bank inside "
+                                  "--out, removed at the end)")
     interactive.add_argument("--report-notice", default=None, help=argparse.SUPPRESS)
     data.add_argument("--normalize", default="auto", choices=["auto", "dataset", "volume", "none"],
                       help="z-score with the fold's dataset statistics (CT), per volume (MRI), or not; "

@@ -15,12 +15,13 @@ Tracks (``protosam evaluate --interactive TRACK``):
 * ``one-shot``: step 0 is the ground-truth mask of the class on its ``z_mid`` slice of the
   same volume, propagated through the whole volume (no box, no slice range); then the same
   five clicks. (The ``realistic`` protocol instead takes its support from another scan.)
-* ``cohort``: the cases in order, as a user working through a cohort. The first volume starts
-  like ``one-shot`` (one example); every later volume starts from the examples collected so
-  far (the slices the user corrected on earlier volumes, with their final masks), then gets
-  the five clicks, and its corrected slices join the examples. Reported against the volume
-  index. The examples are passed explicitly (:class:`PassedExamples`); anything with the same
-  two methods (``supports`` and ``add``), such as an example bank, can replace it.
+* ``cohort``: the cases in order, as a user working through a cohort with an example bank
+  (:class:`protosam.examples.ExampleBank`). The first volume starts like ``one-shot`` (one
+  example) unless the bank already holds examples of the class; every later volume starts from
+  the bank alone (``Session.start(..., examples=bank.supports(...))``, as a user propagating
+  from a bank does), then gets the five clicks, and its painted and corrected slices, with
+  their final masks, are added to the bank (``add_session_slices``). Reported against the
+  volume index.
 
 Classes are segmented as separate structures (as segments in Slicer); the clicks of a class
 are placed on its own mask. The challenge scores one label map; with non-overlapping masks
@@ -32,10 +33,9 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from scipy import ndimage
 
 from ..errors import InputError
 from .click_simulation import ChallengeBox, challenge_boxes, median_foreground_slice, simulate_click
@@ -203,81 +203,6 @@ class InteractiveResults:
         self.cases += other.cases
 
 
-# ---------------------------------------------------------------------------- examples for the cohort
-@dataclass(frozen=True)
-class Example:
-    """A corrected slice kept as an example: ``image`` and ``mask`` ``[H, W]`` of slice
-    ``index`` of a volume with ``depth`` slices."""
-
-    case: str
-    index: int
-    depth: int
-    image: np.ndarray
-    mask: np.ndarray
-
-
-class ExampleSource(Protocol):
-    """What the cohort track needs from a store of examples (an example bank can be one)."""
-
-    def supports(self, class_value: int) -> List[Example]:
-        ...
-
-    def add(self, class_value: int, example: Example) -> None:
-        ...
-
-
-class PassedExamples:
-    """Examples held in memory and passed explicitly, newest last."""
-
-    def __init__(self):
-        self._examples: Dict[int, List[Example]] = {}
-
-    def supports(self, class_value: int) -> List[Example]:
-        return list(self._examples.get(int(class_value), []))
-
-    def add(self, class_value: int, example: Example) -> None:
-        if not np.asarray(example.mask).any():
-            raise InputError(f"An example of class {class_value} from {example.case} slice {example.index} is empty.")
-        self._examples.setdefault(int(class_value), []).append(example)
-
-    def count(self) -> int:
-        return sum(len(v) for v in self._examples.values())
-
-
-def _resized(array: np.ndarray, hw: Tuple[int, int], order: int) -> np.ndarray:
-    if array.shape == tuple(hw):
-        return array
-    factors = (hw[0] / array.shape[0], hw[1] / array.shape[1])
-    out = ndimage.zoom(array.astype(np.float32), factors, order=order)
-    fixed = np.zeros(hw, np.float32)  # zoom may round one pixel short or long
-    fixed[:min(hw[0], out.shape[0]), :min(hw[1], out.shape[1])] = out[:hw[0], :hw[1]]
-    return fixed
-
-
-def support_volume_from_examples(examples: Sequence[Example], shape: Tuple[int, int, int]):
-    """One support volume of the query's ``shape`` holding the examples: each example sits at
-    the slice of the same relative position (what ``segment_volume`` does across volumes; a
-    newer example wins a shared position) and fills the slices up to the next one, so the
-    volume's intensity statistics are those of real slices. Returns (volume, mask, slices)."""
-    depth = shape[0]
-    placed: Dict[int, Example] = {}
-    for example in examples:
-        seed = int(round(example.index * (depth - 1) / max(example.depth - 1, 1)))
-        placed[seed] = example
-    if not placed:
-        raise InputError("No examples to build a support from.")
-    seeds = sorted(placed)
-    volume = np.zeros(shape, np.float32)
-    mask = np.zeros(shape, np.uint8)
-    for z in range(depth):
-        nearest = min(seeds, key=lambda s: (abs(s - z), s))
-        volume[z] = _resized(np.asarray(placed[nearest].image, np.float32), shape[1:], 1)
-    for seed in seeds:
-        mask[seed] = _resized(np.asarray(placed[seed].mask, np.float32), shape[1:], 0) > 0.5
-    usable = [s for s in seeds if mask[s].any()]
-    return volume, mask, usable
-
-
 # ---------------------------------------------------------------------------- the runner
 @dataclass
 class TrackOptions:
@@ -339,9 +264,8 @@ class _ClassRun:
         self.started = True
         return ""
 
-    def start_from_examples(self, volume, mask, slices) -> str:
-        self.prediction = self.session.start({self.value: mask}, support_volume=volume,
-                                             support_slices={self.value: slices})[self.value]
+    def start_from_examples(self, supports) -> str:
+        self.prediction = self.session.start({}, examples={self.value: supports})[self.value]
         self.started = True
         return ""
 
@@ -366,9 +290,9 @@ def _scores(prediction, truth, spacing) -> Tuple[float, float, float]:
 
 
 def run_case(engine, case: InteractiveCase, options: TrackOptions, *, volume_index: int = 0,
-             examples: Optional[ExampleSource] = None,
-             progress: Optional[Callable[[str], None]] = None) -> InteractiveResults:
-    """All classes of one case through the track's steps."""
+             examples=None, progress: Optional[Callable[[str], None]] = None) -> InteractiveResults:
+    """All classes of one case through the track's steps; ``examples``: the cohort track's
+    :class:`protosam.examples.ExampleBank` (a class is the bank structure of its name)."""
     if options.track not in TRACKS:
         raise InputError(f"Unknown interactive track {options.track!r}: choose one of {', '.join(TRACKS)}.")
     present = case.classes
@@ -396,20 +320,23 @@ def run_case(engine, case: InteractiveCase, options: TrackOptions, *, volume_ind
         try:
             # Step 0
             note = ""
-            support = None
-            if options.track == "cohort" and examples is not None and examples.supports(value):
-                support = support_volume_from_examples(examples.supports(value), case.labels.shape)
-                if not support[2]:
-                    support = None  # every example vanished when resized: start as volume 0 did
+            # The bank's examples this run can use: taken along the cases' slice axis (0), as
+            # ExampleBank.supports(name, axis=0) selects them.
+            usable = [e for e in examples.list(name) if not e.plane and e.axis == 0] \
+                if options.track == "cohort" and examples is not None else []
+            from_bank = bool(usable)
             if options.track == "cvpr25":
                 if box is not None:
                     step0, interaction = (lambda: run.box(box)), "box"
                 else:
                     step0, interaction = None, "none"
-            elif support is None:
+            elif not from_bank:
                 step0, interaction = (lambda: run.start_from_mask(z_mid)), "mask"
             else:
-                step0, interaction = (lambda: run.start_from_examples(*support)), f"examples:{len(support[2])}"
+                # Reading the bank (and encoding examples not cached yet) is part of the step,
+                # as it is of a user's propagation from a bank.
+                step0 = lambda: run.start_from_examples(examples.supports(name, axis=0, engine=engine))  # noqa: E731
+                interaction = f"examples:{len(usable)}"
             if step0 is None:
                 seconds, note = 0.0, "no box: the challenge scores this step 0"
             else:
@@ -442,11 +369,8 @@ def run_case(engine, case: InteractiveCase, options: TrackOptions, *, volume_ind
                                        interaction, zyx, positive, dsc, nsd, nsd_raw, seconds, note or ""))
                 if progress:
                     progress(f"[{options.track}] {case.name} class {name} step {step}: DSC {dsc:.3f} NSD {nsd:.3f}")
-            if examples is not None:
-                for z in sorted(set(run.clicked_slices) | ({z_mid} if volume_index == 0 else set())):
-                    if run.prediction[z].any():
-                        examples.add(value, Example(case.name, z, case.labels.shape[0],
-                                                    np.asarray(case.image[z], np.float32), run.prediction[z].copy()))
+            if examples is not None and options.track == "cohort":
+                _add_to_bank(examples, run, name)
         finally:
             run.close()
         results.steps += rows
@@ -474,20 +398,45 @@ def run_case(engine, case: InteractiveCase, options: TrackOptions, *, volume_ind
     return results
 
 
+def _add_to_bank(bank, run: "_ClassRun", name: str) -> None:
+    """The user's "add to the bank" after a volume: its painted and corrected slices that show
+    the structure, with their final masks (none when nothing was fixed or all are empty)."""
+    from ..examples import add_session_slices
+
+    if not run.started or not run.session.fixed_slices(run.value):
+        return
+    try:
+        add_session_slices(bank, run.session, run.value, name)
+    except InputError as error:  # every fixed slice empty: nothing to teach
+        logger.info("%s: %s", run.case.name, error)
+
+
 def run_track(engine, cases: Sequence[InteractiveCase], options: TrackOptions, *,
-              examples: Optional[ExampleSource] = None,
-              progress: Optional[Callable[[str], None]] = None) -> InteractiveResults:
-    """Every case through one track; the cohort track shares ``examples`` (default: a new
-    :class:`PassedExamples`) across the cases in order."""
+              examples=None, progress: Optional[Callable[[str], None]] = None) -> InteractiveResults:
+    """Every case through one track. The cohort track works with the example bank
+    ``examples`` (a :class:`protosam.examples.ExampleBank`, or its folder; default: a new bank
+    in a temporary folder, deleted at the end) across the cases in order."""
+    import tempfile
+
+    from ..examples import ExampleBank
+
     results = InteractiveResults()
-    if options.track == "cohort" and examples is None:
-        examples = PassedExamples()
-    for index, case in enumerate(cases):
-        results.extend(run_case(engine, case, options, volume_index=index,
-                                examples=examples if options.track == "cohort" else None, progress=progress))
-    results.meta["track"] = options.track
-    if options.track == "cohort":
-        results.meta["examples_at_end"] = examples.count() if hasattr(examples, "count") else None
+    if options.track != "cohort":
+        for index, case in enumerate(cases):
+            results.extend(run_case(engine, case, options, volume_index=index, progress=progress))
+        results.meta["track"] = options.track
+        return results
+    with tempfile.TemporaryDirectory(prefix="protosam-cohort-bank-") as scratch:
+        bank = examples if isinstance(examples, ExampleBank) else ExampleBank(Path(scratch) / "bank" if examples is None
+                                                                              else examples)
+        grown = []
+        for index, case in enumerate(cases):
+            results.extend(run_case(engine, case, options, volume_index=index, examples=bank, progress=progress))
+            grown.append(len(bank.list()))
+        results.meta["track"] = options.track
+        results.meta["examples_after_volume"] = grown
+        results.meta["examples_at_end"] = grown[-1] if grown else len(bank.list())
+        results.meta["examples_bank"] = None if examples is None else str(bank.folder)
     return results
 
 
