@@ -86,10 +86,11 @@ def test_pytorch_utils_absent_gives_instructions():
 
 def test_setup_modules_import_without_torch():
     """The module must load in a Slicer without torch: first-run setup installs it. Of the
-    engine package only the torch-free model catalogue (and the package's lazy __init__) loads."""
+    engine package only the torch-free model catalogue, the precision names the settings offer,
+    the errors (and the package's lazy __init__) load."""
     code = ("import sys; sys.path.insert(0, 'ProtoSAMSlicer/ProtoSAM');"
             "import ProtoSAMSlicerLib, ProtoSAMSlicerLib.dependencies, ProtoSAMSlicerLib.settings;"
-            "light = ('protosam', 'protosam.catalogue', 'protosam.errors');"
+            "light = ('protosam', 'protosam.catalogue', 'protosam.errors', 'protosam.precision');"
             "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'protosam', 'numpy', 'vtk')"
             " and m not in light];"
             "print(heavy); sys.exit(1 if heavy else 0)")
