@@ -33,6 +33,17 @@ def colin27():
     return image, labels
 
 
+@pytest.fixture(scope="session")
+def sample():
+    """Colin27/AAL as the evaluation code finds it (``protosam.evaluation.sample_data``)."""
+    from protosam.evaluation.sample_data import find_installed_sample
+
+    found = find_installed_sample()
+    if found is None:
+        pytest.fail("Colin27/AAL not found: install Debian's mricron-data (apt-get install mricron-data).")
+    return found
+
+
 @pytest.fixture
 def one_thread():
     """The tiny models' small kernels run faster on one thread (and suffer less from busy cores)."""

@@ -20,18 +20,10 @@ from PIL import Image
 
 from protosam.cli import main
 from protosam.evaluation.pseudo_scans import PseudoScanSpec, build_pseudo_dataset
-from protosam.evaluation.sample_data import find_installed_sample
 
 SCANS = (PseudoScanSpec("1", "L", 0), PseudoScanSpec("2", "L", 1), PseudoScanSpec("3", "R", 0))
 LABELS = {"spleen": 1, "right_kidney": 2}
 
-
-@pytest.fixture(scope="module")
-def sample():
-    found = find_installed_sample()
-    if found is None:
-        pytest.fail("Colin27/AAL not found: install Debian's mricron-data (apt-get install mricron-data).")
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -15,20 +15,12 @@ from protosam.evaluation.interactive import (InteractiveCase, discover_cases, lo
                                              write_colin27_cases)
 from protosam.evaluation.interactive_metrics import click_auc
 from protosam.evaluation.pseudo_scans import PseudoScanSpec
-from protosam.evaluation.sample_data import find_installed_sample
 from protosam.testing import write_tiny_checkpoints
 
 THALAMUS = {"thalamus": ("Thalamus",)}
 #: 3 slices (even axial slices 84..88) x 32 rows x 90 columns per hemisphere: small, to keep CI fast.
 SMALL = {"slice_range": (84, 90), "row_range": (90, 122), "structures": THALAMUS}
 
-
-@pytest.fixture(scope="module")
-def sample():
-    found = find_installed_sample()
-    if found is None:
-        pytest.fail("Colin27/AAL not found: install Debian's mricron-data (apt-get install mricron-data).")
-    return found
 
 
 @pytest.fixture(scope="module")
