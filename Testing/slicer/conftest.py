@@ -141,18 +141,6 @@ def editor(scene, slicerApp, editedVolume):
 SLICER_MODULES = ("ProtoSAM", "SegmentEditorProtoSAM")
 
 
-def addSliceNode(scene, layoutName, orientation="Axial"):
-    """A slice view's node with the ID the application's layout gives it (vtkMRMLSliceNode<Name>)."""
-    slicer = require_slicer_core()
-    node = slicer.vtkMRMLSliceNode()
-    node.SetSingletonTag(layoutName)
-    node.SetLayoutName(layoutName)
-    node.SetName(layoutName)
-    node.SetOrientation(orientation)
-    scene.AddNode(node)
-    return node
-
-
 @pytest.fixture
 def slicerApp(scene, tmp_path, tinyModels, markupsLogic):
     """The stand-in application (slicer_app_standins) with the user's settings choosing the tiny
@@ -161,6 +149,7 @@ def slicerApp(scene, tmp_path, tinyModels, markupsLogic):
     import slicer_app_standins as standins
 
     slicer = require_slicer_core()
+    from slicer_mrml_helpers import addSliceNode
     uninstall = standins.install(tmp_path / "settings")
     for name in SLICER_MODULES:
         sys.modules.pop(name, None)

@@ -8,6 +8,17 @@ import numpy as np
 import slicer
 
 
+def addSliceNode(scene, layoutName, orientation="Axial"):
+    """A slice view's node with the ID the application's layout gives it (vtkMRMLSliceNode<Name>)."""
+    node = slicer.vtkMRMLSliceNode()
+    node.SetSingletonTag(layoutName)
+    node.SetLayoutName(layoutName)
+    node.SetName(layoutName)
+    node.SetOrientation(orientation)
+    scene.AddNode(node)
+    return node
+
+
 def sceneWithLogics():
     """A new MRML scene with the logics Slicer's modules register, and ``slicer.modules``-like
     access to them: (scene, modules). Set both as ``slicer.mrmlScene`` / ``slicer.modules`` to

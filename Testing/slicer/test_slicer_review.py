@@ -5,25 +5,13 @@ slice, through the volume's IJK-to-RAS matrix and its parent transform."""
 import numpy as np
 import pytest
 
-import slicer
 from ProtoSAMSlicerLib import geometry, mrml_io, review
 from ProtoSAMSlicerLib.logic import PropagationResult, sliceViewGeometry
-from slicer_mrml_helpers import addSegmentation, addVolume, homogeneous, ijkToRasFrom, rotationMatrix
+from slicer_mrml_helpers import addSegmentation, addSliceNode, addVolume, homogeneous, ijkToRasFrom, rotationMatrix
 
 SHAPE = (7, 10, 12)  # K, J, I
 LPS = np.diag([-1.0, -1.0, 1.0])
 NAN = np.nan
-
-
-def addSliceNode(scene, layoutName, orientation):
-    """A slice view's node as the application's layout makes it (vtkMRMLSliceNode<Name>)."""
-    node = slicer.vtkMRMLSliceNode()
-    node.SetSingletonTag(layoutName)
-    node.SetLayoutName(layoutName)
-    node.SetName(layoutName)
-    node.SetOrientation(orientation)
-    scene.AddNode(node)
-    return node
 
 
 def _result(scene, name, scores, volumeConfidence, parentTransform=None, sliceAxis=None):
