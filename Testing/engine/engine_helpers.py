@@ -45,3 +45,24 @@ def segment_volume_request(models, volume, mask, cache_bytes: int = 0):
 def bearer(server, user: str = "alice"):
     """HTTP headers authenticating ``user`` on a protosam.testing.start_server process."""
     return {"Authorization": f"Bearer {server.tokens[user]}"}
+
+
+def run_cli(argv):
+    """``protosam.cli.main(argv)`` -> (exit code, what it printed on stdout)."""
+    import contextlib
+    import io
+
+    from protosam.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(argv)
+    return code, out.getvalue()
+
+
+def csv_rows(path):
+    """The rows of a CSV file with a header, as dicts."""
+    import csv
+
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))

@@ -7,9 +7,6 @@ here by hand from the saved predictions and the label files.
 """
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
 import json
 import random
 
@@ -18,8 +15,8 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from protosam.cli import main
 from protosam.evaluation.pseudo_scans import PseudoScanSpec, build_pseudo_dataset
+from engine_helpers import csv_rows, run_cli
 
 SCANS = (PseudoScanSpec("1", "L", 0), PseudoScanSpec("2", "L", 1), PseudoScanSpec("3", "R", 0))
 LABELS = {"spleen": 1, "right_kidney": 2}
@@ -34,18 +31,6 @@ def model_args(tiny_models):
     return ["--dinov2", tiny_models.dinov2, "--dinov2-checkpoint", tiny_models.dinov2_checkpoint,
             "--sam", tiny_models.sam, "--sam-checkpoint", tiny_models.sam_checkpoint,
             "--input-size", str(tiny_models.input_size), "--device", "cpu", "--cca"]
-
-
-def _run(argv):
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(argv)
-    return code, out.getvalue()
-
-
-def _rows(path):
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def _array(path):
@@ -64,7 +49,7 @@ def evaluation(sample, model_args, tmp_path_factory):
     build_pseudo_dataset(sample, data, slice_range=(82, 94), scans=SCANS,
                          stand_ins={"spleen": ("Thalamus",), "right_kidney": ("Putamen",)})
     out = tmp_path_factory.mktemp("evaluation")
-    code, stdout = _run(["evaluate", "--data", str(data), "--support-scan", "1", "--organs", "spleen,right_kidney",
+    code, stdout = run_cli(["evaluate", "--data", str(data), "--support-scan", "1", "--organs", "spleen,right_kidney",
                          "--protocol", "both", "--save-masks", "--seed", "7", "--preset", "paper",
                          "--out", str(out), *model_args])
     assert code == 0, stdout
@@ -83,7 +68,7 @@ def test_paper_protocol_slice_choices_by_hand(evaluation):
     data, out, _ = evaluation
     spleen_support = np.flatnonzero((_array(data / "label_1.nii.gz") == 1).any(axis=(1, 2))).tolist()
     assert spleen_support == [0, 1, 2, 3, 4]  # thalamus (z 70..91) on z 82..90 -> even slices 0..4
-    rows = [r for r in _rows(out / "per_scan.csv") if r["protocol"] == "paper"]
+    rows = [r for r in csv_rows(out / "per_scan.csv") if r["protocol"] == "paper"]
     assert sorted((r["organ"], r["scan_id"]) for r in rows) == [
         ("right_kidney", "2"), ("right_kidney", "3"), ("spleen", "2"), ("spleen", "3")]
     for row in rows:
@@ -93,7 +78,7 @@ def test_paper_protocol_slice_choices_by_hand(evaluation):
         else:
             # putamen (z 61..87) on z 82, 84, 86 -> slices 0..2: int(0.5)=0, int(1.5)=1, int(2.5)=2
             assert row["support_slices"] == "0 1 2"
-    query_2 = [r for r in _rows(out / "per_slice.csv") if r["protocol"] == "paper" and r["organ"] == "spleen"
+    query_2 = [r for r in csv_rows(out / "per_slice.csv") if r["protocol"] == "paper" and r["organ"] == "spleen"
                and r["scan_id"] == "2"]
     # Query scan 2: thalamus on slices 0..4 (z 83..91); parts z // (4 / 3), clipped: 0 0 1 2 2
     assert [(int(r["slice_index"]), int(r["chunk"]), int(r["support_slice"])) for r in query_2] == [
@@ -102,8 +87,8 @@ def test_paper_protocol_slice_choices_by_hand(evaluation):
 
 def test_dice_values_recomputed_from_saved_masks(evaluation):
     data, out, _ = evaluation
-    slices = _rows(out / "per_slice.csv")
-    for row in _rows(out / "per_scan.csv"):
+    slices = csv_rows(out / "per_slice.csv")
+    for row in csv_rows(out / "per_scan.csv"):
         organ, scan_id, protocol = row["organ"], row["scan_id"], row["protocol"]
         gt = _array(data / f"label_{scan_id}.nii.gz") == LABELS[organ]
         prediction = _array(out / "masks" / f"{protocol}_{organ}_scan{scan_id}.nii.gz")
@@ -133,8 +118,8 @@ def test_dice_values_recomputed_from_saved_masks(evaluation):
 
 def test_summary_aggregates_and_json_meta(evaluation):
     _, out, _ = evaluation
-    slices, scans = _rows(out / "per_slice.csv"), _rows(out / "per_scan.csv")
-    summary = {(r["protocol"], r["organ"]): r for r in _rows(out / "summary.csv")}
+    slices, scans = csv_rows(out / "per_slice.csv"), csv_rows(out / "per_scan.csv")
+    summary = {(r["protocol"], r["organ"]): r for r in csv_rows(out / "summary.csv")}
     assert set(summary) == {(p, o) for p in ("paper", "realistic") for o in ("spleen", "right_kidney", "mean")}
     for protocol in ("paper", "realistic"):
         for organ in LABELS:
@@ -180,9 +165,9 @@ def test_pictures_exist_with_sane_size_and_overlays(evaluation):
 
 
 def test_evaluate_reports_usage_errors(tmp_path, model_args):
-    code, _ = _run(["evaluate", "--out", str(tmp_path), *model_args])
+    code, _ = run_cli(["evaluate", "--out", str(tmp_path), *model_args])
     assert code == 1
-    code, _ = _run(["evaluate", "--data", str(tmp_path), "--out", str(tmp_path), *model_args])
+    code, _ = run_cli(["evaluate", "--data", str(tmp_path), "--out", str(tmp_path), *model_args])
     assert code == 1  # no scans there
 
 
@@ -195,16 +180,16 @@ def test_polyp_mode_on_real_2d_images(sample, model_args, tmp_path):
         Image.fromarray(image[k].astype(np.uint8)).save(tmp_path / "images" / f"case{k}.png")
         Image.fromarray(((atlas[k] == 77) * 255).astype(np.uint8)).save(tmp_path / "masks" / f"case{k}.png")
     out = tmp_path / "out"
-    code, stdout = _run(["evaluate", "--polyp-images", str(tmp_path / "images"), "--polyp-masks",
+    code, stdout = run_cli(["evaluate", "--polyp-images", str(tmp_path / "images"), "--polyp-masks",
                          str(tmp_path / "masks"), "--seed", "3", "--name", "colin", "--out", str(out), *model_args])
     assert code == 0, stdout
     names = ["case80", "case84", "case88"]
     support = names[random.Random(3).randrange(3)]
     meta = json.loads((out / "results.json").read_text())["meta"]
     assert meta["support_scan"] == support and meta["seed"] == 3
-    rows = _rows(out / "per_scan.csv")
+    rows = csv_rows(out / "per_scan.csv")
     assert sorted(r["scan_id"] for r in rows) == sorted(n for n in names if n != support)
-    summary = _rows(out / "summary.csv")[0]
+    summary = csv_rows(out / "summary.csv")[0]
     assert float(summary["dice_2d"]) == pytest.approx(np.mean([float(r["dice_2d_mean"]) for r in rows]), abs=1e-6)
     assert "Dice, mean over images" in stdout and "colin" in stdout
     assert (out / "pictures" / "polyp_colin.png").is_file()
@@ -212,7 +197,7 @@ def test_polyp_mode_on_real_2d_images(sample, model_args, tmp_path):
 
 def test_demo_end_to_end(sample, model_args, tmp_path):
     out = tmp_path / "demo"
-    code, stdout = _run(["demo", "--out", str(out), "--structures", "Thalamus_L", "--slices", "85:87",
+    code, stdout = run_cli(["demo", "--out", str(out), "--structures", "Thalamus_L", "--slices", "85:87",
                          "--no-sample-download", *model_args])
     assert code == 0, stdout
     segmentation = sitk.ReadImage(str(out / "demo_segmentation.nii.gz"))

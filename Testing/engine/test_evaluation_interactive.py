@@ -1,8 +1,5 @@
 """``protosam evaluate --interactive``: the CVPR 2025 tracks end to end (real Colin27 + AAL
 cases, tiny random-weight models, ProtoSAM's Session), and the pieces they are made of."""
-import contextlib
-import csv
-import io
 import json
 
 import numpy as np
@@ -16,6 +13,7 @@ from protosam.evaluation.interactive import (InteractiveCase, discover_cases, lo
 from protosam.evaluation.interactive_metrics import click_auc
 from protosam.evaluation.pseudo_scans import PseudoScanSpec
 from protosam.testing import write_tiny_checkpoints
+from engine_helpers import csv_rows, run_cli
 
 THALAMUS = {"thalamus": ("Thalamus",)}
 #: 3 slices (even axial slices 84..88) x 32 rows x 90 columns per hemisphere: small, to keep CI fast.
@@ -31,28 +29,16 @@ def model_args(tmp_path_factory):
             "--preset", "default"]
 
 
-def _run(argv):
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(argv)
-    return code, out.getvalue()
-
-
-def _rows(path):
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def test_cvpr25_track_on_a_challenge_npz_case(sample, model_args, tmp_path):
     data = tmp_path / "npz"
     label_map = write_colin27_cases(sample, data, fmt="npz", scans=(PseudoScanSpec("1", "L", 0),), **SMALL)
     (case,) = discover_cases(data)
     assert case.from_npz and case.modality == "MR" and case.boxes is not None and case.image.shape == (3, 32, 90)
     out = tmp_path / "out"
-    code, stdout = _run(["evaluate", "--interactive", "cvpr25", "--data", str(data), "--label-map",
+    code, stdout = run_cli(["evaluate", "--interactive", "cvpr25", "--data", str(data), "--label-map",
                          json.dumps(label_map), "--out", str(out), *model_args])
     assert code == 0, stdout
-    steps = _rows(out / "per_step.csv")
+    steps = csv_rows(out / "per_step.csv")
     assert [int(r["step"]) for r in steps] == [0, 1, 2, 3, 4, 5]
     assert steps[0]["interaction"] == "box" and {r["class_name"] for r in steps} == {"thalamus"}
     truth = case.labels == 1
@@ -63,7 +49,7 @@ def test_cvpr25_track_on_a_challenge_npz_case(sample, model_args, tmp_path):
             # A positive click lands on the structure, a negative one off it.
             assert truth[zyx] == (row["interaction"] == "click+") == (row["click_positive"] == "True")
         assert 0.0 <= float(row["dsc"]) <= 1.0 and float(row["seconds"]) >= 0.0
-    (summary,) = _rows(out / "per_case.csv")
+    (summary,) = csv_rows(out / "per_case.csv")
     dscs = [float(v) for v in summary["dsc"].split()]
     assert dscs == pytest.approx([float(r["dsc"]) for r in steps], abs=1e-6)
     assert float(summary["dsc_auc"]) == pytest.approx(click_auc(dscs), abs=1e-5)
@@ -90,9 +76,9 @@ def test_cohort_track_grows_an_example_bank_and_starts_from_it(sample, model_arg
     # Two clicks per volume (--clicks) keep the test short; the cvpr25 test runs all five.
     argv = ["evaluate", "--interactive", "cohort", "--clicks", "2", "--data", str(data), "--label-map",
             json.dumps(label_map), "--out", str(out), "--examples", str(bank_folder), *model_args]
-    code, stdout = _run(argv)
+    code, stdout = run_cli(argv)
     assert code == 0, stdout
-    steps = _rows(out / "per_step.csv")
+    steps = csv_rows(out / "per_step.csv")
     first = [r for r in steps if r["volume_index"] == "0"]
     second = [r for r in steps if r["volume_index"] == "1"]
     assert len(first) == len(second) == 3
