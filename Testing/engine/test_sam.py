@@ -216,9 +216,10 @@ def test_head_chunked_global_attention_gives_the_same_embedding_up_to_rounding(t
 
 
 @pytest.mark.parametrize("multimask", [True, False])
-def test_shared_image_decoder_gives_the_mask_decoders_bits(tiny_sam, multimask):
+def test_shared_image_decoder_equals_the_mask_decoder(tiny_sam, multimask):
     """One prompt set per call with the image-only terms shared: the stock decoder's logits
-    and scores exactly, for several prompt sets on the same embedding and on a new one."""
+    and scores (up to float32 rounding), for several prompt sets on the same embedding and on a
+    new one."""
     from protosam.models.sam_decoder import SharedImageDecoder
 
     sam = tiny_sam[0]
@@ -239,7 +240,13 @@ def test_shared_image_decoder_gives_the_mask_decoders_bits(tiny_sam, multimask):
                 )
             got = shared.decode(embedding, sparse, multimask_output=multimask)
             assert got[0].shape == expected[0].shape and got[1].shape == expected[1].shape
-            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+            # The shared decoder hands its products row-major tokens where segment-anything hands
+            # a permuted view, so the matrix library may run another kernel (a transposed operand)
+            # with another summation order on another CPU: equal up to float32 rounding, bounded
+            # at 64 epsilons of the largest value (bit-equal on the machines measured so far).
+            for ours, stock in zip(got, expected):
+                bound = 64 * torch.finfo(torch.float32).eps * max(float(stock.abs().max()), 1.0)
+                assert float((ours - stock).abs().max()) <= bound
         assert shared._terms.embedding is embedding  # terms were shared, then renewed
     with pytest.raises(ValueError, match="one prompt set"):
         shared.decode(embedding, torch.cat([sparse, sparse]), multimask_output=True)
