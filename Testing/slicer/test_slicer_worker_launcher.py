@@ -73,7 +73,8 @@ def test_kill_and_shutdown_end_the_interpreter_behind_the_launcher(launcher, sli
         assert workerPid != launcherPid and processAlive(workerPid)  # the interpreter is the launcher's child
         client.kill()
         assert waitGone(workerPid), "kill() left the worker's interpreter running"
-        client.poll()  # sees the worker gone; the next request starts a new one
+        # No poll in between: the old worker's end of file may still be on its way (loopback TCP
+        # delivers it asynchronously); the next request must start a new worker, not fail on it.
         # A worker that answers nothing (stopped like one stuck in a GIL-holding call): shutdown
         # gives up after its timeout and kills the interpreter too, not only the launcher.
         workerPid = client.health().pid

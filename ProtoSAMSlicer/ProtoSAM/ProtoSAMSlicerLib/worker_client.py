@@ -364,8 +364,14 @@ class WorkerClient(JobRunner):
         self._cleanup(removeLog=process.returncode == 0)
 
     def kill(self) -> None:
-        """Kill the worker at once (its current job fails; the next job starts a new worker)."""
-        self._killProcesses()
+        """Kill the worker at once (its current job fails; the next job starts a new worker).
+
+        The worker counts as gone when this returns: its socket's end of file can reach us later
+        than its exit (loopback TCP delivers the close asynchronously), and a request sent in
+        between must start a new worker, not fail on the old one's late end of file."""
+        if self._process is None:
+            return
+        self._workerLost("it was killed on request", kill=True)
 
     def _killProcesses(self) -> None:
         """Kill the worker's interpreter and the process we started. Inside Slicer that process is
