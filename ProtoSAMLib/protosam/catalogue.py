@@ -28,7 +28,8 @@ __all__ = [
     "CatalogueModel", "MODELS", "FAMILIES", "models_of", "choices", "test_only_models",
     "DEFAULT_DINOV2", "DEFAULT_SAM", "DEFAULT_INPUT_SIZE", "PAPER_DINOV2", "PAPER_SAM",
     "TINY_DINOV2", "TINY_DINOV2_REG4", "TINY_SAM", "TINY_MEDSAM", "TINY_SAM2", "ModelSelection", "REFINER_FAMILIES",
-    "PROMPT_KINDS", "refiner_cache_bytes_per_slice", "refiner_family",
+    "PROMPT_KINDS", "refiner_cache_bytes_per_slice", "refiner_family", "MIN_FEATURE_GRID",
+    "encoder_cache_bytes_per_slice",
 ]
 
 FAMILIES = ("dinov2", "sam", "sam2")
@@ -95,7 +96,9 @@ class CatalogueModel:
 
     Refiners (family in :data:`REFINER_FAMILIES`) also say which ``prompts`` they accept (kinds
     of :data:`PROMPT_KINDS`; a box-only refiner gets no clicks), how their ``input`` image is
-    prepared, and ``cache_bytes`` that one slice's image features take in the encoder cache."""
+    prepared, and ``cache_bytes`` that one slice's image features take in the encoder cache.
+    DINOv2 encoders give ``feature_channels``, the channel count C of their features (their
+    architectures' ``embed_dim``, written here so the cache budget is known without torch)."""
 
     name: str
     family: str
@@ -105,6 +108,7 @@ class CatalogueModel:
     prompts: Tuple[str, ...] = ()
     input: str = ""
     cache_bytes: int = 0
+    feature_channels: int = 0
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -112,6 +116,8 @@ class CatalogueModel:
         refiner = self.family in REFINER_FAMILIES
         if refiner != bool(self.prompts) or refiner != (self.cache_bytes > 0) or refiner != bool(self.input):
             raise ValueError(f"{self.name}: refiners (and only they) give prompts, input and cache_bytes")
+        if (self.family == "dinov2") != (self.feature_channels > 0):
+            raise ValueError(f"{self.name}: DINOv2 encoders (and only they) give feature_channels")
         if not set(self.prompts) <= set(PROMPT_KINDS):
             raise ValueError(f"{self.name}: prompts must be among {PROMPT_KINDS}, not {self.prompts!r}")
 
@@ -125,14 +131,14 @@ _SAM = dict(prompts=PROMPT_KINDS, input=_SAM_INPUT, cache_bytes=_sam_cache_bytes
 _SAM2 = dict(prompts=PROMPT_KINDS, input=_SAM2_INPUT.format(size=1024), cache_bytes=_sam2_cache_bytes(1024))
 
 MODELS: Tuple[CatalogueModel, ...] = (
-    CatalogueModel(DINOV2_VITS14, "dinov2", "DINOv2 ViT-S/14 (fastest)"),
-    CatalogueModel(DINOV2_VITB14, "dinov2", "DINOv2 ViT-B/14 (default)"),
-    CatalogueModel(DINOV2_VITL14, "dinov2", "DINOv2 ViT-L/14 (paper)"),
-    CatalogueModel(DINOV2_VITG14, "dinov2", "DINOv2 ViT-g/14 (largest)"),
-    CatalogueModel(DINOV2_VITS14 + REGISTERS_SUFFIX, "dinov2"),
-    CatalogueModel(DINOV2_VITB14 + REGISTERS_SUFFIX, "dinov2"),
-    CatalogueModel(DINOV2_VITL14 + REGISTERS_SUFFIX, "dinov2"),
-    CatalogueModel(DINOV2_VITG14 + REGISTERS_SUFFIX, "dinov2"),
+    CatalogueModel(DINOV2_VITS14, "dinov2", "DINOv2 ViT-S/14 (fastest)", feature_channels=384),
+    CatalogueModel(DINOV2_VITB14, "dinov2", "DINOv2 ViT-B/14 (default)", feature_channels=768),
+    CatalogueModel(DINOV2_VITL14, "dinov2", "DINOv2 ViT-L/14 (paper)", feature_channels=1024),
+    CatalogueModel(DINOV2_VITG14, "dinov2", "DINOv2 ViT-g/14 (largest)", feature_channels=1536),
+    CatalogueModel(DINOV2_VITS14 + REGISTERS_SUFFIX, "dinov2", feature_channels=384),
+    CatalogueModel(DINOV2_VITB14 + REGISTERS_SUFFIX, "dinov2", feature_channels=768),
+    CatalogueModel(DINOV2_VITL14 + REGISTERS_SUFFIX, "dinov2", feature_channels=1024),
+    CatalogueModel(DINOV2_VITG14 + REGISTERS_SUFFIX, "dinov2", feature_channels=1536),
     CatalogueModel(SAM_VIT_B, "sam", "SAM ViT-B (default)", **_SAM),
     CatalogueModel(SAM_VIT_L, "sam", "SAM ViT-L", **_SAM),
     CatalogueModel(SAM_VIT_H, "sam", "SAM ViT-H (paper)", **_SAM),
@@ -147,8 +153,8 @@ MODELS: Tuple[CatalogueModel, ...] = (
     # a box on the key slice and propagates masks); points are not part of its training.
     CatalogueModel(MEDSAM2, "sam2", "MedSAM2 (SAM 2.1 Hiera-T, 512 px)", medsam=True, prompts=("box", "mask"),
                    input=_MEDSAM2_INPUT, cache_bytes=_sam2_cache_bytes(512)),
-    CatalogueModel(TINY_DINOV2, "dinov2", test_only=True),
-    CatalogueModel(TINY_DINOV2_REG4, "dinov2", test_only=True),
+    CatalogueModel(TINY_DINOV2, "dinov2", test_only=True, feature_channels=48),
+    CatalogueModel(TINY_DINOV2_REG4, "dinov2", test_only=True, feature_channels=48),
     CatalogueModel(TINY_SAM, "sam", test_only=True, prompts=PROMPT_KINDS, input=_SAM_INPUT,
                    cache_bytes=_sam_cache_bytes(32)),
     # sam_tiny's size with MedSAM's conventions: the box-only refiner of the effect's refusal tests.
@@ -213,6 +219,23 @@ def refiner_cache_bytes_per_slice(name: str) -> int:
     """Bytes of one slice's refiner image features in the encoder cache (float32)."""
     refiner_family(name)
     return BY_NAME[name].cache_bytes
+
+
+#: Smallest side of the DINOv2 feature grid: coarser grids (input below 448 px) are upsampled to
+#: it before the prototypes are computed (protosam.engine).
+MIN_FEATURE_GRID = 32
+
+
+def encoder_cache_bytes_per_slice(dinov2: str, refiner: str, input_size: int = DEFAULT_INPUT_SIZE) -> int:
+    """Bytes one slice takes in the encoder cache: the DINOv2 features ``[C, g, g]`` float32 at
+    ``input_size`` (``g = max(input_size // 14, MIN_FEATURE_GRID)``) plus the refiner's image
+    features (:func:`refiner_cache_bytes_per_slice`). 11.3 MB for DINOv2 ViT-B/14 at 672 px with
+    SAM ViT-B; 23.9 MB with SAM 2.1 at 1024 px."""
+    model = BY_NAME.get(dinov2)
+    if model is None or model.family != "dinov2":
+        raise ValueError(f"{dinov2!r} is not a DINOv2 encoder; choose one of {', '.join(m.name for m in models_of('dinov2'))}")
+    grid = max(int(input_size) // 14, MIN_FEATURE_GRID)
+    return 4 * model.feature_channels * grid * grid + refiner_cache_bytes_per_slice(refiner)
 
 
 def test_only_models() -> Mapping[str, str]:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import catalogue
 from .catalogue import ModelSelection  # torch-free, so Slicer's process can build one (re-exported)
 from .cache import EmbeddingCache
 from .errors import CancelledError, InputError, ProtoSAMError
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["ModelSelection", "Engine", "SliceResults", "RefinedSlice", "resolve_device"]
 
 # ALPNet's prototype pooling assumes at least a 32 x 32 grid (smaller grids are upsampled).
-MIN_FEATURE_GRID = 32
+MIN_FEATURE_GRID = catalogue.MIN_FEATURE_GRID
 ProgressCallback = Callable[[int, int], None]
 
 

@@ -71,9 +71,8 @@ from scipy import ndimage
 from . import catalogue
 from .cache import EmbeddingCache, volume_fingerprint
 from .errors import InputError
-from .models.dinov2 import get_dinov2_architecture
 from .models.sam import SAM_IMAGE_SIZE
-from .engine import MIN_FEATURE_GRID, Engine
+from .engine import Engine
 from .preprocessing import normalize_volume
 from .prompts import ComponentPrompt, connected_components
 from .models.alpnet import pool_prototypes
@@ -107,9 +106,8 @@ def engine_session_cache_bytes(engine: Engine, slices: int = 64) -> int:
     """The default session budget for ``engine``'s models: ``slices`` slices of its DINOv2
     features at its input size and of its refiner's image features (the default models give
     :data:`DEFAULT_SESSION_CACHE_BYTES`'s 64 x 11.3 MB; SAM 2.1 at 1024 px, 64 x 23.9 MB)."""
-    grid = max(engine.encoder_input_size // 14, MIN_FEATURE_GRID)
-    channels = get_dinov2_architecture(engine.models.dinov2).embed_dim
-    return session_cache_bytes(channels, grid, slices=slices, refiner=engine.models.sam)
+    return slices * catalogue.encoder_cache_bytes_per_slice(engine.models.dinov2, engine.models.sam,
+                                                            engine.encoder_input_size)
 
 
 # A scribble gives the refiner one point per this many voxels of its length, at most this many.

@@ -146,3 +146,15 @@ def test_server_job_and_session_with_sam2(sam2_models, tmp_path, engine):
         assert response.status_code == 200
     finally:
         live.stop()
+
+
+def test_the_catalogue_knows_each_dinov2_encoders_feature_channels():
+    """Slicer sizes the worker's cache from the catalogue without torch: its channel counts must
+    be the architectures' own."""
+    from protosam import catalogue
+    from protosam.models.dinov2 import get_dinov2_architecture
+
+    for model in catalogue.models_of("dinov2"):
+        assert model.feature_channels == get_dinov2_architecture(model.name).embed_dim, model.name
+    with pytest.raises(ValueError, match="not a DINOv2 encoder"):
+        catalogue.encoder_cache_bytes_per_slice("vit_b", "vit_b")

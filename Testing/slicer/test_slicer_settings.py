@@ -46,3 +46,19 @@ def test_unknown_names_and_bad_models_are_refused():
     settings.write(store, "DINOv2", "dinov2_huge")
     with pytest.raises(ValueError, match="Unknown DINOv2"):
         settings.processOptions(store)
+
+
+def test_the_cache_budget_follows_the_chosen_refiner():
+    """64 slices of the chosen models, as the engine's session default: a SAM 2 refiner keeps two
+    more feature levels per slice, so a budget sized for SAM ViT-B held 31 of its slices."""
+    store = MemorySettings()
+    vitB = settings.processOptions(store).cacheBytes
+    assert vitB == 64 * (4 * 768 * 48 * 48 + 4 * 256 * 64 * 64)  # 0.72 GB, the former fixed default
+    settings.write(store, "SAM", "sam2.1_hiera_tiny")
+    hieraT = settings.processOptions(store).cacheBytes
+    sam2Slice = 4 * (256 * 64 * 64 + 32 * 256 * 256 + 64 * 128 * 128)
+    assert hieraT == 64 * (4 * 768 * 48 * 48 + sam2Slice)
+    settings.write(store, "SAM", "medsam2")  # SAM 2.1 Hiera-T at 512 px: SAM's size per slice
+    assert settings.processOptions(store).cacheBytes == vitB
+    settings.write(store, "DINOv2", "dinov2_vitl14")
+    assert settings.processOptions(store).cacheBytes == 64 * (4 * 1024 * 48 * 48 + 4 * 256 * 64 * 64)

@@ -35,9 +35,17 @@ DEFAULTS = {
     "ServerAllowUnencrypted": "false",
 }
 #: Encoder outputs kept between runs on the same volume (re-runs after a corrected support,
-#: click corrections): holds a 64-slice volume with DINOv2 ViT-B/14 at 672 px and SAM ViT-B
-#: (11.3 MB a slice, 0.72 GB), the engine's protosam.session.DEFAULT_SESSION_CACHE_BYTES.
-DEFAULT_CACHE_BYTES = 768 * 1024 * 1024
+#: click corrections) hold this many slices of the chosen models: the engine's session default
+#: (protosam.session.engine_session_cache_bytes). 0.72 GB with DINOv2 ViT-B/14 at 672 px and SAM
+#: ViT-B (11.3 MB a slice); 1.5 GB with SAM 2.1, whose slices keep two more feature levels.
+CACHED_SLICES = 64
+
+
+def cacheBytes(selection) -> int:
+    """The worker's encoder cache budget for a catalogue.ModelSelection: CACHED_SLICES slices of
+    its DINOv2 features at its input size and of its refiner's image features (no torch here)."""
+    return CACHED_SLICES * catalogue.encoder_cache_bytes_per_slice(selection.dinov2, selection.sam,
+                                                                   selection.input_size)
 
 
 def read(settings, name: str) -> str:
@@ -68,7 +76,7 @@ def processOptions(settings, *, autoExtent: Optional[bool] = None):
     return ProcessOptions(models=selection, preset=read(settings, "Preset"), device=read(settings, "Device"),
                           precision=precision,
                           modality=read(settings, "Modality"), weightsHome=read(settings, "WeightsFolder") or None,
-                          autoExtent=autoExtent, cacheBytes=DEFAULT_CACHE_BYTES,
+                          autoExtent=autoExtent, cacheBytes=cacheBytes(selection),
                           computeOn=read(settings, "ComputeOn"), serverUrl=read(settings, "ServerURL"),
                           serverToken=read(settings, "ServerToken"),
                           serverAllowUnencrypted=read(settings, "ServerAllowUnencrypted") == "true")
