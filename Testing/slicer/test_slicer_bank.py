@@ -125,3 +125,186 @@ def _storedSlice(volume, canonicalIndex):
 def _canonicalSlice(volume, array_Kji, k):
     orientation = _orientation(volume)
     return orientation.to_canonical(array_Kji)[orientation.canonical_slice(k, array_Kji.shape[0])]
+
+
+# --------------------------------------------------------------------------- bad input
+def test_a_missing_folder_or_unreadable_index_is_said_and_changes_nothing(scene, tmp_path):
+    a, segmentation, liver = volumeA(scene)
+    before = mrml_io.segmentToArray(segmentation, liver, a)
+    logic = ProtoSAMLogic()
+    missing = tmp_path / "no-such-bank"
+    with pytest.raises(InputError, match="does not exist: choose the folder of your bank"):
+        bank.examplesForSegments(missing, segmentation, [liver], "axial")
+    with pytest.raises(InputError, match="does not exist"):
+        bank.bankRows(missing)
+    with pytest.raises(InputError, match="Choose the example bank folder first"):
+        bank.examplesForSegments("", segmentation, [liver], "axial")
+    broken = tmp_path / "broken-bank"
+    broken.mkdir()
+    (broken / "index.json").write_text("{ not json", encoding="utf-8")
+    with pytest.raises(InputError, match="index .* cannot be read"):
+        bank.bankRows(broken)
+    with pytest.raises(InputError, match="cannot be read"):
+        bank.examplesForSegments(broken, segmentation, [liver], "axial")
+    other = tmp_path / "papers"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a bank")
+    with pytest.raises(InputError, match="is not an example bank"):
+        bank.bankRows(other)
+    # Adding refuses the broken bank too, and leaves its index as it was.
+    with pytest.raises(InputError, match="cannot be read"):
+        bank.addToBank(broken, [bank.BankAddition("A", "axial", "ct", 7, [dict(structure="liver")], {liver: [3]},
+                                                  {liver: "liver"}, np.zeros((7, 4, 4), np.float32))])
+    assert (broken / "index.json").read_text(encoding="utf-8") == "{ not json"
+    # A bank without the structure (or without it in this plane) says what to do.
+    good = tmp_path / "good"
+    ExampleBank(good).add("spleen", np.ones((4, 4), np.float32), np.ones((4, 4), bool), slice_index=0,
+                          slice_count=3, volume_hash="x", plane="coronal")
+    with pytest.raises(InputError, match="has no examples of 'liver' \\(it holds spleen\\).*paint this structure"):
+        bank.examplesForSegments(good, segmentation, [liver], "axial")
+    segmentation.GetSegmentation().GetSegment(liver).SetName("spleen")
+    with pytest.raises(InputError, match="no axial examples of 'spleen' \\(it has coronal ones\\)"):
+        bank.examplesForSegments(good, segmentation, [liver], "axial")
+    # The bank alone with no examples for a segment is refused before anything runs.
+    with pytest.raises(InputError, match="No example-bank supports"):
+        logic.process(a, segmentation, [liver], examples={}, paintedSupports=False)
+    assert segmentUnchanged(segmentation, liver, a, before)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1  # no preview made
+    assert not logic.activeJobs
+
+
+def test_the_effect_refuses_a_bank_without_the_segments_name_and_keeps_the_segment(editor, tmp_path):
+    from ProtoSAMSlicerLib import effect_session
+
+    e = editor
+    session = effect_session.EffectSession(ProtoSAMLogic(), lambda: None, lambda labelmap, segmentId: None)
+    before = mrml_io.segmentToArray(e["segmentation"], e["ids"]["spleen"], e["volume"])
+    with pytest.raises(InputError, match="does not exist"):
+        session.start(e["volume"], e["segmentation"], e["ids"]["spleen"], e["sliceNode"],
+                      bankFolder=str(tmp_path / "missing"))
+    folder = _bankOfTheEditedLiver(e, tmp_path / "bank")
+    with pytest.raises(InputError, match="has no examples of 'spleen' \\(it holds liver\\)"):
+        session.start(e["volume"], e["segmentation"], e["ids"]["spleen"], e["sliceNode"], bankFolder=str(folder))
+    assert session.state == effect_session.IDLE and session.job is None
+    assert np.array_equal(mrml_io.segmentToArray(e["segmentation"], e["ids"]["spleen"], e["volume"]), before)
+
+
+def _bankOfTheEditedLiver(e, folder):
+    """A bank holding the effect tests' painted liver slice (slice 2), as the engine normalises it."""
+    from protosam.orientation import canonical_orientation
+    from protosam.preprocessing import normalize_volume
+
+    volume = e["volume"]
+    orientation = canonical_orientation(mrml_io.ijkToWorldMatrix(volume), "axial")
+    image = normalize_volume(orientation.to_canonical(mrml_io.volumeToArray(volume)), "auto")
+    mask = orientation.to_canonical(e["liver"])
+    k = orientation.canonical_slice(2, e["liver"].shape[0])
+    ExampleBank(folder).add_slices("liver", image, mask, [k], plane="axial", modality="mri")
+    return folder
+
+
+# --------------------------------------------------------------------------- effect
+def test_the_effect_propagates_the_selected_segment_from_the_bank_by_name(editor, tmp_path):
+    import qt
+
+    import slicer_app_standins as standins
+    from ProtoSAMSlicerLib import effect_session
+
+    e = editor
+    effect = e["effect"]
+    folder = _bankOfTheEditedLiver(e, tmp_path / "bank")
+    qt.QSettings().setValue("ProtoSAM/ExampleBank", str(folder))
+    # A segment named "liver" with nothing painted: its name finds the bank's examples.
+    segmentation, volume = e["segmentation"], e["volume"]
+    segmentation.GetSegmentation().RemoveSegment(e["ids"]["liver"])
+    newLiver = segmentation.GetSegmentation().AddEmptySegment("", "liver")
+    e["editorNode"].SetSelectedSegmentID(newLiver)
+    assert effect.ui.propagateFromBankButton.enabled
+    effect.processInteractionEvents(None, 0, standins.qMRMLSliceWidget(e["sliceNode"]))
+    effect.ui.propagateFromBankButton.click()
+    assert effect.ui.statusLabel.text == "Propagating from the example bank along the Red view..."
+    e["app"].runEventLoopUntil(lambda: effect.session.state != effect_session.RUNNING)
+    assert effect.session.state == effect_session.PREVIEW, effect.ui.statusLabel.text
+    result = effect.session.result
+    assert not result.paintedSupports and len(result.examples[newLiver]) == 1
+    preview = mrml_io.segmentToArray(result.previewSegmentationNode, newLiver, volume)
+    assert preview.any() and not mrml_io.segmentToArray(segmentation, newLiver, volume).any()
+    effect.ui.applyButton.click()
+    assert np.array_equal(mrml_io.segmentToArray(segmentation, newLiver, volume).astype(bool), preview.astype(bool))
+
+
+# --------------------------------------------------------------------------- module
+def test_module_bank_view_add_prompt_declined_then_accepted_and_a_volume_from_the_bank(
+        scene, slicerApp, modalDialogs, tmp_path):
+    """The module's Example bank section (real Qt, dialogs answered by the stand-in user with
+    testing off): the folder in the settings, the table, Accept asking to add the painted and
+    corrected slices (Cancel: nothing added; OK: added), and B propagated from the bank alone."""
+    import qt
+
+    from test_slicer_module_widget import openModule, selectInputs
+
+    a, segmentation, liver = volumeA(scene)
+    b = volumeB(scene)
+    ProtoSAM, module, widget = openModule()
+    folder = tmp_path / "bank"
+    folder.mkdir()
+    widget.ui.bankFolderPathLineEdit.currentPath = str(folder)
+    assert qt.QSettings().value("ProtoSAM/ExampleBank") == str(folder)
+    assert widget.ui.bankTableWidget.rowCount == 0 and "empty" in widget.ui.bankStatusLabel.text
+    selectInputs(widget, segmentation, [liver])
+
+    def propagateAndRepaint(k):
+        widget.ui.applyButton.click()
+        slicerApp.runEventLoopUntil(lambda: not widget.jobs)
+        (result,) = widget.results
+        repaint(result, liver, k, slice(6, 14), slice(7, 16))  # the user repaints a slice of the preview
+
+    def acceptAnswering(answer):
+        modalDialogs.answer = answer
+        asked = len(modalDialogs.shown)
+        qt.QTimer.singleShot(0, widget.ui.acceptButton.click)  # from the event loop, as a click in Slicer
+        slicerApp.runEventLoopUntil(lambda: not widget.results and len(modalDialogs.shown) > asked
+                                    and modalDialogs.open == 0)
+        return modalDialogs.shown[-1]
+
+    propagateAndRepaint(1)
+    declined = acceptAnswering(qt.QMessageBox.Cancel)
+    assert declined["title"] == "ProtoSAM example bank"
+    assert "Add the 2 painted and corrected slice(s)" in declined["text"] and "- A: liver: slices 1, 3" in declined["text"]
+    assert list(folder.iterdir()) == [] and "nothing was added" in widget.ui.statusLabel.text
+    assert widget.ui.undoAcceptButton.enabled  # the Accept itself went through
+
+    propagateAndRepaint(5)
+    accepted = acceptAnswering(qt.QMessageBox.Ok)
+    assert "- A: liver: slices 3, 5" in accepted["text"]
+    assert ExampleBank(folder).structures() == {"liver": 2} and "2 example(s) added" in widget.ui.statusLabel.text
+    table = widget.ui.bankTableWidget
+    assert table.rowCount == 1 and [table.item(0, c).text() for c in range(3)] == ["liver", "2", "axial"]
+    assert [table.horizontalHeaderItem(c).text() for c in range(3)] == ["Structure", "Examples", "Planes"]
+
+    # B from the bank alone: "Supports: Example bank", B checked, nothing painted on B.
+    widget.ui.supportsComboBox.setCurrentIndex(widget.ui.supportsComboBox.findData(bank.SUPPORTS_BANK))
+    assert qt.QSettings().value("ProtoSAM/Supports") == bank.SUPPORTS_BANK
+    widget.ui.targetVolumesSelector.setCheckState(a, qt.Qt.Unchecked)
+    widget.ui.targetVolumesSelector.setCheckState(b, qt.Qt.Checked)
+    widget.ui.applyButton.click()
+    slicerApp.runEventLoopUntil(lambda: not widget.jobs)
+    (fromBank,) = widget.results
+    assert fromBank.targetVolumeNode is b and not fromBank.paintedSupports and len(fromBank.examples[liver]) == 2
+    assert mrml_io.segmentToArray(fromBank.previewSegmentationNode, liver, b).any()
+    assert modalDialogs.maxOpen == 1 and len(modalDialogs.shown) == 2  # no error on the way
+    # Accepting B's preview with nothing painted or repainted on B offers nothing.
+    qt.QTimer.singleShot(0, widget.ui.acceptButton.click)
+    slicerApp.runEventLoopUntil(lambda: not widget.results)
+    assert len(modalDialogs.shown) == 2 and ExampleBank(folder).structures() == {"liver": 2}
+
+    # A bank folder that went missing: the section says so, and Propagate from it shows the error
+    # and starts nothing.
+    widget.ui.bankFolderPathLineEdit.currentPath = str(tmp_path / "gone")
+    assert "does not exist" in widget.ui.bankStatusLabel.text and widget.ui.bankTableWidget.rowCount == 0
+    segments = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    qt.QTimer.singleShot(0, widget.ui.applyButton.click)
+    slicerApp.runEventLoopUntil(lambda: len(modalDialogs.shown) == 3 and modalDialogs.open == 0)
+    assert "does not exist" in modalDialogs.shown[-1]["text"] and not widget.jobs
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == segments
+    widget.cleanup()
