@@ -308,3 +308,31 @@ def test_module_bank_view_add_prompt_declined_then_accepted_and_a_volume_from_th
     assert "does not exist" in modalDialogs.shown[-1]["text"] and not widget.jobs
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == segments
     widget.cleanup()
+
+
+def test_the_bank_view_and_reading_examples_import_no_torch(tmp_path):
+    """Slicer's process reads the bank (its index for the view, its arrays for a run) without
+    torch: protosam.examples and ProtoSAMSlicerLib.bank stay light."""
+    import pathlib
+    import subprocess
+    import sys
+
+    from test_slicer_dependencies import TORCH_BLOCKER
+
+    folder = tmp_path / "bank"
+    code = TORCH_BLOCKER + f"""
+import numpy as np
+from protosam.examples import ExampleBank
+from ProtoSAMSlicerLib import bank
+ExampleBank({str(folder)!r}).add("liver", np.ones((4, 4), np.float32), np.ones((4, 4), bool), slice_index=1,
+                                 slice_count=3, volume_hash="x", plane="axial")
+rows = bank.bankRows({str(folder)!r})
+assert [(r.structure, r.count, r.planes) for r in rows] == [("liver", 1, "axial")], rows
+image, mask = bank.openBank({str(folder)!r}).arrays(bank.openBank({str(folder)!r}).list()[0])
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'segment_anything'))
+print('heavy:', heavy)
+sys.exit(1 if heavy else 0)
+"""
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                               cwd=str(pathlib.Path(__file__).resolve().parents[2]))
+    assert completed.returncode == 0, completed.stdout + completed.stderr

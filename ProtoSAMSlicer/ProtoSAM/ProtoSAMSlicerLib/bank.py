@@ -195,13 +195,14 @@ def bankAddition(logic, result) -> BankAddition:
     corrected slices (``userSlices``) that show their structure, each the slice as the engine
     normalised it (``result.options.modality``, the whole volume) in the canonical order of the
     run's plane, with its mask as the preview holds it now."""
+    from protosam.orientation import canonical_orientation
     from protosam.preprocessing import guess_modality, normalize_volume
-
-    from .logic import correctionOrientation
 
     chosen = userSlices(logic, result)
     volumeNode = result.targetVolumeNode
-    orientation = correctionOrientation(result)
+    # The run's canonical order (as logic.correctionOrientation; not imported: logic imports this module).
+    ijkToWorld = mrml_io.ijkToWorldMatrix(volumeNode)
+    orientation = canonical_orientation(ijkToWorld, plane_of_ijk_axis(ijkToWorld, result.sliceAxis.ijkAxis))
     modality = (result.options.modality if result.options is not None else "auto") or "auto"
     entries, slicesBySegment, names = [], {}, {}
     volume = None
