@@ -658,7 +658,11 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Accepting the results failed."), waitCursor=True):
             while self.results:
                 if folder:  # read before Accept removes the preview; offered to the bank below
-                    additions.append(self.logic.bankAddition(self.results[0]))
+                    try:
+                        additions.append(self.logic.bankAddition(self.results[0]))
+                    except Exception as error:  # never in the way of the Accept itself
+                        logger.warning("ProtoSAM: the slices of '%s' cannot be offered to the example bank: %s",
+                                       self.results[0].targetVolumeNode.GetName(), error)
                 self.logic.accept(self.results[0], mode=mode, undo=self.acceptUndo)
                 self.results.pop(0)
             self.ui.statusLabel.text = _("Results accepted. 'Undo accept' reverts them.")
@@ -722,7 +726,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from protosam.errors import InputError
         from ProtoSAMSlicerLib import bank
 
-        if supports == bank.SUPPORTS_PAINTED:
+        if supports == bank.SUPPORTS_PAINTED or not targets:  # no target: processBatch says so
             return {}
         planes = {bank.runPlane(volume, normal) for volume in targets}
         if len(planes) > 1:
