@@ -56,7 +56,7 @@ def segmentUnchanged(segmentation, segmentId, volume, before):
     return np.array_equal(mrml_io.segmentToArray(segmentation, segmentId, volume), before)
 
 
-def test_the_loop_a_painted_corrected_banked_then_b_from_the_bank_alone(scene, tinyOptions, tmp_path):
+def test_the_loop_a_painted_corrected_banked_then_b_from_the_bank_alone(scene, tinyOptions, tinyModels, tmp_path):
     folder = tmp_path / "liver-bank"
     logic = ProtoSAMLogic()
     a, segmentation, liver = volumeA(scene)
@@ -103,13 +103,36 @@ def test_the_loop_a_painted_corrected_banked_then_b_from_the_bank_alone(scene, t
     assert bankMask.any() and np.array_equal(bankMask, explicitMask)
     assert fromBank.supportSlices == {liver: []} and not fromBank.paintedSupports
 
-    # Its preview can be updated: the correction session keeps the bank's examples.
-    repaint(fromBank, liver, 4, slice(5, 13), slice(6, 15))
+    # Its preview can be updated: the correction session keeps the bank's examples, as a
+    # protosam.Session started from them and given the same repainted slice does.
+    repainted = repaint(fromBank, liver, 4, slice(5, 13), slice(6, 15))
     logic.updatePreviews([fromBank])
     assert fromBank.correctedSlices == {liver: [4]}
+    updated = mrml_io.segmentToArray(fromBank.previewSegmentationNode, liver, b)
+    np.testing.assert_array_equal(updated, referenceUpdate(b, examples[liver], 4, repainted, tinyModels))
     for result in (fromBank, explicit):
         logic.discard(result)
     logic.cleanup()
+
+
+def referenceUpdate(volume, examples, k, repainted, tinyModels):
+    """In this process: a Session on ``volume`` started from the bank's ``examples`` alone, slice
+    ``k`` repainted, updated (what the worker's correction session must give)."""
+    from dataclasses import replace
+
+    from protosam import PRESETS, Engine
+    from protosam.session import Session
+
+    engine = Engine(tinyModels, preset=replace(PRESETS["default"], auto_extent=False), device="cpu")
+    orientation = _orientation(volume)
+    count = mrml_io.volumeShapeKji(volume)[0]
+    session = Session(engine, orientation.to_canonical(mrml_io.volumeToArray(volume)), axis=0)
+    session.start({}, examples={"liver": examples})
+    canonical = orientation.canonical_slice(k, count)
+    stored = np.zeros(mrml_io.volumeShapeKji(volume), np.uint8)
+    stored[k] = repainted
+    session.add_support("liver", canonical, orientation.to_canonical(stored)[canonical])
+    return orientation.from_canonical(session.update("liver"))
 
 
 def _orientation(volume):
