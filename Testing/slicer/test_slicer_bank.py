@@ -359,3 +359,32 @@ sys.exit(1 if heavy else 0)
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                                cwd=str(pathlib.Path(__file__).resolve().parents[2]))
     assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_painted_slices_and_the_bank_together(scene, tmp_path):
+    """"Supports: both": a segment's painted slices and its bank examples go together; a segment
+    the bank does not hold uses its painting; one painted nowhere and not in the bank is refused."""
+    from ProtoSAMSlicerLib.logic import ProcessOptions, engineKwargs
+
+    folder = tmp_path / "bank"
+    ExampleBank(folder).add("liver", np.ones((20, 22), np.float32), np.ones((20, 22), bool), slice_index=2,
+                            slice_count=7, volume_hash="x", plane="axial")
+    b = volumeB(scene)
+    painted = np.zeros(B_SHAPE, np.uint8)
+    painted[4, 6:12, 7:14] = 1
+    segmentation, ids = addSegmentation(scene, b, {"liver": np.zeros(B_SHAPE, np.uint8), "spleen": painted,
+                                                   "kidney": np.zeros(B_SHAPE, np.uint8)})
+    liver, spleen, kidney = ids["liver"], ids["spleen"], ids["kidney"]
+    examples = bank.examplesForSegments(folder, segmentation, [liver, spleen], "axial", required=False)
+    assert list(examples) == [liver] and examples[liver][0]["slice_index"] == 2
+    logic = ProtoSAMLogic()
+    prepared = logic.prepare(b, segmentation, [liver, spleen], examples=examples)
+    assert list(prepared.masks) == [spleen] and prepared.segmentIds == [spleen, liver]
+    kwargs = engineKwargs(prepared, ProcessOptions())
+    assert list(kwargs["support_masks"]) == [spleen] and list(kwargs["examples"]) == [liver]
+    # Painted and in the bank: both.
+    mrml_io.writeSegmentFromArray(painted, segmentation, liver, b)
+    prepared = logic.prepare(b, segmentation, [liver], examples=examples)
+    assert list(prepared.masks) == [liver] and list(prepared.examples) == [liver]
+    with pytest.raises(InputError, match="'kidney' is empty"):
+        logic.prepare(b, segmentation, [kidney, liver], examples=examples)
