@@ -84,7 +84,8 @@ def test_the_loop_a_painted_corrected_banked_then_b_from_the_bank_alone(scene, t
     stored = ExampleBank(folder)
     for example in stored.list("liver"):
         image, mask = stored.arrays(example)
-        assert example.slice_count == A_SHAPE[0] and example.modality == "mri"  # no air in this volume: MRI by the guess
+        # No air in this volume: MRI by the modality guess.
+        assert example.slice_count == A_SHAPE[0] and example.modality == "mri"
         k = _storedSlice(a, example.slice_index)
         np.testing.assert_array_equal(mask, _canonicalSlice(a, accepted, k) != 0)
         np.testing.assert_array_equal(image, _canonicalSlice(a, normalised, k))
@@ -293,7 +294,8 @@ def test_module_bank_view_add_prompt_declined_then_accepted_and_a_volume_from_th
     propagateAndRepaint(1)
     declined = acceptAnswering(qt.QMessageBox.Cancel)
     assert declined["title"] == "ProtoSAM example bank"
-    assert "Add the 2 painted and corrected slice(s)" in declined["text"] and "- A: liver: slices 1, 3" in declined["text"]
+    assert "Add the 2 painted and corrected slice(s)" in declined["text"]
+    assert "- A: liver: slices 1, 3" in declined["text"]
     assert list(folder.iterdir()) == [] and "nothing was added" in widget.ui.statusLabel.text
     assert widget.ui.undoAcceptButton.enabled  # the Accept itself went through
 

@@ -684,6 +684,7 @@ class ProtoSAMLogic:
         # local worker, on the CPU, only relays the requests.
         device = "cpu" if onServer else resolveDevice(options.device, idle=self.idle)
         engineSpec = engineSpecFor(options, device)  # the run's engine: its cached encodings serve the session
+        examples = {key: value for key, value in result.examples.items() if key in segmentIds}  # a bank's, kept
         worker = self._workerFor(device)
         if onServer:
             from .server_session import ServerSession
@@ -692,11 +693,11 @@ class ProtoSAMLogic:
             return ServerSession(worker if isinstance(worker, WorkerClient) else None, options.serverUrl,
                                  options.serverToken, engineSpec, volume, 0, masks, fixed, sessionOptions,
                                  supportVolume=supportVolume, supportMasks=supportMasks, supportSlices=supportSlices,
-                                 idle=self.idle, examples={k: v for k, v in result.examples.items() if k in segmentIds}, allowUnencrypted=options.serverAllowUnencrypted)
+                                 idle=self.idle, examples=examples, allowUnencrypted=options.serverAllowUnencrypted)
         if isinstance(worker, WorkerClient):
             return WorkerSession(worker, engineSpec, volume, 0, masks, fixed, sessionOptions,
                                  supportVolume=supportVolume, supportMasks=supportMasks, supportSlices=supportSlices,
-                                 idle=self.idle, examples={k: v for k, v in result.examples.items() if k in segmentIds})
+                                 idle=self.idle, examples=examples)
         from protosam.session import Session
 
         from .worker import localEngines  # the deprecated thread worker's engines
@@ -706,10 +707,11 @@ class ProtoSAMLogic:
                           slice_range=sessionOptions.get("slice_range"), exclusive=options.exclusive)
         for segmentId, mask in masks.items():
             externalSupport = {}
-            if external:
+            if external and segmentId in supportMasks:  # painted on the other volume
                 externalSupport = dict(support_volume=supportVolume, support_mask=supportMasks[segmentId],
                                        support_slices=supportSlices[segmentId])
-            session.adopt(segmentId, mask, fixed.get(segmentId, []), **externalSupport)
+            session.adopt(segmentId, mask, fixed.get(segmentId, []), examples=examples.get(segmentId),
+                          **externalSupport)
         return LocalSession(session)
 
     def closeCorrections(self, result: PropagationResult) -> None:
