@@ -7,8 +7,6 @@ preview, another repainted before Accept -> Accept -> the three slices into the 
 propagated from the bank alone, equal to a run given the same three slices of A explicitly.
 """
 
-import json
-
 import numpy as np
 import pytest
 
