@@ -14,6 +14,7 @@ set(PROTOSAM_EFFECT_MODULE_NAME SegmentEditorProtoSAM)
 set(PROTOSAM_MODULE_SCRIPTS
   ${PROTOSAM_MODULE_NAME}.py
   ProtoSAMSlicerLib/__init__.py
+  ProtoSAMSlicerLib/bank.py
   ProtoSAMSlicerLib/dependencies.py
   ProtoSAMSlicerLib/effect_session.py
   ProtoSAMSlicerLib/geometry.py

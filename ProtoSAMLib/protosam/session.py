@@ -396,7 +396,8 @@ class Session:
         return prepared
 
     def adopt(self, structure: Hashable, masks, fixed_slices: Sequence[int], *, support_volume=None,
-              support_mask=None, support_slices: Optional[Sequence[int]] = None) -> None:
+              support_mask=None, support_slices: Optional[Sequence[int]] = None,
+              examples: Optional[Sequence[object]] = None) -> None:
         """Take over a result propagated elsewhere (another process's run on this volume):
         ``masks`` uint8 volume in the caller's order, ``fixed_slices`` the slices painted by
         the user (they stay as they are and are supports at the next update). Such slices have
@@ -406,7 +407,9 @@ class Session:
         When the run's support came from another volume, pass it as ``support_volume`` (raw
         intensities, 3-D, in the caller's order with the same slicing ``axis``), its 3-D
         ``support_mask`` and the ``support_slices`` used: every update then keeps that support,
-        as :meth:`start` would have, besides the fixed slices of this volume."""
+        as :meth:`start` would have, besides the fixed slices of this volume. ``examples``: the
+        run's bank examples of the structure (as :meth:`start` takes them), kept likewise."""
+        prepared_examples = self._prepare_examples(structure, examples or ())
         with self._lock:
             mask = np.moveaxis(as_binary_mask(masks, f"mask of '{structure}'", self.caller_shape), self.axis, 0)
             external = None
@@ -417,6 +420,7 @@ class Session:
             state.fixed = {int(k): state.output[int(k)].copy() for k in fixed_slices}
             state.prompts = {}
             state.prompt_masks = {}
+            state.examples = prepared_examples
             self.structures[structure] = state
 
     def _external_support(self, structure: Hashable, support_volume, support_mask,

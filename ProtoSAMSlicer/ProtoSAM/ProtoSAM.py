@@ -249,6 +249,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.targetVolumesSelector.connect("checkedNodesChanged()", self.updateGUI)
         self.ui.supportSegmentsTableView.connect("selectionChanged(QItemSelection,QItemSelection)", self.updateGUI)
         self._setupReview()
+        self._setupBank()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -435,7 +436,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if not self.ensureLogic():
             return
-        from ProtoSAMSlicerLib import geometry, models, mrml_io
+        from ProtoSAMSlicerLib import bank, geometry, models, mrml_io
         from ProtoSAMSlicerLib.logic import sliceViewGeometry
 
         with slicer.util.tryWithErrorDisplay(_("ProtoSAM could not start."), waitCursor=True):
@@ -453,7 +454,12 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             sliceNode = slicer.mrmlScene.GetNodeByID(SLICE_VIEWS[parameters.sliceView.value])
             normal, point = sliceViewGeometry(sliceNode)
             supportSlices = None
-            if parameters.supportSliceMode is SupportSliceMode.Current:
+            targets = list(self.ui.targetVolumesSelector.checkedNodes())
+            supports = self.ui.supportsComboBox.currentData or bank.SUPPORTS_PAINTED
+            examples = self.bankExamples(supports, segmentation, segmentIds, targets, normal)
+            if supports == bank.SUPPORTS_BANK:
+                supportVolume = None  # not read: the bank's examples carry their slices
+            elif parameters.supportSliceMode is SupportSliceMode.Current:
                 ijkToWorld = mrml_io.ijkToWorldMatrix(supportVolume)
                 axis = geometry.sliceAxisFromNormal(normal, ijkToWorld)
                 supportSlices = geometry.sliceIndexFromWorld(point, ijkToWorld, axis.ijkAxis,
@@ -463,12 +469,12 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 sliceRange = (parameters.firstSlice, parameters.lastSlice)
             options = dataclasses.replace(options, autoExtent=parameters.rangeMode is RangeMode.Automatic,
                                           exclusive=parameters.exclusive)
-            targets = list(self.ui.targetVolumesSelector.checkedNodes())
             self.batchSize, self.failures = len(targets), []
             self.jobs = self.logic.processBatch(
                 targets, segmentation, segmentIds, supportVolumeNode=supportVolume, sliceNormal_World=normal,
                 supportSlices=supportSlices, sliceRange=sliceRange, options=options, waitForCompletion=False,
-                onFinished=self.onJobFinished)
+                onFinished=self.onJobFinished, examples=examples,
+                paintedSupports=supports != bank.SUPPORTS_BANK)
             logger.info("ProtoSAM: propagating %d segment(s) through %d volume(s).", len(segmentIds), len(targets))
             self.ui.progressBar.visible = True
             self.ui.progressBar.value = 0
@@ -646,12 +652,105 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         mode = self._parameterNode.acceptMode.value
         self.acceptUndo = results.AcceptUndo()
+        folder = readSetting("ExampleBank")
+        additions = []
+        accepted = False
         with slicer.util.tryWithErrorDisplay(_("Accepting the results failed."), waitCursor=True):
             while self.results:
+                if folder:  # read before Accept removes the preview; offered to the bank below
+                    try:
+                        additions.append(self.logic.bankAddition(self.results[0]))
+                    except Exception as error:  # never in the way of the Accept itself
+                        logger.warning("ProtoSAM: the slices of '%s' cannot be offered to the example bank: %s",
+                                       self.results[0].targetVolumeNode.GetName(), error)
                 self.logic.accept(self.results[0], mode=mode, undo=self.acceptUndo)
                 self.results.pop(0)
             self.ui.statusLabel.text = _("Results accepted. 'Undo accept' reverts them.")
+            accepted = True
         self.updateGUI()
+        if accepted:
+            self.offerToBank(folder, additions)
+
+    # ------------------------------------------------------------------ example bank
+    def _setupBank(self):
+        from ProtoSAMSlicerLib import bank
+
+        self.ui.supportsComboBox.addItem(_("Painted slices"), bank.SUPPORTS_PAINTED)
+        self.ui.supportsComboBox.addItem(_("Example bank"), bank.SUPPORTS_BANK)
+        self.ui.supportsComboBox.addItem(_("Painted slices and example bank"), bank.SUPPORTS_BOTH)
+        self.ui.supportsComboBox.setCurrentIndex(max(self.ui.supportsComboBox.findData(readSetting("Supports")), 0))
+        self.ui.supportsComboBox.connect("currentIndexChanged(int)", self.onSupportsChanged)
+        self.ui.bankTableWidget.setColumnCount(len(bank.BANK_COLUMNS))
+        self.ui.bankTableWidget.setHorizontalHeaderLabels([_(title) for title in bank.BANK_COLUMNS])
+        self.ui.bankFolderPathLineEdit.currentPath = readSetting("ExampleBank")
+        self.ui.bankFolderPathLineEdit.connect("currentPathChanged(QString)", self.onBankFolderChanged)
+        self.ui.bankRefreshButton.connect("clicked(bool)", self.refreshBank)
+        self.refreshBank()
+
+    def onSupportsChanged(self, *args):
+        writeSetting("Supports", self.ui.supportsComboBox.currentData)
+        self.updateGUI()
+
+    def onBankFolderChanged(self, *args):
+        writeSetting("ExampleBank", self.ui.bankFolderPathLineEdit.currentPath.strip())
+        self.refreshBank()
+
+    def refreshBank(self, *args):
+        """List the bank's structures and example counts (its index only). A folder that is not
+        a bank is said in the section, not raised: this only refreshes a view."""
+        from ProtoSAMSlicerLib import bank
+
+        folder = readSetting("ExampleBank")
+        rows = []
+        if not folder:
+            self.ui.bankStatusLabel.text = _("Choose a folder for the example bank.")
+        else:
+            try:
+                rows = bank.bankRows(folder)
+                self.ui.bankStatusLabel.text = _(
+                    "{examples} example(s) of {structures} structure(s). A segment named as a structure is "
+                    "propagated from its examples.").format(examples=sum(row.count for row in rows),
+                                                            structures=len(rows)) if rows else _(
+                    "The bank is empty: accept a propagated volume and add its slices to it.")
+            except Exception as error:  # said in the section; a run from the bank raises it
+                self.ui.bankStatusLabel.text = str(error)
+        self.bankRows = rows
+        table = self.ui.bankTableWidget
+        table.setRowCount(len(rows))
+        for number, row in enumerate(rows):
+            for column, text in enumerate(bank.rowTexts(row)):
+                table.setItem(number, column, qt.QTableWidgetItem(text))
+
+    def bankExamples(self, supports, segmentation, segmentIds, targets, normal):
+        """The bank's examples of the selected segments (by name) for a run, or {} for painted slices."""
+        from protosam.errors import InputError
+        from ProtoSAMSlicerLib import bank
+
+        if supports == bank.SUPPORTS_PAINTED or not targets:  # no target: processBatch says so
+            return {}
+        planes = {bank.runPlane(volume, normal) for volume in targets}
+        if len(planes) > 1:
+            raise InputError(_("The view cuts the checked volumes in different planes ({planes}): propagate them from "
+                               "the bank separately.").format(planes=", ".join(sorted(planes))))
+        return bank.examplesForSegments(readSetting("ExampleBank"), segmentation, segmentIds, planes.pop(),
+                                        required=supports == bank.SUPPORTS_BANK)
+
+    def offerToBank(self, folder, additions):
+        """Ask (never silently) whether the accepted volumes' painted and corrected slices go into
+        the bank; the logic adds them when the user says yes."""
+        from ProtoSAMSlicerLib import bank
+
+        question = bank.additionQuestion(additions, folder) if folder else None
+        if question is None:
+            return
+        if not slicer.util.confirmOkCancelDisplay(question, windowTitle=_("ProtoSAM example bank")):
+            self.ui.statusLabel.text = _("Results accepted; nothing was added to the example bank.")
+            return
+        with slicer.util.tryWithErrorDisplay(_("Adding to the example bank failed."), waitCursor=True):
+            added = self.logic.addToBank(folder, additions)
+            self.ui.statusLabel.text = _("Results accepted; {count} example(s) added to the bank.").format(
+                count=len(added))
+        self.refreshBank()
 
     def onUndoAcceptButton(self):
         """Scene undo is off in Slicer: the last Accept is reverted from what it recorded."""

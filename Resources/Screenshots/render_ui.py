@@ -82,11 +82,13 @@ def renderModule():
     ui["progressBar"].setMaximum(50)
     ui["progressBar"].setValue(31)
     ui["statusLabel"].setText("Volume 1/2: 31/50 slices, about 12 s left")
-    for name in ("modelsCollapsibleButton", "advancedCollapsibleButton", "computeOnCollapsibleButton"):
+    fill(ui["supportsComboBox"], ["Painted slices", "Example bank", "Painted slices and example bank"])
+    for name in ("bankCollapsibleButton", "modelsCollapsibleButton", "advancedCollapsibleButton",
+                 "computeOnCollapsibleButton"):
         ui[name].setFixedHeight(28)  # drawn collapsed, as they start in Slicer
         for child in ui[name].findChildren(QtWidgets.QWidget):
             child.setVisible(False)
-    root.resize(440, 640)
+    root.resize(512, 960)
     root.grab().save(str(HERE / "ProtoSAM-module.png"))
 
 
@@ -96,6 +98,7 @@ def renderEffect():
     ui["modelsLabel"].setText("Models: dinov2_vitb14 + vit_b (change them in the ProtoSAM module)")
     ui["statusLabel"].setText("Slice 12 corrected by the lasso; Update volume to use it everywhere.")
     ui["propagateButton"].setEnabled(False)
+    ui["propagateFromBankButton"].setEnabled(False)
     for name in ("applyButton", "cancelButton", "undoCorrectionButton", "clearSliceButton", "updateVolumeButton"):
         ui[name].setEnabled(True)
     ui["lassoToolButton"].setChecked(True)  # the tool buttons are one exclusive group

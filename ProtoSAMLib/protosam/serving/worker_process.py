@@ -370,7 +370,8 @@ class WorkerSessions:
                 if support_volume is not None and key in support_masks:
                     external = dict(support_volume=support_volume, support_mask=_array(support_masks[key]),
                                     support_slices=support_slices.get(key))
-                session.adopt(key, _array(mask), fixed.get(key, []), **external)
+                session.adopt(key, _array(mask), fixed.get(key, []), examples=(message.examples or {}).get(key),
+                              **external)
             masks = session.masks(list(message.structures))
         else:
             try:

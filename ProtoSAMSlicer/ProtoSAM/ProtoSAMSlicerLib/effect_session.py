@@ -168,11 +168,16 @@ class EffectSession:
               sliceNormal_World=None, slicePoint_World=None, options: ProcessOptions = ProcessOptions(),
               sliceRange=None, waitForCompletion: bool = False,
               progressCallback: Optional[Callable[[int, int], None]] = None,
-              onFinished: Optional[Callable[["EffectSession"], None]] = None):
+              onFinished: Optional[Callable[["EffectSession"], None]] = None,
+              bankFolder: Optional[str] = None):
         """Propagate the selected segment from its painted slices along the view into a preview.
 
         The view is ``sliceNode`` (a vtkMRMLSliceNode) or an explicit World normal and point.
-        Returns the PropagationJob (or, with waitForCompletion, the result after preview).
+        ``bankFolder``: propagate from that example bank instead, from the examples of the
+        structure named as the segment (taken in the view's plane; the segment need not be
+        painted). Every check is made before the run starts: the segment is never changed by a
+        refused start. Returns the PropagationJob (or, with waitForCompletion, the result after
+        preview).
         """
         if self.state != IDLE:
             raise RuntimeError(f"ProtoSAM is {self.state}: apply or cancel first.")
@@ -186,11 +191,20 @@ class EffectSession:
             raise ValueError("give a sliceNode or sliceNormal_World")
         ijkToWorld = mrml_io.ijkToWorldMatrix(sourceVolumeNode)
         axis = geometry.sliceAxisFromNormal(sliceNormal_World, ijkToWorld)
-        mask = mrml_io.segmentToArray(segmentationNode, segmentId, sourceVolumeNode)
-        current = None
-        if slicePoint_World is not None:
-            current = geometry.sliceIndexFromWorld(slicePoint_World, ijkToWorld, axis.ijkAxis, mask.shape)
-        support = chooseSupportSlices(paintedSlices(mask, axis.kjiAxis), current)
+        examples, supportSlices = None, None
+        if bankFolder is not None:
+            from . import bank
+
+            if segmentationNode is None or segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
+                raise InputError("Select the segment to propagate.")
+            examples = bank.examplesForSegments(bankFolder, segmentationNode, [segmentId],
+                                                bank.runPlane(sourceVolumeNode, sliceNormal_World))
+        else:
+            mask = mrml_io.segmentToArray(segmentationNode, segmentId, sourceVolumeNode)
+            current = None
+            if slicePoint_World is not None:
+                current = geometry.sliceIndexFromWorld(slicePoint_World, ijkToWorld, axis.ijkAxis, mask.shape)
+            supportSlices = {segmentId: chooseSupportSlices(paintedSlices(mask, axis.kjiAxis), current)}
         negatives = None
         if self.otherSegmentsAsNegatives:
             others = self.otherSegmentsMask(segmentationNode, segmentId, sourceVolumeNode)
@@ -204,9 +218,10 @@ class EffectSession:
         try:
             self.job = self.logic.process(
                 sourceVolumeNode, segmentationNode, [segmentId], supportVolumeNode=sourceVolumeNode,
-                sliceNormal_World=sliceNormal_World, supportSlices={segmentId: support}, sliceRange=sliceRange,
+                sliceNormal_World=sliceNormal_World, supportSlices=supportSlices, sliceRange=sliceRange,
                 options=options, waitForCompletion=False, progressCallback=progressCallback,
-                onFinished=self._jobFinished, negatives=negatives)
+                onFinished=self._jobFinished, negatives=negatives, examples=examples,
+                paintedSupports=examples is None)
         except Exception:
             self.state = IDLE
             raise

@@ -115,6 +115,12 @@ class PropagationResult:
     sliceConfidence: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
     segmentConfidence: Dict[str, float] = dataclasses.field(default_factory=dict)
     volumeConfidence: Optional[float] = None
+    #: Example-bank supports of the run (segment ID -> SupportExample field mappings, bank.py),
+    #: kept by the preview's correction session; ``paintedSupports`` False: the bank alone.
+    examples: Dict[str, list] = dataclasses.field(default_factory=dict, repr=False)
+    paintedSupports: bool = True
+    #: Segment ID -> slices repainted by the user and sent with "Update preview" (bank.userSlices).
+    correctedSlices: Dict[str, List[int]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -132,6 +138,14 @@ class PreparedRun:
     sliceRange: Optional[Tuple[int, int]]  # inclusive IJK indices along targetAxis.ijkAxis
     targetAxis: geometry.SliceAxis
     supportAxis: geometry.SliceAxis
+    #: segment ID -> example-bank supports (bank.examplesForSegments); the painted masks are not
+    #: read when ``paintedSupports`` is False (propagation from the bank alone).
+    examples: Dict[str, list] = dataclasses.field(default_factory=dict)
+    paintedSupports: bool = True
+
+    @property
+    def segmentIds(self) -> List[str]:
+        return list(self.masks) + [segmentId for segmentId in self.examples if segmentId not in self.masks]
 
 
 class PropagationJob:
@@ -260,11 +274,20 @@ class ProtoSAMLogic:
     # ------------------------------------------------------------------ preparation (main)
     def prepare(self, targetVolumeNode, supportSegmentationNode, segmentIds: Sequence[str], *,
                 supportVolumeNode=None, sliceNormal_World=AXIAL_NORMAL, supportSlices: SupportSlices = None,
-                sliceRange: Optional[Tuple[int, int]] = None, readVoxels: bool = True) -> PreparedRun:
+                sliceRange: Optional[Tuple[int, int]] = None, readVoxels: bool = True,
+                examples: Optional[Dict[str, list]] = None, paintedSupports: bool = True) -> PreparedRun:
         """Read and check the inputs; everything the worker needs, as KJI arrays and plain values.
 
         readVoxels=False: check everything without copying the volumes (``query`` and
-        ``support`` are None), as processBatch does for every volume before it runs any."""
+        ``support`` are None), as processBatch does for every volume before it runs any.
+        examples: segment ID -> example-bank supports (bank.examplesForSegments); with them a
+        segment may be empty. paintedSupports=False: the bank alone (segments not read)."""
+        examples = {key: list(value) for key, value in (examples or {}).items() if value}
+        if not paintedSupports:
+            missing = [segmentId for segmentId in segmentIds if segmentId not in examples]
+            if missing:
+                raise InputError(f"No example-bank supports for segment(s) {', '.join(missing)}: add examples of them "
+                                 "to the bank, or choose painted slices as supports.")
         if targetVolumeNode is None:
             raise InputError("Select the volume to segment.")
         if supportSegmentationNode is None:
@@ -274,7 +297,8 @@ class ProtoSAMLogic:
             raise InputError("Select at least one support segment.")
         if supportVolumeNode is None:
             supportVolumeNode = self.defaultSupportVolume(supportSegmentationNode) or targetVolumeNode
-        sameVolume = supportVolumeNode is targetVolumeNode
+        # From the bank alone no support volume is read: the examples carry their slices.
+        sameVolume = supportVolumeNode is targetVolumeNode or not paintedSupports
 
         targetIjkToWorld = mrml_io.ijkToWorldMatrix(targetVolumeNode)
         targetAxis = geometry.sliceAxisFromNormal(sliceNormal_World, targetIjkToWorld)
@@ -303,7 +327,11 @@ class ProtoSAMLogic:
             segment = supportSegmentationNode.GetSegmentation().GetSegment(segmentId)
             if segment is None:
                 raise InputError(f"Segment '{segmentId}' is not in '{supportSegmentationNode.GetName()}'.")
+            if not paintedSupports:
+                continue
             mask = mrml_io.segmentToArray(supportSegmentationNode, segmentId, supportVolumeNode)
+            if not mask.any() and segmentId in examples:  # painted nowhere: its bank examples alone
+                continue
             if not mask.any():
                 raise InputError(f"Segment '{segment.GetName()}' is empty on volume '{supportVolumeNode.GetName()}': "
                                  "paint the structure on at least one slice first.")
@@ -315,6 +343,8 @@ class ProtoSAMLogic:
                 supportSlices = {segmentId: supportSlices for segmentId in segmentIds}
             checkedSupport = {}
             for segmentId, indices in supportSlices.items():
+                if segmentId not in masks and segmentId in examples:  # not painted: no slice to choose
+                    continue
                 if segmentId not in masks:
                     raise ValueError(f"supportSlices names segment {segmentId!r}, which is not being propagated")
                 indices = [indices] if np.isscalar(indices) else list(indices)
@@ -339,7 +369,8 @@ class ProtoSAMLogic:
 
         return PreparedRun(query=query, support=support, masks=masks, queryIjkToWorld=targetIjkToWorld,
                            supportIjkToWorld=supportIjkToWorld, plane=plane, supportSlices=checkedSupport,
-                           sliceRange=checkedRange, targetAxis=targetAxis, supportAxis=supportAxis)
+                           sliceRange=checkedRange, targetAxis=targetAxis, supportAxis=supportAxis,
+                           examples=examples, paintedSupports=paintedSupports)
 
     @staticmethod
     def defaultSupportVolume(segmentationNode):
@@ -357,7 +388,8 @@ class ProtoSAMLogic:
                 progressCallback: Optional[Callable[[int, int], None]] = None,
                 cancelEvent: Optional[threading.Event] = None,
                 onFinished: Optional[Callable[[PropagationJob], None]] = None,
-                negatives: Optional[Dict[str, np.ndarray]] = None):
+                negatives: Optional[Dict[str, np.ndarray]] = None,
+                examples: Optional[Dict[str, list]] = None, paintedSupports: bool = True):
         """Propagate support segments through a volume into a new preview segmentation.
 
         targetVolumeNode: volume to segment. supportSegmentationNode / segmentIds: the painted
@@ -368,6 +400,8 @@ class ProtoSAMLogic:
         painted slice. sliceRange: inclusive target slice indices to process (default all).
         negatives: segment ID -> KJI mask of the target volume's voxels that are not that
         structure ("other segments as not this", protosam.segment_volume's ``negatives``).
+        examples / paintedSupports: supports from an example bank (see ``prepare``; the module's
+        "Supports: painted slices / example bank / both"), sent to the worker as arrays.
 
         Returns a PropagationResult (waitForCompletion=True; raises the run's error, or
         CancelledError) or a PropagationJob. progressCallback(done, total) and onFinished(job)
@@ -375,14 +409,15 @@ class ProtoSAMLogic:
         """
         prepared = self.prepare(targetVolumeNode, supportSegmentationNode, segmentIds,
                                 supportVolumeNode=supportVolumeNode, sliceNormal_World=sliceNormal_World,
-                                supportSlices=supportSlices, sliceRange=sliceRange)
+                                supportSlices=supportSlices, sliceRange=sliceRange, examples=examples,
+                                paintedSupports=paintedSupports)
         if supportVolumeNode is None:
             supportVolumeNode = self.defaultSupportVolume(supportSegmentationNode) or targetVolumeNode
         # A server run only needs a local worker to relay it: never the GPU one.
         device = "cpu" if _onServer(options) else resolveDevice(options.device, idle=self.idle)
         worker = self._workerFor(device)
         handle = PropagationJob(self, [targetVolumeNode, supportVolumeNode, supportSegmentationNode],
-                                list(prepared.masks))
+                                prepared.segmentIds)
         handle.options = options
 
         def onWorkerFinished(job: JobHandle) -> None:
@@ -421,11 +456,12 @@ class ProtoSAMLogic:
         onFinished = kwargs.pop("onFinished", None)
         if "supportVolumeNode" not in kwargs or kwargs["supportVolumeNode"] is None:
             kwargs["supportVolumeNode"] = self.defaultSupportVolume(supportSegmentationNode)
-            if kwargs["supportVolumeNode"] is None:
+            if kwargs["supportVolumeNode"] is None and kwargs.get("paintedSupports", True):
                 raise InputError("Batch runs need the support volume: select the volume the support was painted on.")
         if not targetVolumeNodes:
             raise InputError("Select at least one volume to segment.")
-        checkKeys = ("supportVolumeNode", "sliceNormal_World", "supportSlices", "sliceRange")
+        checkKeys = ("supportVolumeNode", "sliceNormal_World", "supportSlices", "sliceRange", "examples",
+                     "paintedSupports")
         checks = {key: kwargs[key] for key in checkKeys if key in kwargs}
         for volume in targetVolumeNodes:  # one volume cannot be used: run none of them
             self.prepare(volume, supportSegmentationNode, segmentIds, readVoxels=False, **checks)
@@ -530,7 +566,8 @@ class ProtoSAMLogic:
                 writtenMasks={k: np.array(v, dtype=np.uint8) for k, v in masks.items()},
                 sliceConfidence={k: np.asarray(v, np.float32) for k, v in engineResult.slice_confidence.items()},
                 segmentConfidence=dict(engineResult.structure_confidence),
-                volumeConfidence=engineResult.volume_confidence)
+                volumeConfidence=engineResult.volume_confidence, examples=dict(prepared.examples),
+                paintedSupports=prepared.paintedSupports)
         except CancelledError as error:
             handle.error = CancelledError(handle.cancelReason) if handle.cancelReason else error
         except Exception as error:  # carried to the caller (raised by resultOrRaise)
@@ -562,6 +599,20 @@ class ProtoSAMLogic:
         return results.acceptPreview(result.previewSegmentationNode, result.targetVolumeNode,
                                      destinationSegmentationNode, result.supportSegmentationNode, mode,
                                      undo=undo, createdDestination=created)
+
+    def bankAddition(self, result: PropagationResult):
+        """What ``result`` (a preview, before Accept) offers an example bank: its painted and
+        corrected whole slices, normalised as the engine does (bank.bankAddition)."""
+        from . import bank
+
+        return bank.bankAddition(self, result)
+
+    def addToBank(self, folder, additions) -> list:
+        """Add ``additions`` (bankAddition's, after the user agreed) to the bank in ``folder``
+        (made there if the folder is new or empty); returns the protosam.examples.Example list."""
+        from . import bank
+
+        return bank.addToBank(folder, additions)
 
     def undoAccept(self, undo: results.AcceptUndo) -> None:
         """Revert the Accept(s) recorded in ``undo``: added segments go, replaced ones come back."""
@@ -600,7 +651,8 @@ class ProtoSAMLogic:
             if written is None:
                 written = mrml_io.segmentToArray(result.previewSegmentationNode, segmentId, result.targetVolumeNode)
             masks[segmentId] = orientation.to_canonical(written)
-        external = result.supportVolumeNode is not None and result.supportVolumeNode is not result.targetVolumeNode
+        external = (result.supportVolumeNode is not None and result.supportVolumeNode is not result.targetVolumeNode
+                    and result.paintedSupports)
         fixed = {} if external else {
             segmentId: [orientation.canonical_slice(k, count) for k in result.supportSlices.get(segmentId, [])]
             for segmentId in segmentIds}
@@ -611,6 +663,8 @@ class ProtoSAMLogic:
             supportVolume = supportOrientation.to_canonical(mrml_io.volumeToArray(supportNode))
             supportCount = supportVolume.shape[0]
             for segmentId in segmentIds:
+                if not result.supportSlices.get(segmentId):  # not painted: its bank examples alone
+                    continue
                 if result.supportSegmentationNode.GetSegmentation().GetSegment(segmentId) is None:
                     raise InputError(f"The support segment '{segmentId}' was deleted: the preview cannot be updated "
                                      "without it. Propagate again.")
@@ -630,6 +684,7 @@ class ProtoSAMLogic:
         # local worker, on the CPU, only relays the requests.
         device = "cpu" if onServer else resolveDevice(options.device, idle=self.idle)
         engineSpec = engineSpecFor(options, device)  # the run's engine: its cached encodings serve the session
+        examples = {key: value for key, value in result.examples.items() if key in segmentIds}  # a bank's, kept
         worker = self._workerFor(device)
         if onServer:
             from .server_session import ServerSession
@@ -638,11 +693,11 @@ class ProtoSAMLogic:
             return ServerSession(worker if isinstance(worker, WorkerClient) else None, options.serverUrl,
                                  options.serverToken, engineSpec, volume, 0, masks, fixed, sessionOptions,
                                  supportVolume=supportVolume, supportMasks=supportMasks, supportSlices=supportSlices,
-                                 idle=self.idle, allowUnencrypted=options.serverAllowUnencrypted)
+                                 idle=self.idle, examples=examples, allowUnencrypted=options.serverAllowUnencrypted)
         if isinstance(worker, WorkerClient):
             return WorkerSession(worker, engineSpec, volume, 0, masks, fixed, sessionOptions,
                                  supportVolume=supportVolume, supportMasks=supportMasks, supportSlices=supportSlices,
-                                 idle=self.idle)
+                                 idle=self.idle, examples=examples)
         from protosam.session import Session
 
         from .worker import localEngines  # the deprecated thread worker's engines
@@ -652,10 +707,11 @@ class ProtoSAMLogic:
                           slice_range=sessionOptions.get("slice_range"), exclusive=options.exclusive)
         for segmentId, mask in masks.items():
             externalSupport = {}
-            if external:
+            if external and segmentId in supportMasks:  # painted on the other volume
                 externalSupport = dict(support_volume=supportVolume, support_mask=supportMasks[segmentId],
                                        support_slices=supportSlices[segmentId])
-            session.adopt(segmentId, mask, fixed.get(segmentId, []), **externalSupport)
+            session.adopt(segmentId, mask, fixed.get(segmentId, []), examples=examples.get(segmentId),
+                          **externalSupport)
         return LocalSession(session)
 
     def closeCorrections(self, result: PropagationResult) -> None:
@@ -748,6 +804,9 @@ class ProtoSAMLogic:
             with mrml_io.renderPaused():
                 mrml_io.writeSegmentFromArray(mask, preview, segmentId, result.targetVolumeNode)
             result.writtenMasks[segmentId] = np.array(mask, dtype=np.uint8)
+        for result, changed in zip(resultList, changes):  # written: they are the user's slices now
+            for segmentId, slices in changed.items():
+                result.correctedSlices[segmentId] = sorted(set(result.correctedSlices.get(segmentId, [])) | set(slices))
         logger.info("ProtoSAM preview updated from %d repainted segment(s).", segmentCount)
         return changes
 
@@ -831,6 +890,8 @@ def engineKwargs(prepared: PreparedRun, options: ProcessOptions, negatives: Opti
                   query_ijk_to_ras=prepared.queryIjkToWorld, support_ijk_to_ras=prepared.supportIjkToWorld,
                   plane=prepared.plane, support_slices=prepared.supportSlices, slice_range=prepared.sliceRange,
                   modality=options.modality, auto_extent=options.autoExtent)
+    if prepared.examples:  # only then, so that a server without example banks runs the other jobs
+        kwargs["examples"] = prepared.examples
     if negatives:
         kwargs["negatives"] = {key: np.ascontiguousarray(value, dtype=np.uint8) for key, value in negatives.items()}
     if options.exclusive:  # only then, so that a server without the option runs the other jobs

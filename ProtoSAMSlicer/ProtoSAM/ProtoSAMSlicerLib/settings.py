@@ -33,6 +33,10 @@ DEFAULTS = {
     "ServerToken": "",
     # "true": plain http:// to a computer other than this one is allowed (token and images unencrypted).
     "ServerAllowUnencrypted": "false",
+    # The example bank's folder (ProtoSAMSlicerLib.bank; "" none) and what Propagate learns from:
+    # "painted" slices, the "bank" alone, or "both".
+    "ExampleBank": "",
+    "Supports": "painted",
 }
 #: Encoder outputs kept between runs on the same volume (re-runs after a corrected support,
 #: click corrections) hold this many slices of the chosen models: the engine's session default

@@ -938,13 +938,14 @@ class WorkerSession:
     worker and engine: its encodings are in that engine's cache), in ``volume``'s order with
     ``axis`` the slicing axis; ``fixedSlices``: key -> slices painted by the user. When the run's
     support came from another volume: ``supportVolume`` (same order and axis), ``supportMasks``
-    (key -> mask on it) and ``supportSlices`` (key -> slices), kept at every update."""
+    (key -> mask on it) and ``supportSlices`` (key -> slices), kept at every update; so are
+    ``examples`` (key -> the run's example-bank supports, as arrays: protocol.SessionOpen)."""
 
     def __init__(self, client: "WorkerClient", engineSpec: Dict[str, Any], volume, axis: int,
                  structures: Dict[str, Any], fixedSlices: Dict[str, List[int]], options: Dict[str, Any], *,
                  supportVolume=None, supportMasks: Optional[Dict[str, Any]] = None,
                  supportSlices: Optional[Dict[str, List[int]]] = None, timeout: float = DEFAULT_REQUEST_INACTIVITY_S,
-                 idle: Optional[Callable[[], None]] = None):
+                 idle: Optional[Callable[[], None]] = None, examples: Optional[Dict[str, List[dict]]] = None):
         self.client, self.axis, self.timeout, self.idle = client, int(axis), timeout, idle
         self.sessionId = protocol.new_id()
         options = dict(options, axis=self.axis, adopt=True,
@@ -955,7 +956,8 @@ class WorkerSession:
             id=protocol.new_id(), session_id=self.sessionId, engine=engineSpec, volume=protocol.Image(volume),
             structures=dict(structures), options=options,
             support_volume=None if supportVolume is None else protocol.Image(supportVolume),
-            support_masks=None if supportVolume is None else dict(supportMasks or {})))
+            support_masks=None if supportVolume is None else dict(supportMasks or {}),
+            examples=dict(examples) if examples else None))
         self._masks = {key: np.asarray(value["masks"][key]) for key in structures}
         self._clicks: Dict[Any, List] = {}
         self._corrections: Dict[Any, List[str]] = {}

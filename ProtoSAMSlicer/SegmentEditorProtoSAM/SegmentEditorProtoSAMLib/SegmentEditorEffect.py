@@ -78,6 +78,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.ui.extentComboBox.addItem(_("Automatic extent"), "automatic")
         self.ui.extentComboBox.addItem(_("All slices"), "all")
         self.ui.propagateButton.connect("clicked()", self.onPropagate)
+        self.ui.propagateFromBankButton.connect("clicked()", self.onPropagateFromBank)
         self.ui.applyButton.connect("clicked()", self.onApply)
         self.ui.cancelButton.connect("clicked()", self.onCancel)
         self.ui.undoCorrectionButton.connect("clicked()", self.onUndoCorrection)
@@ -276,22 +277,28 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.modifySegmentByLabelmap(
             segmentationNode, segmentId, labelmap, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd)
 
-    def onPropagate(self):
+    def onPropagate(self, fromBank=False):
         if not self._ensureSession():
             return
-        from ProtoSAM import optionsFromSettings
+        from ProtoSAM import optionsFromSettings, readSetting
 
         self._otherSegmentsOption()
         with slicer.util.tryWithErrorDisplay(_("ProtoSAM could not start."), waitCursor=True):
             parameterSetNode = self.scriptedEffect.parameterSetNode()
             sliceNode = self.lastSliceNode or slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
             options = optionsFromSettings(autoExtent=self.ui.extentComboBox.currentData == "automatic")
+            # From the bank: the examples of the structure named as the segment (segment name = structure name).
             self.session.start(parameterSetNode.GetSourceVolumeNode(), parameterSetNode.GetSegmentationNode(),
                                parameterSetNode.GetSelectedSegmentID(), sliceNode, options=options,
-                               onFinished=self.onFinished)
-            self.ui.statusLabel.text = _("Propagating along the {view} view...").format(view=sliceNode.GetName())
+                               onFinished=self.onFinished, bankFolder=readSetting("ExampleBank") if fromBank else None)
+            text = _("Propagating from the example bank along the {view} view...") if fromBank else _(
+                "Propagating along the {view} view...")
+            self.ui.statusLabel.text = text.format(view=sliceNode.GetName())
             self.pollTimer.start()
         self.updateGUI()
+
+    def onPropagateFromBank(self):
+        self.onPropagate(fromBank=True)
 
     def onPoll(self):
         if self.session is None:
@@ -384,6 +391,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self.clickRunning:  # nothing else may change the preview until the click is done
             state = "click"
         self.ui.propagateButton.enabled = state == "idle"
+        self.ui.propagateFromBankButton.enabled = state == "idle"
         self.ui.applyButton.enabled = state == "preview"
         self.ui.cancelButton.enabled = state in ("running", "preview", "updating")
         hasCorrections = state == "preview" and self.session.hasCorrections
