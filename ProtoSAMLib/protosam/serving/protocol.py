@@ -275,7 +275,8 @@ class SessionOpen(Message):
     ``image``, ``mask`` arrays, ``slice_index``, ``slice_count``, optional ``features``) are
     supports from an example bank, sent as arrays (a server never opens a path it is given); a
     key may have examples and no structure mask. Reply: ``masks`` and ``fixed_slices`` per
-    structure."""
+    structure, and their review scores (``slice_confidence``, ``structure_confidence``,
+    ``volume_confidence``, as a job's; protosam.session.Session.confidence)."""
 
     TYPE = "session_open"
     id: str
@@ -473,7 +474,8 @@ class SessionUpdate(Message):
     """Re-run ``structure`` over the volume from the session's cached encodings (a job:
     progress and a JobResult follow). Reply: ``mask`` and ``fixed_slices``; an exclusive
     session adds ``masks`` (every structure's mask: the others may have won or given back
-    voxels)."""
+    voxels); every structure's review scores, rescored (``slice_confidence``,
+    ``structure_confidence``, ``volume_confidence``)."""
 
     TYPE = "session_update"
     id: str
@@ -512,7 +514,8 @@ MESSAGE_TYPES: Dict[str, Type[Message]] = {cls.TYPE: cls for cls in (
     SessionSetNegatives, LogRecord, Shutdown)}
 SESSION_TYPES = (SessionOpen, SessionAddSupport, SessionCorrect, SessionUndoClick, SessionClearClicks, SessionUpdate,
                  SessionClose, SessionBox, SessionScribble, SessionLasso, SessionUndo, SessionSetNegatives)
-#: Session messages that correct one slice and whose reply is that slice's mask and corrections.
+#: Session messages that correct one slice and whose reply is that slice's mask and corrections, with the
+#: structure's review scores as the correction left them (protosam.session.Session.confidence).
 SESSION_SLICE_TYPES = (SessionAddSupport, SessionCorrect, SessionUndoClick, SessionClearClicks, SessionBox,
                        SessionScribble, SessionLasso, SessionUndo)
 

@@ -338,6 +338,7 @@ class WorkerSessions:
             reply = {"mask": mask, "fixed_slices": session.fixed_slices(message.structure)}
             if session.exclusive_structures:  # the other structures may win or give back voxels
                 reply["masks"] = session.masks()
+            reply.update(session.confidence())  # every slice scored again from the new evidence
             return reply
 
     def _open(self, message: protocol.SessionOpen, progress, cancel) -> Dict[str, Any]:
@@ -383,7 +384,8 @@ class WorkerSessions:
         with self._lock:
             self._sessions[message.session_id] = session
             self._last_used[message.session_id] = time.monotonic()
-        return {"masks": masks, "fixed_slices": {key: session.fixed_slices(key) for key in masks}}
+        return {"masks": masks, "fixed_slices": {key: session.fixed_slices(key) for key in masks},
+                **session.confidence(list(masks))}
 
     def needs_encoding(self, message: protocol.Message) -> bool:
         """A click, box or scribble on a slice whose SAM embedding its session does not hold (a
@@ -426,7 +428,10 @@ class WorkerSessions:
 
     def _slice_request(self, session, message: protocol.Message) -> Dict[str, Any]:
         """Reply: the slice's ``mask``, ``slice_index``, ``clicks`` ([x, y, label], not the points
-        sampled along scribbles) and ``corrections`` (kinds an undo takes back, oldest first)."""
+        sampled along scribbles), ``corrections`` (kinds an undo takes back, oldest first) and
+        the structure's review scores as the correction left them (``slice_confidence``,
+        ``structure_confidence``: the structure's alone; ``volume_confidence``; see
+        :meth:`protosam.session.Session.confidence`)."""
         if message.axis != session.axis:
             raise InputError(f"This session propagates along axis {session.axis}, not {message.axis}: "
                              "correct slices of the view it was propagated in.")
@@ -447,7 +452,8 @@ class WorkerSessions:
             mask = session.correct(message.structure, message.slice_index, message.points, message.labels)
         return {"mask": mask, "slice_index": message.slice_index,
                 "clicks": [list(c) for c in session.clicks(message.structure, message.slice_index)],
-                "corrections": session.corrections(message.structure, message.slice_index)}
+                "corrections": session.corrections(message.structure, message.slice_index),
+                **session.confidence([message.structure])}
 
     def close(self, session_id: str) -> bool:
         """Close a session and free its encodings; False when there was none."""
