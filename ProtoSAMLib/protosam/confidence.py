@@ -62,7 +62,7 @@ from typing import Dict, Hashable, Iterable, List, Mapping, Optional
 
 import numpy as np
 
-__all__ = ["WEIGHTS", "SliceEvidence", "slice_evidence", "combine", "slice_scores", "rescore_slices", "structure_score",
+__all__ = ["WEIGHTS", "SliceEvidence", "slice_evidence", "evidence_array", "evidence_from_array", "combine", "slice_scores", "rescore_slices", "structure_score",
            "volume_score", "least_confident", "ReviewItem", "review_record"]
 
 #: Weight of each component in a slice's score (they sum to 1).
@@ -77,6 +77,26 @@ class SliceEvidence:
     iou: Optional[float]
     margin: float
     agreement: float
+
+
+def evidence_array(evidence: Mapping[int, SliceEvidence], count: int) -> np.ndarray:
+    """``[count, 3]`` float64 rows ``(iou, margin, agreement)`` of ``evidence`` (slice -> evidence),
+    NaN where a slice has none (and ``iou`` NaN where the refiner gave none): the plain-array
+    form that travels with a result (float64: the numbers come back exactly)."""
+    rows = np.full((count, 3), np.nan, np.float64)
+    for index, found in evidence.items():
+        rows[int(index)] = (np.nan if found.iou is None else found.iou, found.margin, found.agreement)
+    return rows
+
+
+def evidence_from_array(rows) -> Dict[int, SliceEvidence]:
+    """The inverse of :func:`evidence_array`: slice -> evidence for rows whose margin is a number."""
+    rows = np.asarray(rows, np.float64)
+    if rows.ndim != 2 or rows.shape[1] != 3:
+        raise ValueError(f"slice evidence must be [N, 3] rows (iou, margin, agreement), got shape {rows.shape}")
+    return {index: SliceEvidence(None if math.isnan(iou) else _clip(iou), _clip(margin), _clip(agreement))
+            for index, (iou, margin, agreement) in enumerate(rows.tolist())
+            if not (math.isnan(margin) or math.isnan(agreement))}
 
 
 def _clip(value: float) -> float:

@@ -70,7 +70,7 @@ from scipy import ndimage
 
 from . import catalogue
 from .cache import EmbeddingCache, volume_fingerprint
-from .confidence import rescore_slices, slice_scores, structure_score, volume_score
+from .confidence import evidence_from_array, rescore_slices, slice_scores, structure_score, volume_score
 from .errors import InputError
 from .models.dinov2 import get_dinov2_architecture
 from .models.sam import SAM_IMAGE_SIZE
@@ -405,7 +405,7 @@ class Session:
         return prepared
 
     def adopt(self, structure: Hashable, masks, fixed_slices: Sequence[int], *, support_volume=None,
-              support_mask=None, support_slices: Optional[Sequence[int]] = None) -> None:
+              support_mask=None, support_slices: Optional[Sequence[int]] = None, evidence=None) -> None:
         """Take over a result propagated elsewhere (another process's run on this volume):
         ``masks`` uint8 volume in the caller's order, ``fixed_slices`` the slices painted by
         the user (they stay as they are and are supports at the next update). Such slices have
@@ -415,9 +415,21 @@ class Session:
         When the run's support came from another volume, pass it as ``support_volume`` (raw
         intensities, 3-D, in the caller's order with the same slicing ``axis``), its 3-D
         ``support_mask`` and the ``support_slices`` used: every update then keeps that support,
-        as :meth:`start` would have, besides the fixed slices of this volume."""
+        as :meth:`start` would have, besides the fixed slices of this volume.
+
+        ``evidence``: the run's ``VolumeResult.slice_evidence`` of the structure (``[N, 3]``
+        along ``axis``), so that the session's review scores (:meth:`confidence`) are the run's
+        and are rescored after corrections from it; without it the slices are scored by their
+        neighbours alone until the first update."""
         with self._lock:
             mask = np.moveaxis(as_binary_mask(masks, f"mask of '{structure}'", self.caller_shape), self.axis, 0)
+            known = {}
+            if evidence is not None:
+                rows = np.asarray(evidence)
+                if rows.shape != (mask.shape[0], 3):
+                    raise InputError(f"The slice evidence of '{structure}' has shape {rows.shape}; it must be "
+                                     f"({mask.shape[0]}, 3), one row per slice along axis {self.axis}.")
+                known = evidence_from_array(rows)
             external = None
             if support_volume is not None:
                 external = self._external_support(structure, support_volume, support_mask, support_slices)
@@ -426,6 +438,7 @@ class Session:
             state.fixed = {int(k): state.output[int(k)].copy() for k in fixed_slices}
             state.prompts = {}
             state.prompt_masks = {}
+            state.evidence = known
             self.structures[structure] = state
 
     def _external_support(self, structure: Hashable, support_volume, support_mask,

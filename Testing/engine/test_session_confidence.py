@@ -114,39 +114,81 @@ def test_start_scores_equal_segment_volume_and_each_correction_rescores_its_slic
     assert np.isnan(after[end]) and np.isfinite(after[end - 1])  # the extent ends one slice earlier
     np.testing.assert_array_equal(after, _full(session))
 
-def test_session_replies_of_the_worker_carry_the_rescored_scores(engine, one_thread):
-    """The worker's session handler (the server's too) answers each correction with the
-    structure's scores as it left them, through the wire format."""
+def test_a_session_adopting_a_run_starts_from_its_scores_and_rescores_from_its_evidence(engine, one_thread):
+    """Slicer's path: a run, then a session adopting its masks. With the run's slice evidence the
+    session's scores are the run's and corrections rescore from it; without, the slices are
+    scored by their neighbours alone (until an update)."""
+    from protosam import InputError
     from protosam.serving import protocol
-    from protosam.serving.worker_process import Engines, WorkerSessions
-
-    from engine_helpers import cpu_engine_spec
 
     volume, truth = _volume()
-    spec = dict(cpu_engine_spec(engine.models), preset="default")
-    sessions = WorkerSessions(Engines())
+    result = segment_volume(engine, volume, None, {"organ": truth}, axis=0, modality="none",
+                            support_slices={"organ": [4]})
+    wire = protocol.decode(protocol.encode(protocol.JobResult(id="r", value={"e": result.slice_evidence})))
+    evidence = wire.value["e"]["organ"]
+    session = Session(engine, volume, modality="none", cache_bytes=None)
+    session.adopt("organ", result.masks["organ"], [4], evidence=evidence)
+    adopted = session.confidence()
+    np.testing.assert_array_equal(adopted["slice_confidence"]["organ"], result.slice_confidence["organ"])
+    assert adopted["structure_confidence"] == result.structure_confidence
+    before = _scores(session)
+    session.lasso("organ", 3, [[2, 2], [12, 2], [12, 12]], True)
+    _check_rescored(session, before, 3)
+
+    blind = Session(engine, volume, modality="none", cache_bytes=None)
+    blind.adopt("organ", result.masks["organ"], [4])
+    state = blind.structures["organ"]
+    assert state.evidence == {}
+    np.testing.assert_array_equal(_scores(blind), slice_scores(state.output, {}, [4]))
+    assert not np.array_equal(_scores(blind), result.slice_confidence["organ"])
+    with pytest.raises(InputError, match="one row per slice"):
+        blind.adopt("other", result.masks["organ"], [4], evidence=evidence[:3])
+
+
+def test_session_replies_of_the_worker_carry_the_rescored_scores(one_thread, tiny_models):
+    """The worker's session handler (the server's too) answers each correction with the
+    structure's scores as it left them, through the wire format; a session adopting a job's
+    result with the job's slice evidence starts from the job's scores."""
+    from protosam.serving import protocol
+    from protosam.serving.worker_process import Engines, WorkerSessions, run_job
+
+    from engine_helpers import segment_volume_request
+
+    volume, truth = _volume()
+    engines = Engines()
+    sessions = WorkerSessions(engines)
+
+    def wire(value):
+        return protocol.decode(protocol.encode(protocol.JobResult(id="r", value=value))).value
 
     def ask(message, job=False):
         message = protocol.decode(protocol.encode(message))
         value = (sessions.job(message, lambda done, total: None, threading.Event()) if job
                  else sessions.small_request(message))
-        return protocol.decode(protocol.encode(protocol.JobResult(id="r", value=value))).value
+        return wire(value)
 
+    request = segment_volume_request(tiny_models, volume, truth)
+    request.kwargs.update(modality="none", support_slices={"1": [4]})
+    ran = wire(run_job(engines, protocol.decode(protocol.encode(request)), lambda done, total: None, threading.Event()))
     opened = ask(protocol.SessionOpen(
-        id="o", session_id="s", engine=spec, volume=protocol.Image(volume), structures={"organ": protocol.Image(truth)},
-        options={"axis": 0, "modality": "none", "support_slices": {"organ": [4]}, "auto_extent": False}), job=True)
+        id="o", session_id="s", engine=request.engine, volume=protocol.Image(volume),
+        structures={"1": protocol.Image(ran["masks"]["1"])},
+        options={"axis": 0, "modality": "none", "adopt": True, "fixed_slices": {"1": [4]},
+                 "slice_evidence": ran["slice_evidence"]}), job=True)
+    np.testing.assert_array_equal(opened["slice_confidence"]["1"], ran["slice_confidence"]["1"])
+    assert opened["volume_confidence"] == ran["volume_confidence"] is not None
     local = sessions.get("s")
-    np.testing.assert_array_equal(opened["slice_confidence"]["organ"], local.confidence()["slice_confidence"]["organ"])
-    assert opened["volume_confidence"] == local.confidence()["volume_confidence"] is not None
-    before = opened["slice_confidence"]["organ"]
+    before = opened["slice_confidence"]["1"]
     assert before[2] < 1
-    lasso = ask(protocol.SessionLasso(id="l", session_id="s", structure="organ", axis=0, slice_index=2,
+    lasso = ask(protocol.SessionLasso(id="l", session_id="s", structure="1", axis=0, slice_index=2,
                                       points=[[2, 2], [12, 2], [12, 12]], positive=True))
-    assert lasso["slice_confidence"]["organ"][2] == 1.0
-    np.testing.assert_array_equal(lasso["slice_confidence"]["organ"], local.confidence()["slice_confidence"]["organ"])
-    assert lasso["structure_confidence"]["organ"] == local.confidence()["structure_confidence"]["organ"]
-    undone = ask(protocol.SessionUndo(id="u", session_id="s", structure="organ", axis=0, slice_index=2))
-    np.testing.assert_array_equal(undone["slice_confidence"]["organ"], before)
-    updated = ask(protocol.SessionUpdate(id="p", session_id="s", structure="organ"), job=True)
-    np.testing.assert_array_equal(updated["slice_confidence"]["organ"], local.confidence()["slice_confidence"]["organ"])
+    assert lasso["slice_confidence"]["1"][2] == 1.0
+    np.testing.assert_array_equal(lasso["slice_confidence"]["1"], local.confidence()["slice_confidence"]["1"])
+    assert lasso["structure_confidence"]["1"] == local.confidence()["structure_confidence"]["1"]
+    assert lasso["volume_confidence"] == local.confidence()["volume_confidence"]
+    undone = ask(protocol.SessionUndo(id="u", session_id="s", structure="1", axis=0, slice_index=2))
+    np.testing.assert_array_equal(undone["slice_confidence"]["1"], before)
+    updated = ask(protocol.SessionUpdate(id="p", session_id="s", structure="1"), job=True)
+    np.testing.assert_array_equal(updated["slice_confidence"]["1"], local.confidence()["slice_confidence"]["1"])
+    assert np.isfinite(updated["slice_confidence"]["1"]).any()
     sessions.close("s")

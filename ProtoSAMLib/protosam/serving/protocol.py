@@ -268,7 +268,9 @@ class SessionOpen(Message):
     sessions give each voxel to at most one structure). With ``adopt`` true the
     structures are results already propagated by a job on this worker (``fixed_slices``: key ->
     painted slices): nothing is propagated, and the session shares the engine's cache, so that
-    job's encodings serve the clicks. When such a run's support came from another volume,
+    job's encodings serve the clicks; the option ``slice_evidence`` (key -> the job's
+    ``slice_evidence`` array) gives the session the job's review scores to rescore after
+    corrections. When such a run's support came from another volume,
     ``support_volume`` is that volume, ``support_masks`` (key -> mask on it) and the option
     ``support_slices`` (key -> slices) its support: the adopted structures keep it at every
     update. ``examples`` (key -> list of :class:`protosam.propagation.SupportExample` fields:

@@ -347,7 +347,7 @@ class WorkerSessions:
         engine = self.engines.get(message.engine)
         options = dict(message.options)
         allowed = {"axis", "modality", "support_mode", "support_slices", "slice_range", "auto_extent", "cache_bytes",
-                   "adopt", "fixed_slices", "exclusive", "similar_k"}
+                   "adopt", "fixed_slices", "exclusive", "similar_k", "slice_evidence"}
         unknown = set(options) - allowed
         if unknown:
             raise InputError(f"Unknown session option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(allowed))}.")
@@ -364,6 +364,7 @@ class WorkerSessions:
             exclusive=bool(options.get("exclusive", False)))
         if adopt:
             fixed = options.get("fixed_slices") or {}
+            evidence = options.get("slice_evidence") or {}  # the job's VolumeResult.slice_evidence
             support_masks = message.support_masks or {}
             support_slices = options.get("support_slices") or {}
             for key, mask in message.structures.items():
@@ -371,7 +372,7 @@ class WorkerSessions:
                 if support_volume is not None and key in support_masks:
                     external = dict(support_volume=support_volume, support_mask=_array(support_masks[key]),
                                     support_slices=support_slices.get(key))
-                session.adopt(key, _array(mask), fixed.get(key, []), **external)
+                session.adopt(key, _array(mask), fixed.get(key, []), evidence=evidence.get(key), **external)
             masks = session.masks(list(message.structures))
         else:
             try:
