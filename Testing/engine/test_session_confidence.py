@@ -169,6 +169,10 @@ def test_session_replies_of_the_worker_carry_the_rescored_scores(one_thread, tin
 
     request = segment_volume_request(tiny_models, volume, truth)
     request.kwargs.update(modality="none", support_slices={"1": [4]})
+    plain = wire(run_job(engines, protocol.decode(protocol.encode(request)), lambda done, total: None,
+                         threading.Event()))
+    assert "slice_evidence" not in plain  # only when asked: older clients rebuild the fields they know
+    request.kwargs.update(return_evidence=True)
     ran = wire(run_job(engines, protocol.decode(protocol.encode(request)), lambda done, total: None, threading.Event()))
     opened = ask(protocol.SessionOpen(
         id="o", session_id="s", engine=request.engine, volume=protocol.Image(volume),

@@ -130,7 +130,8 @@ class JobSubmit(Message):
     """Run ``operation`` with ``kwargs`` (JSON values and arrays) on the engine ``engine``.
 
     Operations: ``"segment_volume"`` (kwargs are :func:`protosam.segment_volume`'s, arrays
-    included, minus ``engine``/``progress``/``cancel``) and ``"download_weights"`` (kwargs:
+    included, minus ``engine``/``progress``/``cancel``, plus ``return_evidence``: true to have
+    the reply carry ``slice_evidence`` too, for a session adopting the result) and ``"download_weights"`` (kwargs:
     ``models``, ``weights_home``, ``base_url``, ``registry`` (list of WeightsEntry dicts or
     None)). ``engine`` is None for operations without one.
     """

@@ -150,10 +150,14 @@ def _segment_volume(engines: Engines, request: protocol.JobSubmit, progress: Pro
     for name in ("engine", "progress", "cancel"):
         if name in kwargs:
             raise InputError(f"segment_volume keyword '{name}' is set by the worker, not by the request")
+    # Not segment_volume's: whether the reply carries slice_evidence (asked for by clients that
+    # adopt the result in a session; others rebuild a VolumeResult of the fields they know).
+    return_evidence = bool(kwargs.pop("return_evidence", False))
     result = segment_volume(engine, progress=progress, cancel=cancel, **kwargs)
     # Every field of VolumeResult, so the client rebuilds it whole (axis and plane included).
     return {field.name: (dict(value) if isinstance(value, dict) else value)
-            for field in dataclasses.fields(result) for value in [getattr(result, field.name)]}
+            for field in dataclasses.fields(result) for value in [getattr(result, field.name)]
+            if field.name != "slice_evidence" or return_evidence}
 
 
 def _download_weights(engines: Engines, request: protocol.JobSubmit, progress: ProgressFunction,
