@@ -62,8 +62,9 @@ from typing import Dict, Hashable, Iterable, List, Mapping, Optional
 
 import numpy as np
 
-__all__ = ["WEIGHTS", "SliceEvidence", "slice_evidence", "evidence_array", "evidence_from_array", "combine", "slice_scores", "rescore_slices", "structure_score",
-           "volume_score", "least_confident", "ReviewItem", "review_record"]
+__all__ = ["WEIGHTS", "SliceEvidence", "slice_evidence", "evidence_array", "evidence_from_array", "combine",
+           "slice_scores", "rescore_slices", "structure_score", "volume_score", "least_confident", "ReviewItem",
+           "review_record"]
 
 #: Weight of each component in a slice's score (they sum to 1).
 WEIGHTS: Dict[str, float] = {"iou": 0.35, "agreement": 0.25, "margin": 0.2, "neighbours": 0.2}
@@ -105,9 +106,12 @@ def _clip(value: float) -> float:
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice of two masks (any shape, non-zero = in); 1 when both are empty."""
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+    a, b = np.asarray(a), np.asarray(b)
+    # count_nonzero on bools: several times faster than sums (a session rescores at every click).
+    a = a if a.dtype == bool else a > 0
+    b = b if b.dtype == bool else b > 0
+    total = np.count_nonzero(a) + np.count_nonzero(b)
+    return 1.0 if total == 0 else 2.0 * np.count_nonzero(a & b) / total
 
 
 def slice_evidence(logits, refined_mask, iou_scores) -> SliceEvidence:
