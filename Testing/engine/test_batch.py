@@ -399,8 +399,8 @@ def _cached_features(bank):
 def test_ray_batch_from_an_example_bank_equals_local_and_sends_the_banks_features(ray_instance, cohort, tiny_models,
                                                                                   tmp_path):
     """``batch --examples`` on Ray: rows from the bank alone and from bank + support give the
-    local run's masks; a worker encodes the uncached examples once and the driver caches them
-    in the bank under the key a local run uses; the workers then use the bank's cached features
+    local run's masks; a worker encodes the uncached examples once (a worker lost while asked
+    to is replaced) and the driver caches them in the bank under the key a local run uses; the workers then use the bank's cached features
     as sent (tampered ones change Ray's masks: no worker encoded them again)."""
     folder, chosen = cohort
     bank = tmp_path / "bank"
@@ -411,11 +411,36 @@ def test_ray_batch_from_an_example_bank_equals_local_and_sends_the_banks_feature
     count = len(json.loads((bank / "index.json").read_text())["examples"])
     assert count >= 4
 
+    # First run (nothing cached): the first worker ready is dead when asked to encode the
+    # examples (killed after it loaded its models): it is replaced, the row goes to another worker.
+    from protosam.cli import build_parser
+    from protosam.cohorts.batch import run_batch
+    from protosam.cohorts.ray_cluster import _Scheduler
+
     manifest, ray_outputs = _bank_rows(tmp_path / "ray.csv", folder, tmp_path / "ray")
+    args = build_parser().parse_args(["batch", "--manifest", str(manifest), "--examples", str(bank),
+                                      *_model_args(tiny_models), "--ray", "--ray-cpus-per-worker", "1"])
+    lost = []
+
+    def run_killing_the_first_worker(pending, args, report):
+        scheduler = _Scheduler(ray_instance, args, pending, report)
+        try:
+            first = scheduler.workers[0]
+            first.info = ray_instance.get(first.start_ref)
+            first.feature_setting = first.info.pop("feature_setting")
+            ray_instance.kill(first.handle, no_restart=True)
+            replacements = scheduler.replacements_left
+            scheduler.run()
+            lost.append(replacements - scheduler.replacements_left)
+        finally:
+            scheduler.close()
+
     started = time.perf_counter()
-    code, summary = _bank_batch(manifest, bank, tiny_models, "--ray", "--ray-cpus-per-worker", "1")
-    print(f"ray batch from the bank: {time.perf_counter() - started:.1f} s")
-    assert code == 0 and [summary[r]["status"] for r in (1, 2)] == ["done", "done"], summary
+    outcomes = run_batch(args, run_remote=run_killing_the_first_worker)
+    print(f"ray batch from the bank, one worker lost: {time.perf_counter() - started:.1f} s")
+    assert [o.status for o in outcomes] == ["done", "done"] and lost == [1]
+    with open(manifest.with_name(f"{manifest.stem}.summary.csv"), newline="") as stream:
+        summary = {int(row["row"]): row for row in csv.DictReader(stream)}
     cached = _cached_features(bank)
     assert len(cached) == 1 and len(next(iter(cached.values()))) == count  # encoded once, kept in the bank
 

@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional
 
+import numpy as np
+
 from .batch import (
     SUPPORT_FILES_KEPT, BatchJob, JobOutcome, PendingJob, Report, SupportReader, failed_outcome, interrupted_outcome,
     read_job, save_result,
@@ -90,7 +92,7 @@ class BatchWorker:
         """Encoder features of example slices (``[H, W]`` float32 each), as the bank caches them."""
         from ..examples import encode_example
 
-        return [encode_example(self.engine, image) for image in images]
+        return [encode_example(self.engine, np.array(image)) for image in images]  # copies: Ray's are read-only
 
     def segment(self, query, support, labelmap, labels: List[int], geometry: Dict[str, object],
                 support_slice: Optional[int], modality: str, exclusive: bool = False, *,
@@ -99,6 +101,15 @@ class BatchWorker:
         bank examples with their features) -> (label map, seconds, the result's
         :func:`protosam.confidence.review_record`)."""
         started = time.perf_counter()
+        if examples:
+            # Ray hands arrays over read-only (zero-copy from its object store); torch tensors
+            # made from them would share that memory: the examples are small, copy them.
+            import dataclasses
+
+            examples = {label: [dataclasses.replace(
+                example, image=np.array(example.image), mask=np.array(example.mask),
+                features=None if example.features is None else np.array(example.features))
+                for example in found] for label, found in examples.items()}
         inputs = SegmentInputs(query, support, labelmap, list(labels), geometry)
         output, result = propagate_labels(self.engine, inputs, support_slice=support_slice, modality=modality,
                                           exclusive=exclusive, examples=examples, support_mode=support_mode,
