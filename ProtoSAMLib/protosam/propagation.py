@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .cache import EmbeddingCache, volume_fingerprint
-from .confidence import slice_evidence, slice_scores, structure_score, volume_score
+from .confidence import evidence_array, slice_evidence, slice_scores, structure_score, volume_score
 from .errors import CancelledError, InputError
 from .models.alpnet import Prototypes, pool_prototypes
 from .orientation import canonical_orientation, choose_plane
@@ -95,7 +95,10 @@ class VolumeResult:
     ``support_axis``); ``plane``: the slicing plane when geometry was given, else ``""``.
     ``slice_confidence``: per key, ``[N]`` float32 scores in ``[0, 1]`` of the ``N`` slices along
     ``axis`` (NaN: no score, outside the structure's extent); ``structure_confidence``: per key;
-    ``volume_confidence``: the lowest of those (see :mod:`protosam.confidence`)."""
+    ``volume_confidence``: the lowest of those (see :mod:`protosam.confidence`);
+    ``slice_evidence``: per key, ``[N, 3]`` float64, what those scores came from on each slice
+    (:func:`protosam.confidence.evidence_array`), so that a session adopting this result
+    rescores it after corrections as it would have (``Session.adopt(evidence=...)``)."""
 
     masks: Dict[Hashable, np.ndarray]
     support_slices: Dict[Hashable, List[int]]
@@ -107,6 +110,7 @@ class VolumeResult:
     slice_confidence: Dict[Hashable, np.ndarray] = field(default_factory=dict)
     structure_confidence: Dict[Hashable, float] = field(default_factory=dict)
     volume_confidence: Optional[float] = None
+    slice_evidence: Dict[Hashable, np.ndarray] = field(default_factory=dict)
 
 
 def largest_area_slice(mask: np.ndarray) -> int:
@@ -499,6 +503,7 @@ def segment_volume(
         slice_confidence=slice_confidence,
         structure_confidence=structure_confidence,
         volume_confidence=volume_score(structure_confidence),
+        slice_evidence={s.key: evidence_array(s.evidence, count) for s in structures},
     )
 
 
@@ -676,6 +681,8 @@ def _segment_oriented(engine, query_volume, support_volume, support_masks, *, qu
         slice_confidence={key: scores[[query_orientation.canonical_slice(i, query_count) for i in range(query_count)]]
                           for key, scores in result.slice_confidence.items()},
         structure_confidence=result.structure_confidence, volume_confidence=result.volume_confidence,
+        slice_evidence={key: rows[[query_orientation.canonical_slice(i, query_count) for i in range(query_count)]]
+                        for key, rows in result.slice_evidence.items()},
     )
 
 

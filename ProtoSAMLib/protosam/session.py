@@ -70,6 +70,7 @@ from scipy import ndimage
 
 from . import catalogue
 from .cache import EmbeddingCache, volume_fingerprint
+from .confidence import evidence_from_array, rescore_slices, slice_scores, structure_score, volume_score
 from .errors import InputError
 from .models.sam import SAM_IMAGE_SIZE
 from .engine import Engine
@@ -169,14 +170,20 @@ class _StructureState:
     # Per propagated slice, its outcome in the last run with what it depended on: an update
     # matches and decodes again only the slices whose inputs changed (propagation._SliceOutcome).
     outcomes: Dict[int, object] = field(default_factory=dict)
+    # Per propagated slice, what the models computed that says how sure it is (the last run's),
+    # and the slice scores of the output as it stands (None: to be computed; protosam.confidence).
+    evidence: Dict[int, object] = field(default_factory=dict)
+    scores: Optional[np.ndarray] = None
 
 
 def _resolved_slice(method):
     """A correction returns its slice as the session's results give it: in an exclusive
-    session, with the voxels another structure wins taken out (rule in the module docstring)."""
+    session, with the voxels another structure wins taken out (rule in the module docstring).
+    The slice and its neighbours are scored again (:meth:`Session.confidence`)."""
     @functools.wraps(method)
     def correction(self, structure, index, *args, **kwargs):
         mask = method(self, structure, index, *args, **kwargs)
+        self._rescore(structure, int(index))
         if not self.exclusive_structures or len(self.structures) < 2:
             return mask
         with self._lock:
@@ -397,7 +404,7 @@ class Session:
 
     def adopt(self, structure: Hashable, masks, fixed_slices: Sequence[int], *, support_volume=None,
               support_mask=None, support_slices: Optional[Sequence[int]] = None,
-              examples: Optional[Sequence[object]] = None) -> None:
+              examples: Optional[Sequence[object]] = None, evidence=None) -> None:
         """Take over a result propagated elsewhere (another process's run on this volume):
         ``masks`` uint8 volume in the caller's order, ``fixed_slices`` the slices painted by
         the user (they stay as they are and are supports at the next update). Such slices have
@@ -408,10 +415,22 @@ class Session:
         intensities, 3-D, in the caller's order with the same slicing ``axis``), its 3-D
         ``support_mask`` and the ``support_slices`` used: every update then keeps that support,
         as :meth:`start` would have, besides the fixed slices of this volume. ``examples``: the
-        run's bank examples of the structure (as :meth:`start` takes them), kept likewise."""
+        run's bank examples of the structure (as :meth:`start` takes them), kept likewise.
+
+        ``evidence``: the run's ``VolumeResult.slice_evidence`` of the structure (``[N, 3]``
+        along ``axis``), so that the session's review scores (:meth:`confidence`) are the run's
+        and are rescored after corrections from it; without it the slices are scored by their
+        neighbours alone until the first update."""
         prepared_examples = self._prepare_examples(structure, examples or ())
         with self._lock:
             mask = np.moveaxis(as_binary_mask(masks, f"mask of '{structure}'", self.caller_shape), self.axis, 0)
+            known = {}
+            if evidence is not None:
+                rows = np.asarray(evidence)
+                if rows.shape != (mask.shape[0], 3):
+                    raise InputError(f"The slice evidence of '{structure}' has shape {rows.shape}; it must be "
+                                     f"({mask.shape[0]}, 3), one row per slice along axis {self.axis}.")
+                known = evidence_from_array(rows)
             external = None
             if support_volume is not None:
                 external = self._external_support(structure, support_volume, support_mask, support_slices)
@@ -421,6 +440,7 @@ class Session:
             state.prompts = {}
             state.prompt_masks = {}
             state.examples = prepared_examples
+            state.evidence = known
             self.structures[structure] = state
 
     def _external_support(self, structure: Hashable, support_volume, support_mask,
@@ -550,6 +570,8 @@ class Session:
             state.prompt_masks = {k: v for k, v in structure.prompt_masks.items() if k not in state.fixed}
             state.probabilities = structure.probabilities
             state.outcomes = structure.outcomes
+            state.evidence = dict(structure.evidence)
+            state.scores = None  # every slice is scored again, from the new evidence
 
     # ------------------------------------------------------------------ corrections
     @_resolved_slice
@@ -744,6 +766,40 @@ class Session:
 
     def fixed_slices(self, structure: Hashable) -> List[int]:
         return sorted(self._state(structure).fixed)
+
+    def confidence(self, structures: Optional[Sequence[Hashable]] = None) -> Dict[str, object]:
+        """The review scores of the session's results as they stand (:mod:`protosam.confidence`,
+        with the same keys as :class:`protosam.VolumeResult`'s): ``slice_confidence`` (key ->
+        ``[N]`` float32 along the slicing axis, NaN: no score), ``structure_confidence`` (key ->
+        float) for ``structures`` (default: every structure) and ``volume_confidence`` (the
+        lowest of every structure's). Fixed slices (painted or corrected: user-confirmed) score
+        1 and are left out of the structure's mean. After :meth:`start` they equal
+        ``segment_volume``'s; a correction scores its slice and the two beside it again, an
+        update every slice."""
+        with self._lock:
+            every = [key for key, state in self.structures.items() if state.output is not None]
+            slice_confidence = {key: self._scores(self.structures[key]) for key in every}
+            structure_confidence = {key: structure_score(slice_confidence[key], self.structures[key].fixed)
+                                    for key in every}
+            keys = every if structures is None else list(structures)
+            for key in keys:
+                self._state(key)
+            return {"slice_confidence": {key: slice_confidence[key].copy() for key in keys},
+                    "structure_confidence": {key: structure_confidence[key] for key in keys},
+                    "volume_confidence": volume_score(structure_confidence) if every else None}
+
+    def _scores(self, state: _StructureState) -> np.ndarray:
+        if state.scores is None:
+            state.scores = slice_scores(state.output, state.evidence, state.fixed)
+        return state.scores
+
+    def _rescore(self, structure: Hashable, index: int) -> None:
+        """After a correction of slice ``index``: its score and its neighbours' (see
+        :func:`protosam.confidence.rescore_slices`)."""
+        with self._lock:
+            state = self.structures.get(structure)
+            if state is not None and state.scores is not None and state.output is not None:
+                state.scores = rescore_slices(state.scores, state.output, state.evidence, state.fixed, [index])
 
     def mask(self, structure: Hashable) -> np.ndarray:
         """uint8 mask volume of ``structure`` in the caller's order (exclusive sessions: with the

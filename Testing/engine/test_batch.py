@@ -373,6 +373,102 @@ def test_ray_batch_matches_local_retries_a_killed_worker_and_resumes(ray_instanc
     np.testing.assert_array_equal(_labels(outputs[2]), reference[2])
 
 
+def _bank_batch(manifest, bank, models, *extra):
+    code = main(["batch", "--manifest", str(manifest), "--examples", str(bank), *_model_args(models), *extra])
+    with open(manifest.with_name(f"{manifest.stem}.summary.csv"), newline="") as stream:
+        return code, {int(row["row"]): row for row in csv.DictReader(stream)}
+
+
+def _bank_rows(path, folder, out):
+    """Row 1 from the bank alone (no support mask); row 2 from the bank and its support together."""
+    with open(path, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["image", "output", "support_image", "support_mask"])
+        writer.writerow([folder / "target_0.nii.gz", out / "bank_alone.nii.gz", "", ""])
+        writer.writerow([folder / "target_1.nii.gz", out / "bank_and_support.nii.gz", folder / "support.nii.gz",
+                         folder / "support_labels.nii.gz"])
+    return path, [out / "bank_alone.nii.gz", out / "bank_and_support.nii.gz"]
+
+
+def _cached_features(bank):
+    """setting folder name -> {example id: features} of a bank's feature cache."""
+    return {setting.name: {path.stem: np.load(path) for path in setting.glob("*.npy")}
+            for setting in (bank / "features").iterdir()} if (bank / "features").is_dir() else {}
+
+
+def test_ray_batch_from_an_example_bank_equals_local_and_sends_the_banks_features(ray_instance, cohort, tiny_models,
+                                                                                  tmp_path):
+    """``batch --examples`` on Ray: rows from the bank alone and from bank + support give the
+    local run's masks; a worker encodes the uncached examples once (a worker lost while asked
+    to is replaced) and the driver caches them in the bank under the key a local run uses; the workers then use the bank's cached features
+    as sent (tampered ones change Ray's masks: no worker encoded them again)."""
+    folder, chosen = cohort
+    bank = tmp_path / "bank"
+    assert main(["examples", "add", str(bank), "--image", str(folder / "support.nii.gz"), "--label-map",
+                 str(folder / "support_labels.nii.gz"), "--modality", "mri"]) == 0
+    local_bank = tmp_path / "local_bank"
+    shutil.copytree(bank, local_bank)
+    count = len(json.loads((bank / "index.json").read_text())["examples"])
+    assert count >= 4
+
+    # First run (nothing cached): the first worker ready is dead when asked to encode the
+    # examples (killed after it loaded its models): it is replaced, the row goes to another worker.
+    from protosam.cli import build_parser
+    from protosam.cohorts.batch import run_batch
+    from protosam.cohorts.ray_cluster import _Scheduler
+
+    manifest, ray_outputs = _bank_rows(tmp_path / "ray.csv", folder, tmp_path / "ray")
+    args = build_parser().parse_args(["batch", "--manifest", str(manifest), "--examples", str(bank),
+                                      *_model_args(tiny_models), "--ray", "--ray-cpus-per-worker", "1"])
+    lost = []
+
+    def run_killing_the_first_worker(pending, args, report):
+        scheduler = _Scheduler(ray_instance, args, pending, report)
+        try:
+            first = scheduler.workers[0]
+            first.info = ray_instance.get(first.start_ref)
+            first.feature_setting = first.info.pop("feature_setting")
+            ray_instance.kill(first.handle, no_restart=True)
+            replacements = scheduler.replacements_left
+            scheduler.run()
+            lost.append(replacements - scheduler.replacements_left)
+        finally:
+            scheduler.close()
+
+    started = time.perf_counter()
+    outcomes = run_batch(args, run_remote=run_killing_the_first_worker)
+    print(f"ray batch from the bank, one worker lost: {time.perf_counter() - started:.1f} s")
+    assert [o.status for o in outcomes] == ["done", "done"] and lost == [1]
+    with open(manifest.with_name(f"{manifest.stem}.summary.csv"), newline="") as stream:
+        summary = {int(row["row"]): row for row in csv.DictReader(stream)}
+    cached = _cached_features(bank)
+    assert len(cached) == 1 and len(next(iter(cached.values()))) == count  # encoded once, kept in the bank
+
+    manifest, local_outputs = _bank_rows(tmp_path / "local.csv", folder, tmp_path / "local")
+    code, local_summary = _bank_batch(manifest, local_bank, tiny_models)
+    assert code == 0
+    for ray_output, local_output in zip(ray_outputs, local_outputs):
+        assert set(np.unique(_labels(local_output))) - {0}
+        np.testing.assert_array_equal(_labels(ray_output), _labels(local_output))
+    assert [summary[r]["confidence"] for r in (1, 2)] == [local_summary[r]["confidence"] for r in (1, 2)]
+    local_cached = _cached_features(local_bank)
+    assert local_cached.keys() == cached.keys()  # the same setting key on the workers and here
+    (setting,) = cached
+    for example, features in cached[setting].items():
+        np.testing.assert_allclose(features, local_cached[setting][example], rtol=1e-5, atol=1e-6)
+
+    # Tampered cached features (negated) change Ray's masks: the actors used the bank's features
+    # as sent, none encoded the examples again, and the driver left the cache as it was.
+    for path in (bank / "features" / setting).glob("*.npy"):
+        np.save(path, -np.load(path))
+    manifest, tampered = _bank_rows(tmp_path / "tampered.csv", folder, tmp_path / "tampered")
+    code, _ = _bank_batch(manifest, bank, tiny_models, "--ray", "--ray-cpus-per-worker", "1")
+    assert code == 0
+    assert not np.array_equal(_labels(tampered[0]), _labels(ray_outputs[0]))
+    for example, features in _cached_features(bank)[setting].items():
+        np.testing.assert_array_equal(features, -cached[setting][example])
+
+
 # --- Paths a batch may write, checked before anything runs ---------------------------------------
 
 @pytest.fixture
@@ -595,7 +691,7 @@ def test_exclusive_batch_rows_equal_segment_exclusive_locally_and_in_the_ray_wor
     (job,) = read_manifest(args.manifest, support_image=args.support_image, support_mask=args.support_mask)
     scheduler = object.__new__(_Scheduler)  # only its row preparation, with ray.put as the identity
     scheduler.ray, scheduler.args, scheduler.reader = Namespace(put=lambda value: value), args, SupportReader()
-    scheduler.support_refs, scheduler.report = collections.OrderedDict(), None
+    scheduler.support_refs, scheduler.report, scheduler.bank = collections.OrderedDict(), None, None
     task = _Task(job, RunParameters(args).for_job(job))
     assert scheduler._prepare(task) and task.arguments[-1] is True
     worker = BatchWorker({name: getattr(args, name) for name in MODEL_OPTIONS}, 1)

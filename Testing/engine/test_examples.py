@@ -203,6 +203,11 @@ _WRITER = textwrap.dedent("""
     from protosam.examples import bank as bank_module
     folder, name, count, stall = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "stall"
     bank = bank_module.ExampleBank(folder)
+    if sys.argv[4] == "together":  # start adding when every writer is ready (imports done), at once
+        import os
+        open(f"{folder}/../ready-{name}", "w").close()
+        while not os.path.exists(f"{folder}/../go"):
+            time.sleep(0.001)
     if stall:  # publish nothing: stop for good just before the index is written, lock held
         def stop(self, index):
             open(folder + "/../stalled", "w").close()
@@ -245,7 +250,12 @@ def test_a_writer_killed_mid_add_leaves_the_index_valid(tmp_path):
 def test_two_writers_at_once_lose_nothing(tmp_path):
     folder = tmp_path / "bank"
     ExampleBank(folder)
-    writers = [_writer(tmp_path, folder, name, 15) for name in ("left", "right")]
+    writers = [_writer(tmp_path, folder, name, 15, "together") for name in ("left", "right")]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready-{name}").exists() for name in ("left", "right")):
+        assert all(w.poll() is None for w in writers) and time.monotonic() < deadline, "a writer never got ready"
+        time.sleep(0.01)
+    (tmp_path / "go").touch()  # both add at once, each example its own locked change of the index
     for writer in writers:
         assert writer.wait(timeout=300) == 0
     bank = ExampleBank(folder)

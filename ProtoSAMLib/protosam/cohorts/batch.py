@@ -501,8 +501,6 @@ def run_batch(args: argparse.Namespace, run_remote: Optional[Callable[[List[Pend
     """Run a whole manifest (locally, or with ``args.ray`` through ``run_remote``, i.e.
     :func:`protosam.cohorts.ray_cluster.run_on_ray`); write the summary; return outcomes."""
     examples = getattr(args, "examples", None)
-    if args.ray is not None and (examples or getattr(args, "support_mode", "nearest") != "nearest"):
-        raise InputError("--examples and --support-mode do not run on Ray yet: run this cohort without --ray.")
     jobs = read_manifest(args.manifest, support_image=args.support_image, support_mask=args.support_mask,
                          examples=examples)
     summary = Path(args.summary) if args.summary else default_summary_path(args.manifest)

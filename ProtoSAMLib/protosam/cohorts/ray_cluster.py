@@ -9,6 +9,12 @@
   sidecar. Worker nodes therefore need no access to the images or outputs; only checkpoints
   given by path must exist at that path on every node (official weights are fetched into
   each node's own cache). Support volumes are sent once and shared by every row using them.
+* **Example banks** (``--examples BANK``): only the driver opens the bank. It sends each
+  structure's examples as arrays, once per plane and labels, shared by every row, with their
+  encoder features for the workers' setting (:func:`protosam.examples.feature_setting`): read
+  from the bank's cache, or, for examples not cached yet, encoded once by one worker and
+  stored in the bank's cache by the driver (keyed as a local run keys them). No worker
+  encodes an example again, and no worker needs the bank's folder.
 * **Streaming**: at most :data:`IN_FLIGHT_PER_WORKER` rows per actor at a time (one computing,
   one arriving), so the driver holds only a few volumes in memory whatever the cohort size.
 * **Lost workers**: actors run without Ray restarts; when one dies (``RayActorError``: process
@@ -28,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional
 
+import numpy as np
+
 from .batch import (
     SUPPORT_FILES_KEPT, BatchJob, JobOutcome, PendingJob, Report, SupportReader, failed_outcome, interrupted_outcome,
     read_job, save_result,
@@ -35,6 +43,7 @@ from .batch import (
 from ..cli.common import SegmentInputs, engine_from_args, propagate_labels
 from ..confidence import review_record
 from ..errors import InputError, ProtoSAMError
+from ..examples.runs import bank_supports, structure_labels
 
 logger = logging.getLogger(__name__)
 
@@ -74,16 +83,37 @@ class BatchWorker:
         # One torch thread per CPU Ray gave this actor: actors on one node must not oversubscribe it.
         torch.set_num_threads(self.threads)
         self.engine = engine_from_args(argparse.Namespace(**self.model_options))
-        return {"pid": os.getpid(), "host": socket.gethostname(), "device": str(self.engine.device)}
+        from ..examples import feature_setting
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "device": str(self.engine.device),
+                "feature_setting": feature_setting(self.engine)}
+
+    def encode(self, images: List) -> List:
+        """Encoder features of example slices (``[H, W]`` float32 each), as the bank caches them."""
+        from ..examples import encode_example
+
+        return [encode_example(self.engine, np.array(image)) for image in images]  # copies: Ray's are read-only
 
     def segment(self, query, support, labelmap, labels: List[int], geometry: Dict[str, object],
-                support_slice: Optional[int], modality: str, exclusive: bool = False):
-        """Propagate one volume (arrays as :class:`SegmentInputs` holds them) -> (label map, seconds,
-        the result's :func:`protosam.confidence.review_record`)."""
+                support_slice: Optional[int], modality: str, exclusive: bool = False, *,
+                examples: Optional[Dict[int, list]] = None, support_mode: str = "nearest", similar_k: int = 3):
+        """Propagate one volume (arrays as :class:`SegmentInputs` holds them; ``examples``: label ->
+        bank examples with their features) -> (label map, seconds, the result's
+        :func:`protosam.confidence.review_record`)."""
         started = time.perf_counter()
+        if examples:
+            # Ray hands arrays over read-only (zero-copy from its object store); torch tensors
+            # made from them would share that memory: the examples are small, copy them.
+            import dataclasses
+
+            examples = {label: [dataclasses.replace(
+                example, image=np.array(example.image), mask=np.array(example.mask),
+                features=None if example.features is None else np.array(example.features))
+                for example in found] for label, found in examples.items()}
         inputs = SegmentInputs(query, support, labelmap, list(labels), geometry)
         output, result = propagate_labels(self.engine, inputs, support_slice=support_slice, modality=modality,
-                                          exclusive=exclusive)
+                                          exclusive=exclusive, examples=examples, support_mode=support_mode,
+                                          similar_k=similar_k)
         return output, time.perf_counter() - started, review_record(result)
 
 
@@ -93,6 +123,7 @@ class _Task:
     parameters: dict
     losses: int = 0
     arguments: Optional[tuple] = None  # object refs and options, built once, reused on resubmission
+    bank_labels: Optional[tuple] = None  # with --examples: (plane, ((label, structure), ...)) of the row
     reference: object = None  # the target's sitk header, for writing the output
     submitted: float = 0.0  # perf_counter() when last sent to a worker
 
@@ -102,6 +133,7 @@ class _Worker:
     handle: object
     start_ref: object
     info: Optional[dict] = None
+    feature_setting: Optional[dict] = None  # what its encoder's features depend on (bank feature cache key)
     in_flight: Deque[tuple] = field(default_factory=collections.deque)  # (task, ref), oldest first
 
 
@@ -146,6 +178,13 @@ class _Scheduler:
         self.replacements_left = 2 * count + MAX_ATTEMPTS
         self.reader = SupportReader()
         self.support_refs: "collections.OrderedDict[str, object]" = collections.OrderedDict()
+        self.bank = None
+        # (feature setting, plane, labels) -> object ref of {label: [SupportExample with features]}
+        self.example_refs: Dict[tuple, object] = {}
+        if getattr(args, "examples", None):
+            from ..examples import ExampleBank
+
+            self.bank = ExampleBank(args.examples, create=False)
         logger.info("Ray: %d worker(s), %s each", count, options)
         for _ in range(count):
             self._start_worker()
@@ -195,18 +234,71 @@ class _Scheduler:
             return False
         job = task.job
         support = None if inputs.support is None else self._shared_ref(f"image:{os.path.abspath(job.support_image)}", inputs.support)
-        labelmap = self._shared_ref(f"mask:{os.path.abspath(job.support_mask)}", inputs.labelmap)
+        labelmap = inputs.labelmap if job.support_mask is None else self._shared_ref(
+            f"mask:{os.path.abspath(job.support_mask)}", inputs.labelmap)
+        if self.bank is not None:
+            try:
+                labels = structure_labels(self.bank.structures(), self.args.structures, inputs.labels)
+            except InputError as error:
+                self.report(failed_outcome(task.job, error, attempts=0))
+                return False
+            task.bank_labels = (inputs.geometry["plane"], tuple(sorted(labels.items())))
         task.arguments = (self.ray.put(inputs.query), support, labelmap, inputs.labels, inputs.geometry,
                           self.args.support_slice, self.args.modality, getattr(self.args, "exclusive", False))
         return True
 
+    def _examples_ref(self, worker: _Worker, task: _Task):
+        """The object ref of the row's bank examples with features for ``worker``'s encoder
+        setting (None without a bank): put once per setting, plane and labels; examples
+        without cached features are encoded by ``worker`` (and cached in the bank) first."""
+        if task.bank_labels is None:
+            return None
+        from ..examples.bank import _setting_key
+
+        plane, labels = task.bank_labels
+        key = (_setting_key(worker.feature_setting), plane, labels)
+        if key not in self.example_refs:
+            bank, setting = self.bank, worker.feature_setting
+
+            def features(examples):
+                found = bank.cached_features(examples, setting)
+                missing = [example for example in examples if example.id not in found]
+                if missing:
+                    images = [bank.arrays(example)[0] for example in missing]
+                    computed = dict(zip((e.id for e in missing), self.ray.get(worker.handle.encode.remote(images))))
+                    bank.store_features(setting, computed)
+                    found.update(computed)
+                    logger.info("Ray worker %s encoded %d bank example(s)", worker.info, len(missing))
+                return [found[example.id] for example in examples]
+
+            self.example_refs[key] = self.ray.put(bank_supports(bank, dict(labels), plane, features=features))
+        return self.example_refs[key]
+
+    def _submit(self, worker: _Worker, task: _Task) -> bool:
+        """Send a prepared row to ``worker``; False when the worker was lost meanwhile (the row
+        goes back to the front of the queue)."""
+        try:
+            examples = self._examples_ref(worker, task)
+        except self.ray.exceptions.RayActorError as error:  # lost while encoding the examples
+            self.queue.appendleft(task)
+            self._lose_worker(worker, error)
+            return False
+        except (self.ray.exceptions.RayTaskError, ProtoSAMError, OSError) as error:
+            cause = getattr(error, "cause", None) or error
+            self.report(failed_outcome(task.job, cause, attempts=task.losses))
+            return True
+        task.submitted = time.perf_counter()
+        worker.in_flight.append((task, worker.handle.segment.remote(
+            *task.arguments, examples=examples, support_mode=getattr(self.args, "support_mode", "nearest"),
+            similar_k=getattr(self.args, "similar_k", 3))))
+        return True
+
     def _fill(self) -> None:
-        for worker in self.workers:
+        for worker in list(self.workers):
             while worker.info is not None and len(worker.in_flight) < IN_FLIGHT_PER_WORKER and self.queue:
                 task = self.queue.popleft()
-                if self._prepare(task):
-                    task.submitted = time.perf_counter()
-                    worker.in_flight.append((task, worker.handle.segment.remote(*task.arguments)))
+                if self._prepare(task) and not self._submit(worker, task):
+                    break  # this worker is gone
 
     # ------------------------------------------------------------------ results
     def _finish(self, worker: _Worker, task: _Task, ref) -> None:
@@ -250,6 +342,7 @@ class _Scheduler:
             try:
                 if task is None:
                     worker.info = ray.get(ready[0])
+                    worker.feature_setting = worker.info.pop("feature_setting", None)
                     logger.info("Ray worker ready: %s", worker.info)
                 else:
                     self._finish(worker, task, ready[0])

@@ -6,7 +6,7 @@ correction session's painted and corrected slices. The engine itself knows nothi
 :meth:`ExampleBank.supports` hands ``segment_volume`` plain
 :class:`protosam.propagation.SupportExample` arrays.
 """
-from .bank import INDEX_VERSION, Example, ExampleBank, feature_setting
+from .bank import INDEX_VERSION, Example, ExampleBank, encode_example, feature_setting
 from .sessions import add_session_slices
 
-__all__ = ["ExampleBank", "Example", "INDEX_VERSION", "feature_setting", "add_session_slices"]
+__all__ = ["ExampleBank", "Example", "INDEX_VERSION", "feature_setting", "encode_example", "add_session_slices"]

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["ExampleBank", "Example", "INDEX_VERSION", "feature_setting"]
+__all__ = ["ExampleBank", "Example", "INDEX_VERSION", "feature_setting", "encode_example"]
 
 INDEX_NAME = "index.json"
 LOCK_NAME = ".lock"
@@ -107,6 +107,12 @@ def feature_setting(engine) -> Dict[str, object]:
         "fused_attention": bool(getattr(engine.preset, "fused_attention", False)),
         "precision": "fp32" if dtype is None else str(dtype).replace("torch.", ""),
     }
+
+
+def encode_example(engine, image: np.ndarray) -> np.ndarray:
+    """An example's encoder features ``[C, g, g]`` float32 on the host: its slice encoded alone,
+    as a support slice is (the values the bank caches)."""
+    return engine.encode(engine.to_model_input(np.asarray(image, np.float32)[None]))[0].float().cpu().numpy()
 
 
 def _setting_key(setting: Dict[str, object]) -> str:
@@ -351,53 +357,68 @@ class ExampleBank:
                         path.unlink()
 
     # ------------------------------------------------------------------ supports for the engine
-    def supports(self, structure: str, *, plane: str = "", axis: Optional[int] = None, engine=None):
+    def supports(self, structure: str, *, plane: str = "", axis: Optional[int] = None, engine=None,
+                 features=None):
         """The examples of ``structure`` taken in ``plane`` (or as stored along ``axis``) as
         :class:`protosam.propagation.SupportExample` for ``segment_volume``'s ``examples``.
 
         With ``engine`` each carries its encoder features, read from the bank's cache for the
         engine's setting (:func:`feature_setting`) or computed once now and stored there, so a
-        run from the bank encodes only the volume it segments."""
+        run from the bank encodes only the volume it segments. ``features`` (instead of
+        ``engine``): a function from a list of :class:`Example` to their features, for callers
+        whose encoder runs elsewhere (the Ray driver: :meth:`cached_features` and
+        :meth:`store_features` around a worker's encoding)."""
         from ..propagation import SupportExample
 
         chosen = [e for e in self.list(structure) if e.plane == (plane or "") and (plane or e.axis == axis)]
-        features = self.features(chosen, engine) if engine is not None else [None] * len(chosen)
+        if features is None and engine is not None:
+            features = lambda examples: self.features(examples, engine)  # noqa: E731
+        values = features(chosen) if features is not None and chosen else [None] * len(chosen)
         supports = []
-        for example, feature in zip(chosen, features):
+        for example, feature in zip(chosen, values):
             image, mask = self.arrays(example)
             supports.append(SupportExample(image, mask, example.slice_index, example.slice_count, feature))
         return supports
 
-    def features(self, examples: Sequence[Example], engine) -> List[np.ndarray]:
-        """Encoder features ``[C, g, g]`` float32 of ``examples`` for ``engine``: cached ones read,
-        missing ones encoded (one slice per call, as a support slice is) and stored."""
-        setting = feature_setting(engine)
+    def cached_features(self, examples: Sequence[Example], setting: Dict[str, object]) -> Dict[str, np.ndarray]:
+        """example id -> features ``[C, g, g]`` float32 cached for ``setting``
+        (:func:`feature_setting`); examples without cached features are left out."""
         folder = self.folder / FEATURES_DIR / _setting_key(setting)
         found: Dict[str, np.ndarray] = {}
-        missing = []
         for example in examples:
-            path = folder / f"{example.id}.npy"
             try:
-                found[example.id] = np.load(path, allow_pickle=False)
+                found[example.id] = np.load(folder / f"{example.id}.npy", allow_pickle=False)
             except (OSError, ValueError):
-                missing.append(example)
-        if missing:
-            computed = {}
-            for example in missing:
-                image, _ = self.arrays(example)
-                computed[example.id] = engine.encode(engine.to_model_input(image[None]))[0].float().cpu().numpy()
-            with self._lock():
-                listed = {entry["id"] for entry in self._read_index()["examples"]}
-                folder.mkdir(parents=True, exist_ok=True)
-                key_file = folder / "key.json"
-                if not key_file.is_file():
-                    _write_atomically(key_file, json.dumps(setting, indent=1).encode("utf-8"))
-                for example_id, value in computed.items():
-                    if example_id in listed:  # removed meanwhile: used for this run, not kept
-                        buffer = io.BytesIO()
-                        np.save(buffer, value)
-                        _write_atomically(folder / f"{example_id}.npy", buffer.getvalue())
-            found.update(computed)
+                continue
+        return found
+
+    def store_features(self, setting: Dict[str, object], computed: Dict[str, np.ndarray]) -> None:
+        """Cache features (example id -> ``[C, g, g]`` float32) computed under ``setting``;
+        those of examples removed meanwhile are not kept."""
+        if not computed:
+            return
+        folder = self.folder / FEATURES_DIR / _setting_key(setting)
+        with self._lock():
+            listed = {entry["id"] for entry in self._read_index()["examples"]}
+            folder.mkdir(parents=True, exist_ok=True)
+            key_file = folder / "key.json"
+            if not key_file.is_file():
+                _write_atomically(key_file, json.dumps(setting, indent=1).encode("utf-8"))
+            for example_id, value in computed.items():
+                if example_id in listed:  # removed meanwhile: used for this run, not kept
+                    buffer = io.BytesIO()
+                    np.save(buffer, np.asarray(value, np.float32))
+                    _write_atomically(folder / f"{example_id}.npy", buffer.getvalue())
+
+    def features(self, examples: Sequence[Example], engine) -> List[np.ndarray]:
+        """Encoder features ``[C, g, g]`` float32 of ``examples`` for ``engine``: cached ones read,
+        missing ones encoded (:func:`encode_example`) and stored."""
+        setting = feature_setting(engine)
+        found = self.cached_features(examples, setting)
+        computed = {example.id: encode_example(engine, self.arrays(example)[0])
+                    for example in examples if example.id not in found}
+        self.store_features(setting, computed)
+        found.update(computed)
         return [found[example.id] for example in examples]
 
     # ------------------------------------------------------------------ export

@@ -66,11 +66,12 @@ def structure_labels(counts: Dict[str, int], spec: Optional[str], taken: List[in
     return result
 
 
-def bank_supports(bank, labels: Dict[int, str], plane: str, engine) -> Dict[int, list]:
-    """label -> the bank's examples of its structure in ``plane``, with cached encoder features."""
+def bank_supports(bank, labels: Dict[int, str], plane: str, engine=None, features=None) -> Dict[int, list]:
+    """label -> the bank's examples of its structure in ``plane``, with cached encoder features
+    (for ``engine``, or from ``features``: see :meth:`ExampleBank.supports`)."""
     supports = {}
     for label, name in labels.items():
-        found = bank.supports(name, plane=plane, engine=engine)
+        found = bank.supports(name, plane=plane, engine=engine, features=features)
         if not found:
             planes = sorted({e.plane or f"axis {e.axis}" for e in bank.list(name)})
             raise InputError(f"The bank has no {plane} examples of '{name}' (it has {', '.join(planes)} ones): choose "

@@ -130,7 +130,8 @@ class JobSubmit(Message):
     """Run ``operation`` with ``kwargs`` (JSON values and arrays) on the engine ``engine``.
 
     Operations: ``"segment_volume"`` (kwargs are :func:`protosam.segment_volume`'s, arrays
-    included, minus ``engine``/``progress``/``cancel``) and ``"download_weights"`` (kwargs:
+    included, minus ``engine``/``progress``/``cancel``, plus ``return_evidence``: true to have
+    the reply carry ``slice_evidence`` too, for a session adopting the result) and ``"download_weights"`` (kwargs:
     ``models``, ``weights_home``, ``base_url``, ``registry`` (list of WeightsEntry dicts or
     None)). ``engine`` is None for operations without one.
     """
@@ -268,14 +269,17 @@ class SessionOpen(Message):
     sessions give each voxel to at most one structure). With ``adopt`` true the
     structures are results already propagated by a job on this worker (``fixed_slices``: key ->
     painted slices): nothing is propagated, and the session shares the engine's cache, so that
-    job's encodings serve the clicks. When such a run's support came from another volume,
+    job's encodings serve the clicks; the option ``slice_evidence`` (key -> the job's
+    ``slice_evidence`` array) gives the session the job's review scores to rescore after
+    corrections. When such a run's support came from another volume,
     ``support_volume`` is that volume, ``support_masks`` (key -> mask on it) and the option
     ``support_slices`` (key -> slices) its support: the adopted structures keep it at every
     update. ``examples`` (key -> list of :class:`protosam.propagation.SupportExample` fields:
     ``image``, ``mask`` arrays, ``slice_index``, ``slice_count``, optional ``features``) are
     supports from an example bank, sent as arrays (a server never opens a path it is given); a
     key may have examples and no structure mask. Reply: ``masks`` and ``fixed_slices`` per
-    structure."""
+    structure, and their review scores (``slice_confidence``, ``structure_confidence``,
+    ``volume_confidence``, as a job's; protosam.session.Session.confidence)."""
 
     TYPE = "session_open"
     id: str
@@ -473,7 +477,8 @@ class SessionUpdate(Message):
     """Re-run ``structure`` over the volume from the session's cached encodings (a job:
     progress and a JobResult follow). Reply: ``mask`` and ``fixed_slices``; an exclusive
     session adds ``masks`` (every structure's mask: the others may have won or given back
-    voxels)."""
+    voxels); every structure's review scores, rescored (``slice_confidence``,
+    ``structure_confidence``, ``volume_confidence``)."""
 
     TYPE = "session_update"
     id: str
@@ -512,7 +517,8 @@ MESSAGE_TYPES: Dict[str, Type[Message]] = {cls.TYPE: cls for cls in (
     SessionSetNegatives, LogRecord, Shutdown)}
 SESSION_TYPES = (SessionOpen, SessionAddSupport, SessionCorrect, SessionUndoClick, SessionClearClicks, SessionUpdate,
                  SessionClose, SessionBox, SessionScribble, SessionLasso, SessionUndo, SessionSetNegatives)
-#: Session messages that correct one slice and whose reply is that slice's mask and corrections.
+#: Session messages that correct one slice and whose reply is that slice's mask and corrections, with the
+#: structure's review scores as the correction left them (protosam.session.Session.confidence).
 SESSION_SLICE_TYPES = (SessionAddSupport, SessionCorrect, SessionUndoClick, SessionClearClicks, SessionBox,
                        SessionScribble, SessionLasso, SessionUndo)
 

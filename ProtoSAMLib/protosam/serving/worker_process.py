@@ -150,10 +150,14 @@ def _segment_volume(engines: Engines, request: protocol.JobSubmit, progress: Pro
     for name in ("engine", "progress", "cancel"):
         if name in kwargs:
             raise InputError(f"segment_volume keyword '{name}' is set by the worker, not by the request")
+    # Not segment_volume's: whether the reply carries slice_evidence (asked for by clients that
+    # adopt the result in a session; others rebuild a VolumeResult of the fields they know).
+    return_evidence = bool(kwargs.pop("return_evidence", False))
     result = segment_volume(engine, progress=progress, cancel=cancel, **kwargs)
     # Every field of VolumeResult, so the client rebuilds it whole (axis and plane included).
     return {field.name: (dict(value) if isinstance(value, dict) else value)
-            for field in dataclasses.fields(result) for value in [getattr(result, field.name)]}
+            for field in dataclasses.fields(result) for value in [getattr(result, field.name)]
+            if field.name != "slice_evidence" or return_evidence}
 
 
 def _download_weights(engines: Engines, request: protocol.JobSubmit, progress: ProgressFunction,
@@ -338,6 +342,7 @@ class WorkerSessions:
             reply = {"mask": mask, "fixed_slices": session.fixed_slices(message.structure)}
             if session.exclusive_structures:  # the other structures may win or give back voxels
                 reply["masks"] = session.masks()
+            reply.update(session.confidence())  # every slice scored again from the new evidence
             return reply
 
     def _open(self, message: protocol.SessionOpen, progress, cancel) -> Dict[str, Any]:
@@ -346,7 +351,7 @@ class WorkerSessions:
         engine = self.engines.get(message.engine)
         options = dict(message.options)
         allowed = {"axis", "modality", "support_mode", "support_slices", "slice_range", "auto_extent", "cache_bytes",
-                   "adopt", "fixed_slices", "exclusive", "similar_k"}
+                   "adopt", "fixed_slices", "exclusive", "similar_k", "slice_evidence"}
         unknown = set(options) - allowed
         if unknown:
             raise InputError(f"Unknown session option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(allowed))}.")
@@ -363,6 +368,7 @@ class WorkerSessions:
             exclusive=bool(options.get("exclusive", False)))
         if adopt:
             fixed = options.get("fixed_slices") or {}
+            evidence = options.get("slice_evidence") or {}  # the job's VolumeResult.slice_evidence
             support_masks = message.support_masks or {}
             support_slices = options.get("support_slices") or {}
             for key, mask in message.structures.items():
@@ -371,7 +377,7 @@ class WorkerSessions:
                     external = dict(support_volume=support_volume, support_mask=_array(support_masks[key]),
                                     support_slices=support_slices.get(key))
                 session.adopt(key, _array(mask), fixed.get(key, []), examples=(message.examples or {}).get(key),
-                              **external)
+                              evidence=evidence.get(key), **external)
             masks = session.masks(list(message.structures))
         else:
             try:
@@ -384,7 +390,8 @@ class WorkerSessions:
         with self._lock:
             self._sessions[message.session_id] = session
             self._last_used[message.session_id] = time.monotonic()
-        return {"masks": masks, "fixed_slices": {key: session.fixed_slices(key) for key in masks}}
+        return {"masks": masks, "fixed_slices": {key: session.fixed_slices(key) for key in masks},
+                **session.confidence(list(masks))}
 
     def needs_encoding(self, message: protocol.Message) -> bool:
         """A click, box or scribble on a slice whose SAM embedding its session does not hold (a
@@ -427,7 +434,10 @@ class WorkerSessions:
 
     def _slice_request(self, session, message: protocol.Message) -> Dict[str, Any]:
         """Reply: the slice's ``mask``, ``slice_index``, ``clicks`` ([x, y, label], not the points
-        sampled along scribbles) and ``corrections`` (kinds an undo takes back, oldest first)."""
+        sampled along scribbles), ``corrections`` (kinds an undo takes back, oldest first) and
+        the structure's review scores as the correction left them (``slice_confidence``,
+        ``structure_confidence``: the structure's alone; ``volume_confidence``; see
+        :meth:`protosam.session.Session.confidence`)."""
         if message.axis != session.axis:
             raise InputError(f"This session propagates along axis {session.axis}, not {message.axis}: "
                              "correct slices of the view it was propagated in.")
@@ -448,7 +458,8 @@ class WorkerSessions:
             mask = session.correct(message.structure, message.slice_index, message.points, message.labels)
         return {"mask": mask, "slice_index": message.slice_index,
                 "clicks": [list(c) for c in session.clicks(message.structure, message.slice_index)],
-                "corrections": session.corrections(message.structure, message.slice_index)}
+                "corrections": session.corrections(message.structure, message.slice_index),
+                **session.confidence([message.structure])}
 
     def close(self, session_id: str) -> bool:
         """Close a session and free its encodings; False when there was none."""
