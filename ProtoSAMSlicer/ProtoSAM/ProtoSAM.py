@@ -639,6 +639,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.ui.statusLabel.text = str(error)
                     raise
                 count = sum(len(slices) for changed in changes for slices in changed.values())
+                self.showReview(self.reviewResults)  # the logic rescored the updated previews
                 self.ui.statusLabel.text = _(
                     "Preview updated from {count} repainted slice(s), kept as painted: Accept or Discard."
                 ).format(count=count)

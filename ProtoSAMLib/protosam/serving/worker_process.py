@@ -434,7 +434,8 @@ class WorkerSessions:
 
     def _slice_request(self, session, message: protocol.Message) -> Dict[str, Any]:
         """Reply: the slice's ``mask``, ``slice_index``, ``clicks`` ([x, y, label], not the points
-        sampled along scribbles), ``corrections`` (kinds an undo takes back, oldest first) and
+        sampled along scribbles), ``corrections`` (kinds an undo takes back, oldest first),
+        ``fixed_slices`` (the structure's, as the correction left them) and
         the structure's review scores as the correction left them (``slice_confidence``,
         ``structure_confidence``: the structure's alone; ``volume_confidence``; see
         :meth:`protosam.session.Session.confidence`)."""
@@ -459,6 +460,8 @@ class WorkerSessions:
         return {"mask": mask, "slice_index": message.slice_index,
                 "clicks": [list(c) for c in session.clicks(message.structure, message.slice_index)],
                 "corrections": session.corrections(message.structure, message.slice_index),
+                # The user-confirmed slices as the correction left them (an undo may give one back).
+                "fixed_slices": session.fixed_slices(message.structure),
                 **session.confidence([message.structure])}
 
     def close(self, session_id: str) -> bool:

@@ -566,6 +566,7 @@ class EffectSession:
         if preview.GetScene() is None or not preview.GetScene().IsNodePresent(preview):
             raise InputError("The preview was removed during the update; nothing was written.")
         self._writePreview(self._orientation.from_canonical(mask))
+        self.logic.rescoreFromSession(self.result, self.corrections)  # every slice scored again
 
     def _sendNegatives(self, session) -> None:
         """"Other segments as not this" for the update: the other visible segments as they are
@@ -625,6 +626,8 @@ class EffectSession:
         slice_Kji = self._orientation.from_canonical(np.asarray(mask, dtype=np.uint8)[np.newaxis])
         mrml_io.writeSegmentFromArray(slice_Kji, self.result.previewSegmentationNode, self.segmentId,
                                       self.sourceVolumeNode, box=box)
+        # The session's reply rescored the slice and its neighbours: the preview's review scores follow.
+        self.logic.rescoreFromSession(self.result, self.corrections)
 
     def _writePreview(self, mask_Kji) -> None:
         """Replace the whole preview segment (after an update)."""

@@ -111,10 +111,16 @@ class PropagationResult:
     corrections: object = dataclasses.field(default=None, repr=False, compare=False)
     #: The run's confidence (protosam.confidence; listed by review.py): segment ID -> [N]
     #: float32 per slice along ``sliceAxis`` (NaN: no score), per segment, and the volume's.
-    #: They score the run as propagated (an "Update preview" does not rescore).
+    #: Rescored after each correction and update of the preview (rescoreFromSession).
     sliceConfidence: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
     segmentConfidence: Dict[str, float] = dataclasses.field(default_factory=dict)
     volumeConfidence: Optional[float] = None
+    #: What the run's scores came from (VolumeResult.slice_evidence): segment ID -> [N, 3] float64
+    #: along ``sliceAxis``; handed to the preview's correction session, which rescores from it.
+    sliceEvidence: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+    #: Segment ID -> user-confirmed slices (painted on this volume, corrected; IJK indices along
+    #: ``sliceAxis``): they score 1 and are left out of the review queue.
+    confirmedSlices: Dict[str, List[int]] = dataclasses.field(default_factory=dict)
     #: Example-bank supports of the run (segment ID -> SupportExample field mappings, bank.py),
     #: kept by the preview's correction session; ``paintedSupports`` False: the bank alone.
     examples: Dict[str, list] = dataclasses.field(default_factory=dict, repr=False)
@@ -229,7 +235,7 @@ class VolumeRunResult:
     sends them: ``masks``, ``support_slices``, ``processed_slices``, ``seconds``, ``axis``,
     ``support_axis``, ``plane``, and the confidence (``protosam.confidence``):
     ``slice_confidence`` (key -> [N] float32, NaN: no score), ``structure_confidence``,
-    ``volume_confidence``."""
+    ``volume_confidence``; ``slice_evidence`` (key -> [N, 3]) when the job asked for it."""
 
     masks: Dict
     support_slices: Dict
@@ -241,6 +247,7 @@ class VolumeRunResult:
     slice_confidence: Dict = dataclasses.field(default_factory=dict)
     structure_confidence: Dict = dataclasses.field(default_factory=dict)
     volume_confidence: Optional[float] = None
+    slice_evidence: Dict = dataclasses.field(default_factory=dict)  # only when the job asked (return_evidence)
 
 
 def sliceViewGeometry(sliceNode) -> Tuple[np.ndarray, np.ndarray]:
@@ -567,7 +574,12 @@ class ProtoSAMLogic:
                 sliceConfidence={k: np.asarray(v, np.float32) for k, v in engineResult.slice_confidence.items()},
                 segmentConfidence=dict(engineResult.structure_confidence),
                 volumeConfidence=engineResult.volume_confidence, examples=dict(prepared.examples),
-                paintedSupports=prepared.paintedSupports)
+                paintedSupports=prepared.paintedSupports,
+                sliceEvidence={k: np.asarray(v, np.float64) for k, v in engineResult.slice_evidence.items()},
+                # Painted on this volume: user-confirmed, as the correction session's fixed slices
+                # (openCorrectionSession; an external support's slices are another volume's).
+                confirmedSlices={} if supportVolumeNode is not None and supportVolumeNode is not targetVolumeNode
+                and prepared.paintedSupports else {k: sorted(v) for k, v in engineResult.support_slices.items()})
         except CancelledError as error:
             handle.error = CancelledError(handle.cancelReason) if handle.cancelReason else error
         except Exception as error:  # carried to the caller (raised by resultOrRaise)
@@ -678,6 +690,13 @@ class ProtoSAMLogic:
         if result.sliceRange is not None:
             ends = [orientation.canonical_slice(k, count) for k in result.sliceRange]
             sessionOptions["slice_range"] = [min(ends), max(ends)]
+        # The run's evidence, in the session's slice order: the session starts from the run's
+        # scores and rescores them after each correction (Session.adopt's ``evidence``).
+        storedOrder = [orientation.stored_slice(k, count) for k in range(count)]
+        evidence = {segmentId: np.ascontiguousarray(np.asarray(result.sliceEvidence[segmentId])[storedOrder])
+                    for segmentId in segmentIds if segmentId in result.sliceEvidence}
+        if evidence:  # only then, as the other options
+            sessionOptions["slice_evidence"] = evidence
 
         onServer = _onServer(options)
         # On a server the session lives there (ServerSession, beside the run's encodings); the
@@ -711,8 +730,28 @@ class ProtoSAMLogic:
                 externalSupport = dict(support_volume=supportVolume, support_mask=supportMasks[segmentId],
                                        support_slices=supportSlices[segmentId])
             session.adopt(segmentId, mask, fixed.get(segmentId, []), examples=examples.get(segmentId),
-                          **externalSupport)
+                          evidence=evidence.get(segmentId), **externalSupport)
         return LocalSession(session)
+
+    def rescoreFromSession(self, result: PropagationResult, session=None) -> None:
+        """Take the review scores of ``session`` (default: ``result.corrections``) as they stand
+        after its corrections and updates into ``result`` (what the Review section lists): the
+        slice scores, the user-confirmed slices (they leave the queue) and the segments' scores
+        of the segments the session holds; the volume's is the lowest segment score."""
+        session = session if session is not None else result.corrections
+        if session is None:
+            return
+        scores = session.confidence()
+        orientation = correctionOrientation(result)
+        count = mrml_io.volumeShapeKji(result.targetVolumeNode)[result.sliceAxis.kjiAxis]
+        canonicalOrder = [orientation.canonical_slice(k, count) for k in range(count)]
+        for segmentId, values in scores["slice_confidence"].items():
+            result.sliceConfidence[segmentId] = np.asarray(values, np.float32)[canonicalOrder]
+            result.confirmedSlices[segmentId] = sorted(orientation.stored_slice(k, count)
+                                                       for k in session.fixed_slices(segmentId))
+        result.segmentConfidence.update({key: float(value) for key, value in scores["structure_confidence"].items()})
+        if result.segmentConfidence:
+            result.volumeConfidence = float(min(result.segmentConfidence.values()))
 
     def closeCorrections(self, result: PropagationResult) -> None:
         """Close the correction session of a result, if one was opened (frees the worker's state)."""
@@ -807,6 +846,8 @@ class ProtoSAMLogic:
         for result, changed in zip(resultList, changes):  # written: they are the user's slices now
             for segmentId, slices in changed.items():
                 result.correctedSlices[segmentId] = sorted(set(result.correctedSlices.get(segmentId, [])) | set(slices))
+            if changed:  # the update's replies carry every slice scored again
+                self.rescoreFromSession(result)
         logger.info("ProtoSAM preview updated from %d repainted segment(s).", segmentCount)
         return changes
 
@@ -916,8 +957,9 @@ def _engineJob(prepared: PreparedRun, options: ProcessOptions, device: str,
                negatives: Optional[Dict] = None) -> RequestFunction:
     """The job for a device worker: "run segment_volume with these arrays and keyword arguments"
     on the engine ``options`` describe (a protocol message; no MRML reference inside)."""
+    # return_evidence: the preview's correction session rescores from the run's evidence.
     request = protocol.JobSubmit(id=protocol.new_id(), operation="segment_volume",
-                                 kwargs=engineKwargs(prepared, options, negatives),
+                                 kwargs=dict(engineKwargs(prepared, options, negatives), return_evidence=True),
                                  engine=engineSpecFor(options, device))
     if _onServer(options):
         from protosam.serving.client import forwarding_request

@@ -3,7 +3,9 @@
 The engine scores every result slice and volume (``protosam.confidence``; the formula is in
 docs/cohorts.md) and the worker sends the scores back with the masks; the logic keeps them
 in :class:`ProtoSAMSlicerLib.logic.PropagationResult` (``sliceConfidence``,
-``segmentConfidence``, ``volumeConfidence``). This module orders them into rows the module's
+``segmentConfidence``, ``volumeConfidence``), rescored after each correction and update of
+the preview (``ProtoSAMLogic.rescoreFromSession``); slices the user painted or corrected
+(``confirmedSlices``) are not listed. This module orders them into rows the module's
 Review section lists, and moves the slice views to a row's slice. MRML only, no Qt.
 """
 
@@ -50,11 +52,14 @@ class ReviewRow:
 
 
 def _sliceItems(result):
-    """(score, segmentId, sliceIndex) of every scored slice of ``result``."""
+    """(score, segmentId, sliceIndex) of every scored slice of ``result`` that the user has not
+    confirmed (painted or corrected: ``result.confirmedSlices``; they need no second look)."""
     items = []
+    confirmed = getattr(result, "confirmedSlices", None) or {}
     for segmentId, scores in (getattr(result, "sliceConfidence", None) or {}).items():
+        skipped = set(confirmed.get(segmentId, ()))
         for index, score in enumerate(np.asarray(scores, np.float64).ravel()):
-            if math.isfinite(score):
+            if math.isfinite(score) and index not in skipped:
                 items.append((float(score), str(segmentId), index))
     return items
 

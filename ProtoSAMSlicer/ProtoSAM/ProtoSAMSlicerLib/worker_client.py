@@ -961,6 +961,38 @@ class WorkerSession:
         self._masks = {key: np.asarray(value["masks"][key]) for key in structures}
         self._clicks: Dict[Any, List] = {}
         self._corrections: Dict[Any, List[str]] = {}
+        # The review scores and user-confirmed slices as the worker's last reply left them.
+        self._fixed = {key: self._fixedOf(value, key, fixedSlices.get(key, [])) for key in structures}
+        self._sliceConfidence: Dict[Any, np.ndarray] = {}
+        self._structureConfidence: Dict[Any, float] = {}
+        self._volumeConfidence: Optional[float] = None
+        self._takeConfidence(value)
+
+    @staticmethod
+    def _fixedOf(value: Dict[str, Any], key, default) -> List[int]:
+        fixed = value.get("fixed_slices")
+        if isinstance(fixed, dict):
+            fixed = fixed.get(key, default)
+        return [int(k) for k in (default if fixed is None else fixed)]
+
+    def _takeConfidence(self, value: Dict[str, Any]) -> None:
+        """Keep the scores a reply carries (a worker older than rescoring sends none: kept as they were)."""
+        for key, scores in (value.get("slice_confidence") or {}).items():
+            self._sliceConfidence[key] = np.asarray(scores, np.float32)
+        self._structureConfidence.update({key: float(v) for key, v in (value.get("structure_confidence") or {}).items()})
+        if value.get("volume_confidence") is not None:
+            self._volumeConfidence = float(value["volume_confidence"])
+
+    def confidence(self) -> Dict[str, Any]:
+        """The review scores of the session's structures as the last replies left them, as
+        protosam.session.Session.confidence gives them: ``slice_confidence`` (key -> [N] float32
+        along the session's axis, NaN: no score), ``structure_confidence``, ``volume_confidence``."""
+        return {"slice_confidence": {key: value.copy() for key, value in self._sliceConfidence.items()},
+                "structure_confidence": dict(self._structureConfidence), "volume_confidence": self._volumeConfidence}
+
+    def fixed_slices(self, structure) -> List[int]:
+        """The user-confirmed slices of ``structure`` (painted or corrected), as last replied."""
+        return sorted(self._fixed.get(structure, []))
 
     def _call(self, message: protocol.Message, progress=None, cancel=None) -> Any:
         return self.client.request(message, timeout=self.timeout, idle=self.idle, progress=progress,
@@ -973,6 +1005,8 @@ class WorkerSession:
         volume[index] = mask
         self._clicks[(structure, index)] = [tuple(c) for c in value["clicks"]]
         self._corrections[(structure, index)] = list(value.get("corrections", []))
+        self._fixed[structure] = self._fixedOf(value, structure, self._fixed.get(structure, []))
+        self._takeConfidence(value)
         return mask
 
     def _target(self, structure, index: int) -> Dict[str, Any]:
@@ -1045,6 +1079,8 @@ class WorkerSession:
         for key, mask in (value.get("masks") or {}).items():  # exclusive sessions: the others too
             if key in self._masks:
                 self._masks[key] = np.asarray(mask)
+        self._fixed[structure] = self._fixedOf(value, structure, self._fixed.get(structure, []))
+        self._takeConfidence(value)
         return self._masks[structure]
 
     def clicks(self, structure, index: int):
