@@ -15,12 +15,18 @@ from required_modules import require_slicer_core
 
 require_slicer_core()
 
-from ProtoSAMSlicerLib import effect_session, mrml_io, review
+from ProtoSAMSlicerLib import effect_session, review
+from ProtoSAMSlicerLib.effect_session import EffectSession
 from ProtoSAMSlicerLib.logic import ProtoSAMLogic, correctionOrientation
 from ProtoSAMSlicerLib.worker_client import WorkerSession
 from protosam.confidence import evidence_from_array, slice_scores, structure_score
-from test_slicer_module_update import (AXIAL, IJK_TO_RAS, PAINTED, REPAINTED, buildCase, buildEffect, previewOf,
-                                       repaintSlice, run)
+from slicer_mrml_helpers import addSegmentation, addVolume, ijkToRasFrom
+from test_slicer_module_update import PAINTED, REPAINTED, buildCase, image, painted, previewOf, repaintSlice, run
+
+# K runs from head to feet: the engine's canonical order (and the session's) is the stored
+# order reversed, so every slice index and score crosses that flip on its way to the Review list.
+FLIPPED = ijkToRasFrom(np.diag([-1.0, -1.0, -1.0]), (0.9, 0.9, 2.0), (4.0, 2.0, 9.0))
+AXIAL = FLIPPED[:3, 2] / np.linalg.norm(FLIPPED[:3, 2])
 
 
 def queue(result):
@@ -43,14 +49,18 @@ def clickAndRescore(scene, tinyOptions, kind):
             logic = ProtoSAMLogic(workerKind="thread")
     else:
         logic = ProtoSAMLogic()
-    target, segmentation, ids, session = buildEffect(scene, logic)
+    target = addVolume(scene, image(5), FLIPPED, "target")
+    segmentation, ids = addSegmentation(scene, target, painted())
+    session = EffectSession(logic, lambda: None, lambda labelmap, segmentId: None)
     liver = ids["liver"]
     session.start(target, segmentation, liver, sliceNormal_World=AXIAL,
-                  slicePoint_World=(IJK_TO_RAS @ np.array([8.0, 10.0, PAINTED, 1.0]))[:3], options=tinyOptions,
+                  slicePoint_World=(FLIPPED @ np.array([8.0, 10.0, PAINTED, 1.0]))[:3], options=tinyOptions,
                   waitForCompletion=True)
     assert session.state == effect_session.PREVIEW
     result = session.result
-    assert result.sliceEvidence[liver].shape == (target.GetImageData().GetDimensions()[2], 3)
+    count = target.GetImageData().GetDimensions()[2]
+    assert correctionOrientation(result).canonical_slice(0, count) == count - 1  # the flip this test is about
+    assert result.sliceEvidence[liver].shape == (count, 3)
     # The painted slice is the user's: it scores 1 and is not in the queue.
     assert result.confirmedSlices == {liver: [PAINTED]} and result.sliceConfidence[liver][PAINTED] == 1
     before = queue(result)
@@ -58,7 +68,7 @@ def clickAndRescore(scene, tinyOptions, kind):
     runScores = result.sliceConfidence[liver].copy()
     np.testing.assert_allclose(runScores, engineScores(result, liver), atol=1e-6)
     worst = before[0][1]
-    point = (IJK_TO_RAS @ np.array([8.0, 10.0, worst, 1.0]))[:3]
+    point = (FLIPPED @ np.array([8.0, 10.0, worst, 1.0]))[:3]
     assert session.addClick(point, AXIAL, positive=True) == worst
     assert isinstance(session.corrections, WorkerSession) == (kind == "process")
     return session, result, runScores, worst
