@@ -280,9 +280,17 @@ def test_module_update_preview_then_accept_and_undo_accept(scene, slicerApp):
     assert widget.ui.applyButton.text == "Propagate" and widget.ui.progressBar.isHidden()
 
     # Update: progress as for a run, then Accept writes the updated masks, Undo accept reverts.
+    def reviewed():
+        return [(row.segmentId, row.sliceIndex) for row in widget.reviewRows["slices"]]
+
+    assert (ids["liver"], REPAINTED) in reviewed()
     widget.ui.progressBar.value = 0
     widget.ui.updatePreviewButton.click()
     assert widget.ui.statusLabel.text.startswith("Preview updated from 1 repainted slice(s)")
+    # Rescored: the repainted slice is the user's now, out of the Review list (the table too).
+    assert (ids["liver"], REPAINTED) not in reviewed()
+    assert widget.ui.reviewSlicesTableWidget.rowCount == len(reviewed())
+    assert widget.reviewRows["volumes"][0].score == pytest.approx(result.volumeConfidence)
     # The worker's progress reached the bar, to the last slice; the bar hides again afterwards.
     assert widget.ui.progressBar.value == widget.ui.progressBar.maximum > 1
     assert widget.ui.progressBar.isHidden()

@@ -153,6 +153,7 @@ def test_clicks_and_update_on_the_server_equal_the_local_worker_and_apply(scene,
     np.testing.assert_array_equal(clicked[unchanged], before[unchanged])  # a click changes only its slice
     np.testing.assert_array_equal(clicked, session._orientation.from_canonical(session.corrections.mask(remote["ids"]["liver"])))
     assert session.clicks(4) == [(14.0, 3.0, 1), (13.0, 4.0, 0)]
+    assertSameReviewScores(local, remote, confirmed=4)  # the server's session replies rescore too
     for e in (local, remote):
         assert e["session"].undoClick() == 4
     np.testing.assert_array_equal(preview(remote), preview(local))
@@ -166,6 +167,7 @@ def test_clicks_and_update_on_the_server_equal_the_local_worker_and_apply(scene,
     np.testing.assert_array_equal(updated, preview(local))
     assert idleCalls and progress and progress[-1][0] == progress[-1][1] > 0
     assert live.log().count("session_update") == updatesBefore + 1  # the update ran on the server
+    assertSameReviewScores(local, remote, confirmed=4)
     corrected = updated[4].copy()
     session.apply()
     assert remote["saves"] == [1]
@@ -173,6 +175,19 @@ def test_clicks_and_update_on_the_server_equal_the_local_worker_and_apply(scene,
     np.testing.assert_array_equal(read(remote, "other"), remote["arrays"]["other"])
     local["session"].cancel()
     assert live.tokens["alice"] not in live.log()
+
+
+def assertSameReviewScores(local, remote, confirmed):
+    """The effect's preview scores (rescored from the session replies) are the same on the server
+    and in the local worker; slice ``confirmed`` was corrected: out of the review queue."""
+    from ProtoSAMSlicerLib import review
+
+    results = [e["session"].result for e in (local, remote)]
+    (localScores,), (remoteScores,) = (list(r.sliceConfidence.values()) for r in results)
+    np.testing.assert_array_equal(remoteScores, localScores)
+    assert results[1].volumeConfidence == results[0].volumeConfidence is not None
+    assert [confirmed in slices for slices in results[1].confirmedSlices.values()] == [True]
+    assert confirmed not in [row.sliceIndex for row in review.sliceRows([results[1]])]
 
 
 def test_server_session_without_a_worker_process_talks_to_the_server_directly(tinyOptions, live):
