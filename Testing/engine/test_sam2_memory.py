@@ -71,12 +71,13 @@ def test_painted_slice_is_a_conditioning_frame_kept_exactly_and_memory_is_bounde
     volume, mask = box_volume(slices=12, size=32)
     mask[6] = 0
     mask[2, 8:24, 10:22] = 1  # painted on slice 2: the walk goes up 9 slices and down 2
-    held = []
+    held, logits_by_slice = [], {}
     original_track = sam2_video.SliceWalk.track
 
     def track(self, index, downwards):
         logits = original_track(self, index, downwards)
         held.append(self.frames_held())
+        logits_by_slice[index] = logits.clone()
         return logits
 
     monkeypatch.setattr(sam2_video.SliceWalk, "track", track)
@@ -94,10 +95,15 @@ def test_painted_slice_is_a_conditioning_frame_kept_exactly_and_memory_is_bounde
     assert held[-1]["tracked"] < 12 - 1 and all(h["features"] == 1 for h in held)  # ...and was bounded
     assert all(h["conditioning"] == 1 for h in held)
 
-    # What was dropped is never read again: the unbounded predictor gives the same masks.
+    # What was dropped is never read again: the unbounded predictor gives the same mask logits,
+    # bit for bit, also on the walk down (which reads the frames kept above the start).
+    bounded_logits = dict(logits_by_slice)
     monkeypatch.setattr(sam2_video.SliceWalk, "_forget_behind", lambda self, frame, direction: None)
     unbounded = segment_volume(engine, volume, None, {"a": mask}, support_slices={"a": 2}, auto_extent=False)
     assert walks[-1].frames_held()["tracked"] == 11
+    assert sorted(logits_by_slice) == list(range(12))
+    for index, logits in bounded_logits.items():
+        assert torch.equal(logits, logits_by_slice[index]), index
     np.testing.assert_array_equal(unbounded.masks["a"], masks)
 
 
