@@ -216,8 +216,9 @@ class Engine:
         self.encoder.set_fused_attention(self.preset.fused_attention)
         self.refiner = load_refiner(models.sam, sam_path, device=str(self.device))
         logger.info(
-            "ProtoSAM engine ready: %s + %s at %d px on %s, preset %s, %s",
+            "ProtoSAM engine ready: %s + %s at %d px on %s, preset %s, %s, propagation %s",
             models.dinov2, models.sam, models.input_size, self.device, self.preset.name, self.precision,
+            self.propagation,
         )
 
     # ----------------------------------------------------------------- sizes and precision
