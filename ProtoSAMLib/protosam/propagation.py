@@ -1081,6 +1081,7 @@ def _propagate_memory(engine: Engine, query_store: _SliceStore, structures: List
         if not starts:  # no slice where the prototypes are sure enough to start from
             tracker.advance(last - first + 1)
             continue
+        walk.walks_down = min(starts) > first
         walks.append(_MemoryWalk(structure, walk, starts))
 
     for direction in ("up", "down"):

@@ -29,8 +29,8 @@ between slices). ProtoSAM supplies three things the package reads from its video
 ``max_obj_ptrs_in_encoder - 1`` (6 and 15 with every published SAM 2.1 configuration) in the
 walking direction. After each slice the walk drops from the inference state every tracked
 frame further back than that window (:attr:`SliceWalk.window` = 16 frames), except the first
-window past the start, which the walk the other way reads first. So the state holds at most
-``2 x window`` tracked frames plus the conditioning frames, and a 200-slice walk keeps what a
+window past the start, which the walk the other way reads first (when there is one). So the
+state holds at most ``2 x window + 1`` tracked frames plus the conditioning frames, and a 200-slice walk keeps what a
 30-slice one keeps; the masks it sees are the ones the predictor would compute with nothing
 dropped.
 """
@@ -138,12 +138,16 @@ class SliceWalk:
 
         with _predictor_module_names(load_video_frames=load_frames):
             self.state = self.predictor.init_state(video_path="<protosam slices>", offload_video_to_cpu=True)
-        # The warm-up's positional encodings depend only on the feature sizes: every frame's.
-        _, warm_up = self.state["cached_features"][0]
-        self._position = [p[:1] for p in warm_up["vision_pos_enc"]]
+        # The warm-up's positional encodings depend only on the feature sizes: every frame's, and
+        # every walk's with this model (84 MiB at 1024 px: one copy per refiner, not per structure).
+        _, warm_up = self.state["cached_features"].pop(0)
+        shared = refiner.__dict__.setdefault("memory_position", [p[:1] for p in warm_up["vision_pos_enc"]])
+        self._position = shared
         self._placeholder_image = torch.zeros(1, 3, 1, 1)
         self.window = max(int(self.predictor.num_maskmem), int(self.predictor.max_obj_ptrs_in_encoder))
         self.conditioning: List[int] = []
+        #: Whether a walk down follows the walk up (it then reads the first window above the start).
+        self.walks_down = True
         self._protected: set = set()
         self._direction = 0
 
@@ -153,7 +157,8 @@ class SliceWalk:
         embedding, high_res = self.refiner.unpack(self.packed_features(index).to(self.predictor.device))
         if self.predictor.directly_add_no_mem_embed:
             embedding = embedding - self.predictor.no_mem_embed.reshape(1, -1, 1, 1)
-        backbone = {"backbone_fpn": [*high_res, embedding], "vision_pos_enc": list(self._position)}
+        position = [p.to(embedding.device) for p in self._position]  # no-op unless the device changed
+        backbone = {"backbone_fpn": [*high_res, embedding], "vision_pos_enc": position}
         self.state["cached_features"] = {index + 1: (self._placeholder_image, backbone)}
 
     # ------------------------------------------------------------------ inputs
@@ -194,7 +199,8 @@ class SliceWalk:
         if direction != self._direction:
             # The walk up keeps the window of tracked frames just above its start for the walk
             # down, which reads them first; the walk down needs no such keeping.
-            self._protected = set() if downwards else set(range(index + 2, index + 2 + self.window))
+            keep = not downwards and self.walks_down
+            self._protected = set(range(index + 2, index + 2 + self.window)) if keep else set()
             self._direction = direction
         self._offer_features(index)
         masks = None
