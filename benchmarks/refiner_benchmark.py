@@ -204,7 +204,7 @@ def run_one_memory(name, slices, structures, threads, prompt_every=4, reuse_feat
             if index and index % prompt_every == 0:
                 (prompt,) = _prompts(1, index * 31 + number)
                 walk.prompt(index, prompt.box, prompt.points, prompt.point_labels)
-        if index + 1 in (30, slices):
+        if index + 1 in (30, slices) or (index + 1) % 10 == 0:
             seen = set()
             held_at[index + 1] = {"frames": walks[0].frames_held(),
                                   "state_mib": round(sum(_state_bytes(w.state, seen) for w in walks) / 2**20, 2),

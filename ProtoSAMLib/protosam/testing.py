@@ -135,6 +135,10 @@ def save_random_sam2_checkpoint(name: str, path, seed: int = 0) -> Path:
                 tensor.copy_(1.0 + 0.2 * noise)
             else:
                 tensor.copy_(0.05 * noise)
+        # Random object scores can say "no object" on every slice, and the video predictor then
+        # gives empty masks that no memory can change: the test model sees its object, so memory
+        # mode's tests see the memory's effect (the image predictor does not read this score).
+        model.state_dict()["sam_mask_decoder.pred_obj_score_head.layers.2.bias"].fill_(4.0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
