@@ -1063,10 +1063,9 @@ def _propagate_memory(engine: Engine, query_store: _SliceStore, structures: List
         check_cancel()
         walk = SliceWalk(engine.refiner, count, query_store.sam_embedding, picture)
         starts = sorted(structure.copied)
-        for index in starts:
+        for index in starts:  # their features stay until the walk up passes them (other structures')
             check_cancel()
             walk.condition(index, structure.copied[index])
-            query_store.release(index)
         if not starts:
             seeds = structure.seeds or [first]
             order = sorted(range(first, last + 1), key=lambda k: (min(abs(k - s) for s in seeds), k))

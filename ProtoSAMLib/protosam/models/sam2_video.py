@@ -202,7 +202,8 @@ class SliceWalk:
             keep = not downwards and self.walks_down
             self._protected = set(range(index + 2, index + 2 + self.window)) if keep else set()
             self._direction = direction
-        self._offer_features(index)
+        if index + 1 not in self.state["output_dict_per_obj"][0]["cond_frame_outputs"]:
+            self._offer_features(index)  # a conditioning frame's stored output needs none
         masks = None
         with _predictor_module_names(tqdm=_QuietBar):
             for _, _, masks in self.predictor.propagate_in_video(
