@@ -91,6 +91,7 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/models/refiners.py
   protosam/models/sam.py
   protosam/models/sam2_refiner.py
+  protosam/models/sam2_video.py
   protosam/models/sam_decoder.py
   protosam/models/sam_memory.py
   protosam/models/vit_blocks.py

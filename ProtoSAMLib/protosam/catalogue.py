@@ -29,7 +29,7 @@ __all__ = [
     "DEFAULT_DINOV2", "DEFAULT_SAM", "DEFAULT_INPUT_SIZE", "PAPER_DINOV2", "PAPER_SAM",
     "TINY_DINOV2", "TINY_DINOV2_REG4", "TINY_SAM", "TINY_MEDSAM", "TINY_SAM2", "ModelSelection", "REFINER_FAMILIES",
     "PROMPT_KINDS", "refiner_cache_bytes_per_slice", "refiner_family", "MIN_FEATURE_GRID",
-    "encoder_cache_bytes_per_slice",
+    "encoder_cache_bytes_per_slice", "PROPAGATION_MODES", "DEFAULT_PROPAGATION", "propagation_problem",
 ]
 
 FAMILIES = ("dinov2", "sam", "sam2")
@@ -236,6 +236,24 @@ def encoder_cache_bytes_per_slice(dinov2: str, refiner: str, input_size: int = D
         raise ValueError(f"{dinov2!r} is not a DINOv2 encoder; choose one of {', '.join(m.name for m in models_of('dinov2'))}")
     grid = max(int(input_size) // 14, MIN_FEATURE_GRID)
     return 4 * model.feature_channels * grid * grid + refiner_cache_bytes_per_slice(refiner)
+
+
+#: How a volume is walked (``--propagation``): "per-slice" (every slice refined on its own from
+#: its prototype prompts, any refiner) or "memory" (SAM 2's video predictor carries the mask
+#: from slice to slice, :mod:`protosam.models.sam2_video`; SAM 2 refiners only).
+PROPAGATION_MODES = ("per-slice", "memory")
+DEFAULT_PROPAGATION = "per-slice"
+
+
+def propagation_problem(mode: str, refiner: str) -> Optional[str]:
+    """Why ``mode`` cannot run with the refiner ``refiner`` (a sentence saying what to do), or None."""
+    if mode not in PROPAGATION_MODES:
+        return f"Unknown propagation {mode!r}: choose one of {', '.join(PROPAGATION_MODES)}."
+    if mode == "memory" and refiner_family(refiner) != "sam2":
+        sam2 = ", ".join(m.name for m in models_of("sam2") if not m.test_only)
+        return (f"Propagation 'memory' needs a SAM 2 refiner (its video predictor carries the mask from slice "
+                f"to slice); {refiner!r} is not one. Choose a SAM 2 refiner ({sam2}) or propagation 'per-slice'.")
+    return None
 
 
 def test_only_models() -> Mapping[str, str]:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from . import catalogue
 from .catalogue import ModelSelection  # torch-free, so Slicer's process can build one (re-exported)
+from .catalogue import DEFAULT_PROPAGATION, propagation_problem
 from .cache import EmbeddingCache
 from .errors import CancelledError, InputError, ProtoSAMError
 from .models.alpnet import ALPNetConfig, Prototypes, compute_prototypes, mask_to_grid, score_queries
@@ -138,6 +139,15 @@ def _empty_device_cache(device: torch.device) -> None:
             pass
 
 
+def check_propagation(mode: str, refiner: str) -> str:
+    """``mode`` if the refiner ``refiner`` can walk volumes that way; :class:`InputError` saying
+    what to choose otherwise (memory mode needs a SAM 2 refiner)."""
+    problem = propagation_problem(mode, refiner)
+    if problem:
+        raise InputError(problem)
+    return mode
+
+
 def _check_cancel(cancel: Optional[threading.Event]) -> None:
     if cancel is not None and cancel.is_set():
         raise CancelledError("Cancelled by the user.")
@@ -157,6 +167,10 @@ class Engine:
         precision: the encoders' precision, ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA
             only); None keeps the preset's (``paper`` pins fp32 and refuses another). See
             :mod:`protosam.precision`; ``self.precision`` is what it resolved to on this device.
+        propagation: how volumes are walked (:data:`protosam.catalogue.PROPAGATION_MODES`):
+            ``"per-slice"`` (default, any refiner) or ``"memory"`` (SAM 2's video predictor
+            carries the mask from slice to slice; SAM 2 refiners only, refused otherwise).
+            ``segment_volume`` and ``Session`` use it unless they are given their own.
     """
 
     def __init__(
@@ -172,12 +186,14 @@ class Engine:
         cache_bytes: int = 0,
         download_progress: Optional[ProgressCallback] = None,
         precision: Optional[str] = None,
+        propagation: str = DEFAULT_PROPAGATION,
     ):
         if batch_size is not None and batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         # Check both names before any download starts: a typo must not cost a 1 GB transfer.
         get_dinov2_architecture(models.dinov2)
         check_refiner_name(models.sam)  # SAM or SAM 2 family (ValueError listing the refiners)
+        self.propagation = check_propagation(propagation, models.sam)
         self.models = models
         self.preset: Preset = get_preset(preset, cca=cca, precision=precision)
         self.device = resolve_device(device)
@@ -201,8 +217,9 @@ class Engine:
         self.encoder.set_fused_attention(self.preset.fused_attention)
         self.refiner = load_refiner(models.sam, sam_path, device=str(self.device))
         logger.info(
-            "ProtoSAM engine ready: %s + %s at %d px on %s, preset %s, %s",
+            "ProtoSAM engine ready: %s + %s at %d px on %s, preset %s, %s, propagation %s",
             models.dinov2, models.sam, models.input_size, self.device, self.preset.name, self.precision,
+            self.propagation,
         )
 
     # ----------------------------------------------------------------- sizes and precision

@@ -31,7 +31,7 @@ from .confidence import evidence_array, slice_evidence, slice_scores, structure_
 from .errors import CancelledError, InputError
 from .models.alpnet import Prototypes, pool_prototypes
 from .orientation import canonical_orientation, choose_plane
-from .engine import Engine
+from .engine import Engine, check_propagation
 from .preprocessing import normalize_volume
 from .validation import as_binary_mask, as_float_slices
 
@@ -380,6 +380,7 @@ def segment_volume(
     negatives: Optional[Mapping[Hashable, np.ndarray]] = None,
     examples: Optional[Mapping[Hashable, Sequence[SupportExample]]] = None,
     similar_k: int = DEFAULT_SIMILAR_K,
+    propagation: Optional[str] = None,
 ) -> VolumeResult:
     """Segment every structure of ``support_masks`` and ``examples`` through ``query_volume``.
 
@@ -429,7 +430,12 @@ def segment_volume(
             key's support mask when it has one; a key may have examples only. Each seeds the
             query slice at its relative position; supports that seed one slice are pooled.
         similar_k: how many supports a query slice pools with ``support_mode="similar"``.
+        propagation: "per-slice" or "memory" (SAM 2's video predictor walks the slices from the
+            painted ones, see :func:`_propagate_memory`; SAM 2 refiners only); None: the
+            engine's (``Engine(propagation=...)``).
     """
+    if propagation is not None:
+        check_propagation(propagation, engine.models.sam)
     if query_ijk_to_ras is not None:
         if axis is not None:
             raise ValueError("Give either the geometry (query_ijk_to_ras, plane) or axis (as stored), not both.")
@@ -438,7 +444,7 @@ def segment_volume(
             support_ijk_to_ras=support_ijk_to_ras, plane=plane, support_slices=support_slices,
             slice_range=slice_range, support_mode=support_mode, modality=modality, auto_extent=auto_extent,
             progress=progress, cancel=cancel, exclusive=exclusive, negatives=negatives, examples=examples,
-            similar_k=similar_k)
+            similar_k=similar_k, propagation=propagation)
     if support_ijk_to_ras is not None:
         raise ValueError("support_ijk_to_ras needs query_ijk_to_ras as well (or neither, for arrays as stored).")
     axis = 0 if axis is None else axis
@@ -479,7 +485,7 @@ def segment_volume(
                 axis, 0).astype(bool)
         if exclusive:
             structure.probabilities = {}
-    _propagate(engine, query_store, structures, (first, last), use_auto_extent, progress, cancel)
+    _propagate(engine, query_store, structures, (first, last), use_auto_extent, progress, cancel, propagation)
 
     for structure in structures:
         for index, painted in structure.copied.items():
@@ -508,11 +514,14 @@ def segment_volume(
 
 
 def _propagate(engine: Engine, query_store: _SliceStore, structures: List[_Structure], bounds: Tuple[int, int],
-               use_auto_extent: bool, progress, cancel) -> None:
+               use_auto_extent: bool, progress, cancel, propagation: Optional[str] = None) -> None:
     """Run prepared structures over the query slices ``bounds`` (inclusive): fills each
     structure's ``output``, ``processed`` and ``prompts``. Shared by :func:`segment_volume`
     and :class:`protosam.session.Session`, so a session's update and a fresh run with the
-    same supports run the same code in the same order."""
+    same supports run the same code in the same order. ``propagation``: "per-slice" or
+    "memory" (:func:`_propagate_memory`); None: the engine's."""
+    if (propagation or getattr(engine, "propagation", "per-slice")) == "memory":
+        return _propagate_memory(engine, query_store, structures, bounds, use_auto_extent, progress, cancel)
     first, last = bounds
     query_shape = query_store.volume.shape
     plans = [_plan(s, first, last, use_auto_extent) for s in structures]
@@ -964,3 +973,157 @@ def _record_presence(plan, direction: str, present: bool) -> None:
         plan.empty_run[direction] = 0
     elif plan.seen[direction]:
         plan.empty_run[direction] += 1
+
+
+# ----------------------------------------------------------------------------- memory mode
+@dataclass
+class _MemoryWalk:
+    """One structure's memory walk (see :func:`_propagate_memory`)."""
+
+    structure: _Structure
+    walk: object  # protosam.models.sam2_video.SliceWalk
+    starts: List[int]  # conditioning slices: painted and corrected, or the first prompted one
+    alive: Dict[str, bool] = field(default_factory=lambda: {"up": True, "down": True})
+    empty_run: Dict[str, int] = field(default_factory=lambda: {"up": 0, "down": 0})
+    seen: Dict[str, bool] = field(default_factory=lambda: {"up": False, "down": False})
+
+
+def _propagate_memory(engine: Engine, query_store: _SliceStore, structures: List[_Structure],
+                      bounds: Tuple[int, int], use_auto_extent: bool, progress, cancel) -> None:
+    """Memory mode (``propagation="memory"``, SAM 2 refiners): each structure is walked from its
+    conditioning slices both ways by SAM 2's video predictor (:mod:`protosam.models.sam2_video`).
+
+    - Conditioning slices: the structure's painted and corrected slices of this volume
+      (``structure.copied``), each given to the predictor as exactly its mask. Without one (the
+      support is another volume's slice, or bank examples) the walk starts from the first
+      *prototype-prompted* slice: the query slices ordered by distance from the supports' seeds,
+      the first whose coarse mask passes the rule below is decoded from its prompts alone.
+    - The walk goes up from the lowest conditioning slice to the last slice, then down from
+      it to the first; between the conditioning slices every slice is walked, beyond them the
+      walk ends by the per-slice mode's auto-extent rule (``stop_after_empty`` empty slices
+      after the structure was seen; the whole range without auto extent).
+    - On each walked slice the prototypes still score the slice: when the coarse foreground's
+      mean probability is above ``MEMORY_PROMPT_MIN_PROBABILITY``, its prompts (the largest
+      component's box and points, as the CCA choice) correct the slice the memory tracked, so
+      the walk recovers where the structure splits or the memory lost it.
+    - Slices are encoded once per run for all structures (walks share each slice's features).
+    """
+    import torch.nn.functional as F
+
+    from .models.sam import SAM_IMAGE_SIZE
+    from .models.sam2_video import MEMORY_PROMPT_MIN_PROBABILITY, SliceWalk, prompt_for_memory
+    from .prompts import add_negative_points, extract_prompts
+
+    first, last = bounds
+    count, hw = query_store.volume.shape[0], query_store.volume.shape[1:]
+    tracker = _Progress(len(structures) * (last - first + 1), progress)
+    box_only = bool(engine.refiner.medsam)
+
+    def check_cancel() -> None:
+        if cancel is not None and cancel.is_set():
+            raise CancelledError("Cancelled by the user; no result was written.")
+
+    def picture(index: int) -> torch.Tensor:
+        return engine.sam_images(query_store.image(index)[None])
+
+    def coarse(structure: _Structure, index: int, upcoming: Sequence[int]):
+        """(ALPNet logits [2, S, S], the slice's negatives or None, the memory prompt or None)."""
+        features = query_store.features(index, upcoming)
+        prototypes = structure.prototypes_for(index, features)
+        negative = None
+        if structure.negatives is not None and structure.negatives[index].any():
+            negative = structure.negatives[index]
+            prototypes = with_background_examples(engine, prototypes, features, negative)
+        logits = engine.coarse_logits(prototypes, features[None])[0]
+        at_1024 = F.interpolate(logits[None].float(), size=(SAM_IMAGE_SIZE, SAM_IMAGE_SIZE), mode="bilinear",
+                                align_corners=False)
+        probability = torch.softmax(at_1024, dim=1)[0]
+        foreground = probability[1] > probability[0]
+        if not bool(foreground.any()) or float(probability[1][foreground].mean()) <= MEMORY_PROMPT_MIN_PROBABILITY:
+            return logits, negative, None
+        prompts = extract_prompts(probability[1].cpu().numpy(), foreground.cpu().numpy(), keep_largest_only=True)
+        if negative is not None and not box_only:
+            prompts = add_negative_points(prompts, negative)
+        return logits, negative, prompt_for_memory(prompts, box_only)
+
+    def record(structure: _Structure, index: int, mask_logits: torch.Tensor, logits, negative) -> bool:
+        refined = engine.sam_mask_to_input_size(mask_logits > 0)
+        mask = engine.to_slice_size(refined, hw)
+        if negative is not None:
+            mask[negative] = 0
+        structure.output[index] = mask
+        structure.processed.append(index)
+        structure.evidence[index] = slice_evidence(logits, refined, [])
+        if structure.probabilities is not None:
+            box = crop_mask(mask)
+            if box.values.size:
+                probability = engine.probability_to_slice_size(
+                    engine._probability_to_input_size(torch.sigmoid(mask_logits.float())), hw)
+                structure.probabilities[index] = (box.rows, box.cols, probability[box.rows, box.cols].copy())
+            else:
+                structure.probabilities.pop(index, None)
+        return bool(mask.any())
+
+    walks: List[_MemoryWalk] = []
+    for structure in structures:
+        structure.reusable = None  # a walk depends on every slice before it: nothing to reuse
+        check_cancel()
+        walk = SliceWalk(engine.refiner, count, query_store.sam_embedding, picture)
+        starts = sorted(structure.copied)
+        for index in starts:  # their features stay until the walk up passes them (other structures')
+            check_cancel()
+            walk.condition(index, structure.copied[index])
+        if not starts:
+            seeds = structure.seeds or [first]
+            order = sorted(range(first, last + 1), key=lambda k: (min(abs(k - s) for s in seeds), k))
+            for position, index in enumerate(order):
+                check_cancel()
+                logits, negative, prompt = coarse(structure, index, order[position + 1:position + 2])
+                if prompt is not None:
+                    record(structure, index, walk.prompt(index, *prompt), logits, negative)
+                    starts = [index]
+                    break
+                query_store.release(index)
+        if not starts:  # no slice where the prototypes are sure enough to start from
+            tracker.advance(last - first + 1)
+            continue
+        walk.walks_down = min(starts) > first
+        walks.append(_MemoryWalk(structure, walk, starts))
+
+    for direction in ("up", "down"):
+        step = 1 if direction == "up" else -1
+        for state in walks:
+            state.seen[direction] = state.structure.known_present
+            if step < 0:
+                # The walk down continues what the walk up found from the top conditioning
+                # slice down to the lowest (as the per-slice sweep counts the seed part).
+                for index in range(max(state.starts), min(state.starts) - 1, -1):
+                    _record_presence(state, direction, bool(state.structure.output[index].any()))
+        lows = [min(w.starts) for w in walks]
+        if not lows:
+            break
+        candidates = range(min(lows), last + 1) if step > 0 else range(max(lows) - 1, first - 1, -1)
+        candidates = list(candidates)
+        for position, index in enumerate(candidates):
+            active = [w for w in walks if w.alive[direction] and (min(w.starts) <= index if step > 0
+                                                                  else index < min(w.starts))]
+            for state in active:
+                check_cancel()
+                structure, walk = state.structure, state.walk
+                if index in structure.copied or index in state.starts:
+                    walk.track(index, downwards=step < 0)  # a conditioning slice: its own mask, now walked
+                    present = bool(structure.output[index].any())
+                else:
+                    logits, negative, prompt = coarse(structure, index, candidates[position + 1:position + 2])
+                    mask_logits = walk.track(index, downwards=step < 0)
+                    if prompt is not None:
+                        mask_logits = walk.prompt(index, *prompt)
+                    present = record(structure, index, mask_logits, logits, negative)
+                tracker.advance()
+                _record_presence(state, direction, present)
+                beyond = index > max(state.starts) if step > 0 else True
+                if use_auto_extent and beyond and state.empty_run[direction] >= engine.preset.stop_after_empty:
+                    state.alive[direction] = False
+                    tracker.advance((last - index) if step > 0 else (index - first))
+            query_store.release(index)
+    tracker.finish()

@@ -73,7 +73,7 @@ from .cache import EmbeddingCache, volume_fingerprint
 from .confidence import evidence_from_array, rescore_slices, slice_scores, structure_score, volume_score
 from .errors import InputError
 from .models.sam import SAM_IMAGE_SIZE
-from .engine import Engine
+from .engine import Engine, check_propagation
 from .preprocessing import normalize_volume
 from .prompts import ComponentPrompt, connected_components
 from .models.alpnet import pool_prototypes
@@ -219,6 +219,9 @@ class Session:
             same process finds that run's encodings.
         support_mode: "nearest", "all" or "similar" (see ``segment_volume``).
         slice_range, auto_extent, similar_k: as for ``segment_volume``.
+        propagation: "per-slice" or "memory" (SAM 2 refiners: every run walks the volume with
+            SAM 2's video predictor, the fixed slices, painted or corrected, being its
+            conditioning frames); None: the engine's (``Engine(propagation=...)``).
         exclusive: give each voxel to at most one structure in every result (rule in the
             module docstring; ``segment_volume(exclusive=True)``'s). Settable later through
             the attribute ``exclusive_structures`` (``exclusive`` names the lock's context).
@@ -237,6 +240,7 @@ class Session:
         auto_extent: Optional[bool] = None,
         exclusive: bool = False,
         similar_k: int = DEFAULT_SIMILAR_K,
+        propagation: Optional[str] = None,
     ):
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2, not {axis!r}")
@@ -249,6 +253,9 @@ class Session:
         self.slice_range = slice_range
         self.auto_extent = auto_extent
         self.exclusive_structures = bool(exclusive)
+        # "per-slice" or "memory" (each update walks again with the fixed slices as SAM 2
+        # conditioning frames); None: the engine's. Checked against the refiner at every run.
+        self.propagation = None if propagation is None else check_propagation(propagation, engine.models.sam)
         if cache_bytes == "auto":
             cache_bytes = engine_session_cache_bytes(engine)
         self._shares_engine_cache = cache_bytes is None
@@ -560,7 +567,9 @@ class Session:
                 structure.similar, structure.similar_k = described, self.similar_k
             prepared.append(structure)
         auto_extent = self.engine.preset.auto_extent if self.auto_extent is None else self.auto_extent
-        _propagate(self.engine, self.store, prepared, (first, last), auto_extent, progress, cancel)
+        if self.propagation is not None:
+            check_propagation(self.propagation, self.engine.models.sam)  # the engine may have been rebound
+        _propagate(self.engine, self.store, prepared, (first, last), auto_extent, progress, cancel, self.propagation)
         for structure in prepared:
             state = self.structures[structure.key]
             for index, painted in structure.copied.items():

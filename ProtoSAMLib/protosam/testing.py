@@ -5,6 +5,7 @@ second per slice; their masks mean nothing.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Union
@@ -118,13 +119,15 @@ def save_random_sam2_checkpoint(name: str, path, seed: int = 0) -> Path:
     of the model changes the masks measurably (the parity test relies on it)."""
     from .models.sam2_refiner import build_sam2_model
 
-    generator = torch.Generator().manual_seed(int(seed))
     model = build_sam2_model(name)
     with torch.no_grad():
         for key, tensor in model.state_dict().items():
             if not tensor.is_floating_point():
                 continue
-            noise = torch.randn(tensor.shape, generator=generator)
+            # Each tensor from its own stream (seed and name): resizing one module of the test
+            # model leaves every other tensor's values as they were.
+            stream = int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "little")
+            noise = torch.randn(tensor.shape, generator=torch.Generator().manual_seed(stream))
             if tensor.ndim >= 2:  # linear or conv weight, embeddings: O(1) activations
                 fan_in = tensor[0].numel() if tensor.ndim > 1 else 1
                 tensor.copy_(noise / max(fan_in, 1) ** 0.5)
@@ -132,6 +135,10 @@ def save_random_sam2_checkpoint(name: str, path, seed: int = 0) -> Path:
                 tensor.copy_(1.0 + 0.2 * noise)
             else:
                 tensor.copy_(0.05 * noise)
+        # Random object scores can say "no object" on every slice, and the video predictor then
+        # gives empty masks that no memory can change: the test model sees its object, so memory
+        # mode's tests see the memory's effect (the image predictor does not read this score).
+        model.state_dict()["sam_mask_decoder.pred_obj_score_head.layers.2.bias"].fill_(4.0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")

@@ -243,6 +243,7 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                          self.ui.deviceComboBox, self.ui.modalityComboBox):
             comboBox.connect("currentIndexChanged(int)", self.onModelSettingChanged)
         self.ui.precisionComboBox.connect("currentIndexChanged(int)", self.onPrecisionChanged)
+        self.ui.propagationComboBox.connect("currentIndexChanged(int)", self.onPropagationChanged)
         self.ui.customCheckpointPathLineEdit.connect("currentPathChanged(QString)", self.onModelSettingChanged)
         self.ui.weightsFolderPathLineEdit.connect("currentPathChanged(QString)", self.onModelSettingChanged)
         self._setupComputeOn()
@@ -273,6 +274,8 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                          ("fp16", _("fp16 (NVIDIA GPUs only)"))], "Precision"),
             self.ui.modalityComboBox: ([("auto", _("auto")), ("ct", _("CT")), ("mri", _("MRI")), ("none", _("none"))],
                                        "Modality"),
+            self.ui.propagationComboBox: ([("per-slice", _("per slice")), ("memory", _("memory (SAM 2 refiners)"))],
+                                          "Propagation"),
         }
         for comboBox, (items, setting) in choices.items():
             comboBox.blockSignals(True)
@@ -400,6 +403,11 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Its own setting only: the weights do not depend on it. The worker checks it against
         # the device and the preset when the next run builds its engine.
         writeSetting("Precision", self.ui.precisionComboBox.currentData)
+
+    def onPropagationChanged(self, *args):
+        # Its own setting only; a refiner that cannot walk with memory is refused, with what
+        # to choose, when the next run reads the settings (settings.processOptions).
+        writeSetting("Propagation", self.ui.propagationComboBox.currentData)
 
     def updateWeightsStatus(self):
         from ProtoSAMSlicerLib import dependencies

@@ -131,6 +131,13 @@ def test_server_job_and_session_with_sam2(sam2_models, tmp_path, engine):
         # The server's worker ran the same engine code as this process (one thread both sides).
         local = Session(engine, volume).start({"1": mask})["1"]
         np.testing.assert_array_equal(value["masks"]["1"], local)
+        # Memory mode travels in the engine spec (the server checks it against its refiner).
+        request.engine["propagation"] = "memory"
+        memory = forward_job(forwarding_request(request, live.url, live.tokens["alice"]), lambda d, t: None,
+                             threading.Event())
+        memory_engine = Engine(sam2_models, device="cpu", download=False, propagation="memory")
+        np.testing.assert_array_equal(memory["masks"]["1"], Session(memory_engine, volume).start({"1": mask})["1"])
+        assert not np.array_equal(memory["masks"]["1"], value["masks"]["1"])  # it did walk with memory
         opened = protocol.SessionOpen(
             id=protocol.new_id(), session_id=protocol.new_id(), engine=cpu_engine_spec(sam2_models),
             volume=protocol.Image(volume), structures={"1": value["masks"]["1"]},

@@ -48,7 +48,22 @@ def test_module_lists_sam2_refiners_and_propagates_with_sam2(scene, slicerApp, t
     from ProtoSAMSlicerLib import worker_client
 
     log = worker_client.workerForDevice("cpu").logPath.read_text(encoding="utf-8", errors="replace")
-    assert catalogue.TINY_SAM2 in log
+    assert catalogue.TINY_SAM2 in log and "propagation per-slice" in log
     widget.ui.discardButton.click()
+
+    # Memory mode, chosen in the Advanced section: stored in the settings, sent in the engine spec.
+    combo = widget.ui.propagationComboBox
+    combo.setCurrentIndex(combo.findData("memory"))
+    assert qt.QSettings().value("ProtoSAM/Propagation") == "memory"
+    widget.ui.applyButton.click()
+    slicerApp.runEventLoopUntil(lambda: not widget.jobs)
+    assert widget.ui.statusLabel.text == "Preview ready: Accept or Discard."
+    (result,) = widget.results
+    memory = mrml_io.segmentToArray(result.previewSegmentationNode, ids["liver"], volume)
+    assert np.array_equal(memory[2], liver[2])  # the painted slice is the walk's conditioning frame
+    log = worker_client.workerForDevice("cpu").logPath.read_text(encoding="utf-8", errors="replace")
+    assert "propagation memory" in log
+    widget.ui.discardButton.click()
+    combo.setCurrentIndex(combo.findData("per-slice"))
     widget.exit()
     widget.cleanup()

@@ -37,6 +37,17 @@ def test_defaults_round_trip_and_options():
     assert options.weightsHome == "/shared/protosam" and options.device == "cpu" and options.autoExtent is False
 
 
+def test_propagation_setting_and_its_refusal_with_a_sam_refiner():
+    store = MemorySettings()
+    assert settings.processOptions(store).propagation == "per-slice"
+    settings.write(store, "SAM", "sam2.1_hiera_tiny")
+    settings.write(store, "Propagation", "memory")
+    assert settings.processOptions(store).propagation == "memory"
+    settings.write(store, "SAM", "vit_b")
+    with pytest.raises(ValueError, match="needs a SAM 2 refiner.*Advanced section"):
+        settings.processOptions(store)
+
+
 def test_unknown_names_and_bad_models_are_refused():
     store = MemorySettings()
     with pytest.raises(ValueError):

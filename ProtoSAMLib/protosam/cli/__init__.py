@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     slices.add_argument("--queries", required=True, metavar="Q.npy", help="N x H x W float32, preprocessed")
     slices.add_argument("--coarse-only", action="store_true", help="skip SAM: mask = coarse ALPNet mask")
     slices.add_argument("--out", required=True, metavar="R.npz")
-    add_model_options(slices)
+    add_model_options(slices, propagation=False)  # slices, not volumes: nothing to walk
     slices.set_defaults(func=cmd_slices)
 
     segment = commands.add_parser("segment", help="propagate labels of a support volume through a volume")

@@ -94,8 +94,10 @@ def add_label_options(parser: argparse.ArgumentParser, *, every_row: bool = Fals
     parser.add_argument("--modality", default="auto", choices=["auto", "ct", "mri", "none"])
 
 
-def add_model_options(parser: argparse.ArgumentParser, *, default_size: int = catalogue.DEFAULT_INPUT_SIZE) -> None:
-    """The model/preset/device options shared by every command that runs the engine."""
+def add_model_options(parser: argparse.ArgumentParser, *, default_size: int = catalogue.DEFAULT_INPUT_SIZE,
+                      propagation: bool = True) -> None:
+    """The model/preset/device options shared by every command that runs the engine
+    (``propagation``: also ``--propagation``, for the commands that walk volumes)."""
     group = parser.add_argument_group("models")
     group.add_argument("--preset", default="default", choices=sorted(PRESETS),
                        help="'paper' reproduces the published reference exactly; 'default' is tuned for use")
@@ -112,6 +114,11 @@ def add_model_options(parser: argparse.ArgumentParser, *, default_size: int = ca
                        help="the encoders' precision: fp32 (exact), bf16, fp16 (NVIDIA GPUs only), or auto (bf16 on "
                             "GPUs with bfloat16 units, else fp32; the log names the choice); --preset paper pins fp32")
     group.add_argument("--batch-size", type=int, default=None, help="slices per encoder call (default 8 on CUDA, 1 on CPU)")
+    if propagation:
+        group.add_argument("--propagation", default=catalogue.DEFAULT_PROPAGATION, choices=catalogue.PROPAGATION_MODES,
+                           help="per-slice: each slice refined from its own prototype prompts (any refiner); memory: "
+                                "SAM 2's video predictor carries the mask from the painted slices through the volume "
+                                "(SAM 2 refiners; docs/refiners.md)")
     group.add_argument("--no-download", action="store_true", help="never download weights; fail with instructions instead")
     group.add_argument("--weights-home", default=None, metavar="DIR", help="weights cache folder (default $PROTOSAM_HOME or ~/.protosam)")
 
@@ -128,6 +135,7 @@ def engine_from_args(args):
     engine = Engine(
         models, preset=args.preset, device=args.device, cca=args.cca, download=not args.no_download,
         weights_home=args.weights_home, batch_size=args.batch_size, precision=getattr(args, "precision", "auto"),
+        propagation=getattr(args, "propagation", catalogue.DEFAULT_PROPAGATION),
         download_progress=ProgressBar("download", format_count=human_size) if not args.no_download else None,
     )
     print(f"protosam: {engine.precision_note}", file=sys.stderr)  # what "auto" chose, and why

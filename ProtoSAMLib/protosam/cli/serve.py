@@ -65,7 +65,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                         help="open connections per client address (behind a proxy: per proxy address)")
     limits.add_argument("--max-active-requests", type=int, default=128, metavar="N",
                         help="authenticated requests answered at once (503 beyond); idle connections do not count")
-    add_model_options(parser)
+    add_model_options(parser, propagation=False)  # each request says how it walks volumes
     return parser
 
 

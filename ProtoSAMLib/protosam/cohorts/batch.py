@@ -220,6 +220,8 @@ class RunParameters:
         }
         if getattr(args, "exclusive", False):  # recorded only when set: earlier outputs stay finished
             self.common["exclusive"] = True
+        if getattr(args, "propagation", "per-slice") != "per-slice":  # as exclusive: only when set
+            self.common["propagation"] = args.propagation
         if getattr(args, "support_mode", "nearest") != "nearest":
             # Only when not the default, so that the sidecars of earlier runs stay valid.
             self.common["support_mode"] = args.support_mode

@@ -55,7 +55,7 @@ DEFAULT_CPUS_PER_CPU_WORKER = 4
 # Engine options an actor needs (those of cli_common.add_model_options).
 MODEL_OPTIONS = (
     "dinov2", "dinov2_checkpoint", "sam", "sam_checkpoint", "input_size", "preset", "cca", "device", "batch_size",
-    "no_download", "weights_home", "precision",
+    "no_download", "weights_home", "precision", "propagation",
 )
 
 

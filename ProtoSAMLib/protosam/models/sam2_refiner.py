@@ -86,7 +86,8 @@ MEDSAM2_OVERRIDES = (
 )
 
 #: The tiny test-only SAM 2: the package's Hiera-T configuration shrunk (8-channel Hiera with
-#: stages 1-2-1-1, 32-channel neck and decoder, one memory-attention layer) at 256 px. Random
+#: stages 1-2-1-1, 32-channel neck, decoder and memory encoder input, one memory-attention layer)
+#: at 256 px. Random
 #: weights (protosam.testing), for tests and CI only; the code path is the published models'.
 TINY_SAM2_IMAGE_SIZE = 256
 TINY_SAM2_OVERRIDES = (
@@ -108,6 +109,7 @@ TINY_SAM2_OVERRIDES = (
     "++model.memory_attention.layer.cross_attention.embedding_dim=32",
     "++model.memory_attention.layer.cross_attention.feat_sizes=[16,16]",
     "++model.memory_attention.layer.cross_attention.kv_in_dim=16",
+    "++model.memory_encoder.in_dim=32",
     "++model.memory_encoder.out_dim=16",
     "++model.memory_encoder.position_encoding.num_pos_feats=16",
     "++model.memory_encoder.fuser.layer.dim=32",
@@ -353,5 +355,15 @@ class Sam2Refiner:
 
 
 def load_sam2_refiner(name: str, checkpoint_path, device: str = "cpu") -> Sam2Refiner:
-    """The refiner for the named SAM 2 model and checkpoint."""
-    return Sam2Refiner(load_sam2(name, checkpoint_path, device=device), box_only=_architecture(name).box_only)
+    """The refiner for the named SAM 2 model and checkpoint.
+
+    The model is built as the package's ``SAM2VideoPredictor`` (``build_sam2_video_predictor``):
+    a ``SAM2Base`` whose image path (``forward_image``, prompt encoder, mask decoder: all this
+    refiner calls) is the one ``SAM2ImagePredictor`` runs, plus the video methods memory mode
+    (:mod:`protosam.models.sam2_video`) walks the slices with, so one set of weights serves both.
+    Its hole filling is turned off (``fill_hole_area = 0``): it needs the package's CUDA
+    extension, which ProtoSAM installs without, so every device gives the same masks.
+    """
+    model = load_sam2(name, checkpoint_path, device=device, video=True)
+    model.fill_hole_area = 0
+    return Sam2Refiner(model, box_only=_architecture(name).box_only)

@@ -98,6 +98,9 @@ class EngineSpec:
     cache_bytes: int = 0
     #: The encoders' precision (protosam.precision.PRECISIONS): "auto", "fp32", "bf16", "fp16".
     precision: str = "auto"
+    #: How volumes are walked (protosam.catalogue.PROPAGATION_MODES): "per-slice" or "memory"
+    #: (SAM 2 refiners; the engine refuses it for another refiner).
+    propagation: str = "per-slice"
 
 
 @dataclasses.dataclass

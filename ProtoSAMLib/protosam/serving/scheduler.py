@@ -192,7 +192,17 @@ class JobScheduler:
         return dataclasses.asdict(protocol.EngineSpec(
             models=dict(served), preset=str(spec.preset), device=self.config.device,
             weights_home=self.config.weights_home, download=self.config.download, cache_bytes=0,
-            precision=self._precision_for(spec)))
+            precision=self._precision_for(spec), propagation=self._propagation_for(spec, served)))
+
+    @staticmethod
+    def _propagation_for(spec: protocol.EngineSpec, served) -> str:
+        """The request's propagation, checked against the served refiner (memory: SAM 2 only)."""
+        from ..catalogue import propagation_problem
+
+        problem = propagation_problem(str(spec.propagation), str(served.get("sam")))
+        if problem:
+            raise ServerError(400, problem)
+        return str(spec.propagation)
 
     def _precision_for(self, spec: protocol.EngineSpec) -> str:
         """The request's precision, checked against its preset and this server's device type;

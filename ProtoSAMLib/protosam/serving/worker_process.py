@@ -46,7 +46,7 @@ PROGRESS_INTERVAL_S = 0.05
 
 class Engines:
     """The engines loaded in this process: one per device, rebuilt when models, preset, precision,
-    weights folder or cache size change (big models do not fit twice in GPU memory)."""
+    propagation, weights folder or cache size change (big models do not fit twice in GPU memory)."""
 
     def __init__(self):
         self._engines: Dict[str, Any] = {}
@@ -58,7 +58,7 @@ class Engines:
 
         spec = protocol.EngineSpec(**spec)
         models = ModelSelection(**spec.models)
-        key = (models, spec.preset, spec.precision, spec.device, spec.weights_home, spec.cache_bytes)
+        key = (models, spec.preset, spec.precision, spec.device, spec.weights_home, spec.cache_bytes, spec.propagation)
         # Only the job thread builds engines; the lock guards the tables against the control
         # thread (health, release), which must not wait for a model load.
         with self._lock:
@@ -68,7 +68,8 @@ class Engines:
             self._keys.pop(spec.device, None)
         logger.info("Loading ProtoSAM models %s + %s on %s", models.dinov2, models.sam, spec.device)
         engine = Engine(models, preset=spec.preset, device=spec.device, download=spec.download,
-                        weights_home=spec.weights_home, cache_bytes=spec.cache_bytes, precision=spec.precision)
+                        weights_home=spec.weights_home, cache_bytes=spec.cache_bytes, precision=spec.precision,
+                        propagation=spec.propagation)
         with self._lock:
             self._engines[spec.device], self._keys[spec.device] = engine, key
         return engine

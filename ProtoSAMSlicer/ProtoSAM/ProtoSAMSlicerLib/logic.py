@@ -52,7 +52,8 @@ AXIAL_NORMAL = (0.0, 0.0, 1.0)
 class ProcessOptions:
     """Engine settings of a run. ``device``: "auto", "cpu", "cuda", "cuda:1"...
     ``precision``: the encoders' "auto", "fp32", "bf16" or "fp16" (protosam.precision; on a
-    server "auto" is the server's choice).
+    server "auto" is the server's choice). ``propagation``: "per-slice" or "memory" (SAM 2's
+    video predictor walks the volume; SAM 2 refiners only: protosam.catalogue.PROPAGATION_MODES).
 
     allowDownload: let the run download missing official weights (the GUI downloads them first
     through the model manager, with a progress dialog, and leaves this False).
@@ -68,6 +69,7 @@ class ProcessOptions:
     device: str = "auto"
     modality: str = "auto"
     precision: str = "auto"
+    propagation: str = "per-slice"
     autoExtent: Optional[bool] = None
     weightsHome: Optional[str] = None
     allowDownload: bool = False
@@ -947,9 +949,11 @@ def engineSpecFor(options: ProcessOptions, device: str) -> Dict:
     spec = dataclasses.asdict(protocol.EngineSpec(
         models=dataclasses.asdict(options.models), preset=options.preset, device=device,
         weights_home=options.weightsHome, download=options.allowDownload, cache_bytes=options.cacheBytes,
-        precision=options.precision))
+        precision=options.precision, propagation=options.propagation))
     if spec["precision"] == "auto":
         del spec["precision"]  # the default: a server older than the precision option accepts the spec
+    if spec["propagation"] == "per-slice":
+        del spec["propagation"]  # likewise for the propagation option
     return spec
 
 

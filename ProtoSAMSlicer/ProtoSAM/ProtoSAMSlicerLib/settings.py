@@ -25,6 +25,8 @@ DEFAULTS = {
     "Device": "auto",
     # The encoders' precision (protosam.precision.PRECISIONS): auto, fp32, bf16, fp16 (CUDA only).
     "Precision": "auto",
+    # How volumes are walked (protosam.catalogue.PROPAGATION_MODES): per-slice, or memory (SAM 2 refiners).
+    "Propagation": catalogue.DEFAULT_PROPAGATION,
     "Modality": "auto",
     "WeightsFolder": "",
     # "local" (this computer) or "server" (a ProtoSAM server: URL and token).
@@ -77,8 +79,12 @@ def processOptions(settings, *, autoExtent: Optional[bool] = None):
     if precision not in PRECISIONS:
         raise ValueError(f"Unknown precision {precision!r} in ProtoSAM's settings: choose one of {', '.join(PRECISIONS)} "
                          "in the module's Advanced section.")
+    propagation = read(settings, "Propagation")
+    problem = catalogue.propagation_problem(propagation, selection.sam)
+    if problem:
+        raise ValueError(f"{problem} (ProtoSAM's settings: the module's Advanced section.)")
     return ProcessOptions(models=selection, preset=read(settings, "Preset"), device=read(settings, "Device"),
-                          precision=precision,
+                          precision=precision, propagation=propagation,
                           modality=read(settings, "Modality"), weightsHome=read(settings, "WeightsFolder") or None,
                           autoExtent=autoExtent, cacheBytes=cacheBytes(selection),
                           computeOn=read(settings, "ComputeOn"), serverUrl=read(settings, "ServerURL"),
