@@ -18,6 +18,11 @@ formats), in one process, with one engine per precision sharing the same weights
 
     python benchmarks/bf16_check.py --slices 16 --out benchmarks/results/cpu_vitb_bf16_vs_fp32_xeon.json
     python benchmarks/bf16_check.py --tiny      # tiny models, seconds: checks it works
+
+The parts can run as separate processes (``--skip-errors``, ``--skip-masks``, ``--skip-speed``;
+on a shared machine two processes get more of it) and be merged into one file::
+
+    python benchmarks/bf16_check.py --merge errors_speed.json masks.json --out results.json
 """
 from __future__ import annotations
 
@@ -63,10 +68,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--volume", choices=("auto", "colin27", "synthetic"), default="auto")
     p.add_argument("--error-slices", type=int, default=4, help="slices whose values are compared")
     p.add_argument("--repeats", type=int, default=6, help="A/B repetitions per encoder")
+    p.add_argument("--skip-errors", action="store_true", help="leave out the errors on fixed inputs")
     p.add_argument("--skip-masks", action="store_true", help="leave out the whole-volume mask comparison")
+    p.add_argument("--skip-speed", action="store_true", help="leave out the interleaved speed comparison")
     p.add_argument("--tiny", action="store_true", help="tiny random models: checks that it works")
     p.add_argument("--work-dir", default=None, help="folder for the random checkpoints (kept, reused)")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--merge", nargs=2, metavar=("ERRORS_SPEED", "MASKS"),
+                   help="merge a run's errors and speed with another run's masks into --out, and derive the "
+                        "whole-run ratio from the masks run's float32 steps")
     args = p.parse_args(argv)
     if args.tiny:
         for key, value in TINY.items():
@@ -115,8 +125,33 @@ def coarse_recorder(engine: Engine, store: Dict):
     engine.coarse_logits = recorded
 
 
+def derived_whole_run(fp32_run: Dict, speed: Dict) -> float:
+    """bf16/fp32 of a whole run, derived: the float32 run's encoder step times scaled by the
+    measured medians, decoding and the rest as measured (float32 in both precisions)."""
+    step_seconds = fp32_run["steps"]["step_seconds"]
+    encoders = {"dinov2": step_seconds.get("dinov2", 0.0), "sam_embedding": step_seconds.get("sam_embedding", 0.0)}
+    rest = fp32_run["seconds"] - sum(encoders.values())
+    return (rest + sum(encoders[k] * speed[k]["bf16_over_fp32_median"] for k in encoders)) / fp32_run["seconds"]
+
+
+def merge(errors_speed: Path, masks: Path, out: Path) -> None:
+    report = json.loads(errors_speed.read_text())
+    other = json.loads(masks.read_text())
+    report["masks"] = other["masks"]
+    report["masks_volume"] = other["volume"]
+    report["masks_command"] = other["command"]
+    report["masks_machine"] = other["machine"]
+    runs = other["masks"]["runs"]
+    report["speed"]["whole_run_bf16_over_fp32_derived"] = derived_whole_run(runs["fp32"], report["speed"])
+    report["speed"]["whole_run_bf16_over_fp32_measured"] = runs["bf16"]["seconds"] / runs["fp32"]["seconds"]
+    out.write_text(json.dumps(report, indent=1))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        merge(Path(args.merge[0]), Path(args.merge[1]), Path(args.out))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="protosam_bf16_"))
     checkpoints = write_checkpoints(work / "checkpoints", args.dinov2, args.sam)
@@ -139,12 +174,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         "volume": {"source": data.source, "shape": list(volume.shape), "structures": names, "support_slices": support},
     }
 
-    # 1. Errors on fixed inputs (the volume's middle slices).
     middle = args.slices // 2
+
+    def save() -> None:  # after each part, so a long run interrupted keeps what it measured
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1))
+
+    # 1. Errors on fixed inputs (the volume's middle slices).
     chosen = list(range(max(0, middle - args.error_slices // 2), min(args.slices, middle - args.error_slices // 2 + args.error_slices)))
     errors: Dict[str, list] = {"dinov2_features": [], "sam_embedding": [], "mask_logits": []}
     prompt_sets = 0
-    for index in chosen:
+    for index in ([] if args.skip_errors else chosen):
         images = engines["fp32"].to_model_input(volume[index:index + 1])
         features = {p: e.encode(images)[0] for p, e in engines.items()}
         embeddings = {p: e.sam_embedding(images[0]) for p, e in engines.items()}
@@ -160,12 +200,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             errors["mask_logits"].append(value_errors(mask_logits(engine, embeddings["fp32"], prompt),
                                                       mask_logits(engine, embeddings["bf16"], prompt)))
             prompt_sets += 1
-    report["errors_on_fixed_inputs"] = {
-        "slices": chosen, "mask_logit_prompt_sets": prompt_sets,
-        "worst": {name: worst(values) for name, values in errors.items() if values},
-        "each": errors,
-    }
-    logger.info("Errors: %s", json.dumps(report["errors_on_fixed_inputs"]["worst"]))
+    if not args.skip_errors:
+        report["errors_on_fixed_inputs"] = {
+            "slices": chosen, "mask_logit_prompt_sets": prompt_sets,
+            "worst": {name: worst(values) for name, values in errors.items() if values},
+            "each": errors,
+        }
+        logger.info("Errors: %s", json.dumps(report["errors_on_fixed_inputs"]["worst"]))
+        save()
 
     # 2. Whole-volume masks, paper semantics, every slice.
     if not args.skip_masks:
@@ -212,6 +254,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             "runs": {p: {k: v for k, v in r.items() if k not in ("out", "coarse")} for p, r in runs.items()},
         }
         logger.info("Masks: %s", json.dumps(per_structure))
+        save()
+    if args.skip_speed:
+        return 0
 
     # 3. Speed: interleaved A/B of each encoder on one slice.
     images = engines["fp32"].to_model_input(volume[middle:middle + 1])
@@ -233,20 +278,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                             "bf16_over_fp32_min": min(ratios), "bf16_over_fp32_max": max(ratios)}
     speed["load_average_after"] = list(os.getloadavg())
     if "masks" in report:
-        # Whole run in bf16, derived: the fp32 run's encoder step times scaled by the measured
-        # ratios, decoding and the rest as measured in the fp32 run (float32 in both).
-        fp32 = report["masks"]["runs"]["fp32"]
-        step_seconds = fp32["steps"]["step_seconds"]
-        encoders = {"dinov2": step_seconds.get("dinov2", 0.0), "sam_embedding": step_seconds.get("sam_embedding", 0.0)}
-        rest = fp32["seconds"] - sum(encoders.values())
-        derived = rest + sum(encoders[k] * speed[k]["bf16_over_fp32_median"] for k in encoders)
-        speed["whole_run_bf16_over_fp32_derived"] = derived / fp32["seconds"]
-        speed["whole_run_bf16_over_fp32_measured"] = report["masks"]["runs"]["bf16"]["seconds"] / fp32["seconds"]
+        speed["whole_run_bf16_over_fp32_derived"] = derived_whole_run(report["masks"]["runs"]["fp32"], speed)
+        runs = report["masks"]["runs"]
+        speed["whole_run_bf16_over_fp32_measured"] = runs["bf16"]["seconds"] / runs["fp32"]["seconds"]
     report["speed"] = speed
     logger.info("Speed: %s", json.dumps({k: v.get("bf16_over_fp32_median") if isinstance(v, dict) else v
                                          for k, v in speed.items()}))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
+    save()
     return 0
 
 

@@ -17,6 +17,7 @@ hold one slice at a time, so it should not).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -118,7 +120,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="protosam_memory_"))
-    checkpoints = write_checkpoints(work / "checkpoints", args.dinov2, args.sam)
+    # Written by a child process: building random models here would leave their freed heap
+    # resident in this one and raise every figure below.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        checkpoints = pool.submit(write_checkpoints, work / "checkpoints", args.dinov2, args.sam).result()
     data = load_volume(args.volume, args.slices, args.size, args.segments)
     volume = normalize_volume(data.volume, "auto")
     names = list(data.masks)

@@ -60,6 +60,32 @@ def test_the_precision_runs_inside_both_encoders_and_the_choice_is_logged(tiny_m
     assert encoder_dtypes(engine) == ({runs}, {runs})
 
 
+# The stated bound of docs/performance.md ("bf16 on a CPU"): bf16 autocast against float32, max
+# absolute error over the largest float32 magnitude, for DINOv2 features, SAM image embeddings
+# and SAM's mask logits decoded (in float32) from each embedding.
+BF16_RELATIVE_BOUND = 0.05
+
+
+def test_bf16_stays_within_the_stated_error_bound_of_fp32(tiny_models, one_thread):
+    from protosam.models.sam import upsample_mask_logits
+
+    engines = {name: Engine(tiny_models, preset="default", device="cpu", precision=name) for name in ("fp32", "bf16")}
+    images = engines["fp32"].to_model_input(np.random.default_rng(3).random((1, 40, 40), dtype=np.float32))
+    sam = engines["fp32"].refiner.sam
+    with torch.inference_mode():
+        sparse, _ = sam.prompt_encoder(points=(torch.tensor([[[500.0, 520.0]]]), torch.tensor([[1]])),
+                                       boxes=torch.tensor([[300.0, 280.0, 700.0, 760.0]]), masks=None)
+    outputs = {}
+    for name, engine in engines.items():
+        embedding = engine.sam_embedding(images[0])
+        low_res, _ = engine.refiner.shared_decoder.decode(embedding, sparse, multimask_output=True)
+        outputs[name] = {"dinov2": engine.encode(images), "sam": embedding,
+                         "mask logits": upsample_mask_logits(low_res[:, :1])}
+    for what, reference in outputs["fp32"].items():
+        error = (outputs["bf16"][what] - reference).abs().max().item() / reference.abs().max().item()
+        assert 0 < error <= BF16_RELATIVE_BOUND, f"{what}: bf16 error {error:.3g} of the largest value"
+
+
 def test_fp16_is_refused_on_a_cpu_and_paper_pins_fp32(tiny_models, one_thread):
     with pytest.raises(InputError, match=r"fp16 runs only on NVIDIA GPUs \(CUDA\), not on CPUs.*choose precision fp32"):
         Engine(tiny_models, device="cpu", precision="fp16")
