@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_phases import peak_rss_mib  # noqa: E402
@@ -128,6 +129,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     volume = normalize_volume(data.volume, "auto")
     names = list(data.masks)
     support = {n: largest_area_slice(data.masks[n]) for n in names}
+    machine = machine_info(torch.device("cpu"))  # at the start: the commit of the code that runs
     before_models = resident_mib()
     with StepMemory(args.interval) as meter:
         meter.step = "load models"
@@ -158,7 +160,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         meter.step = "after the run"
     report = {
         "command": "python benchmarks/memory_profile.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": machine_info(engine.device),
+        "machine": machine,
         "models": {"dinov2": args.dinov2, "sam": args.sam, "input_size": args.input_size},
         "preset": args.preset, "precision": engine.precision,
         "volume": {"source": data.source, "shape": list(volume.shape), "structures": names},
