@@ -49,7 +49,12 @@ def encoder_dtypes(engine: Engine):
     return set(dinov2), set(sam)
 
 
-@pytest.mark.parametrize("asked, runs", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("auto", torch.float32)])
+# What auto runs on this machine's CPU: bf16 where it has bfloat16 units (docs/performance.md).
+AUTO_HERE = "bf16" if precision.AUTO_PICKS_BF16_ON_CPUS_WITH_BF16_UNITS and precision.cpu_bf16_units() else "fp32"
+AUTO_DTYPE_HERE = {"bf16": torch.bfloat16, "fp32": torch.float32}[AUTO_HERE]
+
+
+@pytest.mark.parametrize("asked, runs", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("auto", AUTO_DTYPE_HERE)])
 def test_the_precision_runs_inside_both_encoders_and_the_choice_is_logged(tiny_models, one_thread, caplog,
                                                                          asked, runs):
     with caplog.at_level(logging.INFO, logger="protosam.engine"):
@@ -103,10 +108,12 @@ def test_what_auto_picks_on_each_device(monkeypatch):
     that torch reports are replaced; the rules are what is tested)."""
     monkeypatch.setattr(precision, "cpu_bf16_units", lambda: ["amx_bf16", "avx512_bf16"])
     cpu = torch.device("cpu")
-    assert precision.resolve_precision("auto", cpu)[0] == "fp32"  # until the benchmark decides
-    monkeypatch.setattr(precision, "AUTO_PICKS_BF16_ON_CPUS_WITH_BF16_UNITS", True)
+    chosen, why = precision.resolve_precision("auto", cpu)  # the benchmark's decision
+    assert chosen == "bf16" and why == "this CPU has bfloat16 units: amx_bf16, avx512_bf16"
+    monkeypatch.setattr(precision, "AUTO_PICKS_BF16_ON_CPUS_WITH_BF16_UNITS", False)  # the switch back
     chosen, why = precision.resolve_precision("auto", cpu)
-    assert chosen == "bf16" and "amx_bf16" in why
+    assert chosen == "fp32" and "auto keeps float32 on CPUs" in why
+    monkeypatch.setattr(precision, "AUTO_PICKS_BF16_ON_CPUS_WITH_BF16_UNITS", True)
     monkeypatch.setattr(precision, "cpu_bf16_units", lambda: [])
     assert precision.resolve_precision("auto", cpu)[0] == "fp32"
     chosen, why = precision.resolve_precision("bf16", cpu)  # runs, but says it is emulated
@@ -130,7 +137,7 @@ def test_this_machines_bf16_units_are_read_from_torch_and_cpuinfo():
     assert set(units) >= {flag for flag in flags if flag in ("avx512_bf16", "amx_bf16")}
 
 
-@pytest.mark.parametrize("asked, on_the_cpu", [("fp16", "fp32"), ("auto", "fp32"), ("bf16", "bf16")])
+@pytest.mark.parametrize("asked, on_the_cpu", [("fp16", AUTO_HERE), ("auto", AUTO_HERE), ("bf16", "bf16")])
 def test_a_gpu_out_of_memory_fallback_chooses_again_for_the_cpu(tiny_models, asked, on_the_cpu):
     """fp16 cannot follow the models onto the CPU, and auto means there what it means on a CPU."""
     engine = Engine(tiny_models, device="cpu")
