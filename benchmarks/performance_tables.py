@@ -15,7 +15,14 @@ Tables (``name``: source):
   the reference ("naive") flow of the *same run* by wall and by CPU time, the encoder and
   decoding seconds, prompt sets, peak RSS and the mask comparison;
 - ``corrections``: the corrections benchmark (``--corrections``, default
-  ``results/cpu_vitb_corrections_64slices.json``): full propagation, one click, an update.
+  ``results/cpu_vitb_corrections_64slices.json``): full propagation, one click, an update;
+- ``memory``: ``memory_profile.py`` runs (every ``results/cpu_vitb_memory_*.json``, in name
+  order): peak resident memory and the step it occurred in, before and after a change;
+- ``bf16``: ``bf16_check.py`` (``--bf16``, default ``results/cpu_vitb_bf16_vs_fp32_xeon.json``):
+  bf16 autocast against float32, errors on fixed inputs, masks, the interleaved speed ratio.
+
+Each caption names the machine that gave the figures (the CPU model the run recorded, or for
+older files that recorded none, the machine they were run on: ``MACHINES``).
 
 Only ratios inside one file are computed: times from different runs or machines are never
 divided by each other.
@@ -34,6 +41,15 @@ RESULTS = HERE / "results"
 PAGE = HERE.parent / "docs" / "performance.md"
 DEFAULT_PROPAGATION = RESULTS / "cpu_vitb_64slices_with_default_preset.json"
 DEFAULT_CORRECTIONS = RESULTS / "cpu_vitb_corrections_64slices.json"
+DEFAULT_BF16 = RESULTS / "cpu_vitb_bf16_vs_fp32_xeon.json"
+MEMORY_GLOB = "cpu_vitb_memory_*.json"
+
+# Files recorded before the benchmarks wrote the CPU model: the machine they ran on.
+MACHINES = {
+    "cpu_vitb_corrections_64slices.json": "AMD EPYC (the reference benchmark machine)",
+    "cpu_vitb_corrections_64slices_under_load.json": "AMD EPYC (the reference benchmark machine)",
+    "cpu_vitb_corrections_64slices_xeon.json": "Intel Xeon (this project's shared machine)",
+}
 
 PHASE_LABELS = {
     "naive": "reference flow (naive)",
@@ -52,9 +68,10 @@ def _table(header: List[str], rows: List[List[str]]) -> str:
     return "\n".join([_row(header), _row(["---"] * len(header))] + [_row(r) for r in rows])
 
 
-def _machine(report: Dict) -> str:
+def _machine(report: Dict, source: str = "") -> str:
     m = report.get("machine", {})
-    parts = [str(m.get("cpu_model", m.get("cpu", "?"))), f"{m.get('nproc', m.get('threads', '?'))} cores",
+    cpu = m.get("cpu_model") or MACHINES.get(Path(source.strip("`")).name) or m.get("cpu", "?")
+    parts = [str(cpu), f"{m.get('nproc', m.get('threads', '?'))} cores",
              f"torch {m.get('torch', '?')}", f"{m.get('torch_threads', m.get('threads', '?'))} threads"]
     load = m.get("load_average_at_start") or m.get("load_average_start")
     if load:
@@ -96,7 +113,7 @@ def propagation_table(report: Dict, source: str) -> str:
               "DINOv2 / SAM embedding / decoding s", "prompt sets", "peak RSS", "masks"]
     v = report["volume"]
     c = report["config"]
-    caption = (f"*{source}: {_machine(report)}; {c['dinov2']} + SAM {c['sam']} at {c['input_size']} "
+    caption = (f"*{source}: {_machine(report, source)}; {c['dinov2']} + SAM {c['sam']} at {c['input_size']} "
                f"(random weights), {v['source']} {' x '.join(map(str, v['shape']))}, {len(v['structures'])} structures; "
                f"ratios within this one run.*")
     return _table(header, rows) + "\n\n" + caption
@@ -115,17 +132,75 @@ def corrections_table(report: Dict, source: str) -> str:
     if "update_slices_run_again" in report:
         rows[2][2] += f"; {report['update_slices_run_again']} of {report['processed_slices']} slices run again"
     v, m = report["volume"], report["models"]
-    caption = (f"*{source}: {_machine(report)}; {m['dinov2']} + SAM {m['sam']} at {m['input_size']}, "
+    caption = (f"*{source}: {_machine(report, source)}; {m['dinov2']} + SAM {m['sam']} at {m['input_size']}, "
                f"{v['source']} {v['slices']} slices, structure {v['structure']}.*")
     return _table(["step", "time", "notes"], rows) + "\n\n" + caption
 
 
-def render(propagation: Path, corrections: Path) -> Dict[str, str]:
-    rel = lambda p: str(p.resolve().relative_to(HERE.parent)) if p.resolve().is_relative_to(HERE.parent) else str(p)  # noqa: E731
-    return {
-        "propagation": propagation_table(json.loads(propagation.read_text()), f"`{rel(propagation)}`"),
-        "corrections": corrections_table(json.loads(corrections.read_text()), f"`{rel(corrections)}`"),
+def memory_table(reports: List[Dict], sources: List[str]) -> str:
+    rows, captions = [], []
+    for report, source in zip(reports, sources):
+        v, steps = report["volume"], report["peak_resident_mib_by_step"]
+        encoders = " / ".join(f"{steps.get(k, 0) / 1024:.2f}" for k in ("DINOv2", "SAM embedding", "refine (SAM decoding)"))
+        rows.append([source, report.get("label", ""), f"{report['preset']}, {report['precision']}",
+                     f"{v['shape'][0]} x {len(v['structures'])}", f"{report['resident_mib_after_loading'] / 1024:.2f} GiB",
+                     encoders, f"**{report['peak_resident_mib'] / 1024:.2f} GiB** ({report['peak_step']})",
+                     f"{report['ru_maxrss_mib'] / 1024:.2f} GiB"])
+        captions.append(f"{source}: {_machine(report, source)}; `{report['command']}`")
+    header = ["run", "code", "preset, precision", "slices x structures", "resident after loading",
+              "peak during DINOv2 / SAM embedding / decoding", "peak resident (step)", "ru_maxrss"]
+    return _table(header, rows) + "\n\n*" + "; ".join(captions) + ".*"
+
+
+def bf16_table(report: Dict, source: str) -> str:
+    errors = report["errors_on_fixed_inputs"]["worst"]
+    labels = {"dinov2_features": "DINOv2 features", "sam_embedding": "SAM image embedding",
+              "mask_logits": "SAM upsampled mask logits (same prompt sets)"}
+    rows = [[labels[k], f"{e['max_abs']:.3g}", f"{e['max_rel_to_largest']:.3g}"] for k, e in errors.items()]
+    text = _table(["bf16 against fp32, fixed inputs", "max abs error", "max error / largest fp32 value"], rows)
+    masks = report.get("masks")
+    if masks:
+        mrows = [[name, f"{m['coarse_differing_pixels']} of {m['coarse_pixels_at_S']}", f"{m['coarse_dice']:.4f}",
+                  f"{m['final_differing_voxels']} of {m['final_voxels']}", f"{m['final_dice']:.4f}"]
+                 for name, m in masks["per_structure"].items()]
+        text += "\n\n" + _table(["structure", "coarse pixels differing", "coarse Dice", "final voxels differing",
+                                  "final Dice"], mrows)
+    speed = report["speed"]
+    srows = [[step, f"{speed[step]['bf16_over_fp32_median']:.2f}",
+              f"{speed[step]['bf16_over_fp32_min']:.2f} - {speed[step]['bf16_over_fp32_max']:.2f}"]
+             for step in ("dinov2", "sam_embedding")]
+    if "whole_run_bf16_over_fp32_measured" in speed:
+        srows.append(["whole run, measured (one run each, not interleaved)",
+                      f"{speed['whole_run_bf16_over_fp32_measured']:.2f}", ""])
+        srows.append(["whole run, derived (fp32 run's steps x the medians above)",
+                      f"{speed['whole_run_bf16_over_fp32_derived']:.2f}", ""])
+    text += "\n\n" + _table(["bf16 time / fp32 time", "median", "range"], srows)
+    v, m = report["volume"], report["models"]
+    load = speed.get("load_average_before", [0])[0], speed.get("load_average_after", [0])[0]
+    shape = lambda volume: f"{volume['source']} {' x '.join(map(str, volume['shape']))}"  # noqa: E731
+    masks_volume = f"; masks on {shape(report['masks_volume'])}" if "masks_volume" in report else ""
+    text += (f"\n\n*{source}: {_machine(report, source)}, bf16 units {', '.join(report['machine'].get('cpu_bf16_units', [])) or 'none'}; "
+             f"{m['dinov2']} + SAM {m['sam']} at {m['input_size']} (random weights), {shape(v)}, "
+             f"{len(v['structures'])} structures{masks_volume}; speed: {speed['repeats']} interleaved "
+             f"repetitions per encoder, load average {load[0]:.1f} before, {load[1]:.1f} after.*")
+    return text
+
+
+def _rel(path: Path) -> str:
+    return str(path.resolve().relative_to(HERE.parent)) if path.resolve().is_relative_to(HERE.parent) else str(path)
+
+
+def render(propagation: Path, corrections: Path, bf16: Path = DEFAULT_BF16, results: Path = RESULTS) -> Dict[str, str]:
+    tables = {
+        "propagation": propagation_table(json.loads(propagation.read_text()), f"`{_rel(propagation)}`"),
+        "corrections": corrections_table(json.loads(corrections.read_text()), f"`{_rel(corrections)}`"),
     }
+    memory = sorted(results.glob(MEMORY_GLOB))
+    if memory:
+        tables["memory"] = memory_table([json.loads(p.read_text()) for p in memory], [f"`{_rel(p)}`" for p in memory])
+    if bf16.exists():
+        tables["bf16"] = bf16_table(json.loads(bf16.read_text()), f"`{_rel(bf16)}`")
+    return tables
 
 
 def replace_tables(page: str, tables: Dict[str, str]) -> str:
@@ -141,12 +216,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", type=Path, default=DEFAULT_PROPAGATION, help="propagation benchmark JSON")
     p.add_argument("--corrections", type=Path, default=DEFAULT_CORRECTIONS, help="corrections benchmark JSON")
+    p.add_argument("--bf16", type=Path, default=DEFAULT_BF16, help="bf16_check.py JSON")
     p.add_argument("--page", type=Path, default=PAGE)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help="rewrite the tables in the page")
     mode.add_argument("--check", action="store_true", help="exit 1 when the page's tables are out of date")
     args = p.parse_args(argv)
-    tables = render(args.results, args.corrections)
+    tables = render(args.results, args.corrections, args.bf16)
     if not (args.write or args.check):
         for name, text in tables.items():
             print(f"<!-- table:{name} -->\n{text}\n<!-- /table:{name} -->\n")

@@ -561,7 +561,7 @@ def _propagate(engine: Engine, query_store: _SliceStore, structures: List[_Struc
                 mask[negative] = 0
             structure.output[index] = mask
             structure.processed.append(index)
-            structure.prompts[index] = refined.prompts
+            structure.prompts[index] = kept_prompts = _without_component_pixels(refined.prompts)
             structure.evidence[index] = slice_evidence(logits, refined.mask, refined.scores)
             if keep:
                 each_masks = [engine.to_slice_size(each, query_shape[1:]) for each in refined.prompt_masks]
@@ -578,7 +578,7 @@ def _propagate(engine: Engine, query_store: _SliceStore, structures: List[_Struc
                     structure.probabilities.pop(index, None)
             if signature is not None:
                 structure.outcomes[index] = _SliceOutcome(
-                    signature, crop_mask(mask), refined.prompts,
+                    signature, crop_mask(mask), kept_prompts,
                     structure.prompt_masks[index] if keep else None,
                     structure.probabilities.get(index) if keep_probability else None,
                     structure.evidence[index])
@@ -601,6 +601,13 @@ def _propagate(engine: Engine, query_store: _SliceStore, structures: List[_Struc
         _sweep(structures, plans, direction, run_slice, tracker, engine.preset.stop_after_empty)
         query_store.end_phase()
     tracker.finish()
+
+def _without_component_pixels(prompts: list) -> list:
+    """Prompt sets as a run keeps them for click corrections, which read only their boxes and
+    points: without the component's pixels (``local_mask``, up to 1 MiB per set in SAM's 1024
+    frame), which across a volume's thousands of sets held hundreds of MiB until the run ended."""
+    return [dataclasses.replace(p, window=None, local_mask=None) for p in prompts]
+
 
 def _reuse_outcome(structure: _Structure, index: int, outcome: _SliceOutcome) -> bool:
     """Fill ``structure``'s records for ``index`` from an earlier run's outcome; whether present."""

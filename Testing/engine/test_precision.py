@@ -49,7 +49,12 @@ def encoder_dtypes(engine: Engine):
     return set(dinov2), set(sam)
 
 
-@pytest.mark.parametrize("asked, runs", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("auto", torch.float32)])
+# What auto runs on this machine's CPU: bf16 where it has bfloat16 units (docs/performance.md).
+AUTO_HERE = "bf16" if precision.AUTO_PICKS_BF16_ON_CPUS_WITH_BF16_UNITS and precision.cpu_bf16_units() else "fp32"
+AUTO_DTYPE_HERE = {"bf16": torch.bfloat16, "fp32": torch.float32}[AUTO_HERE]
+
+
+@pytest.mark.parametrize("asked, runs", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("auto", AUTO_DTYPE_HERE)])
 def test_the_precision_runs_inside_both_encoders_and_the_choice_is_logged(tiny_models, one_thread, caplog,
                                                                          asked, runs):
     with caplog.at_level(logging.INFO, logger="protosam.engine"):
@@ -58,6 +63,32 @@ def test_the_precision_runs_inside_both_encoders_and_the_choice_is_logged(tiny_m
     assert engine.precision == resolved and engine.preset.precision == asked
     assert f"precision {asked} -> {resolved} on cpu (" in caplog.text
     assert encoder_dtypes(engine) == ({runs}, {runs})
+
+
+# The stated bound of docs/performance.md ("bf16 on a CPU"): bf16 autocast against float32, max
+# absolute error over the largest float32 magnitude, for DINOv2 features, SAM image embeddings
+# and SAM's mask logits decoded (in float32) from each embedding.
+BF16_RELATIVE_BOUND = 0.05
+
+
+def test_bf16_stays_within_the_stated_error_bound_of_fp32(tiny_models, one_thread):
+    from protosam.models.sam import upsample_mask_logits
+
+    engines = {name: Engine(tiny_models, preset="default", device="cpu", precision=name) for name in ("fp32", "bf16")}
+    images = engines["fp32"].to_model_input(np.random.default_rng(3).random((1, 40, 40), dtype=np.float32))
+    sam = engines["fp32"].refiner.sam
+    with torch.inference_mode():
+        sparse, _ = sam.prompt_encoder(points=(torch.tensor([[[500.0, 520.0]]]), torch.tensor([[1]])),
+                                       boxes=torch.tensor([[300.0, 280.0, 700.0, 760.0]]), masks=None)
+    outputs = {}
+    for name, engine in engines.items():
+        embedding = engine.sam_embedding(images[0])
+        low_res, _ = engine.refiner.shared_decoder.decode(embedding, sparse, multimask_output=True)
+        outputs[name] = {"dinov2": engine.encode(images), "sam": embedding,
+                         "mask logits": upsample_mask_logits(low_res[:, :1])}
+    for what, reference in outputs["fp32"].items():
+        error = (outputs["bf16"][what] - reference).abs().max().item() / reference.abs().max().item()
+        assert 0 < error <= BF16_RELATIVE_BOUND, f"{what}: bf16 error {error:.3g} of the largest value"
 
 
 def test_fp16_is_refused_on_a_cpu_and_paper_pins_fp32(tiny_models, one_thread):
@@ -77,10 +108,12 @@ def test_what_auto_picks_on_each_device(monkeypatch):
     that torch reports are replaced; the rules are what is tested)."""
     monkeypatch.setattr(precision, "cpu_bf16_units", lambda: ["amx_bf16", "avx512_bf16"])
     cpu = torch.device("cpu")
-    assert precision.resolve_precision("auto", cpu)[0] == "fp32"  # until the benchmark decides
-    monkeypatch.setattr(precision, "AUTO_PICKS_BF16_ON_CPUS_WITH_BF16_UNITS", True)
+    chosen, why = precision.resolve_precision("auto", cpu)  # the benchmark's decision
+    assert chosen == "bf16" and why == "this CPU has bfloat16 units: amx_bf16, avx512_bf16"
+    monkeypatch.setattr(precision, "AUTO_PICKS_BF16_ON_CPUS_WITH_BF16_UNITS", False)  # the switch back
     chosen, why = precision.resolve_precision("auto", cpu)
-    assert chosen == "bf16" and "amx_bf16" in why
+    assert chosen == "fp32" and "auto keeps float32 on CPUs" in why
+    monkeypatch.setattr(precision, "AUTO_PICKS_BF16_ON_CPUS_WITH_BF16_UNITS", True)
     monkeypatch.setattr(precision, "cpu_bf16_units", lambda: [])
     assert precision.resolve_precision("auto", cpu)[0] == "fp32"
     chosen, why = precision.resolve_precision("bf16", cpu)  # runs, but says it is emulated
@@ -104,7 +137,7 @@ def test_this_machines_bf16_units_are_read_from_torch_and_cpuinfo():
     assert set(units) >= {flag for flag in flags if flag in ("avx512_bf16", "amx_bf16")}
 
 
-@pytest.mark.parametrize("asked, on_the_cpu", [("fp16", "fp32"), ("auto", "fp32"), ("bf16", "bf16")])
+@pytest.mark.parametrize("asked, on_the_cpu", [("fp16", AUTO_HERE), ("auto", AUTO_HERE), ("bf16", "bf16")])
 def test_a_gpu_out_of_memory_fallback_chooses_again_for_the_cpu(tiny_models, asked, on_the_cpu):
     """fp16 cannot follow the models onto the CPU, and auto means there what it means on a CPU."""
     engine = Engine(tiny_models, device="cpu")

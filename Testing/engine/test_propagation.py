@@ -91,6 +91,37 @@ def test_without_auto_extent_every_slice_is_processed(transparent_engine):
         assert _dice(mask[k], truth[k]) > 0.8, k
 
 
+def test_a_run_keeps_its_prompt_sets_without_their_component_pixels(transparent_engine, monkeypatch):
+    # Click corrections need each kept set's box and points only; its component pixels (up to
+    # 1 MiB per set in SAM's frame, thousands of sets per volume) are not held to the end.
+    from protosam import propagation
+
+    given, kept = [], {}
+    decode = transparent_engine.refiner.decode
+
+    def recording_decode(embedding, prompts, **options):
+        given.extend(prompts)
+        return decode(embedding, prompts, **options)
+
+    def recording_propagate(engine, store, structures, *args, **kwargs):
+        propagate(engine, store, structures, *args, **kwargs)
+        kept.update((index, prompt) for s in structures for index, prompt in s.prompts.items())
+
+    propagate = propagation._propagate
+    monkeypatch.setattr(propagation, "_propagate", recording_propagate)
+    transparent_engine.refiner.decode = recording_decode
+    volume, truth = _volume()
+    result = segment_volume(transparent_engine, volume, None, {"disc": truth}, support_slices={"disc": 14}, modality="none")
+    flat = [prompt for index in sorted(kept) for prompt in kept[index]]
+    assert len(flat) == len(given) > 0 and all(p.local_mask is not None for p in given)
+    assert all(p.local_mask is None and p.window is None for p in flat)
+    def described(prompts):  # slices run in walking order, kept by slice: compare as multisets
+        return sorted((p.box.tobytes(), p.points.tobytes(), p.point_labels.tobytes()) for p in prompts)
+
+    assert described(flat) == described(given)
+    assert _dice(result.masks["disc"][PRESENT[1]], truth[PRESENT[1]]) > 0.8
+
+
 def test_slice_range_limits_the_work(transparent_engine):
     volume, truth = _volume()
     result = segment_volume(transparent_engine, volume, None, {"disc": truth}, support_slices={"disc": 14}, slice_range=(12, 17), modality="none")
