@@ -602,6 +602,7 @@ def _propagate(engine: Engine, query_store: _SliceStore, structures: List[_Struc
         query_store.end_phase()
     tracker.finish()
 
+
 def _without_component_pixels(prompts: list) -> list:
     """Prompt sets as a run keeps them for click corrections, which read only their boxes and
     points: without the component's pixels (``local_mask``, up to 1 MiB per set in SAM's 1024
