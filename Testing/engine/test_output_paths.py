@@ -67,7 +67,7 @@ def test_ray_interrupt_reports_the_computing_rows_with_their_time_and_attempts()
     jobs = [BatchJob(row, Path(f"{row}.nii.gz"), Path(f"out{row}.nii.gz"), Path("m.nii.gz")) for row in (1, 2, 3)]
     computing = _Task(jobs[0], {}, losses=1, submitted=time.perf_counter() - 2.0)
     waiting = _Task(jobs[1], {}, submitted=time.perf_counter())
-    scheduler.workers = [_Worker(None, None, {"pid": 1}, collections.deque([(computing, None), (waiting, None)])),
+    scheduler.workers = [_Worker(None, None, {"pid": 1}, in_flight=collections.deque([(computing, None), (waiting, None)])),
                          _Worker(None, None, {"pid": 2})]
     scheduler.interrupted()
     assert [(o.job.row, o.status, o.attempts) for o in reported] == [(1, "interrupted", 2)]
