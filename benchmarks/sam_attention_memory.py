@@ -24,13 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory_profile import resident_mib  # noqa: E402
 from propagation_benchmark import machine_info  # noqa: E402
 
+from protosam import catalogue  # noqa: E402
 from protosam.models.sam import SamRefiner, load_sam  # noqa: E402
 from protosam.models.sam_memory import limit_global_attention_memory  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sam", default="vit_b")
+    p.add_argument("--sam", default=catalogue.SAM_VIT_B)
     p.add_argument("--sam-checkpoint", required=True)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
