@@ -86,27 +86,13 @@ from .validation import as_binary_mask, as_float_slices
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Session", "DEFAULT_SESSION_CACHE_BYTES", "session_cache_bytes", "engine_session_cache_bytes"]
-
-# Holds a 64-slice volume with DINOv2 ViT-B/14 at 672 px (48 x 48 x 768 float32 = 7.1 MB a
-# slice) and SAM ViT-B embeddings (256 x 64 x 64 float32 = 4.2 MB): 64 x 11.3 MB = 0.72 GB.
-DEFAULT_SESSION_CACHE_BYTES = 768 * 2**20
-
-
-def session_cache_bytes(feature_channels: int, grid: int, sam_channels: int = 256, slices: int = 64, *,
-                        refiner: Optional[str] = None) -> int:
-    """Bytes of float32 encoder outputs for ``slices`` slices: DINOv2 ``[C, g, g]`` plus the
-    refiner's image features, SAM's ``[256, 64, 64]`` or, with ``refiner`` named, that refiner's
-    own size from the catalogue (SAM 2 keeps two high-resolution levels too: 4x SAM's)."""
-    refiner_bytes = (catalogue.refiner_cache_bytes_per_slice(refiner) if refiner is not None
-                     else 4 * sam_channels * 64 * 64)
-    return slices * (4 * feature_channels * grid * grid + refiner_bytes)
-
+__all__ = ["Session", "engine_session_cache_bytes"]
 
 def engine_session_cache_bytes(engine: Engine, slices: int = 64) -> int:
     """The default session budget for ``engine``'s models: ``slices`` slices of its DINOv2
-    features at its input size and of its refiner's image features (the default models give
-    :data:`DEFAULT_SESSION_CACHE_BYTES`'s 64 x 11.3 MB; SAM 2.1 at 1024 px, 64 x 23.9 MB)."""
+    features at its input size and of its refiner's image features
+    (:func:`protosam.catalogue.encoder_cache_bytes_per_slice`: with the default models 64 x 11.3 MB,
+    with SAM 2.1 at 1024 px 64 x 23.9 MB). The Slicer module sizes its worker's cache the same way."""
     return slices * catalogue.encoder_cache_bytes_per_slice(engine.models.dinov2, engine.models.sam,
                                                             engine.encoder_input_size)
 
