@@ -1,5 +1,32 @@
 """Small synthetic inputs shared by the engine tests."""
 import numpy as np
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One torch thread for a test module (import it there: autouse then applies to that module):
+    local runs then compute as each 1-CPU Ray worker does, and tiny models gain nothing from two."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def benchmark_module(name: str):
+    """The script ``benchmarks/<name>.py`` imported as a module (its functions are tested)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)
 
 
 def blob_slice(size: int = 64, center=(32, 32), radius: int = 10, seed: int = 0):

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
+from engine_helpers import one_torch_thread  # noqa: F401 (autouse fixture: local runs compute as 1-CPU Ray workers)
 from protosam.cohorts.batch import SIDECAR_SUFFIX, read_manifest
 from protosam.cli import main
 from protosam.errors import InputError, ProtoSAMError
@@ -21,15 +21,6 @@ RAY_INSTALL = "pip install -e 'ProtoSAMLib[ray]' (in ProtoSAMLib[test])"
 
 SUPPORT_SLAB = (28, 32)  # axial slices of the 3 mm Colin27 the support example is cut from
 TARGET_SLABS = ((27, 31), (29, 33), (30, 34))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Local runs use one torch thread, like each 1-CPU Ray worker below (see the Ray test)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _slab(image, first, last):

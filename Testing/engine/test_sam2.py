@@ -16,6 +16,7 @@ require_module("sam2", SAM2_INSTALL)
 from sam2.build_sam import build_sam2  # noqa: E402
 from sam2.sam2_image_predictor import SAM2ImagePredictor  # noqa: E402
 
+from engine_helpers import benchmark_module  # noqa: E402
 from protosam import catalogue  # noqa: E402
 from protosam.errors import CheckpointError  # noqa: E402
 from protosam.models.sam2_refiner import SAM2_ARCHITECTURES, Sam2Refiner, load_sam2  # noqa: E402
@@ -190,14 +191,7 @@ def test_checkpoint_errors_are_clear(tmp_path, tiny_sam2):
 
 def test_refiner_benchmark_measures_both_phases_for_sam2():
     """benchmarks/refiner_benchmark.py's measurement on the tiny SAM 2 (one slice, two prompt sets)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    try:
-        import refiner_benchmark
-    finally:
-        sys.path.pop(0)
+    refiner_benchmark = benchmark_module("refiner_benchmark")
     threads = torch.get_num_threads()
     try:
         figures = refiner_benchmark.run_one(TINY_SAM2, slices=1, structures=2, threads=1)

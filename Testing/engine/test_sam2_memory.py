@@ -15,7 +15,7 @@ from required_modules import require_module
 
 require_module("sam2", "SAM2_BUILD_CUDA=0 pip install --no-deps --no-build-isolation sam2==1.1.0 (see .ci/run)")
 
-from engine_helpers import box_volume, run_cli  # noqa: E402
+from engine_helpers import benchmark_module, box_volume, one_torch_thread, run_cli  # noqa: E402,F401 (autouse fixture)
 from protosam import Engine, ModelSelection, catalogue  # noqa: E402
 from protosam.errors import CancelledError, InputError  # noqa: E402
 from protosam.models import sam2_video  # noqa: E402
@@ -23,13 +23,6 @@ from protosam.propagation import segment_volume  # noqa: E402
 from protosam.session import Session  # noqa: E402
 from protosam.testing import write_tiny_sam2_checkpoint  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -206,14 +199,7 @@ def test_segment_command_with_memory_propagation(sam2_models, tmp_path):
 
 def test_refiner_benchmark_measures_memory_mode():
     """benchmarks/refiner_benchmark.py --mode memory on the tiny SAM 2 (a few slices)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    try:
-        import refiner_benchmark
-    finally:
-        sys.path.pop(0)
+    refiner_benchmark = benchmark_module("refiner_benchmark")
     threads = torch.get_num_threads()
     try:
         figures = refiner_benchmark.run_one_memory(catalogue.TINY_SAM2, slices=10, structures=1, threads=1,

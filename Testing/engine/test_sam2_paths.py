@@ -15,7 +15,8 @@ from required_modules import require_module
 
 require_module("sam2", "SAM2_BUILD_CUDA=0 pip install --no-deps --no-build-isolation sam2==1.1.0 (see .ci/run)")
 
-from engine_helpers import bearer, box_volume, cpu_engine_spec, segment_volume_request  # noqa: E402
+from engine_helpers import (  # noqa: E402,F401 (one_torch_thread: autouse fixture)
+    bearer, box_volume, cpu_engine_spec, one_torch_thread, segment_volume_request)
 from protosam import Engine, catalogue  # noqa: E402
 from protosam.cli import main  # noqa: E402
 from protosam.models.sam2_refiner import Sam2Refiner  # noqa: E402
@@ -24,13 +25,6 @@ from protosam.serving.client import ServerConnection, forward_job, forwarding_re
 from protosam.session import Session, engine_session_cache_bytes  # noqa: E402
 from protosam.testing import start_server, write_tiny_sam2_checkpoint  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
