@@ -61,7 +61,7 @@ def test_unknown_names_and_bad_models_are_refused():
 
 def test_the_cache_budget_follows_the_chosen_refiner():
     """64 slices of the chosen models, as the engine's session default: a SAM 2 refiner keeps two
-    more feature levels per slice, so a budget sized for SAM ViT-B held 31 of its slices."""
+    more feature levels per slice, so a budget sized for SAM ViT-B held 33 of its slices."""
     store = MemorySettings()
     vitB = settings.processOptions(store).cacheBytes
     assert vitB == 64 * (4 * 768 * 48 * 48 + 4 * 256 * 64 * 64)  # 0.72 GB, the former fixed default
