@@ -8,6 +8,8 @@ Phases:
 - ``ours``: :func:`protosam.segment_volume`, ``paper`` preset, auto extent off (same slices
   and decoding as ``naive``: its masks must be identical);
 - ``ours_auto_extent``: ``segment_volume`` with the ``default`` preset (auto extent on);
+- ``ours_default_fp32``: as ``ours_auto_extent`` with the precision pinned to fp32 (``default``
+  resolves ``auto`` to bf16 on CPUs with bfloat16 units; this phase measures its float32 speed);
 - ``ours_bf16``: as ``ours`` with bf16 autocast for both encoders;
 - ``ours_cached_rerun``: ``default`` preset with an embedding cache: one full run, then a
   re-run with every support slice moved by one (timed separately; encoders come from the cache).
@@ -36,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PHASES", "run_phase", "peak_rss_mib"]
 
-PHASES = ("naive", "ours", "ours_auto_extent", "ours_bf16", "ours_cached_rerun")
+PHASES = ("naive", "ours", "ours_auto_extent", "ours_default_fp32", "ours_bf16", "ours_cached_rerun")
 CACHE_BYTES = 3 << 30
 
 
@@ -62,6 +64,7 @@ def _engine(spec: Dict, phase: str) -> Engine:
         "naive": "paper",
         "ours": "paper",
         "ours_auto_extent": "default",
+        "ours_default_fp32": replace(PRESETS["default"], precision="fp32"),
         "ours_bf16": replace(PRESETS["paper"], name="paper-bf16", precision="bf16"),
         "ours_cached_rerun": "default",
     }[phase]
@@ -157,6 +160,7 @@ def run_phase(spec: Dict) -> Dict:
     warmup = _warm_up(engine, volume) if spec.get("warmup") else 0.0
     meter = StepMeter(engine)
     result: Dict = {"phase": phase, "preset": engine.preset.name, "precision": engine.preset.precision,
+                    "resolved_precision": engine.precision,
                     "batch_size": engine.batch_size, "model_load_seconds": load_seconds, "warmup_seconds": warmup,
                     "load_average_before": list(os.getloadavg())}
     cpu_started = cpu_seconds()
@@ -172,7 +176,7 @@ def run_phase(spec: Dict) -> Dict:
         kwargs = dict(support_slices=support, modality="none", progress=_progress(phase, started))
         if spec.get("same_slices"):
             kwargs["slice_range"] = (0, spec["naive_slices"] - 1)
-        auto = phase in ("ours_auto_extent", "ours_cached_rerun")
+        auto = phase in ("ours_auto_extent", "ours_default_fp32", "ours_cached_rerun")
         out = segment_volume(engine, volume, None, masks, auto_extent=None if auto else False, **kwargs)
         _sync(engine.device)
         result["seconds"] = time.perf_counter() - started

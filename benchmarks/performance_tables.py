@@ -55,6 +55,7 @@ PHASE_LABELS = {
     "naive": "reference flow (naive)",
     "ours": "ours, `paper` semantics, fp32",
     "ours_auto_extent": "ours, `default` preset",
+    "ours_default_fp32": "ours, `default` preset, fp32",
     "ours_bf16": "ours, `paper` semantics, bf16 autocast",
     "ours_cached_rerun": "ours, `default`, cached re-run",
 }

@@ -63,6 +63,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="run ours on the naive flow's slices only (the first --naive-slices): a measured, "
                         "not extrapolated, comparison on the same (structure, slice) pairs")
     p.add_argument("--skip-auto-extent", action="store_true", help="do not run ours with the default preset")
+    p.add_argument("--default-fp32", action="store_true",
+                   help="also run the default preset with its precision pinned to fp32 (auto picks bf16 on CPUs "
+                        "with bfloat16 units)")
     p.add_argument("--bf16", action="store_true", help="also run ours with bf16 autocast and compare its masks")
     p.add_argument("--cache-rerun", action="store_true",
                    help="also time a re-run with moved support slices on an engine with the embedding cache")
@@ -252,7 +255,7 @@ def print_report(report: Dict) -> None:
           f"volume {v['source']} {tuple(v['shape'])}, {len(v['structures'])} segments")
     print(f"{'phase':<20}{'seconds':>10}{'CPU s':>10}{'slices':>8}{'slices/s':>10}{'peak RSS MiB':>14}  notes")
     for name, r in report["phases"].items():
-        notes = (f"preset {r['preset']}, {r['pairs']} (segment, slice) pairs, {r['step_calls'].get('dinov2', 0)} DINOv2 + "
+        notes = (f"preset {r['preset']} ({r.get('resolved_precision', r.get('precision'))}), {r['pairs']} (segment, slice) pairs, {r['step_calls'].get('dinov2', 0)} DINOv2 + "
                  f"{r['step_calls'].get('sam_embedding', 0)} SAM encodings, {r['sam_prompt_sets']} SAM prompt sets")
         if name == "naive" and r.get("extrapolated"):
             notes += f"; measured {r['seconds']:.1f} s on {r['slices']} slices -> EXTRAPOLATED " \
@@ -328,7 +331,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "warmup": args.warmup == "on" or (args.warmup == "auto" and device.type == "cuda")}
         wanted = [p for p in PHASES if not (
             (p == "naive" and args.skip_naive) or (p == "ours_auto_extent" and args.skip_auto_extent)
-            or (p == "ours_bf16" and not args.bf16) or (p == "ours_cached_rerun" and not args.cache_rerun))]
+            or (p == "ours_bf16" and not args.bf16)
+            or (p == "ours_default_fp32" and (not args.default_fp32 or args.skip_auto_extent)) or (p == "ours_cached_rerun" and not args.cache_rerun))]
         for phase in wanted:
             logger.info("Phase %s", phase)
             spec = dict(base, phase=phase, spec_path=str(work / f"{phase}.spec.json"),

@@ -49,7 +49,7 @@ def _check_phase(result, slices):
 
 def test_benchmark_in_process_reports_figures_and_identical_masks(bench, tmp_path, capsys, one_thread):
     out = tmp_path / "bench.json"
-    args = TINY + ["--slices", "4", "--segments", "2", "--naive-slices", "2", "--in-process",
+    args = TINY + ["--slices", "4", "--segments", "2", "--naive-slices", "2", "--in-process", "--default-fp32",
                    "--work-dir", str(tmp_path / "work"), "--out", str(out)]
     assert bench.main(args) == 0
     printed = capsys.readouterr().out
@@ -57,7 +57,7 @@ def test_benchmark_in_process_reports_figures_and_identical_masks(bench, tmp_pat
     assert "a check of the work sharing, not of fidelity" in printed
 
     report = json.loads(out.read_text())
-    assert set(report["phases"]) == {"naive", "ours", "ours_auto_extent"}
+    assert set(report["phases"]) == {"naive", "ours", "ours_auto_extent", "ours_default_fp32"}
     assert report["volume"]["source"] == "colin27" and report["volume"]["shape"] == [4, 64, 64]
     support = {name: s["support_slice"] for name, s in report["volume"]["structures"].items()}
     assert len(support) == 2
@@ -72,6 +72,9 @@ def test_benchmark_in_process_reports_figures_and_identical_masks(bench, tmp_pat
     for name, slices in ours["processed_slices"].items():
         assert slices == [k for k in range(4) if k != support[name]]
     assert report["phases"]["ours_auto_extent"]["preset"] == "default"
+    # --default-fp32: the default preset with its precision pinned, whatever `auto` picks here.
+    pinned = report["phases"]["ours_default_fp32"]
+    assert pinned["preset"] == "default" and pinned["precision"] == pinned["resolved_precision"] == "fp32"
     assert naive["extrapolated"] is True
     assert naive["full_volume_seconds"] == pytest.approx(naive["seconds"] * 2)
     assert set(naive["naive_step_seconds"]) >= {"support_dinov2", "query_dinov2", "refine"}
