@@ -240,8 +240,14 @@ def machine():
                 break
     except OSError:
         pass
-    return {"cpu_model": cpu, "nproc": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+    info = {"cpu_model": cpu, "nproc": len(os.sched_getaffinity(0)), "torch": torch.__version__,
             "python": platform.python_version(), "device": "cpu", "load_average": list(os.getloadavg())}
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE.parent, capture_output=True,
+                                            text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
 
 
 def main(argv=None) -> int:
