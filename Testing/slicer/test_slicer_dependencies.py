@@ -1,5 +1,6 @@
 """First-run dependency plan and install (ProtoSAMSlicerLib.dependencies)."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -169,10 +170,16 @@ def test_sam2_is_built_against_the_installed_torch_without_cuda(monkeypatch):
     seen = []
 
     def pip(arguments):
-        import os
         seen.append((arguments, os.environ.get("SAM2_BUILD_CUDA")))
 
     pinned = {dependencies.normalizeName(r.name): (r.specifier.lstrip("=<>~!") or "99") for r in requirements}
     dependencies.install(plan, pip, versionOf=versions(torch="2.14.1", torchvision="0.29.1", **pinned))
     assert all(arguments.split()[1] == "--no-deps" for arguments, _ in seen)
     assert seen[-1] == ("sam2==1.1.0 --no-deps --no-build-isolation", "0")
+    # Only sam2's build sees the switch, and Slicer's environment is left as it was.
+    assert all(value is None for _, value in seen[:-1])
+    assert "SAM2_BUILD_CUDA" not in os.environ
+    monkeypatch.setenv("SAM2_BUILD_CUDA", "1")  # a user's own setting survives the install too
+    seen.clear()
+    dependencies.install(plan, pip, versionOf=versions(torch="2.14.1", torchvision="0.29.1", **pinned))
+    assert seen[-1][1] == "0" and os.environ["SAM2_BUILD_CUDA"] == "1"

@@ -15,6 +15,7 @@ use it before torch or the engine's other dependencies are installed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.metadata
@@ -22,7 +23,7 @@ import logging
 import os
 import pathlib
 import re
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Mapping, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,22 @@ def defaultRequirementsPath() -> pathlib.Path:
 
 
 _REQUIREMENT_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*((?:[<>=!~]=?\s*[0-9][0-9A-Za-z.*+!-]*\s*,?\s*)*)$")
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]):
+    """Set ``values`` in ``os.environ`` for the block, then put back what was there (Slicer's
+    process lives on after the install: a build switch must not leak into later work)."""
+    previous = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class DependencyError(RuntimeError):
@@ -206,9 +223,8 @@ def install(plan: InstallPlan, pipInstall: Callable[[str], None], torchInstaller
             raise ValueError(f"refusing to pip-install {requirement.name}")
         logger.info("Installing %s", requirement)
         _, environment = SOURCE_BUILDS.get(normalizeName(requirement.name), ("", {}))
-        for key, value in environment.items():  # pip's build subprocess inherits them
-            os.environ[key] = value
-        pipInstall(pipArguments(requirement))
+        with _environment(environment):  # pip's build subprocess inherits them, Slicer keeps its own
+            pipInstall(pipArguments(requirement))
     importlib.invalidate_caches()
     stillMissing = missingRequirements(plan.packages, versionOf)
     if stillMissing:
