@@ -19,7 +19,12 @@ Tables (``name``: source):
 - ``memory``: ``memory_profile.py`` runs (every ``results/cpu_vitb_memory_*.json``, in name
   order): peak resident memory and the step it occurred in, before and after a change;
 - ``bf16``: ``bf16_check.py`` (``--bf16``, default ``results/cpu_vitb_bf16_vs_fp32_xeon.json``):
-  bf16 autocast against float32, errors on fixed inputs, masks, the interleaved speed ratio.
+  bf16 autocast against float32, errors on fixed inputs, masks, the interleaved speed ratio;
+- ``refiners``: ``refiner_benchmark.py`` in per-slice mode (``--refiners``, default
+  ``results/cpu_refiners_64slices_xeon.json``) and, below it, in memory mode
+  (``--sam2-memory``, default ``results/cpu_sam2_memory_64slices_xeon.json``): image
+  embeddings and decoding (or the memory walk) per refiner, the ratio to SAM ViT-B's per-slice
+  refiner phases *of the same run*, peak RSS.
 
 Each caption names the machine that gave the figures (the CPU model the run recorded, or for
 older files that recorded none, the machine they were run on: ``MACHINES``).
@@ -43,6 +48,8 @@ DEFAULT_PROPAGATION = RESULTS / "cpu_vitb_64slices_with_default_preset.json"
 DEFAULT_CORRECTIONS = RESULTS / "cpu_vitb_corrections_64slices.json"
 DEFAULT_BF16 = RESULTS / "cpu_vitb_bf16_vs_fp32_xeon.json"
 MEMORY_GLOB = "cpu_vitb_memory_*.json"
+DEFAULT_REFINERS = RESULTS / "cpu_refiners_64slices_xeon.json"
+DEFAULT_SAM2_MEMORY = RESULTS / "cpu_sam2_memory_64slices_xeon.json"
 
 # Files recorded before the benchmarks wrote the CPU model: the machine they ran on.
 MACHINES = {
@@ -105,8 +112,11 @@ def propagation_table(report: Dict, source: str) -> str:
             cmp = report["bf16_vs_fp32"]
             dice = min(d["dice"] for d in cmp["per_structure"].values())
             masks = f"{cmp['differing_voxels']} voxels differ from fp32, Dice >= {dice:.4f}"
+        label = PHASE_LABELS.get(name, name)
+        if r.get("precision") == "auto" and r.get("resolved_precision"):
+            label += f" (`auto` -> {r['resolved_precision']})"
         rows.append([
-            PHASE_LABELS.get(name, name), seconds, f"{r['cpu_seconds']:.0f}", wall_ratio, cpu_ratio,
+            label, seconds, f"{r['cpu_seconds']:.0f}", wall_ratio, cpu_ratio,
             f"{steps.get('dinov2', 0):.0f} / {steps.get('sam_embedding', 0):.0f} / {steps.get('refine', 0):.0f}",
             f"{r.get('sam_prompt_sets', 0)}", f"{r['peak_rss_mib'] / 1024:.2f} GiB", masks,
         ])
@@ -187,11 +197,72 @@ def bf16_table(report: Dict, source: str) -> str:
     return text
 
 
+def _refiner_label(name: str) -> str:
+    return {"vit_b": "SAM ViT-B (`vit_b`)", "sam2.1_hiera_tiny": "SAM 2.1 Hiera-T", "sam2.1_hiera_small": "SAM 2.1 Hiera-S",
+            "sam2.1_hiera_base_plus": "SAM 2.1 Hiera-B+", "sam2.1_hiera_large": "SAM 2.1 Hiera-L",
+            "medsam2": "MedSAM2 (Hiera-T, 512 px)"}.get(name, f"`{name}`")
+
+
+def _refiner_caption(report: Dict, source: str) -> str:
+    m = report["machine"]
+    threads = {r.get("torch_threads") for r in report["results"]}
+    load = m.get("load_average_at_start", [0])[0], m.get("load_average", [0])[0]
+    commit = f", commit `{m['git_commit'][:7]}`" if m.get("git_commit") else ""
+    note = f"; {report['note']}" if report.get("note") else ""
+    return (f"*{source}: {m.get('cpu_model', '?')}, {m.get('nproc', '?')} cores, torch {m.get('torch', '?')}, "
+            f"{'/'.join(str(t) for t in sorted(threads))} threads, load average {load[0]:.1f} at start and "
+            f"{load[1]:.1f} at the end{commit}; real architectures, random weights{note}.*")
+
+
+def refiner_table(per_slice: Dict, source: str, memory: Optional[Dict] = None, memory_source: str = "") -> str:
+    """Per-slice refiner phases, then memory mode's, each with its ratio to SAM ViT-B's
+    per-slice phases; the memory-mode ratio divides two runs only when both files say they
+    ran on the same CPU model (the captions show each run's load)."""
+    results = per_slice["results"]
+    base = next((r for r in results if r["refiner"] == "vit_b"), None)
+    rows = []
+    for r in results:
+        sets = r["slices"] * r["structures_per_slice"]
+        ratio = f"**{r['refiner_seconds'] / base['refiner_seconds']:.2f}**" if base else ""
+        cpu_ratio = f"{r['refiner_cpu_seconds'] / base['refiner_cpu_seconds']:.2f}" if base else ""
+        rows.append([_refiner_label(r["refiner"]), f"{r['embed_seconds_per_slice']:.2f}",
+                     f"{r['decode_seconds_per_prompt_set'] * 1000:.0f} ms",
+                     f"{r['embed_seconds']:.0f} + {r['decode_seconds']:.0f} = {r['refiner_seconds']:.0f}",
+                     f"{r['slices']} x {r['structures_per_slice']} ({sets} sets)", ratio, cpu_ratio,
+                     f"{r['peak_rss_mib'] / 1024:.2f} GiB", f"{r['cache_bytes_per_slice'] / 2**20:.0f} MiB"])
+    text = _table(["refiner (per-slice mode)", "embedding s / slice", "decoding / prompt set",
+                   "embedding + decoding s", "slices x prompt sets per slice", "vs SAM ViT-B (wall)",
+                   "vs SAM ViT-B (CPU)", "peak RSS", "cache per slice"], rows)
+    text += "\n\n" + _refiner_caption(per_slice, source)
+    if memory:
+        same_machine = memory["machine"].get("cpu_model") == per_slice["machine"].get("cpu_model")
+        mrows = []
+        for r in memory["results"]:
+            held = r["held"][str(r["slices"])]
+            frames = held["frames"]
+            ratio = (f"{r['refiner_seconds'] / base['refiner_seconds']:.2f}"
+                     if base and same_machine and base["slices"] == r["slices"] else "")
+            per_slice_same = next((p for p in results if p["refiner"] == r["refiner"] and p["slices"] == r["slices"]), None)
+            vs_own = f"{r['refiner_seconds'] / per_slice_same['refiner_seconds']:.2f}" if per_slice_same and same_machine else ""
+            mrows.append([_refiner_label(r["refiner"]), f"{r['embed_seconds'] / r['slices']:.2f}",
+                          f"{r['walk_seconds_per_slice_and_structure']:.2f}",
+                          f"{r['embed_seconds']:.0f} + {r['walk_seconds']:.0f} = {r['refiner_seconds']:.0f}",
+                          f"{r['slices']} x {r['structures']}", ratio, vs_own,
+                          f"{frames['conditioning']} + {frames['tracked']} frames, {held['state_mib']:.0f} MiB",
+                          f"{r['peak_rss_mib'] / 1024:.2f} GiB"])
+        text += "\n\n" + _table(["refiner (memory mode)", "embedding s / slice", "walk s / (slice, structure)",
+                                  "embedding + walk s", "slices x structures", "vs SAM ViT-B per-slice (wall)",
+                                  "vs its own per-slice mode", "state held at the end", "peak RSS"], mrows)
+        text += "\n\n" + _refiner_caption(memory, memory_source)
+    return text
+
+
 def _rel(path: Path) -> str:
     return str(path.resolve().relative_to(HERE.parent)) if path.resolve().is_relative_to(HERE.parent) else str(path)
 
 
-def render(propagation: Path, corrections: Path, bf16: Path = DEFAULT_BF16, results: Path = RESULTS) -> Dict[str, str]:
+def render(propagation: Path, corrections: Path, bf16: Path = DEFAULT_BF16, results: Path = RESULTS,
+           refiners: Path = DEFAULT_REFINERS, sam2_memory: Path = DEFAULT_SAM2_MEMORY) -> Dict[str, str]:
     tables = {
         "propagation": propagation_table(json.loads(propagation.read_text()), f"`{_rel(propagation)}`"),
         "corrections": corrections_table(json.loads(corrections.read_text()), f"`{_rel(corrections)}`"),
@@ -201,6 +272,10 @@ def render(propagation: Path, corrections: Path, bf16: Path = DEFAULT_BF16, resu
         tables["memory"] = memory_table([json.loads(p.read_text()) for p in memory], [f"`{_rel(p)}`" for p in memory])
     if bf16.exists():
         tables["bf16"] = bf16_table(json.loads(bf16.read_text()), f"`{_rel(bf16)}`")
+    if refiners.exists():
+        memory_report = json.loads(sam2_memory.read_text()) if sam2_memory.exists() else None
+        tables["refiners"] = refiner_table(json.loads(refiners.read_text()), f"`{_rel(refiners)}`",
+                                           memory_report, f"`{_rel(sam2_memory)}`")
     return tables
 
 
@@ -218,12 +293,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--results", type=Path, default=DEFAULT_PROPAGATION, help="propagation benchmark JSON")
     p.add_argument("--corrections", type=Path, default=DEFAULT_CORRECTIONS, help="corrections benchmark JSON")
     p.add_argument("--bf16", type=Path, default=DEFAULT_BF16, help="bf16_check.py JSON")
+    p.add_argument("--refiners", type=Path, default=DEFAULT_REFINERS, help="refiner_benchmark.py JSON, per-slice mode")
+    p.add_argument("--sam2-memory", type=Path, default=DEFAULT_SAM2_MEMORY,
+                   help="refiner_benchmark.py JSON, memory mode")
     p.add_argument("--page", type=Path, default=PAGE)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help="rewrite the tables in the page")
     mode.add_argument("--check", action="store_true", help="exit 1 when the page's tables are out of date")
     args = p.parse_args(argv)
-    tables = render(args.results, args.corrections, args.bf16)
+    tables = render(args.results, args.corrections, args.bf16, refiners=args.refiners, sam2_memory=args.sam2_memory)
     if not (args.write or args.check):
         for name, text in tables.items():
             print(f"<!-- table:{name} -->\n{text}\n<!-- /table:{name} -->\n")
