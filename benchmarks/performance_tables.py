@@ -14,6 +14,9 @@ Tables (``name``: source):
   ``results/cpu_vitb_64slices_with_default_preset.json``): wall and CPU seconds, the ratio to
   the reference ("naive") flow of the *same run* by wall and by CPU time, the encoder and
   decoding seconds, prompt sets, peak RSS and the mask comparison;
+- ``propagation_latest``: the same table for the latest run on this project's Intel Xeon
+  (``--latest``, default ``results/cpu_vitb_64slices_xeon.json``, with the default preset in
+  fp32 and bf16 beside the ``paper`` phases);
 - ``corrections``: the corrections benchmark (``--corrections``, default
   ``results/cpu_vitb_corrections_64slices.json``): full propagation, one click, an update;
 - ``memory``: ``memory_profile.py`` runs (every ``results/cpu_vitb_memory_*.json``, in name
@@ -45,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PAGE = HERE.parent / "docs" / "performance.md"
 DEFAULT_PROPAGATION = RESULTS / "cpu_vitb_64slices_with_default_preset.json"
+DEFAULT_PROPAGATION_LATEST = RESULTS / "cpu_vitb_64slices_xeon.json"
 DEFAULT_CORRECTIONS = RESULTS / "cpu_vitb_corrections_64slices.json"
 DEFAULT_BF16 = RESULTS / "cpu_vitb_bf16_vs_fp32_xeon.json"
 MEMORY_GLOB = "cpu_vitb_memory_*.json"
@@ -262,11 +266,14 @@ def _rel(path: Path) -> str:
 
 
 def render(propagation: Path, corrections: Path, bf16: Path = DEFAULT_BF16, results: Path = RESULTS,
-           refiners: Path = DEFAULT_REFINERS, sam2_memory: Path = DEFAULT_SAM2_MEMORY) -> Dict[str, str]:
+           refiners: Path = DEFAULT_REFINERS, sam2_memory: Path = DEFAULT_SAM2_MEMORY,
+           latest: Path = DEFAULT_PROPAGATION_LATEST) -> Dict[str, str]:
     tables = {
         "propagation": propagation_table(json.loads(propagation.read_text()), f"`{_rel(propagation)}`"),
         "corrections": corrections_table(json.loads(corrections.read_text()), f"`{_rel(corrections)}`"),
     }
+    if latest.exists():
+        tables["propagation_latest"] = propagation_table(json.loads(latest.read_text()), f"`{_rel(latest)}`")
     memory = sorted(results.glob(MEMORY_GLOB))
     if memory:
         tables["memory"] = memory_table([json.loads(p.read_text()) for p in memory], [f"`{_rel(p)}`" for p in memory])
@@ -291,6 +298,8 @@ def replace_tables(page: str, tables: Dict[str, str]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", type=Path, default=DEFAULT_PROPAGATION, help="propagation benchmark JSON")
+    p.add_argument("--latest", type=Path, default=DEFAULT_PROPAGATION_LATEST,
+                   help="propagation benchmark JSON of the latest run (a second table)")
     p.add_argument("--corrections", type=Path, default=DEFAULT_CORRECTIONS, help="corrections benchmark JSON")
     p.add_argument("--bf16", type=Path, default=DEFAULT_BF16, help="bf16_check.py JSON")
     p.add_argument("--refiners", type=Path, default=DEFAULT_REFINERS, help="refiner_benchmark.py JSON, per-slice mode")
@@ -301,7 +310,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     mode.add_argument("--write", action="store_true", help="rewrite the tables in the page")
     mode.add_argument("--check", action="store_true", help="exit 1 when the page's tables are out of date")
     args = p.parse_args(argv)
-    tables = render(args.results, args.corrections, args.bf16, refiners=args.refiners, sam2_memory=args.sam2_memory)
+    tables = render(args.results, args.corrections, args.bf16, refiners=args.refiners, sam2_memory=args.sam2_memory,
+                    latest=args.latest)
     if not (args.write or args.check):
         for name, text in tables.items():
             print(f"<!-- table:{name} -->\n{text}\n<!-- /table:{name} -->\n")
