@@ -49,6 +49,9 @@ def _parse(argv=None):
     parser.add_argument("--slices", type=int, default=64)
     parser.add_argument("--structures", type=int, default=4, help="prompt sets decoded per slice")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="the image encoder's precision (bf16: autocast, as the engine's `auto` on CPUs with "
+                             "bfloat16 units; decoding stays float32 as in the engine)")
     parser.add_argument("--mode", default="per-slice", choices=("per-slice", "memory"),
                         help="per-slice: embed + decode each slice; memory: SAM 2's video predictor walks the slices")
     parser.add_argument("--prompt-every", type=int, default=4, help="memory mode: prototype prompts every N slices")
@@ -93,7 +96,13 @@ def _prompts(count, seed):
     return prompts
 
 
-def run_one(name, slices, structures, threads):
+def _autocast(precision):
+    import torch
+
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def run_one(name, slices, structures, threads, precision="fp32"):
     import torch
 
     if threads:
@@ -108,7 +117,7 @@ def run_one(name, slices, structures, threads):
         image = torch.nn.functional.interpolate(coarse, size=(1024, 1024), mode="bilinear", align_corners=False)
         image = image.expand(1, 3, -1, -1).contiguous()
         tick, cpu = time.perf_counter(), time.process_time()
-        embedding = refiner.embed(image)
+        embedding = refiner.embed(image, autocast_dtype=_autocast(precision))
         embed_seconds += time.perf_counter() - tick
         embed_cpu += time.process_time() - cpu
         tick, cpu = time.perf_counter(), time.process_time()
@@ -118,7 +127,7 @@ def run_one(name, slices, structures, threads):
         decode_cpu += time.process_time() - cpu
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
-        "refiner": name, "slices": slices, "structures_per_slice": structures,
+        "refiner": name, "slices": slices, "structures_per_slice": structures, "precision": precision,
         "build_seconds": round(build_seconds, 2),
         "embed_seconds": round(embed_seconds, 2), "decode_seconds": round(decode_seconds, 2),
         "refiner_seconds": round(embed_seconds + decode_seconds, 2),
@@ -153,7 +162,7 @@ def _state_bytes(value, seen=None) -> int:
     return 0
 
 
-def run_one_memory(name, slices, structures, threads, prompt_every=4, reuse_features=False):
+def run_one_memory(name, slices, structures, threads, prompt_every=4, reuse_features=False, precision="fp32"):
     """Memory mode's walk (see the module docstring) on random weights: times and held state."""
     import numpy as np
     import torch
@@ -183,7 +192,7 @@ def run_one_memory(name, slices, structures, threads, prompt_every=4, reuse_feat
         if index not in features:
             features.clear()  # one slice at a time, as the engine's store releases them
             tick, cpu = time.perf_counter(), time.process_time()
-            features[index] = refiner.embed(picture(index))
+            features[index] = refiner.embed(picture(index), autocast_dtype=_autocast(precision))
             timing["embed"] += time.perf_counter() - tick
             timing["embed_cpu"] += time.process_time() - cpu
         return features[index]
@@ -214,7 +223,7 @@ def run_one_memory(name, slices, structures, threads, prompt_every=4, reuse_feat
     walk_cpu = time.process_time() - cpu - timing["embed_cpu"]
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
-        "refiner": name, "mode": "memory", "slices": slices, "structures": structures,
+        "refiner": name, "mode": "memory", "slices": slices, "structures": structures, "precision": precision,
         "prompt_every": prompt_every, "window_frames": walks[0].window, "reuse_features": reuse_features,
         "build_seconds": round(build_seconds, 2),
         "embed_seconds": round(timing["embed"], 2), "embed_cpu_seconds": round(timing["embed_cpu"], 2),
@@ -255,9 +264,9 @@ def main(argv=None) -> int:
     if args.one:
         if args.mode == "memory":
             print(json.dumps(run_one_memory(args.one, args.slices, args.structures, args.threads, args.prompt_every,
-                                            args.reuse_features)))
+                                            args.reuse_features, args.precision)))
         else:
-            print(json.dumps(run_one(args.one, args.slices, args.structures, args.threads)))
+            print(json.dumps(run_one(args.one, args.slices, args.structures, args.threads, args.precision)))
         return 0
     names = [name.strip() for name in args.refiners.split(",") if name.strip()]
     for name in names:
@@ -268,7 +277,8 @@ def main(argv=None) -> int:
     load_before = list(os.getloadavg())
     for name in names:
         command = [sys.executable, __file__, "--one", name, "--slices", str(args.slices),
-                   "--structures", str(args.structures), "--mode", args.mode, "--prompt-every", str(args.prompt_every)]
+                   "--structures", str(args.structures), "--mode", args.mode, "--prompt-every", str(args.prompt_every),
+                   "--precision", args.precision]
         command += ["--threads", str(args.threads)] if args.threads else []
         command += ["--reuse-features"] if args.reuse_features else []
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)

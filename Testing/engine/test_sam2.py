@@ -199,3 +199,25 @@ def test_refiner_benchmark_measures_both_phases_for_sam2():
         torch.set_num_threads(threads)
     assert figures["embed_seconds"] > 0 and figures["decode_seconds"] > 0 and figures["peak_rss_mib"] > 0
     assert figures["cache_bytes_per_slice"] == catalogue.refiner_cache_bytes_per_slice(TINY_SAM2)
+
+
+def test_refiner_benchmark_bf16_encodes_under_bf16_autocast(monkeypatch):
+    """--precision bf16 hands the encoder the engine's bf16 autocast (decoding stays float32)."""
+    from protosam.models.sam2_refiner import Sam2Refiner
+
+    refiner_benchmark = benchmark_module("refiner_benchmark")
+    seen, original = [], Sam2Refiner.embed
+
+    def embed(self, images, *, autocast_dtype=None):
+        seen.append(autocast_dtype)
+        return original(self, images, autocast_dtype=autocast_dtype)
+
+    monkeypatch.setattr(Sam2Refiner, "embed", embed)
+    threads = torch.get_num_threads()
+    try:
+        figures = refiner_benchmark.run_one(TINY_SAM2, slices=2, structures=1, threads=1, precision="bf16")
+        fp32 = refiner_benchmark.run_one(TINY_SAM2, slices=1, structures=1, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [torch.bfloat16, torch.bfloat16, None]
+    assert figures["precision"] == "bf16" and fp32["precision"] == "fp32"
