@@ -27,7 +27,8 @@ Tables (``name``: source):
   ``results/cpu_refiners_64slices_xeon.json``) and, below it, in memory mode
   (``--sam2-memory``, default ``results/cpu_sam2_memory_64slices_xeon.json``): image
   embeddings and decoding (or the memory walk) per refiner, the ratio to SAM ViT-B's per-slice
-  refiner phases *of the same run*, peak RSS.
+  refiner phases *of the same run*, peak RSS; and the per-slice run with bf16 encoders
+  (``--refiners-bf16``, default ``results/cpu_refiners_64slices_bf16_xeon.json``).
 
 Each caption names the machine that gave the figures (the CPU model the run recorded, or for
 older files that recorded none, the machine they were run on: ``MACHINES``).
@@ -54,6 +55,7 @@ DEFAULT_BF16 = RESULTS / "cpu_vitb_bf16_vs_fp32_xeon.json"
 MEMORY_GLOB = "cpu_vitb_memory_*.json"
 DEFAULT_REFINERS = RESULTS / "cpu_refiners_64slices_xeon.json"
 DEFAULT_SAM2_MEMORY = RESULTS / "cpu_sam2_memory_64slices_xeon.json"
+DEFAULT_REFINERS_BF16 = RESULTS / "cpu_refiners_64slices_bf16_xeon.json"
 
 # Files recorded before the benchmarks wrote the CPU model: the machine they ran on.
 MACHINES = {
@@ -218,11 +220,7 @@ def _refiner_caption(report: Dict, source: str) -> str:
             f"{load[1]:.1f} at the end{commit}; real architectures, random weights{note}.*")
 
 
-def refiner_table(per_slice: Dict, source: str, memory: Optional[Dict] = None, memory_source: str = "") -> str:
-    """Per-slice refiner phases, then memory mode's, each with its ratio to SAM ViT-B's
-    per-slice phases; the memory-mode ratio divides two runs only when both files say they
-    ran on the same CPU model (the captions show each run's load)."""
-    results = per_slice["results"]
+def _per_slice_rows(results: List[Dict]) -> List[List[str]]:
     base = next((r for r in results if r["refiner"] == "vit_b"), None)
     rows = []
     for r in results:
@@ -234,10 +232,25 @@ def refiner_table(per_slice: Dict, source: str, memory: Optional[Dict] = None, m
                      f"{r['embed_seconds']:.0f} + {r['decode_seconds']:.0f} = {r['refiner_seconds']:.0f}",
                      f"{r['slices']} x {r['structures_per_slice']} ({sets} sets)", ratio, cpu_ratio,
                      f"{r['peak_rss_mib'] / 1024:.2f} GiB", f"{r['cache_bytes_per_slice'] / 2**20:.0f} MiB"])
-    text = _table(["refiner (per-slice mode)", "embedding s / slice", "decoding / prompt set",
-                   "embedding + decoding s", "slices x prompt sets per slice", "vs SAM ViT-B (wall)",
-                   "vs SAM ViT-B (CPU)", "peak RSS", "cache per slice"], rows)
+    return rows
+
+
+def refiner_table(per_slice: Dict, source: str, memory: Optional[Dict] = None, memory_source: str = "",
+                  bf16: Optional[Dict] = None, bf16_source: str = "") -> str:
+    """Per-slice refiner phases (float32, then bf16 encoders when recorded), then memory
+    mode's, each with its ratio to SAM ViT-B's per-slice phases in the same precision; the
+    memory-mode ratio divides two runs only when both files say they ran on the same CPU model
+    (the captions show each run's load)."""
+    results = per_slice["results"]
+    base = next((r for r in results if r["refiner"] == "vit_b"), None)
+    header = ["refiner (per-slice mode, {})", "embedding s / slice", "decoding / prompt set",
+              "embedding + decoding s", "slices x prompt sets per slice", "vs SAM ViT-B (wall)",
+              "vs SAM ViT-B (CPU)", "peak RSS", "cache per slice"]
+    text = _table([header[0].format("float32")] + header[1:], _per_slice_rows(results))
     text += "\n\n" + _refiner_caption(per_slice, source)
+    if bf16:
+        text += "\n\n" + _table([header[0].format("bf16 encoders")] + header[1:], _per_slice_rows(bf16["results"]))
+        text += "\n\n" + _refiner_caption(bf16, bf16_source)
     if memory:
         same_machine = memory["machine"].get("cpu_model") == per_slice["machine"].get("cpu_model")
         mrows = []
@@ -267,7 +280,7 @@ def _rel(path: Path) -> str:
 
 def render(propagation: Path, corrections: Path, bf16: Path = DEFAULT_BF16, results: Path = RESULTS,
            refiners: Path = DEFAULT_REFINERS, sam2_memory: Path = DEFAULT_SAM2_MEMORY,
-           latest: Path = DEFAULT_PROPAGATION_LATEST) -> Dict[str, str]:
+           latest: Path = DEFAULT_PROPAGATION_LATEST, refiners_bf16: Path = DEFAULT_REFINERS_BF16) -> Dict[str, str]:
     tables = {
         "propagation": propagation_table(json.loads(propagation.read_text()), f"`{_rel(propagation)}`"),
         "corrections": corrections_table(json.loads(corrections.read_text()), f"`{_rel(corrections)}`"),
@@ -281,8 +294,9 @@ def render(propagation: Path, corrections: Path, bf16: Path = DEFAULT_BF16, resu
         tables["bf16"] = bf16_table(json.loads(bf16.read_text()), f"`{_rel(bf16)}`")
     if refiners.exists():
         memory_report = json.loads(sam2_memory.read_text()) if sam2_memory.exists() else None
+        bf16_report = json.loads(refiners_bf16.read_text()) if refiners_bf16.exists() else None
         tables["refiners"] = refiner_table(json.loads(refiners.read_text()), f"`{_rel(refiners)}`",
-                                           memory_report, f"`{_rel(sam2_memory)}`")
+                                           memory_report, f"`{_rel(sam2_memory)}`", bf16_report, f"`{_rel(refiners_bf16)}`")
     return tables
 
 
@@ -303,6 +317,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--corrections", type=Path, default=DEFAULT_CORRECTIONS, help="corrections benchmark JSON")
     p.add_argument("--bf16", type=Path, default=DEFAULT_BF16, help="bf16_check.py JSON")
     p.add_argument("--refiners", type=Path, default=DEFAULT_REFINERS, help="refiner_benchmark.py JSON, per-slice mode")
+    p.add_argument("--refiners-bf16", type=Path, default=DEFAULT_REFINERS_BF16,
+                   help="refiner_benchmark.py JSON, per-slice mode with --precision bf16")
     p.add_argument("--sam2-memory", type=Path, default=DEFAULT_SAM2_MEMORY,
                    help="refiner_benchmark.py JSON, memory mode")
     p.add_argument("--page", type=Path, default=PAGE)
@@ -311,7 +327,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     mode.add_argument("--check", action="store_true", help="exit 1 when the page's tables are out of date")
     args = p.parse_args(argv)
     tables = render(args.results, args.corrections, args.bf16, refiners=args.refiners, sam2_memory=args.sam2_memory,
-                    latest=args.latest)
+                    latest=args.latest, refiners_bf16=args.refiners_bf16)
     if not (args.write or args.check):
         for name, text in tables.items():
             print(f"<!-- table:{name} -->\n{text}\n<!-- /table:{name} -->\n")
