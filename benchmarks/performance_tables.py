@@ -46,6 +46,10 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "ProtoSAMLib"))
+
+from protosam import catalogue  # noqa: E402  (torch-free)
+
 RESULTS = HERE / "results"
 PAGE = HERE.parent / "docs" / "performance.md"
 DEFAULT_PROPAGATION = RESULTS / "cpu_vitb_64slices_with_default_preset.json"
@@ -204,9 +208,8 @@ def bf16_table(report: Dict, source: str) -> str:
 
 
 def _refiner_label(name: str) -> str:
-    return {"vit_b": "SAM ViT-B (`vit_b`)", "sam2.1_hiera_tiny": "SAM 2.1 Hiera-T", "sam2.1_hiera_small": "SAM 2.1 Hiera-S",
-            "sam2.1_hiera_base_plus": "SAM 2.1 Hiera-B+", "sam2.1_hiera_large": "SAM 2.1 Hiera-L",
-            "medsam2": "MedSAM2 (Hiera-T, 512 px)"}.get(name, f"`{name}`")
+    model = catalogue.BY_NAME.get(name)
+    return f"{model.label} (`{name}`)" if model and model.label else f"`{name}`"
 
 
 def _refiner_caption(report: Dict, source: str) -> str:
@@ -221,7 +224,7 @@ def _refiner_caption(report: Dict, source: str) -> str:
 
 
 def _per_slice_rows(results: List[Dict]) -> List[List[str]]:
-    base = next((r for r in results if r["refiner"] == "vit_b"), None)
+    base = next((r for r in results if r["refiner"] == catalogue.SAM_VIT_B), None)
     rows = []
     for r in results:
         sets = r["slices"] * r["structures_per_slice"]
@@ -242,7 +245,7 @@ def refiner_table(per_slice: Dict, source: str, memory: Optional[Dict] = None, m
     memory-mode ratio divides two runs only when both files say they ran on the same CPU model
     (the captions show each run's load)."""
     results = per_slice["results"]
-    base = next((r for r in results if r["refiner"] == "vit_b"), None)
+    base = next((r for r in results if r["refiner"] == catalogue.SAM_VIT_B), None)
     header = ["refiner (per-slice mode, {})", "embedding s / slice", "decoding / prompt set",
               "embedding + decoding s", "slices x prompt sets per slice", "vs SAM ViT-B (wall)",
               "vs SAM ViT-B (CPU)", "peak RSS", "cache per slice"]
