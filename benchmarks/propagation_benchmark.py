@@ -255,8 +255,10 @@ def print_report(report: Dict) -> None:
           f"volume {v['source']} {tuple(v['shape'])}, {len(v['structures'])} segments")
     print(f"{'phase':<20}{'seconds':>10}{'CPU s':>10}{'slices':>8}{'slices/s':>10}{'peak RSS MiB':>14}  notes")
     for name, r in report["phases"].items():
-        notes = (f"preset {r['preset']} ({r.get('resolved_precision', r.get('precision'))}), {r['pairs']} (segment, slice) pairs, {r['step_calls'].get('dinov2', 0)} DINOv2 + "
-                 f"{r['step_calls'].get('sam_embedding', 0)} SAM encodings, {r['sam_prompt_sets']} SAM prompt sets")
+        precision = r.get("resolved_precision", r.get("precision"))
+        notes = (f"preset {r['preset']} ({precision}), {r['pairs']} (segment, slice) pairs, "
+                 f"{r['step_calls'].get('dinov2', 0)} DINOv2 + {r['step_calls'].get('sam_embedding', 0)} SAM encodings, "
+                 f"{r['sam_prompt_sets']} SAM prompt sets")
         if name == "naive" and r.get("extrapolated"):
             notes += f"; measured {r['seconds']:.1f} s on {r['slices']} slices -> EXTRAPOLATED " \
                      f"{r['full_volume_seconds']:.1f} s for {v['shape'][0]} slices"
@@ -332,7 +334,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         wanted = [p for p in PHASES if not (
             (p == "naive" and args.skip_naive) or (p == "ours_auto_extent" and args.skip_auto_extent)
             or (p == "ours_bf16" and not args.bf16)
-            or (p == "ours_default_fp32" and (not args.default_fp32 or args.skip_auto_extent)) or (p == "ours_cached_rerun" and not args.cache_rerun))]
+            or (p == "ours_default_fp32" and (not args.default_fp32 or args.skip_auto_extent))
+            or (p == "ours_cached_rerun" and not args.cache_rerun))]
         for phase in wanted:
             logger.info("Phase %s", phase)
             spec = dict(base, phase=phase, spec_path=str(work / f"{phase}.spec.json"),

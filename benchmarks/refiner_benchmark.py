@@ -13,6 +13,9 @@ Figures printed and written: seconds for the embeddings and the decoding (totals
 slice), peak resident memory of the process, the machine (CPU, threads, load average).
 Segmentation quality needs pretrained weights: see docs/refiners.md.
 
+``--precision bf16`` encodes under the engine's bf16 autocast (what ``auto`` picks on CPUs with
+bfloat16 units); decoding stays float32 either way, as in the engine.
+
 ``--mode memory`` (SAM 2 refiners) measures memory mode instead: each of ``--structures``
 structures is painted on slice 0 (a conditioning frame) and walked up through every slice by
 SAM 2's video predictor exactly as the engine walks (``protosam.models.sam2_video.SliceWalk``,
