@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -181,7 +180,6 @@ def run_one_memory(name, slices, structures, threads, prompt_every=4, reuse_feat
     model.fill_hole_area = 0  # as protosam.models.sam2_refiner.load_sam2_refiner builds it
     refiner = Sam2Refiner(model, box_only=SAM2_ARCHITECTURES[name].box_only)
     build_seconds = time.perf_counter() - start
-    generator = torch.Generator().manual_seed(1)
     features = {}
     timing = {"embed": 0.0, "embed_cpu": 0.0}
 
@@ -242,24 +240,13 @@ def run_one_memory(name, slices, structures, threads, prompt_every=4, reuse_feat
 
 
 def machine():
+    """The machine and commit, as the propagation benchmark records them, plus the load average
+    now (the end of the run; ``main`` adds the one at its start)."""
     import torch
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu_model": cpu, "nproc": len(os.sched_getaffinity(0)), "torch": torch.__version__,
-            "python": platform.python_version(), "device": "cpu", "load_average": list(os.getloadavg())}
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE.parent, capture_output=True,
-                                            text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return info
+    from propagation_benchmark import machine_info  # imports the engine: only the parent, after its children
+
+    return dict(machine_info(torch.device("cpu")), load_average=list(os.getloadavg()))
 
 
 def main(argv=None) -> int:
