@@ -28,6 +28,7 @@ from .models.alpnet import ALPNetConfig, Prototypes, compute_prototypes, mask_to
 from .models.dinov2 import get_dinov2_architecture, load_dinov2
 from .models.refiners import check_refiner_name, load_refiner
 from .models.sam import SAM_IMAGE_SIZE, SamRefiner, upsample_mask_logits
+from .models.sam_decoder import StockMaskDecoder
 from .models.sam_memory import limit_global_attention_memory, use_stock_global_attention
 from .precision import resolve_precision
 from .presets import Preset, get_preset
@@ -546,11 +547,12 @@ class Engine:
 
     @contextlib.contextmanager
     def reference_kernels(self):
-        """Run the published reference's attention kernels while the context is open (benchmarks
-        of the reference's cost): DINOv2's explicit all-heads attention and segment-anything's
-        stock SAM global attention instead of this engine's fused and head-chunked layouts (the
-        same maths: features differ by float rounding). The engine's own kernels, and SAM's
-        chunking settings, come back on exit."""
+        """Run the published reference's kernels while the context is open (benchmarks of the
+        reference's cost, tests of ours): DINOv2's explicit all-heads attention, segment-anything's
+        stock SAM global attention and its own ``MaskDecoder`` instead of this engine's fused and
+        head-chunked attention and its restructured decoder (the same maths: features and
+        logits differ by float rounding). The engine's own kernels, and SAM's chunking
+        settings, come back on exit."""
         if not isinstance(self.refiner, SamRefiner):
             raise ValueError("reference_kernels compares SAM's attention kernels; the refiner here is "
                              f"{self.models.sam}, not SAM")
@@ -559,11 +561,14 @@ class Engine:
             ((b.attn.heads_per_chunk, b.attn.chunk_bytes) for b in sam.image_encoder.blocks if "forward" in b.attn.__dict__),
             None,
         )
+        decoder = self.refiner.shared_decoder
         self.encoder.set_fused_attention(False, heads_per_chunk=None)
         use_stock_global_attention(sam)
+        self.refiner.shared_decoder = StockMaskDecoder(sam)
         try:
             yield self
         finally:
+            self.refiner.shared_decoder = decoder
             self.encoder.set_fused_attention(self.preset.fused_attention)
             if chunking is not None:
                 limit_global_attention_memory(sam, *chunking)

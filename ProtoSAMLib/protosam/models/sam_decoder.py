@@ -1,19 +1,36 @@
-"""SAM's mask decoder for many single prompt sets on one image, sharing the image-side work.
+"""SAM's mask decoder for many single prompt sets on one image, sharing the image-side work and
+running the image-sized products as a few large matrix products.
 
-The published reference decodes each connected component separately (batch 1). segment-
-anything's decoder then recomputes, for every prompt set, terms that depend only on the image:
-the image embedding plus the "no mask" embedding, the positional encoding of the 64 x 64 grid,
-and in its first two-way layer the image tokens plus their positional encoding and three
-projections of those (keys and values of the token-to-image attention, queries of the
-image-to-token attention): about a fifth of each call on a CPU.
+The published reference decodes each connected component separately (batch 1), thousands of
+prompt sets per volume. segment-anything's decoder spends most of such a call on a CPU in work
+that is large only because of the 64 x 64 image tokens, done through small or badly shaped
+kernels:
 
-:class:`SharedImageDecoder` computes those terms once per image embedding, with the same
-operations on the same tensors as segment-anything (so the same bits), and runs everything
-that depends on the prompts exactly as segment-anything does: the first layer's prompt-side
-steps in segment-anything's order, the remaining layers and the output heads through the
-decoder's own modules. Only batch-1 calls without a mask prompt share terms (the reference's
-case); a test checks masks and scores against ``MaskDecoder`` (equal up to float32 rounding,
-which another CPU's matrix kernels may order differently; bit-equal on the machines measured).
+- the output upscaling: two stride-2, 2 x 2 transposed convolutions (and SAM's hand-written
+  ``LayerNorm2d``) on the image grid, about half of a ViT-B call;
+- the attention between the few prompt tokens and the 4,096 image tokens: projections of all
+  image tokens, per-head copies of them, and softmaxes over rows of a few entries;
+- terms that depend only on the image, recomputed for every prompt set.
+
+:class:`SharedImageDecoder` computes the image-only terms once per embedding, and evaluates the
+rest as the same mathematical function with the work ordered for a CPU:
+
+- a stride-2 transposed convolution with a 2 x 2 kernel touches each output pixel from exactly
+  one input pixel, so it is one matrix product of the token-major image tokens with the kernel
+  laid out as ``[C_in, 2 * 2 * C_out]``; ``LayerNorm2d`` is a layer norm over the channels of
+  each pixel; the pixels are put back in image order only for the final masks;
+- an attention whose keys (or queries) are the T prompt tokens is folded through its linear
+  maps: the scores of all heads come from one product with the image tokens (``[N, C] x
+  [C, heads * T]``), and the values times the output projection from another, instead of
+  projecting all N image tokens per head. ``softmax`` ignores a constant added to a row of
+  scores, so the key bias, which adds one, is left out there.
+
+The function is the same; the float32 rounding is not, because sums are taken in another order
+(and the rows of a softmax sum to 1 only up to rounding, where the value bias is added once).
+A test bounds the difference to segment-anything's ``MaskDecoder`` on fixed inputs, and
+another requires identical masks on tiny-model test volumes; the reference flow of the
+benchmarks keeps segment-anything's own decoder (``SamPredictor``).
+Only batch-1 calls without a mask prompt take this path (the reference's case).
 """
 from __future__ import annotations
 
@@ -22,34 +39,99 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling import Sam
+from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.transformer import Attention
 
-__all__ = ["SharedImageDecoder"]
+__all__ = ["SharedImageDecoder", "StockMaskDecoder"]
 
 
 @dataclass
 class _ImageTerms:
-    """Prompt-independent decoder inputs for one ``[1, C, h, w]`` image embedding."""
+    """Prompt-independent decoder inputs for one ``[1, C, h, w]`` image embedding (token-major
+    ``[h * w, C]`` matrices)."""
 
     embedding: torch.Tensor  # the embedding these terms belong to (identity check)
-    keys: torch.Tensor  # [1, hw, C] image tokens (embedding + no-mask embedding)
-    key_pe: torch.Tensor  # [1, hw, C] their positional encoding
-    first_t2i_keys: torch.Tensor  # layer 0, token-to-image: k_proj(keys + pe)
-    first_t2i_values: torch.Tensor  # layer 0, token-to-image: v_proj(keys)
-    first_i2t_queries: torch.Tensor  # layer 0, image-to-token: q_proj(keys + pe)
+    keys: torch.Tensor  # image tokens (embedding + no-mask embedding)
+    key_pe: torch.Tensor  # their positional encoding
+    first_t2i_keys: torch.Tensor  # layer 0, token-to-image: k_proj(keys + pe)   [hw, internal]
+    first_t2i_values: torch.Tensor  # layer 0, token-to-image: v_proj(keys)     [hw, internal]
+    first_i2t_queries: torch.Tensor  # layer 0, image-to-token: q_proj(keys + pe) [hw, internal]
 
 
-def _attend(attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """segment-anything's ``Attention.forward`` from already projected q, k, v (same steps)."""
-    q = attention._separate_heads(q, attention.num_heads)
-    k = attention._separate_heads(k, attention.num_heads)
-    v = attention._separate_heads(v, attention.num_heads)
-    _, _, _, c_per_head = q.shape
-    weights = q @ k.permute(0, 1, 3, 2)
-    weights = weights / math.sqrt(c_per_head)
-    weights = torch.softmax(weights, dim=-1)
-    return attention.out_proj(attention._recombine_heads(weights @ v))
+def _heads(attention: Attention) -> Tuple[int, int]:
+    """(number of heads, channels per head) of a segment-anything ``Attention``."""
+    return attention.num_heads, attention.internal_dim // attention.num_heads
+
+
+def _block_diagonal(per_head: torch.Tensor) -> torch.Tensor:
+    """``[H, T, c]`` -> ``[H * T, H * c]`` with head h's ``[T, c]`` block at (h, h), zeros elsewhere:
+    one product with an ``[.., H * c]`` matrix then gives every head's products with its own
+    channels at once."""
+    heads, rows, channels = per_head.shape
+    out = per_head.new_zeros(heads, rows, heads, channels)
+    index = torch.arange(heads, device=per_head.device)
+    out[index, :, index, :] = per_head
+    return out.view(heads * rows, heads * channels)
+
+
+def _tokens_attend_image(attention: Attention, tokens: torch.Tensor, image_keys: torch.Tensor,
+                         image_values: torch.Tensor) -> torch.Tensor:
+    """``attention(q=tokens, k=image_keys, v=image_values)`` for ``[T, C]`` tokens and ``[N, C]``
+    image tokens, without projecting the image tokens: head h's scores are
+    ``q_h . (W_k,h x + b_k,h) = (W_k,h^T q_h) . x + const`` and its output ``P_h (X W_v,h^T + b_v,h)
+    = (P_h X) W_v,h^T + b_v,h``. Returns ``[T, C]``."""
+    heads, channels = _heads(attention)
+    count = tokens.shape[0]
+    queries = attention.q_proj(tokens).view(count, heads, channels).transpose(0, 1)  # [H, T, c]
+    key_weight = attention.k_proj.weight.view(heads, channels, -1)  # [H, c, C]
+    folded = torch.bmm(queries, key_weight).reshape(heads * count, -1) / math.sqrt(channels)
+    weights = torch.softmax(folded @ image_keys.T, dim=-1)  # [H * T, N]
+    mixed = (weights @ image_values).view(heads, count, -1)  # [H, T, C]
+    value_weight = attention.v_proj.weight.view(heads, channels, -1)
+    out = torch.baddbmm(attention.v_proj.bias.view(heads, 1, channels), mixed, value_weight.transpose(1, 2))
+    return attention.out_proj(out.transpose(0, 1).reshape(count, heads * channels))
+
+
+def _tokens_attend_projected_image(attention: Attention, tokens: torch.Tensor, image_keys: torch.Tensor,
+                                   image_values: torch.Tensor) -> torch.Tensor:
+    """As :func:`_tokens_attend_image` where the image tokens' key and value projections
+    ``[N, internal]`` are already computed (layer 0's image terms)."""
+    heads, channels = _heads(attention)
+    count = tokens.shape[0]
+    queries = attention.q_proj(tokens).view(count, heads, channels).transpose(0, 1)
+    weights = torch.softmax(_block_diagonal(queries / math.sqrt(channels)) @ image_keys.T, dim=-1)  # [H * T, N]
+    mixed = (weights @ image_values).view(heads, count, heads, channels)
+    index = torch.arange(heads, device=mixed.device)
+    out = mixed[index, :, index, :]  # [H, T, c]: each head's rows with its own channels
+    return attention.out_proj(out.transpose(0, 1).reshape(count, heads * channels))
+
+
+def _image_attends_tokens(attention: Attention, image_scores: torch.Tensor, tokens_values: torch.Tensor,
+                          token_count: int) -> torch.Tensor:
+    """The image-to-token attention's output ``[N, C]`` from its scores, laid out ``[H * T, N]``:
+    softmax over each head's T tokens (a reduction across rows, which the CPU kernel runs along
+    the N-long rows; a softmax over rows of T entries took 15 times longer), then ``out_proj``
+    folded into the values (``sum_h P_h V_h W_o,h^T + b_o``, one product with ``[H * T, C]``)."""
+    heads, channels = _heads(attention)
+    weights = torch.softmax(image_scores.view(heads, token_count, -1), dim=1).view(heads * token_count, -1)
+    values = attention.v_proj(tokens_values).view(token_count, heads, channels).transpose(0, 1)  # [H, T, c]
+    out_weight = attention.out_proj.weight.view(-1, heads, channels).permute(1, 2, 0)  # [H, c, C]
+    folded = torch.bmm(values, out_weight).reshape(heads * token_count, -1)
+    return torch.addmm(attention.out_proj.bias, weights.T, folded)
+
+
+def _image_token_scores(attention: Attention, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Scores ``[H * T, N]`` of ``attention(q=image, k=tokens, ...)``: ``(W_q,h x + b_q,h) . k_h``
+    = ``x . (W_q,h^T k_h) + b_q,h . k_h``, without projecting the N image tokens."""
+    heads, channels = _heads(attention)
+    count = tokens.shape[0]
+    keys = attention.k_proj(tokens).view(count, heads, channels).transpose(0, 1)  # [H, T, c]
+    query_weight = attention.q_proj.weight.view(heads, channels, -1)  # [H, c, C]
+    folded = torch.bmm(keys, query_weight).reshape(heads * count, -1) / math.sqrt(channels)
+    constant = (keys * attention.q_proj.bias.view(heads, 1, channels)).sum(-1).reshape(-1, 1) / math.sqrt(channels)
+    return torch.addmm(constant, folded, image.T)
 
 
 class SharedImageDecoder:
@@ -63,22 +145,10 @@ class SharedImageDecoder:
         if self._terms is not None and self._terms.embedding is embedding:
             return self._terms
         decoder, prompt_encoder = self.sam.mask_decoder, self.sam.prompt_encoder
-        image_pe = prompt_encoder.get_dense_pe()
         # The "no mask" dense embedding, as the prompt encoder builds it for masks=None.
-        dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
-            1, -1, prompt_encoder.image_embedding_size[0], prompt_encoder.image_embedding_size[1]
-        )
-        src = torch.repeat_interleave(embedding, 1, dim=0) + dense
-        pos_src = torch.repeat_interleave(image_pe, 1, dim=0)
-        # Row-major copies, made once per embedding: segment-anything keeps these as permuted
-        # views, so every prompt set paid copies of them (and of the sums and products that
-        # inherit their layout) inside each layer: ~10% of a decoder call on a CPU. Same
-        # values; elementwise results do not depend on the layout, and the products give the
-        # same bits here (checked at full size with 1 and 2 threads). Not by construction: a
-        # product may get a transposed operand in one layout and not the other, so a test
-        # bounds the difference to MaskDecoder at float32 rounding instead of asserting bits.
-        keys = src.flatten(2).permute(0, 2, 1).contiguous()
-        key_pe = pos_src.flatten(2).permute(0, 2, 1).contiguous()
+        dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        keys = (embedding + dense)[0].flatten(1).T.contiguous()  # [hw, C]
+        key_pe = prompt_encoder.get_dense_pe()[0].flatten(1).T.contiguous()
         first = decoder.transformer.layers[0]
         keys_with_pe = keys + key_pe
         self._terms = _ImageTerms(
@@ -111,44 +181,93 @@ class SharedImageDecoder:
         terms = self._image_terms(embedding)
 
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        output_tokens = output_tokens.unsqueeze(0).expand(1, -1, -1)
-        point_embedding = torch.cat((output_tokens, sparse), dim=1)
+        token_pe = torch.cat((output_tokens, sparse[0]), dim=0)  # [T, C]: the prompt tokens' "pe"
+        count = token_pe.shape[0]
 
-        # First two-way layer (segment-anything's TwoWayAttentionBlock, skip_first_layer_pe).
-        first = transformer.layers[0]
-        queries = first.self_attn(q=point_embedding, k=point_embedding, v=point_embedding)
-        queries = first.norm1(queries)
-        q = queries + point_embedding
-        t2i = first.cross_attn_token_to_image
-        attn_out = _attend(t2i, t2i.q_proj(q), terms.first_t2i_keys, terms.first_t2i_values)
-        queries = queries + attn_out
-        queries = first.norm2(queries)
-        queries = queries + first.mlp(queries)
-        queries = first.norm3(queries)
-        q = queries + point_embedding
-        i2t = first.cross_attn_image_to_token
-        attn_out = _attend(i2t, terms.first_i2t_queries, i2t.k_proj(q), i2t.v_proj(queries))
-        keys = terms.keys + attn_out
-        keys = first.norm4(keys)
-
-        for layer in transformer.layers[1:]:
-            queries, keys = layer(queries=queries, keys=keys, query_pe=point_embedding, key_pe=terms.key_pe)
-        q = queries + point_embedding
-        k = keys + terms.key_pe
-        queries = queries + transformer.final_attn_token_to_image(q=q, k=k, v=keys)
-        hs = transformer.norm_final_attn(queries)
+        # TwoWayAttentionBlock's steps, layer by layer (the first skips the tokens' pe in its
+        # self-attention and uses the precomputed image projections).
+        queries, keys = token_pe, terms.keys
+        for number, layer in enumerate(transformer.layers):
+            if number == 0:
+                queries = layer.norm1(layer.self_attn(q=queries[None], k=queries[None], v=queries[None])[0])
+                attn_out = _tokens_attend_projected_image(
+                    layer.cross_attn_token_to_image, queries + token_pe, terms.first_t2i_keys, terms.first_t2i_values)
+            else:
+                q = queries + token_pe
+                queries = layer.norm1(queries + layer.self_attn(q=q[None], k=q[None], v=queries[None])[0])
+                keys_with_pe = keys + terms.key_pe
+                attn_out = _tokens_attend_image(layer.cross_attn_token_to_image, queries + token_pe, keys_with_pe, keys)
+            queries = layer.norm2(queries + attn_out)
+            queries = layer.norm3(queries + layer.mlp(queries))
+            i2t = layer.cross_attn_image_to_token
+            q = queries + token_pe
+            if number == 0:
+                heads, channels = _heads(i2t)
+                token_keys = i2t.k_proj(q).view(count, heads, channels).transpose(0, 1) / math.sqrt(channels)
+                scores = _block_diagonal(token_keys) @ terms.first_i2t_queries.T
+            else:
+                scores = _image_token_scores(i2t, keys_with_pe, q)
+            keys = layer.norm4(keys + _image_attends_tokens(i2t, scores, queries, count))
+        attn_out = _tokens_attend_image(transformer.final_attn_token_to_image, queries + token_pe,
+                                        keys + terms.key_pe, keys)
+        hs = transformer.norm_final_attn(queries + attn_out)
 
         # Output heads (MaskDecoder.predict_masks after its transformer call).
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1:(1 + decoder.num_mask_tokens), :]
+        mask_tokens_out = hs[1:(1 + decoder.num_mask_tokens)]
+        hyper_in = torch.stack([mlp(mask_tokens_out[i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)])
         height, width = embedding.shape[-2:]
-        src = keys.transpose(1, 2).view(1, keys.shape[-1], height, width)
-        upscaled = decoder.output_upscaling(src)
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
-        )
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-        iou_pred = decoder.iou_prediction_head(iou_token_out)
+        masks = _upscaled_masks(decoder.output_upscaling, keys, hyper_in, height, width)
+        iou_pred = decoder.iou_prediction_head(hs[0])[None]
         chosen = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, chosen, :, :], iou_pred[:, chosen]
+        return masks[None, chosen], iou_pred[:, chosen]
+
+
+def _upscaled_masks(upscaling: torch.nn.Sequential, tokens: torch.Tensor, hyper_in: torch.Tensor,
+                    height: int, width: int) -> torch.Tensor:
+    """``hyper_in @ output_upscaling(image)`` as ``[M, 4h, 4w]`` from token-major ``[h * w, C]``
+    image tokens, each stride-2 2 x 2 transposed convolution as one matrix product.
+
+    A pixel's rows stay in the order (row, column, then each level's 2 x 2 offset) until the
+    final ``[M]`` values per pixel are put back in image order."""
+    first, norm, first_activation, second, second_activation = upscaling
+    if not (isinstance(norm, LayerNorm2d) and all(
+            isinstance(conv, torch.nn.ConvTranspose2d) and conv.kernel_size == (2, 2) and conv.stride == (2, 2)
+            for conv in (first, second))):
+        raise TypeError("SharedImageDecoder expects segment-anything's output upscaling "
+                        "(2 x 2 stride-2 transposed convolutions, LayerNorm2d)")
+    x = tokens
+    for conv in (first, second):
+        # weight [C_in, C_out, 2, 2] -> [C_in, (dy, dx, C_out)]: each input pixel's 4 outputs.
+        weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.in_channels, 4 * conv.out_channels)
+        # The bias added in place after the product: addmm first copies the broadcast bias
+        # into its (fresh, page-faulting) output, a fifth of this step's time at ViT-B size.
+        x = torch.mm(x, weight)
+        x += conv.bias.repeat(4)
+        x = x.view(-1, conv.out_channels)
+        if conv is first:
+            x = first_activation(F.layer_norm(x, (conv.out_channels,), norm.weight, norm.bias, norm.eps))
+        else:
+            x = second_activation(x)
+    per_pixel = torch.mm(hyper_in, x.T)  # [M, h * w * 16], columns (y, x, dy1, dx1, dy2, dx2)
+    masks = per_pixel.view(-1, height, width, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
+    return masks.reshape(-1, 4 * height, 4 * width)
+
+
+class StockMaskDecoder:
+    """segment-anything's own ``MaskDecoder`` behind :class:`SharedImageDecoder`'s ``decode``: the
+    reference's kernels (``Engine.reference_kernels()``), to measure and test ours against."""
+
+    def __init__(self, sam: Sam):
+        self.sam = sam
+
+    @torch.inference_mode()
+    def decode(
+        self, embedding: torch.Tensor, sparse: torch.Tensor, *, multimask_output: bool
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        prompt_encoder = self.sam.prompt_encoder
+        # The "no mask" dense embedding, as the prompt encoder builds it for masks=None.
+        dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *embedding.shape[-2:])
+        return self.sam.mask_decoder(
+            image_embeddings=embedding, image_pe=prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense, multimask_output=multimask_output,
+        )
