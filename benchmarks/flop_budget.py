@@ -3,8 +3,12 @@
 Counts the multiply-adds of matrix products and convolutions (``torch.utils.flop_counter``,
 2 FLOP each) of the full-size models on the ``meta`` device (no weights, no data: seconds),
 then multiplies them by the calls a benchmark run made (its JSON's ``step_calls`` and
-``sam_prompt_sets``). The ratio of the two totals is what the same float32 arithmetic can
-gain at most without running faster kernels::
+``sam_prompt_sets``). The reference flow's decoding is counted as segment-anything's
+``MaskDecoder``; ours as this code's ``SharedImageDecoder`` (the same function with less
+arithmetic: its image-only terms once per embedding, attention folded through its
+projections). For a JSON recorded before that decoder (commit 9105607) pass
+``--stock-decoder`` to count ours with segment-anything's figure, as it then ran. The ratio of
+the two totals is what that arithmetic can gain at most without running faster kernels::
 
     python benchmarks/flop_budget.py                                   # the recorded run
     python benchmarks/flop_budget.py --results benchmarks/results/FILE.json
@@ -22,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from protosam.models.dinov2 import build_dinov2
 from protosam.models.sam import build_sam
+from protosam.models.sam_decoder import SharedImageDecoder
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_RESULTS = HERE / "results" / "cpu_vitb_64slices_with_default_preset.json"
@@ -34,27 +39,36 @@ def _flops(call) -> float:
 
 
 def model_flops(dinov2: str, sam: str, input_size: int) -> Dict[str, float]:
-    """FLOP per DINOv2 pass (one slice), per SAM image encoding and per decoded prompt set."""
+    """FLOP per DINOv2 pass (one slice), per SAM image encoding and per decoded prompt set
+    (segment-anything's ``MaskDecoder``; ours: per prompt set, and per embedding for the
+    image-only terms it shares)."""
     size = input_size // 14 * 14
     with torch.device("meta"), torch.inference_mode():
         encoder = build_dinov2(dinov2)
         model = build_sam(sam)
         channels = model.prompt_encoder.embed_dim
         grid = model.prompt_encoder.image_embedding_size
+        embedding = torch.empty(1, channels, *grid)
+        # A box and two points (3 sparse tokens), three masks, as the paper preset asks.
+        sparse = torch.empty(1, 3, channels)
+        ours = SharedImageDecoder(model)
         return {
             "dinov2": _flops(lambda: encoder.patch_features(torch.empty(1, 3, size, size))),
             "sam_embedding": _flops(lambda: model.image_encoder(torch.empty(1, 3, 1024, 1024))),
-            # A box and two points (3 sparse tokens), three masks, as the paper preset asks.
             "decoding_per_prompt_set": _flops(lambda: model.mask_decoder(
-                image_embeddings=torch.empty(1, channels, *grid), image_pe=torch.empty(1, channels, *grid),
-                sparse_prompt_embeddings=torch.empty(1, 3, channels),
+                image_embeddings=embedding, image_pe=torch.empty(1, channels, *grid),
+                sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=torch.empty(1, channels, *grid), multimask_output=True)),
+            "ours_decoder_terms_per_embedding": _flops(lambda: ours._image_terms(embedding)),
+            "ours_decoding_per_prompt_set": _flops(lambda: ours.decode(embedding, sparse, multimask_output=True)),
         }
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="propagation benchmark JSON")
+    p.add_argument("--stock-decoder", action="store_true",
+                   help="count our decoding as segment-anything's (runs recorded before commit 9105607)")
     args = p.parse_args(argv)
     report = json.loads(args.results.read_text())
     c = report["config"]
@@ -65,8 +79,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     totals = {}
     for phase, r in report["phases"].items():
         calls = r["step_calls"]
-        total = (calls.get("dinov2", 0) * per_call["dinov2"] + calls.get("sam_embedding", 0) * per_call["sam_embedding"]
-                 + r["sam_prompt_sets"] * per_call["decoding_per_prompt_set"])
+        if phase == "naive" or args.stock_decoder:
+            per_set, per_embedding = per_call["decoding_per_prompt_set"], 0.0
+        else:
+            per_set, per_embedding = per_call["ours_decoding_per_prompt_set"], per_call["ours_decoder_terms_per_embedding"]
+        sam_calls = calls.get("sam_embedding", 0)
+        total = (calls.get("dinov2", 0) * per_call["dinov2"] + sam_calls * (per_call["sam_embedding"] + per_embedding)
+                 + r["sam_prompt_sets"] * per_set)
         scale = slices / r["slices"] if phase == "naive" and r.get("extrapolated") else 1.0
         totals[phase] = total * scale
         rate = total / r["seconds"] / 1e9

@@ -247,3 +247,14 @@ def test_performance_page_tables_are_generated_from_the_recorded_results(tmp_pat
     assert performance_tables.main(["--check", "--page", str(stale)]) == 1
     assert performance_tables.main(["--write", "--page", str(stale)]) == 0
     assert performance_tables.main(["--check", "--page", str(stale)]) == 0
+
+
+def test_flop_budget_counts_our_decoder_with_its_own_arithmetic(bench):
+    """flop_budget counts the reference flow's decoding as segment-anything's MaskDecoder and
+    ours as SharedImageDecoder (image terms per embedding, folded attention per prompt set)."""
+    import flop_budget
+
+    flops = flop_budget.model_flops("dinov2_tiny14", "sam_tiny", 112)
+    assert flops["dinov2"] > 0 and flops["sam_embedding"] > 0
+    assert 0 < flops["ours_decoding_per_prompt_set"] < flops["decoding_per_prompt_set"]
+    assert flops["ours_decoder_terms_per_embedding"] > 0

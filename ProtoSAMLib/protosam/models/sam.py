@@ -249,7 +249,8 @@ class SamRefiner:
         sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
         if len(prompts) == 1:
             # One prompt set per call (the reference's way): share the image-only terms
-            # across the calls on this embedding; same bits as the decoder below.
+            # across the calls on this embedding; the decoder below's function, its sums
+            # ordered for a CPU (equal up to float32 rounding, see sam_decoder).
             low_res, iou = self.shared_decoder.decode(embedding, sparse, multimask_output=multimask_output)
         else:
             low_res, iou = self.sam.mask_decoder(

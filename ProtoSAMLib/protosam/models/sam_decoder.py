@@ -80,8 +80,10 @@ def _tokens_attend_image(attention: Attention, tokens: torch.Tensor, image_keys:
                          image_values: torch.Tensor) -> torch.Tensor:
     """``attention(q=tokens, k=image_keys, v=image_values)`` for ``[T, C]`` tokens and ``[N, C]``
     image tokens, without projecting the image tokens: head h's scores are
-    ``q_h . (W_k,h x + b_k,h) = (W_k,h^T q_h) . x + const`` and its output ``P_h (X W_v,h^T + b_v,h)
-    = (P_h X) W_v,h^T + b_v,h``. Returns ``[T, C]``."""
+    ``q_h . (W_k,h x + b_k,h) = (W_k,h^T q_h) . x + q_h . b_k,h``, the last term the same for
+    all of a row's N scores (left out: softmax ignores it), and its output
+    ``P_h (X W_v,h^T + b_v,h) = (P_h X) W_v,h^T + b_v,h`` (a row of ``P_h`` sums to 1).
+    Returns ``[T, C]``."""
     heads, channels = _heads(attention)
     count = tokens.shape[0]
     queries = attention.q_proj(tokens).view(count, heads, channels).transpose(0, 1)  # [H, T, c]
