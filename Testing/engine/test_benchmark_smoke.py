@@ -258,3 +258,18 @@ def test_flop_budget_counts_our_decoder_with_its_own_arithmetic(bench):
     assert flops["dinov2"] > 0 and flops["sam_embedding"] > 0
     assert 0 < flops["ours_decoding_per_prompt_set"] < flops["decoding_per_prompt_set"]
     assert flops["ours_decoder_terms_per_embedding"] > 0
+
+
+def test_decoder_benchmark_reports_speed_and_agreement(bench, tmp_path, capsys):
+    """decoder_benchmark runs both decoders on the tiny SAM, interleaved, and reports their
+    agreement within the tests' bound."""
+    import decoder_benchmark
+
+    out = tmp_path / "decoder.json"
+    assert decoder_benchmark.main(["--sam", "sam_tiny", "--prompt-sets", "3", "--repeats", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["agreement"]["logits_compared"] == 3 * 3 * 256 * 256
+    assert report["agreement"]["max_logit_error_eps_of_largest"] <= 64
+    for name in ("stock", "ours"):
+        assert len(report["speed"][name]["rounds_ms"]) == 2 and report["speed"][name]["median_ms"] > 0
+    assert "ours / stock" in capsys.readouterr().out
