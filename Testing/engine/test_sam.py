@@ -215,6 +215,26 @@ def test_head_chunked_global_attention_gives_the_same_embedding_up_to_rounding(t
         limit_global_attention_memory(plain, 1, 0)
 
 
+def _assert_shared_decoder_matches_stock(sam, shared, embedding, points, labels, box, multimask):
+    """Our decoder against segment-anything's MaskDecoder (StockMaskDecoder) on one prompt set.
+
+    The shared decoder computes the same function with its sums in another order (transposed
+    convolutions as matrix products, attention folded through its projections): equal up to
+    float32 rounding, bounded at 64 epsilons of the largest value (measured on an Intel Xeon:
+    5 with the tiny model, 2.3-2.5 with SAM ViT-B). Returns the sparse prompt embedding."""
+    from protosam.models.sam_decoder import StockMaskDecoder
+
+    with torch.inference_mode():
+        sparse, _ = sam.prompt_encoder(points=(points, labels), boxes=box, masks=None)
+    expected = StockMaskDecoder(sam).decode(embedding, sparse, multimask_output=multimask)
+    got = shared.decode(embedding, sparse, multimask_output=multimask)
+    for ours, stock in zip(got, expected):
+        assert ours.shape == stock.shape
+        bound = 64 * torch.finfo(torch.float32).eps * max(float(stock.abs().max()), 1.0)
+        assert float((ours - stock).abs().max()) <= bound
+    return sparse
+
+
 @pytest.mark.parametrize("multimask", [True, False])
 def test_shared_image_decoder_equals_the_mask_decoder(tiny_sam, multimask):
     """One prompt set per call with the image-only terms shared: the stock decoder's logits
@@ -232,21 +252,7 @@ def test_shared_image_decoder_equals_the_mask_decoder(tiny_sam, multimask):
             box = torch.tensor([[x0, y0, x0 + rng.uniform(20, 200), y0 + rng.uniform(20, 200)]], dtype=torch.float)
             points = torch.tensor(rng.uniform(0, 1023, (1, 2, 2)), dtype=torch.float)
             labels = torch.tensor([[1, int(rng.integers(0, 2))]], dtype=torch.int)
-            with torch.inference_mode():
-                sparse, dense = sam.prompt_encoder(points=(points, labels), boxes=box, masks=None)
-                expected = sam.mask_decoder(
-                    image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
-                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
-                )
-            got = shared.decode(embedding, sparse, multimask_output=multimask)
-            assert got[0].shape == expected[0].shape and got[1].shape == expected[1].shape
-            # The shared decoder computes the same function with its sums in another order
-            # (transposed convolutions as matrix products, attention folded through its
-            # projections): equal up to float32 rounding, bounded at 64 epsilons of the largest
-            # value (measured on an Intel Xeon: 5 with this tiny model, 2.3-2.5 with SAM ViT-B).
-            for ours, stock in zip(got, expected):
-                bound = 64 * torch.finfo(torch.float32).eps * max(float(stock.abs().max()), 1.0)
-                assert float((ours - stock).abs().max()) <= bound
+            sparse = _assert_shared_decoder_matches_stock(sam, shared, embedding, points, labels, box, multimask)
         assert shared._terms.embedding is embedding  # terms were shared, then renewed
     with pytest.raises(ValueError, match="one prompt set"):
         shared.decode(embedding, torch.cat([sparse, sparse]), multimask_output=True)
@@ -254,8 +260,7 @@ def test_shared_image_decoder_equals_the_mask_decoder(tiny_sam, multimask):
 
 def test_shared_image_decoder_equals_the_mask_decoder_at_vit_b_size():
     """The same check with SAM ViT-B's decoder (256 channels, 8 heads, random weights), where
-    the reordered sums are longest: logits and scores within 64 float32 epsilons of the largest
-    value (measured 2.3-2.5 on an Intel Xeon), for point-and-box prompt sets with 1 and 3 masks."""
+    the reordered sums are longest, for point-and-box prompt sets with 1 and 3 masks."""
     from protosam.models.sam import build_sam
     from protosam.models.sam_decoder import SharedImageDecoder
 
@@ -264,21 +269,12 @@ def test_shared_image_decoder_equals_the_mask_decoder_at_vit_b_size():
     shared = SharedImageDecoder(sam)
     generator = torch.Generator().manual_seed(1)
     embedding = 0.5 * torch.randn(1, 256, 64, 64, generator=generator)
+    box = torch.tensor([[100.0, 150.0, 700.0, 800.0]])
     for multimask in (True, False):
         for _ in range(2):
             points = torch.rand(1, 3, 2, generator=generator) * 1000
-            box = torch.tensor([[100.0, 150.0, 700.0, 800.0]])
-            with torch.inference_mode():
-                sparse, dense = sam.prompt_encoder(points=(points, torch.tensor([[1, 1, 0]])), boxes=box, masks=None)
-                expected = sam.mask_decoder(
-                    image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
-                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
-                )
-            got = shared.decode(embedding, sparse, multimask_output=multimask)
-            for ours, stock in zip(got, expected):
-                assert ours.shape == stock.shape
-                bound = 64 * torch.finfo(torch.float32).eps * max(float(stock.abs().max()), 1.0)
-                assert float((ours - stock).abs().max()) <= bound
+            _assert_shared_decoder_matches_stock(sam, shared, embedding, points, torch.tensor([[1, 1, 0]]), box,
+                                                 multimask)
 
 
 def test_one_resize_gives_postprocess_masks_bits(tiny_sam):
