@@ -53,6 +53,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=256, help="slice height = width")
     p.add_argument("--input-size", type=int, default=catalogue.DEFAULT_INPUT_SIZE)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="the encoders' precision (the preset's auto: bf16 on CPUs with bfloat16 units)")
     p.add_argument("--volume", choices=("auto", "colin27", "synthetic"), default="auto")
     p.add_argument("--tiny", action="store_true", help="tiny random models, %d slices of %d px at %d" %
                    (TINY["slices"], TINY["size"], TINY["input_size"]))
@@ -77,7 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not paths["sam"].exists():
         save_random_sam_checkpoint(args.sam, paths["sam"])
     models = ModelSelection(args.dinov2, str(paths["dinov2"]), args.sam, str(paths["sam"]), args.input_size)
-    engine = Engine(models, preset="default", device=args.device, download=False)
+    engine = Engine(models, preset="default", device=args.device, download=False, precision=args.precision)
     data = load_volume(args.volume, args.slices, args.size, 1)
     name, truth = next(iter(data.masks.items()))
     present = [k for k in range(truth.shape[0]) if truth[k].any()]
@@ -141,6 +143,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     # Other work on the machine slows every figure: the load at start and end.
                     "load_average_start": load_start, "load_average_end": list(os.getloadavg())},
         "models": {"dinov2": args.dinov2, "sam": args.sam, "input_size": args.input_size},
+        "precision": {"asked": args.precision, "used": engine.precision, "note": engine.precision_note},
         "volume": {"source": data.source, "slices": args.slices, "size": args.size, "structure": name},
         "support_slice": support, "processed_slices": len(processed), "slices_with_sam_embedding": len(embedded),
         "cache_bytes": session.cache.nbytes,
@@ -150,7 +153,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "update_speedup": full / update if update else None,
     }
     print(f"volume {data.source} {args.slices} x {args.size}^2, {args.dinov2} + {args.sam} at {args.input_size}, "
-          f"{engine.device}, {torch.get_num_threads()} threads")
+          f"{engine.device}, {torch.get_num_threads()} threads; {engine.precision_note}")
     print(f"full propagation: {full:8.2f} s  ({len(processed)} slices processed, {len(embedded)} SAM-encoded, "
           f"cache {session.cache.nbytes / 2**20:.0f} MiB)")
     if click is None:

@@ -211,7 +211,8 @@ def test_naive_reference_kernels_give_the_engine_masks_and_restore_it(bench, tin
 
 def test_corrections_benchmark_reports_its_figures(colin27, tmp_path, one_thread):
     """benchmarks/corrections_benchmark.py --tiny runs end to end on Colin27 and writes the
-    figures the issue asks for (full run, clicks on cached slices, update, their ratio)."""
+    figures the issue asks for (full run, clicks on cached slices, update, their ratio) and the
+    precision it was asked for and ran in."""
     import json
 
     out = tmp_path / "figures.json"
@@ -220,7 +221,7 @@ def test_corrections_benchmark_reports_its_figures(colin27, tmp_path, one_thread
         import corrections_benchmark
 
         assert corrections_benchmark.main(["--tiny", "--volume", "colin27", "--work-dir", str(tmp_path / "models"),
-                                           "--out", str(out)]) == 0
+                                           "--precision", "fp32", "--out", str(out)]) == 0
     finally:
         sys.path.remove(str(BENCHMARKS))
     report = json.loads(out.read_text())
@@ -231,6 +232,8 @@ def test_corrections_benchmark_reports_its_figures(colin27, tmp_path, one_thread
     assert report["support_slice"] not in report["click_slices"]
     assert len(report["machine"]["load_average_start"]) == 3
     assert 0 <= report["update_slices_run_again"] <= report["processed_slices"]
+    assert report["precision"]["asked"] == "fp32" and report["precision"]["used"] == "fp32"
+    assert "fp32" in report["precision"]["note"]
 
 
 def test_performance_page_tables_are_generated_from_the_recorded_results(tmp_path):

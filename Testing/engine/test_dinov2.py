@@ -126,6 +126,45 @@ def test_explicit_attention_matches_the_official_code_up_to_summation_order(name
     assert max_abs(got, expected) <= rounding
 
 
+def test_explicit_attention_runs_in_one_workspace_with_the_same_results(checkpoint, monkeypatch):
+    """In float32 the explicit attention reuses one attention-map buffer (softmax in place, each
+    chunk's output written into the result): the allocating per-chunk form's operations on the
+    same values, held to 64 float32 epsilons (the BLAS may block a batch of one item and of two
+    differently); under autocast, whose casts skip ``out=`` calls, the allocating form runs."""
+    from protosam.models.vit_blocks import Attention
+
+    ours = load_dinov2("dinov2_vits14", checkpoint("dinov2_vits14"))  # 6 heads
+    attention = next(m for m in ours.modules() if isinstance(m, Attention))
+    generator = torch.Generator().manual_seed(4)
+    tokens = torch.randn(2, 190, ours.embed_dim, generator=generator)
+    head_dim = ours.embed_dim // attention.num_heads
+    qkv = attention.qkv(tokens).reshape(2, 190, 3, attention.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    eps = torch.finfo(torch.float32).eps
+    with torch.no_grad():
+        for heads_per_chunk in (1, 4, 6):
+            attention.heads_per_chunk = heads_per_chunk
+            expected = attention._explicit_attention_by_chunks(qkv, head_dim)
+            got = attention._explicit_attention_in_workspace(qkv, head_dim)
+            assert got.shape == expected.shape
+            assert (got - expected).abs().max() <= 64 * eps * expected.abs().max(), heads_per_chunk
+
+    def refuse(*args):
+        raise AssertionError("this form must not run here")
+
+    ours.set_fused_attention(False, heads_per_chunk=1)
+    x = images(1, (112, 112), seed=2)
+    with torch.no_grad():
+        monkeypatch.setattr(Attention, "_explicit_attention_by_chunks", refuse)
+        in_workspace = ours.patch_features(x)
+        monkeypatch.undo()
+        monkeypatch.setattr(Attention, "_explicit_attention_in_workspace", refuse)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert ours.patch_features(x).shape == in_workspace.shape
+        ours.set_fused_attention(False, heads_per_chunk=None)  # the official all-heads layout
+        allocating = ours.patch_features(x)
+    assert (in_workspace - allocating).abs().max() <= 64 * eps * allocating.abs().max()
+
+
 def test_explicit_attention_head_chunks_are_bit_identical(checkpoint):
     """One head at a time (the engine's default), two, or all at once: the same bits."""
     ours = load_dinov2("dinov2_vits14", checkpoint("dinov2_vits14"))  # 6 heads

@@ -215,6 +215,54 @@ def test_head_chunked_global_attention_gives_the_same_embedding_up_to_rounding(t
         limit_global_attention_memory(plain, 1, 0)
 
 
+def test_banded_qkv_and_mlp_equal_segment_anything_layers_up_to_rounding(tmp_path):
+    """The engine's SAM computes each encoder block's qkv projection and MLP a band of tokens at a
+    time into reused buffers (``sam_memory._qkv_by_heads``, ``_mlp_in_chunks``): the same products
+    row by row as segment-anything's layers, held to 64 float32 epsilons (bands may make the BLAS
+    block the rows differently), including bands that span two windows, a one-row band and a
+    shorter last band; under autocast the stock layers run; ``use_stock_global_attention`` puts
+    segment-anything's MLP back."""
+    from protosam.models.sam import build_sam
+    from protosam.models.sam_memory import (_mlp_in_chunks, _qkv_by_heads, limit_global_attention_memory,
+                                            use_stock_global_attention)
+
+    path = tmp_path / "sam.pth"
+    save_random_sam_checkpoint("sam_tiny", path, seed=6)
+    loaded = load_sam("sam_tiny", path)
+    assert all("forward" in b.mlp.__dict__ for b in loaded.image_encoder.blocks)
+    sam = build_sam("sam_tiny")
+    sam.load_state_dict(torch.load(path, weights_only=True))
+    block = next(b for b in sam.image_encoder.blocks if b.window_size)
+    attn, mlp = block.attn, block.mlp
+    heads = attn.num_heads
+    generator = torch.Generator().manual_seed(8)
+    windows = torch.randn(3, 14, 14, block.norm1.normalized_shape[0], generator=generator)  # 3 windows x 196 tokens
+    eps = torch.finfo(torch.float32).eps
+    with torch.inference_mode():
+        stock_qkv = attn.qkv(windows).reshape(3, 196, 3, heads, -1).permute(2, 0, 3, 1, 4).reshape(3, 3 * heads, 196, -1)
+        stock_mlp = mlp.lin2(mlp.act(mlp.lin1(windows)))
+        row_bytes = {"qkv": attn.qkv.out_features * 4, "mlp": mlp.lin1.out_features * 4}
+        # all 588 rows at once; 520 -> bands of 512 (the first spans all three windows) and 76; 100; 1
+        for rows in (600, 520, 100, 1):
+            attn.chunk_bytes = rows * row_bytes["qkv"]
+            banded = _qkv_by_heads(attn, windows)
+            assert banded.shape == stock_qkv.shape and banded.is_contiguous()
+            assert (banded - stock_qkv).abs().max() <= 64 * eps * stock_qkv.abs().max(), rows
+            mlp.chunk_bytes = rows * row_bytes["mlp"]
+            banded = _mlp_in_chunks(mlp, windows)
+            assert banded.shape == stock_mlp.shape
+            assert (banded - stock_mlp).abs().max() <= 64 * eps * stock_mlp.abs().max(), rows
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(_qkv_by_heads(attn, windows),
+                               attn.qkv(windows).reshape(3, 196, 3, heads, -1).permute(2, 0, 3, 1, 4)
+                               .reshape(3, 3 * heads, 196, -1))
+            assert torch.equal(_mlp_in_chunks(mlp, windows), mlp.lin2(mlp.act(mlp.lin1(windows))))
+    limit_global_attention_memory(sam)
+    assert all("forward" in b.mlp.__dict__ and b.mlp.chunk_bytes for b in sam.image_encoder.blocks)
+    use_stock_global_attention(sam)
+    assert not any({"forward", "chunk_bytes"} & set(b.mlp.__dict__) for b in sam.image_encoder.blocks)
+
+
 def _assert_shared_decoder_matches_stock(sam, shared, embedding, points, labels, box, multimask):
     """Our decoder against segment-anything's MaskDecoder (StockMaskDecoder) on one prompt set.
 
