@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_volumes import load_volume  # noqa: E402
+from propagation_benchmark import machine_info  # noqa: E402
 
 from protosam import Engine, ModelSelection  # noqa: E402
 from protosam import catalogue  # noqa: E402
@@ -141,7 +142,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "device": str(engine.device), "torch": torch.__version__,
                     # Other work on the machine slows every figure: the load at start and end.
-                    "load_average_start": load_start, "load_average_end": list(os.getloadavg())},
+                    "load_average_start": load_start, "load_average_end": list(os.getloadavg()),
+                    # The CPU's model name and the code's commit, as the propagation benchmark records them.
+                    **{k: v for k, v in machine_info(engine.device).items() if k in ("cpu_model", "git_commit")}},
         "models": {"dinov2": args.dinov2, "sam": args.sam, "input_size": args.input_size},
         "precision": {"asked": args.precision, "used": engine.precision, "note": engine.precision_note},
         "volume": {"source": data.source, "slices": args.slices, "size": args.size, "structure": name},

@@ -19,6 +19,8 @@ Tables (``name``: source):
   fp32 and bf16 beside the ``paper`` phases);
 - ``corrections``: the corrections benchmark (``--corrections``, default
   ``results/cpu_vitb_corrections_64slices.json``): full propagation, one click, an update;
+- ``corrections_latest``: the same table for the latest run (``--corrections-latest``, default
+  ``results/cpu_vitb_corrections_64slices_fp32_xeon.json``), with the gestures and the precision;
 - ``memory``: ``memory_profile.py`` runs (every ``results/cpu_vitb_memory_*.json``, in name
   order): peak resident memory and the step it occurred in, before and after a change;
 - ``bf16``: ``bf16_check.py`` (``--bf16``, default ``results/cpu_vitb_bf16_vs_fp32_xeon.json``):
@@ -55,6 +57,7 @@ PAGE = HERE.parent / "docs" / "performance.md"
 DEFAULT_PROPAGATION = RESULTS / "cpu_vitb_64slices_with_default_preset.json"
 DEFAULT_PROPAGATION_LATEST = RESULTS / "cpu_vitb_64slices_xeon.json"
 DEFAULT_CORRECTIONS = RESULTS / "cpu_vitb_corrections_64slices.json"
+DEFAULT_CORRECTIONS_LATEST = RESULTS / "cpu_vitb_corrections_64slices_fp32_xeon.json"
 DEFAULT_BF16 = RESULTS / "cpu_vitb_bf16_vs_fp32_xeon.json"
 MEMORY_GLOB = "cpu_vitb_memory_*.json"
 DEFAULT_REFINERS = RESULTS / "cpu_refiners_64slices_xeon.json"
@@ -66,6 +69,7 @@ MACHINES = {
     "cpu_vitb_corrections_64slices.json": "AMD EPYC (the reference benchmark machine)",
     "cpu_vitb_corrections_64slices_under_load.json": "AMD EPYC (the reference benchmark machine)",
     "cpu_vitb_corrections_64slices_xeon.json": "Intel Xeon (this project's shared machine)",
+    "cpu_vitb_corrections_64slices_fp32_xeon.json": "Intel Xeon (this project's shared machine), commit cc5f174",
 }
 
 PHASE_LABELS = {
@@ -147,14 +151,17 @@ def corrections_table(report: Dict, source: str) -> str:
         [f"update after painting slice {report['added_support_slice']}", f"{report['update_s']:.1f} s",
          f"{report['update_speedup']:.1f}x faster than the full propagation"],
     ]
+    gestures = report.get("gestures", {})  # the benchmark writes them under "gestures"
     for key, label in (("box_s", "box"), ("scribble_s", "scribble"), ("lasso_s", "lasso")):
-        if key in report:
-            rows.append([label, f"{report[key] * 1000:.0f} ms", ""])
+        if key in gestures:
+            rows.append([label, f"{gestures[key] * 1000:.0f} ms", ""])
     if "update_slices_run_again" in report:
         rows[2][2] += f"; {report['update_slices_run_again']} of {report['processed_slices']} slices run again"
     v, m = report["volume"], report["models"]
-    caption = (f"*{source}: {_machine(report, source)}; {m['dinov2']} + SAM {m['sam']} at {m['input_size']}, "
-               f"{v['source']} {v['slices']} slices, structure {v['structure']}.*")
+    # Recorded since the benchmark took --precision; older files ran the preset's auto.
+    precision = f", precision {report['precision']['used']}" if "precision" in report else ""
+    caption = (f"*{source}: {_machine(report, source)}; {m['dinov2']} + SAM {m['sam']} at {m['input_size']}"
+               f"{precision}, {v['source']} {v['slices']} slices, structure {v['structure']}.*")
     return _table(["step", "time", "notes"], rows) + "\n\n" + caption
 
 
@@ -283,13 +290,17 @@ def _rel(path: Path) -> str:
 
 def render(propagation: Path, corrections: Path, bf16: Path = DEFAULT_BF16, results: Path = RESULTS,
            refiners: Path = DEFAULT_REFINERS, sam2_memory: Path = DEFAULT_SAM2_MEMORY,
-           latest: Path = DEFAULT_PROPAGATION_LATEST, refiners_bf16: Path = DEFAULT_REFINERS_BF16) -> Dict[str, str]:
+           latest: Path = DEFAULT_PROPAGATION_LATEST, refiners_bf16: Path = DEFAULT_REFINERS_BF16,
+           corrections_latest: Path = DEFAULT_CORRECTIONS_LATEST) -> Dict[str, str]:
     tables = {
         "propagation": propagation_table(json.loads(propagation.read_text()), f"`{_rel(propagation)}`"),
         "corrections": corrections_table(json.loads(corrections.read_text()), f"`{_rel(corrections)}`"),
     }
     if latest.exists():
         tables["propagation_latest"] = propagation_table(json.loads(latest.read_text()), f"`{_rel(latest)}`")
+    if corrections_latest.exists():
+        tables["corrections_latest"] = corrections_table(json.loads(corrections_latest.read_text()),
+                                                         f"`{_rel(corrections_latest)}`")
     memory = sorted(results.glob(MEMORY_GLOB))
     if memory:
         tables["memory"] = memory_table([json.loads(p.read_text()) for p in memory], [f"`{_rel(p)}`" for p in memory])
@@ -318,6 +329,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--latest", type=Path, default=DEFAULT_PROPAGATION_LATEST,
                    help="propagation benchmark JSON of the latest run (a second table)")
     p.add_argument("--corrections", type=Path, default=DEFAULT_CORRECTIONS, help="corrections benchmark JSON")
+    p.add_argument("--corrections-latest", type=Path, default=DEFAULT_CORRECTIONS_LATEST,
+                   help="corrections benchmark JSON of the latest run (a second table)")
     p.add_argument("--bf16", type=Path, default=DEFAULT_BF16, help="bf16_check.py JSON")
     p.add_argument("--refiners", type=Path, default=DEFAULT_REFINERS, help="refiner_benchmark.py JSON, per-slice mode")
     p.add_argument("--refiners-bf16", type=Path, default=DEFAULT_REFINERS_BF16,
@@ -330,7 +343,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     mode.add_argument("--check", action="store_true", help="exit 1 when the page's tables are out of date")
     args = p.parse_args(argv)
     tables = render(args.results, args.corrections, args.bf16, refiners=args.refiners, sam2_memory=args.sam2_memory,
-                    latest=args.latest, refiners_bf16=args.refiners_bf16)
+                    latest=args.latest, refiners_bf16=args.refiners_bf16, corrections_latest=args.corrections_latest)
     if not (args.write or args.check):
         for name, text in tables.items():
             print(f"<!-- table:{name} -->\n{text}\n<!-- /table:{name} -->\n")

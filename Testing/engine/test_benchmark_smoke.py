@@ -233,7 +233,17 @@ def test_corrections_benchmark_reports_its_figures(colin27, tmp_path, one_thread
     assert len(report["machine"]["load_average_start"]) == 3
     assert 0 <= report["update_slices_run_again"] <= report["processed_slices"]
     assert report["precision"]["asked"] == "fp32" and report["precision"]["used"] == "fp32"
+    assert report["machine"]["cpu_model"]  # and git_commit, where the checkout is a git repository
     assert "fp32" in report["precision"]["note"]
+    # docs/performance.md's table of such a run shows the gestures and the precision.
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import performance_tables
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    table = performance_tables.corrections_table(report, "`figures.json`")
+    assert all(f"| {gesture} |" in table for gesture in ("box", "scribble", "lasso"))
+    assert "precision fp32" in table
 
 
 def test_performance_page_tables_are_generated_from_the_recorded_results(tmp_path):
