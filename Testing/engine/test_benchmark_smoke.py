@@ -209,21 +209,16 @@ def test_naive_reference_kernels_give_the_engine_masks_and_restore_it(bench, tin
         naive_flow.naive_segment_volume(Engine(tiny_models, preset="default", device="cpu"), volume, {"s": mask}, {"s": 1})
 
 
-def test_corrections_benchmark_reports_its_figures(colin27, tmp_path, one_thread):
+def test_corrections_benchmark_reports_its_figures(bench, tmp_path, one_thread):
     """benchmarks/corrections_benchmark.py --tiny runs end to end on Colin27 and writes the
     figures the issue asks for (full run, clicks on cached slices, update, their ratio) and the
     precision it was asked for and ran in."""
-    import json
+    import corrections_benchmark
+    import performance_tables
 
     out = tmp_path / "figures.json"
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import corrections_benchmark
-
-        assert corrections_benchmark.main(["--tiny", "--volume", "colin27", "--work-dir", str(tmp_path / "models"),
-                                           "--precision", "fp32", "--out", str(out)]) == 0
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    assert corrections_benchmark.main(["--tiny", "--volume", "colin27", "--work-dir", str(tmp_path / "models"),
+                                       "--precision", "fp32", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["full_propagation_s"] > 0 and report["update_s"] > 0
     assert report["update_speedup"] == pytest.approx(report["full_propagation_s"] / report["update_s"])
@@ -236,11 +231,6 @@ def test_corrections_benchmark_reports_its_figures(colin27, tmp_path, one_thread
     assert report["machine"]["cpu_model"]  # and git_commit, where the checkout is a git repository
     assert "fp32" in report["precision"]["note"]
     # docs/performance.md's table of such a run shows the gestures and the precision.
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import performance_tables
-    finally:
-        sys.path.remove(str(BENCHMARKS))
     table = performance_tables.corrections_table(report, "`figures.json`")
     assert all(f"| {gesture} |" in table for gesture in ("box", "scribble", "lasso"))
     assert "precision fp32" in table

@@ -157,7 +157,9 @@ def _mlp_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
 
 def limit_global_attention_memory(sam: Sam, heads_per_chunk: int = 1, chunk_bytes: int = CHUNK_BYTES) -> Sam:
     """Make ``sam``'s global-attention layers work in chunks of at most ``heads_per_chunk``
-    heads and about ``chunk_bytes`` of attention map (at least one query row) (in place)."""
+    heads and about ``chunk_bytes`` of attention map (at least one query row), its windowed
+    layers in (window, head) chunks of the same bound, and every block's qkv projection and MLP
+    in bands of tokens whose outputs stay within ``chunk_bytes`` (in place)."""
     if heads_per_chunk < 1:
         raise ValueError("heads_per_chunk must be >= 1")
     if chunk_bytes < 1:
@@ -179,7 +181,8 @@ def limit_global_attention_memory(sam: Sam, heads_per_chunk: int = 1, chunk_byte
 
 
 def use_stock_global_attention(sam: Sam) -> Sam:
-    """Undo :func:`limit_global_attention_memory`: segment-anything's own all-heads attention."""
+    """Undo :func:`limit_global_attention_memory`: segment-anything's own all-heads attention,
+    qkv projection and MLP."""
     for block in sam.image_encoder.blocks:
         block.attn.__dict__.pop("forward", None)
         block.attn.__dict__.pop("heads_per_chunk", None)
