@@ -263,6 +263,34 @@ def test_banded_qkv_and_mlp_equal_segment_anything_layers_up_to_rounding(tmp_pat
     assert not any({"forward", "chunk_bytes"} & set(b.mlp.__dict__) for b in sam.image_encoder.blocks)
 
 
+def test_encoder_tokens_run_row_major_with_the_same_embedding(tmp_path):
+    """The engine's SAM keeps the encoder's token grid in row-major memory (segment-anything's
+    patch embedding hands on a permuted view, which made every block's residual adds strided:
+    10-20 % of an embedding on a CPU). Only the layout changes, so the embedding is the one the
+    permuted layout gives bit for bit, in float32 and under bf16 autocast: every operation sees
+    the same values (elementwise ops and layer norms per element or per row, the products' inputs
+    already contiguous, the neck's convolution given the stock layout)."""
+    from protosam.models.sam_memory import use_stock_global_attention
+
+    path = tmp_path / "sam.pth"
+    save_random_sam_checkpoint("sam_tiny", path, seed=7)
+    sam = load_sam("sam_tiny", path)
+    encoder, refiner, image = sam.image_encoder, SamRefiner(sam), _image(seed=9)
+    with torch.inference_mode():
+        assert encoder.patch_embed(refiner.prepare_images(image)).is_contiguous()
+    row_major = {dtype: refiner.embed(image, autocast_dtype=dtype) for dtype in (None, torch.bfloat16)}
+    encoder.patch_embed.__dict__.pop("forward")
+    encoder.neck[0].__dict__.pop("forward")
+    with torch.inference_mode():
+        assert not encoder.patch_embed(refiner.prepare_images(image)).is_contiguous()
+    for dtype, expected in row_major.items():
+        assert torch.equal(refiner.embed(image, autocast_dtype=dtype), expected), dtype
+    reloaded = load_sam("sam_tiny", path)
+    use_stock_global_attention(reloaded)
+    assert "forward" not in reloaded.image_encoder.patch_embed.__dict__
+    assert "forward" not in reloaded.image_encoder.neck[0].__dict__
+
+
 def _assert_shared_decoder_matches_stock(sam, shared, embedding, points, labels, box, multimask):
     """Our decoder against segment-anything's MaskDecoder (StockMaskDecoder) on one prompt set.
 

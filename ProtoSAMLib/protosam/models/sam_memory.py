@@ -22,6 +22,14 @@ The operations per query row are exactly segment-anything's, in the same order (
 ``@ v``). The embedding is the same up to how the BLAS blocks the smaller matrix products:
 bit-identical on AMD EPYC, differing in the last bits (1.7e-6 on values up to 3) with MKL's
 AVX-512 kernels on Intel Xeon; a test holds it to 64 float32 epsilons.
+
+The token grid also runs in row-major (``[B, H, W, C]`` contiguous) memory: segment-anything's
+patch embedding returns the convolution's output permuted, so every block's residual stream
+kept the channels 4,096 floats apart; each residual add then gathered one operand across
+strides and each layer norm copied its input first (ViT-B at 1024 px, 2 CPU cores: 11.5 ms per
+residual add in the encoder against 0.7 ms contiguous). Only the memory layout changes, not a
+value: the same embedding bit for bit, 10 % less time in float32 (4.3 -> 3.9 s per embedding)
+and 20 % under bf16 autocast (2.4 -> 1.9 s).
 """
 from __future__ import annotations
 
@@ -155,11 +163,26 @@ def _mlp_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], lin2.out_features)
 
 
+def _patch_tokens_row_major(self, x: torch.Tensor) -> torch.Tensor:
+    """segment-anything's ``PatchEmbed.forward`` (``proj(x).permute(0, 2, 3, 1)``) with the
+    ``[B, H, W, C]`` tokens copied into row-major memory once, so the whole residual stream
+    after it is contiguous (the permuted view made every block's elementwise work strided)."""
+    return self.proj(x).permute(0, 2, 3, 1).contiguous()
+
+
+def _neck_from_channels_first(self, x: torch.Tensor) -> torch.Tensor:
+    """The neck's first convolution on a contiguous ``[B, C, H, W]`` input: with row-major tokens
+    ``x.permute(0, 3, 1, 2)`` arrives channels-last, which may pick another convolution kernel
+    (other rounding); this gives the convolution the layout the stock encoder gives it."""
+    return torch.nn.Conv2d.forward(self, x.contiguous())
+
+
 def limit_global_attention_memory(sam: Sam, heads_per_chunk: int = 1, chunk_bytes: int = CHUNK_BYTES) -> Sam:
     """Make ``sam``'s global-attention layers work in chunks of at most ``heads_per_chunk``
     heads and about ``chunk_bytes`` of attention map (at least one query row), its windowed
-    layers in (window, head) chunks of the same bound, and every block's qkv projection and MLP
-    in bands of tokens whose outputs stay within ``chunk_bytes`` (in place)."""
+    layers in (window, head) chunks of the same bound, every block's qkv projection and MLP
+    in bands of tokens whose outputs stay within ``chunk_bytes`` (in place), and the token grid
+    in row-major memory (the same values, see the module's notes)."""
     if heads_per_chunk < 1:
         raise ValueError("heads_per_chunk must be >= 1")
     if chunk_bytes < 1:
@@ -177,12 +200,19 @@ def limit_global_attention_memory(sam: Sam, heads_per_chunk: int = 1, chunk_byte
         block.attn.forward = types.MethodType(_attention_in_chunks, block.attn)
         block.mlp.chunk_bytes = chunk_bytes
         block.mlp.forward = types.MethodType(_mlp_in_chunks, block.mlp)
+    encoder = sam.image_encoder
+    encoder.patch_embed.forward = types.MethodType(_patch_tokens_row_major, encoder.patch_embed)
+    first_neck_layer = encoder.neck[0]
+    if type(first_neck_layer) is torch.nn.Conv2d:
+        first_neck_layer.forward = types.MethodType(_neck_from_channels_first, first_neck_layer)
     return sam
 
 
 def use_stock_global_attention(sam: Sam) -> Sam:
     """Undo :func:`limit_global_attention_memory`: segment-anything's own all-heads attention,
-    qkv projection and MLP."""
+    qkv projection and MLP, and its permuted token layout."""
+    sam.image_encoder.patch_embed.__dict__.pop("forward", None)
+    sam.image_encoder.neck[0].__dict__.pop("forward", None)
     for block in sam.image_encoder.blocks:
         block.attn.__dict__.pop("forward", None)
         block.attn.__dict__.pop("heads_per_chunk", None)
