@@ -24,6 +24,7 @@ from .catalogue import ModelSelection  # torch-free, so Slicer's process can bui
 from .catalogue import DEFAULT_PROPAGATION, propagation_problem
 from .cache import EmbeddingCache
 from .errors import CancelledError, InputError, ProtoSAMError
+from .heap import return_free_heap
 from .models.alpnet import ALPNetConfig, Prototypes, compute_prototypes, mask_to_grid, score_queries
 from .models.dinov2 import get_dinov2_architecture, load_dinov2
 from .models.refiners import check_refiner_name, load_refiner
@@ -328,6 +329,9 @@ class Engine:
 
     def sam_embedding(self, image: torch.Tensor) -> torch.Tensor:
         """SAM image embedding ``[1, C, 64, 64]`` for one ``[3, S, S]`` model-input slice."""
+        # The encoder's temporaries are a run's largest (its peak): start them from a heap whose
+        # freed pages went back to the system, not on top of what earlier slices left free.
+        return_free_heap()
         while True:
             try:
                 return self.refiner.embed(self.sam_images(image[None].to(self.device)), autocast_dtype=self.autocast_dtype)

@@ -34,6 +34,7 @@ import numpy as np
 from .. import __version__
 from . import protocol
 from ..errors import CancelledError, InputError
+from ..heap import return_free_heap
 
 logger = logging.getLogger(__name__)
 
@@ -102,13 +103,7 @@ def _return_memory_to_the_system() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
-    if sys.platform.startswith("linux"):
-        try:  # glibc keeps freed heap pages; give them back so the RSS really drops
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    return_free_heap()  # glibc keeps freed heap pages; give them back so the RSS really drops
 
 
 def resident_bytes() -> Optional[int]:
