@@ -439,8 +439,10 @@ class Engine:
                 points = (torch.as_tensor(prompt.points[None], dtype=torch.float, device=device),
                           torch.as_tensor(prompt.point_labels[None], dtype=torch.int, device=device))
             sparse, _ = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
-            low_res, iou = refiner.shared_decoder.decode(embedding, sparse, multimask_output=multimask)
-            choice = int(iou[0].argmax()) if self.preset.pick_best_score else 0
+            # Only the chosen mask is upscaled: [1, 1, ...] logits and score.
+            low_res, iou = refiner.shared_decoder.decode(embedding, sparse, multimask_output=multimask,
+                                                         pick_best_score=self.preset.pick_best_score)
+            choice = 0
             chosen = low_res[:, choice:choice + 1]
             if refiner.medsam:
                 prob = F.interpolate(torch.sigmoid(chosen), size=size, mode="bilinear", align_corners=False)[0, 0]

@@ -304,6 +304,13 @@ def _assert_shared_decoder_matches_stock(sam, shared, embedding, points, labels,
         sparse, _ = sam.prompt_encoder(points=(points, labels), boxes=box, masks=None)
     expected = StockMaskDecoder(sam).decode(embedding, sparse, multimask_output=multimask)
     got = shared.decode(embedding, sparse, multimask_output=multimask)
+    # Only the mask a caller keeps: the first, or the highest-scored (by our own scores).
+    for pick_best in (False, True):
+        index = int(got[1][0].argmax()) if pick_best else 0
+        picked = shared.decode(embedding, sparse, multimask_output=multimask, pick_best_score=pick_best)
+        assert torch.equal(picked[1], got[1][:, index:index + 1])
+        got += (picked[0],)
+        expected += (expected[0][:, index:index + 1],)
     for ours, stock in zip(got, expected):
         assert ours.shape == stock.shape
         bound = 64 * torch.finfo(torch.float32).eps * max(float(stock.abs().max()), 1.0)
@@ -315,7 +322,7 @@ def _assert_shared_decoder_matches_stock(sam, shared, embedding, points, labels,
 def test_shared_image_decoder_equals_the_mask_decoder(tiny_sam, multimask):
     """One prompt set per call with the image-only terms shared: the stock decoder's logits
     and scores (up to float32 rounding), for several prompt sets on the same embedding and on a
-    new one."""
+    new one; all masks, or only the first or the best-scored one."""
     from protosam.models.sam_decoder import SharedImageDecoder
 
     sam = tiny_sam[0]

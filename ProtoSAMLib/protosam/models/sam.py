@@ -251,7 +251,9 @@ class SamRefiner:
             # One prompt set per call (the reference's way): share the image-only terms
             # across the calls on this embedding; the decoder below's function, its sums
             # ordered for a CPU (equal up to float32 rounding, see sam_decoder).
-            low_res, iou = self.shared_decoder.decode(embedding, sparse, multimask_output=multimask_output)
+            # Only the mask kept below is upscaled (its choice needs the scores alone).
+            low_res, iou = self.shared_decoder.decode(embedding, sparse, multimask_output=multimask_output,
+                                                      pick_best_score=pick_best_score)
         else:
             low_res, iou = self.sam.mask_decoder(
                 image_embeddings=embedding,

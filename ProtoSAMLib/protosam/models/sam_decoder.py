@@ -165,7 +165,8 @@ class SharedImageDecoder:
 
     @torch.inference_mode()
     def decode(
-        self, embedding: torch.Tensor, sparse: torch.Tensor, *, multimask_output: bool
+        self, embedding: torch.Tensor, sparse: torch.Tensor, *, multimask_output: bool,
+        pick_best_score: Optional[bool] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """``MaskDecoder(...)`` for one prompt set without a mask prompt.
 
@@ -173,8 +174,12 @@ class SharedImageDecoder:
             embedding: ``[1, C, h, w]`` image embedding (reuse the same tensor object across
                 calls to share its terms).
             sparse: ``[1, N, C]`` sparse prompt embeddings from the prompt encoder.
+            pick_best_score: None: every mask, as ``MaskDecoder``; False: only the first of
+                them, True: only the one with the highest predicted IoU (the scores come before
+                the masks, so the others are never upscaled).
         Returns:
-            ``(low_res_masks [1, M, 4h, 4w], iou_predictions [1, M])`` as ``MaskDecoder``.
+            ``(low_res_masks [1, M, 4h, 4w], iou_predictions [1, M])`` as ``MaskDecoder``
+            (M = 1 with ``pick_best_score``).
         """
         if embedding.shape[0] != 1 or sparse.shape[0] != 1:
             raise ValueError("SharedImageDecoder decodes one prompt set on one image at a time")
@@ -216,12 +221,15 @@ class SharedImageDecoder:
 
         # Output heads (MaskDecoder.predict_masks after its transformer call).
         mask_tokens_out = hs[1:(1 + decoder.num_mask_tokens)]
-        hyper_in = torch.stack([mlp(mask_tokens_out[i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)])
+        iou_pred = decoder.iou_prediction_head(hs[0])[None]
+        chosen = list(range(1, decoder.num_mask_tokens)) if multimask_output else [0]
+        if pick_best_score is not None:
+            best = int(iou_pred[0, chosen].argmax()) if pick_best_score else 0
+            chosen = chosen[best:best + 1]
+        hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](mask_tokens_out[i]) for i in chosen])
         height, width = embedding.shape[-2:]
         masks = _upscaled_masks(decoder.output_upscaling, keys, hyper_in, height, width)
-        iou_pred = decoder.iou_prediction_head(hs[0])[None]
-        chosen = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[None, chosen], iou_pred[:, chosen]
+        return masks[None], iou_pred[:, chosen]
 
 
 def _upscaled_masks(upscaling: torch.nn.Sequential, tokens: torch.Tensor, hyper_in: torch.Tensor,
@@ -230,7 +238,8 @@ def _upscaled_masks(upscaling: torch.nn.Sequential, tokens: torch.Tensor, hyper_
     image tokens, each stride-2 2 x 2 transposed convolution as one matrix product.
 
     A pixel's rows stay in the order (row, column, then each level's 2 x 2 offset) until the
-    final ``[M]`` values per pixel are put back in image order."""
+    final ``[M]`` values per pixel are put back in image order. Only the ``M`` masks of
+    ``hyper_in`` are formed (callers that keep one mask pass one row)."""
     first, norm, first_activation, second, second_activation = upscaling
     if not (isinstance(norm, LayerNorm2d) and all(
             isinstance(conv, torch.nn.ConvTranspose2d) and conv.kernel_size == (2, 2) and conv.stride == (2, 2)
@@ -247,9 +256,11 @@ def _upscaled_masks(upscaling: torch.nn.Sequential, tokens: torch.Tensor, hyper_
         x += conv.bias.repeat(4)
         x = x.view(-1, conv.out_channels)
         if conv is first:
-            x = first_activation(F.layer_norm(x, (conv.out_channels,), norm.weight, norm.bias, norm.eps))
-        else:
-            x = second_activation(x)
+            x = F.layer_norm(x, (conv.out_channels,), norm.weight, norm.bias, norm.eps)
+        activation = first_activation if conv is first else second_activation
+        # segment-anything's GELU (exact), in place on this step's own output.
+        x = torch.ops.aten.gelu_(x) if type(activation) is torch.nn.GELU and activation.approximate == "none" \
+            else activation(x)
     per_pixel = torch.mm(hyper_in, x.T)  # [M, h * w * 16], columns (y, x, dy1, dx1, dy2, dx2)
     masks = per_pixel.view(-1, height, width, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
     return masks.reshape(-1, 4 * height, 4 * width)
@@ -264,12 +275,18 @@ class StockMaskDecoder:
 
     @torch.inference_mode()
     def decode(
-        self, embedding: torch.Tensor, sparse: torch.Tensor, *, multimask_output: bool
+        self, embedding: torch.Tensor, sparse: torch.Tensor, *, multimask_output: bool,
+        pick_best_score: Optional[bool] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`SharedImageDecoder.decode` (``pick_best_score`` selects after decoding all)."""
         prompt_encoder = self.sam.prompt_encoder
         # The "no mask" dense embedding, as the prompt encoder builds it for masks=None.
         dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *embedding.shape[-2:])
-        return self.sam.mask_decoder(
+        masks, scores = self.sam.mask_decoder(
             image_embeddings=embedding, image_pe=prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense, multimask_output=multimask_output,
         )
+        if pick_best_score is None:
+            return masks, scores
+        index = int(scores[0].argmax()) if pick_best_score else 0
+        return masks[:, index:index + 1], scores[:, index:index + 1]
