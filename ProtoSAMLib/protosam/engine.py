@@ -439,11 +439,9 @@ class Engine:
                 points = (torch.as_tensor(prompt.points[None], dtype=torch.float, device=device),
                           torch.as_tensor(prompt.point_labels[None], dtype=torch.int, device=device))
             sparse, _ = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
-            # Only the chosen mask is upscaled: [1, 1, ...] logits and score.
-            low_res, iou = refiner.shared_decoder.decode(embedding, sparse, multimask_output=multimask,
-                                                         pick_best_score=self.preset.pick_best_score)
-            choice = 0
-            chosen = low_res[:, choice:choice + 1]
+            # Only the mask the preset keeps is upscaled: [1, 1, ...] logits and its score.
+            chosen, iou = refiner.shared_decoder.decode(embedding, sparse, multimask_output=multimask,
+                                                        pick_best_score=self.preset.pick_best_score)
             if refiner.medsam:
                 prob = F.interpolate(torch.sigmoid(chosen), size=size, mode="bilinear", align_corners=False)[0, 0]
                 mask = prob > 0.5
@@ -455,7 +453,7 @@ class Engine:
             torch.maximum(probability, prob.float(), out=probability)
             if each is not None:
                 each[number] = mask
-            scores.append(float(iou[0, choice]))
+            scores.append(float(iou[0, 0]))
         return union, scores, probability, each
 
     def _probability_to_input_size(self, probability: torch.Tensor) -> torch.Tensor:
