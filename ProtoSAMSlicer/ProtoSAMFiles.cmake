@@ -84,6 +84,7 @@ set(PROTOSAM_ENGINE_SCRIPTS
   protosam/examples/bank.py
   protosam/examples/runs.py
   protosam/examples/sessions.py
+  protosam/heap.py
   protosam/io.py
   protosam/models/__init__.py
   protosam/models/alpnet.py
