@@ -69,7 +69,6 @@ MACHINES = {
     "cpu_vitb_corrections_64slices.json": "AMD EPYC (the reference benchmark machine)",
     "cpu_vitb_corrections_64slices_under_load.json": "AMD EPYC (the reference benchmark machine)",
     "cpu_vitb_corrections_64slices_xeon.json": "Intel Xeon (this project's shared machine)",
-    "cpu_vitb_corrections_64slices_fp32_xeon.json": "Intel Xeon (this project's shared machine), commit cc5f174",
 }
 
 PHASE_LABELS = {

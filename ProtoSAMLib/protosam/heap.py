@@ -11,26 +11,24 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
-from typing import Optional
 
 __all__ = ["return_free_heap"]
 
-_trim: Optional[object] = None
-_looked_up = False
 
-
+@functools.lru_cache(maxsize=None)
 def _malloc_trim():
-    global _trim, _looked_up
-    if not _looked_up:
-        _looked_up = True
-        if sys.platform.startswith("linux"):
-            try:
-                _trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-                _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
-            except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-                _trim = None
-    return _trim
+    """glibc's ``malloc_trim``, looked up once; None where the C library has none (not Linux,
+    or musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 def return_free_heap() -> bool:
