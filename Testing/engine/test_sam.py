@@ -263,6 +263,58 @@ def test_banded_qkv_and_mlp_equal_segment_anything_layers_up_to_rounding(tmp_pat
     assert not any({"forward", "chunk_bytes"} & set(b.mlp.__dict__) for b in sam.image_encoder.blocks)
 
 
+def test_attention_under_autocast_runs_the_fused_kernel_with_relative_positions_as_its_mask(monkeypatch):
+    """Under bf16 autocast the engine's SAM attention goes through PyTorch's fused
+    ``scaled_dot_product_attention`` with the two relative-position terms as its additive mask
+    (the explicit steps stored the scores in bf16 and were slower, see ``sam_memory``), in
+    chunks of query rows and (window, head) pairs. Against segment-anything's attention in
+    float32 it stays within bf16 rounding (4 bf16 epsilons of the largest value; measured 2.1-2.3
+    with the tiny model), and no further off than segment-anything's own layer under autocast. The
+    relative-position tables are made large, so leaving the mask out (or misplacing it) fails."""
+    from segment_anything.modeling.image_encoder import Attention as StockAttention
+
+    from protosam.models.sam import build_sam
+    from protosam.models.sam_memory import limit_global_attention_memory
+
+    sam = build_sam("sam_tiny").eval()
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, parameter in sam.named_parameters():
+            if "rel_pos" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    calls = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["attn_mask"].shape)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    eps = torch.finfo(torch.bfloat16).eps
+    windowed = next(b for b in sam.image_encoder.blocks if b.window_size)
+    global_block = next(b for b in sam.image_encoder.blocks if not b.window_size)
+    for block, shape in ((windowed, (3, 14, 14)), (global_block, (1, 64, 64))):
+        x = torch.randn(*shape, block.norm1.normalized_shape[0], generator=generator)
+        with torch.inference_mode():
+            reference = StockAttention.forward(block.attn, x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                stock_bf16 = StockAttention.forward(block.attn, x).float()
+            bound = 4 * eps * reference.abs().max()
+            stock_error = (stock_bf16 - reference).abs().max()
+            # the default bound (16 MiB: all rows at once here), then one query row per chunk
+            for chunk_bytes in (16 * 2**20, 1):
+                limit_global_attention_memory(sam, chunk_bytes=chunk_bytes)
+                calls.clear()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    ours = block.attn(x)
+                assert ours.dtype == torch.bfloat16 and calls, (shape, chunk_bytes)
+                error = (ours.float() - reference).abs().max()
+                assert error <= bound, (shape, chunk_bytes, error, bound)
+                assert error <= 1.05 * stock_error, (shape, chunk_bytes, error, stock_error)
+        # the last round: one (window, head) pair or one head, and one query row, per call
+        assert len(calls) == shape[0] * block.attn.num_heads * shape[1], (shape, len(calls))
+
+
 def test_encoder_tokens_run_row_major_with_the_same_embedding(tmp_path):
     """The engine's SAM keeps the encoder's token grid in row-major memory (segment-anything's
     patch embedding hands on a permuted view, which made every block's residual adds strided:

@@ -23,6 +23,13 @@ The operations per query row are exactly segment-anything's, in the same order (
 bit-identical on AMD EPYC, differing in the last bits (1.7e-6 on values up to 3) with MKL's
 AVX-512 kernels on Intel Xeon; a test holds it to 64 float32 epsilons.
 
+Under autocast (bf16, fp16) the attention instead goes through PyTorch's fused
+``scaled_dot_product_attention``, the relative-position terms as its mask, in the same bounded
+chunks: no float32 agreement to keep there, and the explicit steps stored the scores in bf16
+(see :func:`_fused_attention_in_chunks`): ViT-B at 1024 px, 2 CPU cores, bf16: 1.96 -> 1.52 s
+per embedding, and closer to float32 (root-mean-square error 0.0128 -> 0.0123 on an embedding of
+root-mean-square 1).
+
 The token grid also runs in row-major (``[B, H, W, C]`` contiguous) memory: segment-anything's
 patch embedding returns the convolution's output permuted, so every block's residual stream
 kept the channels 4,096 floats apart; each residual add then gathered one operand across
@@ -50,9 +57,14 @@ def _attention_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
     batch, height, width, _ = x.shape
     tokens = height * width
     q, k, v = _qkv_by_heads(self, x).unbind(0)
+    rel_h_table = rel_w_table = None
     if self.use_rel_pos:
         rel_h_table = get_rel_pos(height, height, self.rel_pos_h)  # [H (query rows), H (key rows), C]
         rel_w_table = get_rel_pos(width, width, self.rel_pos_w)
+    if torch.is_autocast_enabled(x.device.type):
+        attended = _fused_attention_in_chunks(self, q, k, v, height, width, rel_h_table, rel_w_table)
+        attended = attended.view(batch, self.num_heads, height, width, -1)
+        return self.proj(attended.permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1))
     bytes_per_query_row = width * tokens * q.element_size()
     rows_per_chunk = max(1, min(height, self.chunk_bytes // bytes_per_query_row))
     attended = torch.empty_like(q)
@@ -95,6 +107,47 @@ def _attention_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
                 attended[heads, queries] = attn.softmax(dim=-1) @ v[heads]
     attended = attended.view(batch, self.num_heads, height, width, -1)
     return self.proj(attended.permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1))
+
+
+def _fused_attention_in_chunks(self, q, k, v, height, width, rel_h_table, rel_w_table) -> torch.Tensor:
+    """The attention under autocast (bf16/fp16): PyTorch's fused ``scaled_dot_product_attention``
+    with the two relative-position terms as its additive mask, in chunks of (window, head) pairs
+    and query rows whose mask stays within half of ``chunk_bytes``. Returns ``[B * heads, tokens,
+    head_dim]`` in the autocast type.
+
+    Why not the explicit steps as in float32: there the attention map itself was stored in
+    bf16, so every score lost its low bits before the softmax, and the broadcast adds and the
+    softmax over bf16 maps were slower than in float32 (ViT-B at 1024 px, 2 CPU cores: half of a
+    bf16 embedding's time went to the four global layers' attention). The fused kernel keeps
+    the scores and the softmax in float32 inside (online softmax, no stored map). Measured on one
+    global layer's head (64 x 64 tokens): 24 -> 11 ms, root-mean-square error against float32
+    3.1e-4 -> 1.5e-4. Float32 keeps the explicit steps (the reference's operations to the bit).
+    """
+    tokens = height * width
+    attended = torch.empty_like(q)
+    # Half the bytes: a mask of 16 query rows (8 MiB at 1024 px) ran faster than one of 32.
+    rows_per_chunk = max(1, min(height, (self.chunk_bytes // 2) // (width * tokens * q.element_size())))
+    step = getattr(self, "slices_per_chunk", self.heads_per_chunk)
+    for first in range(0, q.shape[0], step):
+        heads = slice(first, first + step)
+        if rel_h_table is not None:
+            grid_q = q[heads].reshape(-1, height, width, q.shape[-1])
+            rel_h = torch.einsum("bhwc,hkc->bhwk", grid_q, rel_h_table)
+            rel_w = torch.einsum("bhwc,wkc->bhwk", grid_q, rel_w_table)
+        for first_row in range(0, height, rows_per_chunk):
+            rows = slice(first_row, min(height, first_row + rows_per_chunk))
+            queries = slice(rows.start * width, rows.stop * width)
+            mask = None
+            if rel_h_table is not None:
+                # Written into a row-major buffer: the broadcast sum may otherwise take a layout
+                # that a view cannot flatten.
+                count = rows.stop - rows.start
+                mask = q.new_empty(rel_h.shape[0], count, width, height, width)
+                torch.add(rel_h[:, rows, :, :, None], rel_w[:, rows, :, None, :], out=mask)
+                mask = mask.view(rel_h.shape[0], count * width, tokens)
+            attended[heads, queries] = torch.nn.functional.scaled_dot_product_attention(
+                q[heads, queries], k[heads], v[heads], attn_mask=mask, scale=self.scale)
+    return attended
 
 
 def _band_rows(count: int, most: int) -> int:
