@@ -33,7 +33,8 @@ class Preset:
     auto_extent: bool = True
     stop_after_empty: int = 3
     # DINOv2 attention through PyTorch's fused kernel; False runs the official code's explicit
-    # attention for bit-level agreement with the reference (features differ by ~4e-6 otherwise).
+    # attention for bit-level agreement with the reference (features differ by ~4e-6 otherwise),
+    # in float32 only: under bf16/fp16 the fused kernel runs (Engine.dinov2_fused_attention).
     fused_attention: bool = True
     # The encoders' precision (protosam.precision): "fp32", "bf16", "fp16" (CUDA only), or "auto"
     # (bf16 on CUDA GPUs with bfloat16 units, else fp32). A preset with another value pins it.

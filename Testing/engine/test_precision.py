@@ -137,6 +137,40 @@ def test_this_machines_bf16_units_are_read_from_torch_and_cpuinfo():
     assert set(units) >= {flag for flag in flags if flag in ("avx512_bf16", "amx_bf16")}
 
 
+def dinov2_attention_is_fused(engine: Engine) -> bool:
+    from protosam.models.vit_blocks import Attention
+
+    settings = {layer.fused for layer in engine.encoder.modules() if isinstance(layer, Attention)}
+    assert len(settings) == 1, settings
+    return settings.pop()
+
+
+def test_dinov2_explicit_attention_is_kept_for_float32_only(tiny_models, one_thread):
+    """A preset that asks for DINOv2's explicit attention (paper semantics) gets it in float32,
+    where it agrees with the reference to the last bits; under bf16 autocast the fused kernel
+    runs (no agreement to keep, and the explicit form was 1.7x slower there), also after a GPU
+    out-of-memory fallback chose the precision again."""
+    from protosam.presets import PRESETS
+
+    explicit = PRESETS["paper"]
+    assert not explicit.fused_attention
+    assert not dinov2_attention_is_fused(Engine(tiny_models, preset=explicit, device="cpu"))
+    bf16 = Engine(tiny_models, preset=dataclasses.replace(explicit, name="paper-bf16", precision="bf16"), device="cpu")
+    assert bf16.dinov2_fused_attention and dinov2_attention_is_fused(bf16)
+    with bf16.reference_kernels():  # the reference's own explicit kernels while open
+        assert not dinov2_attention_is_fused(bf16)
+    assert dinov2_attention_is_fused(bf16)
+    assert encoder_dtypes(bf16)[0] == {torch.bfloat16}
+    # Built "on a GPU" in fp16, out of memory there: on the CPU auto gives AUTO_HERE.
+    fallback = Engine(tiny_models, preset=explicit, device="cpu")
+    fallback.preset = dataclasses.replace(explicit, precision="fp16")
+    fallback.device, fallback.precision, fallback.batch_size = torch.device("cuda"), "fp16", 1
+    fallback.encoder.set_fused_attention(fallback.dinov2_fused_attention)
+    assert dinov2_attention_is_fused(fallback)
+    fallback._recover_from_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"))
+    assert dinov2_attention_is_fused(fallback) == (AUTO_HERE != "fp32")
+
+
 @pytest.mark.parametrize("asked, on_the_cpu", [("fp16", AUTO_HERE), ("auto", AUTO_HERE), ("bf16", "bf16")])
 def test_a_gpu_out_of_memory_fallback_chooses_again_for_the_cpu(tiny_models, asked, on_the_cpu):
     """fp16 cannot follow the models onto the CPU, and auto means there what it means on a CPU."""

@@ -104,7 +104,7 @@ def feature_setting(engine) -> Dict[str, object]:
         "encoder": engine.models.dinov2,
         "weights": weights,
         "input_size": int(engine.encoder_input_size),
-        "fused_attention": bool(getattr(engine.preset, "fused_attention", False)),
+        "fused_attention": bool(getattr(engine, "dinov2_fused_attention", False)),
         "precision": "fp32" if dtype is None else str(dtype).replace("torch.", ""),
     }
 
