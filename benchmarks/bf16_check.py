@@ -147,6 +147,19 @@ def merge(errors_speed: Path, masks: Path, out: Path) -> None:
     out.write_text(json.dumps(report, indent=1))
 
 
+def _encode_with_own_attention(engine: Engine) -> None:
+    """The two engines share one DINOv2 module, whose attention setting each engine chooses
+    (``Engine.dinov2_fused_attention``: the explicit form in float32 for ``paper``, the fused
+    kernel under bf16): set it to this engine's before each of its encodings."""
+    encode = engine.encode
+
+    def encode_with_own_attention(images):
+        engine.encoder.set_fused_attention(engine.dinov2_fused_attention)
+        return encode(images)
+
+    engine.encode = encode_with_own_attention
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.merge:
@@ -167,6 +180,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # The same weights: the second engine uses the first one's models (no second copy in memory).
     bf16.encoder, bf16.refiner = engines["fp32"].encoder, engines["fp32"].refiner
     engines["bf16"] = bf16
+    for engine in engines.values():
+        _encode_with_own_attention(engine)
     report: Dict = {
         "command": "python benchmarks/bf16_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": dict(machine_info(torch.device("cpu")), cpu_bf16_units=cpu_bf16_units()),
