@@ -162,6 +162,27 @@ class _StructureState:
     scores: Optional[np.ndarray] = None
 
 
+def _held_bytes(value, seen: set, depth: int = 0) -> int:
+    """Bytes of the numpy arrays and torch tensors reachable from ``value`` through dataclasses,
+    dicts (their values), lists and tuples; each array counted once (``seen``: their ids)."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        if id(value) in seen:
+            return 0
+        seen.add(id(value))
+        return int(value.nbytes) if isinstance(value, np.ndarray) else value.element_size() * value.nelement()
+    if depth > 12 or isinstance(value, (str, bytes, int, float, bool, slice)) or value is None:
+        return 0
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = [getattr(value, f.name) for f in dataclasses.fields(value)]
+    elif isinstance(value, dict):
+        items = list(value.values())
+    elif isinstance(value, (list, tuple)):
+        items = value
+    else:
+        return 0
+    return sum(_held_bytes(item, seen, depth + 1) for item in items)
+
+
 def _resolved_slice(method):
     """A correction returns its slice as the session's results give it: in an exclusive
     session, with the voxels another structure wins taken out (rule in the module docstring).
@@ -305,6 +326,17 @@ class Session:
         finally:
             if held:
                 self._lock.release()
+
+    def array_bytes(self) -> int:
+        """Bytes of the arrays this session holds besides its encoder cache: its volume and, per
+        structure, everything its state keeps (output and fixed masks, other segments, kept
+        probabilities, prompt sets and their masks, the slices as they were before corrections,
+        edits, bank examples and their features, the last run's outcomes and evidence). What a
+        server counts against a user's memory budget (an array reached twice counts once)."""
+        with self._lock:
+            seen: set = set()
+            return _held_bytes(self.volume, seen) + sum(_held_bytes(state, seen)
+                                                        for state in list(self.structures.values()))
 
     def close(self) -> None:
         """Free the cached encoder outputs of this volume and every structure. A cache shared

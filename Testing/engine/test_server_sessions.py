@@ -399,8 +399,10 @@ def test_sessions_volumes_and_encodings_share_the_users_budget(tiny_models):
         reply = finish(scheduler, scheduler.submit_session_job("alice", message))
         assert isinstance(reply, protocol.JobResult), reply
         cache = scheduler._caches["alice"]
-        # The encodings are in the user's one cache, bounded by the budget minus the session's arrays.
-        assert cache.max_bytes == budget - arrays and cache.nbytes > 0
+        # The encodings are in the user's one cache, bounded by the budget minus what the session
+        # holds: its volume and mask, and the rest of its state (prompt sets, evidence ...).
+        held = scheduler._sessions["alice"].array_bytes()
+        assert held > arrays and cache.max_bytes == budget - held and cache.nbytes > 0
         assert scheduler.health("alice", "h").cache_bytes == cache.nbytes
         # A second session that cannot fit beside it is refused before anything runs.
         too_big = dataclasses.replace(message, session_id="t", volume=protocol.Image(np.zeros((6, 400, 1000), np.float32)),
@@ -410,6 +412,36 @@ def test_sessions_volumes_and_encodings_share_the_users_budget(tiny_models):
         assert caught.value.status == 413 and "--cache-mb-per-user" in str(caught.value)
         scheduler.session_request("alice", close("s"))
         assert cache.nbytes == 0 and cache.max_bytes == budget  # the session's arrays are given back
+    finally:
+        scheduler.stop()
+
+
+def test_the_budget_counts_an_exclusive_sessions_kept_probabilities(tiny_models):
+    """An exclusive session keeps each structure's refined probability per propagated slice
+    (float32 crops): the server counts them, with the prompt masks and the rest of the session's
+    state, against the user's budget (it counted the volume and the output masks only, so the
+    encoder cache could take what the probabilities already held)."""
+    volume, mask = box_volume(seed=11)
+    second = np.zeros_like(mask)
+    second[3, 4:14, 4:14] = 1  # another structure beside the box
+    budget = 64 * 1024 * 1024
+    scheduler = scheduler_for(tiny_models, budget)
+    scheduler.start()
+    try:
+        message = protocol.SessionOpen(id="o", session_id="x", engine=engine_spec(tiny_models),
+                                       volume=protocol.Image(volume), structures={"1": mask, "2": second},
+                                       options={"axis": 0, "modality": "auto", "exclusive": True})
+        reply = finish(scheduler, scheduler.submit_session_job("alice", message))
+        assert isinstance(reply, protocol.JobResult), reply
+        sessions = scheduler._sessions["alice"]
+        (session,) = sessions._sessions.values()
+        states = list(session.structures.values())
+        probabilities = sum(crop.nbytes for state in states for (_, _, crop) in (state.probabilities or {}).values())
+        prompt_masks = sum(m.values.nbytes for state in states for masks in state.prompt_masks.values() for m in masks)
+        assert probabilities > 0 and prompt_masks > 0
+        at_least = session.volume.nbytes + sum(state.output.nbytes for state in states) + probabilities + prompt_masks
+        assert sessions.array_bytes() >= at_least
+        assert scheduler._caches["alice"].max_bytes == budget - sessions.array_bytes()
     finally:
         scheduler.stop()
 

@@ -480,13 +480,11 @@ class WorkerSessions:
         return [key for key in idle if self.close(key)]
 
     def array_bytes(self) -> int:
-        """Bytes of the sessions' volumes and masks (what they hold besides encodings)."""
+        """Bytes of what the sessions hold besides encodings (``Session.array_bytes``: volumes,
+        masks, kept probabilities, prompt masks, corrections' before-states, examples ...)."""
         with self._lock:
             sessions = list(self._sessions.values())
-        return sum(session.volume.nbytes + sum(
-            (state.output.nbytes if state.output is not None else 0)
-            + (state.negatives.nbytes if getattr(state, "negatives", None) is not None else 0)
-            for state in list(session.structures.values())) for session in sessions)
+        return sum(session.array_bytes() for session in sessions)
 
     def cache_bytes(self) -> int:
         """Bytes of the sessions' own caches (an adopted session's is its engine's, counted there)."""
