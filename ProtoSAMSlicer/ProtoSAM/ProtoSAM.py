@@ -756,16 +756,34 @@ class ProtoSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Results accepted; nothing was added to the example bank.")
             return
         with slicer.util.tryWithErrorDisplay(_("Adding to the example bank failed."), waitCursor=True):
-            added = self.logic.addToBank(folder, additions)
+            added = self.logic.addToBank(folder, additions, undo=self.acceptUndo)
             self.ui.statusLabel.text = _("Results accepted; {count} example(s) added to the bank.").format(
                 count=len(added))
         self.refreshBank()
 
     def onUndoAcceptButton(self):
-        """Scene undo is off in Slicer: the last Accept is reverted from what it recorded."""
+        """Scene undo is off in Slicer: the last Accept is reverted from what it recorded. When that
+        Accept added examples to the bank, the user is asked whether they go too."""
+        from ProtoSAMSlicerLib import bank
+
+        undo = self.acceptUndo
+        question = bank.undoQuestion(undo)
+        removeExamples = question is not None and slicer.util.confirmOkCancelDisplay(
+            question, windowTitle=_("ProtoSAM example bank"))
+        undone = False
         with slicer.util.tryWithErrorDisplay(_("Undoing the accept failed."), waitCursor=True):
-            self.logic.undoAccept(self.acceptUndo)
-            self.ui.statusLabel.text = _("Accept undone: the segments are as they were before it.")
+            self.logic.undoAccept(undo)
+            undone = True
+            text = _("Accept undone: the segments are as they were before it.")
+            self.ui.statusLabel.text = text if question is None or removeExamples else (
+                text + " " + _("The examples it added stay in the bank."))
+        if undone and removeExamples:
+            with slicer.util.tryWithErrorDisplay(
+                    _("The segments are restored, but removing the examples from the bank failed."), waitCursor=True):
+                removed = self.logic.removeAcceptedExamples(undo)
+                self.ui.statusLabel.text = _("Accept undone: the segments are as they were before it, and the {count} "
+                                             "example(s) it added were removed from the bank.").format(count=removed)
+            self.refreshBank()
         self.acceptUndo = None
         self.updateGUI()
 

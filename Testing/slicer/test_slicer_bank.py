@@ -114,6 +114,47 @@ def test_the_loop_a_painted_corrected_banked_then_b_from_the_bank_alone(scene, t
     logic.cleanup()
 
 
+def test_undo_accept_can_take_the_examples_it_added_back_out_of_the_bank(scene, tinyOptions, tmp_path):
+    """Undo accept restores the segments and, when the user agrees, removes from the bank the
+    examples added after that Accept: those still there (one was removed meanwhile), never
+    another Accept's. A bank folder that went missing is said, after the segments came back,
+    and a retry removes only what is left."""
+    from ProtoSAMSlicerLib import results
+
+    folder = tmp_path / "liver-bank"
+    logic = ProtoSAMLogic()
+    a, segmentation, liver = volumeA(scene)
+    before = mrml_io.segmentToArray(segmentation, liver, a).copy()
+    earlier = ExampleBank(folder).add("liver", np.zeros((20, 22), np.float32), np.ones((20, 22), bool),
+                                      slice_index=0, slice_count=7, volume_hash="another-volume", plane="axial")
+    result = logic.process(a, segmentation, [liver], sliceNormal_World=AXIAL_NORMAL, options=tinyOptions)
+    repaint(result, liver, 1, slice(6, 14), slice(7, 16))
+    addition = logic.bankAddition(result)
+    undo = results.AcceptUndo()
+    logic.accept(result, mode="replace", undo=undo)
+    assert not segmentUnchanged(segmentation, liver, a, before)
+    added = logic.addToBank(folder, [addition], undo=undo)
+    assert len(added) == 2 and undo.bankExamples == {str(folder): [example.id for example in added]}
+    question = bank.undoQuestion(undo)
+    assert f"added 2 painted and corrected slice(s) to the example bank {folder}" in question
+    assert bank.undoQuestion(results.AcceptUndo()) is None
+    ExampleBank(folder).remove([added[0].id])  # removed meanwhile (protosam examples remove)
+
+    logic.undoAccept(undo)  # the segments alone: the examples wait for the user's answer
+    assert segmentUnchanged(segmentation, liver, a, before)
+    assert {e.id for e in ExampleBank(folder).list()} == {earlier.id, added[1].id}
+    assert logic.removeAcceptedExamples(undo) == 1
+    assert [e.id for e in ExampleBank(folder).list()] == [earlier.id] and not undo.bankExamples
+    assert logic.removeAcceptedExamples(undo) == 0
+
+    missing = str(tmp_path / "gone")
+    partly = results.AcceptUndo(bankExamples={str(folder): [earlier.id], missing: ["x"]})
+    with pytest.raises(InputError, match="does not exist"):
+        logic.removeAcceptedExamples(partly)
+    assert ExampleBank(folder).list() == [] and list(partly.bankExamples) == [missing]  # left for a retry
+    logic.cleanup()
+
+
 def referenceUpdate(volume, examples, k, repainted, tinyModels):
     """In this process: a Session on ``volume`` started from the bank's ``examples`` alone, slice
     ``k`` repainted, updated (what the worker's correction session must give)."""
@@ -301,6 +342,20 @@ def test_module_bank_view_add_prompt_declined_then_accepted_and_a_volume_from_th
     accepted = acceptAnswering(qt.QMessageBox.Ok)
     assert "- A: liver: slices 3, 5" in accepted["text"]
     assert ExampleBank(folder).structures() == {"liver": 2} and "2 example(s) added" in widget.ui.statusLabel.text
+
+    # Undo accept asks whether the 2 examples go too; OK: they do, and the segment is as before.
+    asked = len(modalDialogs.shown)
+    modalDialogs.answer = qt.QMessageBox.Ok
+    qt.QTimer.singleShot(0, widget.ui.undoAcceptButton.click)
+    slicerApp.runEventLoopUntil(lambda: len(modalDialogs.shown) > asked and modalDialogs.open == 0
+                                and widget.acceptUndo is None)
+    assert "added 2 painted and corrected slice(s) to the example bank" in modalDialogs.shown[-1]["text"]
+    assert ExampleBank(folder).structures() == {} and widget.ui.bankTableWidget.rowCount == 0
+    assert "2 example(s) it added were removed from the bank" in widget.ui.statusLabel.text
+    assert not widget.ui.undoAcceptButton.enabled
+    propagateAndRepaint(5)  # and accepted again, into the bank again
+    acceptAnswering(qt.QMessageBox.Ok)
+    assert ExampleBank(folder).structures() == {"liver": 2}
     table = widget.ui.bankTableWidget
     assert table.rowCount == 1 and [table.item(0, c).text() for c in range(3)] == ["liver", "2", "axial"]
     assert [table.horizontalHeaderItem(c).text() for c in range(3)] == ["Structure", "Examples", "Planes"]
@@ -315,11 +370,11 @@ def test_module_bank_view_add_prompt_declined_then_accepted_and_a_volume_from_th
     (fromBank,) = widget.results
     assert fromBank.targetVolumeNode is b and not fromBank.paintedSupports and len(fromBank.examples[liver]) == 2
     assert mrml_io.segmentToArray(fromBank.previewSegmentationNode, liver, b).any()
-    assert modalDialogs.maxOpen == 1 and len(modalDialogs.shown) == 2  # no error on the way
+    assert modalDialogs.maxOpen == 1 and len(modalDialogs.shown) == 4  # no error on the way
     # Accepting B's preview with nothing painted or repainted on B offers nothing.
     qt.QTimer.singleShot(0, widget.ui.acceptButton.click)
     slicerApp.runEventLoopUntil(lambda: not widget.results)
-    assert len(modalDialogs.shown) == 2 and ExampleBank(folder).structures() == {"liver": 2}
+    assert len(modalDialogs.shown) == 4 and ExampleBank(folder).structures() == {"liver": 2}
 
     # A bank folder that went missing: the section says so, and Propagate from it shows the error
     # and starts nothing.
@@ -327,7 +382,7 @@ def test_module_bank_view_add_prompt_declined_then_accepted_and_a_volume_from_th
     assert "does not exist" in widget.ui.bankStatusLabel.text and widget.ui.bankTableWidget.rowCount == 0
     segments = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
     qt.QTimer.singleShot(0, widget.ui.applyButton.click)
-    slicerApp.runEventLoopUntil(lambda: len(modalDialogs.shown) == 3 and modalDialogs.open == 0)
+    slicerApp.runEventLoopUntil(lambda: len(modalDialogs.shown) == 5 and modalDialogs.open == 0)
     assert "does not exist" in modalDialogs.shown[-1]["text"] and not widget.jobs
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == segments
     widget.cleanup()

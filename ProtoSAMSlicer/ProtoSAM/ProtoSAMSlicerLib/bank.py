@@ -7,6 +7,9 @@ What the module's "Example bank" section and the Segment Editor effect do with a
 - ``examplesForSegments``: a run's supports from the bank, by segment name (segment name =
   structure name), as arrays (``image``, ``mask``, ``slice_index``, ``slice_count``) that travel
   to the worker process as they are; it never hands the worker a path;
+- ``removeFromBank`` / ``undoQuestion``: Undo accept offers to take the examples that Accept
+  added back out of the bank (asked: the slices are the user's own labels, which may still be
+  wanted after the propagated result is undone);
 - ``bankAddition`` / ``addToBank``: the painted and corrected slices of an accepted volume as
   examples. ``bankAddition`` reads them from the preview *before* Accept removes it (the slice
   as the engine normalises it, in the engine's canonical order, and its whole mask), and
@@ -263,3 +266,26 @@ def additionQuestion(additions: Sequence[BankAddition], folder) -> Optional[str]
     return (f"Add the {total} painted and corrected slice(s) of the accepted result to the example bank {folder}?\n\n"
             + "\n".join(lines) + "\n\nLater volumes can then be propagated from the bank with no painting. The bank "
             "keeps these slices of the scan (patient data), without names, IDs, paths or dates.")
+
+
+def removeFromBank(folder, exampleIds: Sequence[str]) -> list:
+    """Remove the examples with ``exampleIds`` from the bank in ``folder``: those still there
+    (some may have been removed since, e.g. with ``protosam examples remove``). Returns the
+    removed ``protosam.examples.Example`` list."""
+    bank = openBank(folder)
+    present = {example.id for example in bank.list()}
+    ids = [exampleId for exampleId in exampleIds if exampleId in present]
+    return bank.remove(ids) if ids else []
+
+
+def undoQuestion(undo) -> Optional[str]:
+    """The question Undo accept asks when that Accept added examples to a bank (``undo``: a
+    results.AcceptUndo), or None when it added none."""
+    added = {folder: ids for folder, ids in undo.bankExamples.items() if ids}
+    if not added:
+        return None
+    total = sum(len(ids) for ids in added.values())
+    folders = ", ".join(sorted(added))
+    return (f"This Accept also added {total} painted and corrected slice(s) to the example bank {folders}.\n\n"
+            "Remove them from the bank too? (OK: remove them; Cancel: keep them as examples. The segments are "
+            "restored either way.)")

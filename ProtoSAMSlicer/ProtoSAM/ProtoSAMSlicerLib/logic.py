@@ -621,16 +621,33 @@ class ProtoSAMLogic:
 
         return bank.bankAddition(self, result)
 
-    def addToBank(self, folder, additions) -> list:
+    def addToBank(self, folder, additions, undo: Optional[results.AcceptUndo] = None) -> list:
         """Add ``additions`` (bankAddition's, after the user agreed) to the bank in ``folder``
-        (made there if the folder is new or empty); returns the protosam.examples.Example list."""
+        (made there if the folder is new or empty); returns the protosam.examples.Example list.
+        ``undo``: the Accept's record, which then remembers the added examples (undoAccept)."""
         from . import bank
 
-        return bank.addToBank(folder, additions)
+        added = bank.addToBank(folder, additions)
+        if undo is not None:
+            undo.bankExamples.setdefault(str(folder), []).extend(example.id for example in added)
+        return added
 
     def undoAccept(self, undo: results.AcceptUndo) -> None:
-        """Revert the Accept(s) recorded in ``undo``: added segments go, replaced ones come back."""
+        """Revert the Accept(s) recorded in ``undo``: added segments go, replaced ones come back.
+        The examples it added to a bank stay in ``undo`` (removeAcceptedExamples)."""
         results.undoAccept(undo)
+
+    def removeAcceptedExamples(self, undo: results.AcceptUndo) -> int:
+        """Remove from their banks the examples that the Accept recorded in ``undo`` added
+        (those still there); returns how many were removed. Each bank's are forgotten once
+        removed, so a retry after an error removes only the rest."""
+        from . import bank
+
+        removed = 0
+        for folder, exampleIds in list(undo.bankExamples.items()):
+            removed += len(bank.removeFromBank(folder, exampleIds))
+            del undo.bankExamples[folder]
+        return removed
 
     def discard(self, result: PropagationResult) -> None:
         """Remove a result's preview segmentation (and its correction session)."""

@@ -144,9 +144,14 @@ class AcceptedChange:
 
 @dataclasses.dataclass
 class AcceptUndo:
-    """Everything one Accept click changed (possibly several results), undone together."""
+    """Everything one Accept click changed (possibly several results), undone together.
+
+    bankExamples: example bank folder -> IDs of the examples added to it after this Accept (its
+    painted and corrected slices, when the user agreed); Undo accept offers to remove them.
+    """
 
     changes: List[AcceptedChange] = dataclasses.field(default_factory=list)
+    bankExamples: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
