@@ -268,9 +268,11 @@ def test_attention_under_autocast_runs_the_fused_kernel_with_relative_positions_
     ``scaled_dot_product_attention`` with the two relative-position terms as its additive mask
     (the explicit steps stored the scores in bf16 and were slower, see ``sam_memory``), in
     chunks of query rows and (window, head) pairs. Against segment-anything's attention in
-    float32 it stays within bf16 rounding (4 bf16 epsilons of the largest value; measured 2.1-2.3
-    with the tiny model), and no further off than segment-anything's own layer under autocast. The
-    relative-position tables are made large, so leaving the mask out (or misplacing it) fails."""
+    float32 it stays within bf16 rounding (4 bf16 epsilons of the largest value; measured 1.5-2.3
+    with the tiny model, as close as segment-anything's own layer under autocast). The
+    relative-position tables are made large, so leaving the mask out (or misplacing it) fails:
+    measured 20-36 times the bound. (No comparison with segment-anything's bf16 error here: where
+    both are set by the same output rounding, another CPU's bf16 kernels may tip either way.)"""
     from segment_anything.modeling.image_encoder import Attention as StockAttention
 
     from protosam.models.sam import build_sam
@@ -297,10 +299,7 @@ def test_attention_under_autocast_runs_the_fused_kernel_with_relative_positions_
         x = torch.randn(*shape, block.norm1.normalized_shape[0], generator=generator)
         with torch.inference_mode():
             reference = StockAttention.forward(block.attn, x)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                stock_bf16 = StockAttention.forward(block.attn, x).float()
             bound = 4 * eps * reference.abs().max()
-            stock_error = (stock_bf16 - reference).abs().max()
             # the default bound (16 MiB: all rows at once here), then one query row per chunk
             for chunk_bytes in (16 * 2**20, 1):
                 limit_global_attention_memory(sam, chunk_bytes=chunk_bytes)
@@ -310,7 +309,6 @@ def test_attention_under_autocast_runs_the_fused_kernel_with_relative_positions_
                 assert ours.dtype == torch.bfloat16 and calls, (shape, chunk_bytes)
                 error = (ours.float() - reference).abs().max()
                 assert error <= bound, (shape, chunk_bytes, error, bound)
-                assert error <= 1.05 * stock_error, (shape, chunk_bytes, error, stock_error)
         # the last round: one (window, head) pair or one head, and one query row, per call
         assert len(calls) == shape[0] * block.attn.num_heads * shape[1], (shape, len(calls))
 
