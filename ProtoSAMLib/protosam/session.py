@@ -79,7 +79,7 @@ from .prompts import ComponentPrompt, connected_components
 from .models.alpnet import pool_prototypes
 from .propagation import (
     DEFAULT_SIMILAR_K, SUPPORT_MODES, CroppedMask, _as_support_example, _check_example, _check_range,
-    _check_similar_k, _example_features, _propagate, _seed_slices, _SliceStore, _Structure, combine_supports,
+    _check_similar_k, _example_features, _nbytes, _propagate, _seed_slices, _SliceStore, _Structure, combine_supports,
     crop_mask, largest_area_slice, resolve_exclusive, slice_descriptor,
 )
 from .validation import as_binary_mask, as_float_slices
@@ -169,7 +169,7 @@ def _held_bytes(value, seen: set, depth: int = 0) -> int:
         if id(value) in seen:
             return 0
         seen.add(id(value))
-        return int(value.nbytes) if isinstance(value, np.ndarray) else value.element_size() * value.nelement()
+        return int(value.nbytes) if isinstance(value, np.ndarray) else _nbytes(value)
     if depth > 12 or isinstance(value, (str, bytes, int, float, bool, slice)) or value is None:
         return 0
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -177,7 +177,7 @@ def _held_bytes(value, seen: set, depth: int = 0) -> int:
     elif isinstance(value, dict):
         items = list(value.values())
     elif isinstance(value, (list, tuple)):
-        items = value
+        items = list(value)
     else:
         return 0
     return sum(_held_bytes(item, seen, depth + 1) for item in items)
@@ -332,11 +332,15 @@ class Session:
         structure, everything its state keeps (output and fixed masks, other segments, kept
         probabilities, prompt sets and their masks, the slices as they were before corrections,
         edits, bank examples and their features, the last run's outcomes and evidence). What a
-        server counts against a user's memory budget (an array reached twice counts once)."""
-        with self._lock:
-            seen: set = set()
-            return _held_bytes(self.volume, seen) + sum(_held_bytes(state, seen)
-                                                        for state in list(self.structures.values()))
+        server counts against a user's memory budget (an array reached twice counts once).
+
+        Never waits for the session's lock: the server counts under its own scheduler lock, and an
+        update holds the session's for its whole run, which would stall every user's requests.
+        The count reads snapshots of the state (``list`` copies of its containers, made under the
+        GIL), so an operation running meanwhile gives a figure from just before or after it."""
+        seen: set = set()
+        return _held_bytes(self.volume, seen) + sum(_held_bytes(state, seen)
+                                                    for state in list(self.structures.values()))
 
     def close(self) -> None:
         """Free the cached encoder outputs of this volume and every structure. A cache shared

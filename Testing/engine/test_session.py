@@ -447,3 +447,35 @@ def test_has_sam_embedding_tells_which_clicks_need_an_encoding(engine):
     assert session.has_sam_embedding(4) and not session.has_sam_embedding(3)
     session.cache.clear()  # evicted
     assert not session.has_sam_embedding(4)
+
+
+def test_counting_a_sessions_bytes_never_waits_for_an_operation_in_progress(engine):
+    """The server counts ``Session.array_bytes`` under its scheduler lock; an update holds the
+    session's lock for its whole run. Counting must not wait for it (it would stall every user's
+    requests for that long)."""
+    import threading
+
+    volume, truth = _volume()
+    session = Session(engine, volume, modality="none")
+    session.start({"organ": truth}, support_slices={"organ": [5]})
+    idle = session.array_bytes()
+    assert idle > volume.nbytes + truth.nbytes  # the volume, the output and the rest of the state
+    holding, release = threading.Event(), threading.Event()
+
+    def an_update_in_progress():
+        with session.exclusive():
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=an_update_in_progress)
+    holder.start()
+    holding.wait(10)
+    counted = []
+    counter = threading.Thread(target=lambda: counted.append(session.array_bytes()))
+    counter.start()
+    counter.join(10)
+    waited = counter.is_alive()
+    release.set()
+    holder.join(10)
+    counter.join(10)
+    assert not waited and counted == [idle]
