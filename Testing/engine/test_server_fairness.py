@@ -3,8 +3,10 @@ turns slice by slice (round-robin by user), so one user's short job does not wai
 another user's long one, and every job's result stays bit for bit what it is alone.
 
 In-process JobScheduler (no HTTP: the scheduling is the scheduler's), tiny random-weight models
-on the CPU with one torch thread. Timing bounds are generous (2 shared cores) and measured in
-the same test: the short job's own run time alone is the unit.
+on the CPU with one torch thread. Fair share is checked on the order of the turns (which job
+computed between which slice boundaries), recorded where the jobs hand the turn on, not on wall
+clock times: a shared CI machine slowed one measured run fourfold, and timing bounds either
+fail on such noise or are too loose to tell anything.
 """
 from __future__ import annotations
 
@@ -17,17 +19,10 @@ from protosam.serving import protocol
 
 from engine_helpers import box_volume, cpu_engine_spec, segment_volume_request
 
-# Long enough that A alone stays well above the bound below (the first test's guard): with 48
-# slices, A alone (8.8 s) fell under 1.5 x the bound once B alone took 0.72 s in a full run
-# (0.37-0.49 s on its own), failing the guard on timing noise.
-LONG_SLICES = 96
+#: A's job is long enough that B's (taking turns with it) ends long before A's does; without fair
+#: share B would wait for all of A's slices.
+LONG_SLICES = 48
 SHORT_SLICES = 3
-#: B's job beside A's may take at most this many times its own run time alone, plus
-#: BOUND_SLACK_S. Turn by turn, each of B's slices (and its preparation) waits for one of A's:
-#: 1.5x to 3.6x measured on a shared 2-core machine (A's slices cost more than B's here: the
-#: per-slice time grows with the volume's length). Without fair share B waits for the rest of A.
-BOUND_FACTOR = 6.0
-BOUND_SLACK_S = 2.0
 
 
 def scheduler_for(models, users=("alice", "bob", "carol"), max_jobs=8):
@@ -87,37 +82,60 @@ def scheduler(tiny_models, one_thread):
     scheduler.stop()
 
 
+@pytest.fixture
+def turns(scheduler, monkeypatch):
+    """Every slice boundary at which a running job offers the turn to the next user, in order:
+    (user, slices done). Recorded by wrapping the scheduler's own hand-over, which it still does."""
+    boundaries = []
+    hand_over = scheduler._take_turns
+
+    def recorded(job):
+        boundaries.append((job.user, job.done))
+        hand_over(job)
+
+    monkeypatch.setattr(scheduler, "_take_turns", recorded)
+    return boundaries
+
+
+def assert_took_turns(turns, first, long_user, short_user):
+    """From index ``first`` of the turn log (taken just before the short job was submitted) to
+    the short job's last slice boundary, the two jobs alternated: the long job computed at most
+    one slice between two of the short job's boundaries. Before the short job's first boundary
+    the long one may pass two: the one at which the short job started, and one more when the
+    submission came just after a boundary was recorded but before the turn was handed on."""
+    users = [user for user, _ in turns[first:]]
+    assert short_user in users, f"the short job never took a turn: {users}"
+    last = len(users) - 1 - users[::-1].index(short_user)
+    users = users[:last + 1]
+    assert users.index(short_user) <= 2, f"the short job waited for {users.index(short_user)} of the long job's slices: {users}"
+    for previous, following in zip(users, users[1:]):
+        assert (previous, following) != (long_user, long_user), f"the long job ran two slices in a row: {users}"
+    return users
+
+
 def job_threads():
     return [thread for thread in threading.enumerate() if thread.name.startswith("protosam-job-")]
 
 
-def test_a_short_job_finishes_during_another_users_long_job_with_identical_results(scheduler, tiny_models):
+def test_a_short_job_finishes_during_another_users_long_job_with_identical_results(scheduler, turns, tiny_models):
     long_request = request(tiny_models, LONG_SLICES, seed=1)
     short_request = request(tiny_models, SHORT_SLICES, seed=2)
-    value_of(finish(scheduler, scheduler.submit("bob", short_request)))  # warm-up: engine built, kernels loaded
-
-    started = time.monotonic()
     short_alone = value_of(finish(scheduler, scheduler.submit("bob", short_request)))
-    b_alone_s = time.monotonic() - started
-    started = time.monotonic()
     long_alone = value_of(finish(scheduler, scheduler.submit("alice", long_request)))
-    a_alone_s = time.monotonic() - started
-    bound_s = BOUND_FACTOR * b_alone_s + BOUND_SLACK_S
-    assert a_alone_s > 1.5 * bound_s, "A's job is too short for this test to tell anything"
 
     long_job = scheduler.submit("alice", long_request)
     wait_until_running(scheduler, long_job)
+    first = len(turns)
     started = time.monotonic()
     short_job = scheduler.submit("bob", short_request)
     short_reply = finish(scheduler, short_job)
-    b_interleaved_s = time.monotonic() - started
+    b_beside_s = time.monotonic() - started
     state, a_done, a_total, _ = scheduler.snapshot(long_job)
-    print(f"B alone {b_alone_s:.2f} s, B beside A {b_interleaved_s:.2f} s (bound {bound_s:.2f} s); "
-          f"A alone {a_alone_s:.2f} s, A at {a_done}/{a_total} slices when B finished")
-    # B finished while A still ran, within a few times its own run time.
+    users = assert_took_turns(turns, first, "alice", "bob")
+    print(f"B beside A {b_beside_s:.2f} s, A at {a_done}/{a_total} slices when B finished; turns: {users}")
+    # B finished while A still ran (without fair share B would wait for all of A's slices) ...
     assert state == "running" and a_done < a_total
-    assert b_interleaved_s <= bound_s
-    # A still finishes, and both results are bit for bit those of the jobs alone.
+    # ... A still finishes, and both results are bit for bit those of the jobs alone.
     long_value = value_of(finish(scheduler, long_job))
     assert_identical(long_value, long_alone)
     assert_identical(value_of(short_reply), short_alone)
@@ -165,7 +183,7 @@ def test_cancel_of_a_job_waiting_for_its_turn_stops_it_within_a_slice(scheduler,
     assert isinstance(finish(scheduler, queued), protocol.JobResult)  # the device is free again
 
 
-def test_a_session_open_takes_turns_with_another_users_job_and_opens_as_alone(scheduler, tiny_models):
+def test_a_session_open_takes_turns_with_another_users_job_and_opens_as_alone(scheduler, turns, tiny_models):
     volume, mask = box_volume(slices=12, seed=7)
 
     def open_session(session_id):
@@ -176,9 +194,11 @@ def test_a_session_open_takes_turns_with_another_users_job_and_opens_as_alone(sc
     alone = value_of(finish(scheduler, open_session("alone")))
     long_job = scheduler.submit("alice", request(tiny_models, LONG_SLICES, seed=1))
     wait_until_running(scheduler, long_job)
+    first = len(turns)
     beside = value_of(finish(scheduler, open_session("beside")))
     state, done, total, _ = scheduler.snapshot(long_job)
-    assert state == "running" and done < total  # the open took turns with alice's job
+    assert state == "running" and done < total  # the open took turns with alice's job ...
+    assert_took_turns(turns, first, "alice", "carol")  # ... slice by slice
     assert beside["masks"]["1"].tobytes() == alone["masks"]["1"].tobytes() and alone["masks"]["1"].any()
     assert beside["fixed_slices"] == alone["fixed_slices"]
     scheduler.cancel("alice", long_job.id)
