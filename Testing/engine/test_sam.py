@@ -151,9 +151,18 @@ def test_single_mask_output_matches_predictor(tiny_sam):
     predictor = SamPredictor(sam)
     predictor.set_image(_official_uint8(image))
     prompt = _prompt([200, 220, 500, 480], [[300, 300], [350.0, 350.0]])
-    masks, _, _ = predictor.predict(point_coords=prompt.points, point_labels=prompt.point_labels, box=prompt.box, multimask_output=False)
+    logits, _, _ = predictor.predict(point_coords=prompt.points, point_labels=prompt.point_labels, box=prompt.box,
+                                     multimask_output=False, return_logits=True)
     union, _ = refiner.decode(refiner.embed(image), [prompt], multimask_output=False, pick_best_score=False, batch_prompts=False)
-    assert torch.equal(union, torch.from_numpy(masks[0]))
+    expected = torch.from_numpy(logits[0] > sam.mask_threshold)
+    # Our decoder sums in another order (protosam.models.sam_decoder), so a pixel whose logit is
+    # within rounding of the threshold may fall either way: on an AMD EPYC one pixel of logit
+    # 7.8e-9 did (the largest is 0.15). Every other pixel must agree.
+    undecided = torch.from_numpy(np.abs(logits[0] - sam.mask_threshold) <= DECODE_TOLERANCE)
+    assert expected.any() and not expected.all()
+    assert int(undecided.sum()) < 0.001 * undecided.numel()  # the exemption stays a handful of pixels
+    differing = union ^ expected
+    assert not (differing & ~undecided).any(), f"{int((differing & ~undecided).sum())} decided pixels differ"
 
 
 def test_constant_image_does_not_produce_nan(tiny_sam):
