@@ -17,10 +17,14 @@ Tables (``name``: source):
 - ``propagation_latest``: the same table for the latest run on this project's Intel Xeon
   (``--latest``, default ``results/cpu_vitb_64slices_xeon.json``, with the default preset in
   fp32 and bf16 beside the ``paper`` phases);
+- ``propagation_epyc``: the same table for the latest run on the AMD EPYC reference benchmark
+  machine (``--epyc``, default ``results/cpu_vitb_64slices_epyc.json``);
 - ``corrections``: the corrections benchmark (``--corrections``, default
   ``results/cpu_vitb_corrections_64slices.json``): full propagation, one click, an update;
 - ``corrections_latest``: the same table for the latest run (``--corrections-latest``, default
   ``results/cpu_vitb_corrections_64slices_fp32_xeon.json``), with the gestures and the precision;
+- ``corrections_epyc``: the same for the latest run on the AMD EPYC (``--corrections-epyc``,
+  default ``results/cpu_vitb_corrections_64slices_fp32_epyc.json``);
 - ``memory``: ``memory_profile.py`` runs (every ``results/cpu_vitb_memory_*.json``, in name
   order): peak resident memory and the step it occurred in, before and after a change;
 - ``bf16``: ``bf16_check.py`` (``--bf16``, default ``results/cpu_vitb_bf16_vs_fp32_xeon.json``):
@@ -56,8 +60,10 @@ RESULTS = HERE / "results"
 PAGE = HERE.parent / "docs" / "performance.md"
 DEFAULT_PROPAGATION = RESULTS / "cpu_vitb_64slices_with_default_preset.json"
 DEFAULT_PROPAGATION_LATEST = RESULTS / "cpu_vitb_64slices_xeon.json"
+DEFAULT_PROPAGATION_EPYC = RESULTS / "cpu_vitb_64slices_epyc.json"
 DEFAULT_CORRECTIONS = RESULTS / "cpu_vitb_corrections_64slices.json"
 DEFAULT_CORRECTIONS_LATEST = RESULTS / "cpu_vitb_corrections_64slices_fp32_xeon.json"
+DEFAULT_CORRECTIONS_EPYC = RESULTS / "cpu_vitb_corrections_64slices_fp32_epyc.json"
 DEFAULT_BF16 = RESULTS / "cpu_vitb_bf16_vs_fp32_xeon.json"
 MEMORY_GLOB = "cpu_vitb_memory_*.json"
 DEFAULT_REFINERS = RESULTS / "cpu_refiners_64slices_xeon.json"
@@ -290,7 +296,8 @@ def _rel(path: Path) -> str:
 def render(propagation: Path, corrections: Path, bf16: Path = DEFAULT_BF16, results: Path = RESULTS,
            refiners: Path = DEFAULT_REFINERS, sam2_memory: Path = DEFAULT_SAM2_MEMORY,
            latest: Path = DEFAULT_PROPAGATION_LATEST, refiners_bf16: Path = DEFAULT_REFINERS_BF16,
-           corrections_latest: Path = DEFAULT_CORRECTIONS_LATEST) -> Dict[str, str]:
+           corrections_latest: Path = DEFAULT_CORRECTIONS_LATEST, epyc: Path = DEFAULT_PROPAGATION_EPYC,
+           corrections_epyc: Path = DEFAULT_CORRECTIONS_EPYC) -> Dict[str, str]:
     tables = {
         "propagation": propagation_table(json.loads(propagation.read_text()), f"`{_rel(propagation)}`"),
         "corrections": corrections_table(json.loads(corrections.read_text()), f"`{_rel(corrections)}`"),
@@ -300,6 +307,11 @@ def render(propagation: Path, corrections: Path, bf16: Path = DEFAULT_BF16, resu
     if corrections_latest.exists():
         tables["corrections_latest"] = corrections_table(json.loads(corrections_latest.read_text()),
                                                          f"`{_rel(corrections_latest)}`")
+    if epyc.exists():
+        tables["propagation_epyc"] = propagation_table(json.loads(epyc.read_text()), f"`{_rel(epyc)}`")
+    if corrections_epyc.exists():
+        tables["corrections_epyc"] = corrections_table(json.loads(corrections_epyc.read_text()),
+                                                       f"`{_rel(corrections_epyc)}`")
     memory = sorted(results.glob(MEMORY_GLOB))
     if memory:
         tables["memory"] = memory_table([json.loads(p.read_text()) for p in memory], [f"`{_rel(p)}`" for p in memory])
@@ -327,7 +339,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--results", type=Path, default=DEFAULT_PROPAGATION, help="propagation benchmark JSON")
     p.add_argument("--latest", type=Path, default=DEFAULT_PROPAGATION_LATEST,
                    help="propagation benchmark JSON of the latest run (a second table)")
+    p.add_argument("--epyc", type=Path, default=DEFAULT_PROPAGATION_EPYC,
+                   help="propagation benchmark JSON of the latest run on the AMD EPYC (a third table)")
     p.add_argument("--corrections", type=Path, default=DEFAULT_CORRECTIONS, help="corrections benchmark JSON")
+    p.add_argument("--corrections-epyc", type=Path, default=DEFAULT_CORRECTIONS_EPYC,
+                   help="corrections benchmark JSON of the latest run on the AMD EPYC (a third table)")
     p.add_argument("--corrections-latest", type=Path, default=DEFAULT_CORRECTIONS_LATEST,
                    help="corrections benchmark JSON of the latest run (a second table)")
     p.add_argument("--bf16", type=Path, default=DEFAULT_BF16, help="bf16_check.py JSON")
@@ -342,7 +358,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     mode.add_argument("--check", action="store_true", help="exit 1 when the page's tables are out of date")
     args = p.parse_args(argv)
     tables = render(args.results, args.corrections, args.bf16, refiners=args.refiners, sam2_memory=args.sam2_memory,
-                    latest=args.latest, refiners_bf16=args.refiners_bf16, corrections_latest=args.corrections_latest)
+                    latest=args.latest, refiners_bf16=args.refiners_bf16, corrections_latest=args.corrections_latest,
+                    epyc=args.epyc, corrections_epyc=args.corrections_epyc)
     if not (args.write or args.check):
         for name, text in tables.items():
             print(f"<!-- table:{name} -->\n{text}\n<!-- /table:{name} -->\n")
