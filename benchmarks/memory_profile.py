@@ -6,7 +6,9 @@ process, so this samples the process's resident set (``/proc/self/statm``) from 
 random-weight models in the official formats) goes through its steps, and reports per step
 (model loading, DINOv2, SAM image embedding, refine = prompts + SAM decoding, the rest) the
 highest resident memory seen while that step ran, the resident memory after loading, and the
-process's ``ru_maxrss``. Linux only (``/proc``)::
+process's ``ru_maxrss``; and the file-backed part of the resident set (shared libraries' pages)
+at the peak and before the models, with the highest anonymous (resident - file-backed) memory,
+which is what the run itself holds. Linux only (``/proc``)::
 
     python benchmarks/memory_profile.py --slices 8 --out mem.json           # ViT-B/14 + SAM ViT-B at 672
     python benchmarks/memory_profile.py --tiny                             # tiny models, seconds
@@ -27,7 +29,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -49,8 +51,17 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 def resident_mib() -> float:
     """This process's resident set now, in MiB (``/proc/self/statm``)."""
+    return resident_and_file_backed_mib()[0]
+
+
+def resident_and_file_backed_mib() -> Tuple[float, float]:
+    """This process's resident set now and its file-backed part, in MiB (``/proc/self/statm``:
+    resident, shared). The file-backed part is mostly the pages of the shared libraries (torch's
+    alone: ~0.4 GiB); how many of those a kernel keeps mapped varies between machines, so the
+    anonymous rest (resident - file-backed) is what the run's own arrays and heap hold."""
     with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * _PAGE / (1 << 20)
+        fields = handle.read().split()
+    return int(fields[1]) * _PAGE / (1 << 20), int(fields[2]) * _PAGE / (1 << 20)
 
 
 class StepMemory:
@@ -61,6 +72,8 @@ class StepMemory:
         self.step = "start"
         self.peaks: Dict[str, float] = {}
         self.peak = (0.0, "start")
+        self.file_backed_at_peak = 0.0
+        self.peak_anonymous = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -74,10 +87,12 @@ class StepMemory:
         self.record()
 
     def record(self) -> None:
-        now, step = resident_mib(), self.step
+        (now, file_backed), step = resident_and_file_backed_mib(), self.step
         self.peaks[step] = max(self.peaks.get(step, 0.0), now)
+        self.peak_anonymous = max(self.peak_anonymous, now - file_backed)
         if now > self.peak[0]:
             self.peak = (now, step)
+            self.file_backed_at_peak = file_backed
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
@@ -130,7 +145,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     names = list(data.masks)
     support = {n: largest_area_slice(data.masks[n]) for n in names}
     machine = machine_info(torch.device("cpu"))  # at the start: the commit of the code that runs
-    before_models = resident_mib()
+    before_models, file_backed_before_models = resident_and_file_backed_mib()
     with StepMemory(args.interval) as meter:
         meter.step = "load models"
         models = ModelSelection(dinov2=args.dinov2, dinov2_checkpoint=checkpoints[args.dinov2], sam=args.sam,
@@ -171,6 +186,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "peak_resident_mib_by_step": meter.peaks,
         "peak_resident_mib": meter.peak[0],
         "peak_step": meter.peak[1],
+        "file_backed_mib_before_models": file_backed_before_models,
+        "file_backed_mib_at_peak": meter.file_backed_at_peak,
+        "peak_anonymous_mib": meter.peak_anonymous,
         "ru_maxrss_mib": peak_rss_mib(),
         "prompt_component_pixels_mib": component_bytes[0] / (1 << 20),
     }

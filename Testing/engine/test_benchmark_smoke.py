@@ -276,3 +276,24 @@ def test_decoder_benchmark_reports_speed_and_agreement(bench, tmp_path, capsys):
     for name in ("stock", "ours"):
         assert len(report["speed"][name]["rounds_ms"]) == 2 and report["speed"][name]["median_ms"] > 0
     assert "ours / stock" in capsys.readouterr().out
+
+
+def test_memory_profile_reports_the_peak_by_step_and_its_file_backed_part(bench, tmp_path, one_thread):
+    """memory_profile.py on the tiny models: the peak per step, and the resident set split into
+    its file-backed part (shared libraries' pages, which machines keep in different amounts) and
+    the anonymous rest the run holds; the three figures agree with each other."""
+    import memory_profile
+
+    out = tmp_path / "memory.json"
+    assert memory_profile.main(["--tiny", "--volume", "colin27", "--work-dir", str(tmp_path / "models"),
+                                "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    peaks = report["peak_resident_mib_by_step"]
+    assert {"load models", "DINOv2", "SAM embedding", "refine (SAM decoding)"} <= set(peaks)
+    assert report["peak_resident_mib"] == max(peaks.values()) and report["peak_step"] in peaks
+    # torch's shared libraries are mapped before any model: a file-backed part well above zero.
+    assert 10 < report["file_backed_mib_before_models"] < report["resident_mib_before_models"]
+    assert 10 < report["file_backed_mib_at_peak"] < report["peak_resident_mib"]
+    # The highest anonymous memory is at least the peak's own anonymous part, and under the peak.
+    assert (report["peak_resident_mib"] - report["file_backed_mib_at_peak"]
+            <= report["peak_anonymous_mib"] < report["peak_resident_mib"])
