@@ -24,7 +24,7 @@ from .catalogue import ModelSelection  # torch-free, so Slicer's process can bui
 from .catalogue import DEFAULT_PROPAGATION, propagation_problem
 from .cache import EmbeddingCache
 from .errors import CancelledError, InputError, ProtoSAMError
-from .heap import return_free_heap
+from .heap import return_free_heap, reuse_freed_heap_blocks
 from .models.alpnet import ALPNetConfig, Prototypes, compute_prototypes, mask_to_grid, score_queries
 from .models.dinov2 import get_dinov2_architecture, load_dinov2
 from .models.refiners import check_refiner_name, load_refiner
@@ -215,6 +215,10 @@ class Engine:
         sam_path = resolve_checkpoint(
             models.sam, models.sam_checkpoint, download=download, progress=download_progress, home=weights_home
         )
+        # SAM decoding frees and allocates the same megabytes for every prompt set: keep those
+        # pages resident for reuse (process-wide; see protosam.heap). False where glibc keeps
+        # its own thresholds (another C library, or the environment chose them).
+        self.heap_blocks_reused = reuse_freed_heap_blocks()
         self.encoder = load_dinov2(models.dinov2, dinov2_path, device=str(self.device))
         self.encoder.set_fused_attention(self.dinov2_fused_attention)
         self.refiner = load_refiner(models.sam, sam_path, device=str(self.device))

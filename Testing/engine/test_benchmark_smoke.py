@@ -110,17 +110,21 @@ def test_benchmark_in_process_reports_figures_and_identical_masks(bench, tmp_pat
 
 
 def test_benchmark_worker_processes(tmp_path):
-    """Default mode: each phase in its own process (its own peak RSS), exit status 0.
-    (Only the ``ours`` phase, to keep the test short; the identity check is tested above.)"""
+    """Default mode: each phase in its own process (its own peak RSS and its own heap
+    thresholds: the reference flow keeps glibc's, ours reuses freed blocks), exit status 0.
+    (No auto-extent phase, to keep the test short; the identity check is tested above.)"""
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(BENCHMARKS / "propagation_benchmark.py")] + TINY + [
-        "--slices", "2", "--segments", "1", "--skip-naive", "--skip-auto-extent", "--out", str(out)]
+        "--slices", "2", "--segments", "1", "--skip-auto-extent", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report["phases"]) == {"ours"} and "identity" not in report
+    assert set(report["phases"]) == {"naive", "ours"}
     assert "per worker process" in done.stdout
+    glibc = sys.platform.startswith("linux")
+    assert report["phases"]["naive"]["heap_blocks_reused"] is False
+    assert report["phases"]["ours"]["heap_blocks_reused"] is glibc
     result = report["phases"]["ours"]
     assert result["process_seconds"] >= result["seconds"] > 0
     assert result["peak_rss_mib"] > 50
