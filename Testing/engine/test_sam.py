@@ -419,6 +419,28 @@ def test_shared_image_decoder_equals_the_mask_decoder_at_vit_b_size():
                                                  multimask)
 
 
+@pytest.mark.parametrize("band_tokens", [1, 100, 512, 4096, 10_000])
+def test_upscaling_in_bands_of_tokens_equals_the_stock_upscaling(tiny_sam, band_tokens):
+    """The decoder's output upscaling runs the image tokens through its steps a band at a time
+    (the last band shorter where the band does not divide the 4,096 tokens): segment-anything's
+    ``hyper_in @ output_upscaling(image)`` up to float32 rounding, every pixel in its place."""
+    from protosam.models.sam_decoder import _upscaled_masks
+
+    decoder = tiny_sam[0].mask_decoder
+    generator = torch.Generator().manual_seed(band_tokens)
+    channels = decoder.transformer_dim
+    image = torch.randn(1, channels, 64, 64, generator=generator)
+    hyper_in = torch.randn(3, channels // 8, generator=generator)
+    with torch.inference_mode():
+        upscaled = decoder.output_upscaling(image)  # [1, C / 8, 256, 256]
+        expected = (hyper_in @ upscaled.flatten(2)[0]).view(3, 256, 256)
+        got = _upscaled_masks(decoder.output_upscaling, image[0].flatten(1).T.contiguous(), hyper_in, 64, 64,
+                              band_tokens=band_tokens)
+    assert got.shape == expected.shape
+    bound = 64 * torch.finfo(torch.float32).eps * max(float(expected.abs().max()), 1.0)
+    assert float((got - expected).abs().max()) <= bound
+
+
 def test_one_resize_gives_postprocess_masks_bits(tiny_sam):
     """SamRefiner skips postprocess_masks' second, 1024 -> 1024 resize: its weights are exactly
     1 and 0, so the logits (hence every thresholded mask) keep their bits."""

@@ -55,9 +55,10 @@ class _ImageTerms:
     embedding: torch.Tensor  # the embedding these terms belong to (identity check)
     keys: torch.Tensor  # image tokens (embedding + no-mask embedding)
     key_pe: torch.Tensor  # their positional encoding
-    first_t2i_keys: torch.Tensor  # layer 0, token-to-image: k_proj(keys + pe)   [hw, internal]
-    first_t2i_values: torch.Tensor  # layer 0, token-to-image: v_proj(keys)     [hw, internal]
-    first_i2t_queries: torch.Tensor  # layer 0, image-to-token: q_proj(keys + pe) [hw, internal]
+    # Layer 0's projections of the image tokens, laid out by head (c = internal // heads):
+    first_t2i_keys: torch.Tensor  # token-to-image: k_proj(keys + pe)   [heads, c, hw]
+    first_t2i_values: torch.Tensor  # token-to-image: v_proj(keys)      [heads, hw, c]
+    first_i2t_queries: torch.Tensor  # image-to-token: q_proj(keys + pe) [heads, c, hw]
 
 
 def _heads(attention: Attention) -> Tuple[int, int]:
@@ -65,15 +66,11 @@ def _heads(attention: Attention) -> Tuple[int, int]:
     return attention.num_heads, attention.internal_dim // attention.num_heads
 
 
-def _block_diagonal(per_head: torch.Tensor) -> torch.Tensor:
-    """``[H, T, c]`` -> ``[H * T, H * c]`` with head h's ``[T, c]`` block at (h, h), zeros elsewhere:
-    one product with an ``[.., H * c]`` matrix then gives every head's products with its own
-    channels at once."""
-    heads, rows, channels = per_head.shape
-    out = per_head.new_zeros(heads, rows, heads, channels)
-    index = torch.arange(heads, device=per_head.device)
-    out[index, :, index, :] = per_head
-    return out.view(heads * rows, heads * channels)
+def _by_heads(attention: Attention, projected: torch.Tensor) -> torch.Tensor:
+    """Projected image tokens ``[N, heads * c]`` -> ``[heads, N, c]`` (contiguous): each head's
+    channels as one matrix, for products per head."""
+    heads, channels = _heads(attention)
+    return projected.view(-1, heads, channels).transpose(0, 1).contiguous()
 
 
 def _tokens_attend_image(attention: Attention, tokens: torch.Tensor, image_keys: torch.Tensor,
@@ -98,15 +95,14 @@ def _tokens_attend_image(attention: Attention, tokens: torch.Tensor, image_keys:
 
 def _tokens_attend_projected_image(attention: Attention, tokens: torch.Tensor, image_keys: torch.Tensor,
                                    image_values: torch.Tensor) -> torch.Tensor:
-    """As :func:`_tokens_attend_image` where the image tokens' key and value projections
-    ``[N, internal]`` are already computed (layer 0's image terms)."""
+    """As :func:`_tokens_attend_image` where the image tokens' key and value projections are
+    already computed by head (layer 0's image terms: keys ``[H, c, N]``, values ``[H, N, c]``),
+    each head's scores and output one product of its own channels."""
     heads, channels = _heads(attention)
     count = tokens.shape[0]
-    queries = attention.q_proj(tokens).view(count, heads, channels).transpose(0, 1)
-    weights = torch.softmax(_block_diagonal(queries / math.sqrt(channels)) @ image_keys.T, dim=-1)  # [H * T, N]
-    mixed = (weights @ image_values).view(heads, count, heads, channels)
-    index = torch.arange(heads, device=mixed.device)
-    out = mixed[index, :, index, :]  # [H, T, c]: each head's rows with its own channels
+    queries = attention.q_proj(tokens).view(count, heads, channels).transpose(0, 1)  # [H, T, c]
+    weights = torch.softmax(torch.bmm(queries / math.sqrt(channels), image_keys), dim=-1)  # [H, T, N]
+    out = torch.bmm(weights, image_values)  # [H, T, c]
     return attention.out_proj(out.transpose(0, 1).reshape(count, heads * channels))
 
 
@@ -153,13 +149,14 @@ class SharedImageDecoder:
         key_pe = prompt_encoder.get_dense_pe()[0].flatten(1).T.contiguous()
         first = decoder.transformer.layers[0]
         keys_with_pe = keys + key_pe
+        t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
         self._terms = _ImageTerms(
             embedding=embedding,
             keys=keys,
             key_pe=key_pe,
-            first_t2i_keys=first.cross_attn_token_to_image.k_proj(keys_with_pe),
-            first_t2i_values=first.cross_attn_token_to_image.v_proj(keys),
-            first_i2t_queries=first.cross_attn_image_to_token.q_proj(keys_with_pe),
+            first_t2i_keys=_by_heads(t2i, t2i.k_proj(keys_with_pe)).transpose(1, 2).contiguous(),
+            first_t2i_values=_by_heads(t2i, t2i.v_proj(keys)),
+            first_i2t_queries=_by_heads(i2t, i2t.q_proj(keys_with_pe)).transpose(1, 2).contiguous(),
         )
         return self._terms
 
@@ -211,7 +208,7 @@ class SharedImageDecoder:
             if number == 0:
                 heads, channels = _heads(i2t)
                 token_keys = i2t.k_proj(q).view(count, heads, channels).transpose(0, 1) / math.sqrt(channels)
-                scores = _block_diagonal(token_keys) @ terms.first_i2t_queries.T
+                scores = torch.bmm(token_keys, terms.first_i2t_queries).view(heads * count, -1)
             else:
                 scores = _image_token_scores(i2t, keys_with_pe, q)
             keys = layer.norm4(keys + _image_attends_tokens(i2t, scores, queries, count))
@@ -232,38 +229,59 @@ class SharedImageDecoder:
         return masks[None], iou_pred[:, chosen]
 
 
+# Image tokens per band of the output upscaling: its intermediates (ViT-B: 256 + 512 floats per
+# token) then stay in the cores' caches between the steps instead of streaming 4 + 8 MB through
+# memory for each of them.
+UPSCALING_BAND_TOKENS = 512
+
+
 def _upscaled_masks(upscaling: torch.nn.Sequential, tokens: torch.Tensor, hyper_in: torch.Tensor,
-                    height: int, width: int) -> torch.Tensor:
+                    height: int, width: int, band_tokens: int = UPSCALING_BAND_TOKENS) -> torch.Tensor:
     """``hyper_in @ output_upscaling(image)`` as ``[M, 4h, 4w]`` from token-major ``[h * w, C]``
     image tokens, each stride-2 2 x 2 transposed convolution as one matrix product.
 
     A pixel's rows stay in the order (row, column, then each level's 2 x 2 offset) until the
-    final ``[M]`` values per pixel are put back in image order. Only the ``M`` masks of
-    ``hyper_in`` are formed (callers that keep one mask pass one row)."""
+    final ``[M]`` values per pixel are put back in image order. Every step acts on each image
+    token's own rows, so the tokens go through all steps ``band_tokens`` at a time. Only the
+    ``M`` masks of ``hyper_in`` are formed (callers that keep one mask pass one row)."""
     first, norm, first_activation, second, second_activation = upscaling
     if not (isinstance(norm, LayerNorm2d) and all(
             isinstance(conv, torch.nn.ConvTranspose2d) and conv.kernel_size == (2, 2) and conv.stride == (2, 2)
             for conv in (first, second))):
         raise TypeError("SharedImageDecoder expects segment-anything's output upscaling "
                         "(2 x 2 stride-2 transposed convolutions, LayerNorm2d)")
-    x = tokens
-    for conv in (first, second):
-        # weight [C_in, C_out, 2, 2] -> [C_in, (dy, dx, C_out)]: each input pixel's 4 outputs.
-        weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.in_channels, 4 * conv.out_channels)
+    # weight [C_in, C_out, 2, 2] -> [C_in, (dy, dx, C_out)]: each input pixel's 4 outputs.
+    weights = [conv.weight.permute(0, 2, 3, 1).reshape(conv.in_channels, 4 * conv.out_channels)
+               for conv in (first, second)]
+    biases = [conv.bias.repeat(4) for conv in (first, second)]
+    count = tokens.shape[0]
+    band_tokens = max(1, min(count, band_tokens))
+    # One buffer per step, reused by every band; the last is the band's rows of the result.
+    first_out = tokens.new_empty(band_tokens, weights[0].shape[1])
+    second_out = tokens.new_empty(4 * band_tokens, weights[1].shape[1])
+    per_pixel = tokens.new_empty(16 * count, hyper_in.shape[0])  # rows (y, x, dy1, dx1, dy2, dx2)
+    for start in range(0, count, band_tokens):
+        rows = min(band_tokens, count - start)
         # The bias added in place after the product: addmm first copies the broadcast bias
-        # into its (fresh, page-faulting) output, a fifth of this step's time at ViT-B size.
-        x = torch.mm(x, weight)
-        x += conv.bias.repeat(4)
-        x = x.view(-1, conv.out_channels)
-        if conv is first:
-            x = F.layer_norm(x, (conv.out_channels,), norm.weight, norm.bias, norm.eps)
-        activation = first_activation if conv is first else second_activation
-        # segment-anything's GELU (exact), in place on this step's own output.
-        x = torch.ops.aten.gelu_(x) if type(activation) is torch.nn.GELU and activation.approximate == "none" \
-            else activation(x)
-    per_pixel = torch.mm(hyper_in, x.T)  # [M, h * w * 16], columns (y, x, dy1, dx1, dy2, dx2)
-    masks = per_pixel.view(-1, height, width, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
+        # into its output, a fifth of this step's time at ViT-B size.
+        x = torch.mm(tokens[start:start + rows], weights[0], out=first_out[:rows])
+        x += biases[0]
+        x = F.layer_norm(x.view(-1, first.out_channels), (first.out_channels,), norm.weight, norm.bias, norm.eps)
+        x = _activation_in_place(first_activation, x)
+        y = torch.mm(x, weights[1], out=second_out[:4 * rows])
+        y += biases[1]
+        y = _activation_in_place(second_activation, y.view(-1, second.out_channels))
+        torch.mm(y, hyper_in.T, out=per_pixel[16 * start:16 * (start + rows)])
+    masks = per_pixel.view(height, width, 2, 2, 2, 2, -1).permute(6, 0, 2, 4, 1, 3, 5)
     return masks.reshape(-1, 4 * height, 4 * width)
+
+
+def _activation_in_place(activation: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """segment-anything's GELU (exact), in place on this step's own output; other activations
+    as modules."""
+    if type(activation) is torch.nn.GELU and activation.approximate == "none":
+        return torch.ops.aten.gelu_(x)
+    return activation(x)
 
 
 class StockMaskDecoder:
