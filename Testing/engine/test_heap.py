@@ -99,7 +99,8 @@ def _faults_per_round(mode: str, env):
 
 def _environment_without_malloc_settings():
     return {k: v for k, v in os.environ.items()
-            if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "PROTOSAM_MALLOC_DEFAULTS")}
+            if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES",
+                         "PROTOSAM_MALLOC_DEFAULTS")}
 
 
 def test_reused_heap_blocks_are_not_faulted_in_again_on_glibc():
