@@ -75,6 +75,22 @@ def _engine(spec: Dict, phase: str) -> Engine:
     return Engine(models, preset=preset, device=spec["device"], download=False, cache_bytes=cache, batch_size=batch)
 
 
+def _engine_keeping_glibc_heap(spec: Dict, phase: str) -> Engine:
+    """The engine of the reference flow, built with glibc's own heap thresholds (the published
+    reference runs with them; the thresholds are the process's, so with --in-process they hold
+    until a later phase's engine fixes them). The environment is as before afterwards: a
+    ``PROTOSAM_MALLOC_DEFAULTS`` the user set for the whole benchmark stays."""
+    before = os.environ.get(KEEP_MALLOC_DEFAULTS)
+    os.environ[KEEP_MALLOC_DEFAULTS] = "1"
+    try:
+        return _engine(spec, phase)
+    finally:
+        if before is None:
+            del os.environ[KEEP_MALLOC_DEFAULTS]
+        else:
+            os.environ[KEEP_MALLOC_DEFAULTS] = before
+
+
 class StepMeter:
     """Times an engine's main steps by wrapping its bound methods on the instance (no maths
     changes): ``dinov2`` (:meth:`Engine.encode`), ``sam_embedding``, ``refine`` (prompts + SAM
@@ -153,14 +169,8 @@ def run_phase(spec: Dict) -> Dict:
     names = spec["structures"]
     masks = {name: data[f"mask_{i}"] for i, name in enumerate(names)}
     support = {name: int(spec["support_slices"][name]) for name in names}
-    if phase == "naive":
-        # The published reference runs with glibc's own heap thresholds: keep them in this
-        # process (a worker process of its own unless --in-process; there, the first phase's).
-        os.environ[KEEP_MALLOC_DEFAULTS] = "1"
-    else:
-        os.environ.pop(KEEP_MALLOC_DEFAULTS, None)
     load_started = time.perf_counter()
-    engine = _engine(spec, phase)
+    engine = _engine_keeping_glibc_heap(spec, phase) if phase == "naive" else _engine(spec, phase)
     load_seconds = time.perf_counter() - load_started
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)

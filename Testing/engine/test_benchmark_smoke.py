@@ -131,6 +131,26 @@ def test_benchmark_worker_processes(tmp_path):
     assert result["processed_slices"] == {"Precentral_L": [0]}  # slice 1 is the painted support
 
 
+@pytest.mark.parametrize("users_setting", [None, "1"])
+def test_reference_flow_keeps_glibc_heap_and_leaves_the_environment_as_it_was(bench, tiny_models, monkeypatch,
+                                                                              users_setting):
+    """The reference flow's engine is built with glibc's own heap thresholds; the environment
+    is restored afterwards, so the next phase's engine fixes them, or, where the user asked
+    for glibc's defaults for the whole benchmark, keeps them too."""
+    import benchmark_phases
+    from dataclasses import asdict
+
+    if users_setting is None:
+        monkeypatch.delenv("PROTOSAM_MALLOC_DEFAULTS", raising=False)
+    else:
+        monkeypatch.setenv("PROTOSAM_MALLOC_DEFAULTS", users_setting)
+    spec = {"models": asdict(tiny_models), "device": "cpu"}
+    assert benchmark_phases._engine_keeping_glibc_heap(spec, "naive").heap_blocks_reused is False
+    assert os.environ.get("PROTOSAM_MALLOC_DEFAULTS") == users_setting
+    ours = benchmark_phases._engine(spec, "ours")
+    assert ours.heap_blocks_reused is (users_setting is None and sys.platform.startswith("linux"))
+
+
 def test_compare_masks_counts_differences_on_common_slices_only(bench):
     a = {"mask_0": np.zeros((4, 8, 8), np.uint8)}
     b = {"mask_0": np.zeros((4, 8, 8), np.uint8)}
