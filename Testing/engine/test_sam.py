@@ -272,18 +272,23 @@ def test_banded_qkv_and_mlp_equal_segment_anything_layers_up_to_rounding(tmp_pat
     assert not any({"forward", "chunk_bytes"} & set(b.mlp.__dict__) for b in sam.image_encoder.blocks)
 
 
-def test_attention_under_autocast_runs_the_fused_kernel_with_relative_positions_as_its_mask(monkeypatch):
-    """Under bf16 autocast the engine's SAM attention goes through PyTorch's fused
-    ``scaled_dot_product_attention`` with the two relative-position terms as its additive mask
-    (the explicit steps stored the scores in bf16 and were slower, see ``sam_memory``), in
-    chunks of query rows and (window, head) pairs. Against segment-anything's attention in
-    float32 it stays within bf16 rounding (4 bf16 epsilons of the largest value; measured 1.5-2.3
-    with the tiny model, as close as segment-anything's own layer under autocast). The
-    relative-position tables are made large, so leaving the mask out (or misplacing it) fails:
-    measured 20-36 times the bound. (No comparison with segment-anything's bf16 error here: where
-    both are set by the same output rounding, another CPU's bf16 kernels may tip either way.)"""
+@pytest.mark.parametrize("kernel", ["cpu_low_precision_products", "fused"])
+def test_attention_under_autocast_keeps_relative_positions_within_bf16_rounding(monkeypatch, kernel):
+    """Under bf16 autocast the engine's SAM attention runs, on a CPU, both matrix products in
+    bf16 with the scaling, the relative-position terms and the softmax in float32
+    (``sam_memory._low_precision_products_in_chunks``: PyTorch's fused kernel was slower there),
+    and elsewhere (CUDA) PyTorch's fused ``scaled_dot_product_attention`` with the two terms as
+    its additive mask (run here on the CPU in its place, to test it too); both in chunks of query
+    rows and (window, head) pairs. Against segment-anything's attention in float32 each stays
+    within bf16 rounding (4 bf16 epsilons of the largest value; measured with the tiny model on
+    the AMD EPYC: 0.65-0.86 for the CPU products, 1.1-1.5 for the fused kernel). The
+    relative-position tables are made large, so leaving a term out (or misplacing it) fails:
+    measured 20-36 times the bound for the fused kernel's mask; 22-23 times for the CPU
+    products with the width term left out or added along the key rows. (No comparison with segment-anything's bf16 error here: where both are set by the
+    same output rounding, another CPU's bf16 kernels may tip either way.)"""
     from segment_anything.modeling.image_encoder import Attention as StockAttention
 
+    from protosam.models import sam_memory
     from protosam.models.sam import build_sam
     from protosam.models.sam_memory import limit_global_attention_memory
 
@@ -293,14 +298,23 @@ def test_attention_under_autocast_runs_the_fused_kernel_with_relative_positions_
         for name, parameter in sam.named_parameters():
             if "rel_pos" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    calls = []
+    fused_calls, softmax_calls = [], []
     fused = torch.nn.functional.scaled_dot_product_attention
+    softmax = torch.softmax
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs["attn_mask"].shape)
+    def counting_fused(*args, **kwargs):
+        fused_calls.append(kwargs["attn_mask"].shape)
         return fused(*args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    def counting_softmax(*args, **kwargs):
+        softmax_calls.append(args[0].shape)
+        return softmax(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_fused)
+    monkeypatch.setattr(torch, "softmax", counting_softmax)
+    if kernel == "fused":
+        monkeypatch.setattr(sam_memory, "_low_precision_products_in_chunks", sam_memory._fused_attention_in_chunks)
+    calls = fused_calls if kernel == "fused" else softmax_calls
     eps = torch.finfo(torch.bfloat16).eps
     windowed = next(b for b in sam.image_encoder.blocks if b.window_size)
     global_block = next(b for b in sam.image_encoder.blocks if not b.window_size)
@@ -312,10 +326,13 @@ def test_attention_under_autocast_runs_the_fused_kernel_with_relative_positions_
             # the default bound (16 MiB: all rows at once here), then one query row per chunk
             for chunk_bytes in (16 * 2**20, 1):
                 limit_global_attention_memory(sam, chunk_bytes=chunk_bytes)
-                calls.clear()
+                fused_calls.clear()
+                softmax_calls.clear()
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     ours = block.attn(x)
                 assert ours.dtype == torch.bfloat16 and calls, (shape, chunk_bytes)
+                if kernel != "fused":
+                    assert not fused_calls and all(len(s) == 3 for s in softmax_calls)
                 error = (ours.float() - reference).abs().max()
                 assert error <= bound, (shape, chunk_bytes, error, bound)
         # the last round: one (window, head) pair or one head, and one query row, per call

@@ -23,12 +23,16 @@ The operations per query row are exactly segment-anything's, in the same order (
 bit-identical on AMD EPYC, differing in the last bits (1.7e-6 on values up to 3) with MKL's
 AVX-512 kernels on Intel Xeon; a test holds it to 64 float32 epsilons.
 
-Under autocast (bf16, fp16) the attention instead goes through PyTorch's fused
-``scaled_dot_product_attention``, the relative-position terms as its mask, in the same bounded
-chunks: no float32 agreement to keep there, and the explicit steps stored the scores in bf16
-(see :func:`_fused_attention_in_chunks`): ViT-B at 1024 px, 2 CPU cores, bf16: 1.96 -> 1.52 s
-per embedding, and closer to float32 (root-mean-square error 0.0128 -> 0.0123 on an embedding of
-root-mean-square 1).
+Under autocast (bf16, fp16) no float32 agreement is kept, and the attention keeps its scores,
+relative-position terms and softmax in float32 around products in the autocast type, in the
+same bounded chunks. On CUDA that is PyTorch's fused ``scaled_dot_product_attention``, the
+relative-position terms as its mask (see :func:`_fused_attention_in_chunks`; it replaced
+explicit steps that stored the scores in bf16: ViT-B at 1024 px, 2 CPU cores, bf16: 1.96 ->
+1.52 s per embedding, root-mean-square error 0.0128 -> 0.0123 on an embedding of
+root-mean-square 1). On a CPU it is two bf16 products per chunk with the float32 steps between
+them (:func:`_low_precision_products_in_chunks`), faster there than the fused kernel: ViT-B at
+1024 px, AMD EPYC, 2 cores, bf16: 4.2-4.8 -> 3.65-3.76 s per embedding, the same error against
+float32 (root-mean-square 0.0078).
 
 The token grid also runs in row-major (``[B, H, W, C]`` contiguous) memory: segment-anything's
 patch embedding returns the convolution's output permuted, so every block's residual stream
@@ -62,7 +66,10 @@ def _attention_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
         rel_h_table = get_rel_pos(height, height, self.rel_pos_h)  # [H (query rows), H (key rows), C]
         rel_w_table = get_rel_pos(width, width, self.rel_pos_w)
     if torch.is_autocast_enabled(x.device.type):
-        attended = _fused_attention_in_chunks(self, q, k, v, height, width, rel_h_table, rel_w_table)
+        if x.device.type == "cpu":
+            attended = _low_precision_products_in_chunks(self, q, k, v, height, width, rel_h_table, rel_w_table)
+        else:
+            attended = _fused_attention_in_chunks(self, q, k, v, height, width, rel_h_table, rel_w_table)
         attended = attended.view(batch, self.num_heads, height, width, -1)
         return self.proj(attended.permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1))
     bytes_per_query_row = width * tokens * q.element_size()
@@ -147,6 +154,69 @@ def _fused_attention_in_chunks(self, q, k, v, height, width, rel_h_table, rel_w_
                 mask = mask.view(rel_h.shape[0], count * width, tokens)
             attended[heads, queries] = torch.nn.functional.scaled_dot_product_attention(
                 q[heads, queries], k[heads], v[heads], attn_mask=mask, scale=self.scale)
+    return attended
+
+
+def _low_precision_products_in_chunks(self, q, k, v, height, width, rel_h_table, rel_w_table) -> torch.Tensor:
+    """The attention under autocast on a CPU: both matrix products in the autocast type (bf16),
+    the scores' scaling, the relative-position terms and the softmax in float32. Returns
+    ``[B * heads, tokens, head_dim]`` in the autocast type.
+
+    Why not the fused kernel there: PyTorch's CPU ``scaled_dot_product_attention`` ran SAM's
+    global layers at about 70 GFLOP/s on the AMD EPYC (2 cores, AVX512-BF16), where bf16 matrix
+    products of the same shapes reach 370-410; and its mask, the two relative-position terms
+    summed, had to be written out in bf16 for every chunk. Here each chunk's scores come from one
+    bf16 product (float32 accumulation, one rounding to bf16), are scaled into a float32 buffer
+    with the height term added in the same pass, then get the width term (both terms computed
+    and kept in float32), go through the softmax there, and are rounded once to bf16 for the
+    product with the values. Measured on that CPU, one process,
+    the two forms one after the other: a global layer's attention (12 heads, 64 x 64 tokens)
+    0.40 -> 0.28 s, a windowed layer's (300 window-head pairs) 52 -> 31 ms; root-mean-square
+    error against float32 3.6e-4 -> 3.2e-4 (global) and 1.05e-3 -> 1.00e-3 (windowed), as the
+    float32 terms make up for the rounded scores. CUDA keeps the fused kernel (flash attention).
+    """
+    tokens = height * width
+    attended = torch.empty_like(q)
+    # Per score: bf16 (product, then probabilities) + float32 (scaled scores, softmax) = 6 bytes;
+    # a float32 block of 8 MiB (8 query rows of a global layer at 1024 px, 54 windowed pairs)
+    # ran fastest of 1-16 rows and 25-300 pairs.
+    scores_per_chunk = max(1, (self.chunk_bytes // 2) // 4)
+    step = max(1, min(getattr(self, "slices_per_chunk", self.heads_per_chunk), scores_per_chunk // (tokens * tokens)))
+    rows_per_chunk = max(1, min(height, scores_per_chunk // (step * width * tokens)))
+    products = q.new_empty(step * rows_per_chunk * width * tokens)
+    scores = products.new_empty(products.shape, dtype=torch.float32)
+    for first in range(0, q.shape[0], step):
+        heads = slice(first, min(q.shape[0], first + step))
+        count_heads = heads.stop - heads.start
+        # q, k and v are strided views into the qkv projection's output (and k is used
+        # transposed): given as they are, every row band's product copied them again (ViT-B at
+        # 1024 px: 0.2 s per bf16 embedding); copied once per chunk here.
+        queries_all = q[heads].contiguous()
+        keys_t = k[heads].transpose(-2, -1).contiguous()
+        values = v[heads].contiguous()
+        if rel_h_table is not None:
+            # The terms in float32 (the bf16 einsum would round each to 8 bits first).
+            with torch.autocast(q.device.type, enabled=False):
+                grid_q = queries_all.view(-1, height, width, q.shape[-1]).float()
+                rel_h = torch.einsum("bhwc,hkc->bhwk", grid_q, rel_h_table.float())
+                rel_w = torch.einsum("bhwc,wkc->bhwk", grid_q, rel_w_table.float())
+        for first_row in range(0, height, rows_per_chunk):
+            rows = slice(first_row, min(height, first_row + rows_per_chunk))
+            queries = slice(rows.start * width, rows.stop * width)
+            count = rows.stop - rows.start
+            product = products[:count_heads * count * width * tokens].view(count_heads, count * width, tokens)
+            score = scores[:product.numel()].view(product.shape)
+            torch.bmm(queries_all[:, queries], keys_t, out=product)
+            if rel_h_table is not None:
+                grid = score.view(count_heads, count, width, height, width)
+                # rel_h + scale * (q k^T) in float32, then + rel_w: the stock order of the sums.
+                torch.add(rel_h[:, rows, :, :, None], product.view(grid.shape), alpha=self.scale, out=grid)
+                grid.add_(rel_w[:, rows, :, None, :])
+            else:
+                score.copy_(product).mul_(self.scale)  # scaled in float32, as above
+            torch.softmax(score, dim=-1, out=score)
+            product.copy_(score)
+            torch.bmm(product, values, out=attended[heads, queries])
     return attended
 
 
