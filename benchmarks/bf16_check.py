@@ -5,16 +5,17 @@ formats), in one process, with one engine per precision sharing the same weights
 
 1. **Errors on fixed inputs**: DINOv2 features and SAM image embeddings of ``--error-slices``
    slices, and SAM's upsampled mask logits for the float32 run's own prompt sets decoded from
-   each embedding (the decoder runs in float32 in both: only its input differs): max absolute
-   error, and max relative error = max absolute error / largest float32 magnitude.
+   each embedding by each engine's own decoder (on a CPU the bf16 engine decodes in bf16, see
+   ``SharedImageDecoder``): max absolute error, and max relative error = max absolute error /
+   largest float32 magnitude.
 2. **Masks**: ``segment_volume`` (``paper`` semantics, every slice) over the whole volume in
    float32 and in bf16: per structure, the coarse (ALPNet) and final voxels that differ and the
    Dice of bf16 against float32.
 3. **Speed**: interleaved A/B repetitions (fp32, bf16, fp32, bf16, ... on the same slice;
    the order flips every repetition) of one DINOv2 encoding and one SAM embedding, per
-   precision; the median bf16/fp32 time ratio and its spread, the load average. Decoding runs
-   in float32 either way. The whole-run ratio is derived from those medians and the measured
-   run's own step times.
+   precision; the median bf16/fp32 time ratio and its spread, the load average. Decoding is
+   not timed here (the propagation benchmark's bf16 phases time it). The whole-run ratio is
+   derived from those medians and the measured run's own step times.
 
     python benchmarks/bf16_check.py --slices 16 --out benchmarks/results/cpu_vitb_bf16_vs_fp32_xeon.json
     python benchmarks/bf16_check.py --tiny      # tiny models, seconds: checks it works
@@ -127,7 +128,8 @@ def coarse_recorder(engine: Engine, store: Dict):
 
 def derived_whole_run(fp32_run: Dict, speed: Dict) -> float:
     """bf16/fp32 of a whole run, derived: the float32 run's encoder step times scaled by the
-    measured medians, decoding and the rest as measured (float32 in both precisions)."""
+    measured medians, decoding and the rest as the float32 run took them (an upper bound: a bf16
+    run on a CPU also decodes in bf16, which this check does not time)."""
     step_seconds = fp32_run["steps"]["step_seconds"]
     encoders = {"dinov2": step_seconds.get("dinov2", 0.0), "sam_embedding": step_seconds.get("sam_embedding", 0.0)}
     rest = fp32_run["seconds"] - sum(encoders.values())

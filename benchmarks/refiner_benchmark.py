@@ -14,7 +14,8 @@ slice), peak resident memory of the process, the machine (CPU, threads, load ave
 Segmentation quality needs pretrained weights: see docs/refiners.md.
 
 ``--precision bf16`` encodes under the engine's bf16 autocast (what ``auto`` picks on CPUs with
-bfloat16 units); decoding stays float32 either way, as in the engine.
+bfloat16 units); decoding stays float32 here (each refiner's own decoder; the engine decodes
+SAM in bf16 for a bf16 run on a CPU, see ``protosam.models.sam_decoder.SharedImageDecoder``).
 
 ``--mode memory`` (SAM 2 refiners) measures memory mode instead: each of ``--structures``
 structures is painted on slice 0 (a conditioning frame) and walked up through every slice by

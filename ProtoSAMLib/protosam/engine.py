@@ -29,7 +29,7 @@ from .models.alpnet import ALPNetConfig, Prototypes, compute_prototypes, mask_to
 from .models.dinov2 import get_dinov2_architecture, load_dinov2
 from .models.refiners import check_refiner_name, load_refiner
 from .models.sam import SAM_IMAGE_SIZE, SamRefiner, upsample_mask_logits
-from .models.sam_decoder import StockMaskDecoder
+from .models.sam_decoder import SharedImageDecoder, StockMaskDecoder
 from .models.sam_memory import limit_global_attention_memory, use_stock_global_attention
 from .precision import resolve_precision
 from .presets import Preset, get_preset
@@ -222,6 +222,7 @@ class Engine:
         self.encoder = load_dinov2(models.dinov2, dinov2_path, device=str(self.device))
         self.encoder.set_fused_attention(self.dinov2_fused_attention)
         self.refiner = load_refiner(models.sam, sam_path, device=str(self.device))
+        self._decode_in_run_precision()
         logger.info(
             "ProtoSAM engine ready: %s + %s at %d px on %s, preset %s, %s, propagation %s",
             models.dinov2, models.sam, models.input_size, self.device, self.preset.name, self.precision,
@@ -251,6 +252,19 @@ class Engine:
         """The encoders' autocast type (None: float32, no autocast)."""
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
+    @property
+    def decoder_dtype(self) -> torch.dtype:
+        """The type SAM's decoder computes in: bfloat16 for a bf16 run on a CPU, where its small
+        products and memory-bound steps take about half as long in it (see
+        ``SharedImageDecoder``); float32 otherwise (on GPUs the batched decoder runs as loaded)."""
+        return torch.bfloat16 if self.device.type == "cpu" and self.precision == "bf16" else torch.float32
+
+    def _decode_in_run_precision(self) -> None:
+        """Give SAM's refiner the per-prompt-set decoder of :attr:`decoder_dtype` (again after a
+        fall-back to the CPU, which may change the precision and moves SAM)."""
+        if isinstance(self.refiner, SamRefiner):
+            self.refiner.shared_decoder = SharedImageDecoder(self.refiner.sam, dtype=self.decoder_dtype)
+
     # ----------------------------------------------------------------- steps of the method
     def to_model_input(self, slices: np.ndarray) -> torch.Tensor:
         """``[N, H, W]`` float32 -> ``[N, 3, S, S]`` on the device (bilinear resize, 3 channels)."""
@@ -279,6 +293,7 @@ class Engine:
                                                        self.device)
             self.precision_note = f"precision {self.preset.precision} -> {self.precision} on cpu ({reason})"
             self.encoder.set_fused_attention(self.dinov2_fused_attention)
+            self._decode_in_run_precision()
             logger.warning("On the CPU the encoders run in %s (%s).", self.precision, reason)
             return
         raise ProtoSAMError(

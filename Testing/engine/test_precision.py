@@ -17,6 +17,7 @@ import torch
 from protosam import Engine, precision
 from protosam.cli import main
 from protosam.errors import InputError
+from protosam.models.sam_decoder import SharedImageDecoder
 from protosam.serving import protocol
 from protosam.testing import start_server
 
@@ -49,6 +50,26 @@ def encoder_dtypes(engine: Engine):
     return set(dinov2), set(sam)
 
 
+def decoder_dtypes(engine: Engine):
+    """Decode one prompt set on one slice -> SAM mask decoder's Linear output dtypes; the logits
+    and scores come back as float32 and SAM's own decoder keeps its float32 weights."""
+    images = engine.to_model_input(np.random.default_rng(1).random((1, 40, 40), dtype=np.float32))
+    embedding = engine.sam_embedding(images[0])
+    sam = engine.refiner.sam
+    with torch.inference_mode():
+        sparse, _ = sam.prompt_encoder(points=(torch.tensor([[[500.0, 520.0]]]), torch.tensor([[1]])),
+                                       boxes=torch.tensor([[300.0, 280.0, 700.0, 760.0]]), masks=None)
+    seen, hooks = record_linear_dtypes(engine.refiner.shared_decoder.mask_decoder)
+    try:
+        logits, scores = engine.refiner.shared_decoder.decode(embedding, sparse, multimask_output=True)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    assert logits.dtype == scores.dtype == torch.float32
+    assert {p.dtype for p in sam.mask_decoder.parameters()} == {torch.float32}
+    return set(seen)
+
+
 # What auto runs on this machine's CPU: bf16 where it has bfloat16 units (docs/performance.md).
 AUTO_HERE = "bf16" if precision.AUTO_PICKS_BF16_ON_CPUS_WITH_BF16_UNITS and precision.cpu_bf16_units() else "fp32"
 AUTO_DTYPE_HERE = {"bf16": torch.bfloat16, "fp32": torch.float32}[AUTO_HERE]
@@ -63,11 +84,14 @@ def test_the_precision_runs_inside_both_encoders_and_the_choice_is_logged(tiny_m
     assert engine.precision == resolved and engine.preset.precision == asked
     assert f"precision {asked} -> {resolved} on cpu (" in caplog.text
     assert encoder_dtypes(engine) == ({runs}, {runs})
+    # On a CPU a bf16 run decodes in bf16 too (SharedImageDecoder's dtype).
+    assert decoder_dtypes(engine) == {runs}
 
 
 # The stated bound of docs/performance.md ("bf16 on a CPU"): bf16 autocast against float32, max
 # absolute error over the largest float32 magnitude, for DINOv2 features, SAM image embeddings
-# and SAM's mask logits decoded (in float32) from each embedding.
+# and SAM's mask logits decoded from each embedding in the run's precision (a bf16 engine on a
+# CPU decodes in bf16).
 BF16_RELATIVE_BOUND = 0.05
 
 
@@ -178,9 +202,12 @@ def test_a_gpu_out_of_memory_fallback_chooses_again_for_the_cpu(tiny_models, ask
     # As if built on a GPU with bfloat16 units (the precision auto or bf16 resolves to there).
     engine.preset = dataclasses.replace(engine.preset, precision=asked)
     engine.device, engine.precision, engine.batch_size = torch.device("cuda"), "bf16" if asked == "auto" else asked, 1
+    engine.refiner.shared_decoder = SharedImageDecoder(engine.refiner.sam)  # a GPU engine's: float32
     engine._recover_from_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"))
     assert engine.device.type == "cpu" and engine.precision == on_the_cpu
     assert engine.precision_note.startswith(f"precision {asked} -> {on_the_cpu} on cpu (")
+    # The decoder follows the precision chosen again (bf16 decoding on a CPU for a bf16 run).
+    assert engine.refiner.shared_decoder.dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[on_the_cpu]
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -34,6 +34,7 @@ Only batch-1 calls without a mask prompt take this path (the reference's case).
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -133,15 +134,39 @@ def _image_token_scores(attention: Attention, image: torch.Tensor, tokens: torch
 
 
 class SharedImageDecoder:
-    """Batch-1 SAM decoding that computes the image-only terms once per embedding."""
+    """Batch-1 SAM decoding that computes the image-only terms once per embedding.
 
-    def __init__(self, sam: Sam):
+    ``dtype``: the type the decoder computes in (default float32, ``sam``'s own decoder). With
+    ``torch.bfloat16`` it decodes with a bfloat16 copy of ``sam``'s mask decoder: the image-only
+    terms are computed in float32 and rounded once, every per-prompt-set product, softmax and
+    layer norm then takes and gives bfloat16 (the softmaxes and layer norms reduce in float32
+    inside), and the logits and scores come back as float32. Why: on a CPU the decoder's
+    products are small and its image-sized steps stream megabytes through memory; in bfloat16
+    both take about half as long (ViT-B, AMD EPYC with AVX512-BF16, 2 threads, interleaved
+    rounds in one process: 20.8 -> 13.6 ms per prompt set), at bfloat16's error (see
+    docs/performance.md for the measured errors and the bounds they are held to).
+    """
+
+    def __init__(self, sam: Sam, dtype: torch.dtype = torch.float32):
         self.sam = sam
+        self.dtype = dtype
+        # The decoder whose weights the per-prompt-set steps use.
+        self.mask_decoder = sam.mask_decoder if dtype == torch.float32 else copy.deepcopy(sam.mask_decoder).to(dtype)
         self._terms: Optional[_ImageTerms] = None
 
     def _image_terms(self, embedding: torch.Tensor) -> _ImageTerms:
         if self._terms is not None and self._terms.embedding is embedding:
             return self._terms
+        terms = self._image_terms_float32(embedding)
+        if self.dtype != torch.float32:
+            terms = _ImageTerms(embedding=embedding, **{
+                name: getattr(terms, name).to(self.dtype) for name in
+                ("keys", "key_pe", "first_t2i_keys", "first_t2i_values", "first_i2t_queries")})
+        self._terms = terms
+        return terms
+
+    def _image_terms_float32(self, embedding: torch.Tensor) -> _ImageTerms:
+        """The image-only terms with ``sam``'s own (float32) decoder."""
         decoder, prompt_encoder = self.sam.mask_decoder, self.sam.prompt_encoder
         # The "no mask" dense embedding, as the prompt encoder builds it for masks=None.
         dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
@@ -150,7 +175,7 @@ class SharedImageDecoder:
         first = decoder.transformer.layers[0]
         keys_with_pe = keys + key_pe
         t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
-        self._terms = _ImageTerms(
+        return _ImageTerms(
             embedding=embedding,
             keys=keys,
             key_pe=key_pe,
@@ -158,7 +183,6 @@ class SharedImageDecoder:
             first_t2i_values=_by_heads(t2i, t2i.v_proj(keys)),
             first_i2t_queries=_by_heads(i2t, i2t.q_proj(keys_with_pe)).transpose(1, 2).contiguous(),
         )
-        return self._terms
 
     @torch.inference_mode()
     def decode(
@@ -180,12 +204,12 @@ class SharedImageDecoder:
         """
         if embedding.shape[0] != 1 or sparse.shape[0] != 1:
             raise ValueError("SharedImageDecoder decodes one prompt set on one image at a time")
-        decoder = self.sam.mask_decoder
+        decoder = self.mask_decoder
         transformer = decoder.transformer
         terms = self._image_terms(embedding)
 
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        token_pe = torch.cat((output_tokens, sparse[0]), dim=0)  # [T, C]: the prompt tokens' "pe"
+        token_pe = torch.cat((output_tokens, sparse[0].to(self.dtype)), dim=0)  # [T, C]: the prompt tokens' "pe"
         count = token_pe.shape[0]
 
         # TwoWayAttentionBlock's steps, layer by layer (the first skips the tokens' pe in its
@@ -226,7 +250,7 @@ class SharedImageDecoder:
         hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](mask_tokens_out[i]) for i in chosen])
         height, width = embedding.shape[-2:]
         masks = _upscaled_masks(decoder.output_upscaling, keys, hyper_in, height, width)
-        return masks[None], iou_pred[:, chosen]
+        return masks[None].float(), iou_pred[:, chosen].float()
 
 
 # Image tokens per band of the output upscaling: its intermediates (ViT-B: 256 + 512 floats per
