@@ -63,16 +63,35 @@ def connected_components(mask: np.ndarray) -> Tuple[np.ndarray, int]:
     components). That is not raster order of the first pixel: a component starting at (1, 0)
     comes before one starting at (0, 5). A test checks the numbering against OpenCV itself.
     """
+    labels, count, _ = _components_in_opencv_order(mask)
+    return labels, count
+
+
+def _components_in_opencv_order(mask: np.ndarray) -> Tuple[np.ndarray, int, list]:
+    """:func:`connected_components` and each component's bounding box (``find_objects``'s slices,
+    in the components' order)."""
     labels, count = ndimage.label(mask.astype(bool), structure=_EIGHT_CONNECTED)
     labels = labels.astype(np.int32, copy=False)
+    bounds = ndimage.find_objects(labels)
     if count > 1:
         height, width = labels.shape
-        block = (np.arange(height)[:, None] // 2) * ((width + 1) // 2) + np.arange(width)[None, :] // 2
-        first_block = ndimage.minimum(block, labels, np.arange(1, count + 1))
+        # A component's first block lies in the block row of its top pixel row (any block of a
+        # lower block row has a higher number): its column is the leftmost of the component's
+        # pixels in that block row's two pixel rows. Read inside each bounding box, this is a
+        # few pixels per component, where a minimum over the whole labelled slice sorted all of
+        # its pixels (60 of 130 ms per 1024 x 1024 slice with 165 components).
+        first_block = np.empty(count, np.int64)
+        for index, (rows, cols) in enumerate(bounds):
+            block_row = rows.start // 2
+            pair = labels[2 * block_row:min(2 * block_row + 2, height), cols] == index + 1
+            first_column = cols.start + int(np.argmax(pair.any(axis=0)))
+            first_block[index] = block_row * ((width + 1) // 2) + first_column // 2
+        order = np.argsort(first_block, kind="stable")
         new_number = np.zeros(count + 1, np.int32)
-        new_number[np.argsort(first_block, kind="stable") + 1] = np.arange(1, count + 1, dtype=np.int32)
+        new_number[order + 1] = np.arange(1, count + 1, dtype=np.int32)
         labels = new_number[labels]
-    return labels, int(count)
+        bounds = [bounds[index] for index in order]
+    return labels, int(count), bounds
 
 
 def _top1_pixel_xy(values: np.ndarray, region: np.ndarray, offset=(0, 0)) -> Optional[np.ndarray]:
@@ -137,7 +156,7 @@ def extract_prompts(
     if max_components is not None and max_components < 1:
         raise ValueError("max_components must be >= 1 or None")
     fg_mask = fg_mask.astype(bool, copy=False)
-    labels, count = connected_components(fg_mask)
+    labels, count, bounds = _components_in_opencv_order(fg_mask)
     if count == 0:
         return []
     masses = ndimage.sum_labels(fg_prob.astype(np.float64), labels, range(1, count + 1))
@@ -158,7 +177,6 @@ def extract_prompts(
         # '& ~fg_mask' changes nothing when fg_mask is the argmax map; it guards inconsistent input.
         global_negative = _top1_pixel_xy(bg_prob, (bg_prob >= GLOBAL_NEGATIVE_MIN_BG_PROB) & ~fg_mask)
 
-    bounds = ndimage.find_objects(labels)
     prompts = []
     for index in kept:
         component_id = index + 1
