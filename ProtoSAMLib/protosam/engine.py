@@ -240,11 +240,12 @@ class Engine:
 
     @property
     def dinov2_fused_attention(self) -> bool:
-        """Whether DINOv2 attends through PyTorch's fused kernel: the preset's choice in float32,
-        and always under bf16/fp16 autocast. The explicit form exists for float32 agreement with
-        the reference to the last bits, which reduced precision gives up anyway; there it was
-        also 1.7x slower and no closer to float32 (ViT-B at 672 px, 2 CPU cores, bf16: 1.11 against
-        0.64 s per slice, the same root-mean-square error against float32 features)."""
+        """Whether DINOv2 attends through its fast form (PyTorch's fused kernel; under autocast on a
+        CPU, bf16 products with the softmax between them, see ``vit_blocks``): the preset's choice
+        in float32, and always under bf16/fp16 autocast. The explicit form exists for float32
+        agreement with the reference to the last bits, which reduced precision gives up anyway;
+        there it was also 1.7x slower than the fused kernel (ViT-B at 672 px, 2 CPU cores, bf16:
+        1.11 against 0.64 s per slice, the same root-mean-square error against float32 features)."""
         return self.preset.fused_attention or self.precision != "fp32"
 
     @property

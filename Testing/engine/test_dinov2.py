@@ -396,6 +396,50 @@ def test_bf16_autocast_on_cpu(loaded):
     assert cosine.min() > 0.98
 
 
+@pytest.mark.parametrize("band_bytes", [None, 1, 3000])
+def test_attention_under_autocast_on_a_cpu_runs_bf16_products_within_bf16_rounding(monkeypatch, band_bytes):
+    """Under bf16 autocast on a CPU the fast attention form is two bf16 products with the softmax
+    between them (``vit_blocks._products_in_low_precision``), not PyTorch's fused kernel (slower
+    there): for a batch of two, in bands of query rows (the default 2 MiB: all 300 rows here;
+    one row; 5 rows, the last band shorter), within 4 bf16 epsilons of the largest value of the
+    float32 attention (scores of standard deviation 1 here; measured 0.95, the fused kernel
+    0.93; with peaked scores, standard deviation 2-9, the rounded scores give 2-3.7 epsilons
+    where the fused kernel gives 1.2-2.5, as the official explicit attention under autocast
+    does). The heads' outputs are in their places: swapping two heads' queries fails (measured
+    33 times the bound)."""
+    from protosam.models import vit_blocks
+
+    attention = vit_blocks.Attention(dim=96, num_heads=3).eval()
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for parameter in attention.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    tokens = torch.randn(2, 300, 96, generator=generator)
+    calls = {"ours": 0, "fused": 0}
+    ours, fused = vit_blocks._products_in_low_precision, torch.nn.functional.scaled_dot_product_attention
+
+    def counting_ours(q, k, v):
+        calls["ours"] += 1
+        return ours(q, k, v) if band_bytes is None else ours(q, k, v, band_bytes)
+
+    def counting_fused(*args, **kwargs):
+        calls["fused"] += 1
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(vit_blocks, "_products_in_low_precision", counting_ours)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_fused)
+    with torch.inference_mode():
+        attention.fused = False
+        attention.heads_per_chunk = None
+        reference = attention(tokens)  # float32, the official explicit form
+        attention.fused = True
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = attention(tokens)
+    assert calls == {"ours": 1, "fused": 0} and got.dtype == torch.bfloat16
+    bound = 4 * torch.finfo(torch.bfloat16).eps * reference.abs().max()
+    assert (got.float() - reference).abs().max() <= bound
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_fp32_and_bf16(loaded):
     cpu_model, state = loaded("dinov2_vits14")

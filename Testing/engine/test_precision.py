@@ -171,8 +171,8 @@ def dinov2_attention_is_fused(engine: Engine) -> bool:
 
 def test_dinov2_explicit_attention_is_kept_for_float32_only(tiny_models, one_thread):
     """A preset that asks for DINOv2's explicit attention (paper semantics) gets it in float32,
-    where it agrees with the reference to the last bits; under bf16 autocast the fused kernel
-    runs (no agreement to keep, and the explicit form was 1.7x slower there), also after a GPU
+    where it agrees with the reference to the last bits; under bf16 autocast the fast form runs
+    (no agreement to keep, and the explicit form was 1.7x slower there), also after a GPU
     out-of-memory fallback chose the precision again."""
     from protosam.presets import PRESETS
 
