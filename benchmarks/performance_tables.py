@@ -29,6 +29,8 @@ Tables (``name``: source):
   order): peak resident memory and the step it occurred in, before and after a change;
 - ``bf16``: ``bf16_check.py`` (``--bf16``, default ``results/cpu_vitb_bf16_vs_fp32_xeon.json``):
   bf16 autocast against float32, errors on fixed inputs, masks, the interleaved speed ratio;
+- ``bf16_epyc``: the same for the latest run on the AMD EPYC (``--bf16-epyc``, default
+  ``results/cpu_vitb_bf16_vs_fp32_epyc.json``);
 - ``refiners``: ``refiner_benchmark.py`` in per-slice mode (``--refiners``, default
   ``results/cpu_refiners_64slices_xeon.json``) and, below it, in memory mode
   (``--sam2-memory``, default ``results/cpu_sam2_memory_64slices_xeon.json``): image
@@ -65,6 +67,7 @@ DEFAULT_CORRECTIONS = RESULTS / "cpu_vitb_corrections_64slices.json"
 DEFAULT_CORRECTIONS_LATEST = RESULTS / "cpu_vitb_corrections_64slices_fp32_xeon.json"
 DEFAULT_CORRECTIONS_EPYC = RESULTS / "cpu_vitb_corrections_64slices_fp32_epyc.json"
 DEFAULT_BF16 = RESULTS / "cpu_vitb_bf16_vs_fp32_xeon.json"
+DEFAULT_BF16_EPYC = RESULTS / "cpu_vitb_bf16_vs_fp32_epyc.json"
 MEMORY_GLOB = "cpu_vitb_memory_*.json"
 DEFAULT_REFINERS = RESULTS / "cpu_refiners_64slices_xeon.json"
 DEFAULT_SAM2_MEMORY = RESULTS / "cpu_sam2_memory_64slices_xeon.json"
@@ -297,7 +300,7 @@ def render(propagation: Path, corrections: Path, bf16: Path = DEFAULT_BF16, resu
            refiners: Path = DEFAULT_REFINERS, sam2_memory: Path = DEFAULT_SAM2_MEMORY,
            latest: Path = DEFAULT_PROPAGATION_LATEST, refiners_bf16: Path = DEFAULT_REFINERS_BF16,
            corrections_latest: Path = DEFAULT_CORRECTIONS_LATEST, epyc: Path = DEFAULT_PROPAGATION_EPYC,
-           corrections_epyc: Path = DEFAULT_CORRECTIONS_EPYC) -> Dict[str, str]:
+           corrections_epyc: Path = DEFAULT_CORRECTIONS_EPYC, bf16_epyc: Path = DEFAULT_BF16_EPYC) -> Dict[str, str]:
     tables = {
         "propagation": propagation_table(json.loads(propagation.read_text()), f"`{_rel(propagation)}`"),
         "corrections": corrections_table(json.loads(corrections.read_text()), f"`{_rel(corrections)}`"),
@@ -317,6 +320,8 @@ def render(propagation: Path, corrections: Path, bf16: Path = DEFAULT_BF16, resu
         tables["memory"] = memory_table([json.loads(p.read_text()) for p in memory], [f"`{_rel(p)}`" for p in memory])
     if bf16.exists():
         tables["bf16"] = bf16_table(json.loads(bf16.read_text()), f"`{_rel(bf16)}`")
+    if bf16_epyc.exists():
+        tables["bf16_epyc"] = bf16_table(json.loads(bf16_epyc.read_text()), f"`{_rel(bf16_epyc)}`")
     if refiners.exists():
         memory_report = json.loads(sam2_memory.read_text()) if sam2_memory.exists() else None
         bf16_report = json.loads(refiners_bf16.read_text()) if refiners_bf16.exists() else None
@@ -347,6 +352,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--corrections-latest", type=Path, default=DEFAULT_CORRECTIONS_LATEST,
                    help="corrections benchmark JSON of the latest run (a second table)")
     p.add_argument("--bf16", type=Path, default=DEFAULT_BF16, help="bf16_check.py JSON")
+    p.add_argument("--bf16-epyc", type=Path, default=DEFAULT_BF16_EPYC,
+                   help="bf16_check.py JSON of the latest run on the AMD EPYC (table bf16_epyc)")
     p.add_argument("--refiners", type=Path, default=DEFAULT_REFINERS, help="refiner_benchmark.py JSON, per-slice mode")
     p.add_argument("--refiners-bf16", type=Path, default=DEFAULT_REFINERS_BF16,
                    help="refiner_benchmark.py JSON, per-slice mode with --precision bf16")
@@ -359,7 +366,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     tables = render(args.results, args.corrections, args.bf16, refiners=args.refiners, sam2_memory=args.sam2_memory,
                     latest=args.latest, refiners_bf16=args.refiners_bf16, corrections_latest=args.corrections_latest,
-                    epyc=args.epyc, corrections_epyc=args.corrections_epyc)
+                    epyc=args.epyc, corrections_epyc=args.corrections_epyc, bf16_epyc=args.bf16_epyc)
     if not (args.write or args.check):
         for name, text in tables.items():
             print(f"<!-- table:{name} -->\n{text}\n<!-- /table:{name} -->\n")
