@@ -255,9 +255,9 @@ class Engine:
 
     @property
     def decoder_dtype(self) -> torch.dtype:
-        """The type SAM's decoder computes in: bfloat16 for a bf16 run on a CPU, where its small
-        products and memory-bound steps take about half as long in it (see
-        ``SharedImageDecoder``); float32 otherwise (on GPUs the batched decoder runs as loaded)."""
+        """The type SAM's decoder computes in: bfloat16 for a bf16 run on a CPU, where a prompt set
+        takes about two thirds of the float32 time (see ``SharedImageDecoder``); float32
+        otherwise (on GPUs the batched decoder runs as loaded)."""
         return torch.bfloat16 if self.device.type == "cpu" and self.precision == "bf16" else torch.float32
 
     def _decode_in_run_precision(self) -> None:

@@ -142,8 +142,8 @@ class SharedImageDecoder:
     layer norm then takes and gives bfloat16 (the softmaxes and layer norms reduce in float32
     inside), and the logits and scores come back as float32. Why: on a CPU the decoder's
     products are small and its image-sized steps stream megabytes through memory; in bfloat16
-    both take about half as long (ViT-B, AMD EPYC with AVX512-BF16, 2 threads, interleaved
-    rounds in one process: 20.8 -> 13.6 ms per prompt set), at bfloat16's error (see
+    a prompt set takes about two thirds of the time (ViT-B, AMD EPYC with AVX512-BF16, 2
+    threads, interleaved rounds in one process: 20.8 -> 13.8 ms), at bfloat16's error (see
     docs/performance.md for the measured errors and the bounds they are held to).
     """
 
