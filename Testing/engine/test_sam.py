@@ -394,6 +394,14 @@ def _assert_shared_decoder_matches_stock(sam, shared, embedding, points, labels,
     return sparse
 
 
+def _random_box_and_points(rng, corner_high, sides):
+    """A random XYXY box ``[1, 4]`` (corner in ``[0, corner_high)``, sides in ``sides``) and two
+    random points ``[1, 2, 2]`` in SAM's 1024 frame."""
+    x0, y0 = rng.uniform(0, corner_high, 2)
+    box = torch.tensor([[x0, y0, x0 + rng.uniform(*sides), y0 + rng.uniform(*sides)]], dtype=torch.float)
+    return box, torch.tensor(rng.uniform(0, 1023, (1, 2, 2)), dtype=torch.float)
+
+
 @pytest.mark.parametrize("multimask", [True, False])
 def test_shared_image_decoder_equals_the_mask_decoder(tiny_sam, multimask):
     """One prompt set per call with the image-only terms shared: the stock decoder's logits
@@ -407,9 +415,7 @@ def test_shared_image_decoder_equals_the_mask_decoder(tiny_sam, multimask):
     for seed in (1, 2):
         embedding = SamRefiner(sam).embed(_image(seed=seed))
         for _ in range(4):
-            x0, y0 = rng.uniform(0, 800, 2)
-            box = torch.tensor([[x0, y0, x0 + rng.uniform(20, 200), y0 + rng.uniform(20, 200)]], dtype=torch.float)
-            points = torch.tensor(rng.uniform(0, 1023, (1, 2, 2)), dtype=torch.float)
+            box, points = _random_box_and_points(rng, 800, (20, 200))
             labels = torch.tensor([[1, int(rng.integers(0, 2))]], dtype=torch.int)
             sparse = _assert_shared_decoder_matches_stock(sam, shared, embedding, points, labels, box, multimask)
         assert shared._terms.embedding is embedding  # terms were shared, then renewed
@@ -457,9 +463,7 @@ def test_bf16_shared_decoder_stays_within_the_stated_bound_of_float32(tiny_sam):
     for seed in (1, 2):
         embedding = SamRefiner(sam).embed(_image(seed=seed))
         for _ in range(3):
-            x0, y0 = rng.uniform(0, 700, 2)
-            box = torch.tensor([[x0, y0, x0 + rng.uniform(100, 300), y0 + rng.uniform(100, 300)]], dtype=torch.float)
-            points = torch.tensor(rng.uniform(0, 1023, (1, 2, 2)), dtype=torch.float)
+            box, points = _random_box_and_points(rng, 700, (100, 300))
             with torch.inference_mode():
                 sparse, _ = sam.prompt_encoder(points=(points, torch.tensor([[1, 0]])), boxes=box, masks=None)
             expected, expected_scores = full.decode(embedding, sparse, multimask_output=True)
