@@ -63,13 +63,14 @@ def connected_components(mask: np.ndarray) -> Tuple[np.ndarray, int]:
     components). That is not raster order of the first pixel: a component starting at (1, 0)
     comes before one starting at (0, 5). A test checks the numbering against OpenCV itself.
     """
-    labels, count, _ = _components_in_opencv_order(mask)
+    labels, count, _ = connected_components_with_bounds(mask)
     return labels, count
 
 
-def _components_in_opencv_order(mask: np.ndarray) -> Tuple[np.ndarray, int, list]:
-    """:func:`connected_components` and each component's bounding box (``find_objects``'s slices,
-    in the components' order)."""
+def connected_components_with_bounds(mask: np.ndarray) -> Tuple[np.ndarray, int, list]:
+    """:func:`connected_components` and each component's bounding box (``ndimage.find_objects``'s
+    slices, in the components' order): the numbering needs the boxes, so callers that need them
+    too take them from here instead of searching the labels again."""
     labels, count = ndimage.label(mask.astype(bool), structure=_EIGHT_CONNECTED)
     labels = labels.astype(np.int32, copy=False)
     bounds = ndimage.find_objects(labels)
@@ -156,7 +157,7 @@ def extract_prompts(
     if max_components is not None and max_components < 1:
         raise ValueError("max_components must be >= 1 or None")
     fg_mask = fg_mask.astype(bool, copy=False)
-    labels, count, bounds = _components_in_opencv_order(fg_mask)
+    labels, count, bounds = connected_components_with_bounds(fg_mask)
     if count == 0:
         return []
     masses = ndimage.sum_labels(fg_prob.astype(np.float64), labels, range(1, count + 1))

@@ -75,7 +75,7 @@ from .errors import InputError
 from .models.sam import SAM_IMAGE_SIZE
 from .engine import Engine, check_propagation
 from .preprocessing import normalize_volume
-from .prompts import ComponentPrompt, connected_components
+from .prompts import ComponentPrompt, connected_components_with_bounds
 from .models.alpnet import pool_prototypes
 from .propagation import (
     DEFAULT_SIMILAR_K, SUPPORT_MODES, CroppedMask, _as_support_example, _check_example, _check_range,
@@ -1026,10 +1026,10 @@ def _with_clicks(prompts: List[ComponentPrompt], clicks: List[_Click], hw) -> Li
 def _mask_prompts(mask: np.ndarray) -> List[ComponentPrompt]:
     """Box-only prompt sets (SAM's 1024 frame) of the 8-connected components of an ``[H, W]``
     mask; ``window``/``local_mask`` hold the component in the mask's own frame."""
-    labels, count = connected_components(mask.astype(bool))
+    labels, _, bounds = connected_components_with_bounds(mask.astype(bool))
     height, width = mask.shape
     prompts = []
-    for number, window in enumerate(ndimage.find_objects(labels), start=1):
+    for number, window in enumerate(bounds, start=1):
         rows, cols = window
         x0, y0 = _to_sam_frame(cols.start, rows.start, mask.shape)
         x1, y1 = _to_sam_frame(cols.stop - 1, rows.stop - 1, mask.shape)
