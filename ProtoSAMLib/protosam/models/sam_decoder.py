@@ -35,6 +35,7 @@ Only batch-1 calls without a mask prompt take this path (the reference's case).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -159,9 +160,9 @@ class SharedImageDecoder:
             return self._terms
         terms = self._image_terms_float32(embedding)
         if self.dtype != torch.float32:
-            terms = _ImageTerms(embedding=embedding, **{
-                name: getattr(terms, name).to(self.dtype) for name in
-                ("keys", "key_pe", "first_t2i_keys", "first_t2i_values", "first_i2t_queries")})
+            terms = dataclasses.replace(terms, **{
+                field.name: getattr(terms, field.name).to(self.dtype)
+                for field in dataclasses.fields(terms) if field.name != "embedding"})
         self._terms = terms
         return terms
 
