@@ -26,6 +26,7 @@ from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 from typing import Dict
+from unittest import mock
 
 import numpy as np
 import torch
@@ -80,15 +81,8 @@ def _engine_keeping_glibc_heap(spec: Dict, phase: str) -> Engine:
     reference runs with them; the thresholds are the process's, so with --in-process they hold
     until a later phase's engine fixes them). The environment is as before afterwards: a
     ``PROTOSAM_MALLOC_DEFAULTS`` the user set for the whole benchmark stays."""
-    before = os.environ.get(KEEP_MALLOC_DEFAULTS)
-    os.environ[KEEP_MALLOC_DEFAULTS] = "1"
-    try:
+    with mock.patch.dict(os.environ, {KEEP_MALLOC_DEFAULTS: "1"}):
         return _engine(spec, phase)
-    finally:
-        if before is None:
-            del os.environ[KEEP_MALLOC_DEFAULTS]
-        else:
-            os.environ[KEEP_MALLOC_DEFAULTS] = before
 
 
 class StepMeter:
