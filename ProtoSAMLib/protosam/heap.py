@@ -13,9 +13,10 @@ The opposite happens in SAM decoding: each prompt set allocates 20-30 MB of 1-8 
 top-of-heap trim threshold to twice the largest block it has freed back to the system, here
 8-16 MiB, so the free top left by each prompt set was handed back, and the next prompt set
 faulted the same pages in again, zero-filled: about 4,700 page faults per prompt set (ViT-B,
-2 CPU cores; 29-37 ms per set with them, 23.5-25.5 ms without). :func:`reuse_freed_heap_blocks` fixes both thresholds at
-the values that rule reaches at most (32 MiB for serving a block from the heap, 64 MiB of
-free top kept), so those temporaries reuse the same resident pages.
+2 CPU cores; 29-37 ms per set with them, 23.5-25.5 ms without).
+:func:`reuse_freed_heap_blocks` fixes both thresholds at the values that rule reaches at most
+(32 MiB for serving a block from the heap, 64 MiB of free top kept), so those temporaries
+reuse the same resident pages.
 """
 from __future__ import annotations
 
