@@ -284,8 +284,9 @@ def test_attention_under_autocast_keeps_relative_positions_within_bf16_rounding(
     the AMD EPYC: 0.65-0.86 for the CPU products, 1.1-1.5 for the fused kernel). The
     relative-position tables are made large, so leaving a term out (or misplacing it) fails:
     measured 20-36 times the bound for the fused kernel's mask; 22-23 times for the CPU
-    products with the width term left out or added along the key rows. (No comparison with segment-anything's bf16 error here: where both are set by the
-    same output rounding, another CPU's bf16 kernels may tip either way.)"""
+    products with the width term left out or added along the key rows. (No comparison with
+    segment-anything's bf16 error here: where both are set by the same output rounding, another
+    CPU's bf16 kernels may tip either way.)"""
     from segment_anything.modeling.image_encoder import Attention as StockAttention
 
     from protosam.models import sam_memory
@@ -337,6 +338,30 @@ def test_attention_under_autocast_keeps_relative_positions_within_bf16_rounding(
                 assert error <= bound, (shape, chunk_bytes, error, bound)
         # the last round: one (window, head) pair or one head, and one query row, per call
         assert len(calls) == shape[0] * block.attn.num_heads * shape[1], (shape, len(calls))
+
+
+def test_cpu_attention_under_autocast_without_relative_positions():
+    """A segment-anything attention layer without relative positions (``use_rel_pos=False``)
+    takes the CPU products' other branch (the scores only scaled, in float32): within the same
+    bf16 bound of its float32 attention, for all rows at once and one query row per chunk."""
+    from segment_anything.modeling.image_encoder import Attention as StockAttention
+
+    from protosam.models.sam import build_sam
+    from protosam.models.sam_memory import limit_global_attention_memory
+
+    sam = build_sam("sam_tiny").eval()
+    block = next(b for b in sam.image_encoder.blocks if not b.window_size)
+    block.attn.use_rel_pos = False
+    x = torch.randn(1, 64, 64, block.norm1.normalized_shape[0], generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        reference = StockAttention.forward(block.attn, x)
+        for chunk_bytes in (16 * 2**20, 1):
+            limit_global_attention_memory(sam, chunk_bytes=chunk_bytes)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ours = block.attn(x)
+            assert ours.dtype == torch.bfloat16
+            bound = 4 * torch.finfo(torch.bfloat16).eps * reference.abs().max()
+            assert (ours.float() - reference).abs().max() <= bound, chunk_bytes
 
 
 def test_encoder_tokens_run_row_major_with_the_same_embedding(tmp_path):
