@@ -1,4 +1,7 @@
 """Our SAM refinement against the official SamPredictor, with the same tiny weights."""
+import copy
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -504,15 +507,16 @@ def test_bf16_shared_decoder_stays_within_the_stated_bound_of_float32(tiny_sam):
     assert 2 * overlap / total >= 0.99
 
 
-@pytest.mark.parametrize("band_tokens", [1, 100, 512, 4096, 10_000])
+@pytest.mark.parametrize("band_tokens", [None, 1, 100, 512, 4096, 10_000])
 def test_upscaling_in_bands_of_tokens_equals_the_stock_upscaling(tiny_sam, band_tokens):
     """The decoder's output upscaling runs the image tokens through its steps a band at a time
-    (the last band shorter where the band does not divide the 4,096 tokens): segment-anything's
-    ``hyper_in @ output_upscaling(image)`` up to float32 rounding, every pixel in its place."""
+    (the last band shorter where the band does not divide the 4,096 tokens; None: the band its
+    byte bound gives): segment-anything's ``hyper_in @ output_upscaling(image)`` up to float32
+    rounding, every pixel in its place."""
     from protosam.models.sam_decoder import _upscaled_masks
 
     decoder = tiny_sam[0].mask_decoder
-    generator = torch.Generator().manual_seed(band_tokens)
+    generator = torch.Generator().manual_seed(band_tokens or 0)
     channels = decoder.transformer_dim
     image = torch.randn(1, channels, 64, 64, generator=generator)
     hyper_in = torch.randn(3, channels // 8, generator=generator)
@@ -524,6 +528,42 @@ def test_upscaling_in_bands_of_tokens_equals_the_stock_upscaling(tiny_sam, band_
     assert got.shape == expected.shape
     bound = 64 * torch.finfo(torch.float32).eps * max(float(expected.abs().max()), 1.0)
     assert float((got - expected).abs().max()) <= bound
+
+
+def test_upscaling_bands_of_vit_b_size_by_bytes():
+    """The band of the output upscaling is set in bytes: at SAM ViT-B's decoder size float32
+    keeps its 512 tokens a band (the bits measured and tested against the stock decoder),
+    bfloat16 takes twice as many tokens (the same bytes), with the same values as bands of 512
+    up to bfloat16 rounding."""
+    from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+
+    from protosam.models import sam_decoder
+
+    generator = torch.Generator().manual_seed(3)
+    decoder = MaskDecoder(transformer_dim=256, transformer=TwoWayTransformer(
+        depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8)).eval()
+    tokens = torch.randn(4096, 256, generator=generator)
+    hyper_in = torch.randn(1, 32, generator=generator)
+    calls = []
+    real_mm = torch.mm
+
+    def counting_mm(a, b, **kwargs):
+        calls.append(a.shape[0])
+        return real_mm(a, b, **kwargs)
+
+    with torch.inference_mode():
+        by_bytes = sam_decoder._upscaled_masks(decoder.output_upscaling, tokens, hyper_in, 64, 64)
+        by_512 = sam_decoder._upscaled_masks(decoder.output_upscaling, tokens, hyper_in, 64, 64, band_tokens=512)
+        assert torch.equal(by_bytes, by_512)
+        low = copy.deepcopy(decoder).to(torch.bfloat16)
+        with mock.patch.object(sam_decoder.torch, "mm", counting_mm):
+            in_bf16 = sam_decoder._upscaled_masks(low.output_upscaling, tokens.bfloat16(), hyper_in.bfloat16(), 64, 64)
+        reference = sam_decoder._upscaled_masks(low.output_upscaling, tokens.bfloat16(), hyper_in.bfloat16(), 64, 64,
+                                                band_tokens=512)
+    assert calls[0] == 1024  # the first product of the first band: 1,024 tokens
+    assert len(calls) == 3 * 4  # three products per band, four bands
+    scale = float(by_512.abs().max())
+    assert float((in_bf16.float() - reference.float()).abs().max()) <= 0.02 * scale
 
 
 def test_one_resize_gives_postprocess_masks_bits(tiny_sam):
