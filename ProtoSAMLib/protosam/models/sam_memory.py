@@ -198,8 +198,8 @@ def _low_precision_products_in_chunks(self, q, k, v, height, width, rel_h_table,
         # q, k and v are strided views into the qkv projection's output (and k is used
         # transposed): given as they are, every row band's product copied them again (ViT-B at
         # 1024 px: 0.2 s per bf16 embedding); copied once per chunk here. The queries are
-        # scaled before the product, as segment-anything scales them (for SAM's 64 channels a
-        # head the scale is 1/8, a power of two: the same bits as scaling the scores).
+        # scaled before the product, as segment-anything scales them (ViT-B and ViT-L have 64
+        # channels a head: their scale 1/8 is a power of two, the same bits as scaling the scores).
         queries_all = q[heads].contiguous()
         scaled_queries = queries_all * self.scale
         keys_t = k[heads].transpose(-2, -1).contiguous()
@@ -220,7 +220,7 @@ def _low_precision_products_in_chunks(self, q, k, v, height, width, rel_h_table,
             # The scores widened to float32 in place, then + rel_h, then + rel_w (the stock
             # order of the sums), each term added in place: one pass fewer than adding the
             # bf16 scores to a term, which widened them into a temporary first (ViT-B at 1024 px,
-            # one chunk of 8 query rows: 0.57 -> 0.30 ms, AMD EPYC, 2 threads).
+            # these steps for one chunk of 8 query rows: 0.57 -> 0.30 ms, AMD EPYC, 2 threads).
             score.copy_(product)
             if rel_h_table is not None:
                 grid = score.view(count_heads, count, width, height, width)
