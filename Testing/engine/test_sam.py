@@ -345,7 +345,7 @@ def test_attention_under_autocast_keeps_relative_positions_within_bf16_rounding(
 
 def test_cpu_attention_under_autocast_without_relative_positions():
     """A segment-anything attention layer without relative positions (``use_rel_pos=False``)
-    takes the CPU products' other branch (the scores only scaled, in float32): within the same
+    takes the CPU products' other branch (no terms added to the scores): within the same
     bf16 bound of its float32 attention, for all rows at once and one query row per chunk."""
     from segment_anything.modeling.image_encoder import Attention as StockAttention
 
@@ -556,7 +556,7 @@ def test_upscaling_bands_of_vit_b_size_by_bytes():
         by_512 = sam_decoder._upscaled_masks(decoder.output_upscaling, tokens, hyper_in, 64, 64, band_tokens=512)
         assert torch.equal(by_bytes, by_512)
         low = copy.deepcopy(decoder).to(torch.bfloat16)
-        with mock.patch.object(sam_decoder.torch, "mm", counting_mm):
+        with mock.patch.object(torch, "mm", counting_mm):
             in_bf16 = sam_decoder._upscaled_masks(low.output_upscaling, tokens.bfloat16(), hyper_in.bfloat16(), 64, 64)
         reference = sam_decoder._upscaled_masks(low.output_upscaling, tokens.bfloat16(), hyper_in.bfloat16(), 64, 64,
                                                 band_tokens=512)

@@ -46,6 +46,8 @@ from segment_anything.modeling import Sam
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.transformer import Attention
 
+from .sam_memory import band_rows
+
 __all__ = ["SharedImageDecoder", "StockMaskDecoder"]
 
 
@@ -270,9 +272,9 @@ def _upscaled_masks(upscaling: torch.nn.Sequential, tokens: torch.Tensor, hyper_
     A pixel's rows stay in the order (row, column, then each level's 2 x 2 offset) until the
     final ``[M]`` values per pixel are put back in image order. Every step acts on each image
     token's own rows, so the tokens go through all steps ``band_tokens`` at a time (None: as
-    many as keep the intermediates within :data:`UPSCALING_BAND_BYTES`, a multiple of 512 where
-    that fits). Only the ``M`` masks of ``hyper_in`` are formed (callers that keep one mask pass
-    one row)."""
+    many as keep the intermediates within :data:`UPSCALING_BAND_BYTES`, rounded as
+    :func:`~protosam.models.sam_memory.band_rows` rounds bands). Only the ``M`` masks of
+    ``hyper_in`` are formed (callers that keep one mask pass one row)."""
     first, norm, first_activation, second, second_activation = upscaling
     if not (isinstance(norm, LayerNorm2d) and all(
             isinstance(conv, torch.nn.ConvTranspose2d) and conv.kernel_size == (2, 2) and conv.stride == (2, 2)
@@ -286,8 +288,7 @@ def _upscaled_masks(upscaling: torch.nn.Sequential, tokens: torch.Tensor, hyper_
     count = tokens.shape[0]
     if band_tokens is None:
         values_per_token = weights[0].shape[1] + 4 * weights[1].shape[1]
-        band_tokens = UPSCALING_BAND_BYTES // (values_per_token * tokens.element_size())
-        band_tokens -= band_tokens % 512 if band_tokens >= 512 else 0
+        band_tokens = band_rows(count, UPSCALING_BAND_BYTES // (values_per_token * tokens.element_size()))
     band_tokens = max(1, min(count, band_tokens))
     # One buffer per step, reused by every band; the last is the band's rows of the result.
     first_out = tokens.new_empty(band_tokens, weights[0].shape[1])

@@ -54,7 +54,7 @@ import torch
 from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import get_rel_pos
 
-__all__ = ["CHUNK_BYTES", "limit_global_attention_memory", "use_stock_global_attention"]
+__all__ = ["CHUNK_BYTES", "band_rows", "limit_global_attention_memory", "use_stock_global_attention"]
 
 # Largest attention-map chunk: half of glibc's largest mmap threshold, so the heap keeps it.
 CHUNK_BYTES = 16 * 2**20
@@ -231,7 +231,7 @@ def _low_precision_products_in_chunks(self, q, k, v, height, width, rel_h_table,
     return attended
 
 
-def _band_rows(count: int, most: int) -> int:
+def band_rows(count: int, most: int) -> int:
     """Rows per band of a row-banded matrix product: at most ``most`` (at least 1), and a whole
     multiple of 512 where that fits. Why 512: with MKL on 2 threads, bands of whole multiples of
     512 rows gave the same bits as the one product over all rows; other heights changed the
@@ -254,7 +254,7 @@ def _qkv_by_heads(self, x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(batch * tokens, channels)
     width_out = self.qkv.out_features
     laid_out = flat.new_empty(3, batch, heads, tokens, width_out // (3 * heads))
-    rows_per_band = _band_rows(batch * tokens, self.chunk_bytes // (width_out * flat.element_size()))
+    rows_per_band = band_rows(batch * tokens, self.chunk_bytes // (width_out * flat.element_size()))
     band_buffer = flat.new_empty(rows_per_band, width_out)
     for first in range(0, batch * tokens, rows_per_band):
         rows = slice(first, min(batch * tokens, first + rows_per_band))
@@ -285,7 +285,7 @@ def _mlp_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
         return lin2(self.act(lin1(x)))
     tokens = x.reshape(-1, x.shape[-1])
     count = tokens.shape[0]
-    rows_per_chunk = _band_rows(count, self.chunk_bytes // (lin1.out_features * tokens.element_size()))
+    rows_per_chunk = band_rows(count, self.chunk_bytes // (lin1.out_features * tokens.element_size()))
     hidden = tokens.new_empty(rows_per_chunk, lin1.out_features)
     out = tokens.new_empty(count, lin2.out_features)
     for first in range(0, count, rows_per_chunk):
