@@ -395,6 +395,97 @@ def test_encoder_tokens_run_row_major_with_the_same_embedding(tmp_path):
     assert "forward" not in reloaded.image_encoder.neck[0].__dict__
 
 
+def test_windowed_blocks_project_only_the_real_tokens_with_the_stock_values(tmp_path):
+    """segment-anything pads a windowed block's tokens to whole windows (the tiny model's 64 x 64
+    grid to 70 x 70 in 14 x 14 windows) and projects qkv and the output for all 4,900; the engine
+    projects the 4,096 real tokens only and gives the padded keys and values qkv's bias, what
+    the stock projection of the zero padding gives. The block's output is the stock block's:
+    bit for bit where the BLAS rounds each row the same whatever the row count (AMD EPYC), held
+    to 64 float32 epsilons (bf16: to its own rounding) elsewhere. A large bias makes padding
+    that is not the bias fail by far (the edge windows' queries read those keys)."""
+    from segment_anything.modeling.image_encoder import Block
+    from protosam.models import sam_memory
+
+    path = tmp_path / "sam.pth"
+    save_random_sam_checkpoint("sam_tiny", path, seed=11)
+    sam = load_sam("sam_tiny", path)
+    block = next(b for b in sam.image_encoder.blocks if b.window_size)
+    assert "forward" in block.__dict__
+    assert not any("forward" in b.__dict__ for b in sam.image_encoder.blocks if not b.window_size)
+    generator = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        block.attn.qkv.bias.copy_(3 * torch.randn(block.attn.qkv.bias.shape, generator=generator))
+    x = torch.randn(1, 64, 64, block.norm1.normalized_shape[0], generator=generator)
+    eps = torch.finfo(torch.float32).eps
+    qkv_weight = block.attn.qkv.weight
+    for dtype, relative in ((None, 64 * eps), (torch.bfloat16, 2.0 ** -7)):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            stock = Block.forward(block, x)
+            rows = []
+            hook = block.attn.proj.register_forward_hook(lambda module, args, out: rows.append(("proj", args[0].shape[:-1].numel())))
+            real_addmm = torch.addmm
+
+            def addmm(bias, mat1, mat2, **kwargs):
+                if mat2.data_ptr() == qkv_weight.data_ptr():
+                    rows.append(("qkv", mat1.shape[0]))
+                return real_addmm(bias, mat1, mat2, **kwargs)
+
+            qkv_hook = block.attn.qkv.register_forward_hook(lambda module, args, out: rows.append(("qkv", args[0].shape[:-1].numel())))
+            try:
+                with mock.patch.object(torch, "addmm", addmm):
+                    ours = block(x)
+            finally:
+                hook.remove()
+                qkv_hook.remove()
+        assert ours.dtype == stock.dtype and ours.shape == stock.shape == x.shape
+        assert sum(n for name, n in rows if name == "qkv") == 64 * 64, (dtype, rows)
+        assert sum(n for name, n in rows if name == "proj") == 64 * 64, (dtype, rows)
+        assert (ours.float() - stock.float()).abs().max() <= relative * stock.float().abs().max(), dtype
+    sam_memory.use_stock_global_attention(sam)
+    assert not any("forward" in b.__dict__ for b in sam.image_encoder.blocks)
+
+
+def test_encoder_blocks_hand_on_one_qkv_buffer_per_forward(tmp_path):
+    """A float32 block's qkv layout (ViT-B: 38-45 MB, above glibc's mmap threshold) comes from
+    one buffer that all blocks of an encoder forward share, mapped once instead of once a block;
+    it goes with the forward, and another thread running meanwhile never sees it (a context
+    variable). The embedding is the one of blocks with their own buffers, bit for bit."""
+    import threading
+    from protosam.models import sam_memory
+
+    path = tmp_path / "sam.pth"
+    save_random_sam_checkpoint("sam_tiny", path, seed=13)
+    sam = load_sam("sam_tiny", path)
+    refiner, image = SamRefiner(sam), _image(seed=14)
+    taken, seen_elsewhere = [], []
+    real_take = sam_memory._BlockBuffers.take
+
+    def take(self, use, like, numel):
+        buffer = real_take(self, use, like, numel)
+        taken.append((use, buffer.untyped_storage().data_ptr()))
+        return buffer
+
+    def look_from_another_thread(module, args):
+        thread = threading.Thread(target=lambda: seen_elsewhere.append(sam_memory._ENCODER_BUFFERS.get()))
+        thread.start()
+        thread.join()
+        seen_elsewhere.append(sam_memory._ENCODER_BUFFERS.get())
+
+    hook = sam.image_encoder.blocks[-1].register_forward_pre_hook(look_from_another_thread)
+    with mock.patch.object(sam_memory._BlockBuffers, "take", take):
+        shared = refiner.embed(image)
+    hook.remove()
+    by_heads = [pointer for use, pointer in taken if use == "qkv by heads"]
+    assert len(by_heads) == len(sam.image_encoder.blocks) and len(set(by_heads)) == 1, taken
+    assert seen_elsewhere[0] is None and isinstance(seen_elsewhere[1], sam_memory._BlockBuffers)
+    assert sam_memory._ENCODER_BUFFERS.get() is None
+    sam.image_encoder.__dict__.pop("forward")
+    taken.clear()
+    with mock.patch.object(sam_memory._BlockBuffers, "take", take):
+        assert torch.equal(refiner.embed(image), shared)
+    assert not taken
+
+
 def _assert_shared_decoder_matches_stock(sam, shared, embedding, points, labels, box, multimask):
     """Our decoder against segment-anything's MaskDecoder (StockMaskDecoder) on one prompt set.
 
