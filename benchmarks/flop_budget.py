@@ -7,8 +7,11 @@ then multiplies them by the calls a benchmark run made (its JSON's ``step_calls`
 ``MaskDecoder``; ours as this code's ``SharedImageDecoder`` (the same function with less
 arithmetic: its image-only terms once per embedding, attention folded through its
 projections). For a JSON recorded before that decoder (commit 9105607) pass
-``--stock-decoder`` to count ours with segment-anything's figure, as it then ran. The ratio of
-the two totals is what that arithmetic can gain at most without running faster kernels::
+``--stock-decoder`` to count ours with segment-anything's figure, as it then ran. Ours' SAM
+encoder is counted as it runs since commit 0e37d39, its windowed blocks projecting only the real
+tokens (segment-anything's projects the windows' padding too, 30 GFLOP more at ViT-B size); for a
+JSON recorded before it pass ``--padded-windows``. The ratio of the two totals is what that
+arithmetic can gain at most without running faster kernels::
 
     python benchmarks/flop_budget.py                                   # the recorded run
     python benchmarks/flop_budget.py --results benchmarks/results/FILE.json
@@ -27,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from protosam.models.dinov2 import build_dinov2
 from protosam.models.sam import build_sam
 from protosam.models.sam_decoder import SharedImageDecoder
+from protosam.models.sam_memory import limit_global_attention_memory
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_RESULTS = HERE / "results" / "cpu_vitb_64slices_with_default_preset.json"
@@ -39,7 +43,8 @@ def _flops(call) -> float:
 
 
 def model_flops(dinov2: str, sam: str, input_size: int) -> Dict[str, float]:
-    """FLOP per DINOv2 pass (one slice), per SAM image encoding and per decoded prompt set
+    """FLOP per DINOv2 pass (one slice), per SAM image encoding (segment-anything's encoder;
+    ours: without projecting the windows' padding) and per decoded prompt set
     (segment-anything's ``MaskDecoder``; ours: per prompt set, and per embedding for the
     image-only terms it shares)."""
     size = input_size // 14 * 14
@@ -55,6 +60,8 @@ def model_flops(dinov2: str, sam: str, input_size: int) -> Dict[str, float]:
         return {
             "dinov2": _flops(lambda: encoder.patch_features(torch.empty(1, 3, size, size))),
             "sam_embedding": _flops(lambda: model.image_encoder(torch.empty(1, 3, 1024, 1024))),
+            "ours_sam_embedding": _flops(lambda: limit_global_attention_memory(build_sam(sam)).image_encoder(
+                torch.empty(1, 3, 1024, 1024))),
             "decoding_per_prompt_set": _flops(lambda: model.mask_decoder(
                 image_embeddings=embedding, image_pe=torch.empty(1, channels, *grid),
                 sparse_prompt_embeddings=sparse,
@@ -71,6 +78,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="propagation benchmark JSON")
     p.add_argument("--stock-decoder", action="store_true",
                    help="count our decoding as segment-anything's (runs recorded before commit 9105607)")
+    p.add_argument("--padded-windows", action="store_true",
+                   help="count our SAM encoding as segment-anything's, windows' padding projected "
+                        "(runs recorded before commit 0e37d39)")
     args = p.parse_args(argv)
     report = json.loads(args.results.read_text())
     c = report["config"]
@@ -86,7 +96,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             per_set, per_embedding = per_call["ours_decoding_per_prompt_set"], per_call["ours_decoder_terms_per_embedding"]
         sam_calls = calls.get("sam_embedding", 0)
-        total = (calls.get("dinov2", 0) * per_call["dinov2"] + sam_calls * (per_call["sam_embedding"] + per_embedding)
+        per_encoding = per_call["sam_embedding" if phase == "naive" or args.padded_windows else "ours_sam_embedding"]
+        total = (calls.get("dinov2", 0) * per_call["dinov2"] + sam_calls * (per_encoding + per_embedding)
                  + r["sam_prompt_sets"] * per_set)
         scale = slices / r["slices"] if phase == "naive" and r.get("extrapolated") else 1.0
         totals[phase] = total * scale

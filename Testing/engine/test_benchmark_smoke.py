@@ -278,11 +278,15 @@ def test_performance_page_tables_are_generated_from_the_recorded_results(tmp_pat
 
 def test_flop_budget_counts_our_decoder_with_its_own_arithmetic(bench):
     """flop_budget counts the reference flow's decoding as segment-anything's MaskDecoder and
-    ours as SharedImageDecoder (image terms per embedding, folded attention per prompt set)."""
+    ours as SharedImageDecoder (image terms per embedding, folded attention per prompt set), and
+    the reference's SAM encoding with the windows' padding projected, ours without: the tiny
+    model's one windowed block projects 4,096 tokens instead of 4,900 (32 channels in, 96 + 32
+    out: 2 x 804 x 32 x 128 multiply-adds fewer)."""
     import flop_budget
 
     flops = flop_budget.model_flops("dinov2_tiny14", "sam_tiny", 112)
     assert flops["dinov2"] > 0 and flops["sam_embedding"] > 0
+    assert flops["sam_embedding"] - flops["ours_sam_embedding"] == 2 * 804 * 32 * (96 + 32)
     assert 0 < flops["ours_decoding_per_prompt_set"] < flops["decoding_per_prompt_set"]
     assert flops["ours_decoder_terms_per_embedding"] > 0
 

@@ -110,6 +110,16 @@ def _buffer(use: str, like: torch.Tensor, shape) -> torch.Tensor:
 _ENCODER_BUFFERS: contextvars.ContextVar = contextvars.ContextVar("protosam_sam_encoder_buffers", default=None)
 
 
+def _autocast_enabled(tensor: torch.Tensor) -> bool:
+    """Whether autocast is on for ``tensor``'s device type; False for a type autocast does not
+    know (``meta``, where benchmarks/flop_budget.py counts the encoder's work), which
+    ``torch.is_autocast_enabled`` refuses."""
+    try:
+        return torch.is_autocast_enabled(tensor.device.type)
+    except RuntimeError:
+        return False
+
+
 def _attention_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
     """segment-anything's ``Attention.forward`` (x: ``[B, H, W, C]``) in bounded chunks."""
     batch, height, width, _ = x.shape
@@ -128,7 +138,7 @@ def _attend_by_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     if self.use_rel_pos:
         rel_h_table = get_rel_pos(height, height, self.rel_pos_h)  # [H (query rows), H (key rows), C]
         rel_w_table = get_rel_pos(width, width, self.rel_pos_w)
-    if torch.is_autocast_enabled(q.device.type):
+    if _autocast_enabled(q):
         if q.device.type == "cpu":
             return _low_precision_products_in_chunks(self, q, k, v, height, width, rel_h_table, rel_w_table)
         return _fused_attention_in_chunks(self, q, k, v, height, width, rel_h_table, rel_w_table)
@@ -143,7 +153,7 @@ def _attend_by_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     # softmax's and the product's own outputs (measured on 2 CPU cores, ViT-B, one process each
     # way: 5.9 -> 5.3 s per embedding). Autocast keeps the allocating form: its casts do not
     # apply to ``out=`` calls.
-    in_workspace = not torch.is_autocast_enabled(q.device.type)
+    in_workspace = not _autocast_enabled(q)
     if in_workspace:
         workspace = q.new_empty(min(step, q.shape[0]) * rows_per_chunk * width * tokens)
     for first_head in range(0, q.shape[0], step):
@@ -303,7 +313,7 @@ def _qkv_by_heads(self, x: torch.Tensor) -> torch.Tensor:
     batch, height, width, channels = x.shape
     tokens = height * width
     heads = self.num_heads
-    if torch.is_autocast_enabled(x.device.type) or self.qkv.bias is None:
+    if _autocast_enabled(x) or self.qkv.bias is None:
         qkv = self.qkv(x).reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
         return qkv.reshape(3, batch * heads, tokens, -1)
     flat = x.reshape(batch * tokens, channels)
@@ -335,7 +345,7 @@ def _mlp_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
     bits on the CPUs measured (a test holds them to 64 float32 epsilons of the stock block).
     """
     lin1, lin2 = self.lin1, self.lin2
-    if (torch.is_autocast_enabled(x.device.type) or lin1.bias is None or lin2.bias is None
+    if (_autocast_enabled(x) or lin1.bias is None or lin2.bias is None
             or type(self.act) is not torch.nn.GELU or self.act.approximate != "none"):
         return lin2(self.act(lin1(x)))
     tokens = x.reshape(-1, x.shape[-1])
@@ -398,7 +408,7 @@ def _window_attention_on_real_tokens(self, x: torch.Tensor, window: int) -> torc
 def _qkv_of_tokens(self, x: torch.Tensor) -> torch.Tensor:
     """``self.qkv(x)`` for ``x`` ``[B, H, W, C]``: ``[B, H, W, 3 C]``; in float32 a band of tokens
     at a time (whole multiples of 512 rows: the bits of one product) into a reused buffer."""
-    if torch.is_autocast_enabled(x.device.type) or self.qkv.bias is None:
+    if _autocast_enabled(x) or self.qkv.bias is None:
         return self.qkv(x)
     flat = x.reshape(-1, x.shape[-1])
     count, width_out = flat.shape[0], self.qkv.out_features
