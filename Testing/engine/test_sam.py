@@ -398,8 +398,9 @@ def test_encoder_tokens_run_row_major_with_the_same_embedding(tmp_path):
 def test_windowed_blocks_project_only_the_real_tokens_with_the_stock_values(tmp_path):
     """segment-anything pads a windowed block's tokens to whole windows (the tiny model's 64 x 64
     grid to 70 x 70 in 14 x 14 windows) and projects qkv and the output for all 4,900; the engine
-    projects the 4,096 real tokens only and gives the padded keys and values qkv's bias, what
-    the stock projection of the zero padding gives. The block's output is the stock block's:
+    projects the 4,096 real tokens only (in float32 in bands of image rows, copied into the
+    windows band by band) and gives the padded keys and values qkv's bias, what the stock
+    projection of the zero padding gives. The block's output is the stock block's:
     bit for bit where the BLAS rounds each row the same whatever the row count (AMD EPYC), held
     to 64 float32 epsilons (bf16: to its own rounding) elsewhere. A large bias makes padding
     that is not the bias fail by far (the edge windows' queries read those keys)."""
@@ -418,7 +419,13 @@ def test_windowed_blocks_project_only_the_real_tokens_with_the_stock_values(tmp_
     x = torch.randn(1, 64, 64, block.norm1.normalized_shape[0], generator=generator)
     eps = torch.finfo(torch.float32).eps
     qkv_weight = block.attn.qkv.weight
-    for dtype, relative in ((None, 64 * eps), (torch.bfloat16, 2.0 ** -7)):
+    row_bytes = block.attn.qkv.out_features * 4
+    # float32 runs the projection in bands of whole image rows: 16 rows (1,280 tokens' bytes,
+    # rounded down to 1,024 tokens), 3 rows (bands that cut windows at every offset), 1 row;
+    # bf16 in one call.
+    for dtype, relative, band_tokens in ((None, 64 * eps, 1280), (None, 64 * eps, 192), (None, 64 * eps, 64),
+                                         (torch.bfloat16, 2.0 ** -7, None)):
+        block.attn.chunk_bytes = (band_tokens or 4096) * row_bytes
         with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
             stock = Block.forward(block, x)
             rows = []
@@ -440,7 +447,9 @@ def test_windowed_blocks_project_only_the_real_tokens_with_the_stock_values(tmp_
         assert ours.dtype == stock.dtype and ours.shape == stock.shape == x.shape
         assert sum(n for name, n in rows if name == "qkv") == 64 * 64, (dtype, rows)
         assert sum(n for name, n in rows if name == "proj") == 64 * 64, (dtype, rows)
-        assert (ours.float() - stock.float()).abs().max() <= relative * stock.float().abs().max(), dtype
+        if band_tokens:
+            assert max(n for name, n in rows if name == "qkv") == {1280: 1024}.get(band_tokens, band_tokens), rows
+        assert (ours.float() - stock.float()).abs().max() <= relative * stock.float().abs().max(), (dtype, band_tokens)
     sam_memory.use_stock_global_attention(sam)
     assert not any("forward" in b.__dict__ for b in sam.image_encoder.blocks)
 
@@ -475,8 +484,8 @@ def test_encoder_blocks_hand_on_one_qkv_buffer_per_forward(tmp_path):
     with mock.patch.object(sam_memory._BlockBuffers, "take", take):
         shared = refiner.embed(image)
     hook.remove()
-    by_heads = [pointer for use, pointer in taken if use == "qkv by heads"]
-    assert len(by_heads) == len(sam.image_encoder.blocks) and len(set(by_heads)) == 1, taken
+    assert [use for use, _ in taken] == ["qkv by heads"] * len(sam.image_encoder.blocks), taken
+    assert len({pointer for _, pointer in taken}) == 1, taken
     assert seen_elsewhere[0] is None and isinstance(seen_elsewhere[1], sam_memory._BlockBuffers)
     assert sam_memory._ENCODER_BUFFERS.get() is None
     sam.image_encoder.__dict__.pop("forward")

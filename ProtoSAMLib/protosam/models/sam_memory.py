@@ -50,9 +50,10 @@ Two more changes of where values are computed, not of what they are: the windowe
 project only the real tokens, not the windows' zero padding (whose keys and values are qkv's
 bias: :func:`_windowed_block`), and the float32 qkv layouts of all blocks of one forward share
 one buffer (:class:`_BlockBuffers`). ViT-B at 1024 px, AMD EPYC, 2 threads, one process,
-interleaved rounds: a windowed block 499 -> 478 ms in float32 and 206 -> 199 ms under bf16
-autocast (medians of 12), page faults per float32 embedding 180,000-210,000 -> 60,000-90,000;
-the same embedding bit for bit in both.
+interleaved rounds: a windowed block 384 -> 366 ms in float32 and 203 -> 198 ms under bf16
+autocast (medians of 12); per float32 embedding 150,000 -> 49,000 page faults and 196-225 ->
+188-200 MB of peak above the resident memory (bf16: unchanged); the same embedding bit for bit
+in both.
 """
 from __future__ import annotations
 
@@ -74,10 +75,10 @@ class _BlockBuffers:
 
     Why: a float32 block's qkv projection, laid out by heads, is ViT-B's one kind of temporary
     above glibc's largest mmap threshold (32 MiB): 45 MB laid out in windows (4,900 tokens with
-    the windows' padding), 38 MB in a global layer or in raster order. Allocated afresh in every
-    block, it was mapped and zero-filled again for each of them (about 110,000 of ViT-B's
-    120,000-190,000 page faults per float32 embedding, AMD EPYC); one buffer per use per forward
-    is mapped once. Only where the memory comes from changes, not a value.
+    the windows' padding), 38 MB in a global layer. Allocated afresh in every block, it was
+    mapped and zero-filled again for each of them (about 110,000 of ViT-B's 180,000-210,000 page
+    faults per float32 embedding, AMD EPYC); one buffer per forward is mapped once (the global
+    layers use 38 of its 45 MB). Only where the memory comes from changes, not a value.
     """
 
     def __init__(self) -> None:
@@ -387,16 +388,40 @@ def _window_attention_on_real_tokens(self, x: torch.Tensor, window: int) -> torc
     window_rows, window_cols = -(-height // window), -(-width // window)
     heads = self.num_heads
     head_dim = channels // heads
-    qkv = _qkv_of_tokens(self, x).view(batch, height, width, 3, heads, head_dim)
-    laid_out = _buffer("qkv by heads", qkv, (3, batch, window_rows, window_cols, heads, window, window, head_dim))
+    layout = (3, batch, window_rows, window_cols, heads, window, window, head_dim)
+    in_bands = not (_autocast_enabled(x) or self.qkv.bias is None)
+    if in_bands:
+        laid_out = _buffer("qkv by heads", x, layout)
+    else:
+        # Under autocast the projection's type is autocast's choice; its output and this
+        # layout stay below glibc's mmap threshold (ViT-B in bf16: 19 and 23 MB).
+        qkv = self.qkv(x)
+        laid_out = qkv.new_empty(layout)
     # [B, window row, window column, row in window, column in window, 3, heads, head_dim]
     as_windows = laid_out.permute(1, 2, 3, 5, 6, 0, 4, 7)
-    padding = 0.0 if self.qkv.bias is None else self.qkv.bias.to(qkv.dtype).view(3, heads, head_dim)
+    padding = 0.0 if self.qkv.bias is None else self.qkv.bias.to(laid_out.dtype).view(3, heads, head_dim)
     if height % window:
         as_windows[:, -1, :, height % window:] = padding
     if width % window:
         as_windows[:, :, -1, :, width % window:] = padding
-    _copy_between_grid_and_windows(qkv, as_windows, window, into_windows=True)
+    if in_bands:
+        # A band of whole image rows at a time (ViT-B: 24 rows, 1,536 tokens, a multiple of 512
+        # as ``band_rows`` keeps them) into one reused band buffer, then into the windows.
+        width_out = self.qkv.out_features
+        most = band_rows(height * width, self.chunk_bytes // (width_out * x.element_size()))
+        rows_per_band = max(1, most // width)
+        band_buffer = x.new_empty(rows_per_band * width, width_out)
+        for item in range(batch):
+            tokens = x[item].reshape(height * width, channels)
+            for first_row in range(0, height, rows_per_band):
+                last_row = min(height, first_row + rows_per_band)
+                band = band_buffer[:(last_row - first_row) * width]
+                torch.addmm(self.qkv.bias, tokens[first_row * width:last_row * width], self.qkv.weight.t(), out=band)
+                _copy_between_grid_and_windows(band.view(1, last_row - first_row, width, 3, heads, head_dim),
+                                               as_windows[item:item + 1], window, into_windows=True, first_row=first_row)
+    else:
+        _copy_between_grid_and_windows(qkv.view(batch, height, width, 3, heads, head_dim), as_windows, window,
+                                       into_windows=True)
     q, k, v = laid_out.view(3, batch * window_rows * window_cols * heads, window * window, head_dim).unbind(0)
     attended = _attend_by_heads(self, q, k, v, window, window)
     by_windows = attended.view(batch, window_rows, window_cols, heads, window, window, head_dim).permute(0, 1, 2, 4, 5, 3, 6)
@@ -405,39 +430,38 @@ def _window_attention_on_real_tokens(self, x: torch.Tensor, window: int) -> torc
     return self.proj(by_tokens.view(batch, height, width, channels))
 
 
-def _qkv_of_tokens(self, x: torch.Tensor) -> torch.Tensor:
-    """``self.qkv(x)`` for ``x`` ``[B, H, W, C]``: ``[B, H, W, 3 C]``; in float32 a band of tokens
-    at a time (whole multiples of 512 rows: the bits of one product) into a reused buffer."""
-    if _autocast_enabled(x) or self.qkv.bias is None:
-        return self.qkv(x)
-    flat = x.reshape(-1, x.shape[-1])
-    count, width_out = flat.shape[0], self.qkv.out_features
-    out = _buffer("qkv of tokens", flat, (count, width_out))
-    rows_per_band = band_rows(count, self.chunk_bytes // (width_out * flat.element_size()))
-    for first in range(0, count, rows_per_band):
-        rows = slice(first, min(count, first + rows_per_band))
-        torch.addmm(self.qkv.bias, flat[rows], self.qkv.weight.t(), out=out[rows])
-    return out.view(*x.shape[:-1], width_out)
+def _window_runs(start: int, stop: int, window: int):
+    """The grid positions ``start <= i < stop`` (along one axis) by windows: ``(window index
+    slice, slice of the positions counted from start, windows, span, offset in the window)``,
+    whole windows together."""
+    runs, position = [], start
+    while position < stop:
+        index, offset = divmod(position, window)
+        if offset == 0 and stop - position >= window:
+            count = (stop - position) // window
+            runs.append((slice(index, index + count), slice(position - start, position - start + count * window),
+                         count, window, 0))
+            position += count * window
+        else:
+            end = min(stop, (index + 1) * window)
+            runs.append((slice(index, index + 1), slice(position - start, end - start), 1, end - position, offset))
+            position = end
+    return runs
 
 
-def _copy_between_grid_and_windows(grid: torch.Tensor, windows: torch.Tensor, window: int, *, into_windows: bool) -> None:
-    """Copy the real tokens between ``grid`` ``[B, H, W, ...]`` and ``windows`` ``[B, window rows,
-    window columns, window, window, ...]`` (a view whose last windows may hold padding): the
-    grid's whole windows and its cut edge windows, up to four strided copies."""
-    height, width = grid.shape[1], grid.shape[2]
-
-    def parts(size):
-        whole = size // window
-        found = [(slice(0, whole), slice(0, whole * window), whole, window)] if whole else []
-        if size % window:
-            found.append((slice(whole, whole + 1), slice(whole * window, size), 1, size % window))
-        return found
-
+def _copy_between_grid_and_windows(grid: torch.Tensor, windows: torch.Tensor, window: int, *, into_windows: bool,
+                                   first_row: int = 0) -> None:
+    """Copy the real tokens between ``grid`` ``[B, rows, W, ...]`` (the image rows from
+    ``first_row`` on) and ``windows`` ``[B, window rows, window columns, window, window, ...]``
+    (a view whose last windows may hold padding): whole windows and cut ones, a few strided
+    copies."""
+    batch, rows, width = grid.shape[:3]
     rest = grid.shape[3:]
-    for window_rows, grid_rows, row_count, row_span in parts(height):
-        for window_cols, grid_cols, col_count, col_span in parts(width):
-            grid_part = grid[:, grid_rows, grid_cols].view(grid.shape[0], row_count, row_span, col_count, col_span, *rest)
-            window_part = windows[:, window_rows, window_cols, :row_span, :col_span].transpose(2, 3)
+    for window_rows, grid_rows, row_count, row_span, row_offset in _window_runs(first_row, first_row + rows, window):
+        for window_cols, grid_cols, col_count, col_span, col_offset in _window_runs(0, width, window):
+            grid_part = grid[:, grid_rows, grid_cols].view(batch, row_count, row_span, col_count, col_span, *rest)
+            window_part = windows[:, window_rows, window_cols, row_offset:row_offset + row_span,
+                                  col_offset:col_offset + col_span].transpose(2, 3)
             if into_windows:
                 window_part.copy_(grid_part)
             else:
