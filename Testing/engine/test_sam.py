@@ -400,8 +400,9 @@ def test_windowed_blocks_project_only_the_real_tokens_with_the_stock_values(tmp_
     grid to 70 x 70 in 14 x 14 windows) and projects qkv and the output for all 4,900; the engine
     projects the 4,096 real tokens only (in float32 in bands of image rows, copied into the
     windows band by band) and gives the padded keys and values qkv's bias, what the stock
-    projection of the zero padding gives. The block's output is the stock block's:
-    bit for bit where the BLAS rounds each row the same whatever the row count (AMD EPYC), held
+    projection of the zero padding gives. The block's output is that of segment-anything's
+    ``Block.forward`` (padding, partition, crop) around the same attention layer: bit for bit
+    where the BLAS rounds each row the same whatever the row count (AMD EPYC), held
     to 64 float32 epsilons (bf16: to its own rounding) elsewhere. A large bias makes padding
     that is not the bias fail by far (the edge windows' queries read those keys)."""
     from segment_anything.modeling.image_encoder import Block
