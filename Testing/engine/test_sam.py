@@ -459,7 +459,8 @@ def test_encoder_blocks_hand_on_one_qkv_buffer_per_forward(tmp_path):
     """A float32 block's qkv layout (ViT-B: 38-45 MB, above glibc's mmap threshold) comes from
     one buffer that all blocks of an encoder forward share, mapped once instead of once a block;
     it goes with the forward, and another thread running meanwhile never sees it (a context
-    variable). The embedding is the one of blocks with their own buffers, bit for bit."""
+    variable). The embedding is the one of blocks with their own buffers, bit for bit (the same
+    operations on the same values; only the memory differs)."""
     import threading
     from protosam.models import sam_memory
 
@@ -468,30 +469,29 @@ def test_encoder_blocks_hand_on_one_qkv_buffer_per_forward(tmp_path):
     sam = load_sam("sam_tiny", path)
     refiner, image = SamRefiner(sam), _image(seed=14)
     taken, seen_elsewhere = [], []
-    real_take = sam_memory._BlockBuffers.take
+    real_take = sam_memory._SharedQkvBuffer.take
 
-    def take(self, use, like, numel):
-        buffer = real_take(self, use, like, numel)
-        taken.append((use, buffer.untyped_storage().data_ptr()))
-        return buffer
+    def take(self, like, shape):
+        layout = real_take(self, like, shape)
+        taken.append(layout.untyped_storage().data_ptr())
+        return layout
 
     def look_from_another_thread(module, args):
-        thread = threading.Thread(target=lambda: seen_elsewhere.append(sam_memory._ENCODER_BUFFERS.get()))
+        thread = threading.Thread(target=lambda: seen_elsewhere.append(sam_memory._SHARED_QKV.get()))
         thread.start()
         thread.join()
-        seen_elsewhere.append(sam_memory._ENCODER_BUFFERS.get())
+        seen_elsewhere.append(sam_memory._SHARED_QKV.get())
 
     hook = sam.image_encoder.blocks[-1].register_forward_pre_hook(look_from_another_thread)
-    with mock.patch.object(sam_memory._BlockBuffers, "take", take):
+    with mock.patch.object(sam_memory._SharedQkvBuffer, "take", take):
         shared = refiner.embed(image)
     hook.remove()
-    assert [use for use, _ in taken] == ["qkv by heads"] * len(sam.image_encoder.blocks), taken
-    assert len({pointer for _, pointer in taken}) == 1, taken
-    assert seen_elsewhere[0] is None and isinstance(seen_elsewhere[1], sam_memory._BlockBuffers)
-    assert sam_memory._ENCODER_BUFFERS.get() is None
+    assert len(taken) == len(sam.image_encoder.blocks) and len(set(taken)) == 1, taken
+    assert seen_elsewhere[0] is None and isinstance(seen_elsewhere[1], sam_memory._SharedQkvBuffer)
+    assert sam_memory._SHARED_QKV.get() is None
     sam.image_encoder.__dict__.pop("forward")
     taken.clear()
-    with mock.patch.object(sam_memory._BlockBuffers, "take", take):
+    with mock.patch.object(sam_memory._SharedQkvBuffer, "take", take):
         assert torch.equal(refiner.embed(image), shared)
     assert not taken
 

@@ -49,7 +49,7 @@ and 20 % under bf16 autocast (2.4 -> 1.9 s).
 Two more changes of where values are computed, not of what they are: the windowed blocks
 project only the real tokens, not the windows' zero padding (whose keys and values are qkv's
 bias: :func:`_windowed_block`), and the float32 qkv layouts of all blocks of one forward share
-one buffer (:class:`_BlockBuffers`). ViT-B at 1024 px, AMD EPYC, 2 threads, one process,
+one buffer (:class:`_SharedQkvBuffer`). ViT-B at 1024 px, AMD EPYC, 2 threads, one process,
 interleaved rounds: a windowed block 384 -> 366 ms in float32 and 203 -> 198 ms under bf16
 autocast (medians of 12); per float32 embedding 150,000 -> 49,000 page faults and 196-225 ->
 188-200 MB of peak above the resident memory (bf16: unchanged); the same embedding bit for bit
@@ -58,6 +58,7 @@ in both.
 from __future__ import annotations
 
 import contextvars
+import math
 import types
 
 import torch
@@ -70,45 +71,40 @@ __all__ = ["CHUNK_BYTES", "band_rows", "limit_global_attention_memory", "use_sto
 CHUNK_BYTES = 16 * 2**20
 
 
-class _BlockBuffers:
-    """Buffers that the blocks of one image-encoder forward hand on to each other.
+class _SharedQkvBuffer:
+    """The memory that the float32 qkv layouts of all blocks of one image-encoder forward share.
 
-    Why: a float32 block's qkv projection, laid out by heads, is ViT-B's one kind of temporary
-    above glibc's largest mmap threshold (32 MiB): 45 MB laid out in windows (4,900 tokens with
-    the windows' padding), 38 MB in a global layer. Allocated afresh in every block, it was
-    mapped and zero-filled again for each of them (about 110,000 of ViT-B's 180,000-210,000 page
-    faults per float32 embedding, AMD EPYC); one buffer per forward is mapped once (the global
-    layers use 38 of its 45 MB). Only where the memory comes from changes, not a value.
+    Why: that layout is ViT-B's one temporary above glibc's largest mmap threshold (32 MiB):
+    45 MB in a windowed block (4,900 tokens with the windows' padding), 38 MB in a global one.
+    Allocated afresh in every block, it was mapped and zero-filled again for each of them (about
+    100,000 of ViT-B's 150,000 page faults per float32 embedding, AMD EPYC); shared, it is
+    mapped once per forward. Only where the memory comes from changes, not a value.
     """
 
     def __init__(self) -> None:
-        self._buffers = {}
+        self._memory = None
 
-    def take(self, use: str, like: torch.Tensor, numel: int) -> torch.Tensor:
-        """A flat buffer of ``numel`` elements of ``like``'s type and device for ``use``,
-        the same memory for every block while it fits."""
-        buffer = self._buffers.get(use)
-        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
-            self._buffers.pop(use, None)  # let the old one go before the larger one is allocated
-            buffer = self._buffers[use] = like.new_empty(numel)
-        return buffer[:numel]
-
-
-def _buffer(use: str, like: torch.Tensor, shape) -> torch.Tensor:
-    """An uninitialised ``shape`` tensor like ``like``: from the running forward's
-    :class:`_BlockBuffers` inside one, freshly allocated outside."""
-    buffers = _ENCODER_BUFFERS.get()
-    if buffers is None:
-        return like.new_empty(shape)
-    numel = 1
-    for size in shape:
-        numel *= size
-    return buffers.take(use, like, numel).view(shape)
+    def take(self, like: torch.Tensor, shape) -> torch.Tensor:
+        """An uninitialised ``shape`` tensor of ``like``'s type and device, the same memory for
+        every block while it fits."""
+        numel = math.prod(shape)
+        memory = self._memory
+        if memory is None or memory.numel() < numel or memory.dtype != like.dtype or memory.device != like.device:
+            self._memory = None  # let the old memory go before the larger one is allocated
+            self._memory = memory = like.new_empty(numel)
+        return memory[:numel].view(shape)
 
 
-# The buffers of the image-encoder forward running in this thread (or task), None outside one:
-# a context variable, so that two threads running one model never share a buffer.
-_ENCODER_BUFFERS: contextvars.ContextVar = contextvars.ContextVar("protosam_sam_encoder_buffers", default=None)
+# The shared buffer of the image-encoder forward running in this thread (or task), None outside
+# one: a context variable, so that two threads running one model never share it.
+_SHARED_QKV: contextvars.ContextVar = contextvars.ContextVar("protosam_sam_shared_qkv", default=None)
+
+
+def _qkv_layout(like: torch.Tensor, shape) -> torch.Tensor:
+    """An uninitialised ``shape`` tensor like ``like`` for a block's float32 qkv layout: from the
+    running forward's :class:`_SharedQkvBuffer` inside one, freshly allocated outside."""
+    shared = _SHARED_QKV.get()
+    return like.new_empty(shape) if shared is None else shared.take(like, shape)
 
 
 def _autocast_enabled(tensor: torch.Tensor) -> bool:
@@ -319,7 +315,7 @@ def _qkv_by_heads(self, x: torch.Tensor) -> torch.Tensor:
         return qkv.reshape(3, batch * heads, tokens, -1)
     flat = x.reshape(batch * tokens, channels)
     width_out = self.qkv.out_features
-    laid_out = _buffer("qkv by heads", flat, (3, batch, heads, tokens, width_out // (3 * heads)))
+    laid_out = _qkv_layout(flat, (3, batch, heads, tokens, width_out // (3 * heads)))
     rows_per_band = band_rows(batch * tokens, self.chunk_bytes // (width_out * flat.element_size()))
     band_buffer = flat.new_empty(rows_per_band, width_out)
     for first in range(0, batch * tokens, rows_per_band):
@@ -392,7 +388,7 @@ def _window_attention_on_real_tokens(self, x: torch.Tensor, window: int) -> torc
     layout = (3, batch, window_rows, window_cols, heads, window, window, head_dim)
     in_bands = not (_autocast_enabled(x) or self.qkv.bias is None)
     if in_bands:
-        laid_out = _buffer("qkv by heads", x, layout)
+        laid_out = _qkv_layout(x, layout)
     else:
         # Under autocast the projection's type is autocast's choice; its output and this
         # layout stay below glibc's mmap threshold (ViT-B in bf16: 19 and 23 MB).
@@ -469,14 +465,14 @@ def _copy_between_grid_and_windows(grid: torch.Tensor, windows: torch.Tensor, wi
                 grid_part.copy_(window_part)
 
 
-def _encoder_sharing_block_buffers(self, x: torch.Tensor) -> torch.Tensor:
-    """segment-anything's ``ImageEncoderViT.forward`` with one set of :class:`_BlockBuffers`
-    for all its blocks."""
-    token = _ENCODER_BUFFERS.set(_BlockBuffers())
+def _encoder_sharing_qkv_buffer(self, x: torch.Tensor) -> torch.Tensor:
+    """segment-anything's ``ImageEncoderViT.forward`` with one :class:`_SharedQkvBuffer` for all
+    its blocks."""
+    token = _SHARED_QKV.set(_SharedQkvBuffer())
     try:
         return type(self).forward(self, x)
     finally:
-        _ENCODER_BUFFERS.reset(token)
+        _SHARED_QKV.reset(token)
 
 
 def _patch_tokens_row_major(self, x: torch.Tensor) -> torch.Tensor:
@@ -520,7 +516,7 @@ def limit_global_attention_memory(sam: Sam, heads_per_chunk: int = 1, chunk_byte
         block.mlp.chunk_bytes = chunk_bytes
         block.mlp.forward = types.MethodType(_mlp_in_chunks, block.mlp)
     encoder = sam.image_encoder
-    encoder.forward = types.MethodType(_encoder_sharing_block_buffers, encoder)
+    encoder.forward = types.MethodType(_encoder_sharing_qkv_buffer, encoder)
     encoder.patch_embed.forward = types.MethodType(_patch_tokens_row_major, encoder.patch_embed)
     first_neck_layer = encoder.neck[0]
     if type(first_neck_layer) is torch.nn.Conv2d:
