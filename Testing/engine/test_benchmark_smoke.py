@@ -291,6 +291,64 @@ def test_flop_budget_counts_our_decoder_with_its_own_arithmetic(bench):
     assert flops["ours_decoder_terms_per_embedding"] > 0
 
 
+def test_speed_ceiling_counts_each_flows_fastest_steps_by_the_recorded_calls(bench, tmp_path, capsys, monkeypatch):
+    """speed_ceiling on a tiny recorded run: the reference flow's steps are timed in a process
+    that keeps glibc's heap thresholds, ours' phases in another with their own precision; a
+    flow's best case is its fastest round of each step times the calls the run made (the
+    reference's scaled to the whole volume as the run extrapolated it), and the best-case
+    ratios are those totals' quotients."""
+    import speed_ceiling
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("PROTOSAM_MALLOC_DEFAULTS", raising=False)
+    run = tmp_path / "run.json"
+    assert bench.main(TINY + ["--slices", "4", "--segments", "2", "--naive-slices", "2", "--in-process", "--bf16",
+                              "--work-dir", str(tmp_path / "work"), "--out", str(run)]) == 0
+    recorded = json.loads(run.read_text())
+    out = tmp_path / "ceiling.json"
+    assert speed_ceiling.main(["--results", str(run), "--rounds", "2", "--prompt-sets", "3",
+                               "--work-dir", str(tmp_path / "ceiling"), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+
+    glibc = sys.platform.startswith("linux")
+    assert report["workers"]["naive"]["heap_blocks_reused"] == {"naive": False}
+    assert report["workers"]["ours"]["heap_blocks_reused"] == dict.fromkeys(["ours", "ours_auto_extent", "ours_bf16"], glibc)
+    assert report["workers"]["ours"]["precision"]["ours"] == "fp32"
+    assert report["workers"]["ours"]["precision"]["ours_bf16"] == "bf16"
+    assert 1 <= report["prompt_sets"] <= 3
+    steps = report["steps"]
+    assert set(steps) == {"naive", "ours", "ours_auto_extent", "ours_bf16"}
+    for flow in steps.values():
+        for step in speed_ceiling.STEPS:
+            assert len(flow[step]["rounds_seconds"]) == 2
+            assert flow[step]["best_seconds"] == min(flow[step]["rounds_seconds"]) > 0
+
+    ceilings = report["ceilings"]
+
+    def expected_seconds(flow, run):
+        # Each step at the faster of its fastest round and the recorded run's mean per call.
+        seconds, calls = run["step_seconds"], run["step_calls"]
+        total = 0.0
+        for step, count, mean in (("dinov2", calls["dinov2"], seconds["dinov2"] / calls["dinov2"]),
+                                  ("sam_embedding", calls["sam_embedding"],
+                                   seconds["sam_embedding"] / calls["sam_embedding"]),
+                                  ("decoding_per_prompt_set", run["sam_prompt_sets"],
+                                   seconds["refine"] / run["sam_prompt_sets"])):
+            total += count * min(steps[flow][step]["best_seconds"], mean)
+        return total
+
+    assert ceilings["naive"]["extrapolation"] == pytest.approx(2.0)  # 4 slices, the reference ran 2
+    assert ceilings["naive"]["seconds"] == pytest.approx(2.0 * expected_seconds("naive", recorded["phases"]["naive"]))
+    for phase in ("ours", "ours_auto_extent", "ours_bf16"):
+        expected = expected_seconds(phase, recorded["phases"][phase])
+        assert ceilings[phase]["seconds"] == pytest.approx(expected)
+        assert ceilings[phase]["best_case_ratio"] == pytest.approx(ceilings["naive"]["seconds"] / expected)
+        assert ceilings[phase]["recorded_ratio"] == recorded["summary"][f"speedup_{phase}"]
+    assert ceilings["ours"]["target"] == 10 and ceilings["ours_bf16"]["target"] == 15
+    printed = capsys.readouterr().out
+    assert "target 10x" in printed and "best case" in printed
+
+
 def test_decoder_benchmark_reports_speed_and_agreement(bench, tmp_path, capsys):
     """decoder_benchmark runs both decoders on the tiny SAM, interleaved, and reports their
     agreement within the tests' bound."""
