@@ -31,6 +31,10 @@ Tables (``name``: source):
   bf16 autocast against float32, errors on fixed inputs, masks, the interleaved speed ratio;
 - ``bf16_epyc``: the same for the latest run on the AMD EPYC (``--bf16-epyc``, default
   ``results/cpu_vitb_bf16_vs_fp32_epyc.json``);
+- ``ceiling_epyc``: ``speed_ceiling.py`` on the AMD EPYC (``--ceiling-epyc``, default
+  ``results/cpu_vitb_speed_ceiling_epyc.json``): each flow's steps at the fastest they were seen
+  to run, counted by the recorded run's calls, and the best-case ratios against issue #23's
+  targets;
 - ``refiners``: ``refiner_benchmark.py`` in per-slice mode (``--refiners``, default
   ``results/cpu_refiners_64slices_xeon.json``) and, below it, in memory mode
   (``--sam2-memory``, default ``results/cpu_sam2_memory_64slices_xeon.json``): image
@@ -68,6 +72,7 @@ DEFAULT_CORRECTIONS_LATEST = RESULTS / "cpu_vitb_corrections_64slices_fp32_xeon.
 DEFAULT_CORRECTIONS_EPYC = RESULTS / "cpu_vitb_corrections_64slices_fp32_epyc.json"
 DEFAULT_BF16 = RESULTS / "cpu_vitb_bf16_vs_fp32_xeon.json"
 DEFAULT_BF16_EPYC = RESULTS / "cpu_vitb_bf16_vs_fp32_epyc.json"
+DEFAULT_CEILING_EPYC = RESULTS / "cpu_vitb_speed_ceiling_epyc.json"
 MEMORY_GLOB = "cpu_vitb_memory_*.json"
 DEFAULT_REFINERS = RESULTS / "cpu_refiners_64slices_xeon.json"
 DEFAULT_SAM2_MEMORY = RESULTS / "cpu_sam2_memory_64slices_xeon.json"
@@ -222,6 +227,45 @@ def bf16_table(report: Dict, source: str) -> str:
     return text
 
 
+CEILING_LABELS = {"naive": "reference flow", "ours": "ours, `paper`", "ours_auto_extent": "ours, `default`",
+                  "ours_default_fp32": "ours, `default`", "ours_bf16": "ours, `paper`"}
+
+
+def ceiling_table(report: Dict, source: str) -> str:
+    steps, ceilings = report["steps"], report["ceilings"]
+    precision = dict(report["workers"]["ours"].get("precision", {}), naive="fp32")
+    rows = []
+    for flow, c in ceilings.items():
+        per_call, origin = c["seconds_per_call"], c["seconds_per_call_from"]
+        mark = lambda step: "" if origin[step] == "isolated" else " *"  # noqa: E731
+        calls = c["calls"]
+        rows.append([
+            f"{CEILING_LABELS.get(flow, flow)}, {precision.get(flow, '?')}",
+            f"{per_call['dinov2']:.2f}{mark('dinov2')} / {per_call['sam_embedding']:.2f}{mark('sam_embedding')} / "
+            f"{per_call['decoding_per_prompt_set'] * 1e3:.1f}{mark('decoding_per_prompt_set')}",
+            f"{calls['dinov2']:.0f} / {calls['sam_embedding']:.0f} / {calls['decoding_per_prompt_set']:.0f}",
+            f"{c['seconds']:,.0f}", f"{c['recorded_seconds']:,.0f}",
+            "1x" if flow == "naive" else f"**{c['best_case_ratio']:.2f}x**",
+            "" if flow == "naive" else f"{c['best_case_against_recorded_reference']:.2f}x",
+            "" if flow == "naive" else f"{c['recorded_ratio']:.2f}x",
+            "" if c.get("target") is None else (f"{c['target']:g}x: "
+                                                f"{'within' if c['best_case_ratio'] >= c['target'] else 'above'}"),
+        ])
+    text = _table(["flow, precision", "per call: DINOv2 s / SAM embedding s / decoding ms per set",
+                   "calls (DINOv2 / SAM / sets)", "best case s", "recorded s", "best case vs reference's best case",
+                   "vs reference as recorded", "recorded run", "issue #23 target"], rows)
+    m = report["models"]
+    measurements = report.get("measurements", [report])
+    commits = ", ".join(f"`{(x['machine'].get('git_commit') or '?')[:7]}`" for x in measurements)
+    text += (f"\n\n*{source}: {_machine(report, source)}; {m['dinov2']} + SAM {m['sam']} at {m['input_size']} "
+             f"(random weights); {len(measurements)} measurement(s) (commits {commits}), each one untimed round "
+             f"and then timed ones, {report['rounds']} timed rounds per step in all, {report['prompt_sets']} prompt "
+             f"sets per round; calls of `{Path(report['recorded_run']).name}` (commit `{(report['recorded_commit'] or '?')[:7]}`), "
+             f"the reference's extrapolated x{ceilings['naive']['extrapolation']:g} as that run was. * the recorded "
+             f"run's mean per call, faster than the fastest round here.*")
+    return text
+
+
 def _refiner_label(name: str) -> str:
     model = catalogue.BY_NAME.get(name)
     return f"{model.label} (`{name}`)" if model and model.label else f"`{name}`"
@@ -300,7 +344,8 @@ def render(propagation: Path, corrections: Path, bf16: Path = DEFAULT_BF16, resu
            refiners: Path = DEFAULT_REFINERS, sam2_memory: Path = DEFAULT_SAM2_MEMORY,
            latest: Path = DEFAULT_PROPAGATION_LATEST, refiners_bf16: Path = DEFAULT_REFINERS_BF16,
            corrections_latest: Path = DEFAULT_CORRECTIONS_LATEST, epyc: Path = DEFAULT_PROPAGATION_EPYC,
-           corrections_epyc: Path = DEFAULT_CORRECTIONS_EPYC, bf16_epyc: Path = DEFAULT_BF16_EPYC) -> Dict[str, str]:
+           corrections_epyc: Path = DEFAULT_CORRECTIONS_EPYC, bf16_epyc: Path = DEFAULT_BF16_EPYC,
+           ceiling_epyc: Path = DEFAULT_CEILING_EPYC) -> Dict[str, str]:
     tables = {
         "propagation": propagation_table(json.loads(propagation.read_text()), f"`{_rel(propagation)}`"),
         "corrections": corrections_table(json.loads(corrections.read_text()), f"`{_rel(corrections)}`"),
@@ -322,6 +367,8 @@ def render(propagation: Path, corrections: Path, bf16: Path = DEFAULT_BF16, resu
         tables["bf16"] = bf16_table(json.loads(bf16.read_text()), f"`{_rel(bf16)}`")
     if bf16_epyc.exists():
         tables["bf16_epyc"] = bf16_table(json.loads(bf16_epyc.read_text()), f"`{_rel(bf16_epyc)}`")
+    if ceiling_epyc.exists():
+        tables["ceiling_epyc"] = ceiling_table(json.loads(ceiling_epyc.read_text()), f"`{_rel(ceiling_epyc)}`")
     if refiners.exists():
         memory_report = json.loads(sam2_memory.read_text()) if sam2_memory.exists() else None
         bf16_report = json.loads(refiners_bf16.read_text()) if refiners_bf16.exists() else None
@@ -354,6 +401,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--bf16", type=Path, default=DEFAULT_BF16, help="bf16_check.py JSON")
     p.add_argument("--bf16-epyc", type=Path, default=DEFAULT_BF16_EPYC,
                    help="bf16_check.py JSON of the latest run on the AMD EPYC (table bf16_epyc)")
+    p.add_argument("--ceiling-epyc", type=Path, default=DEFAULT_CEILING_EPYC,
+                   help="speed_ceiling.py JSON of the AMD EPYC (table ceiling_epyc)")
     p.add_argument("--refiners", type=Path, default=DEFAULT_REFINERS, help="refiner_benchmark.py JSON, per-slice mode")
     p.add_argument("--refiners-bf16", type=Path, default=DEFAULT_REFINERS_BF16,
                    help="refiner_benchmark.py JSON, per-slice mode with --precision bf16")
@@ -366,7 +415,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     tables = render(args.results, args.corrections, args.bf16, refiners=args.refiners, sam2_memory=args.sam2_memory,
                     latest=args.latest, refiners_bf16=args.refiners_bf16, corrections_latest=args.corrections_latest,
-                    epyc=args.epyc, corrections_epyc=args.corrections_epyc, bf16_epyc=args.bf16_epyc)
+                    epyc=args.epyc, corrections_epyc=args.corrections_epyc, bf16_epyc=args.bf16_epyc,
+                    ceiling_epyc=args.ceiling_epyc)
     if not (args.write or args.check):
         for name, text in tables.items():
             print(f"<!-- table:{name} -->\n{text}\n<!-- /table:{name} -->\n")

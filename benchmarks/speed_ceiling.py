@@ -80,8 +80,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="tiny random models instead of the run's (checks that it works; the figures mean nothing)")
     p.add_argument("--work-dir", default=None, help="folder for checkpoints and data (kept, reused)")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
-    p.add_argument("--steps-from", type=Path, default=None,
-                   help="an earlier output of this script: count its measured steps again (nothing is timed)")
+    p.add_argument("--steps-from", type=Path, nargs="+", default=None,
+                   help="earlier outputs of this script on this machine: count their measured steps again, "
+                        "every file's rounds together (nothing is timed)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rounds < 1 or args.prompt_sets < 1:
@@ -283,9 +284,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(f"{args.results} has no reference flow (naive) phase to compare with")
     flows = [phase for phase in OURS_PHASES if phase in recorded["phases"]]
     if args.steps_from:
-        earlier = json.loads(args.steps_from.read_text())
-        report = {k: earlier[k] for k in ("models", "machine", "rounds", "prompt_sets", "workers", "steps")}
-        return _finish(report, recorded, args)
+        return _finish(merge_measurements([json.loads(path.read_text()) for path in args.steps_from]), recorded, args)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="protosam_ceiling_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -318,6 +317,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def merge_measurements(reports: List[Dict]) -> Dict:
+    """Earlier outputs as one measurement: every step's rounds of all of them together (its
+    fastest then the fastest of all), the first one's machine and models, the load averages and
+    heap settings of each."""
+    first = reports[0]
+    if any(r["models"] != first["models"] for r in reports):
+        raise SystemExit("--steps-from: the files measured different models")
+    steps: Dict = {}
+    for report in reports:
+        for flow, flow_steps in report["steps"].items():
+            for step, values in flow_steps.items():
+                steps.setdefault(flow, {}).setdefault(step, []).extend(values["rounds_seconds"])
+    return {
+        "models": first["models"], "machine": first["machine"],
+        "rounds": sum(r["rounds"] for r in reports), "prompt_sets": min(r["prompt_sets"] for r in reports),
+        "measurements": [{"machine": r["machine"], "rounds": r["rounds"], "workers": r["workers"]} for r in reports],
+        "workers": first["workers"],
+        "steps": {flow: {step: {"rounds_seconds": values, "best_seconds": min(values),
+                                "median_seconds": statistics.median(values)} for step, values in flow_steps.items()}
+                  for flow, flow_steps in steps.items()},
+    }
 
 
 def _finish(report: Dict, recorded: Dict, args: argparse.Namespace) -> int:

@@ -348,6 +348,26 @@ def test_speed_ceiling_counts_each_flows_fastest_steps_by_the_recorded_calls(ben
     printed = capsys.readouterr().out
     assert "target 10x" in printed and "best case" in printed
 
+    # Counted again from two measurements (nothing timed): every step's rounds of both, so a
+    # faster round in the second file becomes that step's fastest.
+    faster = json.loads(out.read_text())
+    halved = [seconds / 2 for seconds in faster["steps"]["ours"]["sam_embedding"]["rounds_seconds"]]
+    faster["steps"]["ours"]["sam_embedding"] = {"rounds_seconds": halved, "best_seconds": min(halved),
+                                                "median_seconds": 0.0}
+    (tmp_path / "faster.json").write_text(json.dumps(faster))
+    merged = tmp_path / "merged.json"
+    assert speed_ceiling.main(["--results", str(run), "--steps-from", str(out), str(tmp_path / "faster.json"),
+                               "--out", str(merged)]) == 0
+    merged = json.loads(merged.read_text())
+    assert merged["rounds"] == 4 and len(merged["steps"]["naive"]["dinov2"]["rounds_seconds"]) == 4
+    sam = merged["steps"]["ours"]["sam_embedding"]
+    assert sam["best_seconds"] == min(halved) and len(sam["rounds_seconds"]) == 4
+    assert merged["ceilings"]["naive"]["seconds"] == pytest.approx(ceilings["naive"]["seconds"])
+    ours = recorded["phases"]["ours"]
+    mean = ours["step_seconds"]["sam_embedding"] / ours["step_calls"]["sam_embedding"]
+    assert merged["ceilings"]["ours"]["seconds_by_step"]["sam_embedding"] == pytest.approx(
+        ours["step_calls"]["sam_embedding"] * min(min(halved), mean))
+
 
 def test_decoder_benchmark_reports_speed_and_agreement(bench, tmp_path, capsys):
     """decoder_benchmark runs both decoders on the tiny SAM, interleaved, and reports their
