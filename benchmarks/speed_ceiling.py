@@ -176,9 +176,10 @@ def _rounds(plans: Dict, volume: np.ndarray, image_index: int, prompts: list, ro
             engine, decode_one = plans[flow]
             images = engine.to_model_input(volume[image_index:image_index + 1])
             seconds = {"dinov2": _timed(lambda: engine.encode(images))}
-            embedding = [None]
-            seconds["sam_embedding"] = _timed(lambda: embedding.__setitem__(0, engine.sam_embedding(images[0])))
-            seconds["decoding_per_prompt_set"] = _decode_all(decode_one, embedding[0], prompts)
+            started = time.perf_counter()
+            embedding = engine.sam_embedding(images[0])
+            seconds["sam_embedding"] = time.perf_counter() - started
+            seconds["decoding_per_prompt_set"] = _decode_all(decode_one, embedding, prompts)
             if number:
                 for step, value in seconds.items():
                     times[flow][step].append(value)
@@ -239,11 +240,11 @@ def ceilings(recorded: Dict, measured: Dict) -> Dict:
     return out
 
 
-def _run_worker(spec: Dict, work: Path, name: str, environment: Optional[Dict] = None) -> Dict:
+def _run_worker(spec: Dict, work: Path, name: str) -> Dict:
+    """Run :func:`measure_worker` on ``spec`` in a fresh process (its own heap settings)."""
     spec_path, out_path = work / f"{name}.spec.json", work / f"{name}.result.json"
     spec_path.write_text(json.dumps(dict(spec, result_out=str(out_path))))
-    subprocess.run([sys.executable, str(HERE), "--worker", str(spec_path)], check=True,
-                   env=dict(os.environ, **(environment or {})))
+    subprocess.run([sys.executable, str(HERE), "--worker", str(spec_path)], check=True)
     return json.loads(out_path.read_text())
 
 
@@ -259,12 +260,13 @@ def print_report(report: Dict) -> None:
                          if source == "recorded run"]
         note = f" (the recorded run's mean was faster for {', '.join(faster_in_run)}: used)" if faster_in_run else ""
         print(f"  {flow}: fastest round {text}{note}")
-    print(f"  reference flow: best case {c['naive']['seconds']:.4g} s (recorded {c['naive']['recorded_seconds']:.4g} s)")
+    naive = c["naive"]
+    print(f"  reference flow: best case {naive['seconds']:.4g} s (recorded {naive['recorded_seconds']:.4g} s)")
     for phase in OURS_PHASES:
         if phase in c:
             r = c[phase]
-            verdict = "" if r["target"] is None else (
-                f"; target {r['target']:g}x {'within' if r['best_case_ratio'] >= r['target'] else 'ABOVE'} the best case")
+            where = "within" if r["target"] is not None and r["best_case_ratio"] >= r["target"] else "ABOVE"
+            verdict = "" if r["target"] is None else f"; target {r['target']:g}x {where} the best case"
             print(f"  {phase}: best case {r['seconds']:.4g} s (recorded {r['recorded_seconds']:.4g} s): "
                   f"{r['best_case_ratio']:.2f}x against the reference's best case, "
                   f"{r['best_case_against_recorded_reference']:.2f}x against its recorded time "

@@ -312,7 +312,8 @@ def test_speed_ceiling_counts_each_flows_fastest_steps_by_the_recorded_calls(ben
 
     glibc = sys.platform.startswith("linux")
     assert report["workers"]["naive"]["heap_blocks_reused"] == {"naive": False}
-    assert report["workers"]["ours"]["heap_blocks_reused"] == dict.fromkeys(["ours", "ours_auto_extent", "ours_bf16"], glibc)
+    assert report["workers"]["ours"]["heap_blocks_reused"] == dict.fromkeys(
+        ["ours", "ours_auto_extent", "ours_bf16"], glibc)
     assert report["workers"]["ours"]["precision"]["ours"] == "fp32"
     assert report["workers"]["ours"]["precision"]["ours_bf16"] == "bf16"
     assert 1 <= report["prompt_sets"] <= 3
