@@ -232,7 +232,7 @@ CEILING_LABELS = {"naive": "reference flow", "ours": "ours, `paper`", "ours_auto
 
 
 def ceiling_table(report: Dict, source: str) -> str:
-    steps, ceilings = report["steps"], report["ceilings"]
+    ceilings = report["ceilings"]
     precision = dict(report["workers"]["ours"].get("precision", {}), naive="fp32")
     rows = []
     for flow, c in ceilings.items():
