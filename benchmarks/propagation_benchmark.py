@@ -136,6 +136,17 @@ def write_checkpoints(folder: Path, dinov2: str, sam: str) -> Dict[str, str]:
     return paths
 
 
+def write_volume(path: Path, kind: str, slices: int, size: int, segments: int):
+    """The benchmark volume (``kind`` as ``--volume``), normalised, and each structure's support
+    slice (its largest), written to ``path`` (npz: ``volume``, ``mask_<k>``) for the worker
+    processes. Returns ``(data, normalised volume, support slices)``."""
+    data = load_volume(kind, slices, size, segments)
+    volume = normalize_volume(data.volume, "auto")
+    support = {name: largest_area_slice(mask) for name, mask in data.masks.items()}
+    np.savez(path, volume=volume, **{f"mask_{i}": mask for i, mask in enumerate(data.masks.values())})
+    return data, volume, support
+
+
 def _compare(a: np.ndarray, b: np.ndarray, slices: List[int]) -> Dict:
     a, b = a[slices].astype(bool), b[slices].astype(bool)
     both = int(np.count_nonzero(a & b))
@@ -308,11 +319,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         started = time.perf_counter()
         checkpoints = write_checkpoints(work / "checkpoints", args.dinov2, args.sam)
         checkpoint_seconds = time.perf_counter() - started
-        data = load_volume(args.volume, args.slices, args.size, args.segments)
-        volume = normalize_volume(data.volume, "auto")
+        data, volume, support = write_volume(work / "data.npz", args.volume, args.slices, args.size, args.segments)
         names = list(data.masks)
-        support = {n: largest_area_slice(data.masks[n]) for n in names}
-        np.savez(work / "data.npz", volume=volume, **{f"mask_{i}": data.masks[n] for i, n in enumerate(names)})
         engine_sources = sorted(Path(protosam.__file__).parent.rglob("*.py"))
         report: Dict = {
             "config": {k: v for k, v in vars(args).items() if k != "worker"},

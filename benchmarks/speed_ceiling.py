@@ -29,7 +29,9 @@ slow as it ran), the most favourable figure for ours::
 
     python benchmarks/speed_ceiling.py --results benchmarks/results/cpu_vitb_64slices_epyc.json \\
         --out benchmarks/results/cpu_vitb_speed_ceiling_epyc.json
-    python benchmarks/speed_ceiling.py --tiny --results RUN.json   # tiny models: checks it works
+
+A tiny run of the propagation benchmark (``--dinov2 dinov2_tiny14 --sam sam_tiny``, see its
+README) as ``--results`` checks that this works, in seconds.
 """
 from __future__ import annotations
 
@@ -52,12 +54,8 @@ import torch
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 from benchmark_phases import _engine, _engine_keeping_glibc_heap  # noqa: E402
-from benchmark_volumes import load_volume  # noqa: E402
 from naive_flow import _reference_kernels  # noqa: E402
-from propagation_benchmark import machine_info, write_checkpoints  # noqa: E402
-
-from protosam import catalogue, largest_area_slice  # noqa: E402
-from protosam.preprocessing import normalize_volume  # noqa: E402
+from propagation_benchmark import machine_info, write_checkpoints, write_volume  # noqa: E402
 
 logger = logging.getLogger("speed_ceiling")
 
@@ -65,7 +63,6 @@ OURS_PHASES = ("ours", "ours_auto_extent", "ours_default_fp32", "ours_bf16")
 STEPS = ("dinov2", "sam_embedding", "decoding_per_prompt_set")
 # Issue #23's targets against the reference flow, by phase of the propagation benchmark.
 TARGETS = {"ours": 10.0, "ours_default_fp32": 12.0, "ours_auto_extent": 15.0, "ours_bf16": 15.0}
-TINY = {"dinov2": catalogue.TINY_DINOV2, "sam": catalogue.TINY_SAM}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -76,8 +73,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="propagation benchmark JSON whose calls are counted (its models and sizes are used)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per step (after one untimed round)")
     p.add_argument("--prompt-sets", type=int, default=16, help="most prompt sets decoded per round")
-    p.add_argument("--tiny", action="store_true",
-                   help="tiny random models instead of the run's (checks that it works; the figures mean nothing)")
     p.add_argument("--work-dir", default=None, help="folder for checkpoints and data (kept, reused)")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     p.add_argument("--steps-from", type=Path, nargs="+", default=None,
@@ -170,11 +165,12 @@ def measure_worker(spec: Dict) -> Dict:
 def _rounds(plans: Dict, volume: np.ndarray, image_index: int, prompts: list, rounds: int) -> Dict:
     """One untimed round, then ``rounds`` timed ones; the flows' order turns every round."""
     times = {flow: {step: [] for step in STEPS} for flow in plans}
+    inputs = {flow: engine.to_model_input(volume[image_index:image_index + 1]) for flow, (engine, _) in plans.items()}
     order = list(plans)
     for number in range(rounds + 1):
         for flow in order:
             engine, decode_one = plans[flow]
-            images = engine.to_model_input(volume[image_index:image_index + 1])
+            images = inputs[flow]
             seconds = {"dinov2": _timed(lambda: engine.encode(images))}
             started = time.perf_counter()
             embedding = engine.sam_embedding(images[0])
@@ -281,7 +277,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         Path(spec["result_out"]).write_text(json.dumps(measure_worker(spec), indent=1))
         return 0
     recorded = json.loads(args.results.read_text())
-    config = dict(recorded["config"], **(TINY if args.tiny else {}))
+    config = recorded["config"]
     if "naive" not in recorded["phases"]:
         raise SystemExit(f"{args.results} has no reference flow (naive) phase to compare with")
     flows = [phase for phase in OURS_PHASES if phase in recorded["phases"]]
@@ -292,11 +288,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         checkpoints = write_checkpoints(work / "checkpoints", config["dinov2"], config["sam"])
         shape = recorded["volume"]["shape"]
-        data = load_volume(recorded["volume"]["source"], shape[0], shape[1], len(recorded["volume"]["structures"]))
-        volume = normalize_volume(data.volume, "auto")
+        data, _, support = write_volume(work / "data.npz", recorded["volume"]["source"], shape[0], shape[1],
+                                        len(recorded["volume"]["structures"]))
         names = list(data.masks)
-        support = {n: largest_area_slice(data.masks[n]) for n in names}
-        np.savez(work / "data.npz", volume=volume, **{f"mask_{i}": data.masks[n] for i, n in enumerate(names)})
         spec = {"models": {"dinov2": config["dinov2"], "dinov2_checkpoint": checkpoints[config["dinov2"]],
                            "sam": config["sam"], "sam_checkpoint": checkpoints[config["sam"]],
                            "input_size": config["input_size"]},
